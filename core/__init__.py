@@ -1,0 +1,2 @@
+"""simple-ipaas: the gRPC core."""
+__version__ = "0.1.0"

@@ -1,0 +1,1 @@
+"""simple-ipaas: the REST gateway."""
