@@ -1,0 +1,3 @@
+from ipaas.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,222 @@
+"""The `ipaas` command line: run the platform, migrate, manage tenants and keys, list connectors."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from typing import Any, Sequence
+
+from ipaas.settings import Settings
+
+
+def _print(data: Any, as_json: bool, lines: list[str]) -> None:
+    if as_json:
+        print(json.dumps(data, indent=2, default=str))
+    else:
+        print("\n".join(lines))
+
+
+async def _tenant_store(settings: Settings):  # type: ignore[no-untyped-def]
+    from ipaas import auth
+    from ipaas.storage import migrate
+    from ipaas.storage.db import Database
+    from ipaas.tenants import TenantStore
+
+    await asyncio.to_thread(migrate.upgrade, settings.database_url)
+    admin_key, generated = auth.load_admin_key(settings.admin_key, settings.data_dir)
+    if generated:
+        print(f"admin key (shown once, saved in {settings.data_dir / auth.ADMIN_KEY_FILE}): {admin_key}", file=sys.stderr)
+    db = Database(settings.database_url)
+    return db, TenantStore(db, admin_key)
+
+
+def _run_store(settings: Settings, action) -> Any:  # type: ignore[no-untyped-def]
+    async def main() -> Any:
+        db, store = await _tenant_store(settings)
+        try:
+            return await action(store)
+        finally:
+            await db.dispose()
+
+    from ipaas.errors import IpaasError
+
+    try:
+        return asyncio.run(main())
+    except IpaasError as exc:
+        raise SystemExit(f"error: {exc}") from None
+
+
+def cmd_core(settings: Settings, _args: argparse.Namespace) -> int:
+    from ipaas.logs import configure_logging
+    from ipaas.service.server import CoreServer
+
+    configure_logging(settings.log_level)
+
+    async def main() -> None:
+        server = CoreServer(settings)
+        await server.start()
+        if server.admin_key_generated:
+            print(f"admin key (shown once, saved in {settings.data_dir}/admin.key): {server.admin_key}", file=sys.stderr, flush=True)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        await server.stop(grace=10)
+
+    asyncio.run(main())
+    return 0
+
+
+def cmd_gateway(settings: Settings, _args: argparse.Namespace) -> int:
+    from ipaas.gateway.__main__ import run
+
+    return run(settings)
+
+
+def cmd_serve(settings: Settings, _args: argparse.Namespace) -> int:
+    """Core and gateway as two supervised processes: if one dies it is restarted (at most
+    five times a minute); SIGTERM/SIGINT stops both cleanly."""
+    commands = {name: [sys.executable, "-m", "ipaas", name] for name in ("core", "gateway")}
+    procs: dict[str, subprocess.Popen[bytes]] = {}
+    restarts: dict[str, list[float]] = {name: [] for name in commands}
+    stopping = False
+
+    def stop(_sig: int, _frame: Any) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    procs["core"] = subprocess.Popen(commands["core"])
+    time.sleep(0.5)  # let the core create the data dir and admin key before the gateway starts
+    procs["gateway"] = subprocess.Popen(commands["gateway"])
+    code = 0
+    while not stopping:
+        time.sleep(0.2)
+        for name, proc in list(procs.items()):
+            if proc.poll() is None:
+                continue
+            recent = [t for t in restarts[name] if time.monotonic() - t < 60]
+            if len(recent) >= 5:
+                print(f"{name} keeps exiting (code {proc.returncode}); stopping", file=sys.stderr)
+                stopping, code = True, 1
+                break
+            restarts[name] = [*recent, time.monotonic()]
+            print(f"{name} exited with code {proc.returncode}; restarting", file=sys.stderr)
+            procs[name] = subprocess.Popen(commands[name])
+    for proc in procs.values():
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    for proc in procs.values():
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    return code
+
+
+def cmd_migrate(settings: Settings, _args: argparse.Namespace) -> int:
+    from ipaas.storage import migrate
+
+    migrate.upgrade(settings.database_url)
+    print(f"database at revision {migrate.current_revision(settings.database_url)}")
+    return 0
+
+
+def cmd_tenants_create(settings: Settings, args: argparse.Namespace) -> int:
+    tenant = _run_store(settings, lambda s: s.create_tenant(args.name, args.tier))
+    data = {"id": tenant.id, "name": tenant.name, "tier": tenant.tier, "created_at": tenant.created_at.isoformat()}
+    _print(data, args.json, [f"created tenant {tenant.id} ({tenant.name}, {tenant.tier})"])
+    return 0
+
+
+def cmd_tenants_list(settings: Settings, args: argparse.Namespace) -> int:
+    async def all_tenants(store):  # type: ignore[no-untyped-def]
+        items, token = [], ""
+        while True:
+            page = await store.list_tenants(100, token)
+            items += page.items
+            if not (token := page.next_token):
+                return items
+
+    tenants = _run_store(settings, all_tenants)
+    data = [{"id": t.id, "name": t.name, "tier": t.tier, "created_at": t.created_at.isoformat()} for t in tenants]
+    _print(data, args.json, [f"{t.id}  {t.tier:5}  {t.name}" for t in tenants] or ["no tenants"])
+    return 0
+
+
+def cmd_keys_create(settings: Settings, args: argparse.Namespace) -> int:
+    new = _run_store(settings, lambda s: s.create_key(args.tenant_id, args.name))
+    data = {"id": new.key.id, "tenant_id": new.key.tenant_id, "secret": new.secret}
+    _print(data, args.json, [f"API key {new.key.id} for {new.key.tenant_id} (shown once):", new.secret])
+    return 0
+
+
+def cmd_keys_revoke(settings: Settings, args: argparse.Namespace) -> int:
+    key = _run_store(settings, lambda s: s.revoke_key(args.key_id))
+    data = {"id": key.id, "revoked_at": key.revoked_at.isoformat() if key.revoked_at else None}
+    _print(data, args.json, [f"revoked {key.id}"])
+    return 0
+
+
+def cmd_connectors_list(settings: Settings, args: argparse.Namespace) -> int:
+    from ipaas.plugin_host import load_registry
+
+    registry = load_registry(settings)
+    data = {"connectors": registry.describe(), "problems": [{"distribution": d, "reason": r} for d, r in registry.problems]}
+    lines = [f"{c['name']:14} {c['version']:8} {', '.join(a['name'] for a in c['actions'])}" for c in data["connectors"]]
+    lines += [f"not loaded: {p['distribution']}: {p['reason']}" for p in data["problems"]]
+    _print(data, args.json, lines or ["no connectors installed"])
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ipaas", description="simple-ipaas: a small, self-hosted integration platform")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("serve", help="run the whole platform (core and gateway)").set_defaults(func=cmd_serve)
+    sub.add_parser("core", help="run the gRPC core").set_defaults(func=cmd_core)
+    sub.add_parser("gateway", help="run the REST gateway").set_defaults(func=cmd_gateway)
+    sub.add_parser("migrate", help="apply database migrations").set_defaults(func=cmd_migrate)
+
+    tenants = sub.add_parser("tenants", help="manage tenants").add_subparsers(dest="tenants_command", required=True)
+    create = tenants.add_parser("create", help="create a tenant")
+    create.add_argument("name")
+    create.add_argument("--tier", choices=["free", "paid"], default="free")
+    create.add_argument("--json", action="store_true")
+    create.set_defaults(func=cmd_tenants_create)
+    listing = tenants.add_parser("list", help="list tenants")
+    listing.add_argument("--json", action="store_true")
+    listing.set_defaults(func=cmd_tenants_list)
+
+    keys = sub.add_parser("keys", help="manage API keys").add_subparsers(dest="keys_command", required=True)
+    kcreate = keys.add_parser("create", help="create an API key for a tenant")
+    kcreate.add_argument("tenant_id")
+    kcreate.add_argument("--name", default="cli")
+    kcreate.add_argument("--json", action="store_true")
+    kcreate.set_defaults(func=cmd_keys_create)
+    krevoke = keys.add_parser("revoke", help="revoke an API key")
+    krevoke.add_argument("key_id")
+    krevoke.add_argument("--json", action="store_true")
+    krevoke.set_defaults(func=cmd_keys_revoke)
+
+    connectors = sub.add_parser("connectors", help="installed connectors").add_subparsers(dest="connectors_command", required=True)
+    clist = connectors.add_parser("list", help="list installed connectors")
+    clist.add_argument("--json", action="store_true")
+    clist.set_defaults(func=cmd_connectors_list)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(Settings.from_env(os.environ), args) or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,94 @@
+"""Connector credentials, encrypted at rest. Secrets go in and never come out of the API:
+only the engine decrypts them, for the step that uses them."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+
+from ipaas.crypto import SecretBox
+from ipaas.errors import AlreadyExists, InvalidArgument, NotFound
+from ipaas.ids import new_id
+from ipaas.pagination import Page, decode_token, page_size
+from ipaas.storage.db import Database
+from ipaas.storage.tables import Credential, utcnow
+
+# (connector, secrets) -> [(field path, description)]; empty when the secrets are valid.
+SecretsValidator = Callable[[str, dict[str, Any]], list[tuple[str, str]]]
+
+
+class CredentialStore:
+    def __init__(self, db: Database, box: SecretBox, validate_secrets: SecretsValidator) -> None:
+        self.db = db
+        self.box = box
+        self.validate_secrets = validate_secrets
+
+    async def create(self, tenant_id: str, connector: str, name: str, secrets: dict[str, Any]) -> Credential:
+        name = name.strip()
+        problems: list[tuple[str, str]] = []
+        if not 1 <= len(name) <= 200:
+            problems.append(("name", "must be 1 to 200 characters"))
+        if not connector:
+            problems.append(("connector", "is required"))
+        else:
+            problems += self.validate_secrets(connector, secrets)
+        if problems:
+            raise InvalidArgument.many(problems)
+        row = Credential(
+            id=new_id("cred"),
+            tenant_id=tenant_id,
+            connector=connector,
+            name=name,
+            fields=sorted(secrets),
+            ciphertext=self.box.encrypt(secrets),
+            created_at=utcnow(),
+        )
+        try:
+            async with self.db.session() as s, s.begin():
+                s.add(row)
+        except IntegrityError:
+            raise AlreadyExists(f"a {connector} credential named {name!r} already exists") from None
+        return row
+
+    async def list(self, tenant_id: str, connector: str, size: int, token: str) -> Page[Credential]:
+        limit = page_size(size)
+        q = select(Credential).where(Credential.tenant_id == tenant_id).order_by(Credential.id.desc()).limit(limit + 1)
+        if connector:
+            q = q.where(Credential.connector == connector)
+        if token:
+            q = q.where(Credential.id < decode_token(token))
+        async with self.db.session() as s:
+            rows = list((await s.scalars(q)).all())
+        return Page.of(rows, limit, key=lambda c: c.id)
+
+    async def get(self, tenant_id: str, credential_id: str) -> Credential:
+        async with self.db.session() as s:
+            row = await s.get(Credential, credential_id)
+        if row is None or row.tenant_id != tenant_id:
+            raise NotFound(f"credential {credential_id} not found")
+        return row
+
+    async def delete(self, tenant_id: str, credential_id: str) -> None:
+        async with self.db.session() as s, s.begin():
+            row = await s.get(Credential, credential_id)
+            if row is None or row.tenant_id != tenant_id:
+                raise NotFound(f"credential {credential_id} not found")
+            await s.delete(row)
+
+    async def connectors_of(self, tenant_id: str, ids: set[str]) -> dict[str, str]:
+        """credential id → connector, for the tenant's credentials among ids."""
+        if not ids:
+            return {}
+        async with self.db.session() as s:
+            rows = await s.execute(
+                select(Credential.id, Credential.connector).where(Credential.tenant_id == tenant_id, Credential.id.in_(ids))
+            )
+            return {r.id: r.connector for r in rows}
+
+    async def secrets(self, tenant_id: str, credential_id: str) -> dict[str, Any]:
+        row = await self.get(tenant_id, credential_id)
+        value = self.box.decrypt(row.ciphertext)
+        assert isinstance(value, dict)
+        return value

@@ -1,0 +1,180 @@
+"""Workflow definitions: normalising and validating what a caller sends.
+
+A definition is stored as the plain JSON a REST caller sees (name, trigger, steps, options),
+so a version is readable without this code. Validation collects every problem with its field
+path (`steps[1].config.text`) instead of stopping at the first.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Protocol
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError, available_timezones
+
+from croniter import croniter
+
+from ipaas.errors import FieldViolation, InvalidArgument
+
+TRIGGER_TYPES = ("webhook", "schedule", "manual")
+STEP_ID = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")
+MAX_STEPS = 50
+MAX_ATTEMPTS_LIMIT = 25
+DEFAULT_MAX_ATTEMPTS = 5
+MAX_STEP_TIMEOUT = 300
+
+
+class Catalog(Protocol):
+    """What validation needs to know about installed connectors."""
+
+    def action_problem(self, connector: str, action: str) -> tuple[str, str] | None:
+        """(field, description) when the connector or action does not exist, else None."""
+
+    def config_problems(self, connector: str, action: str, config: dict[str, Any]) -> list[tuple[str, str]]:
+        """(path inside config, description) for each schema violation."""
+
+    def needs_credentials(self, connector: str) -> bool:
+        """Whether the connector's actions need a credential."""
+
+
+def normalise(definition: dict[str, Any]) -> dict[str, Any]:
+    """Fill defaults so stored definitions all have the same shape."""
+    trigger = dict(definition.get("trigger") or {})
+    trigger.setdefault("type", "")
+    if trigger.get("type") == "schedule" and trigger.get("cron"):
+        trigger.setdefault("timezone", "UTC")
+    options = dict(definition.get("options") or {})
+    options.setdefault("strict_templates", False)
+    options.setdefault("max_attempts", 0)
+    options.setdefault("allow_unsigned_webhooks", False)
+    steps = []
+    for step in definition.get("steps") or []:
+        step = dict(step)
+        step.setdefault("config", {})
+        step.setdefault("credential_id", "")
+        step.setdefault("timeout_seconds", 0)
+        steps.append(step)
+    return {
+        "name": (definition.get("name") or "").strip(),
+        "trigger": trigger,
+        "steps": steps,
+        "options": options,
+    }
+
+
+def max_attempts(definition: dict[str, Any]) -> int:
+    return int(definition.get("options", {}).get("max_attempts") or DEFAULT_MAX_ATTEMPTS)
+
+
+def validate(definition: dict[str, Any], catalog: Catalog) -> list[FieldViolation]:
+    """Every problem in a normalised definition, with field paths. Credentials are checked
+    by the store, which can see them."""
+    out: list[FieldViolation] = []
+
+    def bad(field: str, description: str) -> None:
+        out.append(FieldViolation(field, description))
+
+    if not 1 <= len(definition["name"]) <= 200:
+        bad("name", "must be 1 to 200 characters")
+    _validate_trigger(definition["trigger"], bad)
+    _validate_options(definition["options"], bad)
+    steps = definition["steps"]
+    if not steps:
+        bad("steps", "a workflow needs at least one step")
+    if len(steps) > MAX_STEPS:
+        bad("steps", f"at most {MAX_STEPS} steps")
+    seen: set[str] = set()
+    for i, step in enumerate(steps[:MAX_STEPS]):
+        _validate_step(f"steps[{i}]", step, seen, catalog, bad)
+    return out
+
+
+def raise_if_invalid(violations: list[FieldViolation]) -> None:
+    if violations:
+        raise InvalidArgument("; ".join(f"{v.field}: {v.description}" for v in violations), violations)
+
+
+def _validate_trigger(trigger: dict[str, Any], bad: Any) -> None:
+    kind = trigger.get("type")
+    if kind not in TRIGGER_TYPES:
+        bad("trigger.type", f"must be one of {', '.join(TRIGGER_TYPES)}")
+        return
+    cron, interval, tz = trigger.get("cron") or "", int(trigger.get("interval_seconds") or 0), trigger.get("timezone") or ""
+    if kind != "schedule":
+        for name, value in (("cron", cron), ("interval_seconds", interval), ("timezone", tz)):
+            if value:
+                bad(f"trigger.{name}", "only applies to schedule triggers")
+        return
+    if bool(cron) == bool(interval):
+        bad("trigger", "a schedule needs exactly one of cron or interval_seconds")
+    if cron and (len(cron.split()) != 5 or not croniter.is_valid(cron)):
+        bad("trigger.cron", "is not a valid five-field cron expression")
+    if interval < 0 or (interval and not 1 <= interval <= 366 * 86400):
+        bad("trigger.interval_seconds", "must be between 1 and 31622400")
+    if tz:
+        if interval:
+            bad("trigger.timezone", "only applies to cron schedules")
+        elif not _valid_zone(tz):
+            bad("trigger.timezone", f"unknown time zone {tz!r}: use an IANA name such as Europe/Paris")
+
+
+def _valid_zone(name: str) -> bool:
+    if name not in available_timezones() and name != "UTC":
+        return False
+    try:
+        ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        return False
+    return True
+
+
+def _validate_options(options: dict[str, Any], bad: Any) -> None:
+    attempts = int(options.get("max_attempts") or 0)
+    if not 0 <= attempts <= MAX_ATTEMPTS_LIMIT:
+        bad("options.max_attempts", f"must be between 1 and {MAX_ATTEMPTS_LIMIT} (0 for the default)")
+
+
+def _validate_step(path: str, step: dict[str, Any], seen: set[str], catalog: Catalog, bad: Any) -> None:
+    from ipaas.templates import TemplateError, validate_template
+
+    step_id = step.get("id") or ""
+    if not STEP_ID.match(step_id):
+        bad(f"{path}.id", "must start with a letter and hold only letters, digits, _ and - (at most 64)")
+    elif step_id in seen:
+        bad(f"{path}.id", f"duplicate step id {step_id!r}")
+    seen.add(step_id)
+    timeout = int(step.get("timeout_seconds") or 0)
+    if not 0 <= timeout <= MAX_STEP_TIMEOUT:
+        bad(f"{path}.timeout_seconds", f"must be between 1 and {MAX_STEP_TIMEOUT} (0 for the default)")
+    connector, action = step.get("connector") or "", step.get("action") or ""
+    problem = catalog.action_problem(connector, action)
+    if problem:
+        bad(f"{path}.{problem[0]}", problem[1])
+        return
+    config = step.get("config") or {}
+    for where, template in _strings(config, f"{path}.config"):
+        try:
+            errors = validate_template(template)
+        except TemplateError as exc:
+            errors = [str(exc)]
+        for error in errors:
+            bad(where, error)
+    templated = {where for where, value in _strings(config, f"{path}.config") if "{{" in value}
+    for where, description in catalog.config_problems(connector, action, config):
+        full = f"{path}.{where}" if where.startswith("config") else f"{path}.config.{where}" if where else f"{path}.config"
+        # A templated value is checked again after rendering; its raw text may not fit the schema.
+        if full not in templated:
+            bad(full, description)
+    if catalog.needs_credentials(connector) and not step.get("credential_id"):
+        bad(f"{path}.credential_id", f"connector {connector!r} needs a credential")
+
+
+def _strings(value: Any, path: str, depth: int = 0) -> list[tuple[str, str]]:
+    if depth > 32:
+        return []
+    if isinstance(value, str):
+        return [(path, value)]
+    if isinstance(value, dict):
+        return [item for k, v in value.items() for item in _strings(v, f"{path}.{k}", depth + 1)]
+    if isinstance(value, list):
+        return [item for i, v in enumerate(value) for item in _strings(v, f"{path}[{i}]", depth + 1)]
+    return []

@@ -1,0 +1,1 @@
+"""The execution engine: outbox, dispatcher, executor, retries, breakers, scheduler."""

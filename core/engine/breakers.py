@@ -1,0 +1,156 @@
+"""Circuit breakers per (tenant, connector), built on the `circuitbreaker` package.
+
+The package counts consecutive failures and opens after a threshold; its half-open state
+lets every call through and closes on the first success. The seeds' policy is stricter: in
+half-open a few trial calls go through, 3 successes close it and any failure re-opens it.
+The engine does not wrap calls in the breaker; it asks `allow()` first (so a task can be
+deferred until the breaker half-opens, without spending an attempt) and then records the
+outcome. Only retryable upstream failures count: a 4xx caused by bad input says nothing
+about the upstream's health.
+
+Each core replica keeps its own breakers.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from typing import Callable
+
+from circuitbreaker import STATE_CLOSED, STATE_HALF_OPEN, STATE_OPEN, CircuitBreaker
+
+log = logging.getLogger("ipaas.breakers")
+
+Clock = Callable[[], float]
+OnChange = Callable[[tuple[str, str], str, str], None]
+
+
+@dataclass(frozen=True)
+class BreakerPolicy:
+    failure_threshold: int = 5
+    recovery_timeout: float = 60.0
+    success_threshold: int = 3
+
+
+@dataclass(frozen=True)
+class BreakerState:
+    connector: str
+    state: str
+    failure_count: int
+    success_count: int
+    opened_at: datetime | None
+    half_open_at: datetime | None
+
+
+class Breaker(CircuitBreaker):
+    """One breaker. Reuses the package's state fields; time comes from an injected clock."""
+
+    def __init__(self, key: tuple[str, str], policy: BreakerPolicy, clock: Clock, on_change: OnChange) -> None:
+        super().__init__(failure_threshold=policy.failure_threshold, recovery_timeout=policy.recovery_timeout, name=f"{key[0]}:{key[1]}")
+        self.key = key
+        self.policy = policy
+        self._clock = clock
+        self._on_change = on_change
+        self._opened = clock()
+        self._opened_wall: datetime | None = None
+        self._successes = 0
+        self._trials = 0
+        self._lock = threading.Lock()
+
+    @property
+    def open_remaining(self) -> float:  # type: ignore[override]
+        return (self._opened + self._recovery_timeout) - self._clock()
+
+    @property
+    def state(self) -> str:  # type: ignore[override]
+        if self._state == STATE_OPEN and self.open_remaining <= 0:
+            return STATE_HALF_OPEN
+        return self._state
+
+    def _move(self, new: str) -> None:
+        old = self.state
+        if new == STATE_OPEN:
+            self._opened = self._clock()
+            self._opened_wall = datetime.now(timezone.utc)
+            self._successes = self._trials = 0
+        elif new == STATE_CLOSED:
+            self.reset()
+            self._successes = self._trials = 0
+        self._state = new
+        if old != new:
+            log.warning("breaker.state_changed", extra={"tenant_id": self.key[0], "connector": self.key[1], "from": old, "to": new})
+            self._on_change(self.key, old, new)
+
+    def allow(self) -> float | None:
+        """None when a call may go now; otherwise seconds until it may."""
+        with self._lock:
+            state = self.state
+            if state == STATE_CLOSED:
+                return None
+            if state == STATE_OPEN:
+                return max(self.open_remaining, 0.001)
+            if self._state == STATE_OPEN:  # the timeout just ran out: now half-open
+                self._state = STATE_HALF_OPEN
+                self._successes = self._trials = 0
+                log.warning("breaker.state_changed", extra={"tenant_id": self.key[0], "connector": self.key[1], "from": STATE_OPEN, "to": STATE_HALF_OPEN})
+                self._on_change(self.key, STATE_OPEN, STATE_HALF_OPEN)
+            # Half-open: only as many trial calls in flight as successes needed to close.
+            if self._trials >= self.policy.success_threshold:
+                return 1.0
+            self._trials += 1
+            return None
+
+    def record_success(self) -> None:
+        with self._lock:
+            if self.state == STATE_HALF_OPEN:
+                self._trials = max(0, self._trials - 1)
+                self._successes += 1
+                if self._successes >= self.policy.success_threshold:
+                    self._move(STATE_CLOSED)
+            elif self.state == STATE_CLOSED:
+                self._failure_count = 0
+
+    def record_failure(self) -> None:
+        with self._lock:
+            state = self.state
+            if state == STATE_HALF_OPEN:
+                self._move(STATE_OPEN)
+            elif state == STATE_CLOSED:
+                self._failure_count += 1
+                if self._failure_count >= self._failure_threshold:
+                    self._move(STATE_OPEN)
+
+    def snapshot(self) -> BreakerState:
+        state = self.state
+        half_open_at = None
+        if state == STATE_OPEN and self._opened_wall is not None:
+            half_open_at = datetime.now(timezone.utc) + timedelta(seconds=max(self.open_remaining, 0))
+        return BreakerState(
+            connector=self.key[1],
+            state=state,
+            failure_count=self._failure_count,
+            success_count=self._successes,
+            opened_at=self._opened_wall if state != STATE_CLOSED else None,
+            half_open_at=half_open_at,
+        )
+
+
+class BreakerRegistry:
+    def __init__(self, policy: BreakerPolicy = BreakerPolicy(), clock: Clock = time.monotonic, on_change: OnChange | None = None) -> None:
+        self.policy = policy
+        self.clock = clock
+        self.on_change: OnChange = on_change or (lambda key, old, new: None)
+        self._breakers: dict[tuple[str, str], Breaker] = {}
+
+    def get(self, tenant_id: str, connector: str) -> Breaker:
+        key = (tenant_id, connector)
+        breaker = self._breakers.get(key)
+        if breaker is None:
+            breaker = self._breakers[key] = Breaker(key, self.policy, self.clock, self.on_change)
+        return breaker
+
+    def snapshot(self, tenant_id: str) -> list[BreakerState]:
+        return sorted((b.snapshot() for (t, _), b in self._breakers.items() if t == tenant_id), key=lambda s: s.connector)

@@ -1,0 +1,138 @@
+"""The dispatcher: a bounded pool of workers that claim due outbox tasks with a lease.
+
+Workers wake at once on new work: in process through `notify()`, across replicas through
+PostgreSQL LISTEN/NOTIFY; polling is the fallback. The loop only claims and spawns; the
+executor records every outcome.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import uuid
+from datetime import timedelta
+from typing import Any
+
+from ipaas.engine import outbox
+from ipaas.engine.executor import Executor
+from ipaas.storage.db import Database
+
+log = logging.getLogger("ipaas.dispatcher")
+
+
+def default_workers() -> int:
+    # Steps are I/O-bound (HTTP calls), so several per core keep upstream latency hidden.
+    return max(4, (os.cpu_count() or 1) * 8)
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        db: Database,
+        executor: Executor,
+        workers: int = 0,
+        lease: timedelta = timedelta(seconds=60),
+        poll_interval: float = 1.0,
+    ) -> None:
+        self.db = db
+        self.executor = executor
+        self.workers = workers or default_workers()
+        self.lease = lease
+        self.poll_interval = poll_interval
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self._wake = asyncio.Event()
+        self._inflight: dict[int, asyncio.Task[None]] = {}
+        self._stopping = False
+        self._loop_task: asyncio.Task[None] | None = None
+        self._listen_task: asyncio.Task[None] | None = None
+
+    @property
+    def inflight(self) -> int:
+        return len(self._inflight)
+
+    def notify(self) -> None:
+        self._wake.set()
+
+    def start(self) -> None:
+        self._loop_task = asyncio.create_task(self._run(), name="ipaas-dispatcher")
+        if self.db.is_postgres:
+            self._listen_task = asyncio.create_task(self._listen(), name="ipaas-dispatcher-listen")
+
+    async def _run(self) -> None:
+        while not self._stopping:
+            # Clear before claiming, so a wake-up that arrives during the claim is kept.
+            self._wake.clear()
+            free = self.workers - len(self._inflight)
+            if free > 0:
+                try:
+                    for task in await outbox.claim_due_tasks(self.db, self.owner, free, self.lease):
+                        self._inflight[task.task_id] = asyncio.create_task(self._work(task))
+                except Exception:
+                    log.exception("dispatcher.claim_failed")
+            # Either the due work is all claimed or the pool is full: both end with a wake-up
+            # (new work, a finished worker) or the poll interval.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.poll_interval):
+                    await self._wake.wait()
+
+    async def _work(self, task: outbox.ClaimedTask) -> None:
+        heartbeat = asyncio.create_task(self._heartbeat(task))
+        try:
+            await self.executor.run(task, self.owner)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            # The task keeps its lease and is retried once the lease expires.
+            log.exception("dispatcher.task_crashed", extra={"execution_id": task.execution_id})
+        finally:
+            heartbeat.cancel()
+            self._inflight.pop(task.task_id, None)
+            self._wake.set()
+
+    async def _heartbeat(self, task: outbox.ClaimedTask) -> None:
+        interval = self.lease.total_seconds() / 3
+        while True:
+            await asyncio.sleep(interval)
+            with contextlib.suppress(Exception):
+                await outbox.extend_lease(self.db, task.task_id, self.owner, self.lease)
+
+    async def _listen(self) -> None:
+        import psycopg
+
+        from ipaas.storage.db import sync_url
+
+        dsn = sync_url(self.db.url).set(drivername="postgresql").render_as_string(hide_password=False)
+        while not self._stopping:
+            try:
+                async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+                    await conn.execute(f"LISTEN {outbox.NOTIFY_CHANNEL}")
+                    async for _ in conn.notifies():
+                        self._wake.set()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.warning("dispatcher.listen_failed", exc_info=True)
+                await asyncio.sleep(self.poll_interval)
+
+    async def stop(self, deadline: float = 10.0) -> None:
+        """Stop claiming, let in-flight executions finish within the deadline, then cancel
+        the rest and release their leases so another replica can take them at once."""
+        self._stopping = True
+        self._wake.set()
+        for task in (self._loop_task, self._listen_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        pending: Any = list(self._inflight.values())
+        if pending:
+            _done, pending = await asyncio.wait(pending, timeout=deadline)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending, timeout=2)
+        released = await outbox.release_leases(self.db, self.owner)
+        log.info("dispatcher.stopped", extra={"released": released})

@@ -1,0 +1,194 @@
+"""Runs one claimed execution: its steps in order, each result stored as it finishes, so a
+retried execution resumes after its last succeeded step instead of repeating it."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy import select, update
+
+from ipaas import templates
+from ipaas.credentials import CredentialStore
+from ipaas.definitions import max_attempts as definition_max_attempts
+from ipaas.engine import outbox
+from ipaas.engine.breakers import BreakerRegistry
+from ipaas.engine.retry import RetryPolicy, next_delay
+from ipaas.errors import IpaasError
+from ipaas.masking import mask_value
+from ipaas.sdk import ActionResult, PermanentError, RetryableError
+from ipaas.storage.db import Database
+from ipaas.storage.tables import Execution, ExecutionStep, utcnow
+from ipaas.workflow_store import WorkflowStore
+
+log = logging.getLogger("ipaas.engine")
+
+FINAL = {"succeeded", "failed", "dead", "cancelled"}
+
+
+@dataclass(frozen=True)
+class EngineLimits:
+    step_timeout: float = 30.0
+    execution_deadline: float = 900.0
+    base_delay: float = 1.0
+    max_delay: float = 300.0
+
+
+class StepFailure(Exception):
+    def __init__(self, message: str, retryable: bool, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retryable = retryable
+        self.retry_after = retry_after
+
+
+class Executor:
+    def __init__(
+        self,
+        db: Database,
+        workflows: WorkflowStore,
+        credentials: CredentialStore,
+        steps: "StepRunner",
+        breakers: BreakerRegistry,
+        limits: EngineLimits = EngineLimits(),
+    ) -> None:
+        self.db = db
+        self.workflows = workflows
+        self.credentials = credentials
+        self.steps = steps
+        self.breakers = breakers
+        self.limits = limits
+
+    async def run(self, task: outbox.ClaimedTask, owner: str) -> None:
+        async with self.db.session() as s:
+            execution = await s.get(Execution, task.execution_id)
+            done_steps = {
+                row.step_index: row
+                for row in (await s.scalars(select(ExecutionStep).where(ExecutionStep.execution_id == task.execution_id))).all()
+            }
+        if execution is None or execution.status in FINAL:
+            async with self.db.session() as s, s.begin():
+                await outbox.finish_task(s, task.task_id, owner)
+            return
+        definition = await self.workflows.get_pinned(execution.workflow_id, execution.workflow_version)
+        attempt = execution.attempts + 1
+        now = utcnow()
+        async with self.db.session() as s, s.begin():
+            await s.execute(
+                update(Execution)
+                .where(Execution.id == execution.id)
+                .values(status="running", attempts=attempt, started_at=execution.started_at or now, next_attempt_at=None)
+            )
+        outputs = {row.step_id: row.output or {} for row in done_steps.values() if row.status == "succeeded"}
+        strict = bool(definition.get("options", {}).get("strict_templates"))
+        try:
+            async with asyncio.timeout(self.limits.execution_deadline):
+                for index, step in enumerate(definition["steps"]):
+                    previous = done_steps.get(index)
+                    if previous is not None and previous.status == "succeeded":
+                        continue
+                    breaker = self.breakers.get(execution.tenant_id, step["connector"])
+                    wait = breaker.allow()
+                    if wait is not None:
+                        await self._defer_for_breaker(execution, task, owner, wait, step)
+                        return
+                    output = await self._run_step(execution, index, step, outputs, strict, previous, breaker)
+                    outputs[step["id"]] = output
+        except StepFailure as failure:
+            await self._failed(execution, task, owner, attempt, failure)
+            return
+        except TimeoutError:
+            await self._failed(execution, task, owner, attempt, StepFailure("execution deadline exceeded", retryable=True))
+            return
+        await self._finish(execution, task, owner, "succeeded", None)
+        log.info("execution.finished", extra={"execution_id": execution.id, "status": "succeeded", "attempt": attempt})
+
+    async def _run_step(self, execution: Execution, index: int, step: dict[str, Any], outputs: dict[str, Any], strict: bool, previous: ExecutionStep | None, breaker: Any) -> dict[str, Any]:
+        started = utcnow()
+        step_attempts = (previous.attempts if previous else 0) + 1
+        rendered = templates.render_config(step.get("config") or {}, templates.RenderContext(trigger=execution.payload, steps=outputs))
+        masked = self.steps.masked_config(step, rendered.value)
+        record = {
+            "execution_id": execution.id,
+            "step_index": index,
+            "step_id": step["id"],
+            "attempts": step_attempts,
+            "rendered_config": masked,
+            "started_at": started,
+        }
+        try:
+            if strict and rendered.missing_paths:
+                raise StepFailure(f"template paths resolved to nothing: {', '.join(rendered.missing_paths)}", retryable=False)
+            timeout = float(step.get("timeout_seconds") or self.limits.step_timeout)
+            result: ActionResult = await self.steps.invoke(execution.tenant_id, execution.id, step, rendered.value, timeout, dry_run=False)
+        except RetryableError as exc:
+            breaker.record_failure()
+            await self._store_step(record, "failed", error=str(exc), retryable=True)
+            raise StepFailure(f"step {step['id']}: {exc}", retryable=True, retry_after=exc.retry_after) from None
+        except (PermanentError, IpaasError) as exc:
+            await self._store_step(record, "failed", error=str(exc), retryable=False)
+            raise StepFailure(f"step {step['id']}: {exc}", retryable=False) from None
+        except StepFailure as exc:
+            await self._store_step(record, "failed", error=str(exc), retryable=exc.retryable)
+            raise
+        breaker.record_success()
+        await self._store_step(record, "succeeded", output=result.output or {}, message=result.message, duration_ms=result.duration_ms)
+        return result.output or {}
+
+    async def _store_step(self, record: dict[str, Any], status: str, *, error: str | None = None, retryable: bool = False, output: Any = None, message: str | None = None, duration_ms: int | None = None) -> None:
+        finished = utcnow()
+        values = {
+            **record,
+            "status": status,
+            "error": mask_value(error) if error else None,
+            "retryable": retryable,
+            "output": output,
+            "message": message,
+            "finished_at": finished,
+            "duration_ms": duration_ms if duration_ms is not None else int((finished - record["started_at"]).total_seconds() * 1000),
+        }
+        async with self.db.session() as s, s.begin():
+            await s.merge(ExecutionStep(**values))
+
+    async def _defer_for_breaker(self, execution: Execution, task: outbox.ClaimedTask, owner: str, wait: float, step: dict[str, Any]) -> None:
+        """An open breaker defers the task without spending an attempt or calling upstream."""
+        run_at = utcnow() + timedelta(seconds=wait)
+        async with self.db.session() as s, s.begin():
+            await s.execute(
+                update(Execution)
+                .where(Execution.id == execution.id)
+                .values(status="queued", attempts=execution.attempts, next_attempt_at=run_at, error=f"circuit open for {step['connector']}")
+            )
+            await outbox.defer_task(s, task.task_id, owner, run_at)
+        log.info("execution.deferred", extra={"execution_id": execution.id, "connector": step["connector"], "seconds": round(wait, 3)})
+
+    async def _failed(self, execution: Execution, task: outbox.ClaimedTask, owner: str, attempt: int, failure: StepFailure) -> None:
+        if not failure.retryable:
+            await self._finish(execution, task, owner, "failed", str(failure))
+            log.warning("execution.failed", extra={"execution_id": execution.id, "error": str(failure)})
+            return
+        policy = RetryPolicy(base_delay=self.limits.base_delay, max_delay=self.limits.max_delay, max_attempts=execution.max_attempts)
+        delay = next_delay(policy, attempt, failure.retry_after)
+        if delay is None:
+            await self._finish(execution, task, owner, "dead", str(failure))
+            log.warning("execution.dead", extra={"execution_id": execution.id, "attempts": attempt, "error": str(failure)})
+            return
+        run_at = utcnow() + timedelta(seconds=delay)
+        async with self.db.session() as s, s.begin():
+            await s.execute(
+                update(Execution).where(Execution.id == execution.id).values(status="queued", next_attempt_at=run_at, error=mask_value(str(failure)))
+            )
+            await outbox.defer_task(s, task.task_id, owner, run_at)
+        log.info("execution.retry_scheduled", extra={"execution_id": execution.id, "attempt": attempt, "delay_s": round(delay, 3)})
+
+    async def _finish(self, execution: Execution, task: outbox.ClaimedTask, owner: str, status: str, error: str | None) -> None:
+        async with self.db.session() as s, s.begin():
+            await s.execute(
+                update(Execution)
+                .where(Execution.id == execution.id, Execution.status.not_in(("cancelled",)))
+                .values(status=status, finished_at=utcnow(), error=mask_value(error) if error else None, next_attempt_at=None)
+            )
+            await outbox.finish_task(s, task.task_id, owner)

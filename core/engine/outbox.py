@@ -1,0 +1,181 @@
+"""The transactional outbox: queries to enqueue, claim, defer and finish tasks.
+
+Accepting a trigger writes the execution row and its outbox task in ONE transaction, with
+the trigger's deduplication key under a unique constraint; nothing else starts work. A task
+row exists while its execution still needs a worker and is deleted when it is done, so the
+table stays small and claims stay cheap.
+
+Claims take a lease (owner, expiry). On PostgreSQL they use FOR UPDATE SKIP LOCKED so any
+number of replicas share one queue; on SQLite the single writer serialises them. An expired
+lease (a crashed replica) makes the task claimable again.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import and_, delete, func, or_, select, text, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from ipaas.ids import new_id
+from ipaas.storage.db import Database
+from ipaas.storage.tables import Execution, OutboxTask, utcnow
+
+NOTIFY_CHANNEL = "ipaas_outbox"
+
+
+@dataclass(frozen=True)
+class NewExecution:
+    tenant_id: str
+    workflow_id: str
+    workflow_version: int
+    trigger: str
+    payload: Any
+    max_attempts: int
+    dedup_key: str | None = None
+
+
+@dataclass(frozen=True)
+class Accepted:
+    execution_id: str
+    status: str
+    duplicate: bool
+
+
+@dataclass(frozen=True)
+class ClaimedTask:
+    task_id: int
+    execution_id: str
+    tenant_id: str
+
+
+def _insert(db: Database, table: Any) -> Any:
+    return (postgresql.insert if db.is_postgres else sqlite.insert)(table)
+
+
+async def enqueue_many(db: Database, items: list[NewExecution]) -> list[Accepted]:
+    """Enqueue a batch in one transaction (group commit). Duplicates (same tenant and
+    dedup key, earlier or within the batch) return the existing execution."""
+    now = utcnow()
+    rows: list[dict[str, Any]] = []
+    by_key: dict[tuple[str, str], int] = {}
+    results: list[Accepted | None] = [None] * len(items)
+    for i, item in enumerate(items):
+        if item.dedup_key is not None:
+            key = (item.tenant_id, item.dedup_key)
+            if key in by_key:  # a repeat inside the same batch
+                continue
+            by_key[key] = i
+        rows.append(
+            {
+                "id": new_id("ex"),
+                "tenant_id": item.tenant_id,
+                "workflow_id": item.workflow_id,
+                "workflow_version": item.workflow_version,
+                "trigger": item.trigger,
+                "status": "queued",
+                "payload": item.payload,
+                "dedup_key": item.dedup_key,
+                "attempts": 0,
+                "max_attempts": item.max_attempts,
+                "created_at": now,
+                "_index": i,
+            }
+        )
+    async with db.session() as s, s.begin():
+        inserted: set[str] = set()
+        if rows:
+            stmt = _insert(db, Execution.__table__).on_conflict_do_nothing().returning(Execution.__table__.c.id)
+            result = await s.execute(stmt, [{k: v for k, v in r.items() if k != "_index"} for r in rows])
+            inserted = {row[0] for row in result}
+        new_rows = [r for r in rows if r["id"] in inserted]
+        if new_rows:
+            await s.execute(
+                OutboxTask.__table__.insert(),
+                [{"execution_id": r["id"], "tenant_id": r["tenant_id"], "run_at": now, "created_at": now} for r in new_rows],
+            )
+            if db.is_postgres:
+                await s.execute(text("SELECT pg_notify(:channel, '')"), {"channel": NOTIFY_CHANNEL})
+        for r in new_rows:
+            results[r["_index"]] = Accepted(r["id"], "queued", False)
+        missing = [i for i, res in enumerate(results) if res is None]
+        if missing:
+            wanted = {(items[i].tenant_id, items[i].dedup_key) for i in missing}
+            found = await s.execute(
+                select(Execution.id, Execution.status, Execution.tenant_id, Execution.dedup_key).where(
+                    or_(*(and_(Execution.tenant_id == t, Execution.dedup_key == k) for t, k in wanted))
+                )
+            )
+            existing = {(r.tenant_id, r.dedup_key): r for r in found}
+            for i in missing:
+                r = existing[(items[i].tenant_id, items[i].dedup_key)]
+                # A repeat within the batch of an execution inserted now is a duplicate too.
+                results[i] = Accepted(r.id, r.status, True)
+    return [r for r in results if r is not None]
+
+
+async def queue_depth(db: Database) -> int:
+    async with db.session() as s:
+        return int((await s.scalar(select(func.count()).select_from(OutboxTask))) or 0)
+
+
+async def claim_due_tasks(db: Database, owner: str, limit: int, lease: timedelta) -> list[ClaimedTask]:
+    now = utcnow()
+    due = and_(
+        OutboxTask.run_at <= now,
+        or_(OutboxTask.lease_expires_at.is_(None), OutboxTask.lease_expires_at < now),
+    )
+    async with db.session() as s, s.begin():
+        pick = select(OutboxTask.id).where(due).order_by(OutboxTask.run_at, OutboxTask.id).limit(limit)
+        if db.is_postgres:
+            pick = pick.with_for_update(skip_locked=True)
+        ids = list((await s.scalars(pick)).all())
+        if not ids:
+            return []
+        result = await s.execute(
+            update(OutboxTask)
+            .where(OutboxTask.id.in_(ids))
+            .values(lease_owner=owner, lease_expires_at=now + lease)
+            .returning(OutboxTask.id, OutboxTask.execution_id, OutboxTask.tenant_id)
+            .execution_options(synchronize_session=False)
+        )
+        return [ClaimedTask(r.id, r.execution_id, r.tenant_id) for r in result]
+
+
+async def extend_lease(db: Database, task_id: int, owner: str, lease: timedelta) -> bool:
+    async with db.session() as s, s.begin():
+        result = await s.execute(
+            update(OutboxTask)
+            .where(OutboxTask.id == task_id, OutboxTask.lease_owner == owner)
+            .values(lease_expires_at=utcnow() + lease)
+        )
+        return result.rowcount == 1
+
+
+async def finish_task(s: AsyncSession, task_id: int, owner: str) -> None:
+    await s.execute(delete(OutboxTask).where(OutboxTask.id == task_id, OutboxTask.lease_owner == owner))
+
+
+async def defer_task(s: AsyncSession, task_id: int, owner: str, run_at: datetime) -> None:
+    await s.execute(
+        update(OutboxTask)
+        .where(OutboxTask.id == task_id, OutboxTask.lease_owner == owner)
+        .values(run_at=run_at, lease_owner=None, lease_expires_at=None)
+    )
+
+
+async def release_leases(db: Database, owner: str) -> int:
+    """Give back every lease this owner holds (graceful shutdown): others may claim at once."""
+    async with db.session() as s, s.begin():
+        result = await s.execute(
+            update(OutboxTask).where(OutboxTask.lease_owner == owner).values(lease_owner=None, lease_expires_at=None)
+        )
+        return result.rowcount
+
+
+async def add_task(s: AsyncSession, execution_id: str, tenant_id: str, run_at: datetime) -> None:
+    """Enqueue an existing execution again (replay)."""
+    s.add(OutboxTask(execution_id=execution_id, tenant_id=tenant_id, run_at=run_at, created_at=utcnow()))

@@ -1,0 +1,82 @@
+"""Schedule math, pure and clock-free: when does a cron or interval trigger fire?
+
+Cron runs in the trigger's IANA zone (croniter on zone-aware datetimes), so "0 7 * * *" in
+America/New_York is 12:00 UTC in winter and 11:00 UTC in summer. Intervals are anchored at
+the Unix epoch, so every replica computes the same fire times (which the outbox dedupes).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+from zoneinfo import ZoneInfo
+
+from croniter import croniter
+
+EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+DEFAULT_GRACE = timedelta(seconds=60)
+
+
+def _zone(trigger: dict) -> ZoneInfo:
+    return ZoneInfo(trigger.get("timezone") or "UTC")
+
+
+def next_fire(trigger: dict, after: datetime, anchor: datetime = EPOCH) -> datetime:
+    """The first fire time strictly after `after` (aware UTC in, aware UTC out)."""
+    interval = int(trigger.get("interval_seconds") or 0)
+    if interval:
+        elapsed = (after - anchor).total_seconds()
+        k = int(elapsed // interval) + 1
+        return anchor + timedelta(seconds=k * interval)
+    zone = _zone(trigger)
+    it = croniter(trigger["cron"], after.astimezone(zone))
+    fixed_hour = trigger["cron"].split()[1] != "*"
+    for _ in range(4):
+        candidate = it.get_next(datetime)
+        # On the fall-back night a fixed-hour job's wall time happens twice: run it once,
+        # at the first occurrence (as vixie cron does). Spring-forward gaps run right after.
+        if not (fixed_hour and _second_occurrence(candidate, zone)):
+            break
+    return candidate.astimezone(timezone.utc)
+
+
+def _second_occurrence(moment: datetime, zone: ZoneInfo) -> bool:
+    naive = moment.astimezone(zone).replace(tzinfo=None)
+    first, second = naive.replace(tzinfo=zone, fold=0), naive.replace(tzinfo=zone, fold=1)
+    # Compare in UTC: same-zone comparisons ignore `fold`.
+    return first.utcoffset() != second.utcoffset() and moment.astimezone(timezone.utc) == second.astimezone(timezone.utc)
+
+
+def latest_fire(trigger: dict, at_or_before: datetime, anchor: datetime = EPOCH) -> datetime:
+    """The last fire time at or before the given moment."""
+    interval = int(trigger.get("interval_seconds") or 0)
+    if interval:
+        k = int((at_or_before - anchor).total_seconds() // interval)
+        return anchor + timedelta(seconds=k * interval)
+    zone = _zone(trigger)
+    it = croniter(trigger["cron"], (at_or_before + timedelta(seconds=1)).astimezone(zone))
+    return it.get_prev(datetime).astimezone(timezone.utc)
+
+
+def due_fire(
+    trigger: dict,
+    planned: datetime | None,
+    now: datetime,
+    catch_up: str = "collapse",
+    grace: timedelta = DEFAULT_GRACE,
+) -> tuple[datetime | None, datetime]:
+    """(fire time to enqueue now or None, next planned fire time to store).
+
+    A new schedule (planned None) plans its first fire after now. After downtime the missed
+    fires collapse into one, the latest (catch_up="collapse"), or are skipped ("skip"); a
+    fire within `grace` of now is on time and fires either way.
+    """
+    if planned is None:
+        return None, next_fire(trigger, now)
+    if planned > now:
+        return None, planned
+    latest = max(latest_fire(trigger, now), planned)
+    upcoming = next_fire(trigger, now)
+    on_time = now - latest <= grace
+    if on_time or catch_up == "collapse":
+        return latest, upcoming
+    return None, upcoming

@@ -1,0 +1,99 @@
+"""Fires scheduled workflows. Each fire is enqueued under the key (workflow, fire time), so
+any number of replicas ticking at once still start one execution per fire. The fire is
+enqueued before the next fire time is stored: a crash in between re-enqueues the same key,
+which the outbox ignores."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from datetime import datetime
+from typing import Callable
+
+from sqlalchemy import and_, or_, select, update
+
+from ipaas.definitions import max_attempts
+from ipaas.engine.enqueuer import Enqueuer
+from ipaas.engine.outbox import NewExecution
+from ipaas.engine.schedule import due_fire
+from ipaas.storage.db import Database
+from ipaas.storage.tables import Schedule, Workflow, WorkflowVersion, utcnow
+
+log = logging.getLogger("ipaas.scheduler")
+
+
+class Scheduler:
+    def __init__(
+        self,
+        db: Database,
+        enqueuer: Enqueuer,
+        clock: Callable[[], datetime] = utcnow,
+        interval: float = 1.0,
+        catch_up: str = "collapse",
+    ) -> None:
+        self.db = db
+        self.enqueuer = enqueuer
+        self.clock = clock
+        self.interval = interval
+        self.catch_up = catch_up
+        self._task: asyncio.Task[None] | None = None
+
+    async def tick(self) -> int:
+        """Enqueue every due fire; returns how many executions were newly created."""
+        now = self.clock()
+        q = (
+            select(Schedule.workflow_id, Schedule.next_fire_at, Workflow.tenant_id, WorkflowVersion.version, WorkflowVersion.definition)
+            .join(Workflow, Workflow.id == Schedule.workflow_id)
+            .join(WorkflowVersion, and_(WorkflowVersion.workflow_id == Workflow.id, WorkflowVersion.version == Workflow.current_version))
+            .where(
+                Workflow.active.is_(True),
+                Workflow.deleted_at.is_(None),
+                Workflow.trigger_type == "schedule",
+                or_(Schedule.next_fire_at.is_(None), Schedule.next_fire_at <= now),
+            )
+            .limit(500)
+        )
+        async with self.db.session() as s:
+            rows = (await s.execute(q)).all()
+        fired = 0
+        for row in rows:
+            trigger = row.definition["trigger"]
+            fire_at, planned = due_fire(trigger, row.next_fire_at, now, catch_up=self.catch_up)
+            if fire_at is not None:
+                accepted = await self.enqueuer.submit(
+                    NewExecution(
+                        tenant_id=row.tenant_id,
+                        workflow_id=row.workflow_id,
+                        workflow_version=row.version,
+                        trigger="schedule",
+                        payload={"scheduled_at": fire_at.isoformat().replace("+00:00", "Z")},
+                        max_attempts=max_attempts(row.definition),
+                        dedup_key=f"sched:{row.workflow_id}:{fire_at.isoformat()}",
+                    )
+                )
+                fired += 0 if accepted.duplicate else 1
+                log.info("schedule.fired", extra={"workflow_id": row.workflow_id, "fire_at": fire_at.isoformat(), "duplicate": accepted.duplicate})
+            async with self.db.session() as s, s.begin():
+                current = Schedule.next_fire_at.is_(None) if row.next_fire_at is None else Schedule.next_fire_at == row.next_fire_at
+                await s.execute(update(Schedule).where(Schedule.workflow_id == row.workflow_id, current).values(next_fire_at=planned, last_fire_at=fire_at or Schedule.last_fire_at))
+        return fired
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._loop(), name="ipaas-scheduler")
+
+    async def _loop(self) -> None:
+        while True:
+            try:
+                await self.tick()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("scheduler.tick_failed")
+            await asyncio.sleep(self.interval)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task

@@ -1,0 +1,45 @@
+"""Running one step: validate the rendered config, decrypt the credential, invoke the
+connector. Shared by the executor and by dry runs in "test" mode."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ipaas.credentials import CredentialStore
+from ipaas.errors import NotFound
+from ipaas.masking import REDACTED, mask_value
+from ipaas.plugin_host import ConnectorRegistry
+from ipaas.sdk import ActionResult, PermanentError
+
+
+class StepRunner:
+    def __init__(self, registry: ConnectorRegistry, credentials: CredentialStore) -> None:
+        self.registry = registry
+        self.credentials = credentials
+
+    def masked_config(self, step: dict[str, Any], config: Any) -> Any:
+        """The config as it may be shown or stored: secret fields and secret shapes masked."""
+        secret = set(self.registry.secret_fields(step["connector"], step["action"]))
+        if isinstance(config, dict) and secret:
+            config = {k: (REDACTED if k in secret else v) for k, v in config.items()}
+        return mask_value(config)
+
+    def config_problems(self, step: dict[str, Any], config: Any) -> list[tuple[str, str]]:
+        if (problem := self.registry.action_problem(step["connector"], step["action"])) is not None:
+            return [problem]
+        return self.registry.config_problems(step["connector"], step["action"], config)
+
+    async def invoke(self, tenant_id: str, execution_id: str, step: dict[str, Any], config: Any, timeout: float, dry_run: bool) -> ActionResult:
+        problems = self.config_problems(step, config)
+        if problems:
+            raise PermanentError("invalid config after rendering: " + "; ".join(f"{f}: {d}" for f, d in problems))
+        secrets: dict[str, Any] = {}
+        if step.get("credential_id"):
+            try:
+                secrets = await self.credentials.secrets(tenant_id, step["credential_id"])
+            except NotFound:
+                raise PermanentError(f"credential {step['credential_id']} no longer exists") from None
+        ctx = self.registry.context(
+            step["connector"], config, secrets, timeout, dry_run=dry_run, tenant_id=tenant_id, execution_id=execution_id, step_id=step["id"]
+        )
+        return await self.registry.invoke(step["connector"], step["action"], ctx)

@@ -1,0 +1,80 @@
+"""Reading executions, and the operator actions on them: replay and cancel."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sqlalchemy import delete, select, update
+
+from ipaas.engine import outbox
+from ipaas.errors import FailedPrecondition, InvalidArgument, NotFound
+from ipaas.pagination import Page, decode_token, page_size
+from ipaas.storage.db import Database
+from ipaas.storage.tables import Execution, ExecutionStep, OutboxTask, utcnow
+
+STATUSES = ("queued", "running", "succeeded", "failed", "dead", "cancelled")
+REPLAYABLE = ("dead", "failed")
+
+
+@dataclass(frozen=True)
+class ExecutionView:
+    execution: Execution
+    steps: list[ExecutionStep]
+
+
+class ExecutionStore:
+    def __init__(self, db: Database, on_enqueued=lambda: None) -> None:  # type: ignore[no-untyped-def]
+        self.db = db
+        self.on_enqueued = on_enqueued
+
+    async def get(self, tenant_id: str, execution_id: str) -> ExecutionView:
+        async with self.db.session() as s:
+            row = await s.get(Execution, execution_id)
+            if row is None or row.tenant_id != tenant_id:
+                raise NotFound(f"execution {execution_id} not found")
+            steps = list(
+                (await s.scalars(select(ExecutionStep).where(ExecutionStep.execution_id == execution_id).order_by(ExecutionStep.step_index))).all()
+            )
+        return ExecutionView(row, steps)
+
+    async def list(self, tenant_id: str, workflow_id: str, status: str, size: int, token: str) -> Page[Execution]:
+        if status and status not in STATUSES:
+            raise InvalidArgument.field("status", f"must be one of {', '.join(STATUSES)}")
+        limit = page_size(size)
+        q = select(Execution).where(Execution.tenant_id == tenant_id).order_by(Execution.id.desc()).limit(limit + 1)
+        if workflow_id:
+            q = q.where(Execution.workflow_id == workflow_id)
+        if status:
+            q = q.where(Execution.status == status)
+        if token:
+            q = q.where(Execution.id < decode_token(token))
+        async with self.db.session() as s:
+            rows = list((await s.scalars(q)).all())
+        return Page.of(rows, limit, key=lambda e: e.id)
+
+    async def replay(self, tenant_id: str, execution_id: str) -> ExecutionView:
+        """Queue a dead or failed execution again, with a fresh attempt budget. Succeeded
+        steps are kept, so it resumes where it stopped, on the version it pinned."""
+        async with self.db.session() as s, s.begin():
+            row = await s.get(Execution, execution_id, with_for_update=self.db.is_postgres)
+            if row is None or row.tenant_id != tenant_id:
+                raise NotFound(f"execution {execution_id} not found")
+            if row.status not in REPLAYABLE:
+                raise FailedPrecondition(f"execution {execution_id} is {row.status}; only dead or failed executions can be replayed")
+            now = utcnow()
+            row.status, row.attempts, row.error, row.finished_at, row.next_attempt_at = "queued", 0, None, None, None
+            await outbox.add_task(s, row.id, row.tenant_id, now)
+        self.on_enqueued()
+        return await self.get(tenant_id, execution_id)
+
+    async def cancel(self, tenant_id: str, execution_id: str) -> ExecutionView:
+        async with self.db.session() as s, s.begin():
+            row = await s.get(Execution, execution_id, with_for_update=self.db.is_postgres)
+            if row is None or row.tenant_id != tenant_id:
+                raise NotFound(f"execution {execution_id} not found")
+            if row.status not in ("queued", "running"):
+                raise FailedPrecondition(f"execution {execution_id} is {row.status}; only queued or running executions can be cancelled")
+            row.status, row.finished_at = "cancelled", utcnow()
+            # A queued task is dropped; a running one notices the status when it finishes its step.
+            await s.execute(delete(OutboxTask).where(OutboxTask.execution_id == execution_id, OutboxTask.lease_owner.is_(None)))
+        return await self.get(tenant_id, execution_id)

@@ -1,0 +1,145 @@
+"""Secret masking for logs, errors and stored execution data.
+
+Patterns follow gitleaks / detect-secrets / TruffleHog shapes. One combined regex per kind
+keeps a typical record to a handful of scans; a cheap pre-check skips text that cannot hold
+anything (no digit-heavy runs, no '=', ':', '@', '/').
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Iterable
+
+REDACTED = "***REDACTED***"
+MAX_DEPTH = 32
+
+SECRET_KEY_NAMES = {
+    "api_key", "apikey", "api-key", "x-api-key", "token", "access_token", "refresh_token", "id_token",
+    "auth_token", "secret", "client_secret", "secret_key", "password", "passwd", "pass", "pwd",
+    "authorization", "webhook_url", "private_key", "credentials", "credential", "cookie",
+    "set-cookie", "session", "signature", "webhook-signature", "appid", "secrets",
+}
+_SECRET_KEY_HINTS = ("password", "passwd", "secret", "token", "api_key", "apikey", "private_key", "webhook_url")
+
+
+def _normalise_key(key: str) -> str:
+    # apiKey -> api_key, API-Token -> api_token
+    key = re.sub(r"(?<=[a-z0-9])([A-Z])", r"_\1", key)
+    return key.lower().replace("-", "_") if key.lower() not in SECRET_KEY_NAMES else key.lower()
+
+
+def is_secret_key(key: str) -> bool:
+    norm = _normalise_key(key)
+    if norm in SECRET_KEY_NAMES or norm.replace("_", "-") in SECRET_KEY_NAMES:
+        return True
+    return any(hint in norm for hint in _SECRET_KEY_HINTS)
+
+
+_KEY_WORDS = r"(?:api[_-]?key|apikey|x-api-key|access[_-]?token|refresh[_-]?token|auth[_-]?token|token|client[_-]?secret|secret[_-]?key|secret|password|passwd|pwd|private[_-]?key|appid|webhook[_-]?url)"
+
+# Each pattern masks its whole match, except where a group named 'keep' is kept in front.
+_PATTERNS = [
+    # key=value, key: value, "key": "value" (value up to a delimiter)
+    rf"""(?P<kv>(?i:(?P<kvkey>["']?\b[\w-]*{_KEY_WORDS}["']?\s*[:=]\s*))(?P<kvq>["']?)(?P<kvval>[^\s"',;&}}]{{1,}}))""",
+    r"(?P<bearer>(?i:\b(?:bearer|basic|token)\s+)[A-Za-z0-9._~+/=-]{8,})",
+    r"(?P<jwt>\beyJ[A-Za-z0-9_-]{5,}\.eyJ[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]{5,})",
+    r"(?P<slackhook>(?:https?://)?hooks\.slack\.com/(?:services|workflows|triggers)/[A-Za-z0-9_/+-]+)",
+    r"(?P<discordhook>(?:https?://)?(?:(?:ptb|canary)\.)?discord(?:app)?\.com/api/(?:v\d+/)?webhooks/[0-9]+/[A-Za-z0-9_.-]+)",
+    r"(?P<slacktoken>\bxox[abposr]-[A-Za-z0-9-]{8,})",
+    r"(?P<aws>\b(?:A3T[A-Z0-9]|AKIA|ASIA|ABIA|ACCA)[A-Z2-7]{16}\b)",
+    r"(?P<stripe>\b(?:sk|rk|pk)_(?:test|live)_[A-Za-z0-9]{10,})",
+    r"(?P<whsec>\bwhsec_[A-Za-z0-9+/=]{10,})",
+    r"(?P<ipk>\bipk_[A-Za-z0-9_-]{20,})",
+    r"(?P<github>\b(?:gh[pousr]_[A-Za-z0-9]{36}|github_pat_[A-Za-z0-9_]{22,}))",
+    r"(?P<urlcred>(?P<urlkeep>\b[a-zA-Z][a-zA-Z0-9+.-]*://)[^\s:/@]*:[^\s@/]+@)",
+    r"(?P<email>\b[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}\b)",
+    r"(?P<card>\b(?:\d[ -]?){12,18}\d\b)",
+]
+_COMBINED = re.compile("|".join(_PATTERNS))
+_MAYBE = re.compile(r"[=:@/]|\d{4}|eyJ|xox|AKIA|ASIA|whsec|ipk_|gh[pousr]_|github_pat|_live_|_test_|(?i:bearer|basic|token)")
+
+
+def _luhn(digits: str) -> bool:
+    total, odd = 0, False
+    for ch in reversed(digits):
+        d = ord(ch) - 48
+        if odd:
+            d *= 2
+            if d > 9:
+                d -= 9
+        total += d
+        odd = not odd
+    return total % 10 == 0
+
+
+def _replace(match: re.Match[str]) -> str:
+    kind = match.lastgroup
+    if match.group("kv") is not None:
+        return f"{match.group('kvkey')}{match.group('kvq')}{REDACTED}"
+    if match.group("urlcred") is not None:
+        return f"{match.group('urlkeep')}{REDACTED}@"
+    if match.group("bearer") is not None:
+        word = match.group("bearer").split()[0]
+        return f"{word} {REDACTED}"
+    if match.group("card") is not None:
+        digits = re.sub(r"[ -]", "", match.group("card"))
+        if not (13 <= len(digits) <= 19 and _luhn(digits)):
+            return match.group(0)
+    if kind in ("slackhook", "discordhook"):
+        text = match.group(0)
+        scheme = "https://" if text.startswith("https://") else ""
+        host = text[len(scheme):].split("/", 1)[0]
+        return f"{scheme}{host}/{REDACTED}"
+    return REDACTED
+
+
+def mask_text(text: str) -> str:
+    """Mask every secret-shaped substring of free text."""
+    if not text or not _MAYBE.search(text):
+        return text
+    return _COMBINED.sub(_replace, text)
+
+
+def mask_value(value: Any, _depth: int = 0) -> Any:
+    """A masked deep copy: values under secret-looking keys become REDACTED, other strings
+    go through mask_text. Depth is bounded so hostile nesting cannot exhaust the stack."""
+    if isinstance(value, str):
+        return mask_text(value)
+    if _depth >= MAX_DEPTH:
+        return REDACTED if isinstance(value, (dict, list, tuple)) else value
+    if isinstance(value, dict):
+        return {
+            k: (REDACTED if isinstance(k, str) and is_secret_key(k) and v not in (None, "") else mask_value(v, _depth + 1))
+            for k, v in value.items()
+        }
+    if isinstance(value, (list, tuple)):
+        return [mask_value(v, _depth + 1) for v in value]
+    return value
+
+
+class SecretMasker:
+    """Masks known secret values (e.g. a credential's fields) as well as the patterns, so a
+    secret that matches no pattern still never reaches a log."""
+
+    def __init__(self, known_secrets: Iterable[Any] = ()) -> None:
+        values = sorted({str(s) for s in known_secrets if s is not None and len(str(s)) >= 4}, key=len, reverse=True)
+        self._known = re.compile("|".join(re.escape(v) for v in values)) if values else None
+
+    def text(self, text: str) -> str:
+        if self._known is not None and text:
+            text = self._known.sub(REDACTED, text)
+        return mask_text(text)
+
+    def value(self, value: Any, _depth: int = 0) -> Any:
+        if isinstance(value, str):
+            return self.text(value)
+        if _depth >= MAX_DEPTH:
+            return REDACTED if isinstance(value, (dict, list, tuple)) else value
+        if isinstance(value, dict):
+            return {
+                k: (REDACTED if isinstance(k, str) and is_secret_key(k) and v not in (None, "") else self.value(v, _depth + 1))
+                for k, v in value.items()
+            }
+        if isinstance(value, (list, tuple)):
+            return [self.value(v, _depth + 1) for v in value]
+        return value

@@ -1,0 +1,48 @@
+"""Opaque page tokens over time-ordered ids (newest first)."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from dataclasses import dataclass
+from typing import Callable, Generic, TypeVar
+
+from ipaas.errors import InvalidArgument
+
+T = TypeVar("T")
+DEFAULT_PAGE_SIZE = 20
+MAX_PAGE_SIZE = 100
+
+
+def page_size(requested: int) -> int:
+    if requested < 0:
+        raise InvalidArgument.field("page_size", "must not be negative")
+    return min(requested or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+
+
+def encode_token(last_id: str) -> str:
+    return base64.urlsafe_b64encode(last_id.encode()).decode().rstrip("=")
+
+
+def decode_token(token: str) -> str:
+    try:
+        value = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        raise InvalidArgument.field("page_token", "is not a token this API issued") from None
+    if not value or len(value) > 64 or not value.isascii():
+        raise InvalidArgument.field("page_token", "is not a token this API issued")
+    return value
+
+
+@dataclass(frozen=True)
+class Page(Generic[T]):
+    items: list[T]
+    next_token: str
+
+    @classmethod
+    def of(cls, rows: list[T], limit: int, key: Callable[[T], str]) -> "Page[T]":
+        """rows were fetched with limit + 1, so a surplus row means there is another page."""
+        if len(rows) > limit:
+            rows = rows[:limit]
+            return cls(rows, encode_token(key(rows[-1])))
+        return cls(rows, "")

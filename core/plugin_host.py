@@ -1,0 +1,299 @@
+"""The plugin host: owns the pluggy manager, loads connector plugins from the entry-point
+group `ipaas.connectors` (built-in ones exactly like third-party ones), validates what they
+declare and invokes their actions under a timeout.
+
+A broken plugin (import error, invalid declaration, duplicate connector name) is recorded
+with its distribution and the reason, logged, and left out; loading never raises.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import re
+import time
+from dataclasses import dataclass, field
+from importlib.metadata import entry_points
+from typing import Any, Iterable
+
+import httpx
+import jsonschema
+import pluggy
+from jsonschema import Draft202012Validator
+
+from ipaas import hookspecs
+from ipaas.masking import SecretMasker
+from ipaas.netguard import GuardedTransport, check_url
+from ipaas.sdk import NAME, ActionResult, Connector, ConnectorError, ExecutionContext, MaskingAdapter, PermanentError, RetryableError
+
+log = logging.getLogger("ipaas.plugins")
+
+ENTRY_POINT_GROUP = "ipaas.connectors"
+
+
+def _path(prefix: str, parts: Iterable[Any]) -> str:
+    out = prefix
+    for part in parts:
+        out += f"[{part}]" if isinstance(part, int) else f".{part}"
+    return out
+
+
+def schema_problems(schema: dict[str, Any], value: Any, prefix: str) -> list[tuple[str, str]]:
+    """Schema violations as (field path, description), e.g. ("config.text", "is required")."""
+    problems = []
+    for error in Draft202012Validator(schema).iter_errors(value):
+        where = _path(prefix, error.absolute_path)
+        if error.validator == "required":
+            match = re.match(r"'(.+)' is a required property", error.message)
+            if match:
+                problems.append((f"{where}.{match.group(1)}", "is required"))
+                continue
+        problems.append((where, error.message[:300]))
+    return sorted(problems)
+
+
+def declaration_problems(connector: Any) -> list[str]:
+    if not isinstance(connector, Connector):
+        return [f"registered {type(connector).__name__}, not an ipaas.sdk.Connector"]
+    problems = []
+    if not NAME.match(connector.name or ""):
+        problems.append(f"connector name {connector.name!r} must be lower_snake_case")
+    if not connector.version:
+        problems.append("version is required")
+    if not connector.actions:
+        problems.append("a connector needs at least one action")
+    if not 0 < connector.timeout <= 300:
+        problems.append("timeout must be between 0 and 300 seconds")
+    names = [a.name for a in connector.actions]
+    if len(set(names)) != len(names):
+        problems.append("duplicate action names")
+    for action in connector.actions:
+        if not NAME.match(action.name or ""):
+            problems.append(f"action name {action.name!r} must be lower_snake_case")
+        if not inspect.iscoroutinefunction(action.run):
+            problems.append(f"action {action.name!r}: run must be an async function")
+        try:
+            Draft202012Validator.check_schema(action.config_schema)
+        except jsonschema.SchemaError as exc:
+            problems.append(f"action {action.name!r}: invalid config schema: {exc.message}")
+    if connector.credential_schema is not None:
+        try:
+            Draft202012Validator.check_schema(connector.credential_schema)
+        except jsonschema.SchemaError as exc:
+            problems.append(f"invalid credential schema: {exc.message}")
+    return problems
+
+
+@dataclass
+class LoadedConnector:
+    connector: Connector
+    distribution: str
+
+
+@dataclass
+class ConnectorRegistry:
+    allow_insecure: bool = False
+    connectors: dict[str, LoadedConnector] = field(default_factory=dict)
+    problems: list[tuple[str, str]] = field(default_factory=list)
+    _clients: dict[str, httpx.AsyncClient] = field(default_factory=dict)
+
+    # -- loading -----------------------------------------------------------------------
+    def add(self, connector: Any, distribution: str) -> None:
+        problems = declaration_problems(connector)
+        if not problems and connector.name in self.connectors:
+            problems = [f"duplicate connector name {connector.name!r} (already provided by {self.connectors[connector.name].distribution})"]
+        if problems:
+            self.problem(distribution, "; ".join(problems))
+            return
+        self.connectors[connector.name] = LoadedConnector(connector, distribution)
+
+    def problem(self, distribution: str, reason: str) -> None:
+        self.problems.append((distribution, reason))
+        log.error("plugin.rejected", extra={"distribution": distribution, "reason": reason})
+
+    def get(self, name: str) -> Connector | None:
+        loaded = self.connectors.get(name)
+        return loaded.connector if loaded else None
+
+    # -- describing and validating -----------------------------------------------------
+    def describe(self) -> list[dict[str, Any]]:
+        return [
+            {
+                "name": c.connector.name,
+                "version": c.connector.version,
+                "description": c.connector.description,
+                "distribution": c.distribution,
+                "actions": [
+                    {"name": a.name, "description": a.description, "config_schema": a.config_schema, "secret_fields": list(a.secret_fields)}
+                    for a in c.connector.actions
+                ],
+                "credential_schema": c.connector.credential_schema or {},
+            }
+            for c in sorted(self.connectors.values(), key=lambda c: c.connector.name)
+        ]
+
+    def action_problem(self, connector: str, action: str) -> tuple[str, str] | None:
+        found = self.get(connector)
+        if found is None:
+            known = ", ".join(sorted(self.connectors)) or "none installed"
+            return ("connector", f"unknown connector {connector!r} (installed: {known})")
+        if found.action(action) is None:
+            return ("action", f"connector {connector!r} has no action {action!r} (has: {', '.join(a.name for a in found.actions)})")
+        return None
+
+    def config_problems(self, connector: str, action: str, config: dict[str, Any]) -> list[tuple[str, str]]:
+        found = self.get(connector)
+        act = found.action(action) if found else None
+        return schema_problems(act.config_schema, config, "config") if act else []
+
+    validate_config = config_problems
+
+    def needs_credentials(self, connector: str) -> bool:
+        found = self.get(connector)
+        return bool(found and found.credential_schema and found.credential_schema.get("required"))
+
+    def validate_credentials(self, connector: str, secrets: dict[str, Any]) -> list[tuple[str, str]]:
+        found = self.get(connector)
+        if found is None:
+            return [("connector", f"unknown connector {connector!r}")]
+        if found.credential_schema is None:
+            return [("connector", f"connector {connector!r} takes no credentials")]
+        problems = schema_problems(found.credential_schema, secrets, "secrets")
+        for key, value in secrets.items():
+            if isinstance(value, str) and key.endswith("url") and not any(p[0] == f"secrets.{key}" for p in problems):
+                try:
+                    check_url(value, found.allowed_hosts, self.allow_insecure)
+                except PermanentError as exc:
+                    problems.append((f"secrets.{key}", str(exc)))
+        return problems
+
+    def secret_fields(self, connector: str, action: str) -> tuple[str, ...]:
+        found = self.get(connector)
+        act = found.action(action) if found else None
+        return act.secret_fields if act else ()
+
+    # -- invoking ----------------------------------------------------------------------
+    def http_client(self, connector: Connector) -> httpx.AsyncClient:
+        client = self._clients.get(connector.name)
+        if client is None:
+            client = self._clients[connector.name] = make_http_client(connector.timeout, self.allow_insecure)
+        return client
+
+    def context(self, connector: str, config: dict[str, Any], credentials: dict[str, Any], timeout: float | None = None, **fields: Any) -> ExecutionContext:
+        found = self.get(connector)
+        if found is None:
+            raise PermanentError(f"connector {connector!r} is not installed")
+        masker = SecretMasker(_leaves(credentials))
+        logger = MaskingAdapter(logging.getLogger(f"ipaas.connector.{connector}"), masker, {k: v for k, v in fields.items() if v})
+        return ExecutionContext(
+            config=config,
+            credentials=credentials,
+            http=self.http_client(found),
+            logger=logger,
+            timeout=timeout or found.timeout,
+            **fields,
+        )
+
+    async def invoke(self, connector: str, action: str, ctx: ExecutionContext) -> ActionResult:
+        """Run an action; the call is abandoned at ctx.timeout. Errors come out classified:
+        RetryableError or PermanentError, with masked messages."""
+        found = self.get(connector)
+        act = found.action(action) if found else None
+        if act is None:
+            raise PermanentError(f"{connector}.{action} is not installed")
+        masker = SecretMasker(_leaves(ctx.credentials))
+        started = time.perf_counter()
+        try:
+            async with asyncio.timeout(ctx.timeout):
+                result = await act.run(ctx)
+        except TimeoutError:
+            raise RetryableError(f"{connector}.{action} timed out after {ctx.timeout:g}s") from None
+        except RetryableError as exc:
+            raise RetryableError(masker.text(str(exc)), exc.retry_after) from None
+        except PermanentError as exc:
+            raise PermanentError(masker.text(str(exc))) from None
+        except (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError) as exc:
+            raise RetryableError(f"{connector}.{action}: {type(exc).__name__}: {masker.text(str(exc))}") from None
+        except ConnectorError as exc:
+            raise PermanentError(masker.text(str(exc))) from None
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            # A plugin bug: retrying will not fix it, and it must not crash the engine.
+            log.warning("plugin.crashed", extra={"connector": connector, "action": action, "error": masker.text(repr(exc))})
+            raise PermanentError(f"{connector}.{action} failed: {type(exc).__name__}: {masker.text(str(exc))}") from None
+        if not isinstance(result, ActionResult):
+            raise PermanentError(f"{connector}.{action} returned {type(result).__name__}, not an ActionResult")
+        duration = int((time.perf_counter() - started) * 1000)
+        return ActionResult(message=result.message, output=dict(result.output or {}), status=result.status, duration_ms=duration)
+
+    async def aclose(self) -> None:
+        for client in self._clients.values():
+            await client.aclose()
+        self._clients.clear()
+
+
+def _leaves(value: Any) -> list[str]:
+    if isinstance(value, dict):
+        return [leaf for v in value.values() for leaf in _leaves(v)]
+    if isinstance(value, list):
+        return [leaf for v in value for leaf in _leaves(v)]
+    return [str(value)] if value not in (None, "") and not isinstance(value, bool) else []
+
+
+def make_http_client(timeout: float, allow_insecure: bool, max_connections: int = 200) -> httpx.AsyncClient:
+    """The client connectors get: strict timeouts on connect, read, write and pool waits,
+    the SSRF guard on every request, no redirects (a redirect could leave the allowed hosts)."""
+    inner = httpx.AsyncHTTPTransport(limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections))
+    return httpx.AsyncClient(
+        transport=GuardedTransport(inner, allow_insecure),
+        timeout=httpx.Timeout(timeout),
+        follow_redirects=False,
+        headers={"user-agent": "simple-ipaas"},
+    )
+
+
+def _plugin_manager() -> pluggy.PluginManager:
+    pm = pluggy.PluginManager("ipaas")
+    pm.add_hookspecs(hookspecs)
+    return pm
+
+
+def load_registry(settings: Any = None, *, allow: frozenset[str] | None = None, load_entrypoints: bool = True, plugins: Iterable[tuple[str, object]] = (), allow_insecure: bool | None = None) -> ConnectorRegistry:
+    """Load plugins from the entry-point group (restricted by the allow-list) plus any
+    `plugins` given as (distribution, module-or-object) pairs (tests register throwaway
+    plugins that way). Never raises for a broken plugin."""
+    if settings is not None:
+        allow = settings.plugins if allow is None else allow
+        allow_insecure = settings.allow_insecure_targets if allow_insecure is None else allow_insecure
+    registry = ConnectorRegistry(allow_insecure=bool(allow_insecure))
+    pm = _plugin_manager()
+    candidates: list[tuple[str, object]] = []
+    if load_entrypoints:
+        for ep in entry_points(group=ENTRY_POINT_GROUP):
+            if allow is not None and ep.name not in allow:
+                continue
+            distribution = ep.dist.name if ep.dist else ep.name
+            try:
+                candidates.append((distribution, ep.load()))
+            except Exception as exc:  # any import-time failure of a third-party plugin
+                registry.problem(distribution, f"import failed: {type(exc).__name__}: {exc}")
+    candidates += list(plugins)
+    for distribution, plugin in candidates:
+        try:
+            pm.register(plugin, name=f"{distribution}:{id(plugin)}")
+        except Exception as exc:
+            registry.problem(distribution, f"not a valid plugin: {exc}")
+            continue
+        for impl in pm.hook.ipaas_register_connectors.get_hookimpls():
+            if impl.plugin is not plugin:
+                continue
+            try:
+                impl.function(register=lambda c, d=distribution: registry.add(c, d))
+            except Exception as exc:
+                registry.problem(distribution, f"ipaas_register_connectors failed: {type(exc).__name__}: {exc}")
+    if registry.allow_insecure:
+        log.warning("plugins.insecure_targets", extra={"detail": "IPAAS_ALLOW_INSECURE_TARGETS is on: connectors may reach http and private addresses"})
+    log.info("plugins.loaded", extra={"connectors": sorted(registry.connectors), "problems": len(registry.problems)})
+    return registry

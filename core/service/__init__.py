@@ -1,0 +1,1 @@
+"""The grpc.aio service: interceptors, servicers and server assembly."""

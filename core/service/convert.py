@@ -1,0 +1,79 @@
+"""Conversions between protobuf messages and storage rows, shared by the servicers."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from google.protobuf import json_format, struct_pb2, timestamp_pb2
+
+from ipaas.v1 import tenants_pb2, workflows_pb2
+
+
+def timestamp(value: datetime | None) -> timestamp_pb2.Timestamp | None:
+    if value is None:
+        return None
+    ts = timestamp_pb2.Timestamp()
+    ts.FromDatetime(value)
+    return ts
+
+
+def to_struct(value: dict[str, Any] | None) -> struct_pb2.Struct | None:
+    if value is None:
+        return None
+    st = struct_pb2.Struct()
+    st.update(value)
+    return st
+
+
+def to_value(value: Any) -> struct_pb2.Value:
+    v = struct_pb2.Value()
+    json_format.ParseDict(value, v)
+    return v
+
+
+def from_struct(message: struct_pb2.Struct) -> dict[str, Any]:
+    return json_format.MessageToDict(message)
+
+
+def from_value(message: struct_pb2.Value) -> Any:
+    return json_format.MessageToDict(message) if message.WhichOneof("kind") else None
+
+
+def tenant(row: Any) -> tenants_pb2.Tenant:
+    return tenants_pb2.Tenant(id=row.id, name=row.name, tier=row.tier, created_at=timestamp(row.created_at))
+
+
+def api_key(row: Any) -> tenants_pb2.ApiKey:
+    return tenants_pb2.ApiKey(
+        id=row.id,
+        tenant_id=row.tenant_id,
+        name=row.name,
+        prefix=row.prefix,
+        created_at=timestamp(row.created_at),
+        revoked_at=timestamp(row.revoked_at),
+    )
+
+
+OUTPUT_ONLY = ("id", "version", "created_at", "updated_at", "active")
+
+
+def definition_from_proto(message: "workflows_pb2.Workflow") -> dict[str, Any]:
+    """The stored definition: the REST JSON shape, without output-only fields."""
+    data = json_format.MessageToDict(message, preserving_proto_field_name=True)
+    for name in OUTPUT_ONLY:
+        data.pop(name, None)
+    return data
+
+
+def workflow(view: Any) -> "workflows_pb2.Workflow":
+    from ipaas.v1 import workflows_pb2
+
+    message = workflows_pb2.Workflow()
+    json_format.ParseDict(view.definition, message, ignore_unknown_fields=True)
+    message.id = view.workflow.id
+    message.version = view.version
+    message.active = view.workflow.active
+    message.created_at.CopyFrom(timestamp(view.workflow.created_at))
+    message.updated_at.CopyFrom(timestamp(view.version_created_at))
+    return message

@@ -1,0 +1,98 @@
+"""ExecutionService: triggers in, execution state out."""
+
+from __future__ import annotations
+
+import grpc
+
+from ipaas import logs
+from ipaas.auth import current_tenant as _tenant
+from ipaas.dryrun import DryRunner
+from ipaas.execution_store import ExecutionStore, ExecutionView
+from ipaas.service import convert
+from ipaas.triggers import TriggerService
+from ipaas.v1 import executions_pb2 as pb
+from ipaas.v1 import executions_pb2_grpc
+
+
+def _idempotency_key(context: grpc.aio.ServicerContext) -> str | None:
+    for key, value in context.invocation_metadata():
+        if key == "idempotency-key" and isinstance(value, str):
+            return value
+    return None
+
+
+def _step(row) -> pb.StepRun:  # type: ignore[no-untyped-def]
+    return pb.StepRun(
+        step_id=row.step_id,
+        status=row.status,
+        attempts=row.attempts,
+        rendered_config=convert.to_struct(row.rendered_config),
+        output=convert.to_struct(row.output),
+        error=row.error or "",
+        retryable=row.retryable,
+        started_at=convert.timestamp(row.started_at),
+        finished_at=convert.timestamp(row.finished_at),
+        duration_ms=row.duration_ms or 0,
+        message=row.message or "",
+    )
+
+
+def execution(row, steps=()) -> pb.Execution:  # type: ignore[no-untyped-def]
+    return pb.Execution(
+        id=row.id,
+        workflow_id=row.workflow_id,
+        workflow_version=row.workflow_version,
+        status=row.status,
+        trigger=row.trigger,
+        payload=convert.to_value(row.payload),
+        attempts=row.attempts,
+        error=row.error or "",
+        steps=[_step(s) for s in steps],
+        created_at=convert.timestamp(row.created_at),
+        started_at=convert.timestamp(row.started_at),
+        finished_at=convert.timestamp(row.finished_at),
+        next_attempt_at=convert.timestamp(row.next_attempt_at),
+    )
+
+
+def _view(view: ExecutionView) -> pb.Execution:
+    return execution(view.execution, view.steps)
+
+
+class ExecutionServicer(executions_pb2_grpc.ExecutionServiceServicer):
+    def __init__(self, triggers: TriggerService, store: ExecutionStore, dry_runner: DryRunner) -> None:
+        self.triggers = triggers
+        self.store = store
+        self.dry_runner = dry_runner
+
+    async def RunWorkflow(self, request: pb.RunWorkflowRequest, context: grpc.aio.ServicerContext) -> pb.RunWorkflowResponse:
+        tenant = _tenant()
+        payload = convert.from_value(request.payload) if request.HasField("payload") else None
+        accepted = await self.triggers.run_manual(tenant, request.workflow_id, payload, _idempotency_key(context))
+        view = await self.store.get(tenant, accepted.execution_id)
+        return pb.RunWorkflowResponse(execution=_view(view), duplicate=accepted.duplicate)
+
+    async def ReceiveWebhook(self, request: pb.ReceiveWebhookRequest, context: grpc.aio.ServicerContext) -> pb.ReceiveWebhookResponse:
+        with logs.bind(workflow_id=request.workflow_id):
+            target, accepted = await self.triggers.receive_webhook(
+                request.workflow_id, request.http_body.data, dict(request.headers), _idempotency_key(context)
+            )
+        # The gateway charges the webhook to the owner's rate limit with this.
+        context.set_trailing_metadata((("x-ipaas-tenant", target.tenant_id), ("x-ipaas-tier", target.tier)))
+        return pb.ReceiveWebhookResponse(execution_id=accepted.execution_id, status=accepted.status, duplicate=accepted.duplicate)
+
+    async def DryRun(self, request: pb.DryRunRequest, context: grpc.aio.ServicerContext) -> pb.DryRunResponse:
+        return await self.dry_runner.run(_tenant(), request)
+
+    async def GetExecution(self, request: pb.GetExecutionRequest, context: grpc.aio.ServicerContext) -> pb.GetExecutionResponse:
+        return pb.GetExecutionResponse(execution=_view(await self.store.get(_tenant(), request.id)))
+
+    async def ListExecutions(self, request: pb.ListExecutionsRequest, context: grpc.aio.ServicerContext) -> pb.ListExecutionsResponse:
+        page = await self.store.list(_tenant(), request.workflow_id, request.status, request.page_size, request.page_token)
+        return pb.ListExecutionsResponse(executions=[execution(e) for e in page.items], next_page_token=page.next_token)
+
+    async def ReplayExecution(self, request: pb.ReplayExecutionRequest, context: grpc.aio.ServicerContext) -> pb.ReplayExecutionResponse:
+        return pb.ReplayExecutionResponse(execution=_view(await self.store.replay(_tenant(), request.id)))
+
+    async def CancelExecution(self, request: pb.CancelExecutionRequest, context: grpc.aio.ServicerContext) -> pb.CancelExecutionResponse:
+        return pb.CancelExecutionResponse(execution=_view(await self.store.cancel(_tenant(), request.id)))

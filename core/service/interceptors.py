@@ -1,0 +1,95 @@
+"""One interceptor for every ipaas.v1 RPC: request id, authentication, log context, and the
+mapping of domain errors to status codes. Health and reflection pass through untouched."""
+
+from __future__ import annotations
+
+import logging
+import re
+import uuid
+from typing import Any, Awaitable, Callable
+
+import grpc
+
+from ipaas import auth, logs
+from ipaas.errors import IpaasError, PermissionDenied
+from ipaas.service.status import to_grpc_status
+from ipaas.tenants import TenantStore
+
+log = logging.getLogger("ipaas.rpc")
+
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+PUBLIC = {"/ipaas.v1.ExecutionService/ReceiveWebhook"}
+ANY_CALLER = {"/ipaas.v1.TenantService/GetCaller"}
+ADMIN_ONLY_SERVICE = "/ipaas.v1.TenantService/"
+
+
+def request_id_from(metadata: dict[str, str]) -> str:
+    given = metadata.get("x-request-id", "")
+    return given if _REQUEST_ID.match(given) else uuid.uuid4().hex
+
+
+def bearer_from(metadata: dict[str, str]) -> str | None:
+    value = metadata.get("authorization", "")
+    scheme, _, token = value.partition(" ")
+    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+
+
+class CoreInterceptor(grpc.aio.ServerInterceptor):
+    def __init__(self, tenants: TenantStore) -> None:
+        self._tenants = tenants
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        method = details.method
+        if handler is None or not method.startswith("/ipaas.v1.") or handler.unary_unary is None:
+            return handler
+        inner = handler.unary_unary
+
+        async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            metadata = {k: v for k, v in context.invocation_metadata() if isinstance(v, str)}
+            request_id = request_id_from(metadata)
+            await context.send_initial_metadata((("x-request-id", request_id),))
+            with logs.bind(request_id=request_id, rpc=method):
+                token = None
+                try:
+                    caller = await self._authorize(method, metadata)
+                    token = auth.set_caller(caller)
+                    if caller is not None and caller.tenant_id:
+                        with logs.bind(tenant_id=caller.tenant_id):
+                            return await inner(request, context)
+                    return await inner(request, context)
+                except grpc.aio.AbortError:
+                    raise
+                except IpaasError as exc:
+                    status = to_grpc_status(exc)
+                    await context.abort(status.code, status.details, status.trailing_metadata)
+                except Exception:
+                    log.exception("rpc.failed")
+                    await context.abort(grpc.StatusCode.INTERNAL, f"internal error (request id {request_id})")
+                finally:
+                    if token is not None:
+                        auth._current.reset(token)
+
+        return grpc.unary_unary_rpc_method_handler(
+            guarded,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+    async def _authorize(self, method: str, metadata: dict[str, str]) -> auth.Caller | None:
+        if method in PUBLIC:
+            return None
+        caller = await self._tenants.authenticate(bearer_from(metadata))
+        if method in ANY_CALLER:
+            return caller
+        if method.startswith(ADMIN_ONLY_SERVICE):
+            if not caller.is_admin:
+                raise PermissionDenied("this RPC needs the admin key")
+        elif caller.is_admin:
+            raise PermissionDenied("the admin key manages tenants; use a tenant's API key here")
+        return caller

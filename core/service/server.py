@@ -1,0 +1,202 @@
+"""Assembles the core: storage, plugins, servicers, health and reflection on one grpc.aio server."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+
+from ipaas import auth, crypto
+from ipaas.settings import Settings
+from ipaas.storage import migrate
+from ipaas.storage.db import Database
+from ipaas.tenants import TenantStore
+from ipaas.v1 import (
+    breakers_pb2,
+    breakers_pb2_grpc,
+    connectors_pb2,
+    connectors_pb2_grpc,
+    credentials_pb2,
+    credentials_pb2_grpc,
+    executions_pb2,
+    executions_pb2_grpc,
+    tenants_pb2,
+    tenants_pb2_grpc,
+    workflows_pb2,
+    workflows_pb2_grpc,
+)
+from ipaas.service.interceptors import CoreInterceptor
+from ipaas.service.tenants import TenantServicer
+
+log = logging.getLogger("ipaas.core")
+
+SERVICES = [
+    tenants_pb2.DESCRIPTOR.services_by_name["TenantService"],
+    workflows_pb2.DESCRIPTOR.services_by_name["WorkflowService"],
+    executions_pb2.DESCRIPTOR.services_by_name["ExecutionService"],
+    connectors_pb2.DESCRIPTOR.services_by_name["ConnectorService"],
+    credentials_pb2.DESCRIPTOR.services_by_name["CredentialService"],
+    breakers_pb2.DESCRIPTOR.services_by_name["BreakerService"],
+]
+
+MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """Engine knobs read from IPAAS_* variables (see README)."""
+
+    workers: int
+    max_queue_depth: int
+    step_timeout: float
+    execution_deadline: float
+    base_delay: float
+    poll_interval: float
+    scheduler_interval: float
+    catch_up: str
+    breaker_failures: int
+    breaker_recovery: float
+    breaker_successes: int
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> "EngineSettings":
+        env = settings.extra
+
+        def num(name: str, default: float) -> float:
+            try:
+                return float(env.get(name, default))
+            except ValueError:
+                raise SystemExit(f"{name} must be a number") from None
+
+        return cls(
+            workers=settings.workers,
+            max_queue_depth=int(num("IPAAS_MAX_QUEUE_DEPTH", 100_000)),
+            step_timeout=num("IPAAS_STEP_TIMEOUT", 30),
+            execution_deadline=num("IPAAS_EXECUTION_DEADLINE", 900),
+            base_delay=num("IPAAS_RETRY_BASE_DELAY", 1.0),
+            poll_interval=num("IPAAS_POLL_INTERVAL", 1.0),
+            scheduler_interval=num("IPAAS_SCHEDULER_INTERVAL", 1.0),
+            catch_up=env.get("IPAAS_SCHEDULE_CATCH_UP", "collapse"),
+            breaker_failures=int(num("IPAAS_BREAKER_FAILURES", 5)),
+            breaker_recovery=num("IPAAS_BREAKER_RECOVERY_SECONDS", 60),
+            breaker_successes=int(num("IPAAS_BREAKER_SUCCESSES", 3)),
+        )
+
+
+@dataclass
+class CoreServer:
+    settings: Settings
+    port: int = 0
+    admin_key: str = ""
+    admin_key_generated: bool = False
+    db: Database | None = None
+    registry: Any = None
+    breakers: Any = None
+    dispatcher: Any = None
+    scheduler: Any = None
+    enqueuer: Any = None
+    _server: grpc.aio.Server | None = None
+    _health: HealthServicer | None = None
+
+    async def start(self) -> None:
+        from ipaas.credentials import CredentialStore
+        from ipaas.dryrun import DryRunner
+        from ipaas.engine.breakers import BreakerPolicy, BreakerRegistry
+        from ipaas.engine.dispatcher import Dispatcher
+        from ipaas.engine.enqueuer import Enqueuer
+        from ipaas.engine.executor import EngineLimits, Executor
+        from ipaas.engine.scheduler import Scheduler
+        from ipaas.engine.steps import StepRunner
+        from ipaas.execution_store import ExecutionStore
+        from ipaas.plugin_host import load_registry
+        from ipaas.service.connectors import BreakerServicer, ConnectorServicer
+        from ipaas.service.credentials import CredentialServicer
+        from ipaas.service.executions import ExecutionServicer
+        from ipaas.service.workflows import WorkflowServicer
+        from ipaas.triggers import TriggerService
+        from ipaas.workflow_store import WorkflowStore
+
+        s = self.settings
+        engine = EngineSettings.from_settings(s)
+        await asyncio.to_thread(migrate.upgrade, s.database_url)
+        self.db = db = Database(s.database_url)
+        self.admin_key, self.admin_key_generated = auth.load_admin_key(s.admin_key, s.data_dir)
+        box = crypto.SecretBox(crypto.load_keys(s.secret_keys, s.data_dir))
+        tenants = TenantStore(db, self.admin_key)
+        self.registry = registry = load_registry(s)
+        credentials = CredentialStore(db, box, registry.validate_credentials)
+        workflows = WorkflowStore(db, box, registry, credentials)
+        self.breakers = BreakerRegistry(BreakerPolicy(engine.breaker_failures, engine.breaker_recovery, engine.breaker_successes))
+        steps = StepRunner(registry, credentials)
+        limits = EngineLimits(step_timeout=engine.step_timeout, execution_deadline=engine.execution_deadline, base_delay=engine.base_delay)
+        executor = Executor(db, workflows, credentials, steps, self.breakers, limits)
+        self.dispatcher = Dispatcher(db, executor, workers=engine.workers, poll_interval=engine.poll_interval)
+        self.enqueuer = Enqueuer(db, on_enqueued=self.dispatcher.notify, max_depth=engine.max_queue_depth)
+        self.scheduler = Scheduler(db, self.enqueuer, interval=engine.scheduler_interval, catch_up=engine.catch_up)
+        executions = ExecutionStore(db, on_enqueued=self.dispatcher.notify)
+
+        server = grpc.aio.server(
+            interceptors=[CoreInterceptor(tenants)],
+            options=[
+                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.so_reuseport", 0),
+                ("grpc.keepalive_permit_without_calls", 1),
+                ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+            ],
+        )
+        tenants_pb2_grpc.add_TenantServiceServicer_to_server(TenantServicer(tenants), server)
+        workflows_pb2_grpc.add_WorkflowServiceServicer_to_server(WorkflowServicer(workflows), server)
+        executions_pb2_grpc.add_ExecutionServiceServicer_to_server(
+            ExecutionServicer(TriggerService(workflows, self.enqueuer), executions, DryRunner(workflows, steps)), server
+        )
+        connectors_pb2_grpc.add_ConnectorServiceServicer_to_server(ConnectorServicer(registry), server)
+        credentials_pb2_grpc.add_CredentialServiceServicer_to_server(CredentialServicer(credentials), server)
+        breakers_pb2_grpc.add_BreakerServiceServicer_to_server(BreakerServicer(self.breakers), server)
+
+        self._health = HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        names = [svc.full_name for svc in SERVICES]
+        health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+        reflection.enable_server_reflection([*names, health_name, reflection.SERVICE_NAME], server)
+
+        self.port = server.add_insecure_port(s.grpc_listen)
+        if self.port == 0:
+            raise SystemExit(f"cannot listen on {s.grpc_listen}")
+        await server.start()
+        self._server = server
+        if not _flag(s.extra.get("IPAAS_DISABLE_ENGINE")):
+            self.dispatcher.start()
+            self.scheduler.start()
+        for name in ["", *names]:
+            await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        log.info("core.started", extra={"listen": s.grpc_listen, "port": self.port, "database": db.dialect, "workers": self.dispatcher.workers})
+
+    async def stop(self, grace: float = 5.0) -> None:
+        """Graceful shutdown: report NOT_SERVING, stop taking RPCs and claiming work, let
+        in-flight executions finish within the grace period, release the rest's leases."""
+        if self._health is not None:
+            await self._health.enter_graceful_shutdown()
+        if self.scheduler is not None:
+            await self.scheduler.stop()
+        if self._server is not None:
+            await self._server.stop(grace)
+        if self.dispatcher is not None:
+            await self.dispatcher.stop(deadline=grace)
+        if self.enqueuer is not None:
+            await self.enqueuer.close()
+        if self.registry is not None:
+            await self.registry.aclose()
+        if self.db is not None:
+            await self.db.dispose()
+        log.info("core.stopped")
+
+
+def _flag(value: str | None) -> bool:
+    return (value or "").lower() in {"1", "true", "yes", "on"}

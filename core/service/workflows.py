@@ -1,0 +1,73 @@
+"""WorkflowService: thin methods over WorkflowStore."""
+
+from __future__ import annotations
+
+import grpc
+
+from ipaas.auth import current_tenant as _tenant
+from ipaas.errors import InvalidArgument
+from ipaas.service import convert
+from ipaas.v1 import workflows_pb2 as pb
+from ipaas.v1 import workflows_pb2_grpc
+from ipaas.workflow_store import UPDATABLE, WorkflowStore
+
+
+class WorkflowServicer(workflows_pb2_grpc.WorkflowServiceServicer):
+    def __init__(self, store: WorkflowStore) -> None:
+        self.store = store
+
+    async def CreateWorkflow(self, request: pb.CreateWorkflowRequest, context: grpc.aio.ServicerContext) -> pb.CreateWorkflowResponse:
+        active = request.workflow.active if request.workflow.HasField("active") else True
+        view, secret = await self.store.create(_tenant(), convert.definition_from_proto(request.workflow), active)
+        return pb.CreateWorkflowResponse(workflow=convert.workflow(view), webhook_secret=secret)
+
+    async def GetWorkflow(self, request: pb.GetWorkflowRequest, context: grpc.aio.ServicerContext) -> pb.GetWorkflowResponse:
+        return pb.GetWorkflowResponse(workflow=convert.workflow(await self.store.get(_tenant(), request.id)))
+
+    async def ListWorkflows(self, request: pb.ListWorkflowsRequest, context: grpc.aio.ServicerContext) -> pb.ListWorkflowsResponse:
+        page = await self.store.list(_tenant(), request.page_size, request.page_token)
+        return pb.ListWorkflowsResponse(workflows=[convert.workflow(v) for v in page.items], next_page_token=page.next_token)
+
+    async def UpdateWorkflow(self, request: pb.UpdateWorkflowRequest, context: grpc.aio.ServicerContext) -> pb.UpdateWorkflowResponse:
+        given = convert.definition_from_proto(request.workflow)
+        paths = list(request.update_mask.paths)
+        unknown = [p for p in paths if p not in (*UPDATABLE, "active")]
+        if unknown:
+            raise InvalidArgument.field("update_mask", f"unknown fields {unknown}; use {', '.join((*UPDATABLE, 'active'))}")
+        fields = paths or [name for name in UPDATABLE if name in given]
+        changes = {name: given.get(name, {} if name != "steps" else []) for name in fields if name != "active"}
+        wants_active = "active" in paths or (not paths and request.workflow.HasField("active"))
+        active = request.workflow.active if wants_active else None
+        view = await self.store.update(_tenant(), request.id, request.expected_version, changes, active)
+        return pb.UpdateWorkflowResponse(workflow=convert.workflow(view))
+
+    async def DeleteWorkflow(self, request: pb.DeleteWorkflowRequest, context: grpc.aio.ServicerContext) -> pb.DeleteWorkflowResponse:
+        await self.store.delete(_tenant(), request.id)
+        return pb.DeleteWorkflowResponse()
+
+    async def SetWorkflowActive(self, request: pb.SetWorkflowActiveRequest, context: grpc.aio.ServicerContext) -> pb.SetWorkflowActiveResponse:
+        view = await self.store.set_active(_tenant(), request.id, request.active)
+        return pb.SetWorkflowActiveResponse(workflow=convert.workflow(view))
+
+    async def ListWorkflowVersions(self, request: pb.ListWorkflowVersionsRequest, context: grpc.aio.ServicerContext) -> pb.ListWorkflowVersionsResponse:
+        wf, rows, token = await self.store.list_versions(_tenant(), request.id, request.page_size, request.page_token)
+        from ipaas.workflow_store import WorkflowView
+
+        versions = [convert.workflow(WorkflowView(wf, r.version, r.definition, r.created_at)) for r in rows]
+        return pb.ListWorkflowVersionsResponse(versions=versions, next_page_token=token)
+
+    async def GetWorkflowVersion(self, request: pb.GetWorkflowVersionRequest, context: grpc.aio.ServicerContext) -> pb.GetWorkflowVersionResponse:
+        if request.version <= 0:
+            raise InvalidArgument.field("version", "must be 1 or more")
+        view = await self.store.get(_tenant(), request.id, request.version)
+        return pb.GetWorkflowVersionResponse(workflow=convert.workflow(view))
+
+    async def RollbackWorkflow(self, request: pb.RollbackWorkflowRequest, context: grpc.aio.ServicerContext) -> pb.RollbackWorkflowResponse:
+        if request.version <= 0:
+            raise InvalidArgument.field("version", "must be 1 or more")
+        view = await self.store.rollback(_tenant(), request.id, request.version, request.expected_version)
+        return pb.RollbackWorkflowResponse(workflow=convert.workflow(view))
+
+    async def RotateWebhookSecret(self, request: pb.RotateWebhookSecretRequest, context: grpc.aio.ServicerContext) -> pb.RotateWebhookSecretResponse:
+        secret, expires = await self.store.rotate_secret(_tenant(), request.id, request.grace_period_seconds, request.revoke_previous)
+        return pb.RotateWebhookSecretResponse(webhook_secret=secret, previous_expires_at=convert.timestamp(expires))

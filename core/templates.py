@@ -1,0 +1,186 @@
+"""Template data mapping: `{{user.name}}` in any string of a step's config.
+
+Paths:
+- `user.name`, `order.items.0.name` — dotted paths into the trigger payload (the seeds' form);
+  integer segments index lists; a final `#` gives the length (`items.#`), like gjson.
+- `trigger.<path>` — the payload, explicitly; `steps.<id>.<path>` — an earlier step's output.
+  These prefixes win over payload keys of the same name.
+- `$...` — a full JSONPath (python-jsonpath) evaluated against the trigger payload.
+
+Rendering only looks up dict keys and list indexes: it never evaluates code nor touches
+Python attributes, so `{{__class__}}` is just a key that is not there. Strings stay strings:
+scalars render as text, objects and lists as JSON, null as empty. A missing path renders
+empty and is reported, so strict workflows can fail the step naming it.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any
+
+import jsonpath
+import orjson
+
+_TEMPLATE = re.compile(r"\{\{\s*(.*?)\s*\}\}", re.DOTALL)
+MAX_TEMPLATES_PER_STRING = 1000
+MAX_PATH_LENGTH = 512
+MAX_CONFIG_DEPTH = 32
+_MISSING = object()
+
+
+class TemplateError(ValueError):
+    """A template that cannot be compiled (bad JSONPath, too many placeholders)."""
+
+
+@dataclass
+class RenderContext:
+    trigger: Any = None
+    steps: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RenderResult:
+    value: Any
+    missing_paths: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class _Path:
+    text: str
+    root: str  # "trigger" | "steps"
+    segments: tuple[str, ...]
+    compiled: Any = None  # a compiled JSONPath for `$` paths
+
+
+def _compile_path(text: str) -> _Path:
+    if not text:
+        raise TemplateError("empty template '{{}}'")
+    if len(text) > MAX_PATH_LENGTH:
+        raise TemplateError(f"template path longer than {MAX_PATH_LENGTH} characters")
+    if text.startswith("$"):
+        try:
+            return _Path(text, "trigger", (), jsonpath.compile(text))
+        except Exception as exc:  # python-jsonpath raises several syntax error types
+            raise TemplateError(f"invalid JSONPath {text!r}: {exc}") from None
+    segments = tuple(text.split("."))
+    if any(s == "" for s in segments):
+        raise TemplateError(f"invalid path {text!r}: empty segment")
+    if segments[0] == "steps":
+        return _Path(text, "steps", segments[1:])
+    if segments[0] == "trigger":
+        return _Path(text, "trigger", segments[1:])
+    return _Path(text, "trigger", segments)
+
+
+@lru_cache(maxsize=4096)
+def compile_template(template: str) -> tuple[str | _Path, ...]:
+    """Literal text and paths, in order. Cached: configs are rendered once per execution."""
+    parts: list[str | _Path] = []
+    position = 0
+    for count, match in enumerate(_TEMPLATE.finditer(template), start=1):
+        if count > MAX_TEMPLATES_PER_STRING:
+            raise TemplateError(f"more than {MAX_TEMPLATES_PER_STRING} templates in one string")
+        if match.start() > position:
+            parts.append(template[position : match.start()])
+        parts.append(_compile_path(match.group(1)))
+        position = match.end()
+    if position < len(template):
+        parts.append(template[position:])
+    return tuple(parts)
+
+
+def validate_template(template: str) -> list[str]:
+    """Problems with a template, empty when it compiles."""
+    try:
+        compile_template(template)
+    except TemplateError as exc:
+        return [str(exc)]
+    return []
+
+
+def template_paths(template: str) -> list[str]:
+    return [p.text for p in compile_template(template) if isinstance(p, _Path)]
+
+
+def _walk(value: Any, segments: tuple[str, ...]) -> Any:
+    for i, segment in enumerate(segments):
+        if segment == "#" and i == len(segments) - 1:
+            return len(value) if isinstance(value, (list, dict, str)) else _MISSING
+        if isinstance(value, dict):
+            value = value.get(segment, _MISSING)
+        elif isinstance(value, list) and segment.lstrip("-").isdigit():
+            index = int(segment)
+            value = value[index] if -len(value) <= index < len(value) else _MISSING
+        else:
+            return _MISSING
+        if value is _MISSING:
+            return _MISSING
+    return value
+
+
+def _resolve(path: _Path, ctx: RenderContext) -> Any:
+    if path.compiled is not None:
+        try:
+            found = path.compiled.findall(ctx.trigger)
+        except Exception:
+            return _MISSING
+        if not found:
+            return _MISSING
+        return found[0] if len(found) == 1 else found
+    root = ctx.steps if path.root == "steps" else ctx.trigger
+    if not path.segments:
+        return root if root is not None else _MISSING
+    return _walk(root, path.segments)
+
+
+def _as_text(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    if value is None:
+        return ""
+    if isinstance(value, (bool, dict, list)):
+        try:
+            return orjson.dumps(value).decode()
+        except TypeError:  # orjson refuses nesting deeper than 254 levels
+            raise TemplateError("a value is nested too deeply to render as JSON") from None
+    return str(value)
+
+
+def render(template: str, ctx: RenderContext) -> RenderResult:
+    if "{{" not in template:
+        return RenderResult(template, ())
+    out: list[str] = []
+    missing: list[str] = []
+    for part in compile_template(template):
+        if isinstance(part, str):
+            out.append(part)
+            continue
+        value = _resolve(part, ctx)
+        if value is _MISSING:
+            missing.append(part.text)
+        else:
+            out.append(_as_text(value))
+    return RenderResult("".join(out), tuple(missing))
+
+
+def render_config(config: Any, ctx: RenderContext) -> RenderResult:
+    """Render every string in a nested config (keys are left alone); returns a new structure."""
+    missing: list[str] = []
+
+    def walk(value: Any, depth: int) -> Any:
+        if depth > MAX_CONFIG_DEPTH:
+            raise TemplateError(f"config nested deeper than {MAX_CONFIG_DEPTH} levels")
+        if isinstance(value, str):
+            result = render(value, ctx)
+            missing.extend(result.missing_paths)
+            return result.value
+        if isinstance(value, dict):
+            return {k: walk(v, depth + 1) for k, v in value.items()}
+        if isinstance(value, list):
+            return [walk(v, depth + 1) for v in value]
+        return value
+
+    rendered = walk(config, 0)
+    return RenderResult(rendered, tuple(dict.fromkeys(missing)))

@@ -1,0 +1,98 @@
+"""Accepting triggers: manual runs and signed webhooks. An accepted trigger is durably in
+the outbox before the caller hears back; a repeated idempotency key or webhook-id returns
+the execution it already created."""
+
+from __future__ import annotations
+
+import binascii
+import logging
+from typing import Any
+
+import orjson
+from standardwebhooks.webhooks import Webhook, WebhookVerificationError
+
+from ipaas.definitions import max_attempts
+from ipaas.engine.enqueuer import Enqueuer
+from ipaas.engine.outbox import Accepted, NewExecution
+from ipaas.errors import FailedPrecondition, InvalidArgument, NotFound, Unauthenticated
+from ipaas.workflow_store import WebhookTarget, WorkflowStore
+
+log = logging.getLogger("ipaas.triggers")
+
+MAX_BODY_BYTES = 1024 * 1024
+MAX_KEY_LENGTH = 255
+
+
+def _key(value: str | None, field: str) -> str | None:
+    if not value:
+        return None
+    if len(value) > MAX_KEY_LENGTH:
+        raise InvalidArgument.field(field, f"must be at most {MAX_KEY_LENGTH} characters")
+    return value
+
+
+def verify_signature(secrets: list[str], body: bytes, headers: dict[str, str]) -> bool:
+    """True when any current secret verifies (rotation keeps two valid for a while).
+    The package compares in constant time and enforces the 5-minute tolerance."""
+    for secret in secrets:
+        try:
+            Webhook(secret).verify(body, headers, json_parse=False)
+            return True
+        except (WebhookVerificationError, ValueError, binascii.Error, UnicodeDecodeError):
+            continue
+    return False
+
+
+class TriggerService:
+    def __init__(self, workflows: WorkflowStore, enqueuer: Enqueuer) -> None:
+        self.workflows = workflows
+        self.enqueuer = enqueuer
+
+    async def run_manual(self, tenant_id: str, workflow_id: str, payload: Any, idempotency_key: str | None) -> Accepted:
+        view = await self.workflows.get(tenant_id, workflow_id)
+        if not view.workflow.active:
+            raise FailedPrecondition(f"workflow {workflow_id} is inactive: activate it first")
+        key = _key(idempotency_key, "idempotency-key")
+        return await self.enqueuer.submit(
+            NewExecution(
+                tenant_id=tenant_id,
+                workflow_id=workflow_id,
+                workflow_version=view.version,
+                trigger="manual",
+                payload=payload,
+                max_attempts=max_attempts(view.definition),
+                dedup_key=f"idem:{key}" if key else None,
+            )
+        )
+
+    async def receive_webhook(self, workflow_id: str, body: bytes, headers: dict[str, str], idempotency_key: str | None) -> tuple[WebhookTarget, Accepted]:
+        """Returns the target (owner, tier) and the accepted execution."""
+        if len(body) > MAX_BODY_BYTES:
+            raise InvalidArgument.field("http_body.data", f"the body exceeds {MAX_BODY_BYTES} bytes")
+        target = await self.workflows.webhook_target(workflow_id)
+        if target is None:
+            raise NotFound(f"workflow {workflow_id} not found")
+        headers = {k.lower(): v for k, v in headers.items()}
+        unsigned_ok = bool(target.definition.get("options", {}).get("allow_unsigned_webhooks"))
+        if not unsigned_ok and not verify_signature(target.secrets, body, headers):
+            log.warning("webhook.rejected", extra={"workflow_id": workflow_id, "tenant_id": target.tenant_id})
+            raise Unauthenticated("missing or invalid webhook signature (Standard Webhooks: webhook-id, webhook-timestamp, webhook-signature)")
+        try:
+            payload = orjson.loads(body) if body else None
+        except orjson.JSONDecodeError:
+            raise InvalidArgument.field("http_body.data", "the body is not valid JSON") from None
+        webhook_id = _key(headers.get("webhook-id"), "webhook-id")
+        key = _key(idempotency_key, "idempotency-key")
+        dedup = f"wh:{workflow_id}:{webhook_id}" if webhook_id else (f"idem:{key}" if key else None)
+        accepted = await self.enqueuer.submit(
+            NewExecution(
+                tenant_id=target.tenant_id,
+                workflow_id=workflow_id,
+                workflow_version=target.version,
+                trigger="webhook",
+                payload=payload,
+                max_attempts=max_attempts(target.definition),
+                dedup_key=dedup,
+            )
+        )
+        return target, accepted

@@ -1,0 +1,265 @@
+"""Workflows and their immutable versions.
+
+Optimistic concurrency: a change names the version it was based on, and the store bumps
+`current_version` with a conditional UPDATE, so two concurrent editors cannot both win.
+Deletion is soft, so executions that pinned a version can still read it.
+"""
+
+from __future__ import annotations
+
+import base64
+import secrets
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import delete, select, update
+
+from ipaas import definitions
+from ipaas.credentials import CredentialStore
+from ipaas.crypto import SecretBox
+from ipaas.errors import Aborted, FieldViolation, InvalidArgument, NotFound
+from ipaas.ids import new_id
+from ipaas.pagination import Page, decode_token, page_size
+from ipaas.storage.db import Database
+from ipaas.storage.tables import Schedule, Tenant, WebhookSecret, Workflow, WorkflowVersion, utcnow
+
+DEFAULT_SECRET_GRACE = timedelta(hours=24)
+UPDATABLE = ("name", "trigger", "steps", "options")
+
+
+@dataclass(frozen=True)
+class WorkflowView:
+    """A workflow at one version: its row (id, active, timestamps) and that version's definition."""
+
+    workflow: Workflow
+    version: int
+    definition: dict[str, Any]
+    version_created_at: datetime
+
+
+def new_webhook_secret() -> str:
+    return "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
+
+
+class WorkflowStore:
+    def __init__(self, db: Database, box: SecretBox, catalog: definitions.Catalog, credentials: CredentialStore) -> None:
+        self.db = db
+        self.box = box
+        self.catalog = catalog
+        self.credentials = credentials
+
+    async def _validated(self, tenant_id: str, definition: dict[str, Any]) -> dict[str, Any]:
+        definition = definitions.normalise(definition)
+        violations = definitions.validate(definition, self.catalog)
+        wanted = {s["credential_id"] for s in definition["steps"] if s.get("credential_id")}
+        owned = await self.credentials.connectors_of(tenant_id, wanted)
+        for i, step in enumerate(definition["steps"]):
+            cred = step.get("credential_id")
+            if not cred:
+                continue
+            if cred not in owned:
+                violations.append(FieldViolation(f"steps[{i}].credential_id", f"no credential {cred!r}"))
+            elif owned[cred] != step.get("connector"):
+                violations.append(
+                    FieldViolation(f"steps[{i}].credential_id", f"credential {cred!r} is for {owned[cred]!r}, not {step.get('connector')!r}")
+                )
+        definitions.raise_if_invalid(violations)
+        return definition
+
+    async def create(self, tenant_id: str, definition: dict[str, Any], active: bool = True) -> tuple[WorkflowView, str]:
+        definition = await self._validated(tenant_id, definition)
+        now = utcnow()
+        wf = Workflow(
+            id=new_id("wf"),
+            tenant_id=tenant_id,
+            name=definition["name"],
+            current_version=1,
+            active=active,
+            trigger_type=definition["trigger"]["type"],
+            created_at=now,
+            updated_at=now,
+        )
+        secret = ""
+        async with self.db.session() as s, s.begin():
+            s.add(wf)
+            await s.flush()
+            s.add(WorkflowVersion(workflow_id=wf.id, version=1, tenant_id=tenant_id, definition=definition, created_at=now))
+            if wf.trigger_type == "webhook":
+                secret = new_webhook_secret()
+                s.add(self._secret_row(wf, secret, now))
+            if wf.trigger_type == "schedule":
+                s.add(Schedule(workflow_id=wf.id, tenant_id=tenant_id, next_fire_at=None))
+        return WorkflowView(wf, 1, definition, now), secret
+
+    def _secret_row(self, wf: Workflow, secret: str, now: datetime) -> WebhookSecret:
+        return WebhookSecret(id=new_id("whs"), workflow_id=wf.id, tenant_id=wf.tenant_id, ciphertext=self.box.encrypt(secret), created_at=now)
+
+    async def _row(self, s: Any, tenant_id: str, workflow_id: str) -> Workflow:
+        wf = await s.get(Workflow, workflow_id)
+        if wf is None or wf.tenant_id != tenant_id or wf.deleted_at is not None:
+            raise NotFound(f"workflow {workflow_id} not found")
+        return wf
+
+    async def get(self, tenant_id: str, workflow_id: str, version: int = 0) -> WorkflowView:
+        async with self.db.session() as s:
+            wf = await self._row(s, tenant_id, workflow_id)
+            number = version or wf.current_version
+            row = await s.get(WorkflowVersion, (workflow_id, number))
+        if row is None:
+            raise NotFound(f"workflow {workflow_id} has no version {number}")
+        return WorkflowView(wf, number, row.definition, row.created_at)
+
+    async def get_pinned(self, workflow_id: str, version: int) -> dict[str, Any]:
+        """A version's definition even if the workflow was deleted since (for executions)."""
+        async with self.db.session() as s:
+            row = await s.get(WorkflowVersion, (workflow_id, version))
+        if row is None:
+            raise NotFound(f"workflow {workflow_id} version {version} not found")
+        return row.definition
+
+    async def list(self, tenant_id: str, size: int, token: str) -> Page[WorkflowView]:
+        limit = page_size(size)
+        q = (
+            select(Workflow, WorkflowVersion)
+            .join(WorkflowVersion, (WorkflowVersion.workflow_id == Workflow.id) & (WorkflowVersion.version == Workflow.current_version))
+            .where(Workflow.tenant_id == tenant_id, Workflow.deleted_at.is_(None))
+            .order_by(Workflow.id.desc())
+            .limit(limit + 1)
+        )
+        if token:
+            q = q.where(Workflow.id < decode_token(token))
+        async with self.db.session() as s:
+            rows = (await s.execute(q)).all()
+        views = [WorkflowView(wf, v.version, v.definition, v.created_at) for wf, v in rows]
+        return Page.of(views, limit, key=lambda v: v.workflow.id)
+
+    async def update(self, tenant_id: str, workflow_id: str, expected_version: int, changes: dict[str, Any], active: bool | None = None) -> WorkflowView:
+        if expected_version <= 0:
+            raise InvalidArgument.field("expected_version", "is required: the version this change is based on (or If-Match)")
+        current = await self.get(tenant_id, workflow_id)
+        merged = {**current.definition, **{k: v for k, v in changes.items() if k in UPDATABLE}}
+        definition = await self._validated(tenant_id, merged)
+        return await self._new_version(tenant_id, current, expected_version, definition, active)
+
+    async def rollback(self, tenant_id: str, workflow_id: str, version: int, expected_version: int) -> WorkflowView:
+        target = await self.get(tenant_id, workflow_id, version)
+        current = await self.get(tenant_id, workflow_id)
+        definition = await self._validated(tenant_id, target.definition)
+        return await self._new_version(tenant_id, current, expected_version or current.version, definition, None)
+
+    async def _new_version(self, tenant_id: str, current: WorkflowView, expected: int, definition: dict[str, Any], active: bool | None) -> WorkflowView:
+        now = utcnow()
+        new_version = expected + 1
+        values: dict[str, Any] = {
+            "current_version": new_version,
+            "name": definition["name"],
+            "trigger_type": definition["trigger"]["type"],
+            "updated_at": now,
+        }
+        if active is not None:
+            values["active"] = active
+        async with self.db.session() as s, s.begin():
+            result = await s.execute(
+                update(Workflow)
+                .where(Workflow.id == current.workflow.id, Workflow.tenant_id == tenant_id, Workflow.current_version == expected, Workflow.deleted_at.is_(None))
+                .values(**values)
+            )
+            if result.rowcount != 1:
+                raise Aborted(f"workflow {current.workflow.id} is at version {current.version}, not {expected}: reload and retry")
+            s.add(WorkflowVersion(workflow_id=current.workflow.id, version=new_version, tenant_id=tenant_id, definition=definition, created_at=now))
+            await self._sync_trigger_rows(s, current.workflow, definition["trigger"]["type"], now)
+        return await self.get(tenant_id, current.workflow.id)
+
+    async def _sync_trigger_rows(self, s: Any, wf: Workflow, trigger_type: str, now: datetime) -> None:
+        if trigger_type == "schedule":
+            if await s.get(Schedule, wf.id) is None:
+                s.add(Schedule(workflow_id=wf.id, tenant_id=wf.tenant_id, next_fire_at=None))
+            else:  # the schedule may have changed: recompute from now
+                await s.execute(update(Schedule).where(Schedule.workflow_id == wf.id).values(next_fire_at=None))
+        else:
+            await s.execute(delete(Schedule).where(Schedule.workflow_id == wf.id))
+
+    async def set_active(self, tenant_id: str, workflow_id: str, active: bool) -> WorkflowView:
+        async with self.db.session() as s, s.begin():
+            wf = await self._row(s, tenant_id, workflow_id)
+            wf.active = active
+            if wf.trigger_type == "schedule":
+                await s.execute(update(Schedule).where(Schedule.workflow_id == wf.id).values(next_fire_at=None))
+        return await self.get(tenant_id, workflow_id)
+
+    async def delete(self, tenant_id: str, workflow_id: str) -> None:
+        async with self.db.session() as s, s.begin():
+            wf = await self._row(s, tenant_id, workflow_id)
+            wf.deleted_at = utcnow()
+            wf.active = False
+            await s.execute(delete(Schedule).where(Schedule.workflow_id == wf.id))
+
+    async def list_versions(self, tenant_id: str, workflow_id: str, size: int, token: str) -> tuple[Workflow, list[WorkflowVersion], str]:
+        limit = page_size(size)
+        before = int(decode_token(token)) if token else None
+        async with self.db.session() as s:
+            wf = await self._row(s, tenant_id, workflow_id)
+            q = select(WorkflowVersion).where(WorkflowVersion.workflow_id == workflow_id).order_by(WorkflowVersion.version.desc()).limit(limit + 1)
+            if before is not None:
+                q = q.where(WorkflowVersion.version < before)
+            rows = list((await s.scalars(q)).all())
+        page = Page.of(rows, limit, key=lambda v: str(v.version))
+        return wf, page.items, page.next_token
+
+    async def rotate_secret(self, tenant_id: str, workflow_id: str, grace_seconds: int, revoke_previous: bool) -> tuple[str, datetime]:
+        if grace_seconds < 0:
+            raise InvalidArgument.field("grace_period_seconds", "must not be negative")
+        now = utcnow()
+        grace = timedelta(seconds=grace_seconds) if grace_seconds else DEFAULT_SECRET_GRACE
+        expires = now if revoke_previous else now + grace
+        secret = new_webhook_secret()
+        async with self.db.session() as s, s.begin():
+            wf = await self._row(s, tenant_id, workflow_id)
+            await s.execute(
+                update(WebhookSecret)
+                .where(WebhookSecret.workflow_id == wf.id, (WebhookSecret.expires_at.is_(None)) | (WebhookSecret.expires_at > expires))
+                .values(expires_at=expires)
+            )
+            s.add(self._secret_row(wf, secret, now))
+        return secret, expires
+
+    async def webhook_target(self, workflow_id: str) -> "WebhookTarget | None":
+        """What a webhook needs in one round of reads: owner, tier, current version and the
+        secrets that still verify. None when the workflow does not exist, is deleted, is
+        inactive or is not webhook-triggered (all answer the same: not found)."""
+        now = utcnow()
+        async with self.db.session() as s:
+            row = (
+                await s.execute(
+                    select(Workflow.tenant_id, Workflow.current_version, WorkflowVersion.definition, Tenant.tier)
+                    .join(WorkflowVersion, (WorkflowVersion.workflow_id == Workflow.id) & (WorkflowVersion.version == Workflow.current_version))
+                    .join(Tenant, Tenant.id == Workflow.tenant_id)
+                    .where(
+                        Workflow.id == workflow_id,
+                        Workflow.deleted_at.is_(None),
+                        Workflow.active.is_(True),
+                        Workflow.trigger_type == "webhook",
+                    )
+                )
+            ).first()
+            if row is None:
+                return None
+            ciphertexts = (
+                await s.scalars(
+                    select(WebhookSecret.ciphertext).where(
+                        WebhookSecret.workflow_id == workflow_id,
+                        (WebhookSecret.expires_at.is_(None)) | (WebhookSecret.expires_at > now),
+                    )
+                )
+            ).all()
+        return WebhookTarget(row.tenant_id, row.tier, row.current_version, row.definition, [str(self.box.decrypt(c)) for c in ciphertexts])
+
+
+@dataclass(frozen=True)
+class WebhookTarget:
+    tenant_id: str
+    tier: str
+    version: int
+    definition: dict[str, Any]
+    secrets: list[str]

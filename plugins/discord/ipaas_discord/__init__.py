@@ -1,0 +1,66 @@
+"""Discord connector: post a message through a channel webhook."""
+
+from __future__ import annotations
+
+from ipaas.sdk import Action, ActionResult, Connector, ExecutionContext, PermanentError, hookimpl, raise_for_status
+
+ALLOWED_HOSTS = ("discord.com", "discordapp.com", "ptb.discord.com", "canary.discord.com", "ptb.discordapp.com", "canary.discordapp.com")
+
+
+async def post_message(ctx: ExecutionContext) -> ActionResult:
+    body: dict = {"content": ctx.config["content"]}
+    for optional in ("username", "embeds"):
+        if ctx.config.get(optional):
+            body[optional] = ctx.config[optional]
+    url = ctx.credentials.get("webhook_url")
+    if not url:
+        raise PermanentError("the credential has no webhook_url")
+    # wait=true makes Discord answer 200 with the created message, so later steps get its id.
+    response = await ctx.http.post(url, json=body, params={"wait": "true"})
+    raise_for_status(response, "Discord")
+    output = {"content": body["content"]}
+    if response.status_code == 200:
+        try:
+            message = response.json()
+            output["message_id"] = str(message.get("id", ""))
+            output["channel_id"] = str(message.get("channel_id", ""))
+        except ValueError:
+            pass
+    ctx.logger.info("discord.message_posted")
+    return ActionResult(message="message posted", output=output)
+
+
+CONNECTOR = Connector(
+    name="discord",
+    version="0.1.0",
+    description="Post messages to Discord channels through webhooks.",
+    actions=[
+        Action(
+            name="post_message",
+            description="Post a message to the webhook's channel.",
+            run=post_message,
+            config_schema={
+                "type": "object",
+                "properties": {
+                    "content": {"type": "string", "minLength": 1, "maxLength": 2000},
+                    "username": {"type": "string", "maxLength": 80},
+                    "embeds": {"type": "array", "maxItems": 10},
+                },
+                "required": ["content"],
+                "additionalProperties": False,
+            },
+        )
+    ],
+    credential_schema={
+        "type": "object",
+        "properties": {"webhook_url": {"type": "string", "pattern": "^https?://"}},
+        "required": ["webhook_url"],
+        "additionalProperties": False,
+    },
+    allowed_hosts=ALLOWED_HOSTS,
+)
+
+
+@hookimpl
+def ipaas_register_connectors(register):  # type: ignore[no-untyped-def]
+    register(CONNECTOR)

@@ -1,0 +1,129 @@
+"""The outbox on real SQLite and PostgreSQL: one transaction per batch, deduplication under a
+unique constraint, leases, and concurrent claims that never hand a task to two workers."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import timedelta
+
+import pytest
+from sqlalchemy import func, select
+
+from ipaas.engine import outbox
+from ipaas.engine.enqueuer import Enqueuer
+from ipaas.engine.outbox import NewExecution
+from ipaas.errors import ResourceExhausted
+from ipaas.storage import migrate
+from ipaas.storage.db import Database
+from ipaas.storage.tables import Execution, OutboxTask
+
+
+def item(key: str | None = None, tenant: str = "tn_a") -> NewExecution:
+    return NewExecution(tenant_id=tenant, workflow_id="wf_1", workflow_version=1, trigger="webhook", payload={"n": key}, max_attempts=3, dedup_key=key)
+
+
+@pytest.fixture
+async def db(database_url: str):
+    migrate.upgrade(database_url)
+    database = Database(database_url)
+    yield database
+    await database.dispose()
+
+
+async def count(db: Database, table) -> int:
+    async with db.session() as s:
+        return int(await s.scalar(select(func.count()).select_from(table)))
+
+
+async def test_enqueue_writes_execution_and_task_together(db: Database) -> None:
+    results = await outbox.enqueue_many(db, [item("a"), item("b"), item(None)])
+    assert [r.duplicate for r in results] == [False, False, False]
+    assert await count(db, Execution) == 3
+    assert await count(db, OutboxTask) == 3
+
+
+async def test_duplicate_keys_return_the_first_execution(db: Database) -> None:
+    first = (await outbox.enqueue_many(db, [item("k1")]))[0]
+    again = await outbox.enqueue_many(db, [item("k1"), item("k2"), item("k2")])
+    assert again[0].execution_id == first.execution_id and again[0].duplicate
+    assert not again[1].duplicate
+    assert again[2].duplicate and again[2].execution_id == again[1].execution_id
+    # the same key in another tenant is another trigger
+    other = await outbox.enqueue_many(db, [item("k1", tenant="tn_b")])
+    assert not other[0].duplicate
+    assert await count(db, Execution) == 3
+    assert await count(db, OutboxTask) == 3
+
+
+async def test_group_commit_answers_every_caller_once_committed(db: Database) -> None:
+    woke = []
+    enqueuer = Enqueuer(db, on_enqueued=lambda: woke.append(1))
+    results = await asyncio.gather(*(enqueuer.submit(item(f"g{i % 50}")) for i in range(200)))
+    assert sum(not r.duplicate for r in results) == 50
+    assert await count(db, Execution) == 50
+    by_key: dict[str, set[str]] = {}
+    for i, r in enumerate(results):
+        by_key.setdefault(f"g{i % 50}", set()).add(r.execution_id)
+    assert all(len(ids) == 1 for ids in by_key.values())
+    assert woke, "the dispatcher is woken after a commit"
+
+
+async def test_backpressure_refuses_when_the_queue_is_full(db: Database) -> None:
+    enqueuer = Enqueuer(db, max_depth=3)
+    for i in range(3):
+        await enqueuer.submit(item(f"bp{i}"))
+    with pytest.raises(ResourceExhausted):
+        await enqueuer.submit(item("bp-over"))
+    assert await count(db, Execution) == 3
+
+
+async def test_claims_take_leases_and_expired_leases_are_reclaimed(db: Database) -> None:
+    await outbox.enqueue_many(db, [item("l1"), item("l2")])
+    first = await outbox.claim_due_tasks(db, "owner-a", 10, timedelta(seconds=60))
+    assert len(first) == 2
+    assert await outbox.claim_due_tasks(db, "owner-b", 10, timedelta(seconds=60)) == []
+    # owner-a "crashes"; its leases run out
+    short = await outbox.release_leases(db, "nobody")
+    assert short == 0
+    async with db.session() as s, s.begin():
+        from sqlalchemy import update
+
+        from ipaas.storage.tables import utcnow
+
+        await s.execute(update(OutboxTask).values(lease_expires_at=utcnow() - timedelta(seconds=1)))
+    reclaimed = await outbox.claim_due_tasks(db, "owner-b", 10, timedelta(seconds=60))
+    assert {t.execution_id for t in reclaimed} == {t.execution_id for t in first}
+
+
+async def test_deferred_tasks_wait_until_due(db: Database) -> None:
+    from ipaas.storage.tables import utcnow
+
+    await outbox.enqueue_many(db, [item("d1")])
+    (task,) = await outbox.claim_due_tasks(db, "w", 10, timedelta(seconds=60))
+    async with db.session() as s, s.begin():
+        await outbox.defer_task(s, task.task_id, "w", utcnow() + timedelta(seconds=30))
+    assert await outbox.claim_due_tasks(db, "w", 10, timedelta(seconds=60)) == []
+
+
+@pytest.mark.postgres
+async def test_concurrent_claims_on_postgres_never_share_a_task(postgres_url: str) -> None:
+    migrate.upgrade(postgres_url)
+    replicas = [Database(postgres_url), Database(postgres_url)]
+    try:
+        await outbox.enqueue_many(replicas[0], [item(f"c{i}") for i in range(300)])
+
+        async def drain(db: Database, owner: str) -> list[str]:
+            got: list[str] = []
+            while True:
+                claimed = await outbox.claim_due_tasks(db, owner, 7, timedelta(seconds=60))
+                if not claimed:
+                    return got
+                got += [t.execution_id for t in claimed]
+
+        results = await asyncio.gather(*(drain(replicas[i % 2], f"w{i}") for i in range(6)))
+        every = [e for r in results for e in r]
+        assert len(every) == 300 and len(set(every)) == 300
+        assert sum(1 for r in results if r) >= 2, "more than one worker got work"
+    finally:
+        for db in replicas:
+            await db.dispose()

@@ -1,0 +1,114 @@
+"""Breaker transitions with a fake clock: the seeds' policy exactly."""
+
+from __future__ import annotations
+
+import pytest
+
+from ipaas.engine.breakers import BreakerPolicy, BreakerRegistry
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def setup():
+    clock = Clock()
+    changes: list[tuple[tuple[str, str], str, str]] = []
+    registry = BreakerRegistry(clock=clock, on_change=lambda key, old, new: changes.append((key, old, new)))
+    return clock, registry, changes
+
+
+def fail(breaker, times: int) -> None:
+    for _ in range(times):
+        assert breaker.allow() is None
+        breaker.record_failure()
+
+
+def test_opens_after_exactly_five_consecutive_failures(setup) -> None:
+    _clock, registry, changes = setup
+    b = registry.get("tn_a", "slack")
+    fail(b, 4)
+    assert b.state == "closed"
+    b.record_success()  # a success resets the count
+    fail(b, 4)
+    assert b.state == "closed"
+    fail(b, 1)
+    assert b.state == "open"
+    assert changes == [(("tn_a", "slack"), "closed", "open")]
+
+
+def test_open_refuses_until_sixty_seconds_then_half_opens(setup) -> None:
+    clock, registry, changes = setup
+    b = registry.get("tn_a", "slack")
+    fail(b, 5)
+    assert b.allow() == pytest.approx(60.0)
+    clock.now += 59.5
+    assert b.allow() == pytest.approx(0.5)
+    clock.now += 0.5
+    assert b.allow() is None
+    assert b.state == "half_open"
+    assert changes[-1] == (("tn_a", "slack"), "open", "half_open")
+
+
+def test_three_successes_close_a_half_open_breaker(setup) -> None:
+    clock, registry, changes = setup
+    b = registry.get("tn_a", "slack")
+    fail(b, 5)
+    clock.now += 60
+    for i in range(3):
+        assert b.allow() is None
+        assert b.state == "half_open"
+        b.record_success()
+    assert b.state == "closed"
+    assert [c[1:] for c in changes] == [("closed", "open"), ("open", "half_open"), ("half_open", "closed")]
+
+
+def test_half_open_allows_only_a_few_trials_at_once(setup) -> None:
+    clock, registry, _ = setup
+    b = registry.get("tn_a", "slack")
+    fail(b, 5)
+    clock.now += 60
+    assert [b.allow() for _ in range(3)] == [None, None, None]
+    assert b.allow() is not None, "a fourth concurrent trial waits"
+
+
+def test_any_failure_in_half_open_reopens_for_a_fresh_minute(setup) -> None:
+    clock, registry, changes = setup
+    b = registry.get("tn_a", "slack")
+    fail(b, 5)
+    clock.now += 60
+    assert b.allow() is None
+    b.record_success()
+    assert b.allow() is None
+    b.record_failure()
+    assert b.state == "open"
+    assert b.allow() == pytest.approx(60.0)
+    assert changes[-1][1:] == ("half_open", "open")
+
+
+def test_tenants_are_isolated(setup) -> None:
+    _clock, registry, _ = setup
+    fail(registry.get("tn_a", "slack"), 5)
+    assert registry.get("tn_a", "slack").state == "open"
+    assert registry.get("tn_b", "slack").state == "closed"
+    assert registry.get("tn_b", "slack").allow() is None
+    assert [s.connector for s in registry.snapshot("tn_b")] == ["slack"]
+    (state,) = registry.snapshot("tn_a")
+    assert (state.state, state.failure_count) == ("open", 5) and state.opened_at is not None
+
+
+def test_thresholds_are_configurable() -> None:
+    clock = Clock()
+    registry = BreakerRegistry(BreakerPolicy(failure_threshold=2, recovery_timeout=5, success_threshold=1), clock=clock)
+    b = registry.get("t", "c")
+    fail(b, 2)
+    assert b.state == "open"
+    clock.now += 5
+    assert b.allow() is None
+    b.record_success()
+    assert b.state == "closed"

@@ -1,0 +1,108 @@
+"""The masker against real-shaped secrets (each must vanish) and ordinary values (each must
+survive unchanged)."""
+
+from __future__ import annotations
+
+import pytest
+
+from ipaas.masking import REDACTED, SecretMasker, mask_text, mask_value
+
+SECRETS = [
+    ("api_key=sk_live_4eC39HqLyjWDarjtT1zdp7dc", "4eC39HqLyjWDarjtT1zdp7dc"),
+    ("apiKey: AbCdEf123456", "AbCdEf123456"),
+    ('{"api_key": "k-12345-abcde"}', "k-12345-abcde"),
+    ('{"password": "hunter2!"}', "hunter2!"),
+    ("password=correct-horse-battery", "correct-horse-battery"),
+    ("client_secret=shhh-very-secret", "shhh-very-secret"),
+    ("access_token=ya29.a0AfH6SMBx", "ya29.a0AfH6SMBx"),
+    ("token: 0123456789abcdef", "0123456789abcdef"),
+    ("X-Api-Key: zz9plural-alpha", "zz9plural-alpha"),
+    ("Authorization: Bearer abcDEF123.ghiJKL456", "abcDEF123.ghiJKL456"),
+    ("authorization: Basic dXNlcjpwYXNzd29yZA==", "dXNlcjpwYXNzd29yZA=="),
+    ("jwt eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjM0NTY3ODkwIn0.dozjgNryP4J3jVmNHl0w5N_XgL0n3I9PlFUP0THsR8U", "eyJzdWIiOiIxMjM0NTY3ODkwIn0"),
+    ("https://hooks.slack.com/services/T00000000/B00000000/XXXXXXXXXXXXXXXXXXXXXXXX", "T00000000/B00000000/XXXXXXXXXXXXXXXXXXXXXXXX"),
+    ("posting to hooks.slack.com/workflows/T0/A0/123/abc", "T0/A0/123/abc"),
+    ("https://discord.com/api/webhooks/123456789012345678/aBcD_eFgH-ijkl.mnop", "aBcD_eFgH-ijkl.mnop"),
+    ("https://discordapp.com/api/webhooks/123456789012345678/tok_en-1", "tok_en-1"),
+    ("https://canary.discord.com/api/v10/webhooks/42/secret_tok", "secret_tok"),
+    ("slack xoxb-1234567890-0987654321-AbCdEfGhIjKl", "xoxb-1234567890-0987654321-AbCdEfGhIjKl"),
+    ("xoxp-1111-2222-3333-abcdef", "xoxp-1111-2222-3333-abcdef"),
+    ("aws AKIAIOSFODNN7EXAMPLE here", "AKIAIOSFODNN7EXAMPLE"),
+    ("ASIAY34FZKBOKMUTVV7A", "ASIAY34FZKBOKMUTVV7A"),
+    ("stripe sk_test_51H8abcdefghijklmnop", "sk_test_51H8abcdefghijklmnop"),
+    ("rk_live_abcdefghijklmnopqrstu", "rk_live_abcdefghijklmnopqrstu"),
+    ("gh ghp_" + "a1B2c3D4e5" * 3 + "abcdef", "ghp_" + "a1B2c3D4e5" * 3 + "abcdef"),
+    ("github_pat_11ABCDEFG0123456789_abcdefghijklmnopqrstuvwxyz", "github_pat_11ABCDEFG0123456789_abcdefghijklmnopqrstuvwxyz"),
+    ("card 4111 1111 1111 1111 charged", "4111 1111 1111 1111"),
+    ("card 5500-0000-0000-0004", "5500-0000-0000-0004"),
+    ("card 378282246310005", "378282246310005"),
+    ("contact alex.smith+orders@example.co.uk now", "alex.smith+orders@example.co.uk"),
+    ("postgresql://admin:s3cr3tpw@db.internal:5432/app", "s3cr3tpw"),
+    ("redis://:p4ssw0rd@cache:6379/0", "p4ssw0rd"),
+    ("signing secret whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw", "MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"),
+    ("key ipk_Zx8mQ2vLr9TnW4yB6cD1eF3gH5jK7lM0nP2qR4sT6uV", "Zx8mQ2vLr9TnW4yB6cD1eF3gH5jK7lM0nP2qR4sT6uV"),
+]
+
+ORDINARY = [
+    "550e8400-e29b-41d4-a716-446655440000",
+    "wf_01jd3k4m5n6p7q8r9s0t1v2w3x",
+    "ex_01jd3k4m5n6p7q8r9s0t1v2w3x",
+    "2026-11-23T03:22:03.123Z",
+    "2026-11-23 03:22:03+00:00",
+    "order 12345678901234 shipped",
+    "version 1.2.3",
+    "https://api.openweathermap.org/data/2.5/weather?q=Paris",
+    "https://example.com/path/to/page",
+    "the passage about the tokenizer",
+    "status=succeeded attempts=3",
+    "temperature 21.5 humidity 40",
+    "port 5432 on host db",
+    "phone 0612345678",
+    "step_id=notify connector=slack",
+    "duration_ms=1234",
+]
+
+
+@pytest.mark.parametrize("text,secret", SECRETS)
+def test_secrets_are_masked(text: str, secret: str) -> None:
+    masked = mask_text(text)
+    assert secret not in masked
+    assert REDACTED in masked
+
+
+@pytest.mark.parametrize("text", ORDINARY)
+def test_ordinary_values_survive(text: str) -> None:
+    assert mask_text(text) == text
+
+
+def test_url_credentials_keep_scheme_and_host() -> None:
+    assert mask_text("postgresql://admin:pw@db:5432/x") == f"postgresql://{REDACTED}@db:5432/x"
+
+
+def test_nested_values_are_masked_by_key_and_by_pattern() -> None:
+    value = {
+        "config": {"webhook_url": "https://example.com/x", "text": "hi alex@example.com"},
+        "items": [{"apiKey": "abc"}, "Bearer abcdefghijk123"],
+        "count": 3,
+    }
+    masked = mask_value(value)
+    assert masked["config"]["webhook_url"] == REDACTED
+    assert "alex@example.com" not in masked["config"]["text"]
+    assert masked["items"][0]["apiKey"] == REDACTED
+    assert "abcdefghijk123" not in masked["items"][1]
+    assert masked["count"] == 3
+    assert value["config"]["webhook_url"] == "https://example.com/x", "the original is not changed"
+
+
+def test_hostile_nesting_does_not_crash() -> None:
+    deep: object = "Bearer abcdefghijk123"
+    for _ in range(10_000):
+        deep = [deep]
+    assert "abcdefghijk123" not in repr(mask_value(deep))[:1000]
+
+
+def test_known_secret_values_are_masked_even_without_a_pattern() -> None:
+    masker = SecretMasker(known_secrets=["plainvalue42", "ab"])
+    assert masker.text("sent with plainvalue42 inside") == f"sent with {REDACTED} inside"
+    assert masker.text("ab stays: too short to mask safely") == "ab stays: too short to mask safely"
+    assert masker.value({"note": ["x plainvalue42"]}) == {"note": [f"x {REDACTED}"]}

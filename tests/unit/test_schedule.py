@@ -1,0 +1,80 @@
+"""Schedule math with explicit datetimes: zones, both DST transitions, intervals, catch-up."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+from ipaas.engine.schedule import due_fire, next_fire
+
+U = timezone.utc
+
+
+def utc(*args: int) -> datetime:
+    return datetime(*args, tzinfo=U)
+
+
+@pytest.mark.parametrize(
+    "trigger,after,expected",
+    [
+        ({"cron": "0 7 * * *", "timezone": "America/New_York"}, utc(2026, 1, 10), utc(2026, 1, 10, 12)),
+        ({"cron": "0 7 * * *", "timezone": "America/New_York"}, utc(2026, 7, 10), utc(2026, 7, 10, 11)),
+        ({"cron": "0 7 * * *", "timezone": "UTC"}, utc(2026, 7, 10, 7), utc(2026, 7, 11, 7)),
+        ({"cron": "*/15 * * * *"}, utc(2026, 7, 10, 7, 1), utc(2026, 7, 10, 7, 15)),
+        # Europe/Paris springs forward on 2026-03-29 at 02:00: 02:30 does not exist; it runs once, right after the gap (03:00 CEST)
+        ({"cron": "30 2 * * *", "timezone": "Europe/Paris"}, utc(2026, 3, 28, 12), utc(2026, 3, 29, 1)),
+        ({"cron": "30 2 * * *", "timezone": "Europe/Paris"}, utc(2026, 3, 29, 1), utc(2026, 3, 30, 0, 30)),
+        # Europe/Paris falls back on 2026-10-25: 02:30 happens twice; it runs once, at the first
+        ({"cron": "30 2 * * *", "timezone": "Europe/Paris"}, utc(2026, 10, 24, 12), utc(2026, 10, 25, 0, 30)),
+        ({"cron": "30 2 * * *", "timezone": "Europe/Paris"}, utc(2026, 10, 25, 0, 30), utc(2026, 10, 26, 1, 30)),
+        ({"cron": "30 1 * * *", "timezone": "America/New_York"}, utc(2026, 11, 1, 5, 30), utc(2026, 11, 2, 6, 30)),
+        ({"interval_seconds": 300}, utc(2026, 7, 10, 7, 1), utc(2026, 7, 10, 7, 5)),
+        ({"interval_seconds": 300}, utc(2026, 7, 10, 7, 5), utc(2026, 7, 10, 7, 10)),
+    ],
+)
+def test_next_fire(trigger: dict, after: datetime, expected: datetime) -> None:
+    assert next_fire({"type": "schedule", **trigger}, after) == expected
+
+
+def test_a_daily_job_fires_once_on_each_dst_day() -> None:
+    trigger = {"cron": "30 2 * * *", "timezone": "Europe/Paris"}
+    for start in (utc(2026, 3, 28), utc(2026, 10, 24)):
+        fires, t = [], start
+        while (t := next_fire(trigger, t)) < start + timedelta(days=3):
+            fires.append(t)
+        assert len(fires) == 3
+
+
+EVERY_5_MIN = {"type": "schedule", "interval_seconds": 300}
+
+
+def test_new_schedule_plans_without_firing() -> None:
+    assert due_fire(EVERY_5_MIN, None, utc(2026, 1, 1, 0, 2)) == (None, utc(2026, 1, 1, 0, 5))
+
+
+def test_not_yet_due() -> None:
+    assert due_fire(EVERY_5_MIN, utc(2026, 1, 1, 0, 5), utc(2026, 1, 1, 0, 4)) == (None, utc(2026, 1, 1, 0, 5))
+
+
+def test_due_now_fires_and_plans_the_next() -> None:
+    assert due_fire(EVERY_5_MIN, utc(2026, 1, 1, 0, 5), utc(2026, 1, 1, 0, 5, 1)) == (utc(2026, 1, 1, 0, 5), utc(2026, 1, 1, 0, 10))
+
+
+def test_downtime_collapses_missed_fires_into_one() -> None:
+    fire, planned = due_fire(EVERY_5_MIN, utc(2026, 1, 1, 0, 5), utc(2026, 1, 1, 3, 2))
+    assert fire == utc(2026, 1, 1, 3, 0)
+    assert planned == utc(2026, 1, 1, 3, 5)
+
+
+def test_downtime_can_skip_missed_fires() -> None:
+    assert due_fire(EVERY_5_MIN, utc(2026, 1, 1, 0, 5), utc(2026, 1, 1, 3, 2), catch_up="skip") == (None, utc(2026, 1, 1, 3, 5))
+    # a fire that is only just due still runs when skipping
+    assert due_fire(EVERY_5_MIN, utc(2026, 1, 1, 0, 5), utc(2026, 1, 1, 0, 5, 30), catch_up="skip")[0] == utc(2026, 1, 1, 0, 5)
+
+
+def test_cron_catch_up_in_a_zone() -> None:
+    trigger = {"type": "schedule", "cron": "0 7 * * *", "timezone": "Europe/Paris"}
+    fire, planned = due_fire(trigger, utc(2026, 1, 5, 6), utc(2026, 1, 8, 9))
+    assert fire == utc(2026, 1, 8, 6)
+    assert planned == utc(2026, 1, 9, 6)

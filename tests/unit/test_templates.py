@@ -1,0 +1,114 @@
+"""Template rendering: the seeds' examples, steps and explicit roots, JSONPath, missing
+paths, lists, unicode and hostile input."""
+
+from __future__ import annotations
+
+import pytest
+
+from ipaas.templates import RenderContext, TemplateError, compile_template, render, render_config, validate_template
+
+PAYLOAD = {
+    "user": {"name": "Alex", "email": "alex@example.com", "tags": ["a", "b"]},
+    "order": {"id": "12345", "total": 42.5, "paid": True, "note": None, "items": [{"name": "Book", "qty": 1, "sku": "B1"}, {"name": "Pen", "qty": 3, "sku": "P9"}]},
+    "items": [1, 2, 3],
+    "städte": {"zürich": "☀️ sonnig"},
+    "first name": "Ann",
+    "weird-key": {"x.y": 1},
+}
+CTX = RenderContext(trigger=PAYLOAD, steps={"weather": {"temperature": 21.5, "city": "Paris"}})
+
+
+@pytest.mark.parametrize(
+    "template,expected,missing",
+    [
+        ("Hello {{user.name}}, your order {{order.id}} shipped!", "Hello Alex, your order 12345 shipped!", ()),
+        ("Hello {{user.name}}, your email is {{user.email}}", "Hello Alex, your email is alex@example.com", ()),
+        ("{{order.items.0.name}}", "Book", ()),
+        ("{{order.items.1.qty}}", "3", ()),
+        ("{{order.items.-1.sku}}", "P9", ()),
+        ("{{items.#}}", "3", ()),
+        ("{{order.items.#}} items", "2 items", ()),
+        ("{{user.name.#}}", "4", ()),
+        ("{{ user.name }}", "Alex", ()),
+        ("{{trigger.user.name}}", "Alex", ()),
+        ("{{steps.weather.temperature}}°C in {{steps.weather.city}}", "21.5°C in Paris", ()),
+        ("{{$.order.items[?@.qty > 1].sku}}", "P9", ()),
+        ("{{$.items[*]}}", "[1,2,3]", ()),
+        ("{{order.total}}", "42.5", ()),
+        ("{{order.paid}}", "true", ()),
+        ("{{order.note}}", "", ()),
+        ("{{user.tags}}", '["a","b"]', ()),
+        ("{{order.items.0}}", '{"name":"Book","qty":1,"sku":"B1"}', ()),
+        ("{{städte.zürich}}", "☀️ sonnig", ()),
+        ("{{first name}}", "Ann", ()),
+        ("no templates here", "no templates here", ()),
+        ("{{user.missing}}!", "!", ("user.missing",)),
+        ("{{order.items.9.name}}", "", ("order.items.9.name",)),
+        ("{{steps.nope.value}}", "", ("steps.nope.value",)),
+        ("{{$.nothing}}", "", ("$.nothing",)),
+        ("{{user.name.first}}", "", ("user.name.first",)),
+        ("{{__class__}}", "", ("__class__",)),
+        ("{{user.__dict__}}", "", ("user.__dict__",)),
+        ("{{user.name.__class__.__mro__}}", "", ("user.name.__class__.__mro__",)),
+        ("{{ ''.join }}", "", ("''.join",)),
+        ("{{items.x}}", "", ("items.x",)),
+        ("unclosed {{user.name", "unclosed {{user.name", ()),
+        ("{{user.name}}{{user.name}}", "AlexAlex", ()),
+    ],
+)
+def test_render_table(template: str, expected: str, missing: tuple[str, ...]) -> None:
+    result = render(template, CTX)
+    assert result.value == expected
+    assert result.missing_paths == missing
+
+
+def test_render_config_applies_to_nested_strings_only() -> None:
+    config = {"text": "Hi {{user.name}}", "blocks": [{"t": "{{order.id}}"}, 3, None], "n": 5, "{{user.name}}": "key untouched"}
+    result = render_config(config, CTX)
+    assert result.value == {"text": "Hi Alex", "blocks": [{"t": "12345"}, 3, None], "n": 5, "{{user.name}}": "key untouched"}
+    assert result.missing_paths == ()
+    assert config["text"] == "Hi {{user.name}}", "the input is not changed"
+
+
+def test_missing_paths_are_reported_once() -> None:
+    result = render_config({"a": "{{x.y}}", "b": ["{{x.y}}", "{{z}}"]}, CTX)
+    assert result.missing_paths == ("x.y", "z")
+
+
+def test_deeply_nested_payload_is_harmless() -> None:
+    deep: dict = {}
+    node = deep
+    for _ in range(10_000):
+        node["a"] = {}
+        node = node["a"]
+    node["v"] = "bottom"
+    ctx = RenderContext(trigger=deep)
+    assert render("{{" + ".".join(["a"] * 250) + ".zz}}", ctx).missing_paths  # deep paths walk fine
+    with pytest.raises(TemplateError):
+        render("{{a.a.a}}", ctx)  # 10,000 levels cannot be rendered as JSON: a clear error, no crash
+    assert render("{{" + ".".join(["a"] * 50) + ".zz}}", ctx).missing_paths
+
+
+def test_deeply_nested_config_is_refused() -> None:
+    config: object = "x"
+    for _ in range(100):
+        config = [config]
+    with pytest.raises(TemplateError):
+        render_config(config, CTX)
+
+
+def test_invalid_templates_are_reported() -> None:
+    assert validate_template("{{$.items[?}}")
+    assert validate_template("{{}}")
+    assert validate_template("{{a..b}}")
+    assert validate_template("ok {{user.name}}") == []
+    with pytest.raises(TemplateError):
+        compile_template("{{x}}" * 1001)
+
+
+def test_compiled_templates_are_cached() -> None:
+    compile_template.cache_clear()
+    render("cached {{user.name}}", CTX)
+    render("cached {{user.name}}", CTX)
+    info = compile_template.cache_info()
+    assert info.hits >= 1 and info.misses == 1
