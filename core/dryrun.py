@@ -6,12 +6,11 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from google.protobuf import json_format
-
 from ipaas import definitions, templates
 from ipaas.engine.steps import StepRunner
 from ipaas.errors import InvalidArgument, IpaasError
 from ipaas.sdk import PermanentError, RetryableError
+from ipaas.service.convert import from_value
 from ipaas.v1 import executions_pb2 as pb
 from ipaas.workflow_store import WorkflowStore
 
@@ -39,7 +38,7 @@ class DryRunner:
         if mode not in MODES:
             raise InvalidArgument.field("mode", f"must be one of {', '.join(MODES)}")
         definition = await self._definition(tenant_id, request)
-        payload = json_format.MessageToDict(request.payload) if request.HasField("payload") else None
+        payload = from_value(request.payload) if request.HasField("payload") else None
         strict = bool(definition.get("options", {}).get("strict_templates"))
         outputs: dict[str, Any] = {}
         results: list[pb.DryRunStep] = []

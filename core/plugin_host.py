@@ -31,6 +31,11 @@ log = logging.getLogger("ipaas.plugins")
 
 ENTRY_POINT_GROUP = "ipaas.connectors"
 
+# httpx logs every request line with its full URL at INFO, and a webhook URL's path is its
+# secret; httpcore's DEBUG traces carry headers. Neither may reach a log.
+for _noisy in ("httpx", "httpcore"):
+    logging.getLogger(_noisy).setLevel(logging.WARNING)
+
 
 def _path(prefix: str, parts: Iterable[Any]) -> str:
     out = prefix

@@ -3,6 +3,7 @@ set) and a real grpc.aio core on a free loopback port."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 from dataclasses import dataclass
@@ -128,4 +129,11 @@ async def core(tmp_path: Path) -> AsyncIterator[RunningCore]:
 async def any_core(tmp_path: Path, database_url: str) -> AsyncIterator[RunningCore]:
     """A real core on each backend (SQLite, and PostgreSQL when configured)."""
     async for running in start_core(make_settings(tmp_path, database_url)):
+        yield running
+
+
+@contextlib.asynccontextmanager
+async def core_with(tmp_path: Path, database_url: str | None = None, **env: str) -> AsyncIterator[RunningCore]:
+    """A real core with extra IPAAS_* settings, e.g. fast retries for engine tests."""
+    async for running in start_core(make_settings(tmp_path, database_url, **env)):
         yield running

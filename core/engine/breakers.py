@@ -84,6 +84,11 @@ class Breaker(CircuitBreaker):
             log.warning("breaker.state_changed", extra={"tenant_id": self.key[0], "connector": self.key[1], "from": old, "to": new})
             self._on_change(self.key, old, new)
 
+    def peek(self) -> float | None:
+        """Seconds until an open breaker half-opens; None if it is not open. Takes no trial."""
+        with self._lock:
+            return max(self.open_remaining, 0.001) if self.state == STATE_OPEN else None
+
     def allow(self) -> float | None:
         """None when a call may go now; otherwise seconds until it may."""
         with self._lock:

@@ -74,12 +74,20 @@ class Executor:
                 await outbox.finish_task(s, task.task_id, owner)
             return
         definition = await self.workflows.get_pinned(execution.workflow_id, execution.workflow_version)
+        pending = [(i, st) for i, st in enumerate(definition["steps"]) if not (done_steps.get(i) and done_steps[i].status == "succeeded")]
+        if pending:
+            # An open breaker defers the task before anything is touched: no attempt spent.
+            first = pending[0][1]
+            wait = self.breakers.get(execution.tenant_id, first["connector"]).peek()
+            if wait is not None:
+                await self._defer_for_breaker(execution, task, owner, wait, first)
+                return
         attempt = execution.attempts + 1
         now = utcnow()
         async with self.db.session() as s, s.begin():
             await s.execute(
                 update(Execution)
-                .where(Execution.id == execution.id)
+                .where(Execution.id == execution.id, Execution.status != "cancelled")
                 .values(status="running", attempts=attempt, started_at=execution.started_at or now, next_attempt_at=None)
             )
         outputs = {row.step_id: row.output or {} for row in done_steps.values() if row.status == "succeeded"}

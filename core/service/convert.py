@@ -32,12 +32,24 @@ def to_value(value: Any) -> struct_pb2.Value:
     return v
 
 
+def integral(value: Any) -> Any:
+    """protobuf's Struct holds every number as a double: give whole numbers back as ints, so
+    a payload's 1 renders as "1", not "1.0"."""
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+        return int(value)
+    if isinstance(value, dict):
+        return {k: integral(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [integral(v) for v in value]
+    return value
+
+
 def from_struct(message: struct_pb2.Struct) -> dict[str, Any]:
-    return json_format.MessageToDict(message)
+    return integral(json_format.MessageToDict(message))
 
 
 def from_value(message: struct_pb2.Value) -> Any:
-    return json_format.MessageToDict(message) if message.WhichOneof("kind") else None
+    return integral(json_format.MessageToDict(message)) if message.WhichOneof("kind") else None
 
 
 def tenant(row: Any) -> tenants_pb2.Tenant:
@@ -60,7 +72,7 @@ OUTPUT_ONLY = ("id", "version", "created_at", "updated_at", "active")
 
 def definition_from_proto(message: "workflows_pb2.Workflow") -> dict[str, Any]:
     """The stored definition: the REST JSON shape, without output-only fields."""
-    data = json_format.MessageToDict(message, preserving_proto_field_name=True)
+    data = integral(json_format.MessageToDict(message, preserving_proto_field_name=True))
     for name in OUTPUT_ONLY:
         data.pop(name, None)
     return data

@@ -1,0 +1,1 @@
+"""Testing kit for connector authors: `ipaas.testing.contract.ConnectorContract`."""

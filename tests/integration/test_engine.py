@@ -1,0 +1,240 @@
+"""The execution engine end to end: a real core, real SQLite, fake upstreams on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from datetime import datetime, timedelta, timezone
+
+import grpc
+import pytest
+from google.api import httpbody_pb2
+from sqlalchemy import func, select
+
+from ipaas.storage.tables import Execution, OutboxTask
+from ipaas.v1 import executions_pb2, workflows_pb2
+from tests.conftest import core_with
+from tests.fakes.openweather import API_KEY, FakeOpenWeather
+from tests.fakes.slack import FakeSlack
+from tests.integration.helpers import Api, signed_webhook, slack_step, value, workflow
+
+FAST = {"IPAAS_RETRY_BASE_DELAY": "0.01", "IPAAS_POLL_INTERVAL": "0.05", "IPAAS_BREAKER_RECOVERY_SECONDS": "1.5"}
+
+
+async def rows(core, table) -> int:  # type: ignore[no-untyped-def]
+    async with core.server.db.session() as s:
+        return int(await s.scalar(select(func.count()).select_from(table)))
+
+
+@pytest.fixture
+async def env(tmp_path, monkeypatch):
+    async with FakeSlack() as slack, FakeOpenWeather() as weather:
+        monkeypatch.setenv("IPAAS_OPENWEATHER_BASE_URL", weather.base_url)
+        async with core_with(tmp_path, **FAST) as core:
+            tenant = await core.new_tenant()
+            api = Api(core.channel, tenant.md)
+            yield core, api, slack, weather
+
+
+async def test_two_step_workflow_maps_weather_into_slack(env) -> None:
+    core, api, slack, weather = env
+    wcred = await api.credential("openweather", {"api_key": API_KEY})
+    scred = await api.credential("slack", {"webhook_url": slack.url})
+    wf = (
+        await api.create(
+            {
+                "name": "morning",
+                "trigger": {"type": "manual"},
+                "steps": [
+                    {"id": "weather", "connector": "openweather", "action": "current_weather", "config": {"city": "{{city}}", "units": "metric"}, "credential_id": wcred},
+                    slack_step(scred, "{{steps.weather.city}}: {{steps.weather.temperature}}°C, {{steps.weather.description}}"),
+                ],
+            }
+        )
+    ).workflow
+    accepted = await api.run(wf.id, {"city": "Paris"})
+    done = await api.wait(accepted.execution.id)
+    assert done.status == "succeeded", done
+    assert slack.received == [{"text": "Paris: 21.5°C, clear sky"}]
+    assert [s.status for s in done.steps] == ["succeeded", "succeeded"]
+    assert done.steps[0].output["temperature"] == 21.5
+    assert "api_key" not in str(done) and API_KEY not in str(done)
+
+
+async def test_signed_webhooks_are_accepted_and_bad_ones_refused(env) -> None:
+    core, api, slack, _ = env
+    scred = await api.credential("slack", {"webhook_url": slack.url})
+    created = await api.create({"name": "hook", "trigger": {"type": "webhook"}, "steps": [slack_step(scred)]})
+    wf_id, secret = created.workflow.id, created.webhook_secret
+
+    async def send(body: bytes, headers: dict[str, str]) -> executions_pb2.ReceiveWebhookResponse:
+        request = executions_pb2.ReceiveWebhookRequest(workflow_id=wf_id, http_body=httpbody_pb2.HttpBody(content_type="application/json", data=body), headers=headers)
+        return await api.executions.ReceiveWebhook(request)  # no API key: the signature authenticates
+
+    payload = {"order": {"id": "A-1"}, "user": {"name": "Alex"}}
+    bad = []
+    raw, headers = signed_webhook(secret, payload, "msg_bad1")
+    bad.append((raw, {**headers, "webhook-signature": "v1,AAAA"}))
+    bad.append((raw, {k: v for k, v in headers.items() if k != "webhook-signature"}))
+    bad.append(signed_webhook(secret, payload, "msg_old", when=datetime.now(timezone.utc) - timedelta(minutes=10)))
+    bad.append(signed_webhook("whsec_" + "A" * 43 + "=", payload, "msg_other_secret"))
+    bad.append((raw.replace(b"A-1", b"A-2"), headers))  # tampered body
+    for body, hdrs in bad:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await send(body, hdrs)
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert await rows(core, Execution) == 0, "a refused webhook creates nothing"
+
+    raw, headers = signed_webhook(secret, payload, "msg_1")
+    first = await send(raw, headers)
+    again = await send(raw, headers)
+    assert not first.duplicate and again.duplicate and again.execution_id == first.execution_id
+    done = await api.wait(first.execution_id)
+    assert done.status == "succeeded" and done.trigger == "webhook"
+    assert slack.received == [{"text": "Order A-1 for Alex"}], "a repeated webhook-id runs once"
+
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await send(b"not json", signed_webhook(secret, {}, "msg_2")[1] | {"webhook-signature": signed_webhook(secret, {}, "msg_2")[1]["webhook-signature"]})
+    assert err.value.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.INVALID_ARGUMENT)
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await api.executions.ReceiveWebhook(executions_pb2.ReceiveWebhookRequest(workflow_id="wf_unknown", http_body=httpbody_pb2.HttpBody(data=raw), headers=headers))
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_rotated_secret_keeps_the_old_one_valid_during_the_grace_period(env) -> None:
+    core, api, slack, _ = env
+    scred = await api.credential("slack", {"webhook_url": slack.url})
+    created = await api.create({"name": "hook", "trigger": {"type": "webhook"}, "steps": [slack_step(scred)]})
+    rotated = await api.workflows.RotateWebhookSecret(workflows_pb2.RotateWebhookSecretRequest(id=created.workflow.id, grace_period_seconds=3600), metadata=api.md)
+    for n, secret in enumerate((created.webhook_secret, rotated.webhook_secret)):
+        raw, headers = signed_webhook(secret, {"order": {"id": n}}, f"m{n}")
+        await api.executions.ReceiveWebhook(executions_pb2.ReceiveWebhookRequest(workflow_id=created.workflow.id, http_body=httpbody_pb2.HttpBody(data=raw), headers=headers))
+    await api.workflows.RotateWebhookSecret(workflows_pb2.RotateWebhookSecretRequest(id=created.workflow.id, revoke_previous=True), metadata=api.md)
+    raw, headers = signed_webhook(rotated.webhook_secret, {"x": 1}, "m9")
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await api.executions.ReceiveWebhook(executions_pb2.ReceiveWebhookRequest(workflow_id=created.workflow.id, http_body=httpbody_pb2.HttpBody(data=raw), headers=headers))
+    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+async def test_retry_after_is_honoured_and_5xx_retried(env) -> None:
+    core, api, slack, _ = env
+    scred = await api.credential("slack", {"webhook_url": slack.url})
+    wf = (await api.create({"name": "r", "trigger": {"type": "manual"}, "steps": [slack_step(scred, "hi")]})).workflow
+    slack.fail_next(429, retry_after=1)
+    slack.fail_next(503)
+    started = time.monotonic()
+    ex = await api.wait((await api.run(wf.id)).execution.id)
+    assert ex.status == "succeeded" and ex.attempts == 3
+    assert time.monotonic() - started >= 1.0, "the upstream's Retry-After was honoured"
+    assert slack.requests == 3 and len(slack.received) == 1
+
+
+async def test_permanent_errors_fail_at_once(env) -> None:
+    core, api, slack, _ = env
+    scred = await api.credential("slack", {"webhook_url": slack.url})
+    wf = (await api.create({"name": "p", "trigger": {"type": "manual"}, "steps": [slack_step(scred, "hi")]})).workflow
+    slack.fail_next(400)
+    ex = await api.wait((await api.run(wf.id)).execution.id)
+    assert ex.status == "failed" and ex.attempts == 1 and slack.requests == 1
+    assert "invalid_payload" in ex.error and ex.steps[0].retryable is False
+
+
+async def test_exhausted_executions_are_dead_and_replay_resumes(env) -> None:
+    core, api, slack, weather = env
+    wcred = await api.credential("openweather", {"api_key": API_KEY})
+    scred = await api.credential("slack", {"webhook_url": slack.url})
+    wf = (
+        await api.create(
+            {
+                "name": "d",
+                "trigger": {"type": "manual"},
+                "options": {"max_attempts": 2},
+                "steps": [
+                    {"id": "weather", "connector": "openweather", "action": "current_weather", "config": {"city": "London"}, "credential_id": wcred},
+                    slack_step(scred, "{{steps.weather.temperature}}"),
+                ],
+            }
+        )
+    ).workflow
+    slack.fail_next(500, times=2)
+    ex = await api.wait((await api.run(wf.id)).execution.id)
+    assert ex.status == "dead" and ex.attempts == 2
+    assert len(weather.received) == 1, "the succeeded first step is not repeated on retry"
+    dead = await api.executions.ListExecutions(executions_pb2.ListExecutionsRequest(status="dead"), metadata=api.md)
+    assert [e.id for e in dead.executions] == [ex.id]
+
+    replayed = await api.executions.ReplayExecution(executions_pb2.ReplayExecutionRequest(id=ex.id), metadata=api.md)
+    assert replayed.execution.status == "queued"
+    done = await api.wait(ex.id)
+    assert done.status == "succeeded"
+    assert len(weather.received) == 1 and slack.received == [{"text": "14.0"}]
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await api.executions.ReplayExecution(executions_pb2.ReplayExecutionRequest(id=ex.id), metadata=api.md)
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+async def test_breaker_opens_fails_fast_and_recovers(env) -> None:
+    core, api, slack, _ = env
+    scred = await api.credential("slack", {"webhook_url": slack.url})
+    wf = (await api.create({"name": "b", "trigger": {"type": "manual"}, "options": {"max_attempts": 1}, "steps": [slack_step(scred, "x")]})).workflow
+    slack.fail_next(500, times=5)
+    for _ in range(5):
+        assert (await api.wait((await api.run(wf.id)).execution.id)).status == "dead"
+    from ipaas.v1 import breakers_pb2, breakers_pb2_grpc
+
+    stub = breakers_pb2_grpc.BreakerServiceStub(core.channel)
+    (state,) = (await stub.ListBreakers(breakers_pb2.ListBreakersRequest(), metadata=api.md)).breakers
+    assert (state.connector, state.state, state.failure_count) == ("slack", "open", 5)
+
+    calls_while_open = slack.requests
+    deferred = (await api.run(wf.id)).execution.id
+    for _ in range(100):
+        ex = await api.execution(deferred)
+        if ex.HasField("next_attempt_at"):
+            break
+        await asyncio.sleep(0.02)
+    assert ex.status == "queued" and "circuit open" in ex.error
+    assert ex.attempts == 0, "deferral spends no attempt"
+    assert slack.requests == calls_while_open, "no request reaches the upstream while the breaker is open"
+    done = await api.wait(deferred, timeout=10)
+    assert done.status == "succeeded", "after the recovery timeout the breaker half-opens and lets it through"
+    (state,) = (await stub.ListBreakers(breakers_pb2.ListBreakersRequest(), metadata=api.md)).breakers
+    assert state.state == "half_open" and state.success_count == 1
+
+
+async def test_idempotency_key_enqueues_once(env) -> None:
+    core, api, slack, _ = env
+    scred = await api.credential("slack", {"webhook_url": slack.url})
+    wf = (await api.create({"name": "i", "trigger": {"type": "manual"}, "steps": [slack_step(scred, "once")]})).workflow
+    first = await api.run(wf.id, key="order-77")
+    second = await api.run(wf.id, key="order-77")
+    assert second.duplicate and second.execution.id == first.execution.id
+    await api.wait(first.execution.id)
+    assert slack.received == [{"text": "once"}]
+
+
+async def test_dry_run_writes_nothing(env) -> None:
+    core, api, slack, weather = env
+    wcred = await api.credential("openweather", {"api_key": API_KEY})
+    scred = await api.credential("slack", {"webhook_url": slack.url})
+    definition = {
+        "name": "try",
+        "trigger": {"type": "manual"},
+        "steps": [
+            {"id": "weather", "connector": "openweather", "action": "current_weather", "config": {"city": "{{city}}"}, "credential_id": wcred},
+            slack_step(scred, "{{steps.weather.temperature}} for {{user.name}}"),
+        ],
+    }
+    before = (await rows(core, Execution), await rows(core, OutboxTask))
+    preview = await api.executions.DryRun(executions_pb2.DryRunRequest(workflow=workflow(definition), payload=value({"city": "Tokyo"}), mode="preview"), metadata=api.md)
+    assert preview.ok and [s.status for s in preview.steps] == ["ok", "ok"]
+    assert preview.steps[0].rendered_config["city"] == "Tokyo"
+    assert list(preview.steps[1].missing_paths) == ["steps.weather.temperature", "user.name"]
+    assert weather.received == [] and slack.received == []
+
+    test = await api.executions.DryRun(executions_pb2.DryRunRequest(workflow=workflow(definition), payload=value({"city": "Tokyo", "user": {"name": "Kai"}}), mode="test"), metadata=api.md)
+    assert test.ok and [s.status for s in test.steps] == ["succeeded", "succeeded"]
+    assert slack.received == [{"text": "26.0 for Kai"}]
+    assert (await rows(core, Execution), await rows(core, OutboxTask)) == before
+    wf_count = len((await api.workflows.ListWorkflows(workflows_pb2.ListWorkflowsRequest(), metadata=api.md)).workflows)
+    assert wf_count == 0, "a dry run of a definition saves no workflow"

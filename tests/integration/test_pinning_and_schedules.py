@@ -1,0 +1,84 @@
+"""Executions pin their version; schedules fire once per fire time across replicas."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+
+from sqlalchemy import select
+
+from ipaas.engine.scheduler import Scheduler
+from ipaas.storage.tables import Execution, Schedule
+from ipaas.v1 import workflows_pb2
+from tests.conftest import core_with
+from tests.fakes.slack import FakeSlack
+from tests.integration.helpers import Api, slack_step, workflow
+
+
+async def test_editing_or_deleting_a_workflow_never_changes_a_queued_execution(tmp_path) -> None:
+    async with FakeSlack() as slack, core_with(tmp_path, IPAAS_DISABLE_ENGINE="1", IPAAS_POLL_INTERVAL="0.05") as core:
+        api = Api(core.channel, (await core.new_tenant()).md)
+        cred = await api.credential("slack", {"webhook_url": slack.url})
+        wf = (await api.create({"name": "pin", "trigger": {"type": "manual"}, "steps": [slack_step(cred, "v1 {{n}}")]})).workflow
+        queued = (await api.run(wf.id, {"n": 1})).execution
+        assert queued.status == "queued" and queued.workflow_version == 1
+        await api.workflows.UpdateWorkflow(
+            workflows_pb2.UpdateWorkflowRequest(id=wf.id, expected_version=1, workflow=workflow({"steps": [slack_step(cred, "v2 {{n}}")]})), metadata=api.md
+        )
+        second = (await api.run(wf.id, {"n": 2})).execution
+        assert second.workflow_version == 2
+        await api.workflows.DeleteWorkflow(workflows_pb2.DeleteWorkflowRequest(id=wf.id), metadata=api.md)
+
+        core.server.dispatcher.start()  # now let the queued work run
+        assert (await api.wait(queued.id)).status == "succeeded"
+        assert (await api.wait(second.id)).status == "succeeded"
+        assert sorted(m["text"] for m in slack.received) == ["v1 1", "v2 2"]
+
+
+class Clock:
+    def __init__(self, now: datetime) -> None:
+        self.now = now
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+async def test_scheduled_workflows_fire_once_per_fire_time_across_replicas(tmp_path) -> None:
+    async with FakeSlack() as slack, core_with(tmp_path, IPAAS_DISABLE_ENGINE="1") as core:
+        api = Api(core.channel, (await core.new_tenant()).md)
+        cred = await api.credential("slack", {"webhook_url": slack.url})
+        wf = (await api.create({"name": "tick", "trigger": {"type": "schedule", "interval_seconds": 60}, "steps": [slack_step(cred, "at {{scheduled_at}}")]})).workflow
+        clock = Clock(datetime(2026, 1, 1, 0, 0, 30, tzinfo=timezone.utc))
+        replicas = [Scheduler(core.server.db, core.server.enqueuer, clock=clock) for _ in range(2)]
+
+        assert [await r.tick() for r in replicas] == [0, 0], "a new schedule only plans"
+        clock.now += timedelta(seconds=31)  # 00:01:01, the 00:01:00 fire is due
+        fired = [await r.tick() for r in replicas]
+        assert sum(fired) == 1, "two replicas, one fire"
+        clock.now += timedelta(hours=3)  # downtime: 180 missed fires collapse into one
+        fired = [await r.tick() for r in replicas]
+        assert sum(fired) == 1
+        async with core.server.db.session() as s:
+            executions = (await s.scalars(select(Execution).where(Execution.workflow_id == wf.id).order_by(Execution.id))).all()
+            plan = await s.get(Schedule, wf.id)
+        assert [e.payload["scheduled_at"] for e in executions] == ["2026-01-01T00:01:00Z", "2026-01-01T03:01:00Z"]
+        assert plan.next_fire_at == datetime(2026, 1, 1, 3, 2, tzinfo=timezone.utc)
+
+        await api.workflows.SetWorkflowActive(workflows_pb2.SetWorkflowActiveRequest(id=wf.id, active=False), metadata=api.md)
+        clock.now += timedelta(minutes=10)
+        assert [await r.tick() for r in replicas] == [0, 0], "deactivation stops fires at once"
+
+
+async def test_cron_schedule_in_a_time_zone_fires_at_local_time(tmp_path) -> None:
+    async with FakeSlack() as slack, core_with(tmp_path, IPAAS_DISABLE_ENGINE="1") as core:
+        api = Api(core.channel, (await core.new_tenant()).md)
+        cred = await api.credential("slack", {"webhook_url": slack.url})
+        trigger = {"type": "schedule", "cron": "0 7 * * *", "timezone": "America/New_York"}
+        wf = (await api.create({"name": "morning", "trigger": trigger, "steps": [slack_step(cred, "good morning")]})).workflow
+        clock = Clock(datetime(2026, 7, 1, 10, 0, tzinfo=timezone.utc))
+        scheduler = Scheduler(core.server.db, core.server.enqueuer, clock=clock)
+        await scheduler.tick()
+        clock.now = datetime(2026, 7, 1, 11, 0, 5, tzinfo=timezone.utc)  # 07:00 EDT
+        assert await scheduler.tick() == 1
+        async with core.server.db.session() as s:
+            plan = await s.get(Schedule, wf.id)
+        assert plan.next_fire_at == datetime(2026, 7, 2, 11, 0, tzinfo=timezone.utc)

@@ -1,0 +1,87 @@
+"""Loading plugins: entry points, the allow-list, and broken plugins reported, not fatal."""
+
+from __future__ import annotations
+
+import sys
+import textwrap
+import types
+from pathlib import Path
+
+import pytest
+
+from ipaas.plugin_host import load_registry
+from ipaas.sdk import Action, ActionResult, Connector, hookimpl
+
+
+async def _ok(ctx):  # type: ignore[no-untyped-def]
+    return ActionResult()
+
+
+def plugin(*connectors: object, fail: Exception | None = None) -> types.SimpleNamespace:
+    @hookimpl
+    def ipaas_register_connectors(register):  # type: ignore[no-untyped-def]
+        if fail:
+            raise fail
+        for c in connectors:
+            register(c)
+
+    return types.SimpleNamespace(ipaas_register_connectors=ipaas_register_connectors)
+
+
+def connector(name: str = "thing", **kw: object) -> Connector:
+    return Connector(name=name, version="1.0", description="d", actions=[Action("go", "Go.", _ok, kw.pop("schema", {"type": "object"}))], **kw)  # type: ignore[arg-type]
+
+
+def test_built_in_connectors_are_found_by_entry_point() -> None:
+    registry = load_registry()
+    described = {c["name"]: c for c in registry.describe()}
+    assert {"slack", "discord", "openweather"} <= set(described)
+    assert described["slack"]["distribution"] == "ipaas-slack"
+    assert described["slack"]["actions"][0]["name"] == "send_message"
+    assert described["slack"]["credential_schema"]["required"] == ["webhook_url"]
+
+
+def test_allow_list_restricts_loading() -> None:
+    registry = load_registry(allow=frozenset({"slack"}))
+    assert set(registry.connectors) == {"slack"}
+
+
+@pytest.mark.parametrize(
+    "bad,reason",
+    [
+        (connector("Bad-Name"), "lower_snake_case"),
+        (connector(schema={"type": "nonsense"}), "invalid config schema"),
+        (connector(credential_schema={"required": "webhook_url"}), "invalid credential schema"),
+        ("not a connector", "not an ipaas.sdk.Connector"),
+    ],
+)
+def test_invalid_declarations_are_reported_and_left_out(bad: object, reason: str) -> None:
+    registry = load_registry(load_entrypoints=False, plugins=[("ipaas-bad", plugin(bad)), ("ipaas-good", plugin(connector("good")))])
+    assert set(registry.connectors) == {"good"}
+    ((dist, why),) = registry.problems
+    assert dist == "ipaas-bad" and reason in why
+
+
+def test_duplicate_connector_names_are_reported() -> None:
+    registry = load_registry(load_entrypoints=False, plugins=[("first", plugin(connector("dup"))), ("second", plugin(connector("dup")))])
+    assert registry.connectors["dup"].distribution == "first"
+    assert registry.problems[0][0] == "second" and "duplicate connector name" in registry.problems[0][1]
+
+
+def test_a_plugin_whose_hook_raises_is_reported() -> None:
+    registry = load_registry(load_entrypoints=False, plugins=[("ipaas-crashy", plugin(fail=RuntimeError("boom")))])
+    assert registry.connectors == {}
+    assert registry.problems == [("ipaas-crashy", "ipaas_register_connectors failed: RuntimeError: boom")]
+
+
+def test_a_plugin_that_raises_at_import_is_reported_and_others_load(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "ipaas_broken.py").write_text("raise ImportError('missing dependency: left-pad')\n")
+    dist = tmp_path / "ipaas_broken-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: ipaas-broken\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text(textwrap.dedent("[ipaas.connectors]\nbroken = ipaas_broken\n"))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    sys.modules.pop("ipaas_broken", None)
+    registry = load_registry()
+    assert ("ipaas-broken", "import failed: ImportError: missing dependency: left-pad") in registry.problems
+    assert {"slack", "discord", "openweather"} <= set(registry.connectors)
