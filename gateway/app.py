@@ -1,18 +1,365 @@
-"""The REST gateway's ASGI application (health probes for now; transcoding lands with issue 6)."""
+"""The REST gateway: HTTP in, gRPC to the core out, with the HTTP concerns in between.
+
+Per request: request id → route (from the protos) → bounded body → caller and rate limit →
+idempotency → transcode → call the core → envelope. Every answer, errors included, uses the
+envelope; nothing raised inside reaches the caller as a stack trace.
+"""
 
 from __future__ import annotations
 
-from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import JSONResponse
-from starlette.routing import Route
+import asyncio
+import contextlib
+import hashlib
+import logging
+import re
+import time
+import uuid
+from datetime import datetime, timezone
+from typing import Any
 
+import grpc
+import orjson
+from google.protobuf import json_format, message_factory
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, Response
+
+from ipaas import __version__, logs
+from ipaas.gateway import envelope, idempotency
+from ipaas.gateway.core_client import CALL_TIMEOUT, CoreClient
+from ipaas.gateway.envelope import HttpError
+from ipaas.gateway.openapi import DOCS_PAGE, build_openapi
+from ipaas.gateway.ratelimit import RateLimiter, parse_tiers
+from ipaas.gateway.routes import Match, Route, Router, field_value
 from ipaas.settings import Settings
 
+log = logging.getLogger("ipaas.gateway")
 
-async def live(_request: Request) -> JSONResponse:
-    return JSONResponse({"status": "alive"})
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+WEBHOOK_BODY_LIMIT = 1024 * 1024
+BODY_LIMIT = 256 * 1024
+CALLER_TTL = 10.0
+OWNER_TTL = 60.0
+UNLIMITED_PATHS = {"/health", "/health/live", "/health/ready", "/openapi.json", "/docs"}
+HOP_BY_HOP = {"connection", "keep-alive", "proxy-authorization", "proxy-authenticate", "te", "trailer", "transfer-encoding", "upgrade", "authorization", "cookie"}
+IDEMPOTENT_VERBS = {"POST", "PATCH"}
 
 
-def create_app(settings: Settings) -> Starlette:
-    return Starlette(routes=[Route("/health/live", live)])
+def _request_id(given: str | None) -> str:
+    return given if given and _REQUEST_ID.match(given) else uuid.uuid4().hex
+
+
+class Gateway:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.router = Router()
+        self.openapi = orjson.dumps(build_openapi(self.router.routes))
+        env = settings.extra
+        unlimited = frozenset(t.strip() for t in env.get("IPAAS_RATE_UNLIMITED_TENANTS", "").split(",") if t.strip())
+        self.rate_limits_off = env.get("IPAAS_RATE_LIMITS_OFF", "").lower() in {"1", "true", "yes"}
+        self.limiter = RateLimiter(parse_tiers(env), settings.redis_url, unlimited)
+        self.client: CoreClient | None = None
+        self.store: Any = None
+        self._engine: Any = None
+        self._callers: dict[str, tuple[float, str, str]] = {}
+        self._owners: dict[str, tuple[float, str, str]] = {}
+        self._started = time.monotonic()
+        self._draining = False
+        self._purger: asyncio.Task[None] | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    async def startup(self) -> None:
+        self.client = CoreClient(self.settings.core_target)
+        if self.settings.redis_url:
+            self.store = idempotency.RedisStore(self.settings.redis_url)
+        else:
+            from sqlalchemy.ext.asyncio import create_async_engine
+
+            from ipaas.storage.db import async_url, ensure_sqlite_dir, install_sqlite_pragmas
+
+            ensure_sqlite_dir(self.settings.database_url)
+            self._engine = create_async_engine(async_url(self.settings.database_url), pool_pre_ping=True)
+            if self._engine.dialect.name == "sqlite":
+                install_sqlite_pragmas(self._engine.sync_engine, synchronous="NORMAL")
+            self.store = idempotency.SqlStore(self._engine)
+            await self.store.create()
+        self._purger = asyncio.create_task(self._purge_loop())
+
+    async def shutdown(self) -> None:
+        self._draining = True
+        if self._purger:
+            self._purger.cancel()
+        if self.client:
+            await self.client.close()
+        if isinstance(self.store, idempotency.RedisStore):
+            await self.store.close()
+        if self._engine is not None:
+            await self._engine.dispose()
+
+    async def _purge_loop(self) -> None:
+        while True:
+            await asyncio.sleep(600)
+            with contextlib.suppress(Exception):
+                await self.store.purge()
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            while True:
+                message = await receive()
+                if message["type"] == "lifespan.startup":
+                    try:
+                        await self.startup()
+                    except Exception as exc:
+                        await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                        return
+                    await send({"type": "lifespan.startup.complete"})
+                elif message["type"] == "lifespan.shutdown":
+                    await self.shutdown()
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        if scope["type"] != "http":
+            return
+        request = Request(scope, receive)
+        response = await self.handle(request)
+        await response(scope, receive, send)
+
+    # -- one request -------------------------------------------------------------------------
+    async def handle(self, request: Request) -> Response:
+        rid = _request_id(request.headers.get("x-request-id"))
+        meta: dict[str, Any] = {"request_id": rid}
+        headers = {"X-Request-ID": rid}
+        with logs.bind(request_id=rid):
+            try:
+                if request.url.path in UNLIMITED_PATHS:
+                    return await self._local(request, meta, headers)
+                return await self._transcode(request, meta, headers)
+            except HttpError as err:
+                return envelope.json_response(err.status, envelope.error_body(err, meta), {**headers, **err.headers})
+            except Exception:
+                log.exception("gateway.failed", extra={"path": request.url.path})
+                err = HttpError(500, f"internal error (request id {rid})")
+                return envelope.json_response(500, envelope.error_body(err, meta), headers)
+
+    async def _transcode(self, request: Request, meta: dict[str, Any], headers: dict[str, str]) -> Response:
+        match, allowed = self.router.match(request.method, request.url.path)
+        if match is None:
+            if allowed:
+                raise HttpError(405, f"{request.method} is not allowed here", headers={"Allow": ", ".join(sorted(allowed))})
+            raise HttpError(404, f"no route for {request.url.path}")
+        route = match.route
+        body = await self._read_body(request, WEBHOOK_BODY_LIMIT if route.raw_body else BODY_LIMIT)
+        if body and not route.raw_body:
+            ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+            if ctype not in ("application/json", "") and not ctype.endswith("+json"):
+                raise HttpError(415, "send JSON: Content-Type: application/json")
+        message = self._request_message(route, match, request, body)
+
+        tenant, tier = await self._caller(route, match, request)
+        if tenant and tier != "admin" and not self.rate_limits_off:
+            decision = await self.limiter.check(tenant, tier)
+            if decision is not None:
+                headers.update(decision.headers)
+                if not decision.allowed:
+                    raise HttpError(429, "rate limit exceeded: slow down and retry after the time in Retry-After")
+
+        key = request.headers.get("idempotency-key") or request.headers.get("x-idempotency-key")
+        if key is None or request.method not in IDEMPOTENT_VERBS:
+            status, content = await self._call(route, message, request, meta, key)
+            return envelope.json_response(status, content, headers)
+        if not 1 <= len(key) <= idempotency.MAX_KEY_LENGTH:
+            raise HttpError(400, f"Idempotency-Key must be 1 to {idempotency.MAX_KEY_LENGTH} characters")
+        scope = f"{tenant or 'webhook:' + match.params.get('workflow_id', '')}:{key}"
+        fingerprint = idempotency.fingerprint(request.method, request.url.path, request.url.query, body)
+        record = await self.store.begin(scope, fingerprint)
+        if record is not None:
+            if record.fingerprint != fingerprint:
+                raise HttpError(422, "this Idempotency-Key was used with a different request")
+            if not record.done:
+                raise HttpError(409, "a request with this Idempotency-Key is still being processed")
+            replay = {**headers, **(record.headers or {}), "X-Idempotency-Replay": "true"}
+            return envelope.json_response(record.status, record.body, replay)
+        try:
+            status, content = await self._call(route, message, request, meta, key)
+        except HttpError as err:
+            # An answer from the core (even an error) is the request's outcome: keep it.
+            content = envelope.error_body(err, meta)
+            await self.store.complete(scope, fingerprint, err.status, err.headers, content)
+            raise
+        except BaseException:
+            await self.store.abandon(scope)
+            raise
+        await self.store.complete(scope, fingerprint, status, {}, content)
+        return envelope.json_response(status, content, headers)
+
+    async def _read_body(self, request: Request, limit: int) -> bytes:
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > limit:
+            raise HttpError(413, f"the body exceeds {limit} bytes")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise HttpError(413, f"the body exceeds {limit} bytes")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def _request_message(self, route: Route, match: Match, request: Request, body: bytes) -> Any:
+        message = message_factory.GetMessageClass(route.method.input_type)()
+        if route.raw_body:
+            target = getattr(message, route.body)
+            target.data = body
+            target.content_type = request.headers.get("content-type", "")
+            if "headers" in route.method.input_type.fields_by_name:
+                for name, value in request.headers.items():
+                    if name not in HOP_BY_HOP:
+                        message.headers[name] = value
+        elif route.body:
+            data: Any = {}
+            if body:
+                try:
+                    data = orjson.loads(body)
+                except orjson.JSONDecodeError:
+                    raise HttpError(400, "the body is not valid JSON") from None
+                if not isinstance(data, dict):
+                    raise HttpError(400, "the body must be a JSON object")
+            target = message if route.body == "*" else getattr(message, route.body)
+            try:
+                json_format.ParseDict(data, target, ignore_unknown_fields=False)
+            except json_format.ParseError as exc:
+                raise HttpError(400, f"the body does not fit {target.DESCRIPTOR.name}: {exc}") from None
+        fields = route.method.input_type.fields_by_name
+        for name, raw in match.params.items():
+            try:
+                setattr(message, name, field_value(fields[name], raw))
+            except (ValueError, TypeError):
+                raise HttpError(400, f"path parameter {name} is not valid", details=[{"field": name, "description": "invalid value"}]) from None
+        for field in route.query_fields:
+            raw = request.query_params.get(field.name) or request.query_params.get(field.json_name)
+            if raw is None:
+                continue
+            try:
+                setattr(message, field.name, field_value(field, raw))
+            except (ValueError, TypeError):
+                raise HttpError(400, f"query parameter {field.name} is not valid", details=[{"field": field.name, "description": "invalid value"}]) from None
+        if "expected_version" in fields and not message.expected_version and request.headers.get("if-match"):
+            version = request.headers["if-match"].removeprefix("W/").strip().strip('"')
+            if not version.isdigit():
+                raise HttpError(400, 'If-Match must be a version number, e.g. If-Match: "3"')
+            message.expected_version = int(version)
+        return message
+
+    async def _caller(self, route: Route, match: Match, request: Request) -> tuple[str | None, str | None]:
+        """The tenant and tier a request is charged to (webhooks: the workflow's owner)."""
+        now = time.monotonic()
+        if route.name == "ReceiveWebhook":
+            owner = self._owners.get(match.params.get("workflow_id", ""))
+            return (owner[1], owner[2]) if owner and owner[0] > now else (None, None)
+        auth = request.headers.get("authorization")
+        if not auth:
+            return None, None
+        digest = hashlib.sha256(auth.encode()).hexdigest()
+        cached = self._callers.get(digest)
+        if cached and cached[0] > now:
+            return cached[1], cached[2]
+        from ipaas.v1 import tenants_pb2
+
+        assert self.client is not None
+        call = self.client.call("/ipaas.v1.TenantService/GetCaller", tenants_pb2.GetCallerResponse)
+        try:
+            reply = await call(tenants_pb2.GetCallerRequest(), metadata=(("authorization", auth),), timeout=5)
+        except grpc.aio.AioRpcError as exc:
+            raise self._error(exc) from None
+        tenant = reply.tenant_id or "admin"
+        if len(self._callers) > 10_000:
+            self._callers.clear()
+        self._callers[digest] = (now + CALLER_TTL, tenant, reply.tier)
+        return tenant, reply.tier
+
+    async def _call(self, route: Route, message: Any, request: Request, meta: dict[str, Any], key: str | None) -> tuple[int, bytes]:
+        assert self.client is not None
+        response_class = message_factory.GetMessageClass(route.method.output_type)
+        metadata = [("x-request-id", meta["request_id"])]
+        if auth := request.headers.get("authorization"):
+            metadata.append(("authorization", auth))
+        if key:
+            metadata.append(("idempotency-key", key))
+        call = self.client.call(route.path, response_class)(message, metadata=metadata, timeout=CALL_TIMEOUT)
+        try:
+            reply = await call
+        except grpc.aio.AioRpcError as exc:
+            raise self._error(exc) from None
+        if route.name == "ReceiveWebhook":
+            trailing = dict(await call.trailing_metadata() or ())
+            if "x-ipaas-tenant" in trailing:
+                self._owners[message.workflow_id] = (time.monotonic() + OWNER_TTL, trailing["x-ipaas-tenant"], trailing.get("x-ipaas-tier", "free"))
+        data = json_format.MessageToDict(reply, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+        if "next_page_token" in data:
+            meta["pagination"] = {"next_page_token": data.pop("next_page_token")}
+        if route.response_body:
+            data = data.get(route.response_body, {})
+        status = route.success_status
+        return status, (b"" if status == 204 else envelope.body(data, meta))
+
+    @staticmethod
+    def _error(exc: grpc.aio.AioRpcError) -> HttpError:
+        violations: list[dict[str, str]] = []
+        with contextlib.suppress(Exception):
+            status = rpc_status.from_call(exc)
+            for detail in status.details if status else []:
+                bad = error_details_pb2.BadRequest()
+                if detail.Unpack(bad):
+                    violations += [{"field": v.field, "description": v.description} for v in bad.field_violations]
+        message = exc.details() or exc.code().name.lower()
+        if exc.code() == grpc.StatusCode.UNAVAILABLE:
+            message = "the core is unavailable: retry shortly"
+        return HttpError.from_grpc(exc.code(), message, violations)
+
+    # -- local endpoints -----------------------------------------------------------------------
+    async def _local(self, request: Request, meta: dict[str, Any], headers: dict[str, str]) -> Response:
+        path = request.url.path
+        if request.method not in ("GET", "HEAD"):
+            raise HttpError(405, f"{request.method} is not allowed here", headers={"Allow": "GET, HEAD"})
+        if path == "/openapi.json":
+            return Response(self.openapi, media_type="application/json", headers=headers)
+        if path == "/docs":
+            return HTMLResponse(DOCS_PAGE, headers=headers)
+        if path == "/health/live":
+            return envelope.json_response(200, envelope.body({"status": "alive"}, meta), headers)
+        assert self.client is not None
+        core_ok = await self.client.serving()
+        if path == "/health/ready":
+            if self._draining or not core_ok:
+                raise HttpError(503, "not ready: " + ("draining" if self._draining else "the core is unreachable"), details=[{"check": "core", "status": "ok" if core_ok else "failing"}])
+            return envelope.json_response(200, envelope.body({"status": "ready"}, meta), headers)
+        checks = {"core": "ok" if core_ok else "failing", "database": await self._store_check(), "runtime": "ok"}
+        uptime = time.monotonic() - self._started
+        report = {
+            "status": "healthy" if all(v == "ok" for v in checks.values()) else "unhealthy",
+            "version": __version__,
+            "uptime": f"{int(uptime // 3600)}h{int(uptime % 3600 // 60)}m{int(uptime % 60)}s",
+            "uptime_seconds": round(uptime, 3),
+            "timestamp": datetime.now(timezone.utc).isoformat().replace("+00:00", "Z"),
+            "checks": checks,
+        }
+        if report["status"] != "healthy":
+            raise HttpError(503, "unhealthy: " + ", ".join(k for k, v in checks.items() if v != "ok"), details=[report])
+        return envelope.json_response(200, envelope.body(report, meta), headers)
+
+    async def _store_check(self) -> str:
+        try:
+            async with asyncio.timeout(2):
+                if isinstance(self.store, idempotency.RedisStore):
+                    await self.store.redis.ping()
+                else:
+                    from sqlalchemy import text
+
+                    async with self._engine.connect() as conn:
+                        await conn.execute(text("SELECT 1"))
+            return "ok"
+        except Exception:
+            return "failing"
+
+
+def create_app(settings: Settings) -> Gateway:
+    return Gateway(settings)

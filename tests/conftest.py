@@ -137,3 +137,34 @@ async def core_with(tmp_path: Path, database_url: str | None = None, **env: str)
     """A real core with extra IPAAS_* settings, e.g. fast retries for engine tests."""
     async for running in start_core(make_settings(tmp_path, database_url, **env)):
         yield running
+
+
+@contextlib.asynccontextmanager
+async def gateway_for(core_target: str, tmp_path: Path, **env: str) -> AsyncIterator[str]:
+    """A real gateway (uvicorn on a free loopback port) in front of a core; yields its URL."""
+    import asyncio
+
+    import uvicorn
+
+    from ipaas.gateway.app import create_app
+
+    settings = Settings.from_env(
+        {
+            "IPAAS_DATA_DIR": str(tmp_path / "gw"),
+            "IPAAS_DATABASE_URL": env.pop("IPAAS_DATABASE_URL", f"sqlite:///{tmp_path / 'gateway.db'}"),
+            "IPAAS_CORE_TARGET": core_target,
+            **env,
+        }
+    )
+    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=0, lifespan="on", log_level="warning", access_log=False))
+    task = asyncio.create_task(server.serve())
+    while not server.started:
+        if task.done():
+            task.result()
+        await asyncio.sleep(0.01)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(task, 10)

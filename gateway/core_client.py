@@ -1,0 +1,44 @@
+"""One long-lived gRPC channel to the core, and generic unary calls by method path."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+CALL_TIMEOUT = 30.0
+
+
+class CoreClient:
+    def __init__(self, target: str) -> None:
+        self.target = target
+        self.channel = grpc.aio.insecure_channel(
+            target,
+            options=[
+                ("grpc.keepalive_time_ms", 30_000),
+                ("grpc.keepalive_timeout_ms", 10_000),
+                ("grpc.max_receive_message_length", 4 * 1024 * 1024),
+                ("grpc.max_send_message_length", 4 * 1024 * 1024),
+            ],
+        )
+        self._calls: dict[str, Any] = {}
+        self._health = health_pb2_grpc.HealthStub(self.channel)
+
+    def call(self, path: str, response_class: Any) -> Any:
+        call = self._calls.get(path)
+        if call is None:
+            call = self._calls[path] = self.channel.unary_unary(
+                path, request_serializer=lambda m: m.SerializeToString(), response_deserializer=response_class.FromString
+            )
+        return call
+
+    async def serving(self, timeout: float = 2.0) -> bool:
+        try:
+            reply = await self._health.Check(health_pb2.HealthCheckRequest(service=""), timeout=timeout)
+        except grpc.aio.AioRpcError:
+            return False
+        return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+    async def close(self) -> None:
+        await self.channel.close()

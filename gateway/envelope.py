@@ -1,0 +1,65 @@
+"""The response envelope every answer uses, and the one table from gRPC status to HTTP."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+import orjson
+from starlette.responses import Response
+
+# grpc-gateway's runtime/errors.go table.
+HTTP_STATUS = {
+    grpc.StatusCode.OK: 200,
+    grpc.StatusCode.CANCELLED: 499,
+    grpc.StatusCode.UNKNOWN: 500,
+    grpc.StatusCode.INVALID_ARGUMENT: 400,
+    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
+    grpc.StatusCode.NOT_FOUND: 404,
+    grpc.StatusCode.ALREADY_EXISTS: 409,
+    grpc.StatusCode.PERMISSION_DENIED: 403,
+    grpc.StatusCode.UNAUTHENTICATED: 401,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
+    grpc.StatusCode.FAILED_PRECONDITION: 400,
+    grpc.StatusCode.ABORTED: 409,
+    grpc.StatusCode.OUT_OF_RANGE: 400,
+    grpc.StatusCode.UNIMPLEMENTED: 501,
+    grpc.StatusCode.INTERNAL: 500,
+    grpc.StatusCode.UNAVAILABLE: 503,
+    grpc.StatusCode.DATA_LOSS: 500,
+}
+
+HTTP_CODE_NAMES = {400: "bad_request", 401: "unauthenticated", 403: "permission_denied", 404: "not_found", 405: "method_not_allowed", 409: "conflict", 413: "payload_too_large", 415: "unsupported_media_type", 422: "unprocessable_entity", 429: "rate_limited", 500: "internal", 501: "unimplemented", 503: "unavailable", 504: "deadline_exceeded"}
+
+
+class HttpError(Exception):
+    """The one error type of the gateway: status, code, message, details."""
+
+    def __init__(self, status: int, message: str, code: str | None = None, details: list[dict[str, Any]] | None = None, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code or HTTP_CODE_NAMES.get(status, "error")
+        self.message = message
+        self.details = details or []
+        self.headers = headers or {}
+
+    @classmethod
+    def from_grpc(cls, code: grpc.StatusCode, message: str, violations: list[dict[str, str]]) -> "HttpError":
+        status = HTTP_STATUS.get(code, 500)
+        if code == grpc.StatusCode.INVALID_ARGUMENT and violations:
+            status = 422
+        return cls(status, message, code.name.lower(), violations)
+
+
+def body(data: Any, meta: dict[str, Any]) -> bytes:
+    return orjson.dumps({"success": True, "data": data, "meta": meta})
+
+
+def error_body(error: HttpError, meta: dict[str, Any]) -> bytes:
+    return orjson.dumps({"success": False, "error": {"code": error.code, "message": error.message, "details": error.details}, "meta": meta})
+
+
+def json_response(status: int, content: bytes, headers: dict[str, str] | None = None) -> Response:
+    if status == 204:
+        return Response(status_code=204, headers=headers)
+    return Response(content, status_code=status, media_type="application/json", headers=headers)

@@ -1,0 +1,150 @@
+"""Idempotency keys (IETF draft-ietf-httpapi-idempotency-key-header; Stripe's rules).
+
+The first request with a key runs and its response is kept for 24 h; a repeat with the same
+request gets the kept response (`X-Idempotency-Replay: true`) and runs nothing; the same key
+with another request → 422; a repeat while the first is still running → 409. Keys are
+scoped per tenant. The store is shared by every replica and survives restarts: SQL (the
+gateway's own table) by default, Redis when IPAAS_REDIS_URL is set. A lock left by a
+gateway that died mid-request expires after LOCK_SECONDS; the core dedupes the trigger by
+the same key, so the retry that takes over cannot enqueue twice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from typing import Any, Protocol
+
+import orjson
+from sqlalchemy import Integer, LargeBinary, MetaData, String, Table, Column, DateTime, delete, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+KEEP = timedelta(hours=24)
+LOCK_SECONDS = 60
+MAX_KEY_LENGTH = 255
+KEPT_HEADERS = ("location", "content-type")
+
+
+def fingerprint(method: str, path: str, query: str, body: bytes) -> str:
+    digest = hashlib.sha256()
+    for part in (method.encode(), path.encode(), query.encode(), body):
+        digest.update(len(part).to_bytes(8, "big"))
+        digest.update(part)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class Record:
+    fingerprint: str
+    done: bool
+    status: int = 0
+    headers: dict[str, str] | None = None
+    body: bytes = b""
+
+
+class Store(Protocol):
+    async def begin(self, key: str, fingerprint: str) -> Record | None:
+        """Reserve the key (None) or return what it already holds."""
+
+    async def complete(self, key: str, fingerprint: str, status: int, headers: dict[str, str], body: bytes) -> None: ...
+
+    async def abandon(self, key: str) -> None: ...
+
+    async def purge(self) -> int: ...
+
+
+metadata = MetaData()
+table = Table(
+    "gateway_idempotency_keys",
+    metadata,
+    Column("key", String(600), primary_key=True),
+    Column("fingerprint", String(64), nullable=False),
+    Column("status", Integer, nullable=False),  # 0 while in flight
+    Column("headers", LargeBinary, nullable=True),
+    Column("body", LargeBinary, nullable=True),
+    Column("expires_at", DateTime(timezone=True), nullable=False, index=True),
+)
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _aware(value: datetime) -> datetime:
+    return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+
+
+class SqlStore:
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+
+    async def create(self) -> None:
+        async with self.engine.begin() as conn:
+            await conn.run_sync(metadata.create_all, checkfirst=True)
+
+    async def begin(self, key: str, fingerprint: str) -> Record | None:
+        for _ in range(3):
+            try:
+                async with self.engine.begin() as conn:
+                    await conn.execute(table.insert().values(key=key, fingerprint=fingerprint, status=0, expires_at=_now() + timedelta(seconds=LOCK_SECONDS)))
+                return None
+            except IntegrityError:
+                pass
+            async with self.engine.begin() as conn:
+                row = (await conn.execute(select(table).where(table.c.key == key))).first()
+                if row is None:
+                    continue
+                if _aware(row.expires_at) <= _now():  # an expired entry or an abandoned lock
+                    await conn.execute(delete(table).where(table.c.key == key, table.c.expires_at == row.expires_at))
+                    continue
+                return Record(row.fingerprint, row.status != 0, row.status, orjson.loads(row.headers) if row.headers else {}, row.body or b"")
+        raise RuntimeError("idempotency store contention")
+
+    async def complete(self, key: str, fingerprint: str, status: int, headers: dict[str, str], body: bytes) -> None:
+        async with self.engine.begin() as conn:
+            await conn.execute(
+                table.update().where(table.c.key == key).values(status=status, headers=orjson.dumps(headers), body=body, expires_at=_now() + KEEP)
+            )
+
+    async def abandon(self, key: str) -> None:
+        async with self.engine.begin() as conn:
+            await conn.execute(delete(table).where(table.c.key == key, table.c.status == 0))
+
+    async def purge(self) -> int:
+        async with self.engine.begin() as conn:
+            return (await conn.execute(delete(table).where(table.c.expires_at < _now()))).rowcount
+
+
+class RedisStore:
+    def __init__(self, url: str) -> None:
+        import redis.asyncio as redis
+
+        self.redis = redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
+
+    @staticmethod
+    def _key(key: str) -> str:
+        return "ipaas:idem:" + hashlib.sha256(key.encode()).hexdigest()
+
+    async def begin(self, key: str, fingerprint: str) -> Record | None:
+        name = self._key(key)
+        if await self.redis.set(name, orjson.dumps({"f": fingerprint, "s": 0}), nx=True, ex=LOCK_SECONDS):
+            return None
+        raw = await self.redis.get(name)
+        if raw is None:  # expired between the two calls
+            return await self.begin(key, fingerprint)
+        data = orjson.loads(raw)
+        return Record(data["f"], data["s"] != 0, data["s"], data.get("h", {}), bytes.fromhex(data.get("b", "")))
+
+    async def complete(self, key: str, fingerprint: str, status: int, headers: dict[str, str], body: bytes) -> None:
+        await self.redis.set(self._key(key), orjson.dumps({"f": fingerprint, "s": status, "h": headers, "b": body.hex()}), ex=int(KEEP.total_seconds()))
+
+    async def abandon(self, key: str) -> None:
+        await self.redis.delete(self._key(key))
+
+    async def purge(self) -> int:
+        return 0  # Redis expires entries itself
+
+    async def close(self) -> None:
+        await self.redis.aclose()

@@ -1,0 +1,145 @@
+"""An OpenAPI 3.1 document generated from the same descriptors as the routes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from google.protobuf.descriptor import Descriptor, FieldDescriptor
+
+from ipaas import __version__
+from ipaas.gateway.routes import Route
+
+_SCALARS = {
+    FieldDescriptor.TYPE_STRING: {"type": "string"},
+    FieldDescriptor.TYPE_BOOL: {"type": "boolean"},
+    FieldDescriptor.TYPE_INT32: {"type": "integer", "format": "int32"},
+    FieldDescriptor.TYPE_UINT32: {"type": "integer", "format": "int32", "minimum": 0},
+    FieldDescriptor.TYPE_INT64: {"type": ["string", "integer"], "format": "int64"},  # proto3 JSON writes int64 as a string
+    FieldDescriptor.TYPE_UINT64: {"type": ["string", "integer"], "format": "int64"},
+    FieldDescriptor.TYPE_DOUBLE: {"type": "number"},
+    FieldDescriptor.TYPE_FLOAT: {"type": "number"},
+    FieldDescriptor.TYPE_BYTES: {"type": "string", "contentEncoding": "base64"},
+}
+_WELL_KNOWN = {
+    "google.protobuf.Timestamp": {"type": "string", "format": "date-time"},
+    "google.protobuf.Struct": {"type": "object"},
+    "google.protobuf.Value": {},
+    "google.protobuf.FieldMask": {"type": "string"},
+    "google.api.HttpBody": {},
+}
+
+
+class _Schemas:
+    def __init__(self) -> None:
+        self.components: dict[str, Any] = {}
+
+    def message(self, descriptor: Descriptor) -> dict[str, Any]:
+        if descriptor.full_name in _WELL_KNOWN:
+            return dict(_WELL_KNOWN[descriptor.full_name])
+        name = descriptor.full_name.replace("ipaas.v1.", "")
+        if name not in self.components:
+            self.components[name] = {}  # placeholder against recursion
+            props = {f.name: self.field(f) for f in descriptor.fields}
+            self.components[name] = {"type": "object", "properties": props}
+        return {"$ref": f"#/components/schemas/{name}"}
+
+    def field(self, field: FieldDescriptor) -> dict[str, Any]:
+        if field.message_type is not None and field.message_type.GetOptions().map_entry:
+            return {"type": "object", "additionalProperties": self.field(field.message_type.fields_by_name["value"])}
+        schema = self.message(field.message_type) if field.message_type is not None else dict(_SCALARS.get(field.type, {"type": "string"}))
+        if field.is_repeated:
+            return {"type": "array", "items": schema}
+        return schema
+
+
+def _envelope(data: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "type": "object",
+        "required": ["success", "meta"],
+        "properties": {"success": {"const": True}, "data": data, "meta": {"$ref": "#/components/schemas/Meta"}},
+    }
+
+
+def build_openapi(routes: list[Route]) -> dict[str, Any]:
+    schemas = _Schemas()
+    paths: dict[str, Any] = {}
+    for route in routes:
+        method = route.method
+        params = [{"name": n, "in": "path", "required": True, "schema": schemas.field(method.input_type.fields_by_name[n])} for n in route.path_fields]
+        params += [{"name": f.name, "in": "query", "required": False, "schema": schemas.field(f)} for f in route.query_fields]
+        operation: dict[str, Any] = {
+            "operationId": method.name,
+            "tags": [method.containing_service.name],
+            "summary": method.name,
+            "parameters": params,
+            "responses": {
+                "default": {"description": "error", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorEnvelope"}}}},
+            },
+        }
+        output = method.output_type
+        if route.response_body:
+            output_schema = schemas.field(output.fields_by_name[route.response_body])
+        else:
+            output_schema = schemas.message(output)
+        status = str(route.success_status)
+        if status == "204":
+            operation["responses"]["204"] = {"description": "deleted"}
+        else:
+            operation["responses"][status] = {"description": "success", "content": {"application/json": {"schema": _envelope(output_schema)}}}
+        if route.body:
+            if route.raw_body:
+                body_schema: dict[str, Any] = {"type": "object"}
+            elif route.body == "*":
+                body_schema = schemas.message(method.input_type)
+            else:
+                body_schema = schemas.field(method.input_type.fields_by_name[route.body])
+            operation["requestBody"] = {"required": route.raw_body or route.body != "*", "content": {"application/json": {"schema": body_schema}}}
+        if route.name == "ReceiveWebhook":
+            operation["security"] = []
+        paths.setdefault(route.template, {})[route.verb.lower()] = operation
+    schemas.components["Meta"] = {"type": "object", "properties": {"request_id": {"type": "string"}, "next_page_token": {"type": "string"}}}
+    schemas.components["ErrorEnvelope"] = {
+        "type": "object",
+        "required": ["success", "error", "meta"],
+        "properties": {
+            "success": {"const": False},
+            "error": {
+                "type": "object",
+                "required": ["code", "message"],
+                "properties": {"code": {"type": "string"}, "message": {"type": "string"}, "details": {"type": "array"}},
+            },
+            "meta": {"$ref": "#/components/schemas/Meta"},
+        },
+    }
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "simple-ipaas", "version": __version__, "description": "REST gateway over the ipaas.v1 gRPC API. Every answer uses the envelope {success, data, error, meta}."},
+        "paths": paths,
+        "components": {"schemas": schemas.components, "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
+        "security": [{"bearer": []}],
+    }
+
+
+DOCS_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>simple-ipaas API</title>
+<style>body{font:15px system-ui,sans-serif;margin:2rem;max-width:60rem}code{background:#f3f3f3;padding:0 .3em}
+.op{border:1px solid #ddd;border-radius:6px;margin:.6rem 0;padding:.6rem}.verb{font-weight:700;display:inline-block;width:4.5em}
+pre{background:#f7f7f7;padding:.6rem;overflow:auto}</style></head>
+<body><h1>simple-ipaas REST API</h1>
+<p>Generated from the protos; the machine-readable document is <a href="/openapi.json">/openapi.json</a>.
+Send <code>Authorization: Bearer &lt;key&gt;</code>. Try a GET below.</p>
+<input id="key" placeholder="API key" size="60"><div id="ops">loading…</div>
+<script>
+fetch('/openapi.json').then(r=>r.json()).then(doc=>{
+  const ops=document.getElementById('ops'); ops.textContent='';
+  for (const [path,item] of Object.entries(doc.paths)) for (const [verb,op] of Object.entries(item)) {
+    const div=document.createElement('div'); div.className='op';
+    div.innerHTML=`<span class="verb">${verb.toUpperCase()}</span><code>${path}</code> — ${op.operationId}`;
+    if (verb==='get' && !path.includes('{')) { const b=document.createElement('button'); b.textContent='try';
+      const out=document.createElement('pre'); b.onclick=async()=>{const k=document.getElementById('key').value;
+      const r=await fetch(path,{headers:k?{Authorization:'Bearer '+k}:{}}); out.textContent=r.status+'\\n'+JSON.stringify(await r.json(),null,2)};
+      div.append(' ',b,out);}
+    ops.append(div);
+  }
+});
+</script></body></html>"""

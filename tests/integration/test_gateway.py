@@ -1,0 +1,226 @@
+"""The REST gateway over real HTTP (uvicorn) in front of a real core."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import pytest
+
+from tests.conftest import core_with, gateway_for
+from tests.fakes.slack import FakeSlack
+from tests.integration.helpers import signed_webhook
+
+FAST = {"IPAAS_RETRY_BASE_DELAY": "0.01", "IPAAS_POLL_INTERVAL": "0.05"}
+
+
+@pytest.fixture
+async def stack(tmp_path):
+    async with FakeSlack() as slack, core_with(tmp_path, **FAST) as core, gateway_for(core.target, tmp_path) as url:
+        paid = await core.new_tenant(tier="paid")
+        async with httpx.AsyncClient(base_url=url, headers={"authorization": f"Bearer {paid.key}"}, timeout=10) as http:
+            yield core, http, slack
+
+
+def assert_envelope(response: httpx.Response, success: bool) -> dict:
+    body = response.json()
+    assert body["success"] is success
+    assert body["meta"]["request_id"] == response.headers["x-request-id"]
+    assert ("data" in body) if success else ("error" in body and {"code", "message", "details"} <= set(body["error"]))
+    return body
+
+
+async def create_workflow(http: httpx.AsyncClient, slack: FakeSlack, trigger: str = "manual") -> dict:
+    cred = await http.post("/api/credentials", json={"connector": "slack", "name": f"team-{trigger}", "secrets": {"webhook_url": slack.url}})
+    assert cred.status_code == 201, cred.text
+    assert "webhook_url" not in str(cred.json()["data"].get("secrets", "")) and slack.url not in cred.text
+    wf = await http.post(
+        "/api/workflows",
+        json={
+            "name": "orders",
+            "trigger": {"type": trigger},
+            "steps": [{"id": "notify", "connector": "slack", "action": "send_message", "config": {"text": "Order {{order.id}}"}, "credential_id": cred.json()["data"]["id"]}],
+        },
+    )
+    assert wf.status_code == 201, wf.text
+    return assert_envelope(wf, True)["data"]
+
+
+async def test_workflow_crud_versions_and_readable_json(stack) -> None:
+    core, http, slack = stack
+    created = await create_workflow(http, slack)
+    wf = created["workflow"]
+    assert wf["trigger"]["type"] == "manual" and wf["version"] == 1 and wf["active"] is True
+    assert wf["steps"][0]["credential_id"].startswith("cred_")
+    got = await http.get(f"/api/workflows/{wf['id']}")
+    assert assert_envelope(got, True)["data"]["name"] == "orders"
+
+    patched = await http.patch(f"/api/workflows/{wf['id']}", json={"name": "orders v2"}, headers={"If-Match": '"1"'})
+    assert patched.status_code == 200 and patched.json()["data"]["version"] == 2
+    stale = await http.patch(f"/api/workflows/{wf['id']}", json={"name": "stale"}, headers={"If-Match": '"1"'})
+    assert stale.status_code == 409 and assert_envelope(stale, False)["error"]["code"] == "aborted"
+    rolled = await http.post(f"/api/workflows/{wf['id']}/rollback", json={"version": 1})
+    assert rolled.json()["data"]["version"] == 3 and rolled.json()["data"]["name"] == "orders"
+    versions = await http.get(f"/api/workflows/{wf['id']}/versions", params={"page_size": 2})
+    body = assert_envelope(versions, True)
+    assert [v["version"] for v in body["data"]["versions"]] == [3, 2]
+    assert body["meta"]["pagination"]["next_page_token"]
+    deleted = await http.delete(f"/api/workflows/{wf['id']}")
+    assert deleted.status_code == 204 and deleted.content == b""
+    assert (await http.get(f"/api/workflows/{wf['id']}")).status_code == 404
+
+
+async def test_manual_run_and_execution_lookup(stack) -> None:
+    core, http, slack = stack
+    wf = (await create_workflow(http, slack))["workflow"]
+    run = await http.post(f"/api/workflows/{wf['id']}/run", json={"payload": {"order": {"id": 7}}})
+    assert run.status_code == 202, run.text
+    execution_id = run.json()["data"]["execution"]["id"]
+    for _ in range(200):
+        ex = (await http.get(f"/api/executions/{execution_id}")).json()["data"]
+        if ex["status"] == "succeeded":
+            break
+        await asyncio.sleep(0.05)
+    assert ex["status"] == "succeeded" and slack.received == [{"text": "Order 7"}]
+    listed = await http.get("/api/executions", params={"workflow_id": wf["id"], "status": "succeeded"})
+    assert [e["id"] for e in listed.json()["data"]["executions"]] == [execution_id]
+
+
+async def test_error_classes_use_the_envelope(stack) -> None:
+    core, http, slack = stack
+    cases = [
+        (await http.get("/api/nowhere"), 404, "not_found"),
+        (await http.put("/api/workflows"), 405, "method_not_allowed"),
+        (await http.post("/api/workflows", content=b"{nope", headers={"content-type": "application/json"}), 400, "bad_request"),
+        (await http.post("/api/workflows", content=b"name=x", headers={"content-type": "application/x-www-form-urlencoded"}), 415, "unsupported_media_type"),
+        (await http.post("/api/workflows", content=b"x" * (300 * 1024), headers={"content-type": "application/json"}), 413, "payload_too_large"),
+        (await http.post("/api/workflows", json={"name": "", "trigger": {"type": "bogus"}, "steps": []}), 422, "invalid_argument"),
+        (await http.post("/api/workflows", json={"unknown_field": 1}), 400, "bad_request"),
+        (await http.get("/api/workflows/wf_missing"), 404, "not_found"),
+        (await http.get("/api/tenants"), 403, "permission_denied"),
+        (await http.get("/api/workflows", headers={"authorization": "Bearer ipk_wrong"}), 401, "unauthenticated"),
+        (await http.get("/api/workflows", params={"page_size": "many"}), 400, "bad_request"),
+    ]
+    for response, status, code in cases:
+        assert response.status_code == status, (response.request.url, response.text)
+        body = assert_envelope(response, False)
+        assert body["error"]["code"] == code, body
+        assert "Traceback" not in response.text
+    assert cases[1][0].headers["allow"] == "GET, POST"
+    invalid = cases[5][0].json()["error"]["details"]
+    assert {"field": "trigger.type", "description": "must be one of webhook, schedule, manual"} in invalid
+
+
+async def test_idempotent_replay_conflict_and_changed_body(stack) -> None:
+    core, http, slack = stack
+    wf = (await create_workflow(http, slack))["workflow"]
+    key = {"Idempotency-Key": "run-order-1"}
+    first = await http.post(f"/api/workflows/{wf['id']}/run", json={"payload": {"order": {"id": 1}}}, headers=key)
+    second = await http.post(f"/api/workflows/{wf['id']}/run", json={"payload": {"order": {"id": 1}}}, headers=key)
+    assert first.status_code == second.status_code == 202
+    assert second.headers["x-idempotency-replay"] == "true" and "x-idempotency-replay" not in first.headers
+    assert second.json()["data"] == first.json()["data"]
+    changed = await http.post(f"/api/workflows/{wf['id']}/run", json={"payload": {"order": {"id": 2}}}, headers=key)
+    assert changed.status_code == 422
+    seeds_header = await http.post(f"/api/workflows/{wf['id']}/run", json={}, headers={"X-Idempotency-Key": "k2"})
+    again = await http.post(f"/api/workflows/{wf['id']}/run", json={}, headers={"X-Idempotency-Key": "k2"})
+    assert again.headers.get("x-idempotency-replay") == "true" and again.json()["data"] == seeds_header.json()["data"]
+    for _ in range(200):
+        if len(slack.received) >= 2:
+            break
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(0.2)
+    assert len(slack.received) == 2, "replays ran nothing"
+    too_long = await http.post(f"/api/workflows/{wf['id']}/run", json={}, headers={"Idempotency-Key": "k" * 256})
+    assert too_long.status_code == 400
+
+
+async def test_in_flight_repeat_is_a_conflict(stack) -> None:
+    core, http, slack = stack
+    slack.delay = 1.0
+    cred = (await http.post("/api/credentials", json={"connector": "slack", "name": "slow", "secrets": {"webhook_url": slack.url}})).json()["data"]["id"]
+    definition = {"workflow": {"name": "d", "trigger": {"type": "manual"}, "steps": [{"id": "s", "connector": "slack", "action": "send_message", "config": {"text": "x"}, "credential_id": cred}]}, "mode": "test"}
+    headers = {"Idempotency-Key": "slow-dry-run"}
+    first = asyncio.create_task(http.post("/api/workflows/dry-run", json=definition, headers=headers))
+    await asyncio.sleep(0.3)
+    second = await http.post("/api/workflows/dry-run", json=definition, headers=headers)
+    assert second.status_code == 409
+    assert (await first).status_code == 200
+
+
+async def test_signed_webhook_through_the_gateway(stack) -> None:
+    core, http, slack = stack
+    created = await create_workflow(http, slack, trigger="webhook")
+    wf_id, secret = created["workflow"]["id"], created["webhook_secret"]
+    raw, headers = signed_webhook(secret, {"order": {"id": "W-9"}}, "evt_1")
+    async with httpx.AsyncClient(base_url=str(http.base_url)) as anonymous:
+        accepted = await anonymous.post(f"/api/webhooks/{wf_id}", content=raw, headers=headers)
+        assert accepted.status_code == 202, accepted.text
+        assert accepted.json()["data"]["execution_id"].startswith("ex_")
+        bad = await anonymous.post(f"/api/webhooks/{wf_id}", content=raw, headers={**headers, "webhook-signature": "v1,bad"})
+        assert bad.status_code == 401
+        big = await anonymous.post(f"/api/webhooks/{wf_id}", content=b"{" + b" " * (1024 * 1024 + 1) + b"}", headers=headers)
+        assert big.status_code == 413
+        missing = await anonymous.post("/api/webhooks/wf_nope", content=raw, headers=headers)
+        assert missing.status_code == 404
+
+
+async def test_health_probes(stack) -> None:
+    core, http, slack = stack
+    live = await http.get("/health/live")
+    ready = await http.get("/health/ready")
+    health = await http.get("/health")
+    assert live.status_code == ready.status_code == health.status_code == 200
+    report = health.json()["data"]
+    assert report["status"] == "healthy" and report["checks"] == {"core": "ok", "database": "ok", "runtime": "ok"}
+    assert "ratelimit-policy" not in health.headers, "health is not rate limited"
+
+
+async def test_health_follows_the_core(tmp_path) -> None:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    listen = {"IPAAS_GRPC_LISTEN": f"127.0.0.1:{port}"}
+    async with gateway_for(f"127.0.0.1:{port}", tmp_path) as url, httpx.AsyncClient(base_url=url, timeout=10) as http:
+        async with core_with(tmp_path / "a", **listen):
+            assert (await http.get("/health")).status_code == 200
+        down = await http.get("/health")
+        assert down.status_code == 503 and down.json()["error"]["code"] == "unavailable"
+        assert (await http.get("/health/ready")).status_code == 503
+        assert (await http.get("/health/live")).status_code == 200
+        async with core_with(tmp_path / "b", **listen):
+            for _ in range(50):
+                if (await http.get("/health")).status_code == 200:
+                    break
+                await asyncio.sleep(0.1)
+            assert (await http.get("/health")).status_code == 200
+
+
+async def test_free_tenant_is_limited_while_paid_is_not(tmp_path) -> None:
+    async with core_with(tmp_path) as core, gateway_for(core.target, tmp_path) as url:
+        free, paid = await core.new_tenant(tier="free"), await core.new_tenant(tier="paid")
+        async with httpx.AsyncClient(base_url=url, timeout=10) as http:
+            async def burst(key: str, n: int) -> list[httpx.Response]:
+                return list(await asyncio.gather(*(http.get("/api/workflows", headers={"authorization": f"Bearer {key}"}) for _ in range(n))))
+
+            free_answers, paid_answers = await asyncio.gather(burst(free.key, 15), burst(paid.key, 15))
+    assert sorted(r.status_code for r in free_answers).count(200) == 10
+    limited = [r for r in free_answers if r.status_code == 429]
+    assert len(limited) == 5 and all(int(r.headers["retry-after"]) >= 1 for r in limited)
+    assert limited[0].json()["error"]["code"] == "rate_limited"
+    assert all(r.status_code == 200 for r in paid_answers)
+    ok = next(r for r in free_answers if r.status_code == 200)
+    assert ok.headers["x-ratelimit-limit"] == "10" and ok.headers["ratelimit-policy"] == '"free";q=10;w=2'
+    assert ok.headers["ratelimit"].startswith('"free";r=')
+
+
+async def test_openapi_and_docs(stack) -> None:
+    core, http, slack = stack
+    doc = (await http.get("/openapi.json")).json()
+    assert doc["openapi"] == "3.1.0"
+    assert {"/api/workflows", "/api/workflows/{id}", "/api/webhooks/{workflow_id}", "/api/workflows/dry-run", "/api/executions/{id}/replay"} <= set(doc["paths"])
+    assert "201" in doc["paths"]["/api/workflows"]["post"]["responses"]
+    docs = await http.get("/docs")
+    assert docs.status_code == 200 and "/openapi.json" in docs.text
