@@ -48,6 +48,7 @@ class Dispatcher:
         self._stopping = False
         self._loop_task: asyncio.Task[None] | None = None
         self._listen_task: asyncio.Task[None] | None = None
+        self.processed = 0  # tasks this replica ran to an outcome (a figure for operators)
 
     @property
     def inflight(self) -> int:
@@ -82,6 +83,7 @@ class Dispatcher:
         heartbeat = asyncio.create_task(self._heartbeat(task))
         try:
             await self.executor.run(task, self.owner)
+            self.processed += 1
         except asyncio.CancelledError:
             raise
         except Exception:

@@ -39,6 +39,8 @@ class StepRunner:
                 secrets = await self.credentials.secrets(tenant_id, step["credential_id"])
             except NotFound:
                 raise PermanentError(f"credential {step['credential_id']} no longer exists") from None
+            except ValueError as exc:  # the key that encrypted it is not configured here
+                raise PermanentError(f"credential {step['credential_id']}: {exc} (every replica needs the same IPAAS_SECRET_KEYS)") from None
         ctx = self.registry.context(
             step["connector"], config, secrets, timeout, dry_run=dry_run, tenant_id=tenant_id, execution_id=execution_id, step_id=step["id"]
         )
