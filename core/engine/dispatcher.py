@@ -63,6 +63,10 @@ class Dispatcher:
             self._listen_task = asyncio.create_task(self._listen(), name="ipaas-dispatcher-listen")
 
     async def _run(self) -> None:
+        if not self.db.is_postgres:
+            released = await outbox.release_all_leases(self.db)
+            if released:
+                log.warning("dispatcher.recovered_leases", extra={"tasks": released})
         while not self._stopping:
             # Clear before claiming, so a wake-up that arrives during the claim is kept.
             self._wake.clear()

@@ -176,6 +176,14 @@ async def release_leases(db: Database, owner: str) -> int:
         return result.rowcount
 
 
+async def release_all_leases(db: Database) -> int:
+    """SQLite runs one dispatcher per database, so at its start every lease belongs to a
+    process that is gone: hand the tasks back now instead of waiting for expiry."""
+    async with db.session() as s, s.begin():
+        result = await s.execute(update(OutboxTask).where(OutboxTask.lease_owner.is_not(None)).values(lease_owner=None, lease_expires_at=None))
+        return result.rowcount
+
+
 async def add_task(s: AsyncSession, execution_id: str, tenant_id: str, run_at: datetime) -> None:
     """Enqueue an existing execution again (replay)."""
     s.add(OutboxTask(execution_id=execution_id, tenant_id=tenant_id, run_at=run_at, created_at=utcnow()))

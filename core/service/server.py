@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from datetime import timedelta
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -63,6 +64,7 @@ class EngineSettings:
     breaker_failures: int
     breaker_recovery: float
     breaker_successes: int
+    lease_seconds: float
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "EngineSettings":
@@ -86,6 +88,7 @@ class EngineSettings:
             breaker_failures=int(num("IPAAS_BREAKER_FAILURES", 5)),
             breaker_recovery=num("IPAAS_BREAKER_RECOVERY_SECONDS", 60),
             breaker_successes=int(num("IPAAS_BREAKER_SUCCESSES", 3)),
+            lease_seconds=num("IPAAS_LEASE_SECONDS", 60),
         )
 
 
@@ -136,7 +139,7 @@ class CoreServer:
         steps = StepRunner(registry, credentials)
         limits = EngineLimits(step_timeout=engine.step_timeout, execution_deadline=engine.execution_deadline, base_delay=engine.base_delay)
         executor = Executor(db, workflows, credentials, steps, self.breakers, limits)
-        self.dispatcher = Dispatcher(db, executor, workers=engine.workers, poll_interval=engine.poll_interval)
+        self.dispatcher = Dispatcher(db, executor, workers=engine.workers, poll_interval=engine.poll_interval, lease=timedelta(seconds=engine.lease_seconds))
         self.enqueuer = Enqueuer(db, on_enqueued=self.dispatcher.notify, max_depth=engine.max_queue_depth)
         self.scheduler = Scheduler(db, self.enqueuer, interval=engine.scheduler_interval, catch_up=engine.catch_up)
         executions = ExecutionStore(db, on_enqueued=self.dispatcher.notify)

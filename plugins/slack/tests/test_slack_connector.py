@@ -66,7 +66,7 @@ async def test_server_error_is_retryable(registry) -> None:
 
 
 async def test_timeout_abandons_the_call(registry) -> None:
-    async with FakeSlack(delay=5) as slack:
+    async with FakeSlack(delay=1.5) as slack:
         ctx = registry.context("slack", {"text": "x"}, {"webhook_url": slack.url}, 0.3)
         with pytest.raises(RetryableError, match="timed out"):
             await registry.invoke("slack", "send_message", ctx)
