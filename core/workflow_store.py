@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import secrets
+import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -26,6 +27,7 @@ from ipaas.storage.tables import Schedule, Tenant, WebhookSecret, Workflow, Work
 
 DEFAULT_SECRET_GRACE = timedelta(hours=24)
 UPDATABLE = ("name", "trigger", "steps", "options")
+TARGET_TTL = 1.0
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,8 @@ class WorkflowStore:
         self.box = box
         self.catalog = catalog
         self.credentials = credentials
+        self._targets: dict[str, tuple[float, WebhookTarget | None]] = {}
+        self._versions: dict[tuple[str, int], dict[str, Any]] = {}
 
     async def _validated(self, tenant_id: str, definition: dict[str, Any]) -> dict[str, Any]:
         definition = definitions.normalise(definition)
@@ -111,11 +115,18 @@ class WorkflowStore:
         return WorkflowView(wf, number, row.definition, row.created_at)
 
     async def get_pinned(self, workflow_id: str, version: int) -> dict[str, Any]:
-        """A version's definition even if the workflow was deleted since (for executions)."""
+        """A version's definition even if the workflow was deleted since (for executions).
+        Versions are immutable, so they are cached without expiry (bounded in size)."""
+        cached = self._versions.get((workflow_id, version))
+        if cached is not None:
+            return cached
         async with self.db.session() as s:
             row = await s.get(WorkflowVersion, (workflow_id, version))
         if row is None:
             raise NotFound(f"workflow {workflow_id} version {version} not found")
+        if len(self._versions) > 5_000:
+            self._versions.clear()
+        self._versions[(workflow_id, version)] = row.definition
         return row.definition
 
     async def list(self, tenant_id: str, size: int, token: str) -> Page[WorkflowView]:
@@ -169,6 +180,7 @@ class WorkflowStore:
                 raise Aborted(f"workflow {current.workflow.id} is at version {current.version}, not {expected}: reload and retry")
             s.add(WorkflowVersion(workflow_id=current.workflow.id, version=new_version, tenant_id=tenant_id, definition=definition, created_at=now))
             await self._sync_trigger_rows(s, current.workflow, definition["trigger"]["type"], now)
+        self.forget(current.workflow.id)
         return await self.get(tenant_id, current.workflow.id)
 
     async def _sync_trigger_rows(self, s: Any, wf: Workflow, trigger_type: str, now: datetime) -> None:
@@ -186,6 +198,7 @@ class WorkflowStore:
             wf.active = active
             if wf.trigger_type == "schedule":
                 await s.execute(update(Schedule).where(Schedule.workflow_id == wf.id).values(next_fire_at=None))
+        self.forget(workflow_id)
         return await self.get(tenant_id, workflow_id)
 
     async def delete(self, tenant_id: str, workflow_id: str) -> None:
@@ -194,6 +207,7 @@ class WorkflowStore:
             wf.deleted_at = utcnow()
             wf.active = False
             await s.execute(delete(Schedule).where(Schedule.workflow_id == wf.id))
+        self.forget(workflow_id)
 
     async def list_versions(self, tenant_id: str, workflow_id: str, size: int, token: str) -> tuple[Workflow, list[WorkflowVersion], str]:
         limit = page_size(size)
@@ -222,9 +236,26 @@ class WorkflowStore:
                 .values(expires_at=expires)
             )
             s.add(self._secret_row(wf, secret, now))
+        self.forget(workflow_id)
         return secret, expires
 
     async def webhook_target(self, workflow_id: str) -> "WebhookTarget | None":
+        """Cached for TARGET_TTL seconds: the hot path of every webhook. Changes made through
+        this replica invalidate at once; other replicas see them within the TTL."""
+        now = time.monotonic()
+        cached = self._targets.get(workflow_id)
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        target = await self._load_webhook_target(workflow_id)
+        if len(self._targets) > 10_000:
+            self._targets.clear()
+        self._targets[workflow_id] = (now + TARGET_TTL, target)
+        return target
+
+    def forget(self, workflow_id: str) -> None:
+        self._targets.pop(workflow_id, None)
+
+    async def _load_webhook_target(self, workflow_id: str) -> "WebhookTarget | None":
         """What a webhook needs in one round of reads: owner, tier, current version and the
         secrets that still verify. None when the workflow does not exist, is deleted, is
         inactive or is not webhook-triggered (all answer the same: not found)."""

@@ -11,6 +11,7 @@ from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import select, update
+from sqlalchemy.dialects import postgresql, sqlite
 
 from ipaas import templates
 from ipaas.credentials import CredentialStore
@@ -23,6 +24,9 @@ from ipaas.masking import mask_value
 from ipaas.sdk import ActionResult, PermanentError, RetryableError
 from ipaas.storage.db import Database
 from ipaas.storage.tables import Execution, ExecutionStep, utcnow
+
+EXECUTIONS = Execution.__table__
+STEPS = ExecutionStep.__table__
 from ipaas.workflow_store import WorkflowStore
 
 log = logging.getLogger("ipaas.engine")
@@ -63,28 +67,30 @@ class Executor:
         self.limits = limits
 
     async def run(self, task: outbox.ClaimedTask, owner: str) -> None:
-        async with self.db.session() as s:
-            execution = await s.get(Execution, task.execution_id)
-            done_steps = {
-                row.step_index: row
-                for row in (await s.scalars(select(ExecutionStep).where(ExecutionStep.execution_id == task.execution_id))).all()
-            }
+        # Core SQL on plain connections: this is the hot path, and ORM sessions cost more
+        # CPU than the work itself.
+        async with self.db.engine.connect() as conn:
+            execution = (await conn.execute(select(EXECUTIONS).where(EXECUTIONS.c.id == task.execution_id))).first()
+            done_steps = {}
+            if execution is not None and execution.started_at is not None:  # a first run has no step rows yet
+                rows = await conn.execute(select(STEPS).where(STEPS.c.execution_id == task.execution_id))
+                done_steps = {row.step_index: row for row in rows}
         if execution is None or execution.status in FINAL:
-            async with self.db.session() as s, s.begin():
-                await outbox.finish_task(s, task.task_id, owner)
+            async with self.db.engine.begin() as conn:
+                await outbox.finish_task(conn, task.task_id, owner)
             return
         definition = await self.workflows.get_pinned(execution.workflow_id, execution.workflow_version)
-        pending = [(i, st) for i, st in enumerate(definition["steps"]) if not (done_steps.get(i) and done_steps[i].status == "succeeded")]
-        if pending:
+        remaining = [st for i, st in enumerate(definition["steps"]) if not (done_steps.get(i) and done_steps[i].status == "succeeded")]
+        if remaining:
             # An open breaker defers the task before anything is touched: no attempt spent.
-            first = pending[0][1]
+            first = remaining[0]
             wait = self.breakers.get(execution.tenant_id, first["connector"]).peek()
             if wait is not None:
                 await self._defer_for_breaker(execution, task, owner, wait, first)
                 return
         attempt = execution.attempts + 1
         now = utcnow()
-        async with self.db.session() as s, s.begin():
+        async with self.db.engine.begin() as s:
             await s.execute(
                 update(Execution)
                 .where(Execution.id == execution.id, Execution.status != "cancelled")
@@ -94,16 +100,23 @@ class Executor:
         strict = bool(definition.get("options", {}).get("strict_templates"))
         try:
             async with asyncio.timeout(self.limits.execution_deadline):
+                last = len(definition["steps"]) - 1
+                pending: dict[str, Any] | None = None
                 for index, step in enumerate(definition["steps"]):
                     previous = done_steps.get(index)
                     if previous is not None and previous.status == "succeeded":
                         continue
+                    if step is not remaining[0] and await self._cancelled(execution.id):
+                        async with self.db.engine.begin() as conn:
+                            await outbox.finish_task(conn, task.task_id, owner)
+                        log.info("execution.cancelled", extra={"execution_id": execution.id, "before_step": step["id"]})
+                        return
                     breaker = self.breakers.get(execution.tenant_id, step["connector"])
                     wait = breaker.allow()
                     if wait is not None:
                         await self._defer_for_breaker(execution, task, owner, wait, step)
                         return
-                    output = await self._run_step(execution, index, step, outputs, strict, previous, breaker)
+                    output, pending = await self._run_step(execution, index, step, outputs, strict, previous, breaker, defer_store=index == last)
                     outputs[step["id"]] = output
         except StepFailure as failure:
             await self._failed(execution, task, owner, attempt, failure)
@@ -111,10 +124,18 @@ class Executor:
         except TimeoutError:
             await self._failed(execution, task, owner, attempt, StepFailure("execution deadline exceeded", retryable=True))
             return
-        await self._finish(execution, task, owner, "succeeded", None)
+        await self._finish(execution, task, owner, "succeeded", None, pending)
         log.info("execution.finished", extra={"execution_id": execution.id, "status": "succeeded", "attempt": attempt})
 
-    async def _run_step(self, execution: Execution, index: int, step: dict[str, Any], outputs: dict[str, Any], strict: bool, previous: ExecutionStep | None, breaker: Any) -> dict[str, Any]:
+    async def _cancelled(self, execution_id: str) -> bool:
+        """A running step finishes; no further step starts once the execution is cancelled."""
+        async with self.db.engine.connect() as conn:
+            status = (await conn.execute(select(EXECUTIONS.c.status).where(EXECUTIONS.c.id == execution_id))).scalar()
+        return status == "cancelled"
+
+    async def _run_step(self, execution: Execution, index: int, step: dict[str, Any], outputs: dict[str, Any], strict: bool, previous: ExecutionStep | None, breaker: Any, defer_store: bool = False) -> tuple[dict[str, Any], dict[str, Any] | None]:
+        """The step's output, and its stored result when `defer_store` asks the caller to
+        commit it together with the execution's outcome."""
         started = utcnow()
         step_attempts = (previous.attempts if previous else 0) + 1
         rendered = templates.render_config(step.get("config") or {}, templates.RenderContext(trigger=execution.payload, steps=outputs))
@@ -143,12 +164,29 @@ class Executor:
             await self._store_step(record, "failed", error=str(exc), retryable=exc.retryable)
             raise
         breaker.record_success()
-        await self._store_step(record, "succeeded", output=result.output or {}, message=result.message, duration_ms=result.duration_ms)
-        return result.output or {}
+        values = self._step_values(record, "succeeded", output=result.output or {}, message=result.message, duration_ms=result.duration_ms)
+        if defer_store:  # the last step's result commits with the execution's outcome
+            return result.output or {}, values
+        await self._write_step(values, previous is not None)
+        return result.output or {}, None
 
-    async def _store_step(self, record: dict[str, Any], status: str, *, error: str | None = None, retryable: bool = False, output: Any = None, message: str | None = None, duration_ms: int | None = None) -> None:
+    async def _store_step(self, record: dict[str, Any], status: str, **kwargs: Any) -> None:
+        await self._write_step(self._step_values(record, status, **kwargs), upsert=True)
+
+    async def _write_step(self, values: dict[str, Any], upsert: bool) -> None:
+        async with self.db.engine.begin() as s:
+            await self._put_step(s, values, upsert)
+
+    async def _put_step(self, s: Any, values: dict[str, Any], upsert: bool) -> None:
+        insert = (postgresql.insert if self.db.is_postgres else sqlite.insert)(STEPS).values(**values)
+        if upsert:
+            keys = ("execution_id", "step_index")
+            insert = insert.on_conflict_do_update(index_elements=keys, set_={k: v for k, v in values.items() if k not in keys})
+        await s.execute(insert)
+
+    def _step_values(self, record: dict[str, Any], status: str, *, error: str | None = None, retryable: bool = False, output: Any = None, message: str | None = None, duration_ms: int | None = None) -> dict[str, Any]:
         finished = utcnow()
-        values = {
+        return {
             **record,
             "status": status,
             "error": mask_value(error) if error else None,
@@ -158,13 +196,11 @@ class Executor:
             "finished_at": finished,
             "duration_ms": duration_ms if duration_ms is not None else int((finished - record["started_at"]).total_seconds() * 1000),
         }
-        async with self.db.session() as s, s.begin():
-            await s.merge(ExecutionStep(**values))
 
     async def _defer_for_breaker(self, execution: Execution, task: outbox.ClaimedTask, owner: str, wait: float, step: dict[str, Any]) -> None:
         """An open breaker defers the task without spending an attempt or calling upstream."""
         run_at = utcnow() + timedelta(seconds=wait)
-        async with self.db.session() as s, s.begin():
+        async with self.db.engine.begin() as s:
             await s.execute(
                 update(Execution)
                 .where(Execution.id == execution.id)
@@ -185,15 +221,17 @@ class Executor:
             log.warning("execution.dead", extra={"execution_id": execution.id, "attempts": attempt, "error": str(failure)})
             return
         run_at = utcnow() + timedelta(seconds=delay)
-        async with self.db.session() as s, s.begin():
+        async with self.db.engine.begin() as s:
             await s.execute(
                 update(Execution).where(Execution.id == execution.id).values(status="queued", next_attempt_at=run_at, error=mask_value(str(failure)))
             )
             await outbox.defer_task(s, task.task_id, owner, run_at)
         log.info("execution.retry_scheduled", extra={"execution_id": execution.id, "attempt": attempt, "delay_s": round(delay, 3)})
 
-    async def _finish(self, execution: Execution, task: outbox.ClaimedTask, owner: str, status: str, error: str | None) -> None:
-        async with self.db.session() as s, s.begin():
+    async def _finish(self, execution: Execution, task: outbox.ClaimedTask, owner: str, status: str, error: str | None, step: dict[str, Any] | None = None) -> None:
+        async with self.db.engine.begin() as s:
+            if step is not None:
+                await self._put_step(s, step, upsert=True)
             await s.execute(
                 update(Execution)
                 .where(Execution.id == execution.id, Execution.status.not_in(("cancelled",)))

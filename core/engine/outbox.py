@@ -85,7 +85,7 @@ async def enqueue_many(db: Database, items: list[NewExecution]) -> list[Accepted
                 "_index": i,
             }
         )
-    async with db.session() as s, s.begin():
+    async with db.engine.begin() as s:
         inserted: set[str] = set()
         if rows:
             stmt = _insert(db, Execution.__table__).on_conflict_do_nothing().returning(Execution.__table__.c.id)
@@ -128,11 +128,11 @@ async def claim_due_tasks(db: Database, owner: str, limit: int, lease: timedelta
         OutboxTask.run_at <= now,
         or_(OutboxTask.lease_expires_at.is_(None), OutboxTask.lease_expires_at < now),
     )
-    async with db.session() as s, s.begin():
+    async with db.engine.begin() as s:
         pick = select(OutboxTask.id).where(due).order_by(OutboxTask.run_at, OutboxTask.id).limit(limit)
         if db.is_postgres:
             pick = pick.with_for_update(skip_locked=True)
-        ids = list((await s.scalars(pick)).all())
+        ids = list((await s.execute(pick)).scalars().all())
         if not ids:
             return []
         result = await s.execute(
@@ -140,13 +140,12 @@ async def claim_due_tasks(db: Database, owner: str, limit: int, lease: timedelta
             .where(OutboxTask.id.in_(ids))
             .values(lease_owner=owner, lease_expires_at=now + lease)
             .returning(OutboxTask.id, OutboxTask.execution_id, OutboxTask.tenant_id)
-            .execution_options(synchronize_session=False)
         )
         return [ClaimedTask(r.id, r.execution_id, r.tenant_id) for r in result]
 
 
 async def extend_lease(db: Database, task_id: int, owner: str, lease: timedelta) -> bool:
-    async with db.session() as s, s.begin():
+    async with db.engine.begin() as s:
         result = await s.execute(
             update(OutboxTask)
             .where(OutboxTask.id == task_id, OutboxTask.lease_owner == owner)
@@ -155,11 +154,11 @@ async def extend_lease(db: Database, task_id: int, owner: str, lease: timedelta)
         return result.rowcount == 1
 
 
-async def finish_task(s: AsyncSession, task_id: int, owner: str) -> None:
+async def finish_task(s: Any, task_id: int, owner: str) -> None:
     await s.execute(delete(OutboxTask).where(OutboxTask.id == task_id, OutboxTask.lease_owner == owner))
 
 
-async def defer_task(s: AsyncSession, task_id: int, owner: str, run_at: datetime) -> None:
+async def defer_task(s: Any, task_id: int, owner: str, run_at: datetime) -> None:
     await s.execute(
         update(OutboxTask)
         .where(OutboxTask.id == task_id, OutboxTask.lease_owner == owner)

@@ -67,6 +67,11 @@ class Database:
         kwargs: dict[str, Any] = {"echo": echo, "json_serializer": _json_dumps, "json_deserializer": orjson.loads}
         if self.dialect == "postgresql":
             kwargs.update(pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True)
+        else:
+            # SQLite has one writer. Several connections in one process would contend for
+            # the lock and sleep in SQLite's busy handler (up to 100 ms a time); one
+            # connection makes them queue in asyncio instead, with no sleeping.
+            kwargs.update(pool_size=1, max_overflow=0, pool_timeout=120)
         self.engine: AsyncEngine = create_async_engine(target, **kwargs)
         if self.dialect == "sqlite":
             install_sqlite_pragmas(self.engine.sync_engine)

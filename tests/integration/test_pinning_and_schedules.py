@@ -82,3 +82,20 @@ async def test_cron_schedule_in_a_time_zone_fires_at_local_time(tmp_path) -> Non
         async with core.server.db.session() as s:
             plan = await s.get(Schedule, wf.id)
         assert plan.next_fire_at == datetime(2026, 7, 2, 11, 0, tzinfo=timezone.utc)
+
+
+async def test_cancelled_executions_do_not_run(tmp_path) -> None:
+    from ipaas.v1 import executions_pb2
+
+    async with FakeSlack() as slack, core_with(tmp_path, IPAAS_DISABLE_ENGINE="1", IPAAS_POLL_INTERVAL="0.05") as core:
+        api = Api(core.channel, (await core.new_tenant()).md)
+        cred = await api.credential("slack", {"webhook_url": slack.url})
+        wf = (await api.create({"name": "c", "trigger": {"type": "manual"}, "steps": [slack_step(cred, "never")]})).workflow
+        queued = (await api.run(wf.id)).execution
+        cancelled = await api.executions.CancelExecution(executions_pb2.CancelExecutionRequest(id=queued.id), metadata=api.md)
+        assert cancelled.execution.status == "cancelled"
+        kept = (await api.run(wf.id, {"x": 1})).execution
+        core.server.dispatcher.start()
+        assert (await api.wait(kept.id)).status == "succeeded"
+        assert (await api.execution(queued.id)).status == "cancelled"
+        assert len(slack.received) == 1

@@ -1,0 +1,278 @@
+"""Run the benchmark suite: `python3 tasks.py bench` (or `python -m bench`).
+
+Starts everything itself on loopback (fake Slack, ceilings, core + gateway on SQLite and,
+when IPAAS_TEST_POSTGRES_URL is set, on PostgreSQL), measures, stops everything, and writes
+bench/results/latest.json plus a table. Every figure is the median of --runs runs and is
+printed as a ratio to its ceiling measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform as pyplatform
+import statistics
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+import httpx
+
+from bench import loadgen, micro
+from bench import platform as plat
+
+RESULTS = Path(__file__).resolve().parent / "results"
+LUA = str(Path(__file__).resolve().parent / "webhooks.lua")
+
+
+def sign_lines(secret: str, count: int, prefix: str, with_keys: bool = False) -> str:
+    """Pre-signed webhook requests, one unique webhook-id each (as real senders sign)."""
+    from standardwebhooks.webhooks import Webhook
+
+    hook = Webhook(secret)
+    now = datetime.now(timezone.utc)
+    ts = str(int(now.timestamp()))
+    fd, path = tempfile.mkstemp(prefix="ipaas-bench-", suffix=".tsv")
+    with os.fdopen(fd, "w") as fh:
+        for i in range(count):
+            body = json.dumps({"t": 0, "n": i}, separators=(",", ":"))
+            msg_id = f"{prefix}-{i}"
+            key = f"{prefix}-k{i}" if with_keys else ""
+            fh.write(f"{msg_id}\t{ts}\t{hook.sign(msg_id, now, body)}\t{key}\t{body}\n")
+    return path
+
+
+def median_of(runs: int, fn: Callable[[int], dict[str, float]], key: str = "rps") -> dict[str, Any]:
+    results = [fn(i) for i in range(runs)]
+    values = [r[key] for r in results]
+    return {"median": statistics.median(values), "runs": values, "errors": sum(r.get("errors", 0) for r in results)}
+
+
+def wrk_webhooks(url: str, path: str, lines: str, duration: int) -> dict[str, float]:
+    return loadgen.wrk(url, duration, script=LUA, args=[lines, path])
+
+
+def signed_sender(secret: str, url: str, prefix: str) -> Callable[[Any, int], Any]:
+    from standardwebhooks.webhooks import Webhook
+
+    hook = Webhook(secret)
+
+    async def send(session: Any, i: int) -> int:
+        now = datetime.now(timezone.utc)
+        body = json.dumps({"t": time.time(), "n": i}, separators=(",", ":"))
+        msg_id = f"{prefix}-{i}"
+        headers = {"webhook-id": msg_id, "webhook-timestamp": str(int(now.timestamp())), "webhook-signature": hook.sign(msg_id, now, body), "content-type": "application/json"}
+        async with session.post(url, data=body, headers=headers) as response:
+            await response.read()
+            return response.status
+
+    return send
+
+
+def slack_stats(slack: str, since: float) -> dict[str, Any]:
+    return httpx.get(f"{slack}/stats", params={"since": since}, timeout=30).json()
+
+
+def wait_deliveries(slack: str, since: float, expected: int, timeout: float = 120) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        stats = slack_stats(slack, since)
+        if stats["count"] >= expected or time.monotonic() > deadline:
+            return stats
+        time.sleep(0.25)
+
+
+def measure_platform(args: argparse.Namespace, slack: str, database_url: str | None, label: str, cores: int = 1) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        grpc_ports = [plat.free_port() for _ in range(cores)]
+        http_port = plat.free_port()
+        envs = [plat.platform_env(Path(tmp) / f"c{i}", database_url, grpc_ports[i], http_port) for i in range(cores)]
+        with contextlib_exit() as stack:
+            for env in envs:
+                stack.enter_context(plat.core(env))
+            gw = stack.enter_context(plat.gateway(envs[0]))
+            wf = plat.setup_webhook_workflow(gw, slack)
+            path = f"/api/webhooks/{wf['workflow_id']}"
+            budget = int(args.duration * 9000)
+
+            if cores == 1:
+                out["ingest"] = median_of(args.runs, lambda i: wrk_webhooks(gw, path, sign_lines(wf["secret"], budget, f"{label}-in{i}"), args.duration))
+                out["ingest_latency"] = asyncio.run(loadgen.fixed_rate(signed_sender(wf["secret"], gw + path, f"{label}-lat"), args.rate, args.duration))
+                out["idempotent_ingest"] = median_of(args.runs, lambda i: wrk_webhooks(gw, path, sign_lines(wf["secret"], budget, f"{label}-idem{i}", with_keys=True), args.duration))
+            # End to end: drain, then saturate and time until the fake Slack has them all.
+            wait_deliveries(slack, 0, 0)
+            time.sleep(1)
+
+            def e2e(i: int) -> dict[str, float]:
+                since = time.time()
+                result = wrk_webhooks(gw, path, sign_lines(wf["secret"], budget, f"{label}-e2e{i}"), args.duration)
+                accepted = result["requests"] - result["errors"]
+                stats = wait_deliveries(slack, since, accepted)
+                span = max(stats["last"] - since, 1e-9)
+                return {"rps": stats["count"] / span, "errors": accepted - stats["count"]}
+
+            out["end_to_end"] = median_of(args.runs, e2e)
+            since = time.time()
+            latency = asyncio.run(loadgen.fixed_rate(signed_sender(wf["secret"], gw + path, f"{label}-e2elat"), args.rate, args.duration))
+            lat = wait_deliveries(slack, since, latency["requests"] - latency["errors"])["latencies"]
+            out["end_to_end_latency"] = {"rate": args.rate, "p50_ms": loadgen.percentile(lat, 50) * 1000, "p99_ms": loadgen.percentile(lat, 99) * 1000, "delivered": len(lat), "ingest_p99_ms": latency["p99_ms"]}
+            if cores == 1:
+                out["direct_grpc"] = median_of(args.runs, lambda i: asyncio.run(grpc_saturation(grpc_ports[0], wf["workflow_id"], wf["secret"], f"{label}-grpc{i}", args.duration)))
+                out["gateway_python_client"] = median_of(args.runs, lambda i: asyncio.run(loadgen.python_saturation(signed_sender(wf["secret"], gw + path, f"{label}-pyhttp{i}"), args.duration)))
+    return out
+
+
+class contextlib_exit:
+    def __enter__(self):  # type: ignore[no-untyped-def]
+        import contextlib
+
+        self.stack = contextlib.ExitStack().__enter__()
+        return self.stack
+
+    def __exit__(self, *exc):  # type: ignore[no-untyped-def]
+        return self.stack.__exit__(*exc)
+
+
+async def grpc_saturation(port: int, workflow_id: str, secret: str, prefix: str, duration: float, concurrency: int = 64) -> dict[str, float]:
+    """The same signed trigger sent straight to the core over gRPC (no gateway)."""
+    import grpc
+    from google.api import httpbody_pb2
+    from standardwebhooks.webhooks import Webhook
+
+    from ipaas.v1 import executions_pb2, executions_pb2_grpc
+
+    hook = Webhook(secret)
+    done = errors = 0
+    counter = iter(range(10**9))
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = executions_pb2_grpc.ExecutionServiceStub(channel)
+        deadline = time.perf_counter() + duration
+
+        async def worker() -> None:
+            nonlocal done, errors
+            while time.perf_counter() < deadline:
+                i = next(counter)
+                now = datetime.now(timezone.utc)
+                body = json.dumps({"t": 0, "n": i}, separators=(",", ":"))
+                msg_id = f"{prefix}-{i}"
+                headers = {"webhook-id": msg_id, "webhook-timestamp": str(int(now.timestamp())), "webhook-signature": hook.sign(msg_id, now, body)}
+                try:
+                    await stub.ReceiveWebhook(executions_pb2.ReceiveWebhookRequest(workflow_id=workflow_id, http_body=httpbody_pb2.HttpBody(data=body.encode()), headers=headers))
+                except grpc.aio.AioRpcError:
+                    errors += 1
+                done += 1
+
+        started = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        elapsed = time.perf_counter() - started
+    return {"rps": done / elapsed, "requests": done, "errors": errors}
+
+
+def measure_ceilings(args: argparse.Namespace, slack: str) -> dict[str, Any]:
+    lines = sign_lines("whsec_" + "QUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUE=", int(args.duration * 30000), "ceiling")
+    out = {}
+    with plat.uvicorn_app("bench.ceilings:bare_202") as url:
+        out["bare_asgi_202"] = median_of(args.runs, lambda i: wrk_webhooks(url, "/x", lines, args.duration))
+    with plat.uvicorn_app("bench.ceilings:relay", {"BENCH_SLACK_URL": f"{slack}/services/T1/B1/ceiling"}) as url:
+        out["bare_relay_aiohttp"] = median_of(args.runs, lambda i: wrk_webhooks(url, "/x", lines, args.duration))
+    return out
+
+
+def measure_limiter(args: argparse.Namespace, slack: str) -> dict[str, Any]:
+    """The rate limiter's own cost: limits on, with a budget too large to ever refuse."""
+    with tempfile.TemporaryDirectory() as tmp:
+        grpc_port, http_port = plat.free_port(), plat.free_port()
+        env = plat.platform_env(Path(tmp), None, grpc_port, http_port, IPAAS_RATE_LIMITS_OFF="0", IPAAS_RATE_PAID="1000000/1000000")
+        with plat.core(env), plat.gateway(env) as gw:
+            wf = plat.setup_webhook_workflow(gw, slack)
+            path = f"/api/webhooks/{wf['workflow_id']}"
+            return {"rate_limited_ingest": median_of(args.runs, lambda i: wrk_webhooks(gw, path, sign_lines(wf["secret"], int(args.duration * 9000), f"rl{i}"), args.duration))}
+
+
+def ratio(a: float, b: float) -> float:
+    return round(a / b, 3) if b else float("nan")
+
+
+def report(results: dict[str, Any]) -> list[str]:
+    c = results["ceilings"]
+    bare, relay = c["bare_asgi_202"]["median"], c["bare_relay_aiohttp"]["median"]
+    s = results["sqlite"]
+    rows = [
+        ("ceiling: bare ASGI 202 (uvicorn)", bare, "req/s", 1.0, "bare"),
+        ("ceiling: bare relay to fake Slack (aiohttp)", relay, "req/s", 1.0, "relay"),
+        ("durable ingest, signed webhooks via gateway (SQLite)", s["ingest"]["median"], "req/s", ratio(s["ingest"]["median"], bare), "bare"),
+        ("  ingest latency p50 at fixed rate", s["ingest_latency"]["p50_ms"], "ms", None, ""),
+        ("  ingest latency p99 at fixed rate", s["ingest_latency"]["p99_ms"], "ms", None, ""),
+        ("end-to-end deliveries (SQLite)", s["end_to_end"]["median"], "msg/s", ratio(s["end_to_end"]["median"], relay), "relay"),
+        ("  end-to-end latency p50 at fixed rate", s["end_to_end_latency"]["p50_ms"], "ms", None, ""),
+        ("  end-to-end latency p99 at fixed rate", s["end_to_end_latency"]["p99_ms"], "ms", None, ""),
+        ("ingest with Idempotency-Key", s["idempotent_ingest"]["median"], "req/s", ratio(s["idempotent_ingest"]["median"], s["ingest"]["median"]), "ingest"),
+        ("ingest with rate limiter on", results["limiter"]["rate_limited_ingest"]["median"], "req/s", ratio(results["limiter"]["rate_limited_ingest"]["median"], s["ingest"]["median"]), "ingest"),
+        ("direct gRPC trigger (python client)", s["direct_grpc"]["median"], "req/s", None, ""),
+        ("via gateway (python client)", s["gateway_python_client"]["median"], "req/s", ratio(s["gateway_python_client"]["median"], s["direct_grpc"]["median"]), "grpc"),
+    ]
+    overhead = (1 / s["gateway_python_client"]["median"] - 1 / s["direct_grpc"]["median"]) / (1 / s["direct_grpc"]["median"])
+    rows.append(("gateway overhead per request vs direct gRPC", overhead * 100, "%", None, ""))
+    if "postgres_1" in results:
+        p1, p2 = results["postgres_1"]["end_to_end"]["median"], results["postgres_2"]["end_to_end"]["median"]
+        rows.append(("end-to-end, PostgreSQL, 1 core", p1, "msg/s", ratio(p1, relay), "relay"))
+        rows.append(("end-to-end, PostgreSQL, 2 cores", p2, "msg/s", ratio(p2, p1), "1 core"))
+    for name, value in results["micro"].items():
+        rows.append((f"micro: {name}", value, "µs/op", None, ""))
+    lines = [f"{'measure':58} {'value':>12} {'unit':6} {'ratio':>7} to"]
+    for name, value, unit, r, base in rows:
+        lines.append(f"{name:58} {value:12.1f} {unit:6} {('' if r is None else f'{r:.3f}'):>7} {base}")
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench")
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--duration", type=int, default=5, help="seconds per load run")
+    parser.add_argument("--rate", type=float, default=1000.0, help="fixed rate for latency runs")
+    parser.add_argument("--no-postgres", action="store_true")
+    args = parser.parse_args()
+    if not loadgen.WRK:
+        raise SystemExit("wrk is needed for saturation runs: apt-get install wrk")
+    results: dict[str, Any] = {
+        "machine": {"cpus": os.cpu_count(), "python": pyplatform.python_version(), "platform": pyplatform.platform()},
+        "settings": vars(args),
+        "started": datetime.now(timezone.utc).isoformat(),
+        "micro": micro.run_all(),
+    }
+    with plat.fake_slack() as slack:
+        results["ceilings"] = measure_ceilings(args, slack)
+        results["sqlite"] = measure_platform(args, slack, None, "sq")
+        results["limiter"] = measure_limiter(args, slack)
+        pg = os.environ.get("IPAAS_TEST_POSTGRES_URL")
+        if pg and not args.no_postgres:
+            for cores in (1, 2):
+                url = fresh_postgres(pg)
+                results[f"postgres_{cores}"] = measure_platform(args, slack, url, f"pg{cores}", cores=cores)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "latest.json").write_text(json.dumps(results, indent=2))
+    table = report(results)
+    (RESULTS / "latest.txt").write_text("\n".join(table) + "\n")
+    print("\n".join(table))
+
+
+def fresh_postgres(base: str) -> str:
+    import uuid
+
+    import psycopg
+    from sqlalchemy.engine import make_url
+
+    url = make_url(base)
+    name = f"ipaas_bench_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(url.set(drivername="postgresql").render_as_string(hide_password=False), autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    return url.set(database=name).render_as_string(hide_password=False)
+
+
+if __name__ == "__main__":
+    main()
