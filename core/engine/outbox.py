@@ -117,9 +117,12 @@ async def enqueue_many(db: Database, items: list[NewExecution]) -> list[Accepted
     return [r for r in results if r is not None]
 
 
-async def queue_depth(db: Database) -> int:
-    async with db.session() as s:
-        return int((await s.scalar(select(func.count()).select_from(OutboxTask))) or 0)
+async def queue_depth(db: Database, tenant_id: str | None = None) -> int:
+    q = select(func.count()).select_from(OutboxTask)
+    if tenant_id is not None:
+        q = q.where(OutboxTask.tenant_id == tenant_id)
+    async with db.engine.connect() as conn:
+        return int((await conn.execute(q)).scalar() or 0)
 
 
 async def claim_due_tasks(db: Database, owner: str, limit: int, lease: timedelta) -> list[ClaimedTask]:

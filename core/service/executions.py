@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import grpc
 
 from ipaas import logs
 from ipaas.auth import current_tenant as _tenant
 from ipaas.dryrun import DryRunner
+from ipaas.engine.outbox import queue_depth
 from ipaas.execution_store import ExecutionStore, ExecutionView
 from ipaas.service import convert
 from ipaas.triggers import TriggerService
@@ -60,10 +63,21 @@ def _view(view: ExecutionView) -> pb.Execution:
 
 
 class ExecutionServicer(executions_pb2_grpc.ExecutionServiceServicer):
-    def __init__(self, triggers: TriggerService, store: ExecutionStore, dry_runner: DryRunner) -> None:
+    def __init__(self, triggers: TriggerService, store: ExecutionStore, dry_runner: DryRunner, dispatcher: Any = None) -> None:
         self.triggers = triggers
         self.store = store
         self.dry_runner = dry_runner
+        self.dispatcher = dispatcher
+
+    async def GetQueueStats(self, request: pb.GetQueueStatsRequest, context: grpc.aio.ServicerContext) -> pb.GetQueueStatsResponse:
+        enqueuer = self.triggers.enqueuer
+        return pb.GetQueueStatsResponse(
+            depth=await enqueuer.refresh_depth(),
+            max_depth=enqueuer.max_depth,
+            tenant_depth=await queue_depth(enqueuer.db, _tenant()),
+            in_flight=self.dispatcher.inflight if self.dispatcher else 0,
+            workers=self.dispatcher.workers if self.dispatcher else 0,
+        )
 
     async def RunWorkflow(self, request: pb.RunWorkflowRequest, context: grpc.aio.ServicerContext) -> pb.RunWorkflowResponse:
         tenant = _tenant()

@@ -157,7 +157,7 @@ class CoreServer:
         tenants_pb2_grpc.add_TenantServiceServicer_to_server(TenantServicer(tenants), server)
         workflows_pb2_grpc.add_WorkflowServiceServicer_to_server(WorkflowServicer(workflows), server)
         executions_pb2_grpc.add_ExecutionServiceServicer_to_server(
-            ExecutionServicer(TriggerService(workflows, self.enqueuer), executions, DryRunner(workflows, steps)), server
+            ExecutionServicer(TriggerService(workflows, self.enqueuer), executions, DryRunner(workflows, steps), self.dispatcher), server
         )
         connectors_pb2_grpc.add_ConnectorServiceServicer_to_server(ConnectorServicer(registry), server)
         credentials_pb2_grpc.add_CredentialServiceServicer_to_server(CredentialServicer(credentials), server)

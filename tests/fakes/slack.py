@@ -13,9 +13,13 @@ PATH = "/services/T00000000/B00000000/XXXXXXXXXXXXXXXXXXXXXXXX"
 
 
 class FakeSlack(FakeServer):
+    def __init__(self, delay: float = 0.0, token: str = PATH.rsplit("/", 1)[1]) -> None:
+        super().__init__(delay)
+        self.token = token
+
     @property
     def url(self) -> str:
-        return self.base_url + PATH
+        return f"{self.base_url}/services/T00000000/B00000000/{self.token}"
 
     def failure(self, status: int, retry_after: float | None, body: Any, headers: dict[str, str]):  # type: ignore[no-untyped-def]
         return super().failure(status, retry_after, body if body is not None else SLACK_ERRORS.get(status, "error"), headers)
@@ -26,7 +30,7 @@ class FakeSlack(FakeServer):
     async def handle(self, request: web.Request) -> web.Response:
         if (failure := await self.before()) is not None:
             return failure
-        if request.match_info["token"] != PATH.rsplit("/", 1)[1]:
+        if request.match_info["token"] != self.token:
             return web.Response(status=404, text="no_service")
         try:
             body = await request.json()

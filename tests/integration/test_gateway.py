@@ -224,3 +224,14 @@ async def test_openapi_and_docs(stack) -> None:
     assert "201" in doc["paths"]["/api/workflows"]["post"]["responses"]
     docs = await http.get("/docs")
     assert docs.status_code == 200 and "/openapi.json" in docs.text
+
+
+async def test_connectors_breakers_and_caller_over_rest(stack) -> None:
+    core, http, slack = stack
+    connectors = assert_envelope(await http.get("/api/connectors"), True)["data"]["connectors"]
+    by_name = {c["name"]: c for c in connectors}
+    assert {"slack", "discord", "openweather"} <= set(by_name)
+    assert by_name["slack"]["actions"][0]["config_schema"]["required"] == ["text"]
+    assert by_name["discord"]["distribution"] == "ipaas-discord"
+    assert assert_envelope(await http.get("/api/breakers"), True)["data"] == {"breakers": []}
+    assert assert_envelope(await http.get("/api/caller"), True)["data"]["tier"] == "paid"

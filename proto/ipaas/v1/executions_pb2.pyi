@@ -211,3 +211,21 @@ class CancelExecutionResponse(_message.Message):
     EXECUTION_FIELD_NUMBER: _ClassVar[int]
     execution: Execution
     def __init__(self, execution: _Optional[_Union[Execution, _Mapping]] = ...) -> None: ...
+
+class GetQueueStatsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class GetQueueStatsResponse(_message.Message):
+    __slots__ = ("depth", "max_depth", "tenant_depth", "in_flight", "workers")
+    DEPTH_FIELD_NUMBER: _ClassVar[int]
+    MAX_DEPTH_FIELD_NUMBER: _ClassVar[int]
+    TENANT_DEPTH_FIELD_NUMBER: _ClassVar[int]
+    IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
+    WORKERS_FIELD_NUMBER: _ClassVar[int]
+    depth: int
+    max_depth: int
+    tenant_depth: int
+    in_flight: int
+    workers: int
+    def __init__(self, depth: _Optional[int] = ..., max_depth: _Optional[int] = ..., tenant_depth: _Optional[int] = ..., in_flight: _Optional[int] = ..., workers: _Optional[int] = ...) -> None: ...

@@ -71,6 +71,11 @@ class ExecutionServiceStub:
                 request_serializer=ipaas_dot_v1_dot_executions__pb2.ReplayExecutionRequest.SerializeToString,
                 response_deserializer=ipaas_dot_v1_dot_executions__pb2.ReplayExecutionResponse.FromString,
                 _registered_method=True)
+        self.GetQueueStats = channel.unary_unary(
+                '/ipaas.v1.ExecutionService/GetQueueStats',
+                request_serializer=ipaas_dot_v1_dot_executions__pb2.GetQueueStatsRequest.SerializeToString,
+                response_deserializer=ipaas_dot_v1_dot_executions__pb2.GetQueueStatsResponse.FromString,
+                _registered_method=True)
         self.CancelExecution = channel.unary_unary(
                 '/ipaas.v1.ExecutionService/CancelExecution',
                 request_serializer=ipaas_dot_v1_dot_executions__pb2.CancelExecutionRequest.SerializeToString,
@@ -134,6 +139,13 @@ class ExecutionServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetQueueStats(self, request, context):
+        """How much work is waiting: the whole queue (for backpressure) and the caller's share.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def CancelExecution(self, request, context):
         """Cancels a queued execution. A running step finishes; no further step starts.
         """
@@ -173,6 +185,11 @@ def add_ExecutionServiceServicer_to_server(servicer, server):
                     servicer.ReplayExecution,
                     request_deserializer=ipaas_dot_v1_dot_executions__pb2.ReplayExecutionRequest.FromString,
                     response_serializer=ipaas_dot_v1_dot_executions__pb2.ReplayExecutionResponse.SerializeToString,
+            ),
+            'GetQueueStats': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetQueueStats,
+                    request_deserializer=ipaas_dot_v1_dot_executions__pb2.GetQueueStatsRequest.FromString,
+                    response_serializer=ipaas_dot_v1_dot_executions__pb2.GetQueueStatsResponse.SerializeToString,
             ),
             'CancelExecution': grpc.unary_unary_rpc_method_handler(
                     servicer.CancelExecution,
@@ -349,6 +366,33 @@ class ExecutionService:
             '/ipaas.v1.ExecutionService/ReplayExecution',
             ipaas_dot_v1_dot_executions__pb2.ReplayExecutionRequest.SerializeToString,
             ipaas_dot_v1_dot_executions__pb2.ReplayExecutionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetQueueStats(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ipaas.v1.ExecutionService/GetQueueStats',
+            ipaas_dot_v1_dot_executions__pb2.GetQueueStatsRequest.SerializeToString,
+            ipaas_dot_v1_dot_executions__pb2.GetQueueStatsResponse.FromString,
             options,
             channel_credentials,
             insecure,
