@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from ipaas import definitions, templates
+from ipaas import templates
 from ipaas.engine.steps import StepRunner
 from ipaas.errors import InvalidArgument, IpaasError
 from ipaas.sdk import PermanentError, RetryableError

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import delete, select
 
 from ipaas.engine import outbox
 from ipaas.errors import FailedPrecondition, InvalidArgument, NotFound

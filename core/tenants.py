@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sqlalchemy import select, update
+from sqlalchemy import select
 
 from ipaas import auth
 from ipaas.errors import InvalidArgument, NotFound, Unauthenticated
 from ipaas.ids import new_id
-from ipaas.pagination import Page, decode_token, encode_token, page_size
+from ipaas.pagination import Page, decode_token, page_size
 from ipaas.storage.db import Database
 from ipaas.storage.tables import ApiKey, Tenant, utcnow
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from typing import Any, Protocol
+from typing import Protocol
 
 import orjson
 from sqlalchemy import Integer, LargeBinary, MetaData, String, Table, Column, DateTime, delete, select

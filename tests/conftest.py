@@ -21,6 +21,15 @@ REDIS_URL = os.environ.get("IPAAS_TEST_REDIS_URL")
 ADMIN_KEY = "ipk_admin_test_" + "x" * 32
 
 
+def free_port() -> int:
+    """A free loopback port, for servers a test starts as separate processes."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def require_service(url: str | None, name: str, variable: str) -> str:
     """Skip where the service is not configured (a laptop); in CI a missing service is an error."""
     if url:

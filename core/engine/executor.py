@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -15,10 +14,10 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 from ipaas import templates
 from ipaas.credentials import CredentialStore
-from ipaas.definitions import max_attempts as definition_max_attempts
 from ipaas.engine import outbox
 from ipaas.engine.breakers import BreakerRegistry
 from ipaas.engine.retry import RetryPolicy, next_delay
+from ipaas.engine.steps import StepRunner
 from ipaas.errors import IpaasError
 from ipaas.masking import mask_value
 from ipaas.sdk import ActionResult, PermanentError, RetryableError
@@ -55,7 +54,7 @@ class Executor:
         db: Database,
         workflows: WorkflowStore,
         credentials: CredentialStore,
-        steps: "StepRunner",
+        steps: StepRunner,
         breakers: BreakerRegistry,
         limits: EngineLimits = EngineLimits(),
     ) -> None:

@@ -7,8 +7,7 @@ import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from ipaas.v1 import connectors_pb2, connectors_pb2_grpc, tenants_pb2, tenants_pb2_grpc
-from tests.conftest import bearer
+from ipaas.v1 import tenants_pb2, tenants_pb2_grpc
 
 
 async def test_no_key_is_unauthenticated(core) -> None:

@@ -10,7 +10,6 @@ import asyncio
 import collections
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,17 +20,12 @@ import pytest
 from google.api import httpbody_pb2
 
 from ipaas.v1 import executions_pb2, executions_pb2_grpc, tenants_pb2, tenants_pb2_grpc
-from tests.conftest import ADMIN_KEY, bearer, core_with
+from tests.conftest import ADMIN_KEY, bearer, core_with, free_port
 from tests.fakes.slack import FakeSlack
 from tests.integration.helpers import Api, signed_webhook, slack_step
 
 WORKERS = 8
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_core(tmp_path: Path, port: int) -> subprocess.Popen[bytes]:

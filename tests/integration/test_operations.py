@@ -3,13 +3,11 @@ credential's secret never reaches a log line or a stored execution."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 
 import httpx
 from sqlalchemy import text
 
-from ipaas.storage.tables import OutboxTask
 from ipaas.v1 import executions_pb2
 from tests.conftest import core_with, gateway_for
 from tests.fakes.slack import FakeSlack

@@ -10,7 +10,6 @@ import sys
 import venv
 from pathlib import Path
 
-import grpc
 import pytest
 
 from ipaas.v1 import connectors_pb2, connectors_pb2_grpc

@@ -4,7 +4,6 @@ and compare byte for byte. Fails when a .proto changes without `make protos`."""
 from __future__ import annotations
 
 import importlib.util
-import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
