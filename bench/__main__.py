@@ -187,6 +187,32 @@ async def grpc_saturation(port: int, workflow_id: str, secret: str, prefix: str,
     return {"rps": done / elapsed, "requests": done, "errors": errors}
 
 
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def measure_soak(seconds: int, rate: float, slack: str) -> dict[str, Any]:
+    """Memory over a sustained load the platform keeps up with: RSS at start and end."""
+    import subprocess
+
+    with tempfile.TemporaryDirectory() as tmp:
+        grpc_port, http_port = plat.free_port(), plat.free_port()
+        env = plat.platform_env(Path(tmp), None, grpc_port, http_port)
+        with plat.core(env) as core, plat.gateway(env) as gw:
+            wf = plat.setup_webhook_workflow(gw, slack)
+            gateway_pid = int(subprocess.run(["pgrep", "-n", "-f", "--", "-m ipaas gateway"], capture_output=True, text=True).stdout.split()[-1])
+            path = f"/api/webhooks/{wf['workflow_id']}"
+            # Warm up first, so start-up allocations are not counted as growth.
+            asyncio.run(loadgen.fixed_rate(signed_sender(wf["secret"], gw + path, "soak-warm"), rate, 10))
+            start = {"core_mb": rss_mb(core.pid), "gateway_mb": rss_mb(gateway_pid)}
+            load = asyncio.run(loadgen.fixed_rate(signed_sender(wf["secret"], gw + path, "soak"), rate, seconds))
+            end = {"core_mb": rss_mb(core.pid), "gateway_mb": rss_mb(gateway_pid)}
+    return {"seconds": seconds, "rate": rate, "requests": load["requests"], "errors": load["errors"], "p99_ms": load["p99_ms"], "start": start, "end": end}
+
+
 def measure_ceilings(args: argparse.Namespace, slack: str) -> dict[str, Any]:
     lines = sign_lines("whsec_" + "QUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUE=", int(args.duration * 30000), "ceiling")
     out = {}
@@ -253,6 +279,9 @@ def main() -> None:
     parser.add_argument("--duration", type=int, default=5, help="seconds per load run")
     parser.add_argument("--rate", type=float, default=1000.0, help="fixed rate for latency runs")
     parser.add_argument("--no-postgres", action="store_true")
+    parser.add_argument("--soak", type=int, default=0, help="seconds of memory soak at --soak-rate (0: skip)")
+    parser.add_argument("--soak-rate", type=float, default=50.0)
+    parser.add_argument("--only-soak", action="store_true")
     args = parser.parse_args()
     if not loadgen.WRK:
         raise SystemExit("wrk is needed for saturation runs: apt-get install wrk")
@@ -263,6 +292,13 @@ def main() -> None:
         "micro": micro.run_all(),
     }
     with plat.fake_slack() as slack:
+        if args.soak:
+            results["soak"] = measure_soak(args.soak, args.soak_rate, slack)
+            print(json.dumps(results["soak"], indent=2))
+        if args.only_soak:
+            RESULTS.mkdir(exist_ok=True)
+            (RESULTS / "soak.json").write_text(json.dumps(results, indent=2))
+            return
         results["ceilings"] = measure_ceilings(args, slack)
         results["sqlite"] = measure_platform(args, slack, None, "sq")
         results["limiter"] = measure_limiter(args, slack)
