@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+from cachetools import TTLCache
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
@@ -19,11 +20,18 @@ from ipaas.storage.tables import Credential, utcnow
 SecretsValidator = Callable[[str, dict[str, Any]], list[tuple[str, str]]]
 
 
+# Steps read their credential on every run; the encrypted row is kept this long (seconds).
+# A delete through this replica applies at once, through another within the TTL.
+ROW_TTL = 1.0
+
+
 class CredentialStore:
     def __init__(self, db: Database, box: SecretBox, validate_secrets: SecretsValidator) -> None:
         self.db = db
         self.box = box
         self.validate_secrets = validate_secrets
+        # Only ciphertext is cached: secrets are decrypted for each step and never kept.
+        self._rows: TTLCache[str, Credential | None] = TTLCache(maxsize=10_000, ttl=ROW_TTL)
 
     async def create(self, tenant_id: str, connector: str, name: str, secrets: dict[str, Any]) -> Credential:
         name = name.strip()
@@ -76,6 +84,7 @@ class CredentialStore:
             if row is None or row.tenant_id != tenant_id:
                 raise NotFound(f"credential {credential_id} not found")
             await s.delete(row)
+        self._rows.pop(credential_id, None)
 
     async def connectors_of(self, tenant_id: str, ids: set[str]) -> dict[str, str]:
         """credential id → connector, for the tenant's credentials among ids."""
@@ -88,7 +97,13 @@ class CredentialStore:
             return {r.id: r.connector for r in rows}
 
     async def secrets(self, tenant_id: str, credential_id: str) -> dict[str, Any]:
-        row = await self.get(tenant_id, credential_id)
+        try:
+            row = self._rows[credential_id]
+        except KeyError:
+            async with self.db.session() as s:
+                row = self._rows[credential_id] = await s.get(Credential, credential_id)
+        if row is None or row.tenant_id != tenant_id:
+            raise NotFound(f"credential {credential_id} not found")
         value = self.box.decrypt(row.ciphertext)
         assert isinstance(value, dict)
         return value

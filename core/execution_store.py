@@ -69,7 +69,11 @@ class ExecutionStore:
 
     async def cancel(self, tenant_id: str, execution_id: str) -> ExecutionView:
         async with self.db.session() as s, s.begin():
-            row = await s.get(Execution, execution_id, with_for_update=self.db.is_postgres)
+            if self.db.is_postgres:
+                # Tasks before executions, the order claims and outcomes lock in; NO KEY
+                # UPDATE on the execution lets step rows that reference it go on being written.
+                await s.execute(select(OutboxTask.id).where(OutboxTask.execution_id == execution_id).with_for_update())
+            row = await s.get(Execution, execution_id, with_for_update={"key_share": True} if self.db.is_postgres else None)
             if row is None or row.tenant_id != tenant_id:
                 raise NotFound(f"execution {execution_id} not found")
             if row.status not in ("queued", "running"):

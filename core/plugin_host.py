@@ -15,12 +15,14 @@ import logging
 import re
 import time
 from dataclasses import dataclass, field
+from http.cookiejar import CookieJar
 from importlib.metadata import entry_points
 from typing import Any, Iterable
 
 import httpx
 import jsonschema
 import pluggy
+from cachetools import LRUCache
 from jsonschema import Draft202012Validator
 
 from ipaas import hookspecs
@@ -45,10 +47,22 @@ def _path(prefix: str, parts: Iterable[Any]) -> str:
     return out
 
 
+_validators: LRUCache[int, tuple[dict[str, Any], Draft202012Validator]] = LRUCache(maxsize=1024)
+
+
+def _validator(schema: dict[str, Any]) -> Draft202012Validator:
+    """Schemas are connector declarations that live as long as the process: build each
+    validator once, not on every step (keyed by identity, checked against id reuse)."""
+    hit = _validators.get(id(schema))
+    if hit is None or hit[0] is not schema:
+        hit = _validators[id(schema)] = (schema, Draft202012Validator(schema))
+    return hit[1]
+
+
 def schema_problems(schema: dict[str, Any], value: Any, prefix: str) -> list[tuple[str, str]]:
     """Schema violations as (field path, description), e.g. ("config.text", "is required")."""
     problems = []
-    for error in Draft202012Validator(schema).iter_errors(value):
+    for error in _validator(schema).iter_errors(value):
         where = _path(prefix, error.absolute_path)
         if error.validator == "required":
             match = re.match(r"'(.+)' is a required property", error.message)
@@ -248,6 +262,17 @@ def _leaves(value: Any) -> list[str]:
     return [str(value)] if value not in (None, "") and not isinstance(value, bool) else []
 
 
+class NoCookies(CookieJar):
+    """A connector's client serves every tenant: a cookie set by one tenant's upstream must
+    never ride along on another tenant's request, so none is kept."""
+
+    def extract_cookies(self, response: Any, request: Any) -> None:
+        return None
+
+    def set_cookie(self, cookie: Any) -> None:
+        return None
+
+
 def make_http_client(timeout: float, allow_insecure: bool, max_connections: int = 200) -> httpx.AsyncClient:
     """The client connectors get: strict timeouts on connect, read, write and pool waits,
     the SSRF guard on every request, no redirects (a redirect could leave the allowed hosts).
@@ -266,6 +291,7 @@ def make_http_client(timeout: float, allow_insecure: bool, max_connections: int 
         inner = httpx.AsyncHTTPTransport(limits=limits)
     return httpx.AsyncClient(
         transport=GuardedTransport(inner, allow_insecure),
+        cookies=NoCookies(),
         timeout=httpx.Timeout(timeout),
         follow_redirects=False,
         headers={"user-agent": "simple-ipaas"},

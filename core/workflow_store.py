@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import base64
 import secrets
-import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
+from cachetools import LRUCache, TTLCache
 from sqlalchemy import delete, select, update
 
 from ipaas import definitions
@@ -50,8 +50,8 @@ class WorkflowStore:
         self.box = box
         self.catalog = catalog
         self.credentials = credentials
-        self._targets: dict[str, tuple[float, WebhookTarget | None]] = {}
-        self._versions: dict[tuple[str, int], dict[str, Any]] = {}
+        self._targets: TTLCache[str, WebhookTarget | None] = TTLCache(maxsize=10_000, ttl=TARGET_TTL)
+        self._versions: LRUCache[tuple[str, int], dict[str, Any]] = LRUCache(maxsize=5_000)
 
     async def _validated(self, tenant_id: str, definition: dict[str, Any]) -> dict[str, Any]:
         definition = definitions.normalise(definition)
@@ -124,8 +124,6 @@ class WorkflowStore:
             row = await s.get(WorkflowVersion, (workflow_id, version))
         if row is None:
             raise NotFound(f"workflow {workflow_id} version {version} not found")
-        if len(self._versions) > 5_000:
-            self._versions.clear()
         self._versions[(workflow_id, version)] = row.definition
         return row.definition
 
@@ -242,14 +240,11 @@ class WorkflowStore:
     async def webhook_target(self, workflow_id: str) -> "WebhookTarget | None":
         """Cached for TARGET_TTL seconds: the hot path of every webhook. Changes made through
         this replica invalidate at once; other replicas see them within the TTL."""
-        now = time.monotonic()
-        cached = self._targets.get(workflow_id)
-        if cached is not None and cached[0] > now:
-            return cached[1]
-        target = await self._load_webhook_target(workflow_id)
-        if len(self._targets) > 10_000:
-            self._targets.clear()
-        self._targets[workflow_id] = (now + TARGET_TTL, target)
+        try:
+            return self._targets[workflow_id]
+        except KeyError:
+            pass
+        target = self._targets[workflow_id] = await self._load_webhook_target(workflow_id)
         return target
 
     def forget(self, workflow_id: str) -> None:

@@ -9,13 +9,13 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import select, update
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy import select
 
 from ipaas import templates
 from ipaas.credentials import CredentialStore
 from ipaas.engine import outbox
 from ipaas.engine.breakers import BreakerRegistry
+from ipaas.engine.outcomes import Outcome, OutcomeWriter
 from ipaas.engine.retry import RetryPolicy, next_delay
 from ipaas.engine.steps import StepRunner
 from ipaas.errors import IpaasError
@@ -23,10 +23,9 @@ from ipaas.masking import mask_value
 from ipaas.sdk import ActionResult, PermanentError, RetryableError
 from ipaas.storage.db import Database
 from ipaas.storage.tables import Execution, ExecutionStep, utcnow
+from ipaas.workflow_store import WorkflowStore
 
 EXECUTIONS = Execution.__table__
-STEPS = ExecutionStep.__table__
-from ipaas.workflow_store import WorkflowStore
 
 log = logging.getLogger("ipaas.engine")
 
@@ -64,19 +63,15 @@ class Executor:
         self.steps = steps
         self.breakers = breakers
         self.limits = limits
+        self.outcomes = OutcomeWriter(db)
 
     async def run(self, task: outbox.ClaimedTask, owner: str) -> None:
-        # Core SQL on plain connections: this is the hot path, and ORM sessions cost more
-        # CPU than the work itself.
-        async with self.db.engine.connect() as conn:
-            execution = (await conn.execute(select(EXECUTIONS).where(EXECUTIONS.c.id == task.execution_id))).first()
-            done_steps = {}
-            if execution is not None and execution.started_at is not None:  # a first run has no step rows yet
-                rows = await conn.execute(select(STEPS).where(STEPS.c.execution_id == task.execution_id))
-                done_steps = {row.step_index: row for row in rows}
+        # The claim brought the execution (as it was before the claim, which also marked it
+        # running) and its stored steps: no read before the first step runs.
+        execution = task.execution
+        done_steps = task.steps
         if execution is None or execution.status in FINAL:
-            async with self.db.engine.begin() as conn:
-                await outbox.finish_task(conn, task.task_id, owner)
+            await self.outcomes.record(Outcome(task.execution_id, task.task_id, owner, status=""))
             return
         definition = await self.workflows.get_pinned(execution.workflow_id, execution.workflow_version)
         remaining = [st for i, st in enumerate(definition["steps"]) if not (done_steps.get(i) and done_steps[i].status == "succeeded")]
@@ -88,13 +83,6 @@ class Executor:
                 await self._defer_for_breaker(execution, task, owner, wait, first)
                 return
         attempt = execution.attempts + 1
-        now = utcnow()
-        async with self.db.engine.begin() as s:
-            await s.execute(
-                update(Execution)
-                .where(Execution.id == execution.id, Execution.status != "cancelled")
-                .values(status="running", attempts=attempt, started_at=execution.started_at or now, next_attempt_at=None)
-            )
         outputs = {row.step_id: row.output or {} for row in done_steps.values() if row.status == "succeeded"}
         strict = bool(definition.get("options", {}).get("strict_templates"))
         try:
@@ -106,8 +94,7 @@ class Executor:
                     if previous is not None and previous.status == "succeeded":
                         continue
                     if step is not remaining[0] and await self._cancelled(execution.id):
-                        async with self.db.engine.begin() as conn:
-                            await outbox.finish_task(conn, task.task_id, owner)
+                        await self.outcomes.record(Outcome(execution.id, task.task_id, owner, status=""))
                         log.info("execution.cancelled", extra={"execution_id": execution.id, "before_step": step["id"]})
                         return
                     breaker = self.breakers.get(execution.tenant_id, step["connector"])
@@ -123,13 +110,12 @@ class Executor:
         except TimeoutError:
             await self._failed(execution, task, owner, attempt, StepFailure("execution deadline exceeded", retryable=True))
             return
-        await self._finish(execution, task, owner, "succeeded", None, pending)
+        await self.outcomes.record(Outcome(execution.id, task.task_id, owner, "succeeded", None, pending))
         log.info("execution.finished", extra={"execution_id": execution.id, "status": "succeeded", "attempt": attempt})
 
     async def _cancelled(self, execution_id: str) -> bool:
         """A running step finishes; no further step starts once the execution is cancelled."""
-        async with self.db.engine.connect() as conn:
-            status = (await conn.execute(select(EXECUTIONS.c.status).where(EXECUTIONS.c.id == execution_id))).scalar()
+        status = await self.db.transaction(lambda conn: conn.execute(select(EXECUTIONS.c.status).where(EXECUTIONS.c.id == execution_id)).scalar())
         return status == "cancelled"
 
     async def _run_step(self, execution: Execution, index: int, step: dict[str, Any], outputs: dict[str, Any], strict: bool, previous: ExecutionStep | None, breaker: Any, defer_store: bool = False) -> tuple[dict[str, Any], dict[str, Any] | None]:
@@ -166,22 +152,11 @@ class Executor:
         values = self._step_values(record, "succeeded", output=result.output or {}, message=result.message, duration_ms=result.duration_ms)
         if defer_store:  # the last step's result commits with the execution's outcome
             return result.output or {}, values
-        await self._write_step(values, previous is not None)
+        await self.outcomes.store_step(values)
         return result.output or {}, None
 
     async def _store_step(self, record: dict[str, Any], status: str, **kwargs: Any) -> None:
-        await self._write_step(self._step_values(record, status, **kwargs), upsert=True)
-
-    async def _write_step(self, values: dict[str, Any], upsert: bool) -> None:
-        async with self.db.engine.begin() as s:
-            await self._put_step(s, values, upsert)
-
-    async def _put_step(self, s: Any, values: dict[str, Any], upsert: bool) -> None:
-        insert = (postgresql.insert if self.db.is_postgres else sqlite.insert)(STEPS).values(**values)
-        if upsert:
-            keys = ("execution_id", "step_index")
-            insert = insert.on_conflict_do_update(index_elements=keys, set_={k: v for k, v in values.items() if k not in keys})
-        await s.execute(insert)
+        await self.outcomes.store_step(self._step_values(record, status, **kwargs))
 
     def _step_values(self, record: dict[str, Any], status: str, *, error: str | None = None, retryable: bool = False, output: Any = None, message: str | None = None, duration_ms: int | None = None) -> dict[str, Any]:
         finished = utcnow()
@@ -199,13 +174,8 @@ class Executor:
     async def _defer_for_breaker(self, execution: Execution, task: outbox.ClaimedTask, owner: str, wait: float, step: dict[str, Any]) -> None:
         """An open breaker defers the task without spending an attempt or calling upstream."""
         run_at = utcnow() + timedelta(seconds=wait)
-        async with self.db.engine.begin() as s:
-            await s.execute(
-                update(Execution)
-                .where(Execution.id == execution.id)
-                .values(status="queued", attempts=execution.attempts, next_attempt_at=run_at, error=f"circuit open for {step['connector']}")
-            )
-            await outbox.defer_task(s, task.task_id, owner, run_at)
+        # Undo what the claim set: this attempt never started.
+        await self.outcomes.requeue(task, owner, run_at, error=f"circuit open for {step['connector']}", attempts=execution.attempts, started_at=execution.started_at)
         log.info("execution.deferred", extra={"execution_id": execution.id, "connector": step["connector"], "seconds": round(wait, 3)})
 
     async def _failed(self, execution: Execution, task: outbox.ClaimedTask, owner: str, attempt: int, failure: StepFailure) -> None:
@@ -220,20 +190,8 @@ class Executor:
             log.warning("execution.dead", extra={"execution_id": execution.id, "attempts": attempt, "error": str(failure)})
             return
         run_at = utcnow() + timedelta(seconds=delay)
-        async with self.db.engine.begin() as s:
-            await s.execute(
-                update(Execution).where(Execution.id == execution.id).values(status="queued", next_attempt_at=run_at, error=mask_value(str(failure)))
-            )
-            await outbox.defer_task(s, task.task_id, owner, run_at)
+        await self.outcomes.requeue(task, owner, run_at, error=mask_value(str(failure)))
         log.info("execution.retry_scheduled", extra={"execution_id": execution.id, "attempt": attempt, "delay_s": round(delay, 3)})
 
-    async def _finish(self, execution: Execution, task: outbox.ClaimedTask, owner: str, status: str, error: str | None, step: dict[str, Any] | None = None) -> None:
-        async with self.db.engine.begin() as s:
-            if step is not None:
-                await self._put_step(s, step, upsert=True)
-            await s.execute(
-                update(Execution)
-                .where(Execution.id == execution.id, Execution.status.not_in(("cancelled",)))
-                .values(status=status, finished_at=utcnow(), error=mask_value(error) if error else None, next_attempt_at=None)
-            )
-            await outbox.finish_task(s, task.task_id, owner)
+    async def _finish(self, execution: Execution, task: outbox.ClaimedTask, owner: str, status: str, error: str | None) -> None:
+        await self.outcomes.record(Outcome(execution.id, task.task_id, owner, status, mask_value(error) if error else None))

@@ -12,17 +12,21 @@ lease (a crashed replica) makes the task claimable again.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, delete, func, or_, select, text, update
+from sqlalchemy import and_, bindparam, func, or_, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from ipaas.ids import new_id
 from ipaas.storage.db import Database
-from ipaas.storage.tables import Execution, OutboxTask, utcnow
+from ipaas.storage.tables import Execution, ExecutionStep, OutboxTask, utcnow
+
+EXECUTIONS = Execution.__table__
+STEPS = ExecutionStep.__table__
 
 NOTIFY_CHANNEL = "ipaas_outbox"
 
@@ -50,10 +54,13 @@ class ClaimedTask:
     task_id: int
     execution_id: str
     tenant_id: str
+    execution: Any = None  # the execution row as it was before this claim (None: gone)
+    steps: dict[int, Any] = field(default_factory=dict)  # step index -> stored step row
 
 
-def _insert(db: Database, table: Any) -> Any:
-    return (postgresql.insert if db.is_postgres else sqlite.insert)(table)
+_INSERT_EXECUTION_PG = postgresql.insert(EXECUTIONS).on_conflict_do_nothing().returning(EXECUTIONS.c.id)
+_INSERT_EXECUTION_SQLITE = sqlite.insert(EXECUTIONS).on_conflict_do_nothing().returning(EXECUTIONS.c.id)
+_INSERT_TASK = OutboxTask.__table__.insert()
 
 
 async def enqueue_many(db: Database, items: list[NewExecution]) -> list[Accepted]:
@@ -85,28 +92,26 @@ async def enqueue_many(db: Database, items: list[NewExecution]) -> list[Accepted
                 "_index": i,
             }
         )
-    async with db.engine.begin() as s:
+    insert_executions = _INSERT_EXECUTION_PG if db.is_postgres else _INSERT_EXECUTION_SQLITE
+
+    def write(conn: Connection) -> list[Accepted]:
         inserted: set[str] = set()
         if rows:
-            stmt = _insert(db, Execution.__table__).on_conflict_do_nothing().returning(Execution.__table__.c.id)
-            result = await s.execute(stmt, [{k: v for k, v in r.items() if k != "_index"} for r in rows])
+            result = conn.execute(insert_executions, [{k: v for k, v in r.items() if k != "_index"} for r in rows])
             inserted = {row[0] for row in result}
         new_rows = [r for r in rows if r["id"] in inserted]
         if new_rows:
-            await s.execute(
-                OutboxTask.__table__.insert(),
-                [{"execution_id": r["id"], "tenant_id": r["tenant_id"], "run_at": now, "created_at": now} for r in new_rows],
-            )
+            conn.execute(_INSERT_TASK, [{"execution_id": r["id"], "tenant_id": r["tenant_id"], "run_at": now, "created_at": now} for r in new_rows])
             if db.is_postgres:
-                await s.execute(text("SELECT pg_notify(:channel, '')"), {"channel": NOTIFY_CHANNEL})
+                conn.execute(text("SELECT pg_notify(:channel, '')"), {"channel": NOTIFY_CHANNEL})
         for r in new_rows:
             results[r["_index"]] = Accepted(r["id"], "queued", False)
         missing = [i for i, res in enumerate(results) if res is None]
         if missing:
             wanted = {(items[i].tenant_id, items[i].dedup_key) for i in missing}
-            found = await s.execute(
-                select(Execution.id, Execution.status, Execution.tenant_id, Execution.dedup_key).where(
-                    or_(*(and_(Execution.tenant_id == t, Execution.dedup_key == k) for t, k in wanted))
+            found = conn.execute(
+                select(EXECUTIONS.c.id, EXECUTIONS.c.status, EXECUTIONS.c.tenant_id, EXECUTIONS.c.dedup_key).where(
+                    or_(*(and_(EXECUTIONS.c.tenant_id == t, EXECUTIONS.c.dedup_key == k) for t, k in wanted))
                 )
             )
             existing = {(r.tenant_id, r.dedup_key): r for r in found}
@@ -114,7 +119,9 @@ async def enqueue_many(db: Database, items: list[NewExecution]) -> list[Accepted
                 r = existing[(items[i].tenant_id, items[i].dedup_key)]
                 # A repeat within the batch of an execution inserted now is a duplicate too.
                 results[i] = Accepted(r.id, r.status, True)
-    return [r for r in results if r is not None]
+        return [r for r in results if r is not None]
+
+    return await db.transaction(write)
 
 
 async def queue_depth(db: Database, tenant_id: str | None = None) -> int:
@@ -125,26 +132,56 @@ async def queue_depth(db: Database, tenant_id: str | None = None) -> int:
         return int((await conn.execute(q)).scalar() or 0)
 
 
+TASKS = OutboxTask.__table__
+_NOW = bindparam("now", type_=TASKS.c.run_at.type)
+_IDS = bindparam("ids", expanding=True)
+# Claims run for every few finished executions: their statements are built once.
+_PICK = (
+    select(TASKS.c.id)
+    .where(TASKS.c.run_at <= _NOW, or_(TASKS.c.lease_expires_at.is_(None), TASKS.c.lease_expires_at < _NOW))
+    .order_by(TASKS.c.run_at, TASKS.c.id)
+    .limit(bindparam("limit"))
+)
+_PICK_LOCKED = _PICK.with_for_update(skip_locked=True)
+_LEASE = (
+    update(TASKS)
+    .where(TASKS.c.id.in_(_IDS))
+    .values(lease_owner=bindparam("owner"), lease_expires_at=bindparam("until", type_=TASKS.c.lease_expires_at.type))
+    .returning(TASKS.c.id, TASKS.c.execution_id, TASKS.c.tenant_id)
+)
+_CLAIMED_EXECUTIONS = select(EXECUTIONS).where(EXECUTIONS.c.id.in_(_IDS))
+_CLAIMED_STEPS = select(STEPS).where(STEPS.c.execution_id.in_(_IDS))
+_MARK_RUNNING = (
+    update(EXECUTIONS)
+    .where(EXECUTIONS.c.id.in_(_IDS), EXECUTIONS.c.status.in_(("queued", "running")))
+    .values(status="running", attempts=EXECUTIONS.c.attempts + 1, started_at=func.coalesce(EXECUTIONS.c.started_at, _NOW), next_attempt_at=None)
+)
+
+
 async def claim_due_tasks(db: Database, owner: str, limit: int, lease: timedelta) -> list[ClaimedTask]:
+    """Lease up to `limit` due tasks and mark their executions running, in one transaction.
+
+    Each task comes back with its execution as it was before the claim and the step results
+    stored by earlier attempts, so the executor starts without another round trip. Tasks
+    are locked before executions here and everywhere else (PostgreSQL deadlock order).
+    """
     now = utcnow()
-    due = and_(
-        OutboxTask.run_at <= now,
-        or_(OutboxTask.lease_expires_at.is_(None), OutboxTask.lease_expires_at < now),
-    )
-    async with db.engine.begin() as s:
-        pick = select(OutboxTask.id).where(due).order_by(OutboxTask.run_at, OutboxTask.id).limit(limit)
-        if db.is_postgres:
-            pick = pick.with_for_update(skip_locked=True)
-        ids = list((await s.execute(pick)).scalars().all())
+    pick = _PICK_LOCKED if db.is_postgres else _PICK
+
+    def claim(conn: Connection) -> list[ClaimedTask]:
+        ids = list(conn.execute(pick, {"now": now, "limit": limit}).scalars())
         if not ids:
             return []
-        result = await s.execute(
-            update(OutboxTask)
-            .where(OutboxTask.id.in_(ids))
-            .values(lease_owner=owner, lease_expires_at=now + lease)
-            .returning(OutboxTask.id, OutboxTask.execution_id, OutboxTask.tenant_id)
-        )
-        return [ClaimedTask(r.id, r.execution_id, r.tenant_id) for r in result]
+        leased = conn.execute(_LEASE, {"ids": ids, "owner": owner, "until": now + lease}).all()
+        execution_ids = [r.execution_id for r in leased]
+        executions = {r.id: r for r in conn.execute(_CLAIMED_EXECUTIONS, {"ids": execution_ids})}
+        steps: dict[str, dict[int, Any]] = {}
+        for row in conn.execute(_CLAIMED_STEPS, {"ids": execution_ids}):
+            steps.setdefault(row.execution_id, {})[row.step_index] = row
+        conn.execute(_MARK_RUNNING, {"ids": execution_ids, "now": now})
+        return [ClaimedTask(r.id, r.execution_id, r.tenant_id, executions.get(r.execution_id), steps.get(r.execution_id, {})) for r in leased]
+
+    return await db.transaction(claim)
 
 
 async def extend_lease(db: Database, task_id: int, owner: str, lease: timedelta) -> bool:
@@ -155,10 +192,6 @@ async def extend_lease(db: Database, task_id: int, owner: str, lease: timedelta)
             .values(lease_expires_at=utcnow() + lease)
         )
         return result.rowcount == 1
-
-
-async def finish_task(s: Any, task_id: int, owner: str) -> None:
-    await s.execute(delete(OutboxTask).where(OutboxTask.id == task_id, OutboxTask.lease_owner == owner))
 
 
 async def defer_task(s: Any, task_id: int, owner: str, run_at: datetime) -> None:

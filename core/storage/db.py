@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import orjson
-from sqlalchemy import event
-from sqlalchemy.engine import URL, make_url
+from sqlalchemy import create_engine, event
+from sqlalchemy.engine import URL, Connection, Engine, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
 
@@ -56,8 +58,12 @@ def install_sqlite_pragmas(sync_engine: Any, synchronous: str = "FULL") -> None:
         cursor.close()
 
 
+T = TypeVar("T")
+
+
 class Database:
-    """One async engine and session factory per process."""
+    """One async engine and session factory per process, plus `transaction()` for the hot
+    path (enqueue, claim, outcomes)."""
 
     def __init__(self, url: str, *, pool_size: int = 10, echo: bool = False) -> None:
         ensure_sqlite_dir(url)
@@ -68,14 +74,24 @@ class Database:
         if self.dialect == "postgresql":
             kwargs.update(pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True)
         else:
-            # SQLite has one writer. Several connections in one process would contend for
-            # the lock and sleep in SQLite's busy handler (up to 100 ms a time); one
-            # connection makes them queue in asyncio instead, with no sleeping.
+            # SQLite has one writer. Many connections in one process would contend for the
+            # lock and sleep in SQLite's busy handler (up to 100 ms a time). There are two:
+            # this one for the API (reads, rare writes) and the hot path's writer below,
+            # which takes every frequent write, so the two seldom meet.
             kwargs.update(pool_size=1, max_overflow=0, pool_timeout=120)
         self.engine: AsyncEngine = create_async_engine(target, **kwargs)
         if self.dialect == "sqlite":
             install_sqlite_pragmas(self.engine.sync_engine)
         self.sessions = async_sessionmaker(self.engine, expire_on_commit=False)
+        self._writer: Engine | None = None
+        self._writer_thread: ThreadPoolExecutor | None = None
+        if self.dialect == "sqlite":
+            # aiosqlite hands every driver call (cursor, execute, fetch, commit) to its thread
+            # and back through the event loop: a dozen loop round trips per transaction, each
+            # waiting behind whatever else the loop has queued. The hot path instead runs a
+            # whole transaction in one hand-off, on a writer thread with its own connection.
+            self._writer = create_engine(sync_url(url), json_serializer=_json_dumps, json_deserializer=orjson.loads, pool_size=1, max_overflow=0)
+            install_sqlite_pragmas(self._writer)
 
     @property
     def is_postgres(self) -> bool:
@@ -84,5 +100,24 @@ class Database:
     def session(self) -> AsyncSession:
         return self.sessions()
 
+    async def transaction(self, fn: Callable[[Connection], T]) -> T:
+        """Run `fn(connection)` in one transaction: committed if it returns, rolled back if
+        it raises. `fn` is synchronous and must not touch the event loop."""
+        if self._writer is None:
+            async with self.engine.begin() as conn:
+                return await conn.run_sync(fn)
+        if self._writer_thread is None:  # started on first use, again after dispose()
+            self._writer_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ipaas-sqlite-writer")
+        return await asyncio.get_running_loop().run_in_executor(self._writer_thread, self._run_writer, fn)
+
+    def _run_writer(self, fn: Callable[[Connection], T]) -> T:
+        assert self._writer is not None
+        with self._writer.begin() as conn:
+            return fn(conn)
+
     async def dispose(self) -> None:
         await self.engine.dispose()
+        if self._writer is not None and self._writer_thread is not None:
+            thread, self._writer_thread = self._writer_thread, None
+            await asyncio.get_running_loop().run_in_executor(thread, self._writer.dispose)
+            thread.shutdown(wait=True)

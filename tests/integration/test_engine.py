@@ -238,3 +238,17 @@ async def test_dry_run_writes_nothing(env) -> None:
     assert (await rows(core, Execution), await rows(core, OutboxTask)) == before
     wf_count = len((await api.workflows.ListWorkflows(workflows_pb2.ListWorkflowsRequest(), metadata=api.md)).workflows)
     assert wf_count == 0, "a dry run of a definition saves no workflow"
+
+
+async def test_a_deleted_credential_stops_being_used_at_once(env) -> None:
+    """Steps cache the encrypted credential row briefly; a delete through this core drops it."""
+    from ipaas.v1 import credentials_pb2
+
+    core, api, slack, _ = env
+    cred = await api.credential("slack", {"webhook_url": slack.url})
+    wf = (await api.create({"name": "c", "trigger": {"type": "manual"}, "options": {"max_attempts": 1}, "steps": [slack_step(cred, "x")]})).workflow
+    assert (await api.wait((await api.run(wf.id)).execution.id)).status == "succeeded"
+    await api.credentials.DeleteCredential(credentials_pb2.DeleteCredentialRequest(id=cred), metadata=api.md)
+    done = await api.wait((await api.run(wf.id)).execution.id)
+    assert done.status == "failed" and "no longer exists" in done.error
+    assert len(slack.received) == 1

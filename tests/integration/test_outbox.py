@@ -127,3 +127,47 @@ async def test_concurrent_claims_on_postgres_never_share_a_task(postgres_url: st
     finally:
         for db in replicas:
             await db.dispose()
+
+
+async def test_a_claim_marks_running_and_brings_the_execution_as_it_was(db: Database) -> None:
+    (accepted,) = await outbox.enqueue_many(db, [item("run1")])
+    (task,) = await outbox.claim_due_tasks(db, "w", 10, timedelta(seconds=60))
+    assert (task.execution.id, task.execution.status, task.execution.attempts) == (accepted.execution_id, "queued", 0)
+    assert task.steps == {}
+    async with db.session() as s:
+        row = await s.get(Execution, accepted.execution_id)
+    assert (row.status, row.attempts) == ("running", 1) and row.started_at is not None
+
+
+async def test_a_claim_leaves_a_final_execution_as_it_is(db: Database) -> None:
+    (accepted,) = await outbox.enqueue_many(db, [item("fin1")])
+    async with db.session() as s, s.begin():
+        (await s.get(Execution, accepted.execution_id)).status = "cancelled"
+    (task,) = await outbox.claim_due_tasks(db, "w", 10, timedelta(seconds=60))
+    assert task.execution.status == "cancelled"
+    async with db.session() as s:
+        row = await s.get(Execution, accepted.execution_id)
+    assert (row.status, row.attempts) == ("cancelled", 0)
+
+
+async def test_outcomes_share_a_transaction_and_a_bad_one_fails_alone(db: Database) -> None:
+    from ipaas.engine.outcomes import Outcome, OutcomeWriter
+    from ipaas.storage.tables import utcnow
+
+    accepted = await outbox.enqueue_many(db, [item(f"oc{i}") for i in range(5)])
+    tasks = await outbox.claim_due_tasks(db, "w", 10, timedelta(seconds=60))
+    writer = OutcomeWriter(db)
+    now = utcnow()
+    bad_step = {  # refers to an execution that does not exist: the foreign key refuses it
+        "execution_id": "ex_missing", "step_index": 0, "step_id": "s", "attempts": 1, "rendered_config": {}, "started_at": now,
+        "status": "succeeded", "error": None, "retryable": False, "output": {}, "message": None, "finished_at": now, "duration_ms": 1,
+    }
+    outcomes = [Outcome(t.execution_id, t.task_id, "w", "succeeded") for t in tasks]
+    outcomes[2] = Outcome(tasks[2].execution_id, tasks[2].task_id, "w", "succeeded", step=bad_step)
+    results = await asyncio.gather(*(writer.record(o) for o in outcomes), return_exceptions=True)
+    assert [isinstance(r, Exception) for r in results] == [False, False, True, False, False]
+    async with db.session() as s:
+        statuses = {r.id: r.status for r in (await s.scalars(select(Execution))).all()}
+    assert sorted(statuses.values()) == ["running", "succeeded", "succeeded", "succeeded", "succeeded"]
+    assert statuses[tasks[2].execution_id] == "running", "the bad outcome wrote nothing"
+    assert await count(db, OutboxTask) == 1 and len(accepted) == 5

@@ -85,3 +85,34 @@ def test_a_plugin_that_raises_at_import_is_reported_and_others_load(tmp_path: Pa
     registry = load_registry()
     assert ("ipaas-broken", "import failed: ImportError: missing dependency: left-pad") in registry.problems
     assert {"slack", "discord", "openweather"} <= set(registry.connectors)
+
+
+async def test_connector_clients_keep_no_cookies_between_requests() -> None:
+    """One client serves every tenant: a cookie one upstream sets must not ride along later."""
+    from aiohttp import web
+
+    from ipaas.plugin_host import make_http_client
+    from tests.fakes.server import FakeServer
+
+    class CookieSetter(FakeServer):
+        def __init__(self) -> None:
+            super().__init__()
+            self.cookies: list[str | None] = []
+
+        def routes(self) -> list[web.RouteDef]:
+            return [web.get("/", self.handle)]
+
+        async def handle(self, request: web.Request) -> web.Response:
+            self.cookies.append(request.headers.get("cookie"))
+            response = web.Response(text="ok")
+            response.set_cookie("session", "tenant-a-secret")
+            return response
+
+    async with CookieSetter() as upstream:
+        client = make_http_client(5.0, allow_insecure=True)
+        try:
+            for _ in range(2):
+                assert (await client.get(upstream.base_url + "/")).status_code == 200
+        finally:
+            await client.aclose()
+    assert upstream.cookies == [None, None]

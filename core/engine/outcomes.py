@@ -1,0 +1,98 @@
+"""Recording executions' outcomes: the last step's result, the final status, and the end of
+the outbox task, in one transaction shared by every execution that finishes meanwhile.
+
+The statements are built once with bound parameters and run as executemany, so a batch
+costs a few statements whatever its size. Within a batch, tasks are touched before
+executions, the lock order every other writer follows (no deadlock on PostgreSQL).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import bindparam, delete, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Connection
+
+from ipaas.engine.group_commit import GroupCommit
+from ipaas.storage.db import Database
+from ipaas.storage.tables import Execution, ExecutionStep, OutboxTask, utcnow
+
+EXECUTIONS = Execution.__table__
+STEPS = ExecutionStep.__table__
+TASKS = OutboxTask.__table__
+
+FINISH_EXECUTION = (
+    update(EXECUTIONS)
+    .where(EXECUTIONS.c.id == bindparam("b_id"), EXECUTIONS.c.status != "cancelled")
+    .values(status=bindparam("b_status"), finished_at=bindparam("b_at"), error=bindparam("b_error"), next_attempt_at=None)
+)
+DEFER_TASK = (
+    update(TASKS)
+    .where(TASKS.c.id == bindparam("b_task"), TASKS.c.lease_owner == bindparam("b_owner"))
+    .values(run_at=bindparam("b_run_at"), lease_owner=None, lease_expires_at=None)
+)
+DELETE_TASK = delete(TASKS).where(TASKS.c.id == bindparam("b_task"), TASKS.c.lease_owner == bindparam("b_owner"))
+_STEP_KEYS = ("execution_id", "step_index")
+
+
+def step_upsert(postgres: bool) -> Any:
+    """INSERT a step result, or replace the one an earlier attempt stored."""
+    insert = (postgresql.insert if postgres else sqlite.insert)(STEPS)
+    return insert.on_conflict_do_update(index_elements=_STEP_KEYS, set_={c.name: insert.excluded[c.name] for c in STEPS.c if c.name not in _STEP_KEYS})
+
+
+@dataclass(frozen=True)
+class Outcome:
+    execution_id: str
+    task_id: int
+    owner: str
+    status: str
+    error: str | None = None
+    step: dict[str, Any] | None = None  # the last step's row, stored with the outcome
+
+
+class OutcomeWriter:
+    def __init__(self, db: Database) -> None:
+        self.db = db
+        self._upsert = step_upsert(db.is_postgres)
+        self._commits: GroupCommit[Outcome, None] = GroupCommit(self._write, name="outcomes", isolate=True)
+
+    async def record(self, outcome: Outcome) -> None:
+        await self._commits.submit(outcome)
+
+    async def store_step(self, values: dict[str, Any]) -> None:
+        """A step's result on its own (a step before the last, or a failed one)."""
+        await self.db.transaction(lambda conn: conn.execute(self._upsert, [values]))
+
+    async def requeue(self, task: Any, owner: str, run_at: datetime, *, error: str, **restore: Any) -> None:
+        """Give the task back to run at `run_at` and mark its execution queued; `restore`
+        puts back columns the claim changed (attempts, started_at) when nothing ran."""
+        values = {"status": "queued", "next_attempt_at": run_at, "error": error, **restore}
+
+        def write(conn: Connection) -> None:
+            conn.execute(DEFER_TASK, {"b_task": task.task_id, "b_owner": owner, "b_run_at": run_at})
+            conn.execute(update(EXECUTIONS).where(EXECUTIONS.c.id == task.execution_id, EXECUTIONS.c.status != "cancelled").values(**values))
+
+        await self.db.transaction(write)
+
+    async def _write(self, outcomes: list[Outcome]) -> list[None]:
+        now: datetime = utcnow()
+        deletes = [{"b_task": o.task_id, "b_owner": o.owner} for o in outcomes]
+        steps = [o.step for o in outcomes if o.step is not None]
+        finals = [{"b_id": o.execution_id, "b_status": o.status, "b_at": now, "b_error": o.error} for o in outcomes if o.status]
+
+        def write(conn: Connection) -> list[None]:
+            conn.execute(DELETE_TASK, deletes)
+            if steps:
+                conn.execute(self._upsert, steps)
+            if finals:
+                conn.execute(FINISH_EXECUTION, finals)
+            return [None] * len(outcomes)
+
+        return await self.db.transaction(write)
+
+    async def close(self) -> None:
+        await self._commits.close()
