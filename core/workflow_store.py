@@ -22,6 +22,7 @@ from ipaas.crypto import SecretBox
 from ipaas.errors import Aborted, FieldViolation, InvalidArgument, NotFound
 from ipaas.ids import new_id
 from ipaas.pagination import Page, decode_token, page_size
+from ipaas.singleflight import SingleFlight
 from ipaas.storage.db import Database
 from ipaas.storage.tables import Schedule, Tenant, WebhookSecret, Workflow, WorkflowVersion, utcnow
 
@@ -51,6 +52,8 @@ class WorkflowStore:
         self.catalog = catalog
         self.credentials = credentials
         self._targets: TTLCache[str, WebhookTarget | None] = TTLCache(maxsize=10_000, ttl=TARGET_TTL)
+        self._target_loads: SingleFlight[str, WebhookTarget | None] = SingleFlight()
+        self._generation = 0
         self._versions: LRUCache[tuple[str, int], dict[str, Any]] = LRUCache(maxsize=5_000)
 
     async def _validated(self, tenant_id: str, definition: dict[str, Any]) -> dict[str, Any]:
@@ -244,10 +247,18 @@ class WorkflowStore:
             return self._targets[workflow_id]
         except KeyError:
             pass
-        target = self._targets[workflow_id] = await self._load_webhook_target(workflow_id)
-        return target
+
+        async def load() -> WebhookTarget | None:
+            generation = self._generation
+            target = await self._load_webhook_target(workflow_id)
+            if generation == self._generation:  # nothing changed while it loaded
+                self._targets[workflow_id] = target
+            return target
+
+        return await self._target_loads.do(workflow_id, load)
 
     def forget(self, workflow_id: str) -> None:
+        self._generation += 1
         self._targets.pop(workflow_id, None)
 
     async def _load_webhook_target(self, workflow_id: str) -> "WebhookTarget | None":

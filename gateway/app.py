@@ -74,12 +74,18 @@ class Gateway:
         if self.settings.redis_url:
             self.store = idempotency.RedisStore(self.settings.redis_url)
         else:
+            from sqlalchemy.engine import make_url
             from sqlalchemy.ext.asyncio import create_async_engine
 
             from ipaas.storage.db import async_url, ensure_sqlite_dir, install_sqlite_pragmas
 
-            ensure_sqlite_dir(self.settings.database_url)
-            self._engine = create_async_engine(async_url(self.settings.database_url), pool_pre_ping=True)
+            url = self.settings.database_url
+            if make_url(url).get_backend_name() == "sqlite":
+                # A file of its own: SQLite has one writer per file, and sharing the core's
+                # would make every keyed request wait on the core's commits (and the core on it).
+                url = f"sqlite:///{self.settings.data_dir / 'gateway-idempotency.db'}"
+            ensure_sqlite_dir(url)
+            self._engine = create_async_engine(async_url(url), pool_pre_ping=True)
             if self._engine.dialect.name == "sqlite":
                 install_sqlite_pragmas(self._engine.sync_engine, synchronous="NORMAL")
             self.store = idempotency.SqlStore(self._engine)

@@ -9,6 +9,7 @@ from ipaas.engine import outbox
 from ipaas.engine.group_commit import GroupCommit
 from ipaas.engine.outbox import Accepted, NewExecution
 from ipaas.errors import ResourceExhausted
+from ipaas.singleflight import SingleFlight
 from ipaas.storage.db import Database
 
 
@@ -19,6 +20,7 @@ class Enqueuer:
         self.max_depth = max_depth
         self._commits: GroupCommit[NewExecution, Accepted] = GroupCommit(self._write, name="enqueue", max_batch=max_batch)
         self._depth = 0
+        self._depth_loads: SingleFlight[None, int] = SingleFlight()
         self._depth_checked = 0.0
 
     @property
@@ -33,7 +35,7 @@ class Enqueuer:
 
     async def submit(self, item: NewExecution) -> Accepted:
         if time.monotonic() - self._depth_checked > 1.0:
-            await self.refresh_depth()
+            await self._depth_loads.do(None, self.refresh_depth)
         if self._depth >= self.max_depth:
             raise ResourceExhausted(f"the execution queue is full ({self._depth} waiting): retry later")
         return await self._commits.submit(item)
