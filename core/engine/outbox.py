@@ -185,38 +185,21 @@ async def claim_due_tasks(db: Database, owner: str, limit: int, lease: timedelta
 
 
 async def extend_lease(db: Database, task_id: int, owner: str, lease: timedelta) -> bool:
-    async with db.engine.begin() as s:
-        result = await s.execute(
-            update(OutboxTask)
-            .where(OutboxTask.id == task_id, OutboxTask.lease_owner == owner)
-            .values(lease_expires_at=utcnow() + lease)
-        )
-        return result.rowcount == 1
-
-
-async def defer_task(s: Any, task_id: int, owner: str, run_at: datetime) -> None:
-    await s.execute(
-        update(OutboxTask)
-        .where(OutboxTask.id == task_id, OutboxTask.lease_owner == owner)
-        .values(run_at=run_at, lease_owner=None, lease_expires_at=None)
-    )
+    stmt = update(TASKS).where(TASKS.c.id == task_id, TASKS.c.lease_owner == owner).values(lease_expires_at=utcnow() + lease)
+    return await db.transaction(lambda conn: conn.execute(stmt).rowcount == 1)
 
 
 async def release_leases(db: Database, owner: str) -> int:
     """Give back every lease this owner holds (graceful shutdown): others may claim at once."""
-    async with db.session() as s, s.begin():
-        result = await s.execute(
-            update(OutboxTask).where(OutboxTask.lease_owner == owner).values(lease_owner=None, lease_expires_at=None)
-        )
-        return result.rowcount
+    stmt = update(TASKS).where(TASKS.c.lease_owner == owner).values(lease_owner=None, lease_expires_at=None)
+    return await db.transaction(lambda conn: conn.execute(stmt).rowcount)
 
 
 async def release_all_leases(db: Database) -> int:
     """SQLite runs one dispatcher per database, so at its start every lease belongs to a
     process that is gone: hand the tasks back now instead of waiting for expiry."""
-    async with db.session() as s, s.begin():
-        result = await s.execute(update(OutboxTask).where(OutboxTask.lease_owner.is_not(None)).values(lease_owner=None, lease_expires_at=None))
-        return result.rowcount
+    stmt = update(TASKS).where(TASKS.c.lease_owner.is_not(None)).values(lease_owner=None, lease_expires_at=None)
+    return await db.transaction(lambda conn: conn.execute(stmt).rowcount)
 
 
 async def add_task(s: AsyncSession, execution_id: str, tenant_id: str, run_at: datetime) -> None:

@@ -99,10 +99,14 @@ async def test_deferred_tasks_wait_until_due(db: Database) -> None:
     from ipaas.storage.tables import utcnow
 
     await outbox.enqueue_many(db, [item("d1")])
+    from ipaas.engine.outcomes import OutcomeWriter
+
     (task,) = await outbox.claim_due_tasks(db, "w", 10, timedelta(seconds=60))
-    async with db.session() as s, s.begin():
-        await outbox.defer_task(s, task.task_id, "w", utcnow() + timedelta(seconds=30))
+    await OutcomeWriter(db).requeue(task, "w", utcnow() + timedelta(seconds=30), error="later")
     assert await outbox.claim_due_tasks(db, "w", 10, timedelta(seconds=60)) == []
+    async with db.session() as s:
+        row = await s.get(Execution, task.execution_id)
+    assert (row.status, row.error) == ("queued", "later")
 
 
 @pytest.mark.postgres
