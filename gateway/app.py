@@ -61,7 +61,7 @@ class Gateway:
         self.limiter = RateLimiter(parse_tiers(env), settings.redis_url, unlimited)
         self.client: CoreClient | None = None
         self.store: Any = None
-        self._engine: Any = None
+        self._db: Any = None
         self._callers: dict[str, tuple[float, str, str]] = {}
         self._owners: dict[str, tuple[float, str, str]] = {}
         self._started = time.monotonic()
@@ -75,20 +75,18 @@ class Gateway:
             self.store = idempotency.RedisStore(self.settings.redis_url)
         else:
             from sqlalchemy.engine import make_url
-            from sqlalchemy.ext.asyncio import create_async_engine
 
-            from ipaas.storage.db import async_url, ensure_sqlite_dir, install_sqlite_pragmas
+            from ipaas.storage.db import Database
 
             url = self.settings.database_url
             if make_url(url).get_backend_name() == "sqlite":
                 # A file of its own: SQLite has one writer per file, and sharing the core's
                 # would make every keyed request wait on the core's commits (and the core on it).
                 url = f"sqlite:///{self.settings.data_dir / 'gateway-idempotency.db'}"
-            ensure_sqlite_dir(url)
-            self._engine = create_async_engine(async_url(url), pool_pre_ping=True)
-            if self._engine.dialect.name == "sqlite":
-                install_sqlite_pragmas(self._engine.sync_engine, synchronous="NORMAL")
-            self.store = idempotency.SqlStore(self._engine)
+            # NORMAL: a record lost to a power cut costs a replay at most; the core's outbox
+            # dedupes the trigger by the same key.
+            self._db = Database(url, pool_size=5, synchronous="NORMAL")
+            self.store = idempotency.SqlStore(self._db)
             await self.store.create()
         self._purger = asyncio.create_task(self._purge_loop())
 
@@ -100,8 +98,8 @@ class Gateway:
             await self.client.close()
         if isinstance(self.store, idempotency.RedisStore):
             await self.store.close()
-        if self._engine is not None:
-            await self._engine.dispose()
+        if self._db is not None:
+            await self._db.dispose()
 
     async def _purge_loop(self) -> None:
         while True:
@@ -360,7 +358,7 @@ class Gateway:
                 else:
                     from sqlalchemy import text
 
-                    async with self._engine.connect() as conn:
+                    async with self._db.engine.connect() as conn:
                         await conn.execute(text("SELECT 1"))
             return "ok"
         except Exception:

@@ -17,9 +17,11 @@ from datetime import datetime, timedelta, timezone
 from typing import Protocol
 
 import orjson
-from sqlalchemy import Integer, LargeBinary, MetaData, String, Table, Column, DateTime, delete, select
-from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy import Column, DateTime, Integer, LargeBinary, MetaData, String, Table, delete, select
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Connection
+
+from ipaas.storage.db import Database
 
 KEEP = timedelta(hours=24)
 LOCK_SECONDS = 60
@@ -77,44 +79,47 @@ def _aware(value: datetime) -> datetime:
 
 
 class SqlStore:
-    def __init__(self, engine: AsyncEngine) -> None:
-        self.engine = engine
+    """Each operation is one transaction through `Database.transaction` (on SQLite: one
+    hand-off to the writer thread, and no second connection to wait on the lock)."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+        self._insert = (postgresql.insert if db.is_postgres else sqlite.insert)(table).on_conflict_do_nothing(index_elements=["key"])
 
     async def create(self) -> None:
-        async with self.engine.begin() as conn:
-            await conn.run_sync(metadata.create_all, checkfirst=True)
+        await self.db.transaction(lambda conn: metadata.create_all(conn, checkfirst=True))
 
     async def begin(self, key: str, fingerprint: str) -> Record | None:
-        for _ in range(3):
-            try:
-                async with self.engine.begin() as conn:
-                    await conn.execute(table.insert().values(key=key, fingerprint=fingerprint, status=0, expires_at=_now() + timedelta(seconds=LOCK_SECONDS)))
+        def reserve(conn: Connection) -> Record | None | bool:
+            now = _now()
+            values = {"key": key, "fingerprint": fingerprint, "status": 0, "expires_at": now + timedelta(seconds=LOCK_SECONDS)}
+            if conn.execute(self._insert, values).rowcount == 1:
                 return None
-            except IntegrityError:
-                pass
-            async with self.engine.begin() as conn:
-                row = (await conn.execute(select(table).where(table.c.key == key))).first()
-                if row is None:
-                    continue
-                if _aware(row.expires_at) <= _now():  # an expired entry or an abandoned lock
-                    await conn.execute(delete(table).where(table.c.key == key, table.c.expires_at == row.expires_at))
-                    continue
-                return Record(row.fingerprint, row.status != 0, row.status, orjson.loads(row.headers) if row.headers else {}, row.body or b"")
+            row = conn.execute(select(table).where(table.c.key == key)).first()
+            if row is None:
+                return False  # deleted meanwhile: try again
+            if _aware(row.expires_at) <= now:  # an expired entry or an abandoned lock
+                conn.execute(delete(table).where(table.c.key == key, table.c.expires_at == row.expires_at))
+                return False
+            return Record(row.fingerprint, row.status != 0, row.status, orjson.loads(row.headers) if row.headers else {}, row.body or b"")
+
+        for _ in range(3):
+            outcome = await self.db.transaction(reserve)
+            if outcome is not False:
+                return outcome  # type: ignore[return-value]
         raise RuntimeError("idempotency store contention")
 
     async def complete(self, key: str, fingerprint: str, status: int, headers: dict[str, str], body: bytes) -> None:
-        async with self.engine.begin() as conn:
-            await conn.execute(
-                table.update().where(table.c.key == key).values(status=status, headers=orjson.dumps(headers), body=body, expires_at=_now() + KEEP)
-            )
+        stmt = table.update().where(table.c.key == key).values(status=status, headers=orjson.dumps(headers), body=body, expires_at=_now() + KEEP)
+        await self.db.transaction(lambda conn: conn.execute(stmt))
 
     async def abandon(self, key: str) -> None:
-        async with self.engine.begin() as conn:
-            await conn.execute(delete(table).where(table.c.key == key, table.c.status == 0))
+        stmt = delete(table).where(table.c.key == key, table.c.status == 0)
+        await self.db.transaction(lambda conn: conn.execute(stmt))
 
     async def purge(self) -> int:
-        async with self.engine.begin() as conn:
-            return (await conn.execute(delete(table).where(table.c.expires_at < _now()))).rowcount
+        stmt = delete(table).where(table.c.expires_at < _now())
+        return await self.db.transaction(lambda conn: conn.execute(stmt).rowcount)
 
 
 class RedisStore:

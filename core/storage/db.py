@@ -65,7 +65,7 @@ class Database:
     """One async engine and session factory per process, plus `transaction()` for the hot
     path (enqueue, claim, outcomes)."""
 
-    def __init__(self, url: str, *, pool_size: int = 10, echo: bool = False) -> None:
+    def __init__(self, url: str, *, pool_size: int = 10, echo: bool = False, synchronous: str = "FULL") -> None:
         ensure_sqlite_dir(url)
         self.url = url
         target = async_url(url)
@@ -81,7 +81,7 @@ class Database:
             kwargs.update(pool_size=1, max_overflow=0, pool_timeout=120)
         self.engine: AsyncEngine = create_async_engine(target, **kwargs)
         if self.dialect == "sqlite":
-            install_sqlite_pragmas(self.engine.sync_engine)
+            install_sqlite_pragmas(self.engine.sync_engine, synchronous)
         self.sessions = async_sessionmaker(self.engine, expire_on_commit=False)
         self._writer: Engine | None = None
         self._writer_thread: ThreadPoolExecutor | None = None
@@ -91,7 +91,7 @@ class Database:
             # waiting behind whatever else the loop has queued. The hot path instead runs a
             # whole transaction in one hand-off, on a writer thread with its own connection.
             self._writer = create_engine(sync_url(url), json_serializer=_json_dumps, json_deserializer=orjson.loads, pool_size=1, max_overflow=0)
-            install_sqlite_pragmas(self._writer)
+            install_sqlite_pragmas(self._writer, synchronous)
 
     @property
     def is_postgres(self) -> bool:
