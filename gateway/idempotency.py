@@ -84,7 +84,7 @@ class SqlStore:
 
     def __init__(self, db: Database) -> None:
         self.db = db
-        self._insert = (postgresql.insert if db.is_postgres else sqlite.insert)(table).on_conflict_do_nothing(index_elements=["key"])
+        self._insert = (postgresql.insert if db.is_postgres else sqlite.insert)(table).on_conflict_do_nothing(index_elements=["key"]).returning(table.c.key)
 
     async def create(self) -> None:
         await self.db.transaction(lambda conn: metadata.create_all(conn, checkfirst=True))
@@ -93,7 +93,7 @@ class SqlStore:
         def reserve(conn: Connection) -> Record | None | bool:
             now = _now()
             values = {"key": key, "fingerprint": fingerprint, "status": 0, "expires_at": now + timedelta(seconds=LOCK_SECONDS)}
-            if conn.execute(self._insert, values).rowcount == 1:
+            if conn.execute(self._insert, values).first() is not None:  # rowcount is -1 here on psycopg
                 return None
             row = conn.execute(select(table).where(table.c.key == key)).first()
             if row is None:
