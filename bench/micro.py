@@ -44,4 +44,18 @@ def run_all() -> dict[str, float]:
     record.__dict__.update({"execution_id": "ex_01jd3k4m5n6p7q8r9s0t1v2w3x", "workflow_id": "wf_01jd3k4m5n6p7q8r9s0t1v2w3x", "status": "succeeded", "duration_ms": 123, "config": {"webhook_url": "https://hooks.slack.com/services/T0/B0/XYZ", "text": "Order 42 for alex@example.com"}})
     formatter = JsonFormatter()
     results["masked JSON log record"] = per_op(lambda: formatter.format(record), 20000)
+    results["rate limit check (memory, moving window, ~500 in window)"] = asyncio.run(limiter_check(5000))
     return results
+
+
+async def limiter_check(n: int) -> float:
+    """One tenant at ~500 req/s (the window holds that many hits), as under the ingest bench."""
+    from ipaas.gateway.ratelimit import RateLimiter, Tier
+
+    limiter = RateLimiter({"paid": Tier("paid", 1_000_000.0, 1_000_000)})
+    for _ in range(500):
+        await limiter.check("tn_bench", "paid")
+    started = time.perf_counter()
+    for _ in range(n):
+        await limiter.check("tn_bench", "paid")
+    return (time.perf_counter() - started) / n * 1e6
