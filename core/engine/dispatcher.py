@@ -142,5 +142,6 @@ class Dispatcher:
                 task.cancel()
             if pending:
                 await asyncio.wait(pending, timeout=2)
+        await self.executor.outcomes.close()  # outcomes already handed over are written first
         released = await outbox.release_leases(self.db, self.owner)
         log.info("dispatcher.stopped", extra={"released": released})
