@@ -25,8 +25,6 @@ from ipaas.storage.db import Database
 from ipaas.storage.tables import Execution, ExecutionStep, utcnow
 from ipaas.workflow_store import WorkflowStore
 
-EXECUTIONS = Execution.__table__
-
 log = logging.getLogger("ipaas.engine")
 
 FINAL = {"succeeded", "failed", "dead", "cancelled"}
@@ -115,7 +113,7 @@ class Executor:
 
     async def _cancelled(self, execution_id: str) -> bool:
         """A running step finishes; no further step starts once the execution is cancelled."""
-        status = await self.db.transaction(lambda conn: conn.execute(select(EXECUTIONS.c.status).where(EXECUTIONS.c.id == execution_id)).scalar())
+        status = await self.db.transaction(lambda conn: conn.execute(select(outbox.EXECUTIONS.c.status).where(outbox.EXECUTIONS.c.id == execution_id)).scalar())
         return status == "cancelled"
 
     async def _run_step(self, execution: Execution, index: int, step: dict[str, Any], outputs: dict[str, Any], strict: bool, previous: ExecutionStep | None, breaker: Any, defer_store: bool = False) -> tuple[dict[str, Any], dict[str, Any] | None]:

@@ -27,6 +27,7 @@ from ipaas.storage.tables import Execution, ExecutionStep, OutboxTask, utcnow
 
 EXECUTIONS = Execution.__table__
 STEPS = ExecutionStep.__table__
+TASKS = OutboxTask.__table__
 
 NOTIFY_CHANNEL = "ipaas_outbox"
 
@@ -60,7 +61,7 @@ class ClaimedTask:
 
 _INSERT_EXECUTION_PG = postgresql.insert(EXECUTIONS).on_conflict_do_nothing().returning(EXECUTIONS.c.id)
 _INSERT_EXECUTION_SQLITE = sqlite.insert(EXECUTIONS).on_conflict_do_nothing().returning(EXECUTIONS.c.id)
-_INSERT_TASK = OutboxTask.__table__.insert()
+_INSERT_TASK = TASKS.insert()
 
 
 async def enqueue_many(db: Database, items: list[NewExecution]) -> list[Accepted]:
@@ -132,7 +133,6 @@ async def queue_depth(db: Database, tenant_id: str | None = None) -> int:
         return int((await conn.execute(q)).scalar() or 0)
 
 
-TASKS = OutboxTask.__table__
 _NOW = bindparam("now", type_=TASKS.c.run_at.type)
 _IDS = bindparam("ids", expanding=True)
 # Claims run for every few finished executions: their statements are built once.

@@ -17,12 +17,9 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 
 from ipaas.engine.group_commit import GroupCommit
+from ipaas.engine.outbox import EXECUTIONS, STEPS, TASKS
 from ipaas.storage.db import Database
-from ipaas.storage.tables import Execution, ExecutionStep, OutboxTask, utcnow
-
-EXECUTIONS = Execution.__table__
-STEPS = ExecutionStep.__table__
-TASKS = OutboxTask.__table__
+from ipaas.storage.tables import utcnow
 
 FINISH_EXECUTION = (
     update(EXECUTIONS)
