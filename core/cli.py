@@ -74,6 +74,15 @@ def cmd_core(settings: Settings, _args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_engine(settings: Settings, _args: argparse.Namespace) -> int:
+    from ipaas.engine.processes import run_engine
+    from ipaas.logs import configure_logging
+
+    configure_logging(settings.log_level)
+    asyncio.run(run_engine(settings))
+    return 0
+
+
 def cmd_gateway(settings: Settings, _args: argparse.Namespace) -> int:
     from ipaas.gateway.__main__ import run
 
@@ -182,6 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("serve", help="run the whole platform (core and gateway)").set_defaults(func=cmd_serve)
     sub.add_parser("core", help="run the gRPC core").set_defaults(func=cmd_core)
+    sub.add_parser("engine", help="run only the delivery engine (the core starts these itself with IPAAS_ENGINE_PROCESSES)").set_defaults(func=cmd_engine)
     sub.add_parser("gateway", help="run the REST gateway").set_defaults(func=cmd_gateway)
     sub.add_parser("migrate", help="apply database migrations").set_defaults(func=cmd_migrate)
 

@@ -32,6 +32,8 @@ class CredentialStore:
         self.validate_secrets = validate_secrets
         # Only ciphertext is cached: secrets are decrypted for each step and never kept.
         self._rows: TTLCache[str, Credential | None] = TTLCache(maxsize=10_000, ttl=ROW_TTL)
+        # Called after a delete, so other processes that cache rows (engine processes) drop it.
+        self.on_deleted: Callable[[str], None] = lambda credential_id: None
 
     async def create(self, tenant_id: str, connector: str, name: str, secrets: dict[str, Any]) -> Credential:
         name = name.strip()
@@ -84,6 +86,10 @@ class CredentialStore:
             if row is None or row.tenant_id != tenant_id:
                 raise NotFound(f"credential {credential_id} not found")
             await s.delete(row)
+        self.forget(credential_id)
+        self.on_deleted(credential_id)
+
+    def forget(self, credential_id: str) -> None:
         self._rows.pop(credential_id, None)
 
     async def connectors_of(self, tenant_id: str, ids: set[str]) -> dict[str, str]:

@@ -76,6 +76,9 @@ def make_settings(tmp_path: Path, database_url: str | None = None, **env: str) -
         "IPAAS_GRPC_LISTEN": "127.0.0.1:0",
         "IPAAS_ADMIN_KEY": ADMIN_KEY,
         "IPAAS_ALLOW_INSECURE_TARGETS": "1",
+        # In process, so tests can look at the dispatcher and breakers; engine processes
+        # have tests of their own (test_engine_processes.py).
+        "IPAAS_ENGINE_PROCESSES": "0",
         **env,
     }
     return Settings.from_env(values)

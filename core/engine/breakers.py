@@ -157,5 +157,8 @@ class BreakerRegistry:
             breaker = self._breakers[key] = Breaker(key, self.policy, self.clock, self.on_change)
         return breaker
 
+    def all_snapshots(self) -> list[tuple[str, BreakerState]]:
+        return [(tenant, b.snapshot()) for (tenant, _), b in self._breakers.items()]
+
     def snapshot(self, tenant_id: str) -> list[BreakerState]:
         return sorted((b.snapshot() for (t, _), b in self._breakers.items() if t == tenant_id), key=lambda s: s.connector)

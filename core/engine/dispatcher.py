@@ -38,12 +38,16 @@ class Dispatcher:
         workers: int = 0,
         lease: timedelta = timedelta(seconds=60),
         poll_interval: float = 1.0,
+        recover_leases: bool = True,
     ) -> None:
         self.db = db
         self.executor = executor
         self.workers = workers or default_workers()
         self.lease = lease
         self.poll_interval = poll_interval
+        # On SQLite the core's own dispatcher is the only one, so at start every lease is a
+        # dead process's. Engine processes share the file: their parent recovers for them.
+        self.recover_leases = recover_leases
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._wake = asyncio.Event()
         self._inflight: dict[int, asyncio.Task[None]] = {}
@@ -65,7 +69,7 @@ class Dispatcher:
             self._listen_task = asyncio.create_task(self._listen(), name="ipaas-dispatcher-listen")
 
     async def _run(self) -> None:
-        if not self.db.is_postgres:
+        if self.recover_leases and not self.db.is_postgres:
             released = await outbox.release_all_leases(self.db)
             if released:
                 log.warning("dispatcher.recovered_leases", extra={"tasks": released})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, TypeVar
@@ -11,6 +12,11 @@ import orjson
 from sqlalchemy import create_engine, event
 from sqlalchemy.engine import URL, Connection, Engine, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: SQLite's own locking (and busy handler) alone
+    fcntl = None  # type: ignore[assignment]
 
 
 def _json_dumps(value: Any) -> str:
@@ -61,6 +67,13 @@ def install_sqlite_pragmas(sync_engine: Any, synchronous: str = "FULL") -> None:
 T = TypeVar("T")
 
 
+def _writer_lock_path(url: str) -> str | None:
+    parsed = make_url(url)
+    if fcntl is None or not parsed.database or parsed.database == ":memory:":
+        return None
+    return parsed.database + "-writer.lock"
+
+
 class Database:
     """One async engine and session factory per process, plus `transaction()` for the hot
     path (enqueue, claim, outcomes)."""
@@ -85,6 +98,8 @@ class Database:
         self.sessions = async_sessionmaker(self.engine, expire_on_commit=False)
         self._writer: Engine | None = None
         self._writer_thread: ThreadPoolExecutor | None = None
+        self._lock_path: str | None = None
+        self._lock_fd: int | None = None
         if self.dialect == "sqlite":
             # aiosqlite hands every driver call (cursor, execute, fetch, commit) to its thread
             # and back through the event loop: a dozen loop round trips per transaction, each
@@ -92,6 +107,10 @@ class Database:
             # whole transaction in one hand-off, on a writer thread with its own connection.
             self._writer = create_engine(sync_url(url), json_serializer=_json_dumps, json_deserializer=orjson.loads, pool_size=1, max_overflow=0)
             install_sqlite_pragmas(self._writer, synchronous)
+            # Engine processes write the same file. SQLite makes a writer that finds the lock
+            # taken sleep in its busy handler (1, 2, 5 ... 100 ms); waiting on a file lock
+            # instead wakes the next writer the moment the last one commits.
+            self._lock_path = _writer_lock_path(url)
 
     @property
     def is_postgres(self) -> bool:
@@ -112,8 +131,17 @@ class Database:
 
     def _run_writer(self, fn: Callable[[Connection], T]) -> T:
         assert self._writer is not None
-        with self._writer.begin() as conn:
-            return fn(conn)
+        if self._lock_path is None:
+            with self._writer.begin() as conn:
+                return fn(conn)
+        if self._lock_fd is None:
+            self._lock_fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+        try:
+            with self._writer.begin() as conn:
+                return fn(conn)
+        finally:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
 
     async def dispose(self) -> None:
         await self.engine.dispose()
@@ -121,3 +149,6 @@ class Database:
             thread, self._writer_thread = self._writer_thread, None
             await asyncio.get_running_loop().run_in_executor(thread, self._writer.dispose)
             thread.shutdown(wait=True)
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import os
 import signal
 import subprocess
@@ -28,7 +29,7 @@ WORKERS = 8
 
 
 
-def start_core(tmp_path: Path, port: int) -> subprocess.Popen[bytes]:
+def start_core(tmp_path: Path, port: int, engine_processes: int = 0) -> subprocess.Popen[bytes]:
     env = {
         **os.environ,
         "IPAAS_DATA_DIR": str(tmp_path / "data"),
@@ -39,8 +40,10 @@ def start_core(tmp_path: Path, port: int) -> subprocess.Popen[bytes]:
         "IPAAS_POLL_INTERVAL": "0.1",
         "IPAAS_RETRY_BASE_DELAY": "0.05",
         "IPAAS_LOG_LEVEL": "WARNING",
+        "IPAAS_ENGINE_PROCESSES": str(engine_processes),
     }
-    return subprocess.Popen([sys.executable, "-m", "ipaas", "core"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # A session of its own, so a crash can take the core and its engine processes together.
+    return subprocess.Popen([sys.executable, "-m", "ipaas", "core"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
 
 
 async def wait_serving(channel: grpc.aio.Channel) -> None:
@@ -54,10 +57,12 @@ async def wait_serving(channel: grpc.aio.Channel) -> None:
     raise AssertionError("core did not start")
 
 
-async def test_sigkill_mid_run_loses_nothing(tmp_path: Path) -> None:
+@pytest.mark.parametrize("engine_processes", [0, 2], ids=["in-process", "engine-processes"])
+async def test_sigkill_mid_run_loses_nothing(tmp_path: Path, engine_processes: int) -> None:
+    """The machine dies: SIGKILL to the core and every engine process at once."""
     port = free_port()
     async with FakeSlack(delay=0.05) as slack:
-        proc = start_core(tmp_path, port)
+        proc = start_core(tmp_path, port, engine_processes)
         channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
         try:
             await wait_serving(channel)
@@ -86,13 +91,13 @@ async def test_sigkill_mid_run_loses_nothing(tmp_path: Path) -> None:
             senders = [asyncio.create_task(send(n)) for n in range(total)]
             while len(slack.received) < 40:  # mid-run: some delivered, many queued, some in flight
                 await asyncio.sleep(0.01)
-            proc.send_signal(signal.SIGKILL)
+            os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=10)
             await asyncio.gather(*senders)
             delivered_at_kill = len(slack.received)
             assert 0 < len(accepted) <= total
 
-            proc = start_core(tmp_path, port)
+            proc = start_core(tmp_path, port, engine_processes)
             await wait_serving(channel)
             deadline = time.monotonic() + 60
             while time.monotonic() < deadline:
@@ -105,7 +110,7 @@ async def test_sigkill_mid_run_loses_nothing(tmp_path: Path) -> None:
             duplicates = sum(c - 1 for c in counts.values())
             print(f"\ncrash test: accepted={len(accepted)} delivered_before_kill={delivered_at_kill} lost={len(lost)} duplicates={duplicates}")
             assert lost == [], f"accepted but never delivered: {lost[:10]}"
-            assert duplicates <= WORKERS, "at most the executions in flight at the kill are repeated"
+            assert duplicates <= WORKERS * max(1, engine_processes), "at most the executions in flight at the kill are repeated"
             for n in list(accepted)[:20]:
                 assert (await api.execution(accepted[n])).status == "succeeded"
         finally:
@@ -115,6 +120,8 @@ async def test_sigkill_mid_run_loses_nothing(tmp_path: Path) -> None:
                 proc.wait(timeout=15)
             except subprocess.TimeoutExpired:
                 proc.kill()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)  # anything of the session still running
 
 
 @pytest.mark.postgres

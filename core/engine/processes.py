@@ -1,0 +1,281 @@
+"""Engine processes: deliveries in child processes, so the platform uses more than one core.
+
+CPython runs Python code on one thread at a time per process, so in one process the gRPC
+API and the deliveries share a single core. With IPAAS_ENGINE_PROCESSES=N the core starts N
+children (`ipaas engine`) that only claim and execute outbox tasks; the core keeps the API
+and the scheduler. The outbox is the only hand-over: children claim with leases exactly as
+replicas do, so a child's crash loses nothing (its leases are released and it is restarted).
+
+Two pipes per child:
+- core → child: "w" after new work is committed (a wake-up instead of polling), "c <id>"
+  after a credential is deleted (the child drops its cached row at once). End of file means
+  the core is gone: the child finishes what it holds and exits, so no child outlives it.
+- child → core: a JSON status line each second (its lease owner, work in flight, breakers),
+  which the core answers GetQueueStats and ListBreakers from.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+import time
+from datetime import datetime
+from typing import Any
+
+import orjson
+
+from ipaas.engine import outbox
+from ipaas.engine.breakers import BreakerRegistry, BreakerState
+from ipaas.settings import Settings
+from ipaas.storage.db import Database
+
+log = logging.getLogger("ipaas.engine.processes")
+
+CHILD_FDS = "IPAAS_ENGINE_CHILD_FDS"
+STATUS_INTERVAL = 1.0
+STOP_GRACE = 10.0
+MAX_STATUS_LINE = 4 * 1024 * 1024
+_RANK = {"open": 2, "half_open": 1}
+
+
+def child_env(settings: Settings) -> dict[str, str]:
+    """The environment that gives a child the same settings as this process (which may
+    have been built in code rather than read from the environment)."""
+    env = {**os.environ, **settings.extra}
+    env.update(
+        IPAAS_DATA_DIR=str(settings.data_dir),
+        IPAAS_DATABASE_URL=settings.database_url,
+        IPAAS_SECRET_KEYS=",".join(settings.secret_keys),
+        IPAAS_ALLOW_INSECURE_TARGETS="1" if settings.allow_insecure_targets else "0",
+        IPAAS_WORKERS=str(settings.workers),
+        IPAAS_LOG_LEVEL=settings.log_level,
+    )
+    if settings.plugins is not None:
+        env["IPAAS_PLUGINS"] = ",".join(sorted(settings.plugins))
+    return env
+
+
+class _Child:
+    def __init__(self, proc: asyncio.subprocess.Process, wake_fd: int) -> None:
+        self.proc = proc
+        self.wake_fd = wake_fd
+        self.reader: asyncio.Task[None] | None = None
+        self.status: dict[str, Any] = {}
+
+    def send(self, line: bytes) -> None:
+        if self.wake_fd < 0:
+            return
+        try:
+            os.write(self.wake_fd, line)
+        except BlockingIOError:
+            pass  # the pipe is full: the child has wake-ups waiting already
+        except OSError:
+            pass  # the child is gone; its supervisor restarts it
+
+    def close_pipe(self) -> None:
+        if self.wake_fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self.wake_fd)
+            self.wake_fd = -1
+
+
+class EngineProcesses:
+    """The core's side: starts, wakes, watches and restarts the engine children. It stands in
+    for the in-process dispatcher (notify, inflight, workers) and breaker registry (snapshot)."""
+
+    def __init__(self, settings: Settings, db: Database, count: int, workers_each: int) -> None:
+        self.settings = settings
+        self.db = db
+        self.count = count
+        self.workers = count * workers_each
+        self._children: dict[int, _Child] = {}
+        self._supervisors: list[asyncio.Task[None]] = []
+        self._stopping = False
+
+    @property
+    def inflight(self) -> int:
+        return sum(int(c.status.get("inflight", 0)) for c in self._children.values())
+
+    @property
+    def processed(self) -> int:
+        return sum(int(c.status.get("processed", 0)) for c in self._children.values())
+
+    def pids(self) -> list[int]:
+        return [c.proc.pid for c in self._children.values()]
+
+    def notify(self) -> None:
+        for child in self._children.values():
+            child.send(b"w\n")
+
+    def forget_credential(self, credential_id: str) -> None:
+        for child in self._children.values():
+            child.send(f"c {credential_id}\n".encode())
+
+    def snapshot(self, tenant_id: str) -> list[BreakerState]:
+        """The tenant's breakers as the children last reported them; where children disagree,
+        the most open one (that is the one deferring work)."""
+        merged: dict[str, BreakerState] = {}
+        for child in self._children.values():
+            for tenant, connector, state, failures, successes, opened, half_open in child.status.get("breakers", ()):
+                if tenant != tenant_id:
+                    continue
+                seen = merged.get(connector)
+                if seen is None or (_RANK.get(state, 0), failures) > (_RANK.get(seen.state, 0), seen.failure_count):
+                    merged[connector] = BreakerState(connector, state, failures, successes, _when(opened), _when(half_open))
+        return [merged[k] for k in sorted(merged)]
+
+    async def start(self) -> None:
+        if not self.db.is_postgres:
+            # On SQLite the children are the only dispatchers: any lease left is a dead one's.
+            released = await outbox.release_all_leases(self.db)
+            if released:
+                log.warning("dispatcher.recovered_leases", extra={"tasks": released})
+        for index in range(self.count):
+            self._children[index] = await self._spawn(index)
+            self._supervisors.append(asyncio.create_task(self._supervise(index), name=f"ipaas-engine-{index}"))
+
+    async def _spawn(self, index: int) -> _Child:
+        wake_r, wake_w = os.pipe()
+        status_r, status_w = os.pipe()
+        env = {**child_env(self.settings), CHILD_FDS: f"{wake_r},{status_w}"}
+        try:
+            proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "ipaas", "engine", pass_fds=(wake_r, status_w), env=env)
+        finally:
+            os.close(wake_r)
+            os.close(status_w)
+        os.set_blocking(wake_w, False)
+        child = _Child(proc, wake_w)
+        child.reader = asyncio.create_task(self._read_status(child, status_r))
+        log.info("engine.process_started", extra={"index": index, "pid": proc.pid})
+        return child
+
+    async def _read_status(self, child: _Child, fd: int) -> None:
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader(limit=MAX_STATUS_LINE)
+        transport, _ = await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(fd, "rb", 0))
+        try:
+            while line := await reader.readline():
+                with contextlib.suppress(orjson.JSONDecodeError):
+                    child.status = orjson.loads(line)
+        except (ValueError, asyncio.LimitOverrunError):
+            log.warning("engine.status_unreadable", extra={"pid": child.proc.pid})
+        finally:
+            transport.close()
+
+    async def _supervise(self, index: int) -> None:
+        backoff = 1.0
+        while True:
+            child = self._children[index]
+            started = time.monotonic()
+            code = await child.proc.wait()
+            child.close_pipe()
+            if self._stopping:
+                return
+            log.error("engine.process_exited", extra={"index": index, "pid": child.proc.pid, "code": code})
+            owner = child.status.get("owner")
+            if owner:
+                # Its work goes back to the queue now rather than when the leases expire.
+                with contextlib.suppress(Exception):
+                    released = await outbox.release_leases(self.db, owner)
+                    log.warning("engine.released_leases", extra={"pid": child.proc.pid, "tasks": released})
+            if time.monotonic() - started > 60:
+                backoff = 1.0
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 30.0)
+            if self._stopping:
+                return
+            self._children[index] = await self._spawn(index)
+
+    async def stop(self, deadline: float = STOP_GRACE) -> None:
+        """End of file tells each child to stop claiming and finish within its grace period;
+        a child still running after that is killed (its leases expire, nothing is lost)."""
+        self._stopping = True
+        for child in self._children.values():
+            child.close_pipe()
+        procs = [c.proc for c in self._children.values()]
+        waiting = [asyncio.create_task(p.wait()) for p in procs]
+        if waiting:
+            _done, pending = await asyncio.wait(waiting, timeout=deadline + 5)
+            for proc in procs:
+                if proc.returncode is None:
+                    with contextlib.suppress(ProcessLookupError):
+                        proc.kill()
+            if pending:
+                await asyncio.wait(pending, timeout=5)
+        for task in [*self._supervisors, *(c.reader for c in self._children.values() if c.reader)]:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+
+def _when(value: str | None) -> datetime | None:
+    return datetime.fromisoformat(value) if value else None
+
+
+def _breakers(registry: BreakerRegistry) -> list[list[Any]]:
+    return [
+        [tenant, s.connector, s.state, s.failure_count, s.success_count, s.opened_at and s.opened_at.isoformat(), s.half_open_at and s.half_open_at.isoformat()]
+        for tenant, s in registry.all_snapshots()
+    ]
+
+
+async def run_engine(settings: Settings) -> None:
+    """`ipaas engine`: the dispatcher alone. Started by the core with two pipes; on
+    PostgreSQL it can also run on its own, woken by LISTEN/NOTIFY and polling."""
+    from ipaas.service.server import EngineSettings, build_engine
+
+    engine = EngineSettings.from_settings(settings)
+    db = Database(settings.database_url)
+    parts = build_engine(settings, engine, db, recover_leases=False)
+    dispatcher, credentials = parts.dispatcher, parts.credentials
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    reporter: asyncio.Task[None] | None = None
+    if fds := os.environ.get(CHILD_FDS):
+        wake_fd, status_fd = (int(fd) for fd in fds.split(","))
+        os.set_blocking(wake_fd, False)
+        pending = bytearray()
+
+        def on_wake() -> None:
+            try:
+                data = os.read(wake_fd, 65536)
+            except BlockingIOError:
+                return
+            if not data:  # the core is gone
+                loop.remove_reader(wake_fd)
+                stop.set()
+                return
+            pending.extend(data)
+            *lines, rest = pending.split(b"\n")
+            pending[:] = rest
+            for line in lines:
+                if line == b"w":
+                    dispatcher.notify()
+                elif line.startswith(b"c "):
+                    credentials.forget(line[2:].decode())
+
+        loop.add_reader(wake_fd, on_wake)
+        transport, _ = await loop.connect_write_pipe(asyncio.Protocol, os.fdopen(status_fd, "wb", 0))
+
+        async def report() -> None:
+            while True:
+                status = {"owner": dispatcher.owner, "pid": os.getpid(), "inflight": dispatcher.inflight, "workers": dispatcher.workers, "processed": dispatcher.processed, "breakers": _breakers(parts.breakers)}
+                if transport.get_write_buffer_size() < MAX_STATUS_LINE:  # the core reads slowly: skip a beat
+                    transport.write(orjson.dumps(status) + b"\n")
+                await asyncio.sleep(STATUS_INTERVAL)
+
+        reporter = asyncio.create_task(report())
+    dispatcher.start()
+    log.info("engine.started", extra={"pid": os.getpid(), "workers": dispatcher.workers, "database": db.dialect})
+    await stop.wait()
+    await dispatcher.stop(deadline=STOP_GRACE)
+    if reporter is not None:
+        reporter.cancel()
+    await parts.registry.aclose()
+    await db.dispose()

@@ -1,0 +1,157 @@
+"""Deliveries in engine processes (IPAAS_ENGINE_PROCESSES): real children of a real core,
+on SQLite and PostgreSQL. The children share the outbox through leases, are woken through a
+pipe rather than polling, report breakers and load to the core, are restarted when they die
+and do not outlive the core."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+
+from ipaas.v1 import breakers_pb2, breakers_pb2_grpc, credentials_pb2, executions_pb2
+from tests.conftest import core_with, free_port
+from tests.fakes.slack import FakeSlack
+from tests.integration.helpers import Api, slack_step
+from tests.integration.test_crash_and_scale import start_core, wait_serving
+
+CHILDREN = 2
+WORKERS = 4
+SETTINGS = {
+    "IPAAS_ENGINE_PROCESSES": str(CHILDREN),
+    "IPAAS_WORKERS": str(WORKERS),
+    # A poll interval far longer than the test: work is found because the core wakes them.
+    "IPAAS_POLL_INTERVAL": "30",
+    "IPAAS_RETRY_BASE_DELAY": "0.05",
+    "IPAAS_BREAKER_FAILURES": "2",
+    "IPAAS_BREAKER_RECOVERY_SECONDS": "60",
+}
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+async def env(request, tmp_path):
+    url = request.getfixturevalue("postgres_url") if request.param == "postgres" else None
+    async with FakeSlack(delay=0.005) as slack, core_with(tmp_path, url, **SETTINGS) as core:
+        tenant = await core.new_tenant()
+        api = Api(core.channel, tenant.md)
+        await until(lambda: len(core.server.processes.pids()) == CHILDREN and all(c.status for c in core.server.processes._children.values()), "children report")
+        yield core, api, slack
+
+
+async def until(check, what: str, timeout: float = 15.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for: {what}")
+        await asyncio.sleep(0.05)
+
+
+async def test_children_share_the_work_exactly_once(env) -> None:
+    core, api, slack = env
+    cred = await api.credential("slack", {"webhook_url": slack.url})
+    wf = (await api.create({"name": "p", "trigger": {"type": "manual"}, "steps": [slack_step(cred, "job {{n}}")]})).workflow
+    total = 120
+    await asyncio.gather(*(api.run(wf.id, {"n": n}) for n in range(total)))
+    await until(lambda: len(slack.received) >= total, f"{total} deliveries (woken without polling)", timeout=20)
+    await asyncio.sleep(0.3)
+    counts = collections.Counter(m["text"] for m in slack.received)
+    assert len(counts) == total and set(counts.values()) == {1}, "every execution delivered exactly once"
+
+    processes = core.server.processes
+    await until(lambda: processes.processed == total, "children report what they processed")
+    per_child = [int(c.status["processed"]) for c in processes._children.values()]
+    assert all(n > 0 for n in per_child), f"both children did work: {per_child}"
+    stats = await api.executions.GetQueueStats(executions_pb2.GetQueueStatsRequest(), metadata=api.md)
+    assert (stats.workers, stats.depth) == (CHILDREN * WORKERS, 0)
+
+
+async def test_a_breaker_opened_in_a_child_is_listed_by_the_core(env) -> None:
+    core, api, slack = env
+    cred = await api.credential("slack", {"webhook_url": slack.url})
+    wf = (await api.create({"name": "b", "trigger": {"type": "manual"}, "options": {"max_attempts": 1}, "steps": [slack_step(cred, "x")]})).workflow
+    # Four failures over two children: one of them has seen at least two (the threshold).
+    slack.fail_next(500, times=4)
+    for _ in range(4):  # each fails, or is deferred once its child's breaker is open
+        await api.run(wf.id)
+    stub = breakers_pb2_grpc.BreakerServiceStub(core.channel)
+    states: list[str] = []
+    for _ in range(60):
+        states = [b.state for b in (await stub.ListBreakers(breakers_pb2.ListBreakersRequest(), metadata=api.md)).breakers]
+        if states == ["open"]:
+            break
+        await asyncio.sleep(0.1)
+    assert states == ["open"]
+    other = await core.new_tenant(name="other")
+    assert not (await stub.ListBreakers(breakers_pb2.ListBreakersRequest(), metadata=other.md)).breakers, "another tenant sees none of it"
+
+
+async def test_a_deleted_credential_stops_being_used_in_the_children_at_once(env) -> None:
+    core, api, slack = env
+    cred = await api.credential("slack", {"webhook_url": slack.url})
+    wf = (await api.create({"name": "c", "trigger": {"type": "manual"}, "options": {"max_attempts": 1}, "steps": [slack_step(cred, "x")]})).workflow
+    # Both children run it, so both hold the row in their cache.
+    runs = await asyncio.gather(*(api.run(wf.id) for _ in range(8)))
+    await asyncio.gather(*(api.wait(r.execution.id) for r in runs))
+    children = core.server.processes._children.values()
+    await until(lambda: all(int(c.status.get("processed", 0)) > 0 for c in children), "both children ran it")
+    sent = len(slack.received)
+    await api.credentials.DeleteCredential(credentials_pb2.DeleteCredentialRequest(id=cred), metadata=api.md)
+    done = [await api.wait((await api.run(wf.id)).execution.id) for _ in range(4)]
+    assert {d.status for d in done} == {"failed"} and all("no longer exists" in d.error for d in done)
+    assert len(slack.received) == sent
+
+
+async def test_a_killed_child_is_restarted_and_its_work_is_done(env) -> None:
+    core, api, slack = env
+    slack.delay = 0.3
+    cred = await api.credential("slack", {"webhook_url": slack.url})
+    wf = (await api.create({"name": "k", "trigger": {"type": "manual"}, "steps": [slack_step(cred, "job {{n}}")]})).workflow
+    total = 30
+    await asyncio.gather(*(api.run(wf.id, {"n": n}) for n in range(total)))
+    processes = core.server.processes
+    await until(lambda: processes.inflight > 0, "work in flight")
+    victim = processes.pids()[0]
+    os.kill(victim, signal.SIGKILL)
+    await until(lambda: victim not in processes.pids() and len(processes.pids()) == CHILDREN, "a new child", timeout=20)
+    slack.delay = 0.0
+    # The dead child's leases are released at once, not after IPAAS_LEASE_SECONDS (60 s).
+    await until(lambda: {m["text"] for m in slack.received} >= {f"job {n}" for n in range(total)}, "every job delivered", timeout=20)
+
+
+async def test_children_do_not_outlive_the_core(tmp_path: Path) -> None:
+    port = free_port()
+    proc = start_core(tmp_path, port, engine_processes=CHILDREN)
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    try:
+        await wait_serving(channel)
+        children: list[int] = []
+        for _ in range(100):
+            out = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout
+            children = [int(p) for p in out.split()]
+            if len(children) == CHILDREN:
+                break
+            await asyncio.sleep(0.1)
+        assert len(children) == CHILDREN
+        proc.send_signal(signal.SIGKILL)  # the core alone
+        proc.wait(timeout=10)
+        await until(lambda: not any(_alive(pid) for pid in children), "children exit once the core is gone", timeout=20)
+    finally:
+        await channel.close()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
