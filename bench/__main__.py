@@ -49,7 +49,34 @@ def sign_lines(secret: str, count: int, prefix: str, with_keys: bool = False) ->
 def median_of(runs: int, fn: Callable[[int], dict[str, float]], key: str = "rps") -> dict[str, Any]:
     results = [fn(i) for i in range(runs)]
     values = [r[key] for r in results]
-    return {"median": statistics.median(values), "runs": values, "errors": sum(r.get("errors", 0) for r in results)}
+    return {"median": statistics.median(values), "runs": values, "errors": sum(r.get("errors", 0) for r in results), "results": results}
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def newest_pid(pattern: str) -> int:
+    import subprocess
+
+    return int(subprocess.run(["pgrep", "-n", "-f", "--", pattern], capture_output=True, text=True).stdout.split()[-1])
+
+
+def engine_pids(core_pid: int) -> list[int]:
+    import subprocess
+
+    return [int(p) for p in subprocess.run(["pgrep", "-P", str(core_pid)], capture_output=True, text=True).stdout.split()]
+
+
+def with_cpu(pids: dict[str, int], fn: Callable[[], dict[str, float]]) -> dict[str, float]:
+    """The run's result plus each process's CPU milliseconds per request: the cost of a
+    request in that process, whatever else the machine is doing."""
+    before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+    result = fn()
+    for name, pid in pids.items():
+        result[f"{name}_cpu_ms"] = (cpu_seconds(pid) - before[name]) * 1000 / max(result["requests"], 1)
+    return result
 
 
 def wrk_webhooks(url: str, path: str, lines: str, duration: int) -> dict[str, float]:
@@ -93,9 +120,9 @@ def measure_platform(args: argparse.Namespace, slack: str, database_url: str | N
         http_port = plat.free_port()
         envs = [plat.platform_env(Path(tmp) / f"c{i}", database_url, grpc_ports[i], http_port, **extra_env) for i in range(cores)]
         with contextlib_exit() as stack:
-            for env in envs:
-                stack.enter_context(plat.core(env))
+            core_pids = [stack.enter_context(plat.core(env)).pid for env in envs]
             gw = stack.enter_context(plat.gateway(envs[0]))
+            gateway_pid = newest_pid("-m ipaas gateway")
             wf = plat.setup_webhook_workflow(gw, slack)
             path = f"/api/webhooks/{wf['workflow_id']}"
             budget = int(args.duration * 9000)
@@ -151,8 +178,12 @@ def measure_platform(args: argparse.Namespace, slack: str, database_url: str | N
             out["end_to_end_latency"] = e2e_latency(args.rate, f"{label}-e2elat")
             out["end_to_end_latency_sustained"] = e2e_latency(args.sustained_rate, f"{label}-e2eslat")
             if cores == 1:
-                out["direct_grpc"] = median_of(args.runs, lambda i: asyncio.run(grpc_saturation(grpc_ports[0], wf["workflow_id"], wf["secret"], f"{label}-grpc{i}", args.duration)))
-                out["gateway_python_client"] = median_of(args.runs, lambda i: asyncio.run(loadgen.python_saturation(signed_sender(wf["secret"], gw + path, f"{label}-pyhttp{i}"), args.duration)))
+                pids = {"core": core_pids[0], "gateway": gateway_pid}
+                out["direct_grpc"] = median_of(args.runs, lambda i: with_cpu(pids, lambda: asyncio.run(grpc_saturation(grpc_ports[0], wf["workflow_id"], wf["secret"], f"{label}-grpc{i}", args.duration))))
+                out["gateway_python_client"] = median_of(args.runs, lambda i: with_cpu(pids, lambda: asyncio.run(loadgen.python_saturation(signed_sender(wf["secret"], gw + path, f"{label}-pyhttp{i}"), args.duration))))
+                for name in ("direct_grpc", "gateway_python_client"):
+                    for k in ("core_cpu_ms", "gateway_cpu_ms"):
+                        out[name][k] = statistics.median(r[k] for r in out[name]["results"])
     return out
 
 
@@ -211,20 +242,19 @@ def rss_mb(pid: int) -> float:
 
 def measure_soak(seconds: int, rate: float, slack: str) -> dict[str, Any]:
     """Memory over a sustained load the platform keeps up with: RSS at start and end."""
-    import subprocess
-
     with tempfile.TemporaryDirectory() as tmp:
         grpc_port, http_port = plat.free_port(), plat.free_port()
         env = plat.platform_env(Path(tmp), None, grpc_port, http_port)
         with plat.core(env) as core, plat.gateway(env) as gw:
             wf = plat.setup_webhook_workflow(gw, slack)
-            gateway_pid = int(subprocess.run(["pgrep", "-n", "-f", "--", "-m ipaas gateway"], capture_output=True, text=True).stdout.split()[-1])
+            gateway_pid = newest_pid("-m ipaas gateway")
             path = f"/api/webhooks/{wf['workflow_id']}"
             # Warm up first, so start-up allocations are not counted as growth.
             asyncio.run(loadgen.fixed_rate(signed_sender(wf["secret"], gw + path, "soak-warm"), rate, 10))
-            start = {"core_mb": rss_mb(core.pid), "gateway_mb": rss_mb(gateway_pid)}
+            engines = engine_pids(core.pid)
+            start = {"core_mb": rss_mb(core.pid), "gateway_mb": rss_mb(gateway_pid), "engines_mb": [rss_mb(p) for p in engines]}
             load = asyncio.run(loadgen.fixed_rate(signed_sender(wf["secret"], gw + path, "soak"), rate, seconds))
-            end = {"core_mb": rss_mb(core.pid), "gateway_mb": rss_mb(gateway_pid)}
+            end = {"core_mb": rss_mb(core.pid), "gateway_mb": rss_mb(gateway_pid), "engines_mb": [rss_mb(p) for p in engines]}
     return {"seconds": seconds, "rate": rate, "requests": load["requests"], "errors": load["errors"], "p99_ms": load["p99_ms"], "start": start, "end": end}
 
 
@@ -284,7 +314,15 @@ def report(results: dict[str, Any]) -> list[str]:
         ("via gateway (python client)", s["gateway_python_client"]["median"], "req/s", ratio(s["gateway_python_client"]["median"], s["direct_grpc"]["median"]), "grpc"),
     ]
     overhead = (1 / s["gateway_python_client"]["median"] - 1 / s["direct_grpc"]["median"]) / (1 / s["direct_grpc"]["median"])
-    rows.append(("gateway overhead per request vs direct gRPC", overhead * 100, "%", None, ""))
+    rows.append(("gateway overhead per request vs direct gRPC (throughput)", overhead * 100, "%", None, ""))
+    if "core_cpu_ms" in s["direct_grpc"]:
+        core_ms, gw_ms = s["direct_grpc"]["core_cpu_ms"], s["gateway_python_client"]["gateway_cpu_ms"]
+        rows.append(("  core CPU per direct gRPC trigger", core_ms, "ms", None, ""))
+        rows.append(("  core CPU per trigger via gateway", s["gateway_python_client"]["core_cpu_ms"], "ms", None, ""))
+        rows.append(("  gateway CPU per trigger", gw_ms, "ms", ratio(gw_ms, core_ms), "core"))
+    if "engine_in_core" in results:
+        t = results["engine_in_core"]["end_to_end"]["median"]
+        rows.append(("end-to-end with the engine in the core process", t, "msg/s", ratio(t, s["end_to_end"]["median"]), "processes"))
     if "transport_httpx" in results:
         t = results["transport_httpx"]["end_to_end"]["median"]
         rows.append(("end-to-end with httpx's own pool instead of aiohttp's", t, "msg/s", ratio(t, s["end_to_end"]["median"]), "aiohttp"))
@@ -330,6 +368,8 @@ def main() -> None:
         results["ceilings"] = measure_ceilings(args, slack)
         results["sqlite"] = measure_platform(args, slack, None, "sq")
         results["limiter"] = measure_limiter(args, slack)
+        # Deliveries in the core process (as before engine processes) against the default.
+        results["engine_in_core"] = measure_platform(args, slack, None, "ec", only_e2e=True, IPAAS_ENGINE_PROCESSES="0")
         # The connectors' HTTP transport: aiohttp's pool (the default) against httpx's own.
         results["transport_httpx"] = measure_platform(args, slack, None, "hx", only_e2e=True, IPAAS_HTTP_TRANSPORT="httpx")
         pg = os.environ.get("IPAAS_TEST_POSTGRES_URL")
