@@ -144,6 +144,10 @@ class EngineProcesses:
         env = {**child_env(self.settings), CHILD_FDS: f"{wake_r},{status_w}"}
         try:
             proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "ipaas", "engine", pass_fds=(wake_r, status_w), env=env)
+        except BaseException:
+            for fd in (wake_w, status_r):
+                os.close(fd)
+            raise
         finally:
             os.close(wake_r)
             os.close(status_w)

@@ -100,7 +100,7 @@ def default_engine_processes() -> int:
     # the deliveries use the other cores (bench: ~1.5x end to end on 2 cores with 2).
     # More than 4 writers to one SQLite file mostly wait for each other.
     cpus = os.cpu_count() or 1
-    return 0 if cpus < 2 else min(cpus, 4)
+    return 0 if cpus < 2 or os.name != "posix" else min(cpus, 4)
 
 
 @dataclass

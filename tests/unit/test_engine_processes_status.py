@@ -1,0 +1,43 @@
+"""How the core reads its engine processes' reports: settings handed down, breakers merged."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ipaas.engine.processes import EngineProcesses, _Child, child_env
+from ipaas.settings import Settings
+
+
+class _Proc:
+    pid = 1
+
+
+def _with_reports(*reports: dict[str, Any]) -> EngineProcesses:
+    processes = EngineProcesses(Settings(), db=None, count=len(reports), workers_each=4)  # type: ignore[arg-type]
+    for i, report in enumerate(reports):
+        child = _Child(_Proc(), -1)  # type: ignore[arg-type]
+        child.status = report
+        processes._children[i] = child
+    return processes
+
+
+def test_the_most_open_state_wins_and_tenants_stay_apart() -> None:
+    opened = "2026-01-01T00:00:00+00:00"
+    processes = _with_reports(
+        {"inflight": 2, "processed": 10, "breakers": [["t1", "slack", "closed", 1, 0, None, None], ["t2", "slack", "open", 5, 0, opened, opened]]},
+        {"inflight": 1, "processed": 7, "breakers": [["t1", "slack", "open", 5, 0, opened, opened], ["t1", "discord", "closed", 0, 0, None, None]]},
+    )
+    states = processes.snapshot("t1")
+    assert [(s.connector, s.state, s.failure_count) for s in states] == [("discord", "closed", 0), ("slack", "open", 5)]
+    assert states[1].opened_at is not None and states[1].opened_at.year == 2026
+    assert [s.state for s in processes.snapshot("t3")] == []
+    assert (processes.inflight, processes.processed, processes.workers) == (3, 17, 8)
+
+
+def test_a_child_gets_settings_built_in_code(tmp_path: Path) -> None:
+    settings = Settings(data_dir=tmp_path, database_url=f"sqlite:///{tmp_path}/x.db", secret_keys=("k1", "k2"), plugins=frozenset({"slack"}), workers=3, allow_insecure_targets=True, extra={"IPAAS_STEP_TIMEOUT": "5"})
+    env = child_env(settings)
+    back = Settings.from_env(env)
+    assert (back.data_dir, back.database_url, back.secret_keys, back.plugins, back.workers, back.allow_insecure_targets) == (tmp_path, settings.database_url, ("k1", "k2"), frozenset({"slack"}), 3, True)
+    assert env["IPAAS_STEP_TIMEOUT"] == "5"
