@@ -39,6 +39,7 @@ CHILD_FDS = "IPAAS_ENGINE_CHILD_FDS"
 STATUS_INTERVAL = 1.0
 STOP_GRACE = 10.0
 MAX_STATUS_LINE = 4 * 1024 * 1024
+MAX_REPORTED_BREAKERS = 1000
 _RANK = {"open": 2, "half_open": 1}
 
 
@@ -181,6 +182,7 @@ class EngineProcesses:
                 return
             log.error("engine.process_exited", extra={"index": index, "pid": child.proc.pid, "code": code})
             owner = child.status.get("owner")
+            child.status = {}  # no longer counted in flight, its breakers no longer listed
             if owner:
                 # Its work goes back to the queue now rather than when the leases expire.
                 with contextlib.suppress(Exception):
@@ -221,9 +223,13 @@ def _when(value: str | None) -> datetime | None:
 
 
 def _breakers(registry: BreakerRegistry) -> list[list[Any]]:
+    snapshots = registry.all_snapshots()
+    if len(snapshots) > MAX_REPORTED_BREAKERS:
+        # Many tenants: report the breakers that say something, not thousands of clean ones.
+        snapshots = [(t, s) for t, s in snapshots if s.state != "closed" or s.failure_count]
     return [
         [tenant, s.connector, s.state, s.failure_count, s.success_count, s.opened_at and s.opened_at.isoformat(), s.half_open_at and s.half_open_at.isoformat()]
-        for tenant, s in registry.all_snapshots()
+        for tenant, s in snapshots
     ]
 
 
