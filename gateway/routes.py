@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 from google.api import annotations_pb2
@@ -23,6 +24,7 @@ ACCEPTED = {"RunWorkflow", "ReceiveWebhook", "ReplayExecution"}
 
 @dataclass(frozen=True)
 class Route:
+    # Derived fields are cached on first use: the router answers every request with them.
     method: MethodDescriptor
     verb: str
     template: str
@@ -36,7 +38,7 @@ class Route:
     def name(self) -> str:
         return self.method.name
 
-    @property
+    @cached_property
     def success_status(self) -> int:
         if self.name.startswith("Create"):
             return 201
@@ -46,16 +48,16 @@ class Route:
             return 204
         return 200
 
-    @property
+    @cached_property
     def raw_body(self) -> bool:
         """The body is passed as bytes in a google.api.HttpBody field (webhooks)."""
         return bool(self.body) and self.body != "*" and self.method.input_type.fields_by_name[self.body].message_type is not None and self.method.input_type.fields_by_name[self.body].message_type.full_name == "google.api.HttpBody"
 
-    @property
+    @cached_property
     def path_fields(self) -> list[str]:
         return _VARIABLE.findall(self.template)
 
-    @property
+    @cached_property
     def query_fields(self) -> list[FieldDescriptor]:
         if self.body == "*":
             return []
