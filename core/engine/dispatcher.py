@@ -70,9 +70,7 @@ class Dispatcher:
 
     async def _run(self) -> None:
         if self.recover_leases and not self.db.is_postgres:
-            released = await outbox.release_all_leases(self.db)
-            if released:
-                log.warning("dispatcher.recovered_leases", extra={"tasks": released})
+            await outbox.release_all_leases(self.db)
         while not self._stopping:
             # Clear before claiming, so a wake-up that arrives during the claim is kept.
             self._wake.clear()

@@ -12,6 +12,7 @@ lease (a crashed replica) makes the task claimable again.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -196,10 +197,13 @@ async def release_leases(db: Database, owner: str) -> int:
 
 
 async def release_all_leases(db: Database) -> int:
-    """SQLite runs one dispatcher per database, so at its start every lease belongs to a
+    """SQLite has one core per database, so when it starts claiming every lease belongs to a
     process that is gone: hand the tasks back now instead of waiting for expiry."""
     stmt = update(TASKS).where(TASKS.c.lease_owner.is_not(None)).values(lease_owner=None, lease_expires_at=None)
-    return await db.transaction(lambda conn: conn.execute(stmt).rowcount)
+    released = await db.transaction(lambda conn: conn.execute(stmt).rowcount)
+    if released:
+        logging.getLogger("ipaas.dispatcher").warning("dispatcher.recovered_leases", extra={"tasks": released})
+    return released
 
 
 async def add_task(s: AsyncSession, execution_id: str, tenant_id: str, run_at: datetime) -> None:

@@ -132,9 +132,7 @@ class EngineProcesses:
     async def start(self) -> None:
         if not self.db.is_postgres:
             # On SQLite the children are the only dispatchers: any lease left is a dead one's.
-            released = await outbox.release_all_leases(self.db)
-            if released:
-                log.warning("dispatcher.recovered_leases", extra={"tasks": released})
+            await outbox.release_all_leases(self.db)
         for index in range(self.count):
             self._children[index] = await self._spawn(index)
             self._supervisors.append(asyncio.create_task(self._supervise(index), name=f"ipaas-engine-{index}"))
