@@ -12,6 +12,7 @@ from ipaas.errors import InvalidArgument
 T = TypeVar("T")
 DEFAULT_PAGE_SIZE = 20
 MAX_PAGE_SIZE = 100
+MAX_VERSION = 2**31 - 1  # versions are int32 in the API
 
 
 def page_size(requested: int) -> int:
@@ -32,6 +33,14 @@ def decode_token(token: str) -> str:
     if not value or len(value) > 64 or not value.isascii():
         raise InvalidArgument.field("page_token", "is not a token this API issued")
     return value
+
+
+def decode_version_token(token: str) -> int:
+    """Version lists page by version number: the token must hold one a version can have."""
+    value = decode_token(token)
+    if not value.isdigit() or not 0 < int(value) <= MAX_VERSION:
+        raise InvalidArgument.field("page_token", "is not a token this API issued")
+    return int(value)
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from ipaas.credentials import CredentialStore
 from ipaas.crypto import SecretBox
 from ipaas.errors import Aborted, FieldViolation, InvalidArgument, NotFound
 from ipaas.ids import new_id
-from ipaas.pagination import Page, decode_token, page_size
+from ipaas.pagination import Page, decode_token, decode_version_token, page_size
 from ipaas.singleflight import SingleFlight
 from ipaas.storage.db import Database
 from ipaas.storage.tables import Schedule, Tenant, WebhookSecret, Workflow, WorkflowVersion, utcnow
@@ -212,7 +212,7 @@ class WorkflowStore:
 
     async def list_versions(self, tenant_id: str, workflow_id: str, size: int, token: str) -> tuple[Workflow, list[WorkflowVersion], str]:
         limit = page_size(size)
-        before = int(decode_token(token)) if token else None
+        before = decode_version_token(token) if token else None
         async with self.db.session() as s:
             wf = await self._row(s, tenant_id, workflow_id)
             q = select(WorkflowVersion).where(WorkflowVersion.workflow_id == workflow_id).order_by(WorkflowVersion.version.desc()).limit(limit + 1)

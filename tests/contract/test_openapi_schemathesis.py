@@ -18,6 +18,8 @@ from hypothesis import HealthCheck, given, settings
 
 from tests.conftest import ADMIN_KEY, free_port
 
+# CI keeps this bounded; set IPAAS_FUZZ_EXAMPLES=200 (say) for a deeper local hunt.
+EXAMPLES = int(os.environ.get("IPAAS_FUZZ_EXAMPLES", "12"))
 
 
 @pytest.fixture(scope="module")
@@ -84,10 +86,10 @@ def test_no_server_errors_and_always_the_envelope(platform: tuple[str, str]) -> 
         operations += 1
 
         @given(case=operation.as_strategy())
-        @settings(max_examples=12, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+        @settings(max_examples=EXAMPLES, deadline=None, database=None, suppress_health_check=list(HealthCheck))
         def run(case) -> None:  # type: ignore[no-untyped-def]
             check_answer(case, url, key)
 
         run()
     assert operations >= 25, "every route is in the document"
-    assert time.monotonic() - started < 300
+    assert time.monotonic() - started < 300 * max(1, EXAMPLES // 12)

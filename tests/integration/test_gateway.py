@@ -64,7 +64,13 @@ async def test_workflow_crud_versions_and_readable_json(stack) -> None:
     versions = await http.get(f"/api/workflows/{wf['id']}/versions", params={"page_size": 2})
     body = assert_envelope(versions, True)
     assert [v["version"] for v in body["data"]["versions"]] == [3, 2]
-    assert body["meta"]["pagination"]["next_page_token"]
+    token = body["meta"]["pagination"]["next_page_token"]
+    rest = await http.get(f"/api/workflows/{wf['id']}/versions", params={"page_size": 2, "page_token": token})
+    assert [v["version"] for v in assert_envelope(rest, True)["data"]["versions"]] == [1]
+    # Tokens this API never issued: base64 of bytes, of JSON, of a number past int32, of "5_0".
+    for forged in ("AAAA", "eyJ4IjoxfQ", "OTk5OTk5OTk5OTk5OTk5OTk5OTk5", "NV8w", "MA"):
+        bad = await http.get(f"/api/workflows/{wf['id']}/versions", params={"page_token": forged})
+        assert bad.status_code == 422 and assert_envelope(bad, False)["error"]["details"][0]["field"] == "page_token", forged
     deleted = await http.delete(f"/api/workflows/{wf['id']}")
     assert deleted.status_code == 204 and deleted.content == b""
     assert (await http.get(f"/api/workflows/{wf['id']}")).status_code == 404
