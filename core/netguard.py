@@ -3,9 +3,14 @@
 Targets must be https on the connector's own hosts, and every address a host resolves to
 must be public: loopback, private, link-local (cloud metadata), CGNAT, multicast and reserved
 ranges are refused. IPAAS_ALLOW_INSECURE_TARGETS=1 lifts both rules for tests and local
-development (the core warns at start-up). The transport checks the resolved addresses just
-before each request; a DNS answer that changes between the check and the connect (rebinding)
-is a known residual risk, narrowed by the short window.
+development (the core warns at start-up).
+
+With the default transport (aiohttp underneath httpx) the check sits in the connection pool's
+DNS resolver: the addresses checked are the addresses connected to, so a DNS answer that
+changes between a check and the connect (rebinding) has no window, and a kept-alive
+connection costs no lookup. IP literals never reach a resolver, so the transport checks them.
+With IPAAS_HTTP_TRANSPORT=httpx the transport resolves and checks before each request, and
+httpcore resolves again to connect: rebinding there is a residual risk of that option.
 """
 
 from __future__ import annotations
@@ -13,10 +18,12 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import socket
-from typing import Iterable
+from typing import Callable, Iterable
 from urllib.parse import urlsplit
 
 import httpx
+from aiohttp.abc import AbstractResolver, ResolveResult
+from aiohttp.resolver import DefaultResolver
 
 from ipaas.sdk import PermanentError
 
@@ -63,26 +70,61 @@ def check_url(url: str, allowed_hosts: Iterable[str], allow_insecure: bool) -> N
         raise PermanentError("the target address is not public")
 
 
-class GuardedTransport(httpx.AsyncBaseTransport):
-    """Resolves the host and refuses non-public addresses before handing the request on."""
+def _literal(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return False
+    return True
 
-    def __init__(self, inner: httpx.AsyncBaseTransport, allow_insecure: bool) -> None:
+
+class GuardedResolver(AbstractResolver):
+    """The connection pool's resolver: answers only with public addresses, else refuses."""
+
+    def __init__(self, inner: AbstractResolver | None = None, forbidden: Callable[[str], bool] = forbidden_address) -> None:
+        self.inner = inner if inner is not None else DefaultResolver()
+        self.forbidden = forbidden
+
+    async def resolve(self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET) -> list[ResolveResult]:
+        answers = await self.inner.resolve(host, port, family)
+        if any(self.forbidden(answer["host"]) for answer in answers):
+            raise PermanentError(f"the target {host} resolves to a non-public address")
+        return answers
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+
+class GuardedTransport(httpx.AsyncBaseTransport):
+    """Refuses plain http and non-public targets before handing the request on.
+
+    `resolver_guarded`: the inner transport connects only through a GuardedResolver, so only
+    IP literals (which skip resolvers) are checked here."""
+
+    def __init__(self, inner: httpx.AsyncBaseTransport, allow_insecure: bool, resolver_guarded: bool = False) -> None:
         self.inner = inner
         self.allow_insecure = allow_insecure
+        self.resolver_guarded = resolver_guarded
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         if not self.allow_insecure:
             if request.url.scheme != "https":
                 raise PermanentError("the target must use https")
             host = request.url.host
-            port = request.url.port or 443
-            try:
-                infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
-            except socket.gaierror:
-                raise httpx.ConnectError(f"cannot resolve {host}", request=request) from None
-            if any(forbidden_address(info[4][0]) for info in infos):
-                raise PermanentError(f"the target {host} resolves to a non-public address")
+            if _literal(host):
+                if forbidden_address(host):
+                    raise PermanentError(f"the target {host} is not a public address")
+            elif not self.resolver_guarded:
+                await self._check_resolved(request, host, request.url.port or 443)
         return await self.inner.handle_async_request(request)
+
+    async def _check_resolved(self, request: httpx.Request, host: str, port: int) -> None:
+        try:
+            infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except socket.gaierror:
+            raise httpx.ConnectError(f"cannot resolve {host}", request=request) from None
+        if any(forbidden_address(info[4][0]) for info in infos):
+            raise PermanentError(f"the target {host} resolves to a non-public address")
 
     async def aclose(self) -> None:
         await self.inner.aclose()

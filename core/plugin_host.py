@@ -27,7 +27,7 @@ from jsonschema import Draft202012Validator
 
 from ipaas import hookspecs
 from ipaas.masking import SecretMasker
-from ipaas.netguard import GuardedTransport, check_url
+from ipaas.netguard import GuardedResolver, GuardedTransport, check_url
 from ipaas.sdk import NAME, ActionResult, Connector, ConnectorError, ExecutionContext, MaskingAdapter, PermanentError, RetryableError
 
 log = logging.getLogger("ipaas.plugins")
@@ -283,19 +283,39 @@ def make_http_client(timeout: float, allow_insecure: bool, max_connections: int 
     """
     limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
     inner: httpx.AsyncBaseTransport
-    if os.environ.get("IPAAS_HTTP_TRANSPORT", "aiohttp") == "aiohttp":
-        from httpx_aiohttp import AiohttpTransport
-
-        inner = AiohttpTransport(limits=limits)
+    aiohttp_pool = os.environ.get("IPAAS_HTTP_TRANSPORT", "aiohttp") == "aiohttp"
+    if aiohttp_pool:
+        inner = aiohttp_transport(limits, guard_dns=not allow_insecure)
     else:
         inner = httpx.AsyncHTTPTransport(limits=limits)
     return httpx.AsyncClient(
-        transport=GuardedTransport(inner, allow_insecure),
+        transport=GuardedTransport(inner, allow_insecure, resolver_guarded=aiohttp_pool),
         cookies=NoCookies(),
         timeout=httpx.Timeout(timeout),
         follow_redirects=False,
         headers={"user-agent": "simple-ipaas"},
     )
+
+
+def aiohttp_transport(limits: httpx.Limits, guard_dns: bool) -> httpx.AsyncBaseTransport:
+    """httpx-aiohttp's transport over a pool whose resolver is the SSRF guard (see netguard)."""
+    import aiohttp
+    from httpx_aiohttp import AiohttpTransport
+
+    transport = AiohttpTransport(limits=limits)
+
+    def session() -> aiohttp.ClientSession:
+        # Built on first use, inside the event loop, as httpx-aiohttp builds its own.
+        connector = aiohttp.TCPConnector(
+            limit=limits.max_connections or 0,
+            keepalive_timeout=limits.keepalive_expiry,
+            ssl=transport.ssl_context,
+            resolver=GuardedResolver() if guard_dns else None,
+        )
+        return aiohttp.ClientSession(connector=connector)
+
+    transport.client = session
+    return transport
 
 
 def _plugin_manager() -> pluggy.PluginManager:
