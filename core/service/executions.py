@@ -12,6 +12,7 @@ from ipaas.dryrun import DryRunner
 from ipaas.engine.outbox import queue_depth
 from ipaas.execution_store import ExecutionStore, ExecutionView
 from ipaas.service import convert
+from ipaas.service.interceptors import add_trailing_metadata
 from ipaas.triggers import TriggerService
 from ipaas.v1 import executions_pb2 as pb
 from ipaas.v1 import executions_pb2_grpc
@@ -92,7 +93,7 @@ class ExecutionServicer(executions_pb2_grpc.ExecutionServiceServicer):
                 request.workflow_id, request.http_body.data, dict(request.headers), _idempotency_key(context)
             )
         # The gateway charges the webhook to the owner's rate limit with this.
-        context.set_trailing_metadata((("x-ipaas-tenant", target.tenant_id), ("x-ipaas-tier", target.tier)))
+        add_trailing_metadata(context, ("x-ipaas-tenant", target.tenant_id), ("x-ipaas-tier", target.tier))
         return pb.ReceiveWebhookResponse(execution_id=accepted.execution_id, status=accepted.status, duplicate=accepted.duplicate)
 
     async def DryRun(self, request: pb.DryRunRequest, context: grpc.aio.ServicerContext) -> pb.DryRunResponse:

@@ -24,8 +24,16 @@ ANY_CALLER = {"/ipaas.v1.TenantService/GetCaller"}
 ADMIN_ONLY_SERVICE = "/ipaas.v1.TenantService/"
 
 
+REQUEST_ID = "x-request-id"
+
+
+def add_trailing_metadata(context: grpc.aio.ServicerContext, *pairs: tuple[str, str]) -> None:
+    """Trailers beside the request id the interceptor already set (a plain set replaces)."""
+    context.set_trailing_metadata((*(context.trailing_metadata() or ()), *pairs))
+
+
 def request_id_from(metadata: dict[str, str]) -> str:
-    given = metadata.get("x-request-id", "")
+    given = metadata.get(REQUEST_ID, "")
     return given if _REQUEST_ID.match(given) else uuid.uuid4().hex
 
 
@@ -53,7 +61,10 @@ class CoreInterceptor(grpc.aio.ServerInterceptor):
         async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
             metadata = {k: v for k, v in context.invocation_metadata() if isinstance(v, str)}
             request_id = request_id_from(metadata)
-            await context.send_initial_metadata((("x-request-id", request_id),))
+            # The request id rides in the trailers, sent with the status in the call's last
+            # batch: sending it as initial metadata took a batch of its own and cost ~17 % of
+            # the core's CPU per call (measured).
+            context.set_trailing_metadata(((REQUEST_ID, request_id),))
             with logs.bind(request_id=request_id, rpc=method):
                 token = None
                 try:
@@ -67,10 +78,10 @@ class CoreInterceptor(grpc.aio.ServerInterceptor):
                     raise
                 except IpaasError as exc:
                     status = to_grpc_status(exc)
-                    await context.abort(status.code, status.details, status.trailing_metadata)
+                    await context.abort(status.code, status.details, (*status.trailing_metadata, (REQUEST_ID, request_id)))
                 except Exception:
                     log.exception("rpc.failed")
-                    await context.abort(grpc.StatusCode.INTERNAL, f"internal error (request id {request_id})")
+                    await context.abort(grpc.StatusCode.INTERNAL, f"internal error (request id {request_id})", ((REQUEST_ID, request_id),))
                 finally:
                     if token is not None:
                         auth._current.reset(token)

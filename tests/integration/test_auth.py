@@ -7,7 +7,7 @@ import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from ipaas.v1 import tenants_pb2, tenants_pb2_grpc
+from ipaas.v1 import tenants_pb2, tenants_pb2_grpc, workflows_pb2, workflows_pb2_grpc
 
 
 async def test_no_key_is_unauthenticated(core) -> None:
@@ -97,4 +97,12 @@ async def test_request_id_is_echoed(core) -> None:
     stub = tenants_pb2_grpc.TenantServiceStub(core.channel)
     call = stub.GetCaller(tenants_pb2.GetCallerRequest(), metadata=(*tenant.md, ("x-request-id", "req-123")))
     await call
-    assert ("x-request-id", "req-123") in list(await call.initial_metadata())
+    assert ("x-request-id", "req-123") in list(await call.trailing_metadata())
+    # Errors carry it too, beside their status details; a missing or malformed id is replaced.
+    workflows = workflows_pb2_grpc.WorkflowServiceStub(core.channel)
+    missing = workflows.GetWorkflow(workflows_pb2.GetWorkflowRequest(id="wf_nope"), metadata=(*tenant.md, ("x-request-id", "bad id!")))
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await missing
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    generated = dict(err.value.trailing_metadata())["x-request-id"]
+    assert len(generated) == 32 and generated != "bad id!"
