@@ -77,4 +77,11 @@ def configure_logging(level: str = "INFO", stream: TextIO | None = None) -> logg
     handler.setFormatter(JsonFormatter())
     root.addHandler(handler)
     root.setLevel(level.upper())
+    # Our lines carry no source file, thread or process fields, so the record need not
+    # collect them (the logging HOWTO's "Optimization" switches; findCaller alone was ~6 us of
+    # a ~36 us record).
+    logging._srcfile = None  # type: ignore[attr-defined]
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
     return handler

@@ -222,7 +222,8 @@ class ConnectorRegistry:
         act = found.action(action) if found else None
         if act is None:
             raise PermanentError(f"{connector}.{action} is not installed")
-        masker = SecretMasker(_leaves(ctx.credentials))
+        # The context's logger already holds a masker for these credentials.
+        masker = ctx.logger.masker if isinstance(ctx.logger, MaskingAdapter) else SecretMasker(_leaves(ctx.credentials))
         started = time.perf_counter()
         try:
             async with asyncio.timeout(ctx.timeout):

@@ -106,3 +106,48 @@ def test_known_secret_values_are_masked_even_without_a_pattern() -> None:
     assert masker.text("sent with plainvalue42 inside") == f"sent with {REDACTED} inside"
     assert masker.text("ab stays: too short to mask safely") == "ab stays: too short to mask safely"
     assert masker.value({"note": ["x plainvalue42"]}) == {"note": [f"x {REDACTED}"]}
+
+
+# Texts built from the pieces secrets and near-misses are made of, case variants and the
+# Unicode letters re's IGNORECASE equates with ASCII ones (ı, ſ, K) included.
+_PIECES = [
+    "api_key", "apiKey", "X-Api-Key", "token", "TOKEN", "secret", "passWord", "paſſword", "pwd", "appıd", "webhook_url",
+    "Kelvin-\u212aey", "bearer ", "Basic ", "eyJhbGciOiJIUzI1NiJ9", ".eyJzdWIiOiIx", "hooks.slack.com/services/T0/B0/x",
+    "discord.com/api/webhooks/1/ab", "xoxb-12345678", "AKIAIOSFODNN7EXAMPLE", "sk_live_abcdefghij12", "whsec_abcdefghij12",
+    "ipk_abcdefghijklmnopqrstu", "ghp_" + "a" * 36, "https://", "user:pw@", "alex@example.com", "4111 1111 1111 1111",
+    "4111111111111111", "1234", "=", ":", " ", '"', "'", ",", "/", "-", "_", "é", "ı", "ß", "12", "abc",
+]
+
+
+def test_hinted_scan_finds_exactly_what_the_full_scan_finds() -> None:
+    from hypothesis import given, settings, strategies as st
+
+    from ipaas.masking import _COMBINED, _replace
+
+    @settings(max_examples=2000, deadline=None, database=None)
+    @given(st.lists(st.sampled_from(_PIECES) | st.text(max_size=4), max_size=12).map("".join))
+    def same(text: str) -> None:
+        assert mask_text(text) == _COMBINED.sub(_replace, text)
+
+    same()
+
+
+@pytest.mark.parametrize(
+    ("text", "masked"),
+    [
+        ("paſſword=hunter22", f"paſſword={REDACTED}"),
+        ("appıd=abcdef", f"appıd={REDACTED}"),
+        ("see https://bob:pw@example.com/x", f"see https://{REDACTED}@example.com/x"),
+        ("card 4111 1111 1111 1111 ok", f"card {REDACTED} ok"),
+    ],
+)
+def test_case_folded_and_nested_group_patterns(text: str, masked: str) -> None:
+    assert mask_text(text) == masked
+
+
+def test_every_pattern_has_a_hint_in_pattern_order() -> None:
+    from ipaas.masking import _BY_NAME, _active
+
+    everything = "api_key=1 bearer eyJ hooks.slack.com discord xox AKIA _live_ whsec_ ipk_ gh https://a:b@c 4111 1111 1111 1111"
+    assert _active(everything) == tuple(_BY_NAME)
+    assert _active("execution.finished") == () and _active("ex_01jd3k4m5n6p7q8r9s0t1v2w3x") == ()
