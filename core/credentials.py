@@ -13,6 +13,7 @@ from ipaas.crypto import SecretBox
 from ipaas.errors import AlreadyExists, InvalidArgument, NotFound
 from ipaas.ids import new_id
 from ipaas.pagination import Page, decode_token, page_size
+from ipaas.singleflight import SingleFlight
 from ipaas.storage.db import Database
 from ipaas.storage.tables import Credential, utcnow
 
@@ -32,6 +33,8 @@ class CredentialStore:
         self.validate_secrets = validate_secrets
         # Only ciphertext is cached: secrets are decrypted for each step and never kept.
         self._rows: TTLCache[str, Credential | None] = TTLCache(maxsize=10_000, ttl=ROW_TTL)
+        self._loads: SingleFlight[str, Credential | None] = SingleFlight()
+        self._generation = 0
         # Called after a delete, so other processes that cache rows (engine processes) drop it.
         self.on_deleted: Callable[[str], None] = lambda credential_id: None
 
@@ -90,7 +93,16 @@ class CredentialStore:
         self.on_deleted(credential_id)
 
     def forget(self, credential_id: str) -> None:
+        self._generation += 1
         self._rows.pop(credential_id, None)
+
+    async def _load(self, credential_id: str) -> Credential | None:
+        generation = self._generation
+        async with self.db.session() as s:
+            row = await s.get(Credential, credential_id)
+        if generation == self._generation:  # not forgotten while it loaded
+            self._rows[credential_id] = row
+        return row
 
     async def connectors_of(self, tenant_id: str, ids: set[str]) -> dict[str, str]:
         """credential id → connector, for the tenant's credentials among ids."""
@@ -106,8 +118,9 @@ class CredentialStore:
         try:
             row = self._rows[credential_id]
         except KeyError:
-            async with self.db.session() as s:
-                row = self._rows[credential_id] = await s.get(Credential, credential_id)
+            # When the TTL lapses every worker running a step with this credential misses at
+            # once: one of them loads the row, the rest wait for it.
+            row = await self._loads.do(credential_id, lambda: self._load(credential_id))
         if row is None or row.tenant_id != tenant_id:
             raise NotFound(f"credential {credential_id} not found")
         value = self.box.decrypt(row.ciphertext)
