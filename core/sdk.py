@@ -165,6 +165,8 @@ class MaskingAdapter(logging.LoggerAdapter):
         return self.masker.text(str(msg)), kwargs
 
     def log(self, level: int, msg: Any, *args: Any, **kwargs: Any) -> None:
+        if not self.isEnabledFor(level):
+            return
         if args:  # format first, so arguments are masked too
             msg, args = str(msg) % args, ()
         super().log(level, msg, *args, **kwargs)

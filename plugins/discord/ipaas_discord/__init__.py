@@ -26,7 +26,7 @@ async def post_message(ctx: ExecutionContext) -> ActionResult:
             output["channel_id"] = str(message.get("channel_id", ""))
         except ValueError:
             pass
-    ctx.logger.info("discord.message_posted")
+    ctx.logger.debug("discord.message_posted")  # the engine logs each execution; this adds detail at debug
     return ActionResult(message="message posted", output=output)
 
 

@@ -20,7 +20,7 @@ async def send_message(ctx: ExecutionContext) -> ActionResult:
     # Slack answers 200 with the body "ok"; anything else in a 200 is not a delivery.
     if response.text.strip() != "ok":
         raise PermanentError(f"Slack answered 200 but not ok: {response.text[:100]}")
-    ctx.logger.info("slack.message_sent")
+    ctx.logger.debug("slack.message_sent")  # the engine logs each execution; this adds detail at debug
     return ActionResult(message="message sent", output={"ok": True, "text": body["text"]})
 
 
