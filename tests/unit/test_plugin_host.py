@@ -113,6 +113,9 @@ async def test_connector_clients_keep_no_cookies_between_requests() -> None:
         try:
             for _ in range(2):
                 assert (await client.get(upstream.base_url + "/")).status_code == 200
+            client.cookies = {"planted": "x"}
+            assert (await client.get(upstream.base_url + "/")).status_code == 200
+            assert len(client.cookies) == 0
         finally:
             await client.aclose()
-    assert upstream.cookies == [None, None]
+    assert upstream.cookies == [None, None, None]
