@@ -179,8 +179,19 @@ def measure_platform(args: argparse.Namespace, slack: str, database_url: str | N
             out["end_to_end_latency_sustained"] = e2e_latency(args.sustained_rate, f"{label}-e2eslat")
             if cores == 1:
                 pids = {"core": core_pids[0], "gateway": gateway_pid}
-                out["direct_grpc"] = median_of(args.runs, lambda i: with_cpu(pids, lambda: asyncio.run(grpc_saturation(grpc_ports[0], wf["workflow_id"], wf["secret"], f"{label}-grpc{i}", args.duration))))
-                out["gateway_python_client"] = median_of(args.runs, lambda i: with_cpu(pids, lambda: asyncio.run(loadgen.python_saturation(signed_sender(wf["secret"], gw + path, f"{label}-pyhttp{i}"), args.duration))))
+
+                def direct(i: int) -> dict[str, float]:
+                    drain()  # the engine delivering an earlier run's backlog would tax this one
+                    return with_cpu(pids, lambda: asyncio.run(grpc_saturation(grpc_ports[0], wf["workflow_id"], wf["secret"], f"{label}-grpc{i}", args.duration)))
+
+                def via_gateway(i: int) -> dict[str, float]:
+                    drain()
+                    return with_cpu(pids, lambda: asyncio.run(loadgen.python_saturation(signed_sender(wf["secret"], gw + path, f"{label}-pyhttp{i}"), args.duration)))
+
+                # Alternating, so both arms see the machine in the same moods.
+                pairs = [(direct(i), via_gateway(i)) for i in range(args.runs)]
+                out["direct_grpc"] = median_of(args.runs, lambda i: pairs[i][0])
+                out["gateway_python_client"] = median_of(args.runs, lambda i: pairs[i][1])
                 for name in ("direct_grpc", "gateway_python_client"):
                     for k in ("core_cpu_ms", "gateway_cpu_ms"):
                         out[name][k] = statistics.median(r[k] for r in out[name]["results"])
