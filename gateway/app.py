@@ -20,7 +20,7 @@ from typing import Any
 import grpc
 import orjson
 from google.protobuf import json_format, message_factory
-from google.rpc import error_details_pb2
+from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
@@ -32,7 +32,9 @@ from ipaas.gateway.envelope import HttpError
 from ipaas.gateway.openapi import DOCS_PAGE, build_openapi
 from ipaas.gateway.ratelimit import RateLimiter, parse_tiers
 from ipaas.gateway.routes import Match, Route, Router, field_value
+from ipaas.gateway.webhook_batch import WebhookBatcher
 from ipaas.settings import Settings
+from ipaas.v1 import executions_pb2
 
 log = logging.getLogger("ipaas.gateway")
 
@@ -44,6 +46,7 @@ OWNER_TTL = 60.0
 UNLIMITED_PATHS = {"/health", "/health/live", "/health/ready", "/openapi.json", "/docs"}
 HOP_BY_HOP = {"connection", "keep-alive", "proxy-authorization", "proxy-authenticate", "te", "trailer", "transfer-encoding", "upgrade", "authorization", "cookie"}
 IDEMPOTENT_VERBS = {"POST", "PATCH"}
+STATUS_CODES = {code.value[0]: code for code in grpc.StatusCode}
 
 
 def _request_id(given: str | None) -> str:
@@ -71,6 +74,7 @@ class Gateway:
         self.rate_limits_off = env.get("IPAAS_RATE_LIMITS_OFF", "").lower() in {"1", "true", "yes"}
         self.limiter = RateLimiter(parse_tiers(env), settings.redis_url, unlimited)
         self.client: CoreClient | None = None
+        self.webhooks: WebhookBatcher | None = None
         self.store: Any = None
         self._db: Any = None
         self._callers: dict[str, tuple[float, str, str]] = {}
@@ -82,6 +86,8 @@ class Gateway:
     # -- lifecycle ---------------------------------------------------------------------------
     async def startup(self) -> None:
         self.client = CoreClient(self.settings.core_target)
+        send = self.client.call("/ipaas.v1.ExecutionService/ReceiveWebhooks", executions_pb2.ReceiveWebhooksResponse)
+        self.webhooks = WebhookBatcher(lambda batch: send(batch, timeout=CALL_TIMEOUT))
         if self.settings.redis_url:
             self.store = idempotency.RedisStore(self.settings.redis_url)
         else:
@@ -105,6 +111,8 @@ class Gateway:
         self._draining = True
         if self._purger:
             self._purger.cancel()
+        if self.webhooks:
+            await self.webhooks.close()
         if self.client:
             await self.client.close()
         if isinstance(self.store, idempotency.RedisStore):
@@ -287,7 +295,7 @@ class Gateway:
         try:
             reply = await call(tenants_pb2.GetCallerRequest(), metadata=(("authorization", auth),), timeout=5)
         except grpc.aio.AioRpcError as exc:
-            raise self._error(exc) from None
+            raise self._rpc_error(exc) from None
         tenant = reply.tenant_id or "admin"
         if len(self._callers) > 10_000:
             self._callers.clear()
@@ -296,21 +304,19 @@ class Gateway:
 
     async def _call(self, route: Route, message: Any, h: dict[str, str], meta: dict[str, Any], key: str | None) -> tuple[int, bytes]:
         assert self.client is not None
-        response_class = message_factory.GetMessageClass(route.method.output_type)
-        metadata = [("x-request-id", meta["request_id"])]
-        if auth := h.get("authorization"):
-            metadata.append(("authorization", auth))
-        if key:
-            metadata.append(("idempotency-key", key))
-        call = self.client.call(route.path, response_class)(message, metadata=metadata, timeout=CALL_TIMEOUT)
-        try:
-            reply = await call
-        except grpc.aio.AioRpcError as exc:
-            raise self._error(exc) from None
         if route.name == "ReceiveWebhook":
-            trailing = dict(await call.trailing_metadata() or ())
-            if "x-ipaas-tenant" in trailing:
-                self._owners[message.workflow_id] = (time.monotonic() + OWNER_TTL, trailing["x-ipaas-tenant"], trailing.get("x-ipaas-tier", "free"))
+            reply = await self._webhook(message, meta, key)
+        else:
+            response_class = message_factory.GetMessageClass(route.method.output_type)
+            metadata = [("x-request-id", meta["request_id"])]
+            if auth := h.get("authorization"):
+                metadata.append(("authorization", auth))
+            if key:
+                metadata.append(("idempotency-key", key))
+            try:
+                reply = await self.client.call(route.path, response_class)(message, metadata=metadata, timeout=CALL_TIMEOUT)
+            except grpc.aio.AioRpcError as exc:
+                raise self._rpc_error(exc) from None
         data = json_format.MessageToDict(reply, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
         if "next_page_token" in data:
             meta["pagination"] = {"next_page_token": data.pop("next_page_token")}
@@ -319,19 +325,40 @@ class Gateway:
         status = route.success_status
         return status, (b"" if status == 204 else envelope.body(data, meta))
 
+    async def _webhook(self, message: Any, meta: dict[str, Any], key: str | None) -> Any:
+        """One webhook, sent to the core with those that arrived beside it."""
+        assert self.webhooks is not None
+        delivery = executions_pb2.WebhookDelivery(webhook=message, request_id=meta["request_id"], idempotency_key=key or "")
+        try:
+            result = await self.webhooks.submit(delivery)
+        except grpc.aio.AioRpcError as exc:
+            raise self._rpc_error(exc) from None
+        if result.HasField("error"):
+            error = result.error
+            raise self._error(STATUS_CODES.get(error.code, grpc.StatusCode.UNKNOWN), error.message, error)
+        # The webhook counts against its owner's rate limit from now on.
+        self._owners[message.workflow_id] = (time.monotonic() + OWNER_TTL, result.tenant_id, result.tier or "free")
+        return result.accepted
+
+    @classmethod
+    def _rpc_error(cls, exc: grpc.aio.AioRpcError) -> HttpError:
+        status = None
+        with contextlib.suppress(Exception):  # a status that does not match the call's
+            status = rpc_status.from_call(exc)
+        return cls._error(exc.code(), exc.details(), status)
+
     @staticmethod
-    def _error(exc: grpc.aio.AioRpcError) -> HttpError:
+    def _error(code: grpc.StatusCode, details: str | None, status: status_pb2.Status | None) -> HttpError:
         violations: list[dict[str, str]] = []
         with contextlib.suppress(Exception):
-            status = rpc_status.from_call(exc)
             for detail in status.details if status else []:
                 bad = error_details_pb2.BadRequest()
                 if detail.Unpack(bad):
                     violations += [{"field": v.field, "description": v.description} for v in bad.field_violations]
-        message = exc.details() or exc.code().name.lower()
-        if exc.code() == grpc.StatusCode.UNAVAILABLE:
+        message = details or code.name.lower()
+        if code == grpc.StatusCode.UNAVAILABLE:
             message = "the core is unavailable: retry shortly"
-        return HttpError.from_grpc(exc.code(), message, violations)
+        return HttpError.from_grpc(code, message, violations)
 
     # -- local endpoints -----------------------------------------------------------------------
     async def _local(self, request: Request, meta: dict[str, Any], headers: dict[str, str]) -> Response:

@@ -2,20 +2,29 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from typing import Any
 
 import grpc
+from google.rpc import code_pb2, status_pb2
 
 from ipaas import logs
 from ipaas.auth import current_tenant as _tenant
 from ipaas.dryrun import DryRunner
 from ipaas.engine.outbox import queue_depth
+from ipaas.errors import IpaasError, InvalidArgument
 from ipaas.execution_store import ExecutionStore, ExecutionView
 from ipaas.service import convert
-from ipaas.service.interceptors import add_trailing_metadata
+from ipaas.service.interceptors import REQUEST_ID, add_trailing_metadata, request_id_from
+from ipaas.service.status import to_status_proto
 from ipaas.triggers import TriggerService
 from ipaas.v1 import executions_pb2 as pb
 from ipaas.v1 import executions_pb2_grpc
+
+log = logging.getLogger("ipaas.rpc")
+
+MAX_BATCH = 512
 
 
 def _idempotency_key(context: grpc.aio.ServicerContext) -> str | None:
@@ -95,6 +104,29 @@ class ExecutionServicer(executions_pb2_grpc.ExecutionServiceServicer):
         # The gateway charges the webhook to the owner's rate limit with this.
         add_trailing_metadata(context, ("x-ipaas-tenant", target.tenant_id), ("x-ipaas-tier", target.tier))
         return pb.ReceiveWebhookResponse(execution_id=accepted.execution_id, status=accepted.status, duplicate=accepted.duplicate)
+
+    async def ReceiveWebhooks(self, request: pb.ReceiveWebhooksRequest, context: grpc.aio.ServicerContext) -> pb.ReceiveWebhooksResponse:
+        if len(request.webhooks) > MAX_BATCH:
+            raise InvalidArgument.field("webhooks", f"at most {MAX_BATCH} webhooks per call, got {len(request.webhooks)}")
+        # Concurrently, so the items' enqueues share one group commit.
+        results = await asyncio.gather(*(self._one_webhook(item) for item in request.webhooks))
+        return pb.ReceiveWebhooksResponse(results=results)
+
+    async def _one_webhook(self, item: pb.WebhookDelivery) -> pb.WebhookResult:
+        request = item.webhook
+        request_id = request_id_from({REQUEST_ID: item.request_id})
+        with logs.bind(request_id=request_id, workflow_id=request.workflow_id):
+            try:
+                target, accepted = await self.triggers.receive_webhook(
+                    request.workflow_id, request.http_body.data, dict(request.headers), item.idempotency_key or None
+                )
+            except IpaasError as exc:
+                return pb.WebhookResult(error=to_status_proto(exc))
+            except Exception:
+                log.exception("rpc.failed")
+                return pb.WebhookResult(error=status_pb2.Status(code=code_pb2.INTERNAL, message=f"internal error (request id {request_id})"))
+        accepted_pb = pb.ReceiveWebhookResponse(execution_id=accepted.execution_id, status=accepted.status, duplicate=accepted.duplicate)
+        return pb.WebhookResult(accepted=accepted_pb, tenant_id=target.tenant_id, tier=target.tier)
 
     async def DryRun(self, request: pb.DryRunRequest, context: grpc.aio.ServicerContext) -> pb.DryRunResponse:
         return await self.dry_runner.run(_tenant(), request)

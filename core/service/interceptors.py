@@ -19,7 +19,7 @@ log = logging.getLogger("ipaas.rpc")
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
-PUBLIC = {"/ipaas.v1.ExecutionService/ReceiveWebhook"}
+PUBLIC = {"/ipaas.v1.ExecutionService/ReceiveWebhook", "/ipaas.v1.ExecutionService/ReceiveWebhooks"}
 ANY_CALLER = {"/ipaas.v1.TenantService/GetCaller"}
 ADMIN_ONLY_SERVICE = "/ipaas.v1.TenantService/"
 

@@ -30,6 +30,11 @@ def code_for(exc: errors.IpaasError) -> grpc.StatusCode:
 
 
 def to_grpc_status(exc: errors.IpaasError) -> grpc.Status:
+    return rpc_status.to_status(to_status_proto(exc))
+
+
+def to_status_proto(exc: errors.IpaasError) -> status_pb2.Status:
+    """The google.rpc.Status a call failing with `exc` answers (alone, or as a batch item)."""
     code = code_for(exc)
     st = status_pb2.Status(code=code.value[0], message=str(exc))
     if isinstance(exc, errors.InvalidArgument) and exc.violations:
@@ -43,4 +48,4 @@ def to_grpc_status(exc: errors.IpaasError) -> grpc.Status:
             )
         )
         st.details.append(detail)
-    return rpc_status.to_status(st)
+    return st

@@ -12,7 +12,8 @@ from google.api import httpbody_pb2
 from sqlalchemy import func, select
 
 from ipaas.storage.tables import Execution, OutboxTask
-from ipaas.v1 import executions_pb2, workflows_pb2
+from ipaas.v1 import executions_pb2, tenants_pb2, workflows_pb2
+from ipaas.v1.tenants_pb2_grpc import TenantServiceStub
 from tests.conftest import core_with
 from tests.fakes.openweather import API_KEY, FakeOpenWeather
 from tests.fakes.slack import FakeSlack
@@ -99,6 +100,55 @@ async def test_signed_webhooks_are_accepted_and_bad_ones_refused(env) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await api.executions.ReceiveWebhook(executions_pb2.ReceiveWebhookRequest(workflow_id="wf_unknown", http_body=httpbody_pb2.HttpBody(data=raw), headers=headers))
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_webhooks_in_one_batch_are_answered_one_by_one(env) -> None:
+    """ReceiveWebhooks: each item gets what ReceiveWebhook would have answered it alone."""
+    from google.rpc import code_pb2, error_details_pb2
+
+    core, api, slack, _ = env
+    scred = await api.credential("slack", {"webhook_url": slack.url})
+    created = await api.create({"name": "hook", "trigger": {"type": "webhook"}, "steps": [slack_step(scred)]})
+    wf_id, secret = created.workflow.id, created.webhook_secret
+
+    def item(body: bytes, headers: dict[str, str], workflow_id: str = wf_id, key: str = "") -> executions_pb2.WebhookDelivery:
+        hook = executions_pb2.ReceiveWebhookRequest(workflow_id=workflow_id, http_body=httpbody_pb2.HttpBody(data=body), headers=headers)
+        return executions_pb2.WebhookDelivery(webhook=hook, request_id="req-1", idempotency_key=key)
+
+    good = [signed_webhook(secret, {"order": {"id": f"B-{i}"}, "user": {"name": "Alex"}}, f"batch_{i}") for i in range(3)]
+    raw, headers = good[0]
+    batch = [
+        item(*good[0]),
+        item(raw, {**headers, "webhook-signature": "v1,AAAA"}),
+        item(*good[1]),
+        item(raw, headers, workflow_id="wf_unknown"),
+        item(*good[0]),  # the same webhook-id again, in the same batch
+        item(b"x" * (1024 * 1024 + 1), headers),
+        item(*good[2]),
+    ]
+    reply = await api.executions.ReceiveWebhooks(executions_pb2.ReceiveWebhooksRequest(webhooks=batch))
+    results = list(reply.results)
+    assert [r.WhichOneof("result") for r in results] == ["accepted", "error", "accepted", "error", "accepted", "error", "accepted"]
+    assert results[1].error.code == code_pb2.UNAUTHENTICATED and "signature" in results[1].error.message
+    assert results[3].error.code == code_pb2.NOT_FOUND
+    assert results[5].error.code == code_pb2.INVALID_ARGUMENT
+    bad = error_details_pb2.BadRequest()
+    assert results[5].error.details[0].Unpack(bad) and bad.field_violations[0].field == "http_body.data"
+    assert not results[0].accepted.duplicate and results[4].accepted.duplicate
+    assert results[4].accepted.execution_id == results[0].accepted.execution_id
+    caller = await TenantServiceStub(core.channel).GetCaller(tenants_pb2.GetCallerRequest(), metadata=api.md)
+    assert {(r.tenant_id, r.tier) for r in results if r.HasField("accepted")} == {(caller.tenant_id, caller.tier)}
+    assert not any(r.tenant_id for r in results if r.HasField("error")), "a refused item names no owner"
+    for r in (results[0], results[2], results[6]):
+        assert (await api.wait(r.accepted.execution_id)).status == "succeeded"
+    assert sorted(m["text"] for m in slack.received) == ["Order B-0 for Alex", "Order B-1 for Alex", "Order B-2 for Alex"]
+    assert await rows(core, Execution) == 3
+
+    empty = await api.executions.ReceiveWebhooks(executions_pb2.ReceiveWebhooksRequest())
+    assert list(empty.results) == []
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await api.executions.ReceiveWebhooks(executions_pb2.ReceiveWebhooksRequest(webhooks=[item(*good[0])] * 513))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "at most 512" in err.value.details()
 
 
 async def test_rotated_secret_keeps_the_old_one_valid_during_the_grace_period(env) -> None:

@@ -171,6 +171,36 @@ async def test_signed_webhook_through_the_gateway(stack) -> None:
         assert missing.status_code == 404
 
 
+async def test_concurrent_webhooks_each_get_their_own_answer(stack) -> None:
+    """The gateway sends webhooks that arrive together in one call to the core: a bad one
+    among them fails alone, and every good one is accepted once and delivered once."""
+    core, http, slack = stack
+    created = await create_workflow(http, slack, trigger="webhook")
+    wf_id, secret = created["workflow"]["id"], created["webhook_secret"]
+    good = [signed_webhook(secret, {"order": {"id": f"C-{i}"}}, f"evt_c{i}") for i in range(30)]
+    unsigned = [(raw, {**headers, "webhook-signature": "v1,bad"}) for raw, headers in good[:5]]
+    limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
+    async with httpx.AsyncClient(base_url=str(http.base_url), limits=limits, timeout=10) as anonymous:
+        sends = [anonymous.post(f"/api/webhooks/{wf_id}", content=raw, headers=headers) for raw, headers in good]
+        sends += [anonymous.post(f"/api/webhooks/{wf_id}", content=raw, headers=headers) for raw, headers in unsigned]
+        sends += [anonymous.post("/api/webhooks/wf_nope", content=good[0][0], headers=good[0][1]) for _ in range(3)]
+        sends += [anonymous.post(f"/api/webhooks/{wf_id}", content=raw, headers=headers) for raw, headers in good[:5]]  # repeats
+        answers = await asyncio.gather(*sends)
+    assert [a.status_code for a in answers] == [202] * 30 + [401] * 5 + [404] * 3 + [202] * 5
+    for answer in answers:
+        assert_envelope(answer, answer.status_code == 202)
+    assert len({a.headers["x-request-id"] for a in answers}) == len(answers)
+    ids = [a.json()["data"]["execution_id"] for a in answers[:30]]
+    assert len(set(ids)) == 30
+    assert [a.json()["data"]["execution_id"] for a in answers[-5:]] == ids[:5]
+    for _ in range(200):
+        if len(slack.received) >= 30:
+            break
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(0.2)
+    assert sorted(m["text"] for m in slack.received) == sorted(f"Order C-{i}" for i in range(30))
+
+
 async def test_health_probes(stack) -> None:
     core, http, slack = stack
     live = await http.get("/health/live")

@@ -4,6 +4,7 @@ from google.api import annotations_pb2 as _annotations_pb2
 from google.api import httpbody_pb2 as _httpbody_pb2
 from google.protobuf import struct_pb2 as _struct_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from google.rpc import status_pb2 as _status_pb2
 from ipaas.v1 import workflows_pb2 as _workflows_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
@@ -111,6 +112,40 @@ class ReceiveWebhookResponse(_message.Message):
     status: str
     duplicate: bool
     def __init__(self, execution_id: _Optional[str] = ..., status: _Optional[str] = ..., duplicate: _Optional[bool] = ...) -> None: ...
+
+class ReceiveWebhooksRequest(_message.Message):
+    __slots__ = ("webhooks",)
+    WEBHOOKS_FIELD_NUMBER: _ClassVar[int]
+    webhooks: _containers.RepeatedCompositeFieldContainer[WebhookDelivery]
+    def __init__(self, webhooks: _Optional[_Iterable[_Union[WebhookDelivery, _Mapping]]] = ...) -> None: ...
+
+class WebhookDelivery(_message.Message):
+    __slots__ = ("webhook", "request_id", "idempotency_key")
+    WEBHOOK_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
+    webhook: ReceiveWebhookRequest
+    request_id: str
+    idempotency_key: str
+    def __init__(self, webhook: _Optional[_Union[ReceiveWebhookRequest, _Mapping]] = ..., request_id: _Optional[str] = ..., idempotency_key: _Optional[str] = ...) -> None: ...
+
+class ReceiveWebhooksResponse(_message.Message):
+    __slots__ = ("results",)
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[WebhookResult]
+    def __init__(self, results: _Optional[_Iterable[_Union[WebhookResult, _Mapping]]] = ...) -> None: ...
+
+class WebhookResult(_message.Message):
+    __slots__ = ("accepted", "error", "tenant_id", "tier")
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    TENANT_ID_FIELD_NUMBER: _ClassVar[int]
+    TIER_FIELD_NUMBER: _ClassVar[int]
+    accepted: ReceiveWebhookResponse
+    error: _status_pb2.Status
+    tenant_id: str
+    tier: str
+    def __init__(self, accepted: _Optional[_Union[ReceiveWebhookResponse, _Mapping]] = ..., error: _Optional[_Union[_status_pb2.Status, _Mapping]] = ..., tenant_id: _Optional[str] = ..., tier: _Optional[str] = ...) -> None: ...
 
 class DryRunRequest(_message.Message):
     __slots__ = ("workflow", "workflow_id", "version", "payload", "mode")

@@ -51,6 +51,11 @@ class ExecutionServiceStub:
                 request_serializer=ipaas_dot_v1_dot_executions__pb2.ReceiveWebhookRequest.SerializeToString,
                 response_deserializer=ipaas_dot_v1_dot_executions__pb2.ReceiveWebhookResponse.FromString,
                 _registered_method=True)
+        self.ReceiveWebhooks = channel.unary_unary(
+                '/ipaas.v1.ExecutionService/ReceiveWebhooks',
+                request_serializer=ipaas_dot_v1_dot_executions__pb2.ReceiveWebhooksRequest.SerializeToString,
+                response_deserializer=ipaas_dot_v1_dot_executions__pb2.ReceiveWebhooksResponse.FromString,
+                _registered_method=True)
         self.DryRun = channel.unary_unary(
                 '/ipaas.v1.ExecutionService/DryRun',
                 request_serializer=ipaas_dot_v1_dot_executions__pb2.DryRunRequest.SerializeToString,
@@ -104,6 +109,16 @@ class ExecutionServiceServicer:
         """Accepts a webhook for a webhook-triggered workflow. No API key is needed: the request
         is authenticated by its Standard Webhooks signature (unless the workflow allows
         unsigned calls). The body is passed as raw bytes so the signature can be checked.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReceiveWebhooks(self, request, context):
+        """Accepts many webhooks in one call, for senders that relay them in bulk (the REST
+        gateway sends the webhooks it receives together this way). Each item is checked and
+        answered on its own, exactly as ReceiveWebhook would answer it alone: one bad item
+        fails only itself. At most 512 items per call. No API key, as for ReceiveWebhook.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -165,6 +180,11 @@ def add_ExecutionServiceServicer_to_server(servicer, server):
                     servicer.ReceiveWebhook,
                     request_deserializer=ipaas_dot_v1_dot_executions__pb2.ReceiveWebhookRequest.FromString,
                     response_serializer=ipaas_dot_v1_dot_executions__pb2.ReceiveWebhookResponse.SerializeToString,
+            ),
+            'ReceiveWebhooks': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReceiveWebhooks,
+                    request_deserializer=ipaas_dot_v1_dot_executions__pb2.ReceiveWebhooksRequest.FromString,
+                    response_serializer=ipaas_dot_v1_dot_executions__pb2.ReceiveWebhooksResponse.SerializeToString,
             ),
             'DryRun': grpc.unary_unary_rpc_method_handler(
                     servicer.DryRun,
@@ -258,6 +278,33 @@ class ExecutionService:
             '/ipaas.v1.ExecutionService/ReceiveWebhook',
             ipaas_dot_v1_dot_executions__pb2.ReceiveWebhookRequest.SerializeToString,
             ipaas_dot_v1_dot_executions__pb2.ReceiveWebhookResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReceiveWebhooks(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ipaas.v1.ExecutionService/ReceiveWebhooks',
+            ipaas_dot_v1_dot_executions__pb2.ReceiveWebhooksRequest.SerializeToString,
+            ipaas_dot_v1_dot_executions__pb2.ReceiveWebhooksResponse.FromString,
             options,
             channel_credentials,
             insecure,

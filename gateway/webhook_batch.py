@@ -1,0 +1,81 @@
+"""Webhooks that arrive together go to the core in one ReceiveWebhooks call.
+
+A unary gRPC call costs the core about as much CPU as the webhook it carries (measured:
+~0.28 ms for a health check against ~0.5 ms for a whole webhook), so the gateway hands over
+what it has in hand at once. Nothing waits on a timer: the requests read in one turn of the
+event loop leave together at its end, so an idle gateway sends each webhook alone, as soon
+as it is read. While `max_inflight` calls are out, newcomers queue and leave with the next
+one (a slow core gets bigger batches, not more calls). Every sender still gets its own
+answer: the core checks and answers each item as ReceiveWebhook would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, Awaitable, Callable
+
+from ipaas.v1 import executions_pb2 as pb
+
+MAX_BATCH = 512  # the core's limit per call
+CLOSE_WAIT = 10.0
+
+
+class WebhookBatcher:
+    def __init__(self, send: Callable[[pb.ReceiveWebhooksRequest], Awaitable[pb.ReceiveWebhooksResponse]], max_inflight: int = 4) -> None:
+        self._send = send
+        self._max_inflight = max_inflight
+        self._pending: list[tuple[pb.WebhookDelivery, asyncio.Future[pb.WebhookResult]]] = []
+        self._inflight = 0
+        self._scheduled = False
+        self._calls: set[asyncio.Task[None]] = set()
+
+    async def submit(self, delivery: pb.WebhookDelivery) -> pb.WebhookResult:
+        """The core's answer for this webhook; raises the call's error if the whole call failed."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[pb.WebhookResult] = loop.create_future()
+        self._pending.append((delivery, future))
+        if not self._scheduled:
+            self._scheduled = True
+            loop.call_soon(self._flush)
+        return await future
+
+    def _flush(self) -> None:
+        self._scheduled = False
+        while self._pending and self._inflight < self._max_inflight:
+            batch, self._pending = self._pending[:MAX_BATCH], self._pending[MAX_BATCH:]
+            self._inflight += 1
+            task = asyncio.create_task(self._call(batch), name="ipaas-webhook-batch")
+            self._calls.add(task)
+            task.add_done_callback(self._calls.discard)
+
+    async def _call(self, batch: list[tuple[pb.WebhookDelivery, asyncio.Future[pb.WebhookResult]]]) -> None:
+        try:
+            reply = await self._send(pb.ReceiveWebhooksRequest(webhooks=[d for d, _ in batch]))
+        except BaseException as exc:  # noqa: BLE001 - every waiting sender hears of it
+            error: BaseException = exc if isinstance(exc, Exception) else asyncio.CancelledError()
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(error)
+            if not isinstance(exc, Exception):
+                raise
+        else:
+            results: Any = reply.results
+            if len(results) != len(batch):
+                mismatch = RuntimeError(f"the core answered {len(results)} of {len(batch)} webhooks")
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(mismatch)
+            else:
+                for (_, future), result in zip(batch, results):
+                    if not future.done():
+                        future.set_result(result)
+        finally:
+            self._inflight -= 1
+            if self._pending and not self._scheduled:
+                self._scheduled = True
+                asyncio.get_running_loop().call_soon(self._flush)
+
+    async def close(self) -> None:
+        """Wait for the calls already sent (their senders are still waiting for them)."""
+        if self._calls:
+            await asyncio.wait(list(self._calls), timeout=CLOSE_WAIT)
