@@ -17,8 +17,9 @@ async def send_message(ctx: ExecutionContext) -> ActionResult:
         raise PermanentError("the credential has no webhook_url")
     response = await ctx.http.post(url, json=body)
     raise_for_status(response, "Slack")
-    # Slack answers 200 with the body "ok"; anything else in a 200 is not a delivery.
-    if response.text.strip() != "ok":
+    # Slack answers 200 with the body "ok"; anything else in a 200 is not a delivery. Bytes,
+    # not .text: decoding first parses the Content-Type's charset (~2 % of an engine's CPU, py-spy).
+    if response.content.strip() != b"ok":
         raise PermanentError(f"Slack answered 200 but not ok: {response.text[:100]}")
     ctx.logger.debug("slack.message_sent")  # the engine logs each execution; this adds detail at debug
     return ActionResult(message="message sent", output={"ok": True, "text": body["text"]})
