@@ -115,7 +115,7 @@ class Gateway:
             await self.webhooks.close()
         if self.client:
             await self.client.close()
-        if isinstance(self.store, idempotency.RedisStore):
+        if self.store is not None:
             await self.store.close()
         if self._db is not None:
             await self._db.dispose()

@@ -6,7 +6,7 @@ import time
 from typing import Callable
 
 from ipaas.engine import outbox
-from ipaas.engine.group_commit import GroupCommit
+from ipaas.storage.group_commit import GroupCommit
 from ipaas.engine.outbox import Accepted, NewExecution
 from ipaas.errors import ResourceExhausted
 from ipaas.singleflight import SingleFlight

@@ -16,7 +16,7 @@ from sqlalchemy import bindparam, delete, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 
-from ipaas.engine.group_commit import GroupCommit
+from ipaas.storage.group_commit import GroupCommit
 from ipaas.engine.outbox import EXECUTIONS, STEPS, TASKS
 from ipaas.storage.db import Database
 from ipaas.storage.tables import utcnow

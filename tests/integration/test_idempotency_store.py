@@ -28,3 +28,21 @@ async def test_reserve_replay_and_abandon(database_url: str) -> None:
         assert await store.begin(other, "fp3") is None, "an abandoned key can be taken again"
     finally:
         await db.dispose()
+
+
+async def test_concurrent_keys_share_transactions_but_keep_their_own_answers(database_url: str) -> None:
+    db = Database(database_url, synchronous="NORMAL")
+    try:
+        store = SqlStore(db)
+        await store.create()
+        keys = [f"tn_b:{uuid.uuid4().hex}" for _ in range(40)]
+        # Each key twice in the same burst: one reservation each, the other sees it in flight.
+        first = await asyncio.gather(*(store.begin(k, f"fp-{i}") for i, k in enumerate(keys + keys)))
+        assert [r is None for r in first[:40]] == [True] * 40
+        assert all(r is not None and not r.done and r.fingerprint == f"fp-{i}" for i, r in enumerate(first[40:]))
+        await asyncio.gather(*(store.complete(k, f"fp-{i}", 200 + i % 3, {"content-type": "application/json"}, f'{{"n":{i}}}'.encode()) for i, k in enumerate(keys)))
+        kept = await asyncio.gather(*(store.begin(k, f"fp-{i}") for i, k in enumerate(keys)))
+        assert [(r.done, r.status, r.body) for r in kept] == [(True, 200 + i % 3, f'{{"n":{i}}}'.encode()) for i in range(40)]
+        await store.close()
+    finally:
+        await db.dispose()
