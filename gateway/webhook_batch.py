@@ -51,13 +51,14 @@ class WebhookBatcher:
     async def _call(self, batch: list[tuple[pb.WebhookDelivery, asyncio.Future[pb.WebhookResult]]]) -> None:
         try:
             reply = await self._send(pb.ReceiveWebhooksRequest(webhooks=[d for d, _ in batch]))
-        except BaseException as exc:  # noqa: BLE001 - every waiting sender hears of it
-            error: BaseException = exc if isinstance(exc, Exception) else asyncio.CancelledError()
+        except Exception as exc:  # every waiting sender hears of it
             for _, future in batch:
                 if not future.done():
-                    future.set_exception(error)
-            if not isinstance(exc, Exception):
-                raise
+                    future.set_exception(exc)
+        except BaseException:  # cancelled: so are the senders waiting on this call
+            for _, future in batch:
+                future.cancel()
+            raise
         else:
             results: Any = reply.results
             if len(results) != len(batch):

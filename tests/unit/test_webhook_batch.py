@@ -98,3 +98,14 @@ async def test_an_answer_of_the_wrong_length_is_an_error_not_a_mix_up() -> None:
     batcher = WebhookBatcher(short)
     outcomes = await asyncio.gather(*(batcher.submit(delivery(n)) for n in range(2)), return_exceptions=True)
     assert all(isinstance(o, RuntimeError) for o in outcomes)
+
+
+async def test_a_cancelled_call_cancels_its_senders_instead_of_leaving_them_waiting() -> None:
+    core = Core(delay=10)
+    batcher = WebhookBatcher(core.send)
+    sender = asyncio.create_task(batcher.submit(delivery(1)))
+    await asyncio.sleep(0.01)
+    for call in list(batcher._calls):
+        call.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(sender, 1)
