@@ -237,6 +237,12 @@ async def run_engine(settings: Settings) -> None:
     from ipaas.service.server import EngineSettings, build_engine
 
     engine = EngineSettings.from_settings(settings)
+    fds = os.environ.get(CHILD_FDS)
+    if fds and engine.nice:  # a child of a core: below its core (see DEFAULT_ENGINE_NICE)
+        try:
+            os.nice(engine.nice)
+        except OSError as exc:
+            log.warning("engine.nice_failed", extra={"nice": engine.nice, "error": str(exc)})
     db = Database(settings.database_url)
     parts = build_engine(settings, engine, db, recover_leases=False)
     dispatcher, credentials = parts.dispatcher, parts.credentials
@@ -245,7 +251,7 @@ async def run_engine(settings: Settings) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     reporter: asyncio.Task[None] | None = None
-    if fds := os.environ.get(CHILD_FDS):
+    if fds:
         wake_fd, status_fd = (int(fd) for fd in fds.split(","))
         os.set_blocking(wake_fd, False)
         pending = bytearray()

@@ -67,6 +67,7 @@ class EngineSettings:
     breaker_successes: int
     lease_seconds: float
     processes: int
+    nice: int
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "EngineSettings":
@@ -92,7 +93,22 @@ class EngineSettings:
             breaker_successes=int(num("IPAAS_BREAKER_SUCCESSES", 3)),
             lease_seconds=num("IPAAS_LEASE_SECONDS", 60),
             processes=int(num("IPAAS_ENGINE_PROCESSES", default_engine_processes())),
+            nice=engine_nice(num("IPAAS_ENGINE_NICE", DEFAULT_ENGINE_NICE)),
         )
+
+
+# Engine processes yield the CPU to the core and gateway when both want it: accepting a
+# webhook (a durable commit, then 202) goes first and deliveries catch up from the outbox,
+# so a delivery backlog never slows the API. On an idle machine nice costs nothing.
+# Bench, 3 alternating pairs on 2 cores: ingest 710-782 -> 870-982 req/s, end to end
+# unchanged (466-561 vs 473-529 msg/s).
+DEFAULT_ENGINE_NICE = 10
+
+
+def engine_nice(value: float) -> int:
+    if value != int(value) or not 0 <= value <= 19:
+        raise SystemExit("IPAAS_ENGINE_NICE must be a whole number from 0 to 19")
+    return int(value)
 
 
 def default_engine_processes() -> int:

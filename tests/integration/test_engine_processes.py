@@ -73,6 +73,13 @@ async def test_children_share_the_work_exactly_once(env) -> None:
     assert (stats.workers, stats.depth) == (CHILDREN * WORKERS, 0)
 
 
+async def test_children_run_below_their_core_priority(env) -> None:
+    """Deliveries yield the CPU to the API: each child is IPAAS_ENGINE_NICE (10) nicer."""
+    core, _api, _slack = env
+    own = os.getpriority(os.PRIO_PROCESS, 0)
+    assert [os.getpriority(os.PRIO_PROCESS, pid) for pid in core.server.processes.pids()] == [min(own + 10, 19)] * CHILDREN
+
+
 async def test_a_breaker_opened_in_a_child_is_listed_by_the_core(env) -> None:
     core, api, slack = env
     cred = await api.credential("slack", {"webhook_url": slack.url})

@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from ipaas.engine.processes import EngineProcesses, _Child, child_env
 from ipaas.settings import Settings
 
@@ -41,3 +43,13 @@ def test_a_child_gets_settings_built_in_code(tmp_path: Path) -> None:
     back = Settings.from_env(env)
     assert (back.data_dir, back.database_url, back.secret_keys, back.plugins, back.workers, back.allow_insecure_targets) == (tmp_path, settings.database_url, ("k1", "k2"), frozenset({"slack"}), 3, True)
     assert env["IPAAS_STEP_TIMEOUT"] == "5"
+
+
+def test_engine_nice_is_a_whole_number_from_0_to_19() -> None:
+    from ipaas.service.server import EngineSettings
+
+    assert EngineSettings.from_settings(Settings()).nice == 10
+    assert EngineSettings.from_settings(Settings(extra={"IPAAS_ENGINE_NICE": "0"})).nice == 0
+    for bad in ("-1", "20", "2.5", "high"):
+        with pytest.raises(SystemExit, match="IPAAS_ENGINE_NICE"):
+            EngineSettings.from_settings(Settings(extra={"IPAAS_ENGINE_NICE": bad}))
