@@ -53,6 +53,7 @@ class Dispatcher:
         self._inflight: dict[int, asyncio.Task[None]] = {}
         self._stopping = False
         self._loop_task: asyncio.Task[None] | None = None
+        self._lease_task: asyncio.Task[None] | None = None
         self._listen_task: asyncio.Task[None] | None = None
         self.processed = 0  # tasks this replica ran to an outcome (a figure for operators)
 
@@ -65,6 +66,7 @@ class Dispatcher:
 
     def start(self) -> None:
         self._loop_task = asyncio.create_task(self._run(), name="ipaas-dispatcher")
+        self._lease_task = asyncio.create_task(self._keep_leases(), name="ipaas-dispatcher-leases")
         if self.db.is_postgres:
             self._listen_task = asyncio.create_task(self._listen(), name="ipaas-dispatcher-listen")
 
@@ -88,7 +90,6 @@ class Dispatcher:
                     await self._wake.wait()
 
     async def _work(self, task: outbox.ClaimedTask) -> None:
-        heartbeat = asyncio.create_task(self._heartbeat(task))
         try:
             await self.executor.run(task, self.owner)
             self.processed += 1
@@ -98,16 +99,22 @@ class Dispatcher:
             # The task keeps its lease and is retried once the lease expires.
             log.exception("dispatcher.task_crashed", extra={"execution_id": task.execution_id})
         finally:
-            heartbeat.cancel()
             self._inflight.pop(task.task_id, None)
             self._wake.set()
 
-    async def _heartbeat(self, task: outbox.ClaimedTask) -> None:
+    async def _keep_leases(self) -> None:
+        """Every third of a lease, extend the leases of everything in flight in one UPDATE
+        (a task claimed just after a round still has two thirds of its lease at the next).
+        One loop per dispatcher instead of a timer task per execution: a task's lease is
+        extended only while this process is alive and working on it."""
         interval = self.lease.total_seconds() / 3
         while True:
             await asyncio.sleep(interval)
-            with contextlib.suppress(Exception):
-                await outbox.extend_lease(self.db, task.task_id, self.owner, self.lease)
+            if self._inflight:
+                try:
+                    await outbox.extend_leases(self.db, list(self._inflight), self.owner, self.lease)
+                except Exception:
+                    log.warning("dispatcher.extend_leases_failed", exc_info=True)
 
     async def _listen(self) -> None:
         import psycopg
@@ -144,6 +151,10 @@ class Dispatcher:
                 task.cancel()
             if pending:
                 await asyncio.wait(pending, timeout=2)
+        if self._lease_task is not None:  # kept until now: in-flight work keeps its leases
+            self._lease_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._lease_task
         await self.executor.outcomes.close()  # outcomes already handed over are written first
         released = await outbox.release_leases(self.db, self.owner)
         log.info("dispatcher.stopped", extra={"released": released})

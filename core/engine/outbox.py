@@ -185,9 +185,10 @@ async def claim_due_tasks(db: Database, owner: str, limit: int, lease: timedelta
     return await db.transaction(claim)
 
 
-async def extend_lease(db: Database, task_id: int, owner: str, lease: timedelta) -> bool:
-    stmt = update(TASKS).where(TASKS.c.id == task_id, TASKS.c.lease_owner == owner).values(lease_expires_at=utcnow() + lease)
-    return await db.transaction(lambda conn: conn.execute(stmt).rowcount == 1)
+async def extend_leases(db: Database, task_ids: list[int], owner: str, lease: timedelta) -> int:
+    """Push back the expiry of the leases `owner` still holds among `task_ids`."""
+    stmt = update(TASKS).where(TASKS.c.id.in_(task_ids), TASKS.c.lease_owner == owner).values(lease_expires_at=utcnow() + lease)
+    return await db.transaction(lambda conn: conn.execute(stmt).rowcount)
 
 
 async def release_leases(db: Database, owner: str) -> int:

@@ -3,6 +3,7 @@ credential's secret never reaches a log line or a stored execution."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 import httpx
@@ -40,6 +41,21 @@ async def test_graceful_shutdown_finishes_in_flight_work(tmp_path) -> None:
             await api.wait(ex.id, statuses=("running",))
             await core.server.stop(grace=5)
             assert slack.received == [{"text": "drained"}], "the in-flight step finished before the core stopped"
+
+
+async def test_a_step_longer_than_its_lease_keeps_the_lease(tmp_path) -> None:
+    """The dispatcher extends the leases of what it holds, so a slow step is not claimed (and
+    delivered) a second time when its first lease runs out."""
+    async with FakeSlack(delay=2.5) as slack:
+        async with core_with(tmp_path, IPAAS_POLL_INTERVAL="0.05", IPAAS_LEASE_SECONDS="0.6") as core:
+            api = Api(core.channel, (await core.new_tenant()).md)
+            cred = await api.credential("slack", {"webhook_url": slack.url})
+            wf = (await api.create({"name": "l", "trigger": {"type": "manual"}, "steps": [slack_step(cred, "once")]})).workflow
+            ex = (await api.run(wf.id)).execution
+            done = await api.wait(ex.id, timeout=15)
+            await asyncio.sleep(0.5)  # room for a second claim's delivery, had there been one
+            assert done.status == "succeeded" and done.attempts == 1
+            assert slack.received == [{"text": "once"}], "four lease lengths long, delivered once"
 
 
 async def test_shutdown_past_its_deadline_releases_leases(tmp_path) -> None:
