@@ -2,7 +2,8 @@
 
 Workers wake at once on new work: in process through `notify()`, across replicas through
 PostgreSQL LISTEN/NOTIFY; polling is the fallback. The loop only claims and spawns; the
-executor records every outcome.
+executor records every outcome, and claims the tasks that take the finished executions'
+places in the same transaction (outcomes.Refill), so a busy engine writes once per batch.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 
 from ipaas.engine import outbox
 from ipaas.engine.executor import Executor
+from ipaas.engine.outcomes import Refill
 from ipaas.storage.db import Database
 
 log = logging.getLogger("ipaas.dispatcher")
@@ -51,11 +53,13 @@ class Dispatcher:
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._wake = asyncio.Event()
         self._inflight: dict[int, asyncio.Task[None]] = {}
+        self._reserved = 0  # slots held by claims in progress
         self._stopping = False
         self._loop_task: asyncio.Task[None] | None = None
         self._lease_task: asyncio.Task[None] | None = None
         self._listen_task: asyncio.Task[None] | None = None
         self.processed = 0  # tasks this replica ran to an outcome (a figure for operators)
+        executor.outcomes.refill = Refill(self.owner, lease, self._reserve, self._start)
 
     @property
     def inflight(self) -> int:
@@ -76,18 +80,35 @@ class Dispatcher:
         while not self._stopping:
             # Clear before claiming, so a wake-up that arrives during the claim is kept.
             self._wake.clear()
-            free = self.workers - len(self._inflight)
+            free = self._reserve(0)
             if free > 0:
+                claimed: list[outbox.ClaimedTask] = []
                 try:
-                    for task in await outbox.claim_due_tasks(self.db, self.owner, free, self.lease):
-                        self._inflight[task.task_id] = asyncio.create_task(self._work(task))
+                    claimed = await outbox.claim_due_tasks(self.db, self.owner, free, self.lease)
                 except Exception:
                     log.exception("dispatcher.claim_failed")
+                finally:
+                    self._start(claimed, free)
             # Either the due work is all claimed or the pool is full: both end with a wake-up
             # (new work, a finished worker) or the poll interval.
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.poll_interval):
                     await self._wake.wait()
+
+    def _reserve(self, finishing: int) -> int:
+        """Hold the slots free once `finishing` running executions end, for a claim."""
+        if self._stopping:
+            return 0
+        free = max(0, self.workers - len(self._inflight) - self._reserved + finishing)
+        self._reserved += free
+        return free
+
+    def _start(self, tasks: list[outbox.ClaimedTask], reserved: int) -> None:
+        self._reserved -= reserved
+        if self._stopping:
+            return  # stop() releases this owner's leases once the last outcome is written
+        for task in tasks:
+            self._inflight[task.task_id] = asyncio.create_task(self._work(task))
 
     async def _work(self, task: outbox.ClaimedTask) -> None:
         try:

@@ -160,29 +160,33 @@ _MARK_RUNNING = (
 
 
 async def claim_due_tasks(db: Database, owner: str, limit: int, lease: timedelta) -> list[ClaimedTask]:
-    """Lease up to `limit` due tasks and mark their executions running, in one transaction.
+    """Lease up to `limit` due tasks and mark their executions running, in one transaction
+    (see claim_in)."""
+    return await db.transaction(lambda conn: claim_in(conn, owner, limit, lease))
+
+
+def claim_in(conn: Connection, owner: str, limit: int, lease: timedelta) -> list[ClaimedTask]:
+    """Within the caller's transaction: lease up to `limit` due tasks and mark their
+    executions running.
 
     Each task comes back with its execution as it was before the claim and the step results
     stored by earlier attempts, so the executor starts without another round trip. Tasks
     are locked before executions here and everywhere else (PostgreSQL deadlock order).
     """
+    if limit <= 0:
+        return []
     now = utcnow()
-    pick = _PICK_LOCKED if db.is_postgres else _PICK
-
-    def claim(conn: Connection) -> list[ClaimedTask]:
-        ids = list(conn.execute(pick, {"now": now, "limit": limit}).scalars())
-        if not ids:
-            return []
-        leased = conn.execute(_LEASE, {"ids": ids, "owner": owner, "until": now + lease}).all()
-        execution_ids = [r.execution_id for r in leased]
-        executions = {r.id: r for r in conn.execute(_CLAIMED_EXECUTIONS, {"ids": execution_ids})}
-        steps: dict[str, dict[int, Any]] = {}
-        for row in conn.execute(_CLAIMED_STEPS, {"ids": execution_ids}):
-            steps.setdefault(row.execution_id, {})[row.step_index] = row
-        conn.execute(_MARK_RUNNING, {"ids": execution_ids, "now": now})
-        return [ClaimedTask(r.id, r.execution_id, r.tenant_id, executions.get(r.execution_id), steps.get(r.execution_id, {})) for r in leased]
-
-    return await db.transaction(claim)
+    ids = list(conn.execute(_PICK_LOCKED if conn.dialect.name == "postgresql" else _PICK, {"now": now, "limit": limit}).scalars())
+    if not ids:
+        return []
+    leased = conn.execute(_LEASE, {"ids": ids, "owner": owner, "until": now + lease}).all()
+    execution_ids = [r.execution_id for r in leased]
+    executions = {r.id: r for r in conn.execute(_CLAIMED_EXECUTIONS, {"ids": execution_ids})}
+    steps: dict[str, dict[int, Any]] = {}
+    for row in conn.execute(_CLAIMED_STEPS, {"ids": execution_ids}):
+        steps.setdefault(row.execution_id, {})[row.step_index] = row
+    conn.execute(_MARK_RUNNING, {"ids": execution_ids, "now": now})
+    return [ClaimedTask(r.id, r.execution_id, r.tenant_id, executions.get(r.execution_id), steps.get(r.execution_id, {})) for r in leased]
 
 
 async def extend_leases(db: Database, task_ids: list[int], owner: str, lease: timedelta) -> int:

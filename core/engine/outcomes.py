@@ -1,23 +1,25 @@
 """Recording executions' outcomes: the last step's result, the final status, and the end of
 the outbox task, in one transaction shared by every execution that finishes meanwhile.
 
-The statements are built once with bound parameters and run as executemany, so a batch
-costs a few statements whatever its size. Within a batch, tasks are touched before
-executions, the lock order every other writer follows (no deadlock on PostgreSQL).
+The same transaction claims the tasks that take the finished ones' places (see Refill): on
+SQLite every write waits for the one file lock, and one turn for both halves the engine's
+turns. The statements are built once with bound parameters and run as executemany, so a
+batch costs a few statements whatever its size. Tasks are touched before executions, the
+lock order every other writer follows (no deadlock on PostgreSQL).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
-from typing import Any
+from datetime import datetime, timedelta
+from typing import Any, Callable
 
 from sqlalchemy import bindparam, delete, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 
 from ipaas.storage.group_commit import GroupCommit
-from ipaas.engine.outbox import EXECUTIONS, STEPS, TASKS
+from ipaas.engine.outbox import EXECUTIONS, STEPS, TASKS, ClaimedTask, claim_in
 from ipaas.storage.db import Database
 from ipaas.storage.tables import utcnow
 
@@ -51,9 +53,22 @@ class Outcome:
     step: dict[str, Any] | None = None  # the last step's row, stored with the outcome
 
 
+@dataclass(frozen=True)
+class Refill:
+    """How the dispatcher takes new work in an outcome's transaction: `reserve(n)` says how
+    many tasks to claim when n of its executions finish (and holds those slots), `start`
+    runs what was claimed and gives back the slots it did not fill."""
+
+    owner: str
+    lease: timedelta
+    reserve: Callable[[int], int]
+    start: Callable[[list[ClaimedTask], int], None]
+
+
 class OutcomeWriter:
     def __init__(self, db: Database) -> None:
         self.db = db
+        self.refill: Refill | None = None
         self._upsert = step_upsert(db.is_postgres)
         self._commits: GroupCommit[Outcome, None] = GroupCommit(self._write, name="outcomes", isolate=True)
 
@@ -81,15 +96,27 @@ class OutcomeWriter:
         steps = [o.step for o in outcomes if o.step is not None]
         finals = [{"b_id": o.execution_id, "b_status": o.status, "b_at": now, "b_error": o.error} for o in outcomes if o.status]
 
-        def write(conn: Connection) -> list[None]:
+        refill = self.refill
+        limit = refill.reserve(len(outcomes)) if refill is not None else 0
+
+        def write(conn: Connection) -> list[ClaimedTask]:
+            # Claimed first: tasks before executions. The finished tasks still hold this
+            # owner's lease, so the claim cannot pick them.
+            claimed = claim_in(conn, refill.owner, limit, refill.lease) if refill is not None else []
             conn.execute(DELETE_TASK, deletes)
             if steps:
                 conn.execute(self._upsert, steps)
             if finals:
                 conn.execute(FINISH_EXECUTION, finals)
-            return [None] * len(outcomes)
+            return claimed
 
-        return await self.db.transaction(write)
+        claimed: list[ClaimedTask] = []
+        try:
+            claimed = await self.db.transaction(write)
+        finally:
+            if refill is not None:
+                refill.start(claimed, limit)
+        return [None] * len(outcomes)
 
     async def close(self) -> None:
         await self._commits.close()

@@ -175,3 +175,27 @@ async def test_outcomes_share_a_transaction_and_a_bad_one_fails_alone(db: Databa
     assert sorted(statuses.values()) == ["running", "succeeded", "succeeded", "succeeded", "succeeded"]
     assert statuses[tasks[2].execution_id] == "running", "the bad outcome wrote nothing"
     assert await count(db, OutboxTask) == 1 and len(accepted) == 5
+
+
+async def test_an_outcome_claims_the_next_tasks_in_its_own_transaction(db: Database) -> None:
+    """Refill: the finished executions' places are taken in the outcome's transaction, up to
+    what the dispatcher reserves; slots reserved but not filled are given back."""
+    from ipaas.engine.outcomes import Outcome, OutcomeWriter, Refill
+
+    await outbox.enqueue_many(db, [item(f"rf{i}") for i in range(5)])
+    first = await outbox.claim_due_tasks(db, "w", 2, timedelta(seconds=60))
+    writer = OutcomeWriter(db)
+    reserved: list[int] = []
+    started: list[tuple[list[outbox.ClaimedTask], int]] = []
+    # Two slots more than finish: four reserved, three due.
+    writer.refill = Refill("w", timedelta(seconds=60), lambda finishing: reserved.append(finishing + 2) or finishing + 2, lambda tasks, n: started.append((tasks, n)))
+    await asyncio.gather(*(writer.record(Outcome(t.execution_id, t.task_id, "w", "succeeded")) for t in first))
+    claimed = [t for tasks, _ in started for t in tasks]
+    assert reserved == [4] and [n for _, n in started] == [4], "one batch; the whole reservation is handed back"
+    assert len(claimed) == 3 and not {t.task_id for t in claimed} & {t.task_id for t in first}
+    assert all(t.execution.status == "queued" for t in claimed), "each comes with its execution as claimed"
+    async with db.session() as s:
+        statuses = sorted((await s.scalars(select(Execution.status))).all())
+        owners = (await s.scalars(select(OutboxTask.lease_owner))).all()
+    assert statuses == ["running", "running", "running", "succeeded", "succeeded"]
+    assert owners == ["w", "w", "w"], "the finished tasks are gone, the claimed ones leased"
