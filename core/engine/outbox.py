@@ -150,7 +150,10 @@ _LEASE = (
     .values(lease_owner=bindparam("owner"), lease_expires_at=bindparam("until", type_=TASKS.c.lease_expires_at.type))
     .returning(TASKS.c.id, TASKS.c.execution_id, TASKS.c.tenant_id)
 )
-_CLAIMED_EXECUTIONS = select(EXECUTIONS).where(EXECUTIONS.c.id.in_(_IDS))
+# What the executor reads of a claimed execution (each datetime column costs a parse per row).
+_CLAIMED_EXECUTIONS = select(
+    *(EXECUTIONS.c[name] for name in ("id", "tenant_id", "workflow_id", "workflow_version", "status", "payload", "attempts", "max_attempts", "started_at"))
+).where(EXECUTIONS.c.id.in_(_IDS))
 _CLAIMED_STEPS = select(STEPS).where(STEPS.c.execution_id.in_(_IDS))
 _MARK_RUNNING = (
     update(EXECUTIONS)
