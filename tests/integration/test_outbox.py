@@ -199,3 +199,19 @@ async def test_an_outcome_claims_the_next_tasks_in_its_own_transaction(db: Datab
         owners = (await s.scalars(select(OutboxTask.lease_owner))).all()
     assert statuses == ["running", "running", "running", "succeeded", "succeeded"]
     assert owners == ["w", "w", "w"], "the finished tasks are gone, the claimed ones leased"
+
+
+async def test_engine_commits_without_fsync_while_the_api_keeps_full(tmp_path) -> None:
+    """SQLite: the API's commits (accepted triggers) survive power loss (FULL); an engine
+    process's claims and outcomes use NORMAL (see ENGINE_SQLITE_SYNCHRONOUS)."""
+    from ipaas.engine.processes import ENGINE_SQLITE_SYNCHRONOUS
+
+    url = f"sqlite:///{tmp_path / 'sync.db'}"
+    migrate.upgrade(url)
+    levels = []
+    for db in (Database(url), Database(url, synchronous=ENGINE_SQLITE_SYNCHRONOUS)):
+        levels.append(await db.transaction(lambda conn: conn.exec_driver_sql("PRAGMA synchronous").scalar()))
+        async with db.engine.connect() as conn:  # the API's own connection, too
+            levels.append((await conn.exec_driver_sql("PRAGMA synchronous")).scalar())
+        await db.dispose()
+    assert levels == [2, 2, 1, 1], "FULL is 2, NORMAL is 1"
