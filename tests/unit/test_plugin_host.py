@@ -119,3 +119,27 @@ async def test_connector_clients_keep_no_cookies_between_requests() -> None:
         finally:
             await client.aclose()
     assert upstream.cookies == [None, None, None]
+
+
+async def test_connector_clients_parse_each_url_once_and_stay_bounded() -> None:
+    import httpx
+
+    from ipaas.plugin_host import ConnectorClient, make_http_client
+
+    client = make_http_client(5.0, allow_insecure=True)
+    try:
+        url = "https://hooks.example.com/services/T1/B1/x?a=1"
+        first, second = client.build_request("POST", url), client.build_request("POST", url, params={"b": "2"})
+        assert list(client._parsed) == [url] and client._parsed[url] == first.url, "parsed once, kept"
+        plain = httpx.AsyncClient()
+        assert (first.url, second.url) == (plain.build_request("POST", url).url, plain.build_request("POST", url, params={"b": "2"}).url), "as httpx builds them"
+        assert str(client.build_request("POST", url).url) == url, "params never leak into the shared URL"
+        await plain.aclose()
+        with pytest.raises(httpx.InvalidURL):
+            client.build_request("POST", "http://[::1")
+        assert "http://[::1" not in client._parsed
+        for i in range(ConnectorClient.MAX_PARSED_URLS + 5):
+            client.build_request("GET", f"https://example.com/{i}")
+        assert len(client._parsed) <= ConnectorClient.MAX_PARSED_URLS
+    finally:
+        await client.aclose()
