@@ -353,7 +353,10 @@ def aiohttp_transport(limits: httpx.Limits, guard_dns: bool) -> httpx.AsyncBaseT
             ssl=transport.ssl_context,
             resolver=GuardedResolver() if guard_dns else None,
         )
-        return aiohttp.ClientSession(connector=connector)
+        # aiohttp's session has its own cookie jar under httpx's: it would keep a cookie one
+        # tenant's upstream set and send it with another tenant's request (see NoCookies).
+        # The dummy jar also spares every request the jar's filtering.
+        return aiohttp.ClientSession(connector=connector, cookie_jar=aiohttp.DummyCookieJar())
 
     transport.client = session
     return transport
