@@ -155,16 +155,22 @@ def measure_platform(args: argparse.Namespace, slack: str, database_url: str | N
             def e2e(i: int) -> dict[str, float]:
                 drain()
                 time.sleep(0.5)
+                # Where the CPU goes, per delivered message (engine processes summed).
+                procs = {"gateway": [gateway_pid], "core": core_pids, "engines": [p for c in core_pids for p in engine_pids(c)]}
+                before = {name: sum(cpu_seconds(p) for p in pids) for name, pids in procs.items()}
                 since = time.time()
                 result = wrk_webhooks(gw, path, sign_lines(wf["secret"], budget, f"{label}-e2e{i}"), args.duration)
                 accepted = result["requests"] - result["errors"]
                 stats = wait_deliveries(slack, since, accepted)
                 span = max(stats["last"] - since, 1e-9)
+                cpu = {f"{name}_cpu_ms": (sum(cpu_seconds(p) for p in pids) - before[name]) * 1000 / max(stats["count"], 1) for name, pids in procs.items()}
                 # wrk does not count requests still in flight when it stops, though they are
                 # accepted and delivered: only a shortfall is an error.
-                return {"rps": stats["count"] / span, "errors": max(0, accepted - stats["count"])}
+                return {"rps": stats["count"] / span, "errors": max(0, accepted - stats["count"]), **cpu}
 
             out["end_to_end"] = median_of(args.runs, e2e)
+            for k in ("gateway_cpu_ms", "core_cpu_ms", "engines_cpu_ms"):
+                out["end_to_end"][k] = statistics.median(r[k] for r in out["end_to_end"]["results"])
             if only_e2e:
                 return out
 
@@ -326,6 +332,7 @@ def report(results: dict[str, Any]) -> list[str]:
         (f"  ingest latency p50 at {s['ingest_latency_sustained']['rate']:.0f} req/s", s["ingest_latency_sustained"]["p50_ms"], "ms", None, ""),
         (f"  ingest latency p99 at {s['ingest_latency_sustained']['rate']:.0f} req/s", s["ingest_latency_sustained"]["p99_ms"], "ms", None, ""),
         ("end-to-end deliveries (SQLite)", s["end_to_end"]["median"], "msg/s", ratio(s["end_to_end"]["median"], relay), "relay"),
+        *((f"  CPU per delivered message: {name}", s["end_to_end"][f"{name}_cpu_ms"], "ms", None, "") for name in ("gateway", "core", "engines") if f"{name}_cpu_ms" in s["end_to_end"]),
         (f"  end-to-end latency p50 at {s['end_to_end_latency']['rate']:.0f} req/s", s["end_to_end_latency"]["p50_ms"], "ms", None, ""),
         (f"  end-to-end latency p99 at {s['end_to_end_latency']['rate']:.0f} req/s", s["end_to_end_latency"]["p99_ms"], "ms", None, ""),
         (f"  end-to-end latency p50 at {s['end_to_end_latency_sustained']['rate']:.0f} req/s", s["end_to_end_latency_sustained"]["p50_ms"], "ms", None, ""),
