@@ -62,6 +62,7 @@ GIL_SWITCH_INTERVAL = 0.0005
 
 
 def cmd_core(settings: Settings, _args: argparse.Namespace) -> int:
+    from ipaas import heap
     from ipaas.logs import configure_logging
     from ipaas.service.server import CoreServer
 
@@ -71,6 +72,7 @@ def cmd_core(settings: Settings, _args: argparse.Namespace) -> int:
     async def main() -> None:
         server = CoreServer(settings)
         await server.start()
+        heap.freeze_after_startup()
         if server.admin_key_generated:
             print(f"admin key (shown once, saved in {settings.data_dir}/admin.key): {server.admin_key}", file=sys.stderr, flush=True)
         stop = asyncio.Event()

@@ -16,7 +16,7 @@ def run(settings: Settings) -> int:
     configure_logging(settings.log_level)
     host, _, port = settings.http_listen.rpartition(":")
     uvicorn.run(
-        create_app(settings),
+        create_app(settings, freeze_heap=True),
         host=host.strip("[]") or "127.0.0.1",
         port=int(port),
         log_level="warning",

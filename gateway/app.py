@@ -25,7 +25,7 @@ from grpc_status import rpc_status
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
 
-from ipaas import __version__, logs
+from ipaas import __version__, heap, logs
 from ipaas.gateway import envelope, idempotency
 from ipaas.gateway.core_client import CALL_TIMEOUT, CoreClient
 from ipaas.gateway.envelope import HttpError
@@ -65,8 +65,9 @@ def _header_map(scope: dict[str, Any]) -> dict[str, str]:
 
 
 class Gateway:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, freeze_heap: bool = False) -> None:
         self.settings = settings
+        self.freeze_heap = freeze_heap  # a process of its own (see ipaas.heap), not a test's
         self.router = Router()
         self.openapi = orjson.dumps(build_openapi(self.router.routes))
         env = settings.extra
@@ -106,6 +107,8 @@ class Gateway:
             self.store = idempotency.SqlStore(self._db)
             await self.store.create()
         self._purger = asyncio.create_task(self._purge_loop())
+        if self.freeze_heap:
+            heap.freeze_after_startup()
 
     async def shutdown(self) -> None:
         self._draining = True
@@ -406,5 +409,5 @@ class Gateway:
             return "failing"
 
 
-def create_app(settings: Settings) -> Gateway:
-    return Gateway(settings)
+def create_app(settings: Settings, *, freeze_heap: bool = False) -> Gateway:
+    return Gateway(settings, freeze_heap=freeze_heap)

@@ -28,6 +28,7 @@ from typing import Any
 
 import orjson
 
+from ipaas import heap
 from ipaas.engine import outbox
 from ipaas.engine.breakers import BreakerRegistry, BreakerState
 from ipaas.settings import Settings
@@ -292,6 +293,7 @@ async def run_engine(settings: Settings) -> None:
                 await asyncio.sleep(STATUS_INTERVAL)
 
         reporter = asyncio.create_task(report())
+    heap.freeze_after_startup()
     dispatcher.start()
     log.info("engine.started", extra={"pid": os.getpid(), "workers": dispatcher.workers, "database": db.dialect})
     await stop.wait()
