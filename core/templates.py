@@ -168,19 +168,21 @@ def render(template: str, ctx: RenderContext) -> RenderResult:
 def render_config(config: Any, ctx: RenderContext) -> RenderResult:
     """Render every string in a nested config (keys are left alone); returns a new structure."""
     missing: list[str] = []
-
-    def walk(value: Any, depth: int) -> Any:
-        if depth > MAX_CONFIG_DEPTH:
-            raise TemplateError(f"config nested deeper than {MAX_CONFIG_DEPTH} levels")
-        if isinstance(value, str):
-            result = render(value, ctx)
-            missing.extend(result.missing_paths)
-            return result.value
-        if isinstance(value, dict):
-            return {k: walk(v, depth + 1) for k, v in value.items()}
-        if isinstance(value, list):
-            return [walk(v, depth + 1) for v in value]
-        return value
-
-    rendered = walk(config, 0)
+    rendered = _render_nested(config, ctx, missing, 0)
     return RenderResult(rendered, tuple(dict.fromkeys(missing)))
+
+
+def _render_nested(value: Any, ctx: RenderContext, missing: list[str], depth: int) -> Any:
+    # A function of its own, not a closure: a nested function that calls itself is a
+    # reference cycle (function <-> cell) that kept each step's context for the collector.
+    if depth > MAX_CONFIG_DEPTH:
+        raise TemplateError(f"config nested deeper than {MAX_CONFIG_DEPTH} levels")
+    if isinstance(value, str):
+        result = render(value, ctx)
+        missing.extend(result.missing_paths)
+        return result.value
+    if isinstance(value, dict):
+        return {k: _render_nested(v, ctx, missing, depth + 1) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_render_nested(v, ctx, missing, depth + 1) for v in value]
+    return value

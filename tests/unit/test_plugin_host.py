@@ -147,3 +147,44 @@ async def test_connector_clients_parse_each_url_once_and_stay_bounded() -> None:
         assert len(client._parsed) <= ConnectorClient.MAX_PARSED_URLS
     finally:
         await client.aclose()
+
+
+@pytest.mark.parametrize("transport", ["aiohttp", "httpx"])
+async def test_connector_responses_are_freed_without_the_garbage_collector(transport: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """httpx ties a response and its stream in a reference cycle; a connector's read
+    response (with its request and headers) must go as soon as the connector drops it."""
+    import gc
+    import weakref
+
+    from aiohttp import web
+
+    from ipaas.plugin_host import make_http_client
+    from tests.fakes.server import FakeServer
+
+    class Echo(FakeServer):
+        def routes(self) -> list[web.RouteDef]:
+            return [web.post("/", self.handle)]
+
+        async def handle(self, request: web.Request) -> web.Response:
+            return web.json_response({"ok": True, "got": await request.json()})
+
+    monkeypatch.setenv("IPAAS_HTTP_TRANSPORT", transport)
+    async with Echo() as upstream:
+        client = make_http_client(5.0, allow_insecure=True)
+        try:
+            await client.post(upstream.base_url + "/", json={"warm": 1})
+            gc.collect()
+            gc.disable()
+            try:
+                response = await client.post(upstream.base_url + "/", json={"text": "hi"})
+                assert response.status_code == 200 and response.json() == {"ok": True, "got": {"text": "hi"}}
+                assert response.content == await response.aread(), "the body stays readable"
+                freed = weakref.ref(response)
+                del response
+                assert freed() is None, "freed by reference counting alone"
+            finally:
+                gc.enable()
+            async with client.stream("POST", upstream.base_url + "/", json={"s": 1}) as streamed:
+                assert [chunk async for chunk in streamed.aiter_bytes()] != [], "streaming is untouched"
+        finally:
+            await client.aclose()

@@ -112,3 +112,22 @@ def test_compiled_templates_are_cached() -> None:
     render("cached {{user.name}}", CTX)
     info = compile_template.cache_info()
     assert info.hits >= 1 and info.misses == 1
+
+
+def test_rendering_a_config_leaves_no_reference_cycle() -> None:
+    """Each step renders its config; what it built must go when it does, not wait for the
+    garbage collector (a recursive closure once kept every step's context that way)."""
+    import gc
+    import weakref
+
+    gc.collect()
+    gc.disable()
+    try:
+        ctx = RenderContext(trigger={"user": {"name": "Ada"}})
+        kept = weakref.ref(ctx)
+        result = render_config({"text": "hi {{trigger.user.name}}", "blocks": [{"t": "{{trigger.user.name}}"}]}, ctx)
+        assert result.value == {"text": "hi Ada", "blocks": [{"t": "Ada"}]}
+        del ctx
+        assert kept() is None, "freed by reference counting alone"
+    finally:
+        gc.enable()
