@@ -72,7 +72,7 @@ def cmd_core(settings: Settings, _args: argparse.Namespace) -> int:
     async def main() -> None:
         server = CoreServer(settings)
         await server.start()
-        heap.freeze_after_startup()
+        heap.after_startup()
         if server.admin_key_generated:
             print(f"admin key (shown once, saved in {settings.data_dir}/admin.key): {server.admin_key}", file=sys.stderr, flush=True)
         stop = asyncio.Event()

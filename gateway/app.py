@@ -108,7 +108,7 @@ class Gateway:
             await self.store.create()
         self._purger = asyncio.create_task(self._purge_loop())
         if self.freeze_heap:
-            heap.freeze_after_startup()
+            heap.after_startup()
 
     async def shutdown(self) -> None:
         self._draining = True

@@ -293,7 +293,7 @@ async def run_engine(settings: Settings) -> None:
                 await asyncio.sleep(STATUS_INTERVAL)
 
         reporter = asyncio.create_task(report())
-    heap.freeze_after_startup()
+    heap.after_startup()
     dispatcher.start()
     log.info("engine.started", extra={"pid": os.getpid(), "workers": dispatcher.workers, "database": db.dialect})
     await stop.wait()
