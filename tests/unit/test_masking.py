@@ -151,3 +151,10 @@ def test_every_pattern_has_a_hint_in_pattern_order() -> None:
     everything = "api_key=1 bearer eyJ hooks.slack.com discord xox AKIA _live_ whsec_ ipk_ gh https://a:b@c 4111 1111 1111 1111"
     assert _active(everything) == tuple(_BY_NAME)
     assert _active("execution.finished") == () and _active("ex_01jd3k4m5n6p7q8r9s0t1v2w3x") == ()
+
+
+def test_secret_masker_builds_its_pattern_once_from_any_iterable() -> None:
+    masker = SecretMasker(s for s in ["hunter2hunter2", None, "xyz"])  # a generator: read once
+    assert masker.text("pw=hunter2hunter2") == f"pw={REDACTED}"
+    assert masker.text("again hunter2hunter2") == f"again {REDACTED}"
+    assert masker.value({"note": "hunter2hunter2 xyz"}) == {"note": f"{REDACTED} xyz"}
