@@ -113,6 +113,16 @@ def wait_deliveries(slack: str, since: float, expected: int, timeout: float = 12
         time.sleep(0.25)
 
 
+def drain_outbox(gateway_url: str, key: str) -> None:
+    """Wait until the outbox is empty, so one run's tail does not count in the next."""
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        depth = httpx.get(f"{gateway_url}/api/queue", headers={"authorization": f"Bearer {key}"}).json()["data"]["depth"]
+        if int(depth) == 0:
+            return
+        time.sleep(0.2)
+
+
 def measure_platform(args: argparse.Namespace, slack: str, database_url: str | None, label: str, cores: int = 1, only_e2e: bool = False, **extra_env: str) -> dict[str, Any]:
     out: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -128,13 +138,7 @@ def measure_platform(args: argparse.Namespace, slack: str, database_url: str | N
             budget = int(args.duration * 9000)
 
             def drain() -> None:
-                """Wait until the outbox is empty, so one run's tail does not count in the next."""
-                deadline = time.monotonic() + 300
-                while time.monotonic() < deadline:
-                    depth = httpx.get(f"{gw}/api/queue", headers={"authorization": f"Bearer {wf['key']}"}).json()["data"]["depth"]
-                    if int(depth) == 0:
-                        return
-                    time.sleep(0.2)
+                drain_outbox(gw, wf["key"])
 
             def ingest(i: int, prefix: str, keys: bool = False) -> dict[str, float]:
                 drain()  # each run starts with the engine idle, as the first one does
@@ -296,6 +300,31 @@ def paired_e2e(args: argparse.Namespace, slack: str, label: str, **variant: str)
     return {name: {"median": statistics.median(values), "runs": values} for name, values in arms.items()}
 
 
+def measure_engine_priority(args: argparse.Namespace, slack: str) -> dict[str, Any]:
+    """What the engines' lower CPU priority (IPAAS_ENGINE_NICE, default 10) trades: ingest
+    at saturation against end-to-end latency at --rate, the default and nice 0 started
+    alternately so both arms see the same machine."""
+
+    def one(nice: str | None, i: int) -> dict[str, float]:
+        with tempfile.TemporaryDirectory() as tmp:
+            grpc_port, http_port = plat.free_port(), plat.free_port()
+            env = plat.platform_env(Path(tmp), None, grpc_port, http_port, **({"IPAAS_ENGINE_NICE": nice} if nice else {}))
+            with plat.core(env), plat.gateway(env) as gw:
+                wf = plat.setup_webhook_workflow(gw, slack)
+                path = f"/api/webhooks/{wf['workflow_id']}"
+                label = f"pr{nice or 'd'}-{i}"
+                ingest = wrk_webhooks(gw, path, sign_lines(wf["secret"], int(args.duration * 9000), label), args.duration)
+                drain_outbox(gw, wf["key"])
+                since = time.time()
+                latency = asyncio.run(loadgen.fixed_rate(signed_sender(wf["secret"], gw + path, label + "-lat"), args.rate, args.duration))
+                delivered = wait_deliveries(slack, since, latency["requests"] - latency["errors"])["latencies"]
+                return {"ingest": ingest["rps"], "ingest_p99_ms": latency["p99_ms"], "e2e_p50_ms": loadgen.percentile(delivered, 50) * 1000, "e2e_p99_ms": loadgen.percentile(delivered, 99) * 1000}
+
+    runs = [(one(None, i), one("0", i)) for i in range(args.runs)]
+    arm = lambda k: {m: statistics.median(r[k][m] for r in runs) for m in runs[0][k]} | {"runs": [r[k] for r in runs]}  # noqa: E731
+    return {"rate": args.rate, "default": arm(0), "nice_0": arm(1)}
+
+
 def measure_limiter(args: argparse.Namespace, slack: str) -> dict[str, Any]:
     """The rate limiter's own cost: platforms with limits on (a budget too large to ever
     refuse) and off, started alternately so both arms see the same machine state."""
@@ -353,6 +382,13 @@ def report(results: dict[str, Any]) -> list[str]:
         if key in results:
             t, d = results[key]["end_to_end"]["median"], results[key]["default"]["median"]
             rows.append((f"{name} (paired default: {d:.0f})", t, "msg/s", ratio(t, d), "default"))
+    if "engine_priority" in results:
+        pr = results["engine_priority"]
+        d, z = pr["default"], pr["nice_0"]
+        rows.append(("engines at nice 0: ingest (paired default at nice 10)", z["ingest"], "req/s", ratio(z["ingest"], d["ingest"]), "default"))
+        for arm, name in ((d, "default"), (z, "nice 0")):
+            for q in ("p50", "p99"):
+                rows.append((f"  {name}: end-to-end latency {q} at {pr['rate']:.0f} req/s", arm[f"e2e_{q}_ms"], "ms", None, ""))
     if "postgres_1" in results:
         p1, p2 = results["postgres_1"]["end_to_end"]["median"], results["postgres_2"]["end_to_end"]["median"]
         rows.append(("end-to-end, PostgreSQL, 1 core", p1, "msg/s", ratio(p1, relay), "relay"))
@@ -395,6 +431,7 @@ def main() -> None:
         results["ceilings"] = measure_ceilings(args, slack)
         results["sqlite"] = measure_platform(args, slack, None, "sq")
         results["limiter"] = measure_limiter(args, slack)
+        results["engine_priority"] = measure_engine_priority(args, slack)
         # Deliveries in the core process (as before engine processes) against the default.
         results["engine_in_core"] = paired_e2e(args, slack, "ec", IPAAS_ENGINE_PROCESSES="0")
         # The connectors' HTTP transport: aiohttp's pool (the default) against httpx's own.
