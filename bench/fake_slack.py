@@ -26,7 +26,8 @@ async def hook(request: web.Request) -> web.Response:
 
 async def stats(request: web.Request) -> web.Response:
     since = float(request.query.get("since", "0"))
-    rows = [(a, s) for a, s in arrivals if a >= since]
+    timed = request.query.get("timed") == "1"  # only messages that carry their send time
+    rows = [(a, s) for a, s in arrivals if a >= since and (s or not timed)]
     return web.json_response({"count": len(rows), "first": rows[0][0] if rows else 0, "last": rows[-1][0] if rows else 0, "latencies": [a - s for a, s in rows if s]})
 
 

@@ -59,26 +59,37 @@ async def python_saturation(make_request: Callable[[aiohttp.ClientSession, int],
     return {"rps": done / elapsed, "requests": done, "errors": errors}
 
 
-async def fixed_rate(make_request: Callable[[aiohttp.ClientSession, int], Any], rate: float, duration: float, connections: int = 128) -> dict[str, float]:
-    """Open loop at `rate` req/s; latency measured from the scheduled send time."""
+async def fixed_rate(make_request: Callable[[aiohttp.ClientSession, int], Any], rate: float, duration: float, connections: int = 128, warmup: float = 1.0) -> dict[str, float]:
+    """Open loop at `rate` req/s; latency measured from the scheduled send time.
+
+    The first `warmup` seconds are sent at the same rate but not counted (their requests
+    get negative numbers, so a sender can mark them): at the start every request opens a
+    new connection, and that ramp of the load generator's pool is not the platform's
+    latency (wrk2 leaves out its first 10 s for the same reason)."""
     latencies: list[float] = []
-    errors = 0
+    errors = warmup_errors = 0
+    skip = int(rate * warmup)
     total = int(rate * duration)
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=connections)) as session:
         start = time.perf_counter()
 
         async def one(i: int) -> None:
-            nonlocal errors
-            scheduled = start + i / rate
+            nonlocal errors, warmup_errors
+            scheduled = start + (i + skip) / rate
             await asyncio.sleep(max(0.0, scheduled - time.perf_counter()))
             status = await make_request(session, i)
+            if i < 0:
+                warmup_errors += status >= 300
+                return
             latencies.append(time.perf_counter() - scheduled)
             errors += status >= 300
 
-        await asyncio.gather(*(one(i) for i in range(total)))
+        await asyncio.gather(*(one(i) for i in range(-skip, total)))
     return {
         "rate": rate,
         "requests": total,
+        "warmup_requests": skip,
+        "warmup_errors": warmup_errors,
         "errors": errors,
         "p50_ms": percentile(latencies, 50) * 1000,
         "p99_ms": percentile(latencies, 99) * 1000,
