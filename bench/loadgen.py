@@ -86,8 +86,7 @@ async def fixed_rate(make_request: Callable[[aiohttp.ClientSession, int], Any], 
 
         requests = [one(i) for i in range(-skip, total)]
         # The generator's own full collections (walking every request's coroutine, made up
-        # front) would delay sends and count as the platform's latency: 60-70 ms p99 at 50
-        # req/s in the soak, ~10 ms with them frozen.
+        # front) would delay sends and count as the platform's latency.
         gc.collect()
         gc.freeze()
         start = time.perf_counter()  # read by each request when it first runs, below
