@@ -304,19 +304,26 @@ def paired_e2e(args: argparse.Namespace, slack: str, label: str, **variant: str)
     return {name: {"median": statistics.median(values), "runs": values} for name, values in arms.items()}
 
 
-def measure_engine_priority(args: argparse.Namespace, slack: str) -> dict[str, Any]:
-    """What the engines' lower CPU priority (IPAAS_ENGINE_NICE, default 10) trades: ingest
-    at saturation against end-to-end latency at --rate, the default and nice 0 started
-    alternately so both arms see the same machine."""
+ENGINE_PRIORITY_ARMS = {
+    "default": {},  # nice 5, batch scheduling
+    "nice_10": {"IPAAS_ENGINE_NICE": "10", "IPAAS_ENGINE_SCHED_BATCH": "0"},  # the default before 2026-11-30
+    "nice_0": {"IPAAS_ENGINE_NICE": "0", "IPAAS_ENGINE_SCHED_BATCH": "0"},  # the same priority as the core
+}
 
-    def one(nice: str | None, i: int) -> dict[str, float]:
+
+def measure_engine_priority(args: argparse.Namespace, slack: str) -> dict[str, Any]:
+    """What the engines' lower CPU priority (IPAAS_ENGINE_NICE, IPAAS_ENGINE_SCHED_BATCH)
+    trades: ingest at saturation against ingest and end-to-end latency at --rate, for the
+    default and two other settings, started in turn so every arm sees the same machine."""
+
+    def one(arm: str, i: int) -> dict[str, float]:
         with tempfile.TemporaryDirectory() as tmp:
             grpc_port, http_port = plat.free_port(), plat.free_port()
-            env = plat.platform_env(Path(tmp), None, grpc_port, http_port, **({"IPAAS_ENGINE_NICE": nice} if nice else {}))
+            env = plat.platform_env(Path(tmp), None, grpc_port, http_port, **ENGINE_PRIORITY_ARMS[arm])
             with plat.core(env), plat.gateway(env) as gw:
                 wf = plat.setup_webhook_workflow(gw, slack)
                 path = f"/api/webhooks/{wf['workflow_id']}"
-                label = f"pr{nice or 'd'}-{i}"
+                label = f"pr{arm}-{i}"
                 ingest = wrk_webhooks(gw, path, sign_lines(wf["secret"], int(args.duration * 9000), label), args.duration)
                 drain_outbox(gw, wf["key"])
                 since = time.time()
@@ -324,9 +331,11 @@ def measure_engine_priority(args: argparse.Namespace, slack: str) -> dict[str, A
                 delivered = wait_deliveries(slack, since, latency["requests"] - latency["errors"], timed=True)["latencies"]
                 return {"ingest": ingest["rps"], "ingest_p99_ms": latency["p99_ms"], "e2e_p50_ms": loadgen.percentile(delivered, 50) * 1000, "e2e_p99_ms": loadgen.percentile(delivered, 99) * 1000}
 
-    runs = [(one(None, i), one("0", i)) for i in range(args.runs)]
-    arm = lambda k: {m: statistics.median(r[k][m] for r in runs) for m in runs[0][k]} | {"runs": [r[k] for r in runs]}  # noqa: E731
-    return {"rate": args.rate, "default": arm(0), "nice_0": arm(1)}
+    runs = [{arm: one(arm, i) for arm in ENGINE_PRIORITY_ARMS} for i in range(args.runs)]
+    out: dict[str, Any] = {"rate": args.rate}
+    for arm in ENGINE_PRIORITY_ARMS:
+        out[arm] = {m: statistics.median(r[arm][m] for r in runs) for m in runs[0][arm]} | {"runs": [r[arm] for r in runs], "env": ENGINE_PRIORITY_ARMS[arm]}
+    return out
 
 
 def measure_limiter(args: argparse.Namespace, slack: str) -> dict[str, Any]:
@@ -350,6 +359,17 @@ def measure_limiter(args: argparse.Namespace, slack: str) -> dict[str, Any]:
 
 def ratio(a: float, b: float) -> float:
     return round(a / b, 3) if b else float("nan")
+
+
+def engine_priority_rows(pr: dict[str, Any]) -> list[tuple[str, float, str, float | None, str]]:
+    rows: list[tuple[str, float, str, float | None, str]] = []
+    d = pr["default"]
+    for arm, name in (("default", "engines' priority: default (nice 5, batch)"), ("nice_10", "engines' priority: nice 10"), ("nice_0", "engines' priority: nice 0 (as the core)")):
+        a = pr[arm]
+        rows.append((f"{name}: ingest at saturation", a["ingest"], "req/s", ratio(a["ingest"], d["ingest"]), "default"))
+        for key, what in (("ingest_p99_ms", "ingest p99"), ("e2e_p50_ms", "end-to-end p50"), ("e2e_p99_ms", "end-to-end p99")):
+            rows.append((f"  {what} at {pr['rate']:.0f} req/s", a[key], "ms", None, ""))
+    return rows
 
 
 def report(results: dict[str, Any]) -> list[str]:
@@ -387,12 +407,7 @@ def report(results: dict[str, Any]) -> list[str]:
             t, d = results[key]["end_to_end"]["median"], results[key]["default"]["median"]
             rows.append((f"{name} (paired default: {d:.0f})", t, "msg/s", ratio(t, d), "default"))
     if "engine_priority" in results:
-        pr = results["engine_priority"]
-        d, z = pr["default"], pr["nice_0"]
-        rows.append(("engines at nice 0: ingest (paired default at nice 10)", z["ingest"], "req/s", ratio(z["ingest"], d["ingest"]), "default"))
-        for arm, name in ((d, "default"), (z, "nice 0")):
-            for q in ("p50", "p99"):
-                rows.append((f"  {name}: end-to-end latency {q} at {pr['rate']:.0f} req/s", arm[f"e2e_{q}_ms"], "ms", None, ""))
+        rows += engine_priority_rows(results["engine_priority"])
     if "postgres_1" in results:
         p1, p2 = results["postgres_1"]["end_to_end"]["median"], results["postgres_2"]["end_to_end"]["median"]
         rows.append(("end-to-end, PostgreSQL, 1 core", p1, "msg/s", ratio(p1, relay), "relay"))

@@ -239,6 +239,21 @@ def _breakers(registry: BreakerRegistry) -> list[list[Any]]:
     ]
 
 
+def yield_cpu(nice: int, sched_batch: bool) -> None:
+    """Lower this process's CPU priority before it starts any thread: Linux applies both
+    settings per thread, and threads inherit them from the thread that starts them."""
+    if nice:
+        try:
+            os.nice(nice)
+        except OSError as exc:
+            log.warning("engine.nice_failed", extra={"nice": nice, "error": str(exc)})
+    if sched_batch and hasattr(os, "SCHED_BATCH"):  # Linux only; elsewhere nice alone
+        try:
+            os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
+        except OSError as exc:
+            log.warning("engine.sched_batch_failed", extra={"error": str(exc)})
+
+
 async def run_engine(settings: Settings) -> None:
     """`ipaas engine`: the dispatcher alone. Started by the core with two pipes; on
     PostgreSQL it can also run on its own, woken by LISTEN/NOTIFY and polling."""
@@ -246,11 +261,8 @@ async def run_engine(settings: Settings) -> None:
 
     engine = EngineSettings.from_settings(settings)
     fds = os.environ.get(CHILD_FDS)
-    if fds and engine.nice:  # a child of a core: below its core (see DEFAULT_ENGINE_NICE)
-        try:
-            os.nice(engine.nice)
-        except OSError as exc:
-            log.warning("engine.nice_failed", extra={"nice": engine.nice, "error": str(exc)})
+    if fds:  # a child of a core: it yields the CPU to its core (see DEFAULT_ENGINE_NICE)
+        yield_cpu(engine.nice, engine.sched_batch)
     db = Database(settings.database_url, synchronous=ENGINE_SQLITE_SYNCHRONOUS)
     parts = build_engine(settings, engine, db, recover_leases=False)
     dispatcher, credentials = parts.dispatcher, parts.credentials

@@ -48,8 +48,18 @@ def test_a_child_gets_settings_built_in_code(tmp_path: Path) -> None:
 def test_engine_nice_is_a_whole_number_from_0_to_19() -> None:
     from ipaas.service.server import EngineSettings
 
-    assert EngineSettings.from_settings(Settings()).nice == 10
+    assert EngineSettings.from_settings(Settings()).nice == 5
     assert EngineSettings.from_settings(Settings(extra={"IPAAS_ENGINE_NICE": "0"})).nice == 0
     for bad in ("-1", "20", "2.5", "high"):
         with pytest.raises(SystemExit, match="IPAAS_ENGINE_NICE"):
             EngineSettings.from_settings(Settings(extra={"IPAAS_ENGINE_NICE": bad}))
+
+
+def test_engine_batch_scheduling_is_on_unless_turned_off() -> None:
+    from ipaas.service.server import EngineSettings
+
+    assert EngineSettings.from_settings(Settings()).sched_batch is True
+    assert EngineSettings.from_settings(Settings(extra={"IPAAS_ENGINE_SCHED_BATCH": "0"})).sched_batch is False
+    assert EngineSettings.from_settings(Settings(extra={"IPAAS_ENGINE_SCHED_BATCH": "off"})).sched_batch is False
+    with pytest.raises(SystemExit, match="IPAAS_ENGINE_SCHED_BATCH"):
+        EngineSettings.from_settings(Settings(extra={"IPAAS_ENGINE_SCHED_BATCH": "maybe"}))
