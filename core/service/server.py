@@ -106,9 +106,10 @@ class EngineSettings:
 #   nice 10:          end-to-end p99 98-258 ms, ingest p99 28-35 ms, saturation 3,300-3,770/s
 #   nice 5 + batch:   end-to-end p99 39-82 ms,  ingest p99 21-31 ms, saturation 2,770-3,290/s
 #   nice 0 + batch:   end-to-end p99 28-46 ms,  ingest p99 21-33 ms, saturation 2,200-2,760/s
-# The default keeps ~0.9 of the accepting capacity under a burst and delivers a steady load
-# well within 100 ms p99. SCHED_BATCH (Linux) stops an engine that wakes from preempting the
-# API's processes, without starving it as a higher nice does.
+# The default keeps ~0.9 of the accepting capacity under a burst and cuts the delivery tail
+# of a steady load 3-4x (a slower full-suite run: p99 647 -> 147 ms; nice 0: 54 ms).
+# SCHED_BATCH (Linux) stops an engine that wakes from preempting the API's processes,
+# without starving it as a higher nice does.
 DEFAULT_ENGINE_NICE = 5
 
 
