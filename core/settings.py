@@ -8,8 +8,12 @@ from pathlib import Path
 from typing import Mapping
 
 
-def _flag(value: str | None) -> bool:
-    return (value or "").strip().lower() in {"1", "true", "yes", "on"}
+TRUE_WORDS = frozenset({"1", "true", "yes", "on"})
+FALSE_WORDS = frozenset({"0", "false", "no", "off"})
+
+
+def flag(value: str | None) -> bool:
+    return (value or "").strip().lower() in TRUE_WORDS
 
 
 def _int(env: Mapping[str, str], name: str, default: int) -> int:
@@ -54,7 +58,7 @@ class Settings:
             redis_url=env.get("IPAAS_REDIS_URL") or None,
             secret_keys=tuple(k.strip() for k in (env.get("IPAAS_SECRET_KEYS") or "").split(",") if k.strip()),
             plugins=None if plugins is None else frozenset(p.strip() for p in plugins.split(",") if p.strip()),
-            allow_insecure_targets=_flag(env.get("IPAAS_ALLOW_INSECURE_TARGETS")),
+            allow_insecure_targets=flag(env.get("IPAAS_ALLOW_INSECURE_TARGETS")),
             workers=_int(env, "IPAAS_WORKERS", 0),
             log_level=(env.get("IPAAS_LOG_LEVEL") or "INFO").upper(),
             extra={k: v for k, v in env.items() if k.startswith("IPAAS_")},

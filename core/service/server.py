@@ -15,7 +15,7 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from ipaas import auth, crypto
-from ipaas.settings import Settings
+from ipaas.settings import FALSE_WORDS, TRUE_WORDS, Settings, flag
 from ipaas.storage import migrate
 from ipaas.storage.db import Database
 from ipaas.tenants import TenantStore
@@ -120,10 +120,9 @@ def engine_nice(value: float) -> int:
 
 
 def engine_sched_batch(value: str) -> bool:
-    flag = value.strip().lower()
-    if flag not in {"1", "0", "true", "false", "yes", "no", "on", "off"}:
+    if value.strip().lower() not in TRUE_WORDS | FALSE_WORDS:
         raise SystemExit("IPAAS_ENGINE_SCHED_BATCH must be 1 or 0")
-    return flag in {"1", "true", "yes", "on"}
+    return flag(value)
 
 
 def default_engine_processes() -> int:
@@ -206,7 +205,7 @@ class CoreServer:
         parts = build_engine(s, engine, db)
         self.registry, self.breakers, self.dispatcher = parts.registry, parts.breakers, parts.dispatcher
         credentials, workflows, steps = parts.credentials, parts.workflows, parts.steps
-        engine_on = not _flag(s.extra.get("IPAAS_DISABLE_ENGINE"))
+        engine_on = not flag(s.extra.get("IPAAS_DISABLE_ENGINE"))
         if engine_on and engine.processes > 0:
             # Deliveries run in child processes; this one keeps the API and the scheduler.
             self.processes = EngineProcesses(s, db, engine.processes, workers_each=self.dispatcher.workers)
@@ -277,6 +276,3 @@ class CoreServer:
             await self.db.dispose()
         log.info("core.stopped")
 
-
-def _flag(value: str | None) -> bool:
-    return (value or "").lower() in {"1", "true", "yes", "on"}
