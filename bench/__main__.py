@@ -135,7 +135,9 @@ def measure_platform(args: argparse.Namespace, slack: str, database_url: str | N
         envs = [plat.platform_env(Path(tmp) / f"c{i}", database_url, grpc_ports[i], http_port, **extra_env) for i in range(cores)]
         with contextlib_exit() as stack:
             core_pids = [stack.enter_context(plat.core(env)).pid for env in envs]
-            gw = stack.enter_context(plat.gateway(envs[0]))
+            # The gateway spreads its calls over every replica, as in a deployment.
+            gateway_env = {**envs[0], "IPAAS_CORE_TARGET": "ipv4:" + ",".join(f"127.0.0.1:{p}" for p in grpc_ports)}
+            gw = stack.enter_context(plat.gateway(gateway_env))
             gateway_pid = newest_pid("-m ipaas gateway")
             wf = plat.setup_webhook_workflow(gw, slack)
             path = f"/api/webhooks/{wf['workflow_id']}"

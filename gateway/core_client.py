@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 CALL_TIMEOUT = 30.0
+
+# Core replicas are interchangeable (they share the database), so calls spread over every
+# address the target names (`ipv4:10.0.0.5:50051,10.0.0.6:50051`) or resolves to (a
+# Kubernetes headless service: `dns:///ipaas-core:50051`). gRPC's default, pick_first,
+# would send every call to the first one.
+SERVICE_CONFIG = json.dumps({"loadBalancingConfig": [{"round_robin": {}}]})
 
 
 class CoreClient:
@@ -20,6 +27,7 @@ class CoreClient:
                 ("grpc.keepalive_timeout_ms", 10_000),
                 ("grpc.max_receive_message_length", 4 * 1024 * 1024),
                 ("grpc.max_send_message_length", 4 * 1024 * 1024),
+                ("grpc.service_config", SERVICE_CONFIG),
             ],
         )
         self._calls: dict[str, Any] = {}
