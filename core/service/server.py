@@ -49,6 +49,26 @@ SERVICES = [
 
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 
+# A client holds one HTTP/2 connection for as long as it can, so a gateway that resolved
+# the core's name (a headless service) when it started would never call a replica added
+# later. Closing each connection gracefully at this age makes clients connect again, and
+# resolve again; calls in flight get the grace, longer than the gateway's 30 s timeout.
+DEFAULT_MAX_CONNECTION_AGE = 300.0
+CONNECTION_AGE_GRACE_MS = 35_000
+
+
+def connection_age_options(value: str | None) -> list[tuple[str, int]]:
+    """gRPC server options for IPAAS_GRPC_MAX_CONNECTION_AGE (seconds; 0: never)."""
+    try:
+        seconds = DEFAULT_MAX_CONNECTION_AGE if value is None or not value.strip() else float(value)
+    except ValueError:
+        raise SystemExit(f"IPAAS_GRPC_MAX_CONNECTION_AGE must be a number of seconds, got {value!r}") from None
+    if seconds < 0 or seconds != seconds:
+        raise SystemExit(f"IPAAS_GRPC_MAX_CONNECTION_AGE must be 0 (never) or more, got {value!r}")
+    if seconds == 0:
+        return []
+    return [("grpc.max_connection_age_ms", max(1, int(seconds * 1000))), ("grpc.max_connection_age_grace_ms", CONNECTION_AGE_GRACE_MS)]
+
 
 @dataclass(frozen=True)
 class EngineSettings:
@@ -223,6 +243,7 @@ class CoreServer:
                 ("grpc.so_reuseport", 0),
                 ("grpc.keepalive_permit_without_calls", 1),
                 ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+                *connection_age_options(s.extra.get("IPAAS_GRPC_MAX_CONNECTION_AGE")),
             ],
         )
         tenants_pb2_grpc.add_TenantServiceServicer_to_server(TenantServicer(tenants), server)

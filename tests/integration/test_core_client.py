@@ -1,13 +1,18 @@
-"""The gateway's channel to the core against real gRPC servers standing in for core
-replicas: calls spread over every address the target names, and keep flowing when one
-replica goes away."""
+"""The channel between gateway and core: calls spread over every replica the target names
+and keep flowing when one goes away (real gRPC servers standing in for replicas), and the
+core ages connections out so that clients resolve its name again (a real core)."""
 
 from __future__ import annotations
 
+import asyncio
+
 import grpc
+import pytest
 from google.protobuf import wrappers_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gateway.core_client import CoreClient
+from tests.conftest import core_with
 
 WHO = "/ipaas.test.Replica/Who"
 
@@ -48,3 +53,27 @@ async def test_calls_spread_over_every_replica_and_survive_one_leaving() -> None
         await client.close()
         await first.stop(grace=None)
         await second.stop(grace=None)
+
+
+async def test_the_core_closes_old_connections_so_clients_resolve_again(tmp_path) -> None:
+    """IPAAS_GRPC_MAX_CONNECTION_AGE: the core sends GOAWAY to a connection of that age, the
+    client's channel goes idle, and its next call connects (and resolves) again."""
+    async with core_with(tmp_path, IPAAS_GRPC_MAX_CONNECTION_AGE="1") as core:
+        async with grpc.aio.insecure_channel(core.target) as channel:  # gRPC's default policy
+            health = health_pb2_grpc.HealthStub(channel)
+            assert (await health.Check(health_pb2.HealthCheckRequest(), timeout=5)).status == health_pb2.HealthCheckResponse.SERVING
+            assert channel.get_state() == grpc.ChannelConnectivity.READY
+            await asyncio.wait_for(channel.wait_for_state_change(grpc.ChannelConnectivity.READY), timeout=10)
+            assert channel.get_state() != grpc.ChannelConnectivity.READY
+            assert (await health.Check(health_pb2.HealthCheckRequest(), timeout=5)).status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_connection_age_setting() -> None:
+    from ipaas.service.server import CONNECTION_AGE_GRACE_MS, connection_age_options
+
+    assert connection_age_options(None) == [("grpc.max_connection_age_ms", 300_000), ("grpc.max_connection_age_grace_ms", CONNECTION_AGE_GRACE_MS)]
+    assert connection_age_options("2.5")[0] == ("grpc.max_connection_age_ms", 2500)
+    assert connection_age_options("0") == []
+    for bad in ("soon", "-1", "nan"):
+        with pytest.raises(SystemExit, match="IPAAS_GRPC_MAX_CONNECTION_AGE"):
+            connection_age_options(bad)
