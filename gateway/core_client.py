@@ -9,6 +9,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 CALL_TIMEOUT = 30.0
+MAX_MESSAGE_BYTES = 4 * 1024 * 1024  # each way, as the core's own limit
 
 # Core replicas are interchangeable (they share the database), so calls spread over every
 # address the target names (`ipv4:10.0.0.5:50051,10.0.0.6:50051`) or resolves to (a
@@ -25,8 +26,8 @@ class CoreClient:
             options=[
                 ("grpc.keepalive_time_ms", 30_000),
                 ("grpc.keepalive_timeout_ms", 10_000),
-                ("grpc.max_receive_message_length", 4 * 1024 * 1024),
-                ("grpc.max_send_message_length", 4 * 1024 * 1024),
+                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.service_config", SERVICE_CONFIG),
             ],
         )

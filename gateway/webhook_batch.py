@@ -5,8 +5,10 @@ A unary gRPC call costs the core about as much CPU as the webhook it carries (me
 what it has in hand at once. Nothing waits on a timer: the requests read in one turn of the
 event loop leave together at its end, so an idle gateway sends each webhook alone, as soon
 as it is read. While `max_inflight` calls are out, newcomers queue and leave with the next
-one (a slow core gets bigger batches, not more calls). Every sender still gets its own
-answer: the core checks and answers each item as ReceiveWebhook would.
+one (a slow core gets bigger batches, not more calls). A batch stays within one gRPC
+message however large its bodies (a few near the 1 MiB limit would otherwise fail together).
+Every sender still gets its own answer: the core checks and answers each item as
+ReceiveWebhook would.
 """
 
 from __future__ import annotations
@@ -14,9 +16,12 @@ from __future__ import annotations
 import asyncio
 from typing import Any, Awaitable, Callable
 
+from ipaas.gateway.core_client import MAX_MESSAGE_BYTES
 from ipaas.v1 import executions_pb2 as pb
 
 MAX_BATCH = 512  # the core's limit per call
+# An item's share of the request: its bytes plus its field tag and length prefix.
+ITEM_FRAMING = 6
 CLOSE_WAIT = 10.0
 
 
@@ -42,11 +47,22 @@ class WebhookBatcher:
     def _flush(self) -> None:
         self._scheduled = False
         while self._pending and self._inflight < self._max_inflight:
-            batch, self._pending = self._pending[:MAX_BATCH], self._pending[MAX_BATCH:]
+            batch = self._take()
             self._inflight += 1
             task = asyncio.create_task(self._call(batch), name="ipaas-webhook-batch")
             self._calls.add(task)
             task.add_done_callback(self._calls.discard)
+
+    def _take(self) -> list[tuple[pb.WebhookDelivery, asyncio.Future[pb.WebhookResult]]]:
+        """The next batch: at least one item, at most MAX_BATCH, within one message."""
+        taken = size = 0
+        for delivery, _ in self._pending:
+            size += delivery.ByteSize() + ITEM_FRAMING
+            if taken and (taken == MAX_BATCH or size > MAX_MESSAGE_BYTES):
+                break
+            taken += 1
+        batch, self._pending = self._pending[:taken], self._pending[taken:]
+        return batch
 
     async def _call(self, batch: list[tuple[pb.WebhookDelivery, asyncio.Future[pb.WebhookResult]]]) -> None:
         try:

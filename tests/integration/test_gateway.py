@@ -201,6 +201,25 @@ async def test_concurrent_webhooks_each_get_their_own_answer(stack) -> None:
     assert sorted(m["text"] for m in slack.received) == sorted(f"Order C-{i}" for i in range(30))
 
 
+async def test_large_webhooks_arriving_together_are_each_accepted(stack) -> None:
+    """Bodies near the 1 MiB limit: the webhooks that leave the gateway together stay within
+    a gRPC message (4 MiB), so none fails for its neighbours' size."""
+    core, http, slack = stack
+    created = await create_workflow(http, slack, trigger="webhook")
+    wf_id, secret = created["workflow"]["id"], created["webhook_secret"]
+    big = [signed_webhook(secret, {"order": {"id": f"B-{i}"}, "pad": "x" * 900_000}, f"evt_b{i}") for i in range(6)]
+    limits = httpx.Limits(max_connections=16, max_keepalive_connections=16)
+    async with httpx.AsyncClient(base_url=str(http.base_url), limits=limits, timeout=30) as anonymous:
+        answers = await asyncio.gather(*(anonymous.post(f"/api/webhooks/{wf_id}", content=raw, headers=headers) for raw, headers in big))
+    assert [a.status_code for a in answers] == [202] * 6, [a.text[:200] for a in answers]
+    assert len({a.json()["data"]["execution_id"] for a in answers}) == 6
+    for _ in range(200):
+        if len(slack.received) >= 6:
+            break
+        await asyncio.sleep(0.05)
+    assert sorted(m["text"] for m in slack.received) == sorted(f"Order B-{i}" for i in range(6))
+
+
 async def test_health_probes(stack) -> None:
     core, http, slack = stack
     live = await http.get("/health/live")

@@ -7,6 +7,7 @@ import asyncio
 
 import pytest
 
+from ipaas.gateway.core_client import MAX_MESSAGE_BYTES
 from ipaas.gateway.webhook_batch import MAX_BATCH, WebhookBatcher
 from ipaas.v1 import executions_pb2 as pb
 
@@ -71,6 +72,21 @@ async def test_batches_stay_within_the_cores_limit() -> None:
     batcher = WebhookBatcher(core.send)
     await asyncio.gather(*(batcher.submit(delivery(n)) for n in range(MAX_BATCH + 5)))
     assert [len(c) for c in core.calls] == [MAX_BATCH, 5]
+
+
+async def test_batches_stay_within_one_grpc_message() -> None:
+    sizes: list[int] = []
+
+    async def send(request: pb.ReceiveWebhooksRequest) -> pb.ReceiveWebhooksResponse:
+        sizes.append(request.ByteSize())
+        return pb.ReceiveWebhooksResponse(results=[pb.WebhookResult() for _ in request.webhooks])
+
+    batcher = WebhookBatcher(send)
+    body = b"x" * (1024 * 1024 - 100)  # near the gateway's webhook body limit
+    big = [pb.WebhookDelivery(webhook=pb.ReceiveWebhookRequest(workflow_id=f"wf_{n}", http_body={"data": body}), request_id=f"r{n}") for n in range(9)]
+    await asyncio.gather(*(batcher.submit(d) for d in big), *(batcher.submit(delivery(n)) for n in range(20)))
+    assert all(size <= MAX_MESSAGE_BYTES for size in sizes) and len(sizes) >= 3, sizes
+    assert sum(sizes) > 9 * len(body)
 
 
 async def test_a_failed_call_fails_each_of_its_senders() -> None:
