@@ -15,6 +15,7 @@ from ipaas.dryrun import DryRunner
 from ipaas.engine.outbox import queue_depth
 from ipaas.errors import IpaasError, InvalidArgument
 from ipaas.execution_store import ExecutionStore, ExecutionView
+from ipaas.pagination import within_bytes
 from ipaas.service import convert
 from ipaas.service.interceptors import REQUEST_ID, add_trailing_metadata, request_id_from
 from ipaas.service.status import to_status_proto
@@ -136,7 +137,8 @@ class ExecutionServicer(executions_pb2_grpc.ExecutionServiceServicer):
 
     async def ListExecutions(self, request: pb.ListExecutionsRequest, context: grpc.aio.ServicerContext) -> pb.ListExecutionsResponse:
         page = await self.store.list(_tenant(), request.workflow_id, request.status, request.page_size, request.page_token)
-        return pb.ListExecutionsResponse(executions=[execution(e) for e in page.items], next_page_token=page.next_token)
+        items, token = within_bytes([execution(e) for e in page.items], page.items, page.next_token, key=lambda e: e.id)
+        return pb.ListExecutionsResponse(executions=items, next_page_token=token)
 
     async def ReplayExecution(self, request: pb.ReplayExecutionRequest, context: grpc.aio.ServicerContext) -> pb.ReplayExecutionResponse:
         return pb.ReplayExecutionResponse(execution=_view(await self.store.replay(_tenant(), request.id)))

@@ -6,6 +6,7 @@ import grpc
 
 from ipaas.auth import current_tenant as _tenant
 from ipaas.errors import InvalidArgument
+from ipaas.pagination import within_bytes
 from ipaas.service import convert
 from ipaas.v1 import workflows_pb2 as pb
 from ipaas.v1 import workflows_pb2_grpc
@@ -26,7 +27,8 @@ class WorkflowServicer(workflows_pb2_grpc.WorkflowServiceServicer):
 
     async def ListWorkflows(self, request: pb.ListWorkflowsRequest, context: grpc.aio.ServicerContext) -> pb.ListWorkflowsResponse:
         page = await self.store.list(_tenant(), request.page_size, request.page_token)
-        return pb.ListWorkflowsResponse(workflows=[convert.workflow(v) for v in page.items], next_page_token=page.next_token)
+        items, token = within_bytes([convert.workflow(v) for v in page.items], page.items, page.next_token, key=lambda v: v.workflow.id)
+        return pb.ListWorkflowsResponse(workflows=items, next_page_token=token)
 
     async def UpdateWorkflow(self, request: pb.UpdateWorkflowRequest, context: grpc.aio.ServicerContext) -> pb.UpdateWorkflowResponse:
         given = convert.definition_from_proto(request.workflow)
@@ -54,6 +56,7 @@ class WorkflowServicer(workflows_pb2_grpc.WorkflowServiceServicer):
         from ipaas.workflow_store import WorkflowView
 
         versions = [convert.workflow(WorkflowView(wf, r.version, r.definition, r.created_at)) for r in rows]
+        versions, token = within_bytes(versions, rows, token, key=lambda r: str(r.version))
         return pb.ListWorkflowVersionsResponse(versions=versions, next_page_token=token)
 
     async def GetWorkflowVersion(self, request: pb.GetWorkflowVersionRequest, context: grpc.aio.ServicerContext) -> pb.GetWorkflowVersionResponse:

@@ -218,6 +218,16 @@ async def test_large_webhooks_arriving_together_are_each_accepted(stack) -> None
             break
         await asyncio.sleep(0.05)
     assert sorted(m["text"] for m in slack.received) == sorted(f"Order B-{i}" for i in range(6))
+    # Six such payloads are more than one gRPC message: pages end early instead of failing.
+    listed, token = [], ""
+    for _ in range(6):
+        page = await http.get("/api/executions", params={"workflow_id": wf_id, "page_size": 20, "page_token": token})
+        body = assert_envelope(page, True)
+        assert 0 < len(body["data"]["executions"]) < 6
+        listed += [e["id"] for e in body["data"]["executions"]]
+        if not (token := body["meta"]["pagination"]["next_page_token"]):
+            break
+    assert sorted(listed) == sorted(a.json()["data"]["execution_id"] for a in answers)
 
 
 async def test_health_probes(stack) -> None:
