@@ -21,6 +21,7 @@ from typing import Any, Iterable
 
 import httpx
 import jsonschema
+import orjson
 import pluggy
 from cachetools import LRUCache
 from jsonschema import Draft202012Validator
@@ -33,6 +34,9 @@ from ipaas.sdk import NAME, ActionResult, Connector, ConnectorError, ExecutionCo
 log = logging.getLogger("ipaas.plugins")
 
 ENTRY_POINT_GROUP = "ipaas.connectors"
+# An action's output is stored with its step and returned by the API (GetExecution carries
+# every step of an execution in one gRPC message of at most 4 MiB).
+MAX_OUTPUT_BYTES = 256 * 1024
 
 # httpx logs every request line with its full URL at INFO, and a webhook URL's path is its
 # secret; httpcore's DEBUG traces carry headers. Neither may reach a log.
@@ -247,12 +251,26 @@ class ConnectorRegistry:
         if not isinstance(result, ActionResult):
             raise PermanentError(f"{connector}.{action} returned {type(result).__name__}, not an ActionResult")
         duration = int((time.perf_counter() - started) * 1000)
-        return ActionResult(message=result.message, output=dict(result.output or {}), status=result.status, duration_ms=duration)
+        output = dict(result.output or {})
+        _check_output(f"{connector}.{action}", output)
+        return ActionResult(message=result.message, output=output, status=result.status, duration_ms=duration)
 
     async def aclose(self) -> None:
         for client in self._clients.values():
             await client.aclose()
         self._clients.clear()
+
+
+def _check_output(name: str, output: dict[str, Any]) -> None:
+    """An output that cannot be stored fails its step for good. Left to the database, it
+    would fail every write of the outcome, and the execution would be claimed again at each
+    lease's end, forever."""
+    try:
+        size = len(orjson.dumps(output))  # as the database stores it
+    except TypeError as exc:
+        raise PermanentError(f"{name} returned an output that is not JSON: {exc}") from None
+    if size > MAX_OUTPUT_BYTES:
+        raise PermanentError(f"{name} returned {size} bytes of output; the limit is {MAX_OUTPUT_BYTES}")
 
 
 def _leaves(value: Any) -> list[str]:

@@ -188,3 +188,35 @@ async def test_connector_responses_are_freed_without_the_garbage_collector(trans
                 assert [chunk async for chunk in streamed.aiter_bytes()] != [], "streaming is untouched"
         finally:
             await client.aclose()
+
+
+@pytest.mark.parametrize(
+    "output,reason",
+    [
+        ({"when": object()}, "not JSON"),
+        ({1: "a key JSON objects cannot have"}, "not JSON"),
+        ({"body": "x" * (256 * 1024)}, "bytes of output; the limit is 262144"),
+    ],
+)
+async def test_an_output_that_cannot_be_stored_fails_the_step_for_good(output: dict, reason: str) -> None:
+    from ipaas.sdk import PermanentError
+
+    async def run(ctx):  # type: ignore[no-untyped-def]
+        return ActionResult(output=output)
+
+    thing = Connector(name="thing", version="1.0", description="d", actions=[Action("go", "Go.", run, {"type": "object"})])
+    registry = load_registry(load_entrypoints=False, plugins=[("ipaas-thing", plugin(thing))])
+    with pytest.raises(PermanentError, match=reason):
+        await registry.invoke("thing", "go", registry.context("thing", {}, {}, 5))
+    await registry.aclose()
+
+
+async def test_an_output_within_the_limit_passes() -> None:
+    async def run(ctx):  # type: ignore[no-untyped-def]
+        return ActionResult(output={"body": "x" * 1000, "n": [1, 2.5, None, True]})
+
+    thing = Connector(name="thing", version="1.0", description="d", actions=[Action("go", "Go.", run, {"type": "object"})])
+    registry = load_registry(load_entrypoints=False, plugins=[("ipaas-thing", plugin(thing))])
+    result = await registry.invoke("thing", "go", registry.context("thing", {}, {}, 5))
+    assert result.output == {"body": "x" * 1000, "n": [1, 2.5, None, True]}
+    await registry.aclose()
