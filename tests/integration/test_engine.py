@@ -302,3 +302,22 @@ async def test_a_deleted_credential_stops_being_used_at_once(env) -> None:
     done = await api.wait((await api.run(wf.id)).execution.id)
     assert done.status == "failed" and "no longer exists" in done.error
     assert len(slack.received) == 1
+
+
+async def test_an_output_that_cannot_be_stored_fails_the_execution(env) -> None:
+    """Were it left to the database, every write of the outcome would fail and the execution
+    would be claimed again at each lease's end; it fails for good instead."""
+    from decimal import Decimal
+
+    from ipaas.sdk import Action, ActionResult, Connector
+
+    core, api, _, _ = env
+
+    async def run(ctx):  # type: ignore[no-untyped-def]
+        return ActionResult(output={"price": Decimal("9.99")})  # not JSON
+
+    core.server.registry.add(Connector(name="shop", version="1.0", description="d", actions=[Action("price", "Price.", run, {"type": "object"})]), "ipaas-shop")
+    wf = (await api.create({"name": "shop", "trigger": {"type": "manual"}, "steps": [{"id": "price", "connector": "shop", "action": "price", "config": {}}]})).workflow
+    done = await api.wait((await api.run(wf.id, {})).execution.id, timeout=10)
+    assert done.status == "failed" and "not JSON" in done.error, done
+    assert done.steps[0].status == "failed"
