@@ -20,6 +20,7 @@ from ipaas.workflow_store import WebhookTarget, WorkflowStore
 log = logging.getLogger("ipaas.triggers")
 
 MAX_BODY_BYTES = 1024 * 1024
+STORABLE_DEPTH = 254  # the deepest nesting orjson writes (the database's JSON encoder)
 MAX_KEY_LENGTH = 255
 
 
@@ -79,8 +80,15 @@ class TriggerService:
             raise Unauthenticated("missing or invalid webhook signature (Standard Webhooks: webhook-id, webhook-timestamp, webhook-signature)")
         try:
             payload = orjson.loads(body) if body else None
+            # orjson reads 1,024 levels of nesting and writes 254: a deeper body would fail
+            # its batch's insert (every webhook in it) with an internal error. Each level
+            # takes two bytes at least, so a short body needs no check.
+            if len(body) > 2 * STORABLE_DEPTH:
+                orjson.dumps(payload)
         except orjson.JSONDecodeError:
             raise InvalidArgument.field("http_body.data", "the body is not valid JSON") from None
+        except orjson.JSONEncodeError:
+            raise InvalidArgument.field("http_body.data", f"the body is nested too deeply (at most {STORABLE_DEPTH} levels)") from None
         webhook_id = _key(headers.get("webhook-id"), "webhook-id")
         key = _key(idempotency_key, "idempotency-key")
         dedup = f"wh:{workflow_id}:{webhook_id}" if webhook_id else (f"idem:{key}" if key else None)
