@@ -27,6 +27,9 @@ _TEMPLATE = re.compile(r"\{\{\s*(.*?)\s*\}\}", re.DOTALL)
 MAX_TEMPLATES_PER_STRING = 1000
 MAX_PATH_LENGTH = 512
 MAX_CONFIG_DEPTH = 32
+# What one step's config may render to in all: a thousand copies of a 1 MiB payload in one
+# string would otherwise be built in the engine's memory.
+MAX_RENDERED_CHARS = 1024 * 1024
 _MISSING = object()
 
 
@@ -148,41 +151,59 @@ def _as_text(value: Any) -> str:
     return str(value)
 
 
-def render(template: str, ctx: RenderContext) -> RenderResult:
+class _Budget:
+    """Characters a render may still produce."""
+
+    __slots__ = ("left",)
+
+    def __init__(self, chars: int) -> None:
+        self.left = chars
+
+    def spend(self, chars: int) -> None:
+        self.left -= chars
+        if self.left < 0:
+            raise TemplateError(f"the rendered config would be longer than {MAX_RENDERED_CHARS} characters")
+
+
+def render(template: str, ctx: RenderContext, budget: _Budget | None = None) -> RenderResult:
     if "{{" not in template:
         return RenderResult(template, ())
+    budget = budget or _Budget(MAX_RENDERED_CHARS)
     out: list[str] = []
     missing: list[str] = []
     for part in compile_template(template):
         if isinstance(part, str):
-            out.append(part)
-            continue
-        value = _resolve(part, ctx)
-        if value is _MISSING:
-            missing.append(part.text)
+            text = part
         else:
-            out.append(_as_text(value))
+            value = _resolve(part, ctx)
+            if value is _MISSING:
+                missing.append(part.text)
+                continue
+            text = _as_text(value)
+        budget.spend(len(text))
+        out.append(text)
     return RenderResult("".join(out), tuple(missing))
 
 
 def render_config(config: Any, ctx: RenderContext) -> RenderResult:
-    """Render every string in a nested config (keys are left alone); returns a new structure."""
+    """Render every string in a nested config (keys are left alone); returns a new structure.
+    Raises TemplateError when the strings rendered would exceed MAX_RENDERED_CHARS."""
     missing: list[str] = []
-    rendered = _render_nested(config, ctx, missing, 0)
+    rendered = _render_nested(config, ctx, missing, 0, _Budget(MAX_RENDERED_CHARS))
     return RenderResult(rendered, tuple(dict.fromkeys(missing)))
 
 
-def _render_nested(value: Any, ctx: RenderContext, missing: list[str], depth: int) -> Any:
+def _render_nested(value: Any, ctx: RenderContext, missing: list[str], depth: int, budget: _Budget) -> Any:
     # A function of its own, not a closure: a nested function that calls itself is a
     # reference cycle (function <-> cell) that kept each step's context for the collector.
     if depth > MAX_CONFIG_DEPTH:
         raise TemplateError(f"config nested deeper than {MAX_CONFIG_DEPTH} levels")
     if isinstance(value, str):
-        result = render(value, ctx)
+        result = render(value, ctx, budget)
         missing.extend(result.missing_paths)
         return result.value
     if isinstance(value, dict):
-        return {k: _render_nested(v, ctx, missing, depth + 1) for k, v in value.items()}
+        return {k: _render_nested(v, ctx, missing, depth + 1, budget) for k, v in value.items()}
     if isinstance(value, list):
-        return [_render_nested(v, ctx, missing, depth + 1) for v in value]
+        return [_render_nested(v, ctx, missing, depth + 1, budget) for v in value]
     return value

@@ -121,16 +121,21 @@ class Executor:
         commit it together with the execution's outcome."""
         started = utcnow()
         step_attempts = (previous.attempts if previous else 0) + 1
-        rendered = templates.render_config(step.get("config") or {}, templates.RenderContext(trigger=execution.payload, steps=outputs))
-        masked = self.steps.masked_config(step, rendered.value)
         record = {
             "execution_id": execution.id,
             "step_index": index,
             "step_id": step["id"],
             "attempts": step_attempts,
-            "rendered_config": masked,
+            "rendered_config": None,
             "started_at": started,
         }
+        try:
+            rendered = templates.render_config(step.get("config") or {}, templates.RenderContext(trigger=execution.payload, steps=outputs))
+        except templates.TemplateError as exc:
+            # This payload will not render on any attempt (too large, nested too deeply).
+            await self._store_step(record, "failed", error=str(exc), retryable=False)
+            raise StepFailure(f"step {step['id']}: {exc}", retryable=False) from None
+        record["rendered_config"] = self.steps.masked_config(step, rendered.value)
         try:
             if strict and rendered.missing_paths:
                 raise StepFailure(f"template paths resolved to nothing: {', '.join(rendered.missing_paths)}", retryable=False)

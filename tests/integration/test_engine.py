@@ -321,3 +321,38 @@ async def test_an_output_that_cannot_be_stored_fails_the_execution(env) -> None:
     done = await api.wait((await api.run(wf.id, {})).execution.id, timeout=10)
     assert done.status == "failed" and "not JSON" in done.error, done
     assert done.steps[0].status == "failed"
+
+
+async def test_a_config_that_renders_too_large_fails_the_step(env) -> None:
+    """A template that would copy a large payload many times fails its step for good, without
+    building the text and without the engine crashing on it at every lease."""
+    core, api, slack, _ = env
+    scred = await api.credential("slack", {"webhook_url": slack.url})
+    wf = (await api.create({"name": "echo", "trigger": {"type": "manual"}, "steps": [slack_step(scred, "{{big}} " * 4)]})).workflow
+    done = await api.wait((await api.run(wf.id, {"big": "x" * 300_000})).execution.id, timeout=10)
+    assert done.status == "failed" and "rendered config would be longer than 1048576 characters" in done.error, done.error
+    assert done.steps[0].status == "failed" and slack.received == []
+
+
+async def test_a_body_nested_too_deeply_to_store_is_refused_alone(env) -> None:
+    """orjson reads 1,024 levels but writes 254: such a body is refused as bad input instead
+    of failing, with an internal error, the insert of every webhook accepted with it."""
+    from standardwebhooks.webhooks import Webhook
+
+    core, api, slack, _ = env
+    scred = await api.credential("slack", {"webhook_url": slack.url})
+    created = await api.create({"name": "deep", "trigger": {"type": "webhook"}, "steps": [slack_step(scred)]})
+
+    def request(raw: bytes, msg_id: str) -> executions_pb2.ReceiveWebhookRequest:
+        now = datetime.now(timezone.utc)
+        headers = {"webhook-id": msg_id, "webhook-timestamp": str(int(now.timestamp())), "webhook-signature": Webhook(created.webhook_secret).sign(msg_id, now, raw.decode())}
+        return executions_pb2.ReceiveWebhookRequest(workflow_id=created.workflow.id, http_body=httpbody_pb2.HttpBody(content_type="application/json", data=raw), headers=headers)
+
+    deep = b'{"order":' + b'{"d":' * 300 + b"{}" + b"}" * 301
+    good = [request(b'{"order":{"id":"D-%d"},"user":{"name":"Dee"}}' % i, f"evt_ok{i}") for i in range(5)]
+    answers = await asyncio.gather(api.executions.ReceiveWebhook(request(deep, "evt_deep")), *(api.executions.ReceiveWebhook(g) for g in good), return_exceptions=True)
+    assert isinstance(answers[0], grpc.aio.AioRpcError) and answers[0].code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "nested too deeply (at most 254 levels)" in answers[0].details()
+    assert all(isinstance(a, executions_pb2.ReceiveWebhookResponse) for a in answers[1:]), answers[1:]
+    for a in answers[1:]:
+        assert (await api.wait(a.execution_id)).status == "succeeded"
