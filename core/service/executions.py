@@ -15,7 +15,7 @@ from ipaas.dryrun import DryRunner
 from ipaas.engine.outbox import queue_depth
 from ipaas.errors import IpaasError, InvalidArgument
 from ipaas.execution_store import ExecutionStore, ExecutionView
-from ipaas.pagination import within_bytes
+from ipaas.pagination import MAX_PAGE_BYTES, within_bytes
 from ipaas.service import convert
 from ipaas.service.interceptors import REQUEST_ID, add_trailing_metadata, request_id_from
 from ipaas.service.status import to_status_proto
@@ -70,7 +70,25 @@ def execution(row, steps=()) -> pb.Execution:  # type: ignore[no-untyped-def]
 
 
 def _view(view: ExecutionView) -> pb.Execution:
-    return execution(view.execution, view.steps)
+    return _within_reply(execution(view.execution, view.steps))
+
+
+def _within_reply(message: pb.Execution) -> pb.Execution:
+    """Each step may keep up to 1 MiB of rendered config and 256 KiB of output, so a long
+    workflow over a large payload can outgrow one gRPC reply (4 MiB), and the execution could
+    not be read at all. Its largest configs and outputs then give way to a note of their
+    size; status, payload and errors stay."""
+    excess = message.ByteSize() - MAX_PAGE_BYTES
+    if excess <= 0:
+        return message
+    parts = [(getattr(step, name).ByteSize(), getattr(step, name)) for step in message.steps for name in ("rendered_config", "output")]
+    for size, part in sorted(parts, key=lambda p: p[0], reverse=True):
+        if excess <= 0:
+            break
+        part.Clear()
+        part.update({"omitted": f"{size} bytes, more than one reply holds"})
+        excess -= size
+    return message
 
 
 class ExecutionServicer(executions_pb2_grpc.ExecutionServiceServicer):

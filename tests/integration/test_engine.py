@@ -356,3 +356,30 @@ async def test_a_body_nested_too_deeply_to_store_is_refused_alone(env) -> None:
     assert all(isinstance(a, executions_pb2.ReceiveWebhookResponse) for a in answers[1:]), answers[1:]
     for a in answers[1:]:
         assert (await api.wait(a.execution_id)).status == "succeeded"
+
+
+async def test_an_execution_larger_than_one_reply_can_still_be_read(env) -> None:
+    """Four steps that each render a ~900 KB payload into their config add up to more than
+    one gRPC reply: the largest configs give way to a note, the rest of the execution stays."""
+    from standardwebhooks.webhooks import Webhook
+
+    from ipaas.sdk import Action, ActionResult, Connector
+
+    core, api, _, _ = env
+
+    async def run(ctx):  # type: ignore[no-untyped-def]
+        return ActionResult(output={"length": len(ctx.config["data"])})
+
+    core.server.registry.add(Connector(name="sink", version="1.0", description="d", actions=[Action("take", "Take.", run, {"type": "object"})]), "ipaas-sink")
+    steps = [{"id": f"s{i}", "connector": "sink", "action": "take", "config": {"data": "{{big}}"}} for i in range(4)]
+    created = await api.create({"name": "sink", "trigger": {"type": "webhook"}, "steps": steps})
+    raw = b'{"big":"' + b"x" * 900_000 + b'"}'
+    now = datetime.now(timezone.utc)
+    headers = {"webhook-id": "evt_big", "webhook-timestamp": str(int(now.timestamp())), "webhook-signature": Webhook(created.webhook_secret).sign("evt_big", now, raw.decode())}
+    request = executions_pb2.ReceiveWebhookRequest(workflow_id=created.workflow.id, http_body=httpbody_pb2.HttpBody(content_type="application/json", data=raw), headers=headers)
+    done = await api.wait((await api.executions.ReceiveWebhook(request)).execution_id)
+    assert done.status == "succeeded" and len(done.payload.struct_value.fields["big"].string_value) == 900_000
+    assert [s.output["length"] for s in done.steps] == [900_000] * 4
+    omitted = [s for s in done.steps if "omitted" in s.rendered_config]
+    assert omitted and all(s.rendered_config["omitted"].endswith("bytes, more than one reply holds") for s in omitted)
+    assert done.ByteSize() <= 4 * 1024 * 1024
