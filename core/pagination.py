@@ -10,14 +10,12 @@ from typing import Callable, Generic, TypeVar
 from google.protobuf.message import Message
 
 from ipaas.errors import InvalidArgument
+from ipaas.wire import ITEM_FRAMING, REPLY_ITEMS_BYTES
 
 T = TypeVar("T")
 M = TypeVar("M", bound=Message)
 DEFAULT_PAGE_SIZE = 20
 MAX_PAGE_SIZE = 100
-# What a page's items may add up to: under the 4 MiB gRPC message limit, with room for the
-# rest of the reply.
-MAX_PAGE_BYTES = 3 * 1024 * 1024
 MAX_VERSION = 2**31 - 1  # versions are int32 in the API
 
 
@@ -63,13 +61,13 @@ class Page(Generic[T]):
         return cls(rows, "")
 
 
-def within_bytes(messages: list[M], rows: list[T], next_token: str, key: Callable[[T], str], budget: int = MAX_PAGE_BYTES) -> tuple[list[M], str]:
+def within_bytes(messages: list[M], rows: list[T], next_token: str, key: Callable[[T], str], budget: int = REPLY_ITEMS_BYTES) -> tuple[list[M], str]:
     """A page's messages (one per row) cut to fit one reply. page_size is a maximum, so a
     page of large items (executions with big payloads) ends early, and its token continues
     after the last item kept, instead of the whole call failing."""
     size = 0
     for i, message in enumerate(messages):
-        size += message.ByteSize() + 6  # the item's field tag and length prefix
+        size += message.ByteSize() + ITEM_FRAMING
         if i and size > budget:
             return messages[:i], encode_token(key(rows[i - 1]))
     return messages, next_token

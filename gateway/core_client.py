@@ -8,8 +8,9 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from ipaas.wire import MAX_MESSAGE_BYTES
+
 CALL_TIMEOUT = 30.0
-MAX_MESSAGE_BYTES = 4 * 1024 * 1024  # each way, as the core's own limit
 
 # Core replicas are interchangeable (they share the database), so calls spread over every
 # address the target names (`ipv4:10.0.0.5:50051,10.0.0.6:50051`) or resolves to (a

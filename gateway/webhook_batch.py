@@ -16,12 +16,10 @@ from __future__ import annotations
 import asyncio
 from typing import Any, Awaitable, Callable
 
-from ipaas.gateway.core_client import MAX_MESSAGE_BYTES
 from ipaas.v1 import executions_pb2 as pb
+from ipaas.wire import ITEM_FRAMING, MAX_MESSAGE_BYTES
 
 MAX_BATCH = 512  # the core's limit per call
-# An item's share of the request: its bytes plus its field tag and length prefix.
-ITEM_FRAMING = 6
 CLOSE_WAIT = 10.0
 
 

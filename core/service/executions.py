@@ -15,13 +15,14 @@ from ipaas.dryrun import DryRunner
 from ipaas.engine.outbox import queue_depth
 from ipaas.errors import IpaasError, InvalidArgument
 from ipaas.execution_store import ExecutionStore, ExecutionView
-from ipaas.pagination import MAX_PAGE_BYTES, within_bytes
+from ipaas.pagination import within_bytes
 from ipaas.service import convert
 from ipaas.service.interceptors import REQUEST_ID, add_trailing_metadata, request_id_from
 from ipaas.service.status import to_status_proto
 from ipaas.triggers import TriggerService
 from ipaas.v1 import executions_pb2 as pb
 from ipaas.v1 import executions_pb2_grpc
+from ipaas.wire import REPLY_ITEMS_BYTES
 
 log = logging.getLogger("ipaas.rpc")
 
@@ -78,7 +79,7 @@ def _within_reply(message: pb.Execution) -> pb.Execution:
     workflow over a large payload can outgrow one gRPC reply (4 MiB), and the execution could
     not be read at all. Its largest configs and outputs then give way to a note of their
     size; status, payload and errors stay."""
-    excess = message.ByteSize() - MAX_PAGE_BYTES
+    excess = message.ByteSize() - REPLY_ITEMS_BYTES
     if excess <= 0:
         return message
     parts = [(getattr(step, name).ByteSize(), getattr(step, name)) for step in message.steps for name in ("rendered_config", "output")]

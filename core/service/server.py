@@ -35,6 +35,7 @@ from ipaas.v1 import (
 )
 from ipaas.service.interceptors import CoreInterceptor
 from ipaas.service.tenants import TenantServicer
+from ipaas.wire import MAX_MESSAGE_BYTES
 
 log = logging.getLogger("ipaas.core")
 
@@ -46,8 +47,6 @@ SERVICES = [
     credentials_pb2.DESCRIPTOR.services_by_name["CredentialService"],
     breakers_pb2.DESCRIPTOR.services_by_name["BreakerService"],
 ]
-
-MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 
 # A client holds one HTTP/2 connection for as long as it can, so a gateway that resolved
 # the core's name (a headless service) when it started would never call a replica added

@@ -7,7 +7,7 @@ import asyncio
 
 import pytest
 
-from ipaas.gateway.core_client import MAX_MESSAGE_BYTES
+from ipaas.wire import MAX_MESSAGE_BYTES
 from ipaas.gateway.webhook_batch import MAX_BATCH, WebhookBatcher
 from ipaas.v1 import executions_pb2 as pb
 
