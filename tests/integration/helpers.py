@@ -81,9 +81,14 @@ class Api:
 def signed_webhook(secret: str, body: dict[str, Any], msg_id: str = "msg_1", when: datetime | None = None) -> tuple[bytes, dict[str, str]]:
     """Sign as a real sender does, with the standardwebhooks package's own signer."""
     raw = orjson.dumps(body)
+    return raw, signed_headers(secret, raw, msg_id, when)
+
+
+def signed_headers(secret: str, raw: bytes, msg_id: str, when: datetime | None = None) -> dict[str, str]:
+    """The headers that sign `raw` as it is (for bodies orjson would not write)."""
     when = when or datetime.now(timezone.utc)
     signature = Webhook(secret).sign(msg_id, when, raw.decode())
-    return raw, {"webhook-id": msg_id, "webhook-timestamp": str(int(when.timestamp())), "webhook-signature": signature, "content-type": "application/json"}
+    return {"webhook-id": msg_id, "webhook-timestamp": str(int(when.timestamp())), "webhook-signature": signature, "content-type": "application/json"}
 
 
 def slack_step(credential_id: str, text: str = "Order {{order.id}} for {{user.name}}", step_id: str = "notify") -> dict[str, Any]:

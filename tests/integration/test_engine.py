@@ -17,7 +17,7 @@ from ipaas.v1.tenants_pb2_grpc import TenantServiceStub
 from tests.conftest import core_with
 from tests.fakes.openweather import API_KEY, FakeOpenWeather
 from tests.fakes.slack import FakeSlack
-from tests.integration.helpers import Api, signed_webhook, slack_step, value, workflow
+from tests.integration.helpers import Api, signed_headers, signed_webhook, slack_step, value, workflow
 
 FAST = {"IPAAS_RETRY_BASE_DELAY": "0.01", "IPAAS_POLL_INTERVAL": "0.05", "IPAAS_BREAKER_RECOVERY_SECONDS": "1.5"}
 
@@ -337,15 +337,12 @@ async def test_a_config_that_renders_too_large_fails_the_step(env) -> None:
 async def test_a_body_nested_too_deeply_to_store_is_refused_alone(env) -> None:
     """orjson reads 1,024 levels but writes 254: such a body is refused as bad input instead
     of failing, with an internal error, the insert of every webhook accepted with it."""
-    from standardwebhooks.webhooks import Webhook
-
     core, api, slack, _ = env
     scred = await api.credential("slack", {"webhook_url": slack.url})
     created = await api.create({"name": "deep", "trigger": {"type": "webhook"}, "steps": [slack_step(scred)]})
 
     def request(raw: bytes, msg_id: str) -> executions_pb2.ReceiveWebhookRequest:
-        now = datetime.now(timezone.utc)
-        headers = {"webhook-id": msg_id, "webhook-timestamp": str(int(now.timestamp())), "webhook-signature": Webhook(created.webhook_secret).sign(msg_id, now, raw.decode())}
+        headers = signed_headers(created.webhook_secret, raw, msg_id)
         return executions_pb2.ReceiveWebhookRequest(workflow_id=created.workflow.id, http_body=httpbody_pb2.HttpBody(content_type="application/json", data=raw), headers=headers)
 
     deep = b'{"order":' + b'{"d":' * 300 + b"{}" + b"}" * 301
@@ -361,8 +358,6 @@ async def test_a_body_nested_too_deeply_to_store_is_refused_alone(env) -> None:
 async def test_an_execution_larger_than_one_reply_can_still_be_read(env) -> None:
     """Four steps that each render a ~900 KB payload into their config add up to more than
     one gRPC reply: the largest configs give way to a note, the rest of the execution stays."""
-    from standardwebhooks.webhooks import Webhook
-
     from ipaas.sdk import Action, ActionResult, Connector
 
     core, api, _, _ = env
@@ -374,8 +369,7 @@ async def test_an_execution_larger_than_one_reply_can_still_be_read(env) -> None
     steps = [{"id": f"s{i}", "connector": "sink", "action": "take", "config": {"data": "{{big}}"}} for i in range(4)]
     created = await api.create({"name": "sink", "trigger": {"type": "webhook"}, "steps": steps})
     raw = b'{"big":"' + b"x" * 900_000 + b'"}'
-    now = datetime.now(timezone.utc)
-    headers = {"webhook-id": "evt_big", "webhook-timestamp": str(int(now.timestamp())), "webhook-signature": Webhook(created.webhook_secret).sign("evt_big", now, raw.decode())}
+    headers = signed_headers(created.webhook_secret, raw, "evt_big")
     request = executions_pb2.ReceiveWebhookRequest(workflow_id=created.workflow.id, http_body=httpbody_pb2.HttpBody(content_type="application/json", data=raw), headers=headers)
     done = await api.wait((await api.executions.ReceiveWebhook(request)).execution_id)
     assert done.status == "succeeded" and len(done.payload.struct_value.fields["big"].string_value) == 900_000
