@@ -37,6 +37,10 @@ ENTRY_POINT_GROUP = "ipaas.connectors"
 # An action's output is stored with its step and returned by the API (GetExecution carries
 # every step of an execution in one gRPC message of at most 4 MiB).
 MAX_OUTPUT_BYTES = 256 * 1024
+# A connector reads an upstream's answer whole into the engine's memory, which every step in
+# flight shares: past this (decoded) size the step fails instead. Streamed reads
+# (`client.stream(...)`) are the connector's own to bound.
+MAX_RESPONSE_BYTES = 16 * 1024 * 1024
 
 # httpx logs every request line with its full URL at INFO, and a webhook URL's path is its
 # secret; httpcore's DEBUG traces carry headers. Neither may reach a log.
@@ -326,13 +330,20 @@ class ConnectorClient(httpx.AsyncClient):
         return parsed
 
     async def send(self, request: httpx.Request, *, stream: bool = False, **kwargs: Any) -> httpx.Response:
-        response = await super().send(request, stream=stream, **kwargs)
-        if not stream:
-            # httpx binds a response's stream to the response (a reference cycle), so every
-            # response, with its request, headers and aiohttp's response, waited for the
-            # garbage collector: ~40 objects a request, and most of an engine's collections.
-            # Read and closed, it needs no stream; a plain one over the body breaks the cycle.
-            response.stream = httpx.ByteStream(response.content)
+        response = await super().send(request, stream=True, **kwargs)
+        if stream:
+            return response
+        try:
+            body = await _read_at_most(response, MAX_RESPONSE_BYTES)
+        finally:
+            await response.aclose()
+        # What httpx's own aread() keeps; reading through it could not stop at the limit.
+        response._content = body
+        # httpx binds a response's stream to the response (a reference cycle), so every
+        # response, with its request, headers and aiohttp's response, waited for the garbage
+        # collector: ~40 objects a request, and most of an engine's collections. Read and
+        # closed, it needs no stream; a plain one over the body breaks the cycle.
+        response.stream = httpx.ByteStream(body)
         return response
 
     @property  # type: ignore[override]
@@ -342,6 +353,25 @@ class ConnectorClient(httpx.AsyncClient):
     @cookies.setter
     def cookies(self, cookies: Any) -> None:
         return None
+
+
+async def _read_at_most(response: httpx.Response, limit: int) -> bytes:
+    """The decoded body, or PermanentError once it passes `limit` (the host alone is named:
+    a webhook URL's path is its secret)."""
+    declared = response.headers.get("content-length", "")
+    # A declared length is the decoded one only when the body is not encoded.
+    too_large = declared.isdigit() and int(declared) > limit and "content-encoding" not in response.headers
+    chunks, size = [], 0
+    if not too_large:
+        async for chunk in response.aiter_bytes():
+            size += len(chunk)
+            if size > limit:
+                too_large = True
+                break
+            chunks.append(chunk)
+    if too_large:
+        raise PermanentError(f"{response.request.method} {response.request.url.host}: the response holds more than {limit} bytes")
+    return b"".join(chunks)
 
 
 def make_http_client(timeout: float, allow_insecure: bool, max_connections: int = 200) -> httpx.AsyncClient:

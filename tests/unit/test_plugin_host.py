@@ -220,3 +220,63 @@ async def test_an_output_within_the_limit_passes() -> None:
     result = await registry.invoke("thing", "go", registry.context("thing", {}, {}, 5))
     assert result.output == {"body": "x" * 1000, "n": [1, 2.5, None, True]}
     await registry.aclose()
+
+
+@pytest.mark.parametrize("transport", ["aiohttp", "httpx"])
+async def test_a_response_larger_than_the_limit_fails_the_step_without_being_held(transport: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An upstream answering with more than MAX_RESPONSE_BYTES (declared, streamed with no
+    length, or compressed small and decoded large) fails the step for good; the body is not
+    collected in the engine's memory first, and the URL's secret path is not in the error."""
+    import gzip
+
+    from aiohttp import web
+
+    from ipaas.plugin_host import MAX_RESPONSE_BYTES, make_http_client
+    from ipaas.sdk import PermanentError
+    from tests.fakes.server import FakeServer
+
+    too_much = MAX_RESPONSE_BYTES + 1
+    bomb = gzip.compress(b"\0" * too_much)
+
+    class Big(FakeServer):
+        def __init__(self) -> None:
+            super().__init__()
+            self.sent: dict[str, int] = {}
+
+        def routes(self) -> list[web.RouteDef]:
+            return [web.get("/{kind}/secret-path", self.handle)]
+
+        async def handle(self, request: web.Request) -> web.StreamResponse:
+            kind = request.match_info["kind"]
+            if kind == "declared":
+                return web.Response(body=b"x" * too_much)
+            if kind == "gzip":
+                return web.Response(body=bomb, headers={"Content-Encoding": "gzip"})
+            if kind == "fits":
+                return web.Response(body=b"y" * MAX_RESPONSE_BYTES)
+            response = web.StreamResponse()  # chunked: no length to refuse up front
+            await response.prepare(request)
+            chunk, self.sent[kind] = b"z" * 65536, 0
+            try:
+                while self.sent[kind] < 4 * MAX_RESPONSE_BYTES:
+                    await response.write(chunk)
+                    self.sent[kind] += len(chunk)
+            except (ConnectionResetError, RuntimeError):
+                pass  # the client stopped reading, as it should
+            return response
+
+    monkeypatch.setenv("IPAAS_HTTP_TRANSPORT", transport)
+    async with Big() as upstream:
+        client = make_http_client(10.0, allow_insecure=True)
+        try:
+            for kind in ("declared", "chunked", "gzip"):
+                with pytest.raises(PermanentError) as caught:
+                    await client.get(f"{upstream.base_url}/{kind}/secret-path")
+                assert f"more than {MAX_RESPONSE_BYTES} bytes" in str(caught.value), kind
+                assert "secret-path" not in str(caught.value) and "127.0.0.1" in str(caught.value)
+            assert upstream.sent["chunked"] < 2 * MAX_RESPONSE_BYTES, "reading stopped near the limit"
+            fits = await client.get(f"{upstream.base_url}/fits/secret-path")
+            assert len(fits.content) == MAX_RESPONSE_BYTES and fits.text[:1] == "y", "a body at the limit is read whole"
+            assert (await client.get(f"{upstream.base_url}/fits/secret-path")).status_code == 200, "the client still works"
+        finally:
+            await client.aclose()
