@@ -11,21 +11,14 @@ from ipaas.settings import Settings
 
 def run(settings: Settings) -> int:
     from ipaas.gateway.app import create_app
+    from ipaas.gateway.server import uvicorn_config
     from ipaas.logs import configure_logging
 
     configure_logging(settings.log_level)
     host, _, port = settings.http_listen.rpartition(":")
-    uvicorn.run(
-        create_app(settings, freeze_heap=True),
-        host=host.strip("[]") or "127.0.0.1",
-        port=int(port),
-        log_level="warning",
-        access_log=False,
-        server_header=False,
-        lifespan="on",
-        timeout_graceful_shutdown=10,
-    )
-    return 0
+    server = uvicorn.Server(uvicorn_config(settings, create_app(settings, freeze_heap=True), host.strip("[]") or "127.0.0.1", int(port)))
+    server.run()
+    return 0 if server.started else 3  # uvicorn.run's exit code when start-up fails
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
 
 from ipaas import __version__, heap, logs
-from ipaas.gateway import envelope, idempotency
+from ipaas.gateway import envelope, idempotency, request_deadlines
 from ipaas.gateway.core_client import CALL_TIMEOUT, CoreClient
 from ipaas.gateway.envelope import HttpError
 from ipaas.gateway.openapi import DOCS_PAGE, build_openapi
@@ -73,6 +73,7 @@ class Gateway:
         env = settings.extra
         unlimited = frozenset(t.strip() for t in env.get("IPAAS_RATE_UNLIMITED_TENANTS", "").split(",") if t.strip())
         self.rate_limits_off = env.get("IPAAS_RATE_LIMITS_OFF", "").lower() in {"1", "true", "yes"}
+        self.body_timeout = request_deadlines.body_timeout(env)
         self.limiter = RateLimiter(parse_tiers(env), settings.redis_url, unlimited)
         self.client: CoreClient | None = None
         self.webhooks: WebhookBatcher | None = None
@@ -226,11 +227,16 @@ class Gateway:
         if declared and declared.isdigit() and int(declared) > limit:
             raise HttpError(413, f"the body exceeds {limit} bytes")
         chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise HttpError(413, f"the body exceeds {limit} bytes")
-            chunks.append(chunk)
+        try:
+            async with asyncio.timeout(self.body_timeout):
+                async for chunk in request.stream():
+                    size += len(chunk)
+                    if size > limit:
+                        raise HttpError(413, f"the body exceeds {limit} bytes")
+                    chunks.append(chunk)
+        except TimeoutError:
+            # What is left of the body would be read as the next request: the connection ends.
+            raise HttpError(408, f"the body did not arrive within {self.body_timeout:g} s", headers={"Connection": "close"}) from None
         return b"".join(chunks)
 
     def _request_message(self, route: Route, match: Match, request: Request, h: dict[str, str], body: bytes) -> Any:

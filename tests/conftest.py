@@ -159,6 +159,7 @@ async def gateway_for(core_target: str, tmp_path: Path, **env: str) -> AsyncIter
     import uvicorn
 
     from ipaas.gateway.app import create_app
+    from ipaas.gateway.server import uvicorn_config
 
     settings = Settings.from_env(
         {
@@ -168,7 +169,7 @@ async def gateway_for(core_target: str, tmp_path: Path, **env: str) -> AsyncIter
             **env,
         }
     )
-    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=0, lifespan="on", log_level="warning", access_log=False))
+    server = uvicorn.Server(uvicorn_config(settings, create_app(settings), "127.0.0.1", 0))
     task = asyncio.create_task(server.serve())
     while not server.started:
         if task.done():

@@ -300,3 +300,55 @@ async def test_connectors_breakers_and_caller_over_rest(stack) -> None:
     assert by_name["discord"]["distribution"] == "ipaas-discord"
     assert assert_envelope(await http.get("/api/breakers"), True)["data"] == {"breakers": []}
     assert assert_envelope(await http.get("/api/caller"), True)["data"]["tier"] == "paid"
+
+
+async def test_slow_or_silent_clients_lose_their_connection(tmp_path) -> None:
+    """A client that never finishes its request head, or sends its body too slowly, must not
+    hold a connection forever (slowloris): the head is due within IPAAS_HTTP_HEAD_TIMEOUT of
+    connecting or of the previous response, the body within IPAAS_HTTP_BODY_TIMEOUT (408)."""
+    deadlines = {"IPAAS_HTTP_HEAD_TIMEOUT": "0.5", "IPAAS_HTTP_BODY_TIMEOUT": "0.5"}
+    async with core_with(tmp_path) as core, gateway_for(core.target, tmp_path, **deadlines) as url:
+        port = int(url.rsplit(":", 1)[1])
+        head = b"POST /api/webhooks/wf_missing HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+
+        async def closed_after(sent: bytes, trickle: bytes = b"") -> tuple[float, bytes]:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            started = asyncio.get_running_loop().time()
+            writer.write(sent)
+
+            async def drip() -> None:  # a byte every 0.1 s must not keep the deadline away
+                for byte in trickle:
+                    await asyncio.sleep(0.1)
+                    writer.write(bytes([byte]))
+
+            dripping = asyncio.create_task(drip())
+            try:
+                answer = await asyncio.wait_for(reader.read(), 5)  # until the gateway closes
+            finally:
+                dripping.cancel()
+                writer.close()
+            return asyncio.get_running_loop().time() - started, answer
+
+        elapsed, answer = await closed_after(b"")
+        assert answer == b"" and elapsed < 2, "a connection that sends nothing is closed"
+        elapsed, answer = await closed_after(head, trickle=b"X-Slow: " + b"y" * 40)
+        assert answer == b"" and elapsed < 2, "a head trickled in is closed at its deadline"
+        elapsed, answer = await closed_after(head + b"Content-Length: 100\r\n\r\n" + b'{"a":', trickle=b'"bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb')
+        status, _, rest = answer.partition(b"\r\n")
+        assert status == b"HTTP/1.1 408 Request Timeout" and elapsed < 2, answer[:200]
+        assert b'"code":"request_timeout"' in rest and b"connection: close" in rest.lower()
+
+        # Clients that keep to the deadlines are served, on one kept-alive connection too.
+        async with httpx.AsyncClient(base_url=url, timeout=5) as http:
+            for pause in (0, 0.3):
+                await asyncio.sleep(pause)
+                assert (await http.get("/health/live")).status_code == 200
+            reused = http._transport._pool.connections
+            assert len(reused) == 1, "the same connection served both"
+        # After a response, the next head is due within the deadline as well.
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /health/live HTTP/1.1\r\nHost: x\r\n\r\n" + head)
+        first = await asyncio.wait_for(reader.readuntil(b"}}"), 5)
+        assert first.startswith(b"HTTP/1.1 200")
+        assert await asyncio.wait_for(reader.read(), 3) == b"", "the unfinished second head is cut off"
+        writer.close()
