@@ -26,6 +26,18 @@ def _int(env: Mapping[str, str], name: str, default: int) -> int:
         raise SystemExit(f"{name} must be an integer, got {raw!r}") from None
 
 
+def seconds(env: Mapping[str, str], name: str, default: float) -> float:
+    """A duration setting: a number of seconds above 0 (the default when unset)."""
+    raw = (env.get(name) or "").strip()
+    try:
+        value = float(raw) if raw else default
+    except ValueError:
+        raise SystemExit(f"{name} must be a number of seconds, got {raw!r}") from None
+    if not value > 0:
+        raise SystemExit(f"{name} must be more than 0 seconds, got {raw!r}")
+    return value
+
+
 @dataclass(frozen=True)
 class Settings:
     data_dir: Path = Path(".ipaas")

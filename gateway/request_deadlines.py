@@ -15,19 +15,10 @@ from typing import Any, Mapping
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from ipaas.settings import seconds
+
 HEAD_TIMEOUT = 10.0
 BODY_TIMEOUT = 30.0
-
-
-def seconds(env: Mapping[str, str], name: str, default: float) -> float:
-    raw = env.get(name, "").strip()
-    try:
-        value = float(raw) if raw else default
-    except ValueError:
-        raise SystemExit(f"{name} must be a number of seconds, got {raw!r}") from None
-    if not value > 0:
-        raise SystemExit(f"{name} must be more than 0 seconds, got {raw!r}")
-    return value
 
 
 def head_timeout(env: Mapping[str, str]) -> float:
