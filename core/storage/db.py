@@ -23,6 +23,14 @@ def _json_dumps(value: Any) -> str:
     return orjson.dumps(value).decode()
 
 
+def _json_loads(value: Any) -> Any:
+    # SQLite gives a column declared JSON numeric affinity: a value that is a bare number
+    # (a payload of `5`) is stored as that number and read back as one, not as text.
+    if isinstance(value, (int, float)):
+        return value
+    return orjson.loads(value)
+
+
 def sync_url(url: str) -> URL:
     """The URL for synchronous use (migrations): sqlite via pysqlite, PostgreSQL via psycopg 3."""
     parsed = make_url(url)
@@ -83,7 +91,7 @@ class Database:
         self.url = url
         target = async_url(url)
         self.dialect = target.get_backend_name()
-        kwargs: dict[str, Any] = {"echo": echo, "json_serializer": _json_dumps, "json_deserializer": orjson.loads}
+        kwargs: dict[str, Any] = {"echo": echo, "json_serializer": _json_dumps, "json_deserializer": _json_loads}
         if self.dialect == "postgresql":
             kwargs.update(pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True)
         else:
@@ -106,7 +114,7 @@ class Database:
             # and back through the event loop: a dozen loop round trips per transaction, each
             # waiting behind whatever else the loop has queued. The hot path instead runs a
             # whole transaction in one hand-off, on a writer thread with its own connection.
-            self._writer = create_engine(sync_url(url), json_serializer=_json_dumps, json_deserializer=orjson.loads, pool_size=1, max_overflow=0)
+            self._writer = create_engine(sync_url(url), json_serializer=_json_dumps, json_deserializer=_json_loads, pool_size=1, max_overflow=0)
             install_sqlite_pragmas(self._writer, synchronous)
             # Engine processes write the same file. SQLite makes a writer that finds the lock
             # taken sleep in its busy handler (1, 2, 5 ... 100 ms); waiting on a file lock

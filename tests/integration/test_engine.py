@@ -377,3 +377,28 @@ async def test_an_execution_larger_than_one_reply_can_still_be_read(env) -> None
     omitted = [s for s in done.steps if "omitted" in s.rendered_config]
     assert omitted and all(s.rendered_config["omitted"].endswith("bytes, more than one reply holds") for s in omitted)
     assert done.ByteSize() <= 4 * 1024 * 1024
+
+
+async def test_payloads_that_are_bare_numbers_are_stored_and_run(env) -> None:
+    """SQLite gives a column declared JSON numeric affinity: the text `5` came back as the
+    integer 5, which the JSON reader refused. One such execution failed every claim after
+    it (every tenant's queue stopped) and every list that held it."""
+    core, api, slack, _ = env
+    scred = await api.credential("slack", {"webhook_url": slack.url})
+    manual = await api.create({"name": "bare", "trigger": {"type": "manual"}, "steps": [slack_step(scred, text="got {{trigger}}")]})
+    hooked = await api.create({"name": "bare-hook", "trigger": {"type": "webhook"}, "steps": [slack_step(scred, text="got {{trigger}}")]})
+    runs = [(await api.run(manual.workflow.id, p)).execution.id for p in (5, 2.5, -7, "text", True)]
+    raw = b"12"
+    hook = await api.executions.ReceiveWebhook(
+        executions_pb2.ReceiveWebhookRequest(
+            workflow_id=hooked.workflow.id, http_body=httpbody_pb2.HttpBody(content_type="application/json", data=raw), headers=signed_headers(hooked.webhook_secret, raw, "evt_bare")
+        )
+    )
+    after = (await api.run(manual.workflow.id, {"order": {"id": "next"}})).execution.id
+    for execution_id in (*runs, hook.execution_id, after):
+        assert (await api.wait(execution_id)).status == "succeeded"
+    texts = sorted(m["text"] for m in slack.received)
+    assert texts == sorted(["got 5", "got 2.5", "got -7", "got text", "got true", "got 12", 'got {"order":{"id":"next"}}'])
+    listed = await api.executions.ListExecutions(executions_pb2.ListExecutionsRequest(page_size=50), metadata=api.md)
+    assert {e.id for e in listed.executions} >= {*runs, hook.execution_id, after}
+    assert (await api.execution(runs[0])).payload.number_value == 5
