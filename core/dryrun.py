@@ -38,7 +38,7 @@ class DryRunner:
         if mode not in MODES:
             raise InvalidArgument.field("mode", f"must be one of {', '.join(MODES)}")
         definition = await self._definition(tenant_id, request)
-        payload = from_value(request.payload) if request.HasField("payload") else None
+        payload = from_value(request.payload, "payload") if request.HasField("payload") else None
         strict = bool(definition.get("options", {}).get("strict_templates"))
         outputs: dict[str, Any] = {}
         results: list[pb.DryRunStep] = []

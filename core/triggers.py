@@ -29,6 +29,8 @@ def _key(value: str | None, field: str) -> str | None:
         return None
     if len(value) > MAX_KEY_LENGTH:
         raise InvalidArgument.field(field, f"must be at most {MAX_KEY_LENGTH} characters")
+    if "\x00" in value:  # PostgreSQL cannot store it, and the batch's commit would fail
+        raise InvalidArgument.field(field, "must not contain NUL characters")
     return value
 
 
@@ -62,7 +64,7 @@ class TriggerService:
                 trigger="manual",
                 payload=payload,
                 max_attempts=max_attempts(view.definition),
-                dedup_key=f"idem:{key}" if key else None,
+                dedup_key=f"idem:{workflow_id}:{key}" if key else None,
             )
         )
 
@@ -70,7 +72,8 @@ class TriggerService:
         """Returns the target (owner, tier) and the accepted execution."""
         if len(body) > MAX_BODY_BYTES:
             raise InvalidArgument.field("http_body.data", f"the body exceeds {MAX_BODY_BYTES} bytes")
-        target = await self.workflows.webhook_target(workflow_id)
+        # An id with a NUL cannot exist, and PostgreSQL would refuse to look it up.
+        target = None if "\x00" in workflow_id else await self.workflows.webhook_target(workflow_id)
         if target is None:
             raise NotFound(f"workflow {workflow_id} not found")
         headers = {k.lower(): v for k, v in headers.items()}
@@ -91,7 +94,8 @@ class TriggerService:
             raise InvalidArgument.field("http_body.data", f"the body is nested too deeply (at most {STORABLE_DEPTH} levels)") from None
         webhook_id = _key(headers.get("webhook-id"), "webhook-id")
         key = _key(idempotency_key, "idempotency-key")
-        dedup = f"wh:{workflow_id}:{webhook_id}" if webhook_id else (f"idem:{key}" if key else None)
+        # Keys dedupe per workflow: one key sent to two workflows starts both.
+        dedup = f"wh:{workflow_id}:{webhook_id}" if webhook_id else (f"idem:{workflow_id}:{key}" if key else None)
         accepted = await self.enqueuer.submit(
             NewExecution(
                 tenant_id=target.tenant_id,

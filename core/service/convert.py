@@ -7,6 +7,7 @@ from typing import Any
 
 from google.protobuf import json_format, struct_pb2, timestamp_pb2
 
+from ipaas.errors import InvalidArgument
 from ipaas.v1 import tenants_pb2, workflows_pb2
 
 
@@ -44,12 +45,19 @@ def integral(value: Any) -> Any:
     return value
 
 
-def from_struct(message: struct_pb2.Struct) -> dict[str, Any]:
-    return integral(json_format.MessageToDict(message))
+def _as_json(message: Any, field: str, **options: Any) -> Any:
+    try:
+        return integral(json_format.MessageToDict(message, **options))
+    except ValueError:  # a NaN or an infinity, which a double may hold and JSON may not
+        raise InvalidArgument.field(field, "numbers must be finite: JSON has no NaN or Infinity") from None
 
 
-def from_value(message: struct_pb2.Value) -> Any:
-    return integral(json_format.MessageToDict(message)) if message.WhichOneof("kind") else None
+def from_struct(message: struct_pb2.Struct, field: str) -> dict[str, Any]:
+    return _as_json(message, field)
+
+
+def from_value(message: struct_pb2.Value, field: str) -> Any:
+    return _as_json(message, field) if message.WhichOneof("kind") else None
 
 
 def tenant(row: Any) -> tenants_pb2.Tenant:
@@ -72,7 +80,7 @@ OUTPUT_ONLY = ("id", "version", "created_at", "updated_at", "active")
 
 def definition_from_proto(message: "workflows_pb2.Workflow") -> dict[str, Any]:
     """The stored definition: the REST JSON shape, without output-only fields."""
-    data = integral(json_format.MessageToDict(message, preserving_proto_field_name=True))
+    data = _as_json(message, "workflow", preserving_proto_field_name=True)
     for name in OUTPUT_ONLY:
         data.pop(name, None)
     return data

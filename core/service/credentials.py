@@ -20,7 +20,7 @@ class CredentialServicer(credentials_pb2_grpc.CredentialServiceServicer):
         self.store = store
 
     async def CreateCredential(self, request: pb.CreateCredentialRequest, context: grpc.aio.ServicerContext) -> pb.CreateCredentialResponse:
-        row = await self.store.create(_tenant(), request.connector, request.name, convert.from_struct(request.secrets))
+        row = await self.store.create(_tenant(), request.connector, request.name, convert.from_struct(request.secrets, "secrets"))
         return pb.CreateCredentialResponse(credential=_credential(row))
 
     async def ListCredentials(self, request: pb.ListCredentialsRequest, context: grpc.aio.ServicerContext) -> pb.ListCredentialsResponse:

@@ -111,7 +111,7 @@ class ExecutionServicer(executions_pb2_grpc.ExecutionServiceServicer):
 
     async def RunWorkflow(self, request: pb.RunWorkflowRequest, context: grpc.aio.ServicerContext) -> pb.RunWorkflowResponse:
         tenant = _tenant()
-        payload = convert.from_value(request.payload) if request.HasField("payload") else None
+        payload = convert.from_value(request.payload, "payload") if request.HasField("payload") else None
         accepted = await self.triggers.run_manual(tenant, request.workflow_id, payload, _idempotency_key(context))
         view = await self.store.get(tenant, accepted.execution_id)
         return pb.RunWorkflowResponse(execution=_view(view), duplicate=accepted.duplicate)

@@ -261,6 +261,13 @@ async def test_idempotency_key_enqueues_once(env) -> None:
     assert second.duplicate and second.execution.id == first.execution.id
     await api.wait(first.execution.id)
     assert slack.received == [{"text": "once"}]
+    # The same key sent to another workflow starts that one too: it used to answer with the
+    # first workflow's execution (duplicate), and the second workflow never ran.
+    other = (await api.create({"name": "j", "trigger": {"type": "manual"}, "steps": [slack_step(scred, "other")]})).workflow
+    third = await api.run(other.id, key="order-77")
+    assert not third.duplicate and third.execution.workflow_id == other.id
+    await api.wait(third.execution.id)
+    assert slack.received == [{"text": "once"}, {"text": "other"}]
 
 
 async def test_dry_run_writes_nothing(env) -> None:

@@ -32,7 +32,8 @@ class ExecutionServiceStub:
     Accepting a trigger writes the execution and its outbox task in one transaction; an
     answer from RunWorkflow or ReceiveWebhook means the work is durably enqueued.
     Idempotency: a caller may send `idempotency-key` metadata (over REST, the
-    `Idempotency-Key` header); the same key for the same tenant never enqueues twice.
+    `Idempotency-Key` header); the same key for the same workflow never enqueues twice (the
+    same key sent to two workflows starts each once).
     """
 
     def __init__(self, channel):
@@ -95,7 +96,8 @@ class ExecutionServiceServicer:
     Accepting a trigger writes the execution and its outbox task in one transaction; an
     answer from RunWorkflow or ReceiveWebhook means the work is durably enqueued.
     Idempotency: a caller may send `idempotency-key` metadata (over REST, the
-    `Idempotency-Key` header); the same key for the same tenant never enqueues twice.
+    `Idempotency-Key` header); the same key for the same workflow never enqueues twice (the
+    same key sent to two workflows starts each once).
     """
 
     def RunWorkflow(self, request, context):
@@ -231,7 +233,8 @@ class ExecutionService:
     Accepting a trigger writes the execution and its outbox task in one transaction; an
     answer from RunWorkflow or ReceiveWebhook means the work is durably enqueued.
     Idempotency: a caller may send `idempotency-key` metadata (over REST, the
-    `Idempotency-Key` header); the same key for the same tenant never enqueues twice.
+    `Idempotency-Key` header); the same key for the same workflow never enqueues twice (the
+    same key sent to two workflows starts each once).
     """
 
     @staticmethod
