@@ -19,9 +19,9 @@ from sqlalchemy import delete, select, update
 from ipaas import definitions
 from ipaas.credentials import CredentialStore
 from ipaas.crypto import SecretBox
-from ipaas.errors import Aborted, FieldViolation, InvalidArgument, NotFound
+from ipaas.errors import Aborted, FailedPrecondition, FieldViolation, InvalidArgument, NotFound
 from ipaas.ids import new_id
-from ipaas.pagination import Page, decode_token, decode_version_token, page_size
+from ipaas.pagination import MAX_VERSION, Page, decode_token, decode_version_token, page_size
 from ipaas.singleflight import SingleFlight
 from ipaas.storage.db import Database
 from ipaas.storage.tables import Schedule, Tenant, WebhookSecret, Workflow, WorkflowVersion, utcnow
@@ -146,7 +146,7 @@ class WorkflowStore:
         views = [WorkflowView(wf, v.version, v.definition, v.created_at) for wf, v in rows]
         return Page.of(views, limit, key=lambda v: v.workflow.id)
 
-    async def update(self, tenant_id: str, workflow_id: str, expected_version: int, changes: dict[str, Any], active: bool | None = None) -> WorkflowView:
+    async def update(self, tenant_id: str, workflow_id: str, expected_version: int, changes: dict[str, Any], active: bool | None = None) -> tuple[WorkflowView, str]:
         if expected_version <= 0:
             raise InvalidArgument.field("expected_version", "is required: the version this change is based on (or If-Match)")
         current = await self.get(tenant_id, workflow_id)
@@ -154,15 +154,22 @@ class WorkflowStore:
         definition = await self._validated(tenant_id, merged)
         return await self._new_version(tenant_id, current, expected_version, definition, active)
 
-    async def rollback(self, tenant_id: str, workflow_id: str, version: int, expected_version: int) -> WorkflowView:
+    async def rollback(self, tenant_id: str, workflow_id: str, version: int, expected_version: int) -> tuple[WorkflowView, str]:
         target = await self.get(tenant_id, workflow_id, version)
         current = await self.get(tenant_id, workflow_id)
         definition = await self._validated(tenant_id, target.definition)
         return await self._new_version(tenant_id, current, expected_version or current.version, definition, None)
 
-    async def _new_version(self, tenant_id: str, current: WorkflowView, expected: int, definition: dict[str, Any], active: bool | None) -> WorkflowView:
+    async def _new_version(self, tenant_id: str, current: WorkflowView, expected: int, definition: dict[str, Any], active: bool | None) -> tuple[WorkflowView, str]:
+        """The workflow at its new version, and a new webhook secret when this change made it
+        a webhook workflow that had none (shown only in this answer, as at creation)."""
+        if expected != current.version:  # also keeps expected + 1 within the API's int32
+            raise Aborted(f"workflow {current.workflow.id} is at version {current.version}, not {expected}: reload and retry")
+        if expected >= MAX_VERSION:
+            raise FailedPrecondition(f"workflow {current.workflow.id} has used every version number: create a new workflow")
         now = utcnow()
         new_version = expected + 1
+        secret = ""
         values: dict[str, Any] = {
             "current_version": new_version,
             "name": definition["name"],
@@ -181,8 +188,15 @@ class WorkflowStore:
                 raise Aborted(f"workflow {current.workflow.id} is at version {current.version}, not {expected}: reload and retry")
             s.add(WorkflowVersion(workflow_id=current.workflow.id, version=new_version, tenant_id=tenant_id, definition=definition, created_at=now))
             await self._sync_trigger_rows(s, current.workflow, definition["trigger"]["type"], now)
+            if definition["trigger"]["type"] == "webhook" and not await self._has_live_secret(s, current.workflow.id, now):
+                secret = new_webhook_secret()
+                s.add(self._secret_row(current.workflow, secret, now))
         self.forget(current.workflow.id)
-        return await self.get(tenant_id, current.workflow.id)
+        return await self.get(tenant_id, current.workflow.id), secret
+
+    async def _has_live_secret(self, s: Any, workflow_id: str, now: datetime) -> bool:
+        live = select(WebhookSecret.id).where(WebhookSecret.workflow_id == workflow_id, WebhookSecret.expires_at.is_(None) | (WebhookSecret.expires_at > now)).limit(1)
+        return (await s.scalar(live)) is not None
 
     async def _sync_trigger_rows(self, s: Any, wf: Workflow, trigger_type: str, now: datetime) -> None:
         if trigger_type == "schedule":
@@ -231,11 +245,11 @@ class WorkflowStore:
         secret = new_webhook_secret()
         async with self.db.session() as s, s.begin():
             wf = await self._row(s, tenant_id, workflow_id)
-            await s.execute(
-                update(WebhookSecret)
-                .where(WebhookSecret.workflow_id == wf.id, (WebhookSecret.expires_at.is_(None)) | (WebhookSecret.expires_at > expires))
-                .values(expires_at=expires)
-            )
+            # Only the secret being replaced gets the grace period; one that an earlier
+            # rotation already replaced ends now. Otherwise every rotation within a grace
+            # period added one more secret that verifies (and that each delivery tries).
+            await s.execute(delete(WebhookSecret).where(WebhookSecret.workflow_id == wf.id, WebhookSecret.expires_at.is_not(None)))
+            await s.execute(update(WebhookSecret).where(WebhookSecret.workflow_id == wf.id).values(expires_at=expires))
             s.add(self._secret_row(wf, secret, now))
         self.forget(workflow_id)
         return secret, expires

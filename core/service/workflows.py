@@ -40,8 +40,8 @@ class WorkflowServicer(workflows_pb2_grpc.WorkflowServiceServicer):
         changes = {name: given.get(name, {} if name != "steps" else []) for name in fields if name != "active"}
         wants_active = "active" in paths or (not paths and request.workflow.HasField("active"))
         active = request.workflow.active if wants_active else None
-        view = await self.store.update(_tenant(), request.id, request.expected_version, changes, active)
-        return pb.UpdateWorkflowResponse(workflow=convert.workflow(view))
+        view, secret = await self.store.update(_tenant(), request.id, request.expected_version, changes, active)
+        return pb.UpdateWorkflowResponse(workflow=convert.workflow(view), webhook_secret=secret)
 
     async def DeleteWorkflow(self, request: pb.DeleteWorkflowRequest, context: grpc.aio.ServicerContext) -> pb.DeleteWorkflowResponse:
         await self.store.delete(_tenant(), request.id)
@@ -68,8 +68,8 @@ class WorkflowServicer(workflows_pb2_grpc.WorkflowServiceServicer):
     async def RollbackWorkflow(self, request: pb.RollbackWorkflowRequest, context: grpc.aio.ServicerContext) -> pb.RollbackWorkflowResponse:
         if request.version <= 0:
             raise InvalidArgument.field("version", "must be 1 or more")
-        view = await self.store.rollback(_tenant(), request.id, request.version, request.expected_version)
-        return pb.RollbackWorkflowResponse(workflow=convert.workflow(view))
+        view, secret = await self.store.rollback(_tenant(), request.id, request.version, request.expected_version)
+        return pb.RollbackWorkflowResponse(workflow=convert.workflow(view), webhook_secret=secret)
 
     async def RotateWebhookSecret(self, request: pb.RotateWebhookSecretRequest, context: grpc.aio.ServicerContext) -> pb.RotateWebhookSecretResponse:
         secret, expires = await self.store.rotate_secret(_tenant(), request.id, request.grace_period_seconds, request.revoke_previous)

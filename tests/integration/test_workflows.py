@@ -10,7 +10,7 @@ from grpc_status import rpc_status
 from sqlalchemy import text
 
 from ipaas.v1 import credentials_pb2, workflows_pb2
-from tests.integration.helpers import Api, slack_step, workflow
+from tests.integration.helpers import Api, signed_headers, slack_step, struct, value, workflow
 
 SLACK_URL = "http://127.0.0.1:9/services/T1/B1/supersecretslacktoken"
 
@@ -151,3 +151,102 @@ async def test_listing_pages_and_deleted_workflows_disappear(api: Api) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await api.workflows.ListWorkflows(workflows_pb2.ListWorkflowsRequest(page_token="!!garbage"), metadata=api.md)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def code_of(call) -> grpc.StatusCode:  # type: ignore[no-untyped-def]
+    try:
+        await call
+    except grpc.aio.AioRpcError as err:
+        return err.code()
+    return grpc.StatusCode.OK
+
+
+async def test_text_no_database_can_store_is_refused_as_bad_input(any_core) -> None:
+    """PostgreSQL refuses NUL characters in text: ids, names and keys holding one answered
+    INTERNAL (webhooks too, unauthenticated). Now bad input on both backends; so are NaN
+    and Infinity (JSON has neither) and an expected version past the last one."""
+    from google.api import httpbody_pb2
+
+    from ipaas.v1 import executions_pb2, tenants_pb2
+    from ipaas.v1.tenants_pb2_grpc import TenantServiceStub
+
+    tenant = await any_core.new_tenant()
+    api = Api(any_core.channel, tenant.md)
+    cred = await api.credential("slack", {"webhook_url": SLACK_URL})
+    wf = (await api.create({"name": "n", "trigger": {"type": "manual"}, "steps": [slack_step(cred)]})).workflow
+    hook = await api.create({"name": "h", "trigger": {"type": "webhook"}, "steps": [slack_step(cred)]})
+    bad = "a\x00b"
+    invalid, missing = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND
+    cases = {
+        "GetWorkflow": (api.workflows.GetWorkflow(workflows_pb2.GetWorkflowRequest(id=bad), metadata=api.md), invalid),
+        "GetExecution": (api.executions.GetExecution(executions_pb2.GetExecutionRequest(id=bad), metadata=api.md), invalid),
+        "CreateWorkflow": (api.workflows.CreateWorkflow(workflows_pb2.CreateWorkflowRequest(workflow=workflow({"name": bad, "trigger": {"type": "manual"}, "steps": [slack_step(cred)]})), metadata=api.md), invalid),
+        "CreateCredential": (api.credentials.CreateCredential(credentials_pb2.CreateCredentialRequest(connector="slack", name=bad, secrets=struct({"webhook_url": SLACK_URL})), metadata=api.md), invalid),
+        "CreateTenant": (TenantServiceStub(any_core.channel).CreateTenant(tenants_pb2.CreateTenantRequest(name=bad), metadata=any_core.admin), invalid),
+        "ReceiveWebhook id": (api.executions.ReceiveWebhook(executions_pb2.ReceiveWebhookRequest(workflow_id=bad)), missing),
+        "RunWorkflow NaN": (api.executions.RunWorkflow(executions_pb2.RunWorkflowRequest(workflow_id=wf.id, payload=value(float("nan"))), metadata=api.md), invalid),
+        "CreateCredential Infinity": (api.credentials.CreateCredential(credentials_pb2.CreateCredentialRequest(connector="slack", name="inf", secrets=struct({"webhook_url": SLACK_URL, "n": float("inf")})), metadata=api.md), invalid),
+        "UpdateWorkflow last version": (api.workflows.UpdateWorkflow(workflows_pb2.UpdateWorkflowRequest(id=wf.id, expected_version=2**31 - 1, workflow=workflow({"name": "x"})), metadata=api.md), grpc.StatusCode.ABORTED),
+    }
+    got = {name: await code_of(call) for name, (call, _) in cases.items()}
+    assert got == {name: want for name, (_, want) in cases.items()}
+    # In a webhook batch, a NUL in one item's webhook-id fails that item alone.
+    raw = b'{"order":{"id":"1"}}'
+
+    def delivery(msg_id: str) -> executions_pb2.WebhookDelivery:
+        headers = signed_headers(hook.webhook_secret, raw, msg_id)
+        return executions_pb2.WebhookDelivery(webhook=executions_pb2.ReceiveWebhookRequest(workflow_id=hook.workflow.id, http_body=httpbody_pb2.HttpBody(content_type="application/json", data=raw), headers=headers))
+
+    batch = await api.executions.ReceiveWebhooks(executions_pb2.ReceiveWebhooksRequest(webhooks=[delivery("evt\x00x"), delivery("evt_ok")]))
+    assert [r.WhichOneof("result") for r in batch.results] == ["error", "accepted"]
+    assert batch.results[0].error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0] and "webhook-id" in batch.results[0].error.message
+
+
+async def test_a_workflow_that_becomes_webhook_triggered_gets_a_secret(api: Api) -> None:
+    """Changed from manual to webhook, a workflow had no secret: every delivery was refused
+    and only an undocumented rotation helped. The change now answers with a new secret."""
+    cred = await api.credential("slack", {"webhook_url": SLACK_URL})
+    created = await api.create({"name": "later-hook", "trigger": {"type": "manual"}, "steps": [slack_step(cred)]})
+    assert created.webhook_secret == ""
+    updated = await api.workflows.UpdateWorkflow(
+        workflows_pb2.UpdateWorkflowRequest(id=created.workflow.id, expected_version=1, workflow=workflow({"trigger": {"type": "webhook"}})), metadata=api.md
+    )
+    assert updated.workflow.trigger.type == "webhook" and updated.webhook_secret.startswith("whsec_")
+    back = await api.workflows.RollbackWorkflow(workflows_pb2.RollbackWorkflowRequest(id=created.workflow.id, version=1, expected_version=2), metadata=api.md)
+    assert back.workflow.trigger.type == "manual" and back.webhook_secret == ""
+    again = await api.workflows.RollbackWorkflow(workflows_pb2.RollbackWorkflowRequest(id=created.workflow.id, version=2, expected_version=3), metadata=api.md)
+    assert again.webhook_secret == "", "the secret it has still verifies: no new one"
+    raw = b'{"order":{"id":"7"}}'
+    from google.api import httpbody_pb2
+
+    from ipaas.v1 import executions_pb2
+
+    accepted = await api.executions.ReceiveWebhook(
+        executions_pb2.ReceiveWebhookRequest(workflow_id=created.workflow.id, http_body=httpbody_pb2.HttpBody(content_type="application/json", data=raw), headers=signed_headers(updated.webhook_secret, raw, "evt_later"))
+    )
+    assert accepted.execution_id
+
+
+async def test_rotations_keep_the_current_secret_and_one_previous(core, api: Api) -> None:
+    """Every rotation within the grace period used to add one more secret that verifies
+    (3,001 after 3,000 rotations, each tried on every refused delivery)."""
+    cred = await api.credential("slack", {"webhook_url": SLACK_URL})
+    created = await api.create({"name": "rotating", "trigger": {"type": "webhook"}, "steps": [slack_step(cred)]})
+    secrets = [created.webhook_secret]
+    for _ in range(5):
+        rotated = await api.workflows.RotateWebhookSecret(workflows_pb2.RotateWebhookSecretRequest(id=created.workflow.id, grace_period_seconds=3600), metadata=api.md)
+        secrets.append(rotated.webhook_secret)
+    from google.api import httpbody_pb2
+
+    from ipaas.v1 import executions_pb2
+
+    raw = b'{"order":{"id":"1"}}'
+    verified = []
+    for i, secret in enumerate(secrets):
+        request = executions_pb2.ReceiveWebhookRequest(
+            workflow_id=created.workflow.id, http_body=httpbody_pb2.HttpBody(content_type="application/json", data=raw), headers=signed_headers(secret, raw, f"evt_rot{i}")
+        )
+        verified.append(await code_of(api.executions.ReceiveWebhook(request)) == grpc.StatusCode.OK)
+    assert verified == [False, False, False, False, True, True]
+    async with core.server.db.session() as s:
+        assert (await s.execute(text("select count(*) from webhook_secrets"))).scalar() == 2

@@ -127,10 +127,12 @@ class UpdateWorkflowRequest(_message.Message):
     def __init__(self, id: _Optional[str] = ..., workflow: _Optional[_Union[Workflow, _Mapping]] = ..., expected_version: _Optional[int] = ..., update_mask: _Optional[_Union[_field_mask_pb2.FieldMask, _Mapping]] = ...) -> None: ...
 
 class UpdateWorkflowResponse(_message.Message):
-    __slots__ = ("workflow",)
+    __slots__ = ("workflow", "webhook_secret")
     WORKFLOW_FIELD_NUMBER: _ClassVar[int]
+    WEBHOOK_SECRET_FIELD_NUMBER: _ClassVar[int]
     workflow: Workflow
-    def __init__(self, workflow: _Optional[_Union[Workflow, _Mapping]] = ...) -> None: ...
+    webhook_secret: str
+    def __init__(self, workflow: _Optional[_Union[Workflow, _Mapping]] = ..., webhook_secret: _Optional[str] = ...) -> None: ...
 
 class DeleteWorkflowRequest(_message.Message):
     __slots__ = ("id",)
@@ -199,10 +201,12 @@ class RollbackWorkflowRequest(_message.Message):
     def __init__(self, id: _Optional[str] = ..., version: _Optional[int] = ..., expected_version: _Optional[int] = ...) -> None: ...
 
 class RollbackWorkflowResponse(_message.Message):
-    __slots__ = ("workflow",)
+    __slots__ = ("workflow", "webhook_secret")
     WORKFLOW_FIELD_NUMBER: _ClassVar[int]
+    WEBHOOK_SECRET_FIELD_NUMBER: _ClassVar[int]
     workflow: Workflow
-    def __init__(self, workflow: _Optional[_Union[Workflow, _Mapping]] = ...) -> None: ...
+    webhook_secret: str
+    def __init__(self, workflow: _Optional[_Union[Workflow, _Mapping]] = ..., webhook_secret: _Optional[str] = ...) -> None: ...
 
 class RotateWebhookSecretRequest(_message.Message):
     __slots__ = ("id", "grace_period_seconds", "revoke_previous")
