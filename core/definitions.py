@@ -8,6 +8,7 @@ path (`steps[1].config.text`) instead of stopping at the first.
 from __future__ import annotations
 
 import re
+from datetime import datetime, timezone
 from typing import Any, Protocol
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError, available_timezones
 
@@ -108,6 +109,8 @@ def _validate_trigger(trigger: dict[str, Any], bad: Any) -> None:
         bad("trigger", "a schedule needs exactly one of cron or interval_seconds")
     if cron and (len(cron.split()) != 5 or not croniter.is_valid(cron)):
         bad("trigger.cron", "is not a valid five-field cron expression")
+    elif cron and not _fires(cron):
+        bad("trigger.cron", "never fires: no date matches it (e.g. 30 February)")
     if interval < 0 or (interval and not 1 <= interval <= 366 * 86400):
         bad("trigger.interval_seconds", "must be between 1 and 31622400")
     if tz:
@@ -115,6 +118,17 @@ def _validate_trigger(trigger: dict[str, Any], bad: Any) -> None:
             bad("trigger.timezone", "only applies to cron schedules")
         elif not _valid_zone(tz):
             bad("trigger.timezone", f"unknown time zone {tz!r}: use an IANA name such as Europe/Paris")
+
+
+def _fires(cron: str) -> bool:
+    """Whether a well-formed cron has a next fire time. is_valid checks the fields one by
+    one, so "0 0 30 2 *" passes it; the scheduler would then fail on it at every tick. The
+    zone does not matter here: a date that exists nowhere exists in no zone."""
+    try:
+        croniter(cron, datetime.now(timezone.utc)).get_next(datetime)
+    except Exception:  # CroniterBadDateError, or any other way croniter finds no date
+        return False
+    return True
 
 
 def _valid_zone(name: str) -> bool:

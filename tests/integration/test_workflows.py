@@ -151,3 +151,12 @@ async def test_listing_pages_and_deleted_workflows_disappear(api: Api) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await api.workflows.ListWorkflows(workflows_pb2.ListWorkflowsRequest(page_token="!!garbage"), metadata=api.md)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+@pytest.mark.parametrize("cron", ["0 0 30 2 *", "0 0 31 4,6,9,11 *"])
+async def test_a_cron_no_date_matches_is_refused(api: Api, cron: str) -> None:
+    cred = await api.credential("slack", {"webhook_url": SLACK_URL})
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await api.create({"name": "never", "trigger": {"type": "schedule", "cron": cron}, "steps": [slack_step(cred)]})
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "never fires" in violations(err.value)["trigger.cron"]
