@@ -5,7 +5,10 @@ Paths:
   integer segments index lists; a final `#` gives the length (`items.#`), like gjson.
 - `trigger.<path>` — the payload, explicitly; `steps.<id>.<path>` — an earlier step's output.
   These prefixes win over payload keys of the same name.
-- `$...` — a full JSONPath (python-jsonpath) evaluated against the trigger payload.
+- `$...` — a full JSONPath (python-jsonpath) evaluated against the trigger payload, without
+  regular expressions: `match()`, `search()` and `=~ /.../` are refused when the workflow is
+  saved. Python's `re` backtracks, so a pattern like `(a+)+b` against a crafted payload runs
+  for seconds to hours on the engine's event loop, where no timeout can interrupt it.
 
 Rendering only looks up dict keys and list indexes: it never evaluates code nor touches
 Python attributes, so `{{__class__}}` is just a key that is not there. Strings stay strings:
@@ -20,8 +23,10 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
-import jsonpath
 import orjson
+from jsonpath import JSONPathEnvironment
+from jsonpath.exceptions import JSONPathNameError, JSONPathSyntaxError
+from jsonpath.parse import Parser
 
 _TEMPLATE = re.compile(r"\{\{\s*(.*?)\s*\}\}", re.DOTALL)
 MAX_TEMPLATES_PER_STRING = 1000
@@ -57,6 +62,34 @@ class _Path:
     compiled: Any = None  # a compiled JSONPath for `$` paths
 
 
+_NO_REGEX = "regular expressions (match, search, =~) are not allowed in templates"
+
+
+class _ParserWithoutRegex(Parser):
+    def parse_regex(self, stream: Any) -> Any:  # a `/pattern/` literal, the operand of =~
+        raise JSONPathSyntaxError(_NO_REGEX, token=stream.current())
+
+
+class _Environment(JSONPathEnvironment):
+    """python-jsonpath without the filters that run a regular expression (see the module's
+    docstring): the functions are not registered and a regex literal does not parse."""
+
+    parser_class = _ParserWithoutRegex
+
+    def setup_function_extensions(self) -> None:
+        super().setup_function_extensions()
+        for name in ("match", "search"):
+            self.function_extensions.pop(name, None)
+
+    def validate_function_extension_signature(self, token: Any, args: list[Any]) -> list[Any]:
+        if token.value in ("match", "search"):  # a clearer answer than "not defined"
+            raise JSONPathNameError(_NO_REGEX, token=token)
+        return super().validate_function_extension_signature(token, args)
+
+
+_JSONPATH = _Environment()
+
+
 def _compile_path(text: str) -> _Path:
     if not text:
         raise TemplateError("empty template '{{}}'")
@@ -64,9 +97,12 @@ def _compile_path(text: str) -> _Path:
         raise TemplateError(f"template path longer than {MAX_PATH_LENGTH} characters")
     if text.startswith("$"):
         try:
-            return _Path(text, "trigger", (), jsonpath.compile(text))
+            return _Path(text, "trigger", (), _JSONPATH.compile(text))
         except Exception as exc:  # python-jsonpath raises several syntax error types
-            raise TemplateError(f"invalid JSONPath {text!r}: {exc}") from None
+            # Its text goes on with a drawing of the path under a caret: the first line is
+            # the reason, and the path is quoted already.
+            reason = str(exc).split("\n", 1)[0]
+            raise TemplateError(f"invalid JSONPath {text!r}: {reason}") from None
     segments = tuple(text.split("."))
     if any(s == "" for s in segments):
         raise TemplateError(f"invalid path {text!r}: empty segment")

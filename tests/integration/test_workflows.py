@@ -160,3 +160,19 @@ async def test_a_cron_no_date_matches_is_refused(api: Api, cron: str) -> None:
         await api.create({"name": "never", "trigger": {"type": "schedule", "cron": cron}, "steps": [slack_step(cred)]})
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "never fires" in violations(err.value)["trigger.cron"]
+
+
+async def test_templates_with_regular_expressions_are_refused_on_create_and_update(api: Api) -> None:
+    cred = await api.credential("slack", {"webhook_url": SLACK_URL})
+    redos = "{{$[?match(@.s, '(a+)+b')]}}"
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await api.create({"name": "redos", "trigger": {"type": "manual"}, "steps": [slack_step(cred, redos)]})
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "regular expressions" in violations(err.value)["steps[0].config.text"]
+    wf = (await api.create({"name": "ok", "trigger": {"type": "manual"}, "steps": [slack_step(cred, "{{$.items[?@.n > 1]}}")]})).workflow
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await api.workflows.UpdateWorkflow(
+            workflows_pb2.UpdateWorkflowRequest(id=wf.id, expected_version=1, workflow=workflow({"steps": [slack_step(cred, "{{$[?@.s =~ /(a+)+b/]}}")]})), metadata=api.md
+        )
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "regular expressions" in violations(err.value)["steps[0].config.text"]

@@ -106,6 +106,31 @@ def test_invalid_templates_are_reported() -> None:
         compile_template("{{x}}" * 1001)
 
 
+@pytest.mark.parametrize(
+    "template",
+    [
+        "{{$[?match(@.s, '(a+)+b')]}}",
+        "{{$[?search(@.s, '(a+)+b')]}}",
+        "{{$.order.items[?match(@.sku, @.name)]}}",
+        "{{$[?@.s =~ /(a+)+b/]}}",
+        "{{$[?@.s =~ /(a+)+b/i]}}",
+    ],
+)
+def test_regular_expressions_are_refused(template: str) -> None:
+    # Python's re backtracks: "(a+)+b" against 27 "a"s took 9 s on the event loop, which
+    # no timeout can interrupt. So a template may not hold a regular expression at all.
+    problems = validate_template(template)
+    assert problems and "regular expressions" in problems[0], problems
+    with pytest.raises(TemplateError):
+        render(template, RenderContext(trigger=[{"s": "a" * 40 + "!"}]))
+
+
+def test_jsonpath_filters_without_regular_expressions_still_work() -> None:
+    assert render("{{$.order.items[?@.name == 'Pen'].sku}}", CTX).value == "P9"
+    assert render("{{$.order.items[?length(@.name) == 4].sku}}", CTX).value == "B1"
+    assert render("{{$.order.items[?startswith(@.sku, 'P')].name}}", CTX).value == "Pen"
+
+
 def test_compiled_templates_are_cached() -> None:
     compile_template.cache_clear()
     render("cached {{user.name}}", CTX)
