@@ -36,6 +36,9 @@ MAX_CONFIG_DEPTH = 32
 # string would otherwise be built in the engine's memory.
 MAX_RENDERED_CHARS = 1024 * 1024
 _MISSING = object()
+# A list index: ASCII digits only. str.isdigit() also takes "²" (which int() refuses) and
+# "٣" (which int() reads as 3).
+_INDEX = re.compile(r"-?[0-9]+")
 
 
 class TemplateError(ValueError):
@@ -149,7 +152,7 @@ def _walk(value: Any, segments: tuple[str, ...]) -> Any:
             return len(value) if isinstance(value, (list, dict, str)) else _MISSING
         if isinstance(value, dict):
             value = value.get(segment, _MISSING)
-        elif isinstance(value, list) and segment.lstrip("-").isdigit():
+        elif isinstance(value, list) and _INDEX.fullmatch(segment):
             index = int(segment)
             value = value[index] if -len(value) <= index < len(value) else _MISSING
         else:
@@ -211,11 +214,18 @@ def render(template: str, ctx: RenderContext, budget: _Budget | None = None) -> 
         if isinstance(part, str):
             text = part
         else:
-            value = _resolve(part, ctx)
-            if value is _MISSING:
-                missing.append(part.text)
-                continue
-            text = _as_text(value)
+            try:
+                value = _resolve(part, ctx)
+                if value is _MISSING:
+                    missing.append(part.text)
+                    continue
+                text = _as_text(value)
+            except TemplateError:
+                raise
+            except Exception as exc:
+                # A bug here must fail the step for good (the executor's answer to a
+                # TemplateError), not crash the attempt and leave the execution running.
+                raise TemplateError(f"template {{{{{part.text}}}}} could not be rendered ({type(exc).__name__})") from None
         budget.spend(len(text))
         out.append(text)
     return RenderResult("".join(out), tuple(missing))

@@ -52,6 +52,13 @@ CTX = RenderContext(trigger=PAYLOAD, steps={"weather": {"temperature": 21.5, "ci
         ("{{user.name.__class__.__mro__}}", "", ("user.name.__class__.__mro__",)),
         ("{{ ''.join }}", "", ("''.join",)),
         ("{{items.x}}", "", ("items.x",)),
+        # str.isdigit() is true for these, int() refuses "²" and reads "٠" as 0: an index is
+        # ASCII digits only, anything else is a key a list does not have.
+        ("{{items.²}}", "", ("items.²",)),
+        ("{{items.-²}}", "", ("items.-²",)),
+        ("{{items.٠}}", "", ("items.٠",)),
+        ("{{items.--1}}", "", ("items.--1",)),
+        ("{{items.+1}}", "", ("items.+1",)),
         ("unclosed {{user.name", "unclosed {{user.name", ()),
         ("{{user.name}}{{user.name}}", "AlexAlex", ()),
     ],
@@ -95,6 +102,17 @@ def test_deeply_nested_config_is_refused() -> None:
         config = [config]
     with pytest.raises(TemplateError):
         render_config(config, CTX)
+
+
+def test_an_unexpected_error_while_rendering_is_a_template_error() -> None:
+    # The executor fails a step for good on TemplateError; any other exception left the
+    # execution running, claimed again at every lease expiry.
+    class Hostile(dict):
+        def get(self, *args: object) -> object:
+            raise RuntimeError("boom")
+
+    with pytest.raises(TemplateError, match="user.name"):
+        render_config({"text": "{{user.name}}"}, RenderContext(trigger=Hostile(user={})))
 
 
 def test_invalid_templates_are_reported() -> None:
