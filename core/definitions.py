@@ -12,6 +12,7 @@ from datetime import datetime, timezone
 from typing import Any, Protocol
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError, available_timezones
 
+import orjson
 from croniter import croniter
 
 from ipaas.errors import FieldViolation, InvalidArgument
@@ -22,6 +23,12 @@ MAX_STEPS = 50
 MAX_ATTEMPTS_LIMIT = 25
 DEFAULT_MAX_ATTEMPTS = 5
 MAX_STEP_TIMEOUT = 300
+# A stored definition comes back in replies (CreateWorkflow, GetWorkflow, a ListWorkflows
+# page), each one gRPC message of at most 4 MiB (ipaas.wire). Measured as its JSON: a number
+# like 0 takes 2 bytes there and 11 in a protobuf Struct, so 512 KiB of JSON is at most
+# ~2.8 MiB on the wire, which leaves room for the rest of any reply. A request just under
+# 4 MiB was stored and then could not be read back (RESOURCE_EXHAUSTED), nor listed.
+MAX_DEFINITION_BYTES = 512 * 1024
 
 
 class Catalog(Protocol):
@@ -74,6 +81,7 @@ def validate(definition: dict[str, Any], catalog: Catalog) -> list[FieldViolatio
     def bad(field: str, description: str) -> None:
         out.append(FieldViolation(field, description))
 
+    _validate_size(definition, bad)
     if not 1 <= len(definition["name"]) <= 200:
         bad("name", "must be 1 to 200 characters")
     _validate_trigger(definition["trigger"], bad)
@@ -92,6 +100,36 @@ def validate(definition: dict[str, Any], catalog: Catalog) -> list[FieldViolatio
 def raise_if_invalid(violations: list[FieldViolation]) -> None:
     if violations:
         raise InvalidArgument("; ".join(f"{v.field}: {v.description}" for v in violations), violations)
+
+
+def _json_size(value: Any) -> int:
+    try:
+        return len(orjson.dumps(value))
+    except TypeError:  # nested deeper than orjson goes (254 levels): too large as well
+        return MAX_DEFINITION_BYTES + 1
+
+
+def _validate_size(definition: dict[str, Any], bad: Any) -> None:
+    size = _json_size(definition)
+    if size <= MAX_DEFINITION_BYTES:
+        return
+    # Name the part that holds most of it (a huge config value, typically).
+    path, value, value_size = "", definition, size
+    for _ in range(8):
+        if isinstance(value, dict):
+            children = [(f"{path}.{k}" if path else str(k), v) for k, v in value.items()]
+        elif isinstance(value, list) and path:
+            children = [(f"{path}[{i}]", v) for i, v in enumerate(value)]
+        else:
+            break
+        if not children:
+            break
+        sizes = [(_json_size(v), p, v) for p, v in children]
+        largest, child_path, child = max(sizes, key=lambda item: item[0])
+        if largest * 2 < value_size:  # no single part dominates: name this one
+            break
+        path, value, value_size = child_path, child, largest
+    bad(path or "workflow", f"the workflow is {size} bytes as JSON, more than the {MAX_DEFINITION_BYTES} ({MAX_DEFINITION_BYTES // 1024} KiB) allowed; most of it is here")
 
 
 def _validate_trigger(trigger: dict[str, Any], bad: Any) -> None:
