@@ -8,9 +8,11 @@ path (`steps[1].config.text`) instead of stopping at the first.
 from __future__ import annotations
 
 import re
+from datetime import datetime, timezone
 from typing import Any, Protocol
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError, available_timezones
 
+import orjson
 from croniter import croniter
 
 from ipaas.errors import FieldViolation, InvalidArgument
@@ -21,6 +23,12 @@ MAX_STEPS = 50
 MAX_ATTEMPTS_LIMIT = 25
 DEFAULT_MAX_ATTEMPTS = 5
 MAX_STEP_TIMEOUT = 300
+# A stored definition comes back in replies (CreateWorkflow, GetWorkflow, a ListWorkflows
+# page), each one gRPC message of at most 4 MiB (ipaas.wire). Measured as its JSON: a number
+# like 0 takes 2 bytes there and 11 in a protobuf Struct, so 512 KiB of JSON is at most
+# ~2.8 MiB on the wire, which leaves room for the rest of any reply. A request just under
+# 4 MiB was stored and then could not be read back (RESOURCE_EXHAUSTED), nor listed.
+MAX_DEFINITION_BYTES = 512 * 1024
 
 
 class Catalog(Protocol):
@@ -73,6 +81,7 @@ def validate(definition: dict[str, Any], catalog: Catalog) -> list[FieldViolatio
     def bad(field: str, description: str) -> None:
         out.append(FieldViolation(field, description))
 
+    _validate_size(definition, bad)
     if not 1 <= len(definition["name"]) <= 200:
         bad("name", "must be 1 to 200 characters")
     _validate_trigger(definition["trigger"], bad)
@@ -93,6 +102,36 @@ def raise_if_invalid(violations: list[FieldViolation]) -> None:
         raise InvalidArgument("; ".join(f"{v.field}: {v.description}" for v in violations), violations)
 
 
+def _json_size(value: Any) -> int:
+    try:
+        return len(orjson.dumps(value))
+    except TypeError:  # nested deeper than orjson goes (254 levels): too large as well
+        return MAX_DEFINITION_BYTES + 1
+
+
+def _validate_size(definition: dict[str, Any], bad: Any) -> None:
+    size = _json_size(definition)
+    if size <= MAX_DEFINITION_BYTES:
+        return
+    # Name the part that holds most of it (a huge config value, typically).
+    path, value, value_size = "", definition, size
+    for _ in range(8):
+        if isinstance(value, dict):
+            children = [(f"{path}.{k}" if path else str(k), v) for k, v in value.items()]
+        elif isinstance(value, list) and path:
+            children = [(f"{path}[{i}]", v) for i, v in enumerate(value)]
+        else:
+            break
+        if not children:
+            break
+        sizes = [(_json_size(v), p, v) for p, v in children]
+        largest, child_path, child = max(sizes, key=lambda item: item[0])
+        if largest * 2 < value_size:  # no single part dominates: name this one
+            break
+        path, value, value_size = child_path, child, largest
+    bad(path or "workflow", f"the workflow is {size} bytes as JSON, more than the {MAX_DEFINITION_BYTES} ({MAX_DEFINITION_BYTES // 1024} KiB) allowed; most of it is here")
+
+
 def _validate_trigger(trigger: dict[str, Any], bad: Any) -> None:
     kind = trigger.get("type")
     if kind not in TRIGGER_TYPES:
@@ -108,6 +147,8 @@ def _validate_trigger(trigger: dict[str, Any], bad: Any) -> None:
         bad("trigger", "a schedule needs exactly one of cron or interval_seconds")
     if cron and (len(cron.split()) != 5 or not croniter.is_valid(cron)):
         bad("trigger.cron", "is not a valid five-field cron expression")
+    elif cron and not _fires(cron):
+        bad("trigger.cron", "never fires: no date matches it (e.g. 30 February)")
     if interval < 0 or (interval and not 1 <= interval <= 366 * 86400):
         bad("trigger.interval_seconds", "must be between 1 and 31622400")
     if tz:
@@ -115,6 +156,17 @@ def _validate_trigger(trigger: dict[str, Any], bad: Any) -> None:
             bad("trigger.timezone", "only applies to cron schedules")
         elif not _valid_zone(tz):
             bad("trigger.timezone", f"unknown time zone {tz!r}: use an IANA name such as Europe/Paris")
+
+
+def _fires(cron: str) -> bool:
+    """Whether a well-formed cron has a next fire time. is_valid checks the fields one by
+    one, so "0 0 30 2 *" passes it; the scheduler would then fail on it at every tick. The
+    zone does not matter here: a date that exists nowhere exists in no zone."""
+    try:
+        croniter(cron, datetime.now(timezone.utc)).get_next(datetime)
+    except Exception:  # CroniterBadDateError, or any other way croniter finds no date
+        return False
+    return True
 
 
 def _valid_zone(name: str) -> bool:

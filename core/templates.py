@@ -5,7 +5,10 @@ Paths:
   integer segments index lists; a final `#` gives the length (`items.#`), like gjson.
 - `trigger.<path>` — the payload, explicitly; `steps.<id>.<path>` — an earlier step's output.
   These prefixes win over payload keys of the same name.
-- `$...` — a full JSONPath (python-jsonpath) evaluated against the trigger payload.
+- `$...` — a full JSONPath (python-jsonpath) evaluated against the trigger payload, without
+  regular expressions: `match()`, `search()` and `=~ /.../` are refused when the workflow is
+  saved. Python's `re` backtracks, so a pattern like `(a+)+b` against a crafted payload runs
+  for seconds to hours on the engine's event loop, where no timeout can interrupt it.
 
 Rendering only looks up dict keys and list indexes: it never evaluates code nor touches
 Python attributes, so `{{__class__}}` is just a key that is not there. Strings stay strings:
@@ -20,8 +23,10 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
-import jsonpath
 import orjson
+from jsonpath import JSONPathEnvironment
+from jsonpath.exceptions import JSONPathNameError, JSONPathSyntaxError
+from jsonpath.parse import Parser
 
 _TEMPLATE = re.compile(r"\{\{\s*(.*?)\s*\}\}", re.DOTALL)
 MAX_TEMPLATES_PER_STRING = 1000
@@ -31,6 +36,9 @@ MAX_CONFIG_DEPTH = 32
 # string would otherwise be built in the engine's memory.
 MAX_RENDERED_CHARS = 1024 * 1024
 _MISSING = object()
+# A list index: ASCII digits only. str.isdigit() also takes "²" (which int() refuses) and
+# "٣" (which int() reads as 3).
+_INDEX = re.compile(r"-?[0-9]+")
 
 
 class TemplateError(ValueError):
@@ -57,6 +65,34 @@ class _Path:
     compiled: Any = None  # a compiled JSONPath for `$` paths
 
 
+_NO_REGEX = "regular expressions (match, search, =~) are not allowed in templates"
+
+
+class _ParserWithoutRegex(Parser):
+    def parse_regex(self, stream: Any) -> Any:  # a `/pattern/` literal, the operand of =~
+        raise JSONPathSyntaxError(_NO_REGEX, token=stream.current())
+
+
+class _Environment(JSONPathEnvironment):
+    """python-jsonpath without the filters that run a regular expression (see the module's
+    docstring): the functions are not registered and a regex literal does not parse."""
+
+    parser_class = _ParserWithoutRegex
+
+    def setup_function_extensions(self) -> None:
+        super().setup_function_extensions()
+        for name in ("match", "search"):
+            self.function_extensions.pop(name, None)
+
+    def validate_function_extension_signature(self, token: Any, args: list[Any]) -> list[Any]:
+        if token.value in ("match", "search"):  # a clearer answer than "not defined"
+            raise JSONPathNameError(_NO_REGEX, token=token)
+        return super().validate_function_extension_signature(token, args)
+
+
+_JSONPATH = _Environment()
+
+
 def _compile_path(text: str) -> _Path:
     if not text:
         raise TemplateError("empty template '{{}}'")
@@ -64,9 +100,12 @@ def _compile_path(text: str) -> _Path:
         raise TemplateError(f"template path longer than {MAX_PATH_LENGTH} characters")
     if text.startswith("$"):
         try:
-            return _Path(text, "trigger", (), jsonpath.compile(text))
+            return _Path(text, "trigger", (), _JSONPATH.compile(text))
         except Exception as exc:  # python-jsonpath raises several syntax error types
-            raise TemplateError(f"invalid JSONPath {text!r}: {exc}") from None
+            # Its text goes on with a drawing of the path under a caret: the first line is
+            # the reason, and the path is quoted already.
+            reason = str(exc).split("\n", 1)[0]
+            raise TemplateError(f"invalid JSONPath {text!r}: {reason}") from None
     segments = tuple(text.split("."))
     if any(s == "" for s in segments):
         raise TemplateError(f"invalid path {text!r}: empty segment")
@@ -113,7 +152,7 @@ def _walk(value: Any, segments: tuple[str, ...]) -> Any:
             return len(value) if isinstance(value, (list, dict, str)) else _MISSING
         if isinstance(value, dict):
             value = value.get(segment, _MISSING)
-        elif isinstance(value, list) and segment.lstrip("-").isdigit():
+        elif isinstance(value, list) and _INDEX.fullmatch(segment):
             index = int(segment)
             value = value[index] if -len(value) <= index < len(value) else _MISSING
         else:
@@ -175,11 +214,18 @@ def render(template: str, ctx: RenderContext, budget: _Budget | None = None) -> 
         if isinstance(part, str):
             text = part
         else:
-            value = _resolve(part, ctx)
-            if value is _MISSING:
-                missing.append(part.text)
-                continue
-            text = _as_text(value)
+            try:
+                value = _resolve(part, ctx)
+                if value is _MISSING:
+                    missing.append(part.text)
+                    continue
+                text = _as_text(value)
+            except TemplateError:
+                raise
+            except Exception as exc:
+                # A bug here must fail the step for good (the executor's answer to a
+                # TemplateError), not crash the attempt and leave the execution running.
+                raise TemplateError(f"template {{{{{part.text}}}}} could not be rendered ({type(exc).__name__})") from None
         budget.spend(len(text))
         out.append(text)
     return RenderResult("".join(out), tuple(missing))

@@ -71,6 +71,15 @@ class Executor:
         if execution is None or execution.status in FINAL:
             await self.outcomes.record(Outcome(task.execution_id, task.task_id, owner, status=""))
             return
+        if execution.max_attempts and execution.attempts >= execution.max_attempts:
+            # Claimed again after its last attempt never finished (the process died, or the
+            # attempt crashed): running it once more would go past max_attempts, and for
+            # ever if the attempt crashes each time. Only that case reaches here: a failed
+            # attempt either retries below max_attempts or ends the execution.
+            error = f"gave up: attempt {execution.attempts} of {execution.max_attempts} never finished"
+            await self.outcomes.give_up(task, owner, error=error, attempts=execution.attempts)
+            log.warning("execution.dead", extra={"execution_id": execution.id, "attempts": execution.attempts, "error": error})
+            return
         definition = await self.workflows.get_pinned(execution.workflow_id, execution.workflow_version)
         remaining = [st for i, st in enumerate(definition["steps"]) if not (done_steps.get(i) and done_steps[i].status == "succeeded")]
         if remaining:

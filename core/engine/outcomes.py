@@ -90,6 +90,17 @@ class OutcomeWriter:
 
         await self.db.transaction(write)
 
+    async def give_up(self, task: Any, owner: str, *, error: str, attempts: int) -> None:
+        """End the task and mark its execution dead without running it; `attempts` puts back
+        the count the claim raised (that attempt never started)."""
+        values = {"status": "dead", "finished_at": utcnow(), "error": error, "attempts": attempts, "next_attempt_at": None}
+
+        def write(conn: Connection) -> None:
+            conn.execute(DELETE_TASK, {"b_task": task.task_id, "b_owner": owner})
+            conn.execute(update(EXECUTIONS).where(EXECUTIONS.c.id == task.execution_id, EXECUTIONS.c.status != "cancelled").values(**values))
+
+        await self.db.transaction(write)
+
     async def _write(self, outcomes: list[Outcome]) -> list[None]:
         now: datetime = utcnow()
         deletes = [{"b_task": o.task_id, "b_owner": o.owner} for o in outcomes]

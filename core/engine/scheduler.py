@@ -1,14 +1,18 @@
 """Fires scheduled workflows. Each fire is enqueued under the key (workflow, fire time), so
 any number of replicas ticking at once still start one execution per fire. The fire is
 enqueued before the next fire time is stored: a crash in between re-enqueues the same key,
-which the outbox ignores."""
+which the outbox ignores.
+
+A schedule whose fire times cannot be computed (a definition stored before validation
+refused it, a cron croniter cannot satisfy) is parked for PARKED_FOR instead of failing the
+tick: one tenant's bad row must not stop every other tenant's schedules."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Callable
 
 from sqlalchemy import and_, or_, select, update
@@ -21,6 +25,10 @@ from ipaas.storage.db import Database
 from ipaas.storage.tables import Schedule, Workflow, WorkflowVersion, utcnow
 
 log = logging.getLogger("ipaas.scheduler")
+
+# How long a schedule that cannot be computed waits before it is tried again. Updating the
+# workflow re-plans it at once (the store resets next_fire_at).
+PARKED_FOR = timedelta(hours=1)
 
 
 class Scheduler:
@@ -58,8 +66,14 @@ class Scheduler:
             rows = (await s.execute(q)).all()
         fired = 0
         for row in rows:
-            trigger = row.definition["trigger"]
-            fire_at, planned = due_fire(trigger, row.next_fire_at, now, catch_up=self.catch_up)
+            try:
+                fire_at, planned = due_fire(row.definition["trigger"], row.next_fire_at, now, catch_up=self.catch_up)
+                attempts = max_attempts(row.definition)
+            except Exception as exc:
+                # Only this row's definition is at fault (the database answered): park it.
+                # The error's type only: its text could quote the definition.
+                fire_at, planned = None, now + PARKED_FOR
+                log.warning("schedule.parked", extra={"workflow_id": row.workflow_id, "tenant_id": row.tenant_id, "error": type(exc).__name__, "until": planned.isoformat()})
             if fire_at is not None:
                 accepted = await self.enqueuer.submit(
                     NewExecution(
@@ -68,7 +82,7 @@ class Scheduler:
                         workflow_version=row.version,
                         trigger="schedule",
                         payload={"scheduled_at": fire_at.isoformat().replace("+00:00", "Z")},
-                        max_attempts=max_attempts(row.definition),
+                        max_attempts=attempts,
                         dedup_key=f"sched:{row.workflow_id}:{fire_at.isoformat()}",
                     )
                 )

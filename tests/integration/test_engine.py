@@ -409,3 +409,35 @@ async def test_payloads_that_are_bare_numbers_are_stored_and_run(env) -> None:
     listed = await api.executions.ListExecutions(executions_pb2.ListExecutionsRequest(page_size=50), metadata=api.md)
     assert {e.id for e in listed.executions} >= {*runs, hook.execution_id, after}
     assert (await api.execution(runs[0])).payload.number_value == 5
+
+
+async def test_a_non_ascii_digit_in_a_template_path_is_a_key_not_a_crash(env) -> None:
+    # "²".isdigit() is true and int("²") raises: the attempt crashed, the execution stayed
+    # running for ever (attempts past max_attempts) and DryRun answered INTERNAL.
+    core, api, slack, _ = env
+    cred = await api.credential("slack", {"webhook_url": slack.url})
+    options = {"max_attempts": 2, "strict_templates": True}
+    wf = (await api.create({"name": "p", "trigger": {"type": "manual"}, "options": options, "steps": [slack_step(cred, "first: {{items.²}}")]})).workflow
+    dry = await api.executions.DryRun(executions_pb2.DryRunRequest(workflow_id=wf.id, payload=value({"items": ["a"]})), metadata=api.md)
+    assert (dry.ok, list(dry.steps[0].missing_paths)) == (False, ["items.²"])
+    ex = await api.wait((await api.run(wf.id, {"items": ["a", "b"]})).execution.id, timeout=5)
+    assert (ex.status, ex.attempts) == ("failed", 1)
+    assert "items.²" in ex.error and slack.received == []
+
+
+async def test_an_execution_claimed_again_after_its_last_attempt_is_dead_not_run(tmp_path) -> None:
+    # Its last attempt was claimed and never finished (the process died, or the attempt
+    # crashed): running it again would go past max_attempts, for ever if it crashes each time.
+    async with FakeSlack() as slack, core_with(tmp_path, IPAAS_DISABLE_ENGINE="1", **FAST) as core:
+        api = Api(core.channel, (await core.new_tenant()).md)
+        cred = await api.credential("slack", {"webhook_url": slack.url})
+        wf = (await api.create({"name": "c", "trigger": {"type": "manual"}, "options": {"max_attempts": 2}, "steps": [slack_step(cred, "x")]})).workflow
+        queued = (await api.run(wf.id)).execution
+        async with core.server.db.session() as s, s.begin():
+            row = await s.get(Execution, queued.id)
+            row.status, row.attempts, row.started_at = "running", 2, datetime.now(timezone.utc)
+        core.server.dispatcher.start()
+        ex = await api.wait(queued.id, timeout=5)
+        assert (ex.status, ex.attempts) == ("dead", 2)
+        assert "never finished" in ex.error
+        assert slack.received == [] and await rows(core, OutboxTask) == 0

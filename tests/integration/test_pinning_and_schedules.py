@@ -99,3 +99,32 @@ async def test_cancelled_executions_do_not_run(tmp_path) -> None:
         assert (await api.wait(kept.id)).status == "succeeded"
         assert (await api.execution(queued.id)).status == "cancelled"
         assert len(slack.received) == 1
+
+
+async def test_a_schedule_that_cannot_be_computed_is_parked_and_the_others_still_fire(tmp_path, caplog) -> None:
+    from ipaas.engine.scheduler import PARKED_FOR
+    from ipaas.storage.tables import WorkflowVersion
+
+    async with FakeSlack() as slack, core_with(tmp_path, IPAAS_DISABLE_ENGINE="1") as core:
+        mallory = Api(core.channel, (await core.new_tenant(name="mallory")).md)
+        victim = Api(core.channel, (await core.new_tenant(name="victim")).md)
+        mcred = await mallory.credential("slack", {"webhook_url": slack.url})
+        vcred = await victim.credential("slack", {"webhook_url": slack.url})
+        bad = (await mallory.create({"name": "feb30", "trigger": {"type": "schedule", "cron": "0 0 * * *"}, "steps": [slack_step(mcred, "x")]})).workflow
+        good = (await victim.create({"name": "tick", "trigger": {"type": "schedule", "interval_seconds": 60}, "steps": [slack_step(vcred, "tick")]})).workflow
+        # A cron no date matches, stored before validation refused it: croniter raises on it.
+        async with core.server.db.session() as s, s.begin():
+            row = await s.get(WorkflowVersion, (bad.id, 1))
+            row.definition = {**row.definition, "trigger": {**row.definition["trigger"], "cron": "0 0 30 2 *"}}
+        clock = Clock(datetime(2026, 1, 1, 0, 0, 30, tzinfo=timezone.utc))
+        scheduler = Scheduler(core.server.db, core.server.enqueuer, clock=clock)
+
+        assert await scheduler.tick() == 0, "plans the good schedule, parks the bad one"
+        clock.now += timedelta(seconds=31)
+        assert await scheduler.tick() == 1, "the other tenant's schedule fires"
+        async with core.server.db.session() as s:
+            parked = await s.get(Schedule, bad.id)
+            fired = (await s.scalars(select(Execution).where(Execution.workflow_id == good.id))).all()
+        assert parked.next_fire_at == datetime(2026, 1, 1, 0, 0, 30, tzinfo=timezone.utc) + PARKED_FOR
+        assert len(fired) == 1
+        assert [r.workflow_id for r in caplog.records if r.msg == "schedule.parked"] == [bad.id]

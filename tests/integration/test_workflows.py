@@ -250,3 +250,55 @@ async def test_rotations_keep_the_current_secret_and_one_previous(core, api: Api
     assert verified == [False, False, False, False, True, True]
     async with core.server.db.session() as s:
         assert (await s.execute(text("select count(*) from webhook_secrets"))).scalar() == 2
+
+
+@pytest.mark.parametrize("cron", ["0 0 30 2 *", "0 0 31 4,6,9,11 *"])
+async def test_a_cron_no_date_matches_is_refused(api: Api, cron: str) -> None:
+    cred = await api.credential("slack", {"webhook_url": SLACK_URL})
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await api.create({"name": "never", "trigger": {"type": "schedule", "cron": cron}, "steps": [slack_step(cred)]})
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "never fires" in violations(err.value)["trigger.cron"]
+
+
+async def test_templates_with_regular_expressions_are_refused_on_create_and_update(api: Api) -> None:
+    cred = await api.credential("slack", {"webhook_url": SLACK_URL})
+    redos = "{{$[?match(@.s, '(a+)+b')]}}"
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await api.create({"name": "redos", "trigger": {"type": "manual"}, "steps": [slack_step(cred, redos)]})
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "regular expressions" in violations(err.value)["steps[0].config.text"]
+    wf = (await api.create({"name": "ok", "trigger": {"type": "manual"}, "steps": [slack_step(cred, "{{$.items[?@.n > 1]}}")]})).workflow
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await api.workflows.UpdateWorkflow(
+            workflows_pb2.UpdateWorkflowRequest(id=wf.id, expected_version=1, workflow=workflow({"steps": [slack_step(cred, "{{$[?@.s =~ /(a+)+b/]}}")]})), metadata=api.md
+        )
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "regular expressions" in violations(err.value)["steps[0].config.text"]
+
+
+async def test_a_definition_too_large_to_read_back_is_refused(api: Api) -> None:
+    from ipaas.definitions import MAX_DEFINITION_BYTES
+    from ipaas.wire import MAX_MESSAGE_BYTES
+
+    cred = await api.credential("slack", {"webhook_url": SLACK_URL})
+
+    def definition(blocks: list) -> dict:
+        step = {**slack_step(cred, "hi"), "config": {"text": "hi", "blocks": blocks}}
+        return {"name": "big", "trigger": {"type": "manual"}, "steps": [step]}
+
+    # Just under the request's limit: it was stored, then its reply (and every later
+    # ListWorkflows of the tenant) was larger than a message may be.
+    def request(n: int) -> workflows_pb2.CreateWorkflowRequest:
+        return workflows_pb2.CreateWorkflowRequest(workflow=workflow(definition(["x" * n])))
+
+    n = MAX_MESSAGE_BYTES - request(0).ByteSize()
+    while request(n).ByteSize() > MAX_MESSAGE_BYTES - 40:
+        n -= 1
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await api.workflows.CreateWorkflow(request(n), metadata=api.md)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert f"{MAX_DEFINITION_BYTES}" in violations(err.value)["steps[0].config.blocks[0]"], "names the limit and where the bulk is"
+    small = (await api.create(definition([{"type": "divider"}]))).workflow
+    listed = await api.workflows.ListWorkflows(workflows_pb2.ListWorkflowsRequest(), metadata=api.md)
+    assert [w.id for w in listed.workflows] == [small.id], "nothing was stored; the tenant's list works"

@@ -52,6 +52,13 @@ CTX = RenderContext(trigger=PAYLOAD, steps={"weather": {"temperature": 21.5, "ci
         ("{{user.name.__class__.__mro__}}", "", ("user.name.__class__.__mro__",)),
         ("{{ ''.join }}", "", ("''.join",)),
         ("{{items.x}}", "", ("items.x",)),
+        # str.isdigit() is true for these, int() refuses "²" and reads "٠" as 0: an index is
+        # ASCII digits only, anything else is a key a list does not have.
+        ("{{items.²}}", "", ("items.²",)),
+        ("{{items.-²}}", "", ("items.-²",)),
+        ("{{items.٠}}", "", ("items.٠",)),
+        ("{{items.--1}}", "", ("items.--1",)),
+        ("{{items.+1}}", "", ("items.+1",)),
         ("unclosed {{user.name", "unclosed {{user.name", ()),
         ("{{user.name}}{{user.name}}", "AlexAlex", ()),
     ],
@@ -97,6 +104,17 @@ def test_deeply_nested_config_is_refused() -> None:
         render_config(config, CTX)
 
 
+def test_an_unexpected_error_while_rendering_is_a_template_error() -> None:
+    # The executor fails a step for good on TemplateError; any other exception left the
+    # execution running, claimed again at every lease expiry.
+    class Hostile(dict):
+        def get(self, *args: object) -> object:
+            raise RuntimeError("boom")
+
+    with pytest.raises(TemplateError, match="user.name"):
+        render_config({"text": "{{user.name}}"}, RenderContext(trigger=Hostile(user={})))
+
+
 def test_invalid_templates_are_reported() -> None:
     assert validate_template("{{$.items[?}}")
     assert validate_template("{{}}")
@@ -104,6 +122,31 @@ def test_invalid_templates_are_reported() -> None:
     assert validate_template("ok {{user.name}}") == []
     with pytest.raises(TemplateError):
         compile_template("{{x}}" * 1001)
+
+
+@pytest.mark.parametrize(
+    "template",
+    [
+        "{{$[?match(@.s, '(a+)+b')]}}",
+        "{{$[?search(@.s, '(a+)+b')]}}",
+        "{{$.order.items[?match(@.sku, @.name)]}}",
+        "{{$[?@.s =~ /(a+)+b/]}}",
+        "{{$[?@.s =~ /(a+)+b/i]}}",
+    ],
+)
+def test_regular_expressions_are_refused(template: str) -> None:
+    # Python's re backtracks: "(a+)+b" against 27 "a"s took 9 s on the event loop, which
+    # no timeout can interrupt. So a template may not hold a regular expression at all.
+    problems = validate_template(template)
+    assert problems and "regular expressions" in problems[0], problems
+    with pytest.raises(TemplateError):
+        render(template, RenderContext(trigger=[{"s": "a" * 40 + "!"}]))
+
+
+def test_jsonpath_filters_without_regular_expressions_still_work() -> None:
+    assert render("{{$.order.items[?@.name == 'Pen'].sku}}", CTX).value == "P9"
+    assert render("{{$.order.items[?length(@.name) == 4].sku}}", CTX).value == "B1"
+    assert render("{{$.order.items[?startswith(@.sku, 'P')].name}}", CTX).value == "Pen"
 
 
 def test_compiled_templates_are_cached() -> None:
