@@ -33,17 +33,27 @@ def to_grpc_status(exc: errors.IpaasError) -> grpc.Status:
     return rpc_status.to_status(to_status_proto(exc))
 
 
+# Messages may quote what the caller sent (an unknown id, a bad field). The status travels in
+# trailing metadata, which clients cap at 16 KiB by default: a message quoting a huge input
+# would turn the answer into the client's own RESOURCE_EXHAUSTED ("Stream removed").
+MAX_MESSAGE_CHARS = 1024
+
+
+def _clip(text: str) -> str:
+    return text if len(text) <= MAX_MESSAGE_CHARS else text[: MAX_MESSAGE_CHARS - 1] + "…"
+
+
 def to_status_proto(exc: errors.IpaasError) -> status_pb2.Status:
     """The google.rpc.Status a call failing with `exc` answers (alone, or as a batch item)."""
     code = code_for(exc)
-    st = status_pb2.Status(code=code.value[0], message=str(exc))
+    st = status_pb2.Status(code=code.value[0], message=_clip(str(exc)))
     if isinstance(exc, errors.InvalidArgument) and exc.violations:
         detail = any_pb2.Any()
         detail.Pack(
             error_details_pb2.BadRequest(
                 field_violations=[
-                    error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
-                    for v in exc.violations
+                    error_details_pb2.BadRequest.FieldViolation(field=_clip(v.field), description=_clip(v.description))
+                    for v in exc.violations[:100]
                 ]
             )
         )

@@ -302,3 +302,16 @@ async def test_a_definition_too_large_to_read_back_is_refused(api: Api) -> None:
     small = (await api.create(definition([{"type": "divider"}]))).workflow
     listed = await api.workflows.ListWorkflows(workflows_pb2.ListWorkflowsRequest(), metadata=api.md)
     assert [w.id for w in listed.workflows] == [small.id], "nothing was stored; the tenant's list works"
+
+
+async def test_an_error_quoting_a_huge_input_still_reaches_the_caller(api: Api) -> None:
+    """Messages quote unknown ids; quoting a ~60 KB one made the status larger than a
+    client takes in metadata (16 KiB), so the caller got RESOURCE_EXHAUSTED from its own
+    channel instead of NOT_FOUND."""
+    huge = "x" * 60_000
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await api.workflows.GetWorkflow(workflows_pb2.GetWorkflowRequest(id=huge), metadata=api.md)
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND and len(err.value.details()) <= 1024
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await api.create({"name": "n", "trigger": {"type": "manual"}, "steps": [slack_step("cred_" + huge)]})
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
