@@ -212,9 +212,10 @@ class Gateway:
         try:
             status, content = await self._call(route, message, h, meta, key)
         except HttpError as err:
-            # An answer from the core (even an error) is the request's outcome: keep it.
-            content = envelope.error_body(err, meta)
-            await self.store.complete(scope, fingerprint, err.status, err.headers, content)
+            if err.status in idempotency.TRANSIENT_STATUSES:
+                await self.store.abandon(scope)
+            else:  # the core's answer to this request, even an error: keep it
+                await self.store.complete(scope, fingerprint, err.status, err.headers, envelope.error_body(err, meta))
             raise
         except BaseException:
             await self.store.abandon(scope)

@@ -28,6 +28,11 @@ KEEP = timedelta(hours=24)
 LOCK_SECONDS = 60
 MAX_KEY_LENGTH = 255
 KEPT_HEADERS = ("location", "content-type")
+# Answers that say nothing about the request itself (a timeout, the queue full, the core
+# down or failing): kept, they would be replayed for 24 h after the cause had passed. The
+# key is released instead, so a retry runs again; the core dedupes the trigger by the key.
+# A conflict (409, ABORTED: a stale version) is the request's real answer and is kept.
+TRANSIENT_STATUSES = frozenset({408, 429, 499, 500, 502, 503, 504})
 
 
 def fingerprint(method: str, path: str, query: str, body: bytes) -> str:

@@ -7,7 +7,7 @@ import asyncio
 import httpx
 import pytest
 
-from tests.conftest import core_with, gateway_for
+from tests.conftest import core_with, free_port, gateway_for
 from tests.fakes.slack import FakeSlack
 from tests.integration.helpers import signed_webhook
 
@@ -352,3 +352,60 @@ async def test_slow_or_silent_clients_lose_their_connection(tmp_path) -> None:
         assert first.startswith(b"HTTP/1.1 200")
         assert await asyncio.wait_for(reader.read(), 3) == b"", "the unfinished second head is cut off"
         writer.close()
+
+
+async def wait_until_settled(http: httpx.AsyncClient, execution_id: str) -> str:
+    for _ in range(200):
+        status = (await http.get(f"/api/executions/{execution_id}")).json()["data"]["status"]
+        if status in ("succeeded", "failed"):
+            return status
+        await asyncio.sleep(0.05)
+    return status
+
+
+async def test_a_full_queue_is_not_kept_for_the_idempotency_key(tmp_path) -> None:
+    """429 (the core's queue is full) is no answer to the request: a retry with the same key
+    once the queue has drained runs, instead of being told 429 again for 24 h."""
+    async with FakeSlack(delay=0.5) as slack, core_with(tmp_path, IPAAS_MAX_QUEUE_DEPTH="1", **FAST) as core, gateway_for(core.target, tmp_path) as url:
+        paid = await core.new_tenant(tier="paid")
+        async with httpx.AsyncClient(base_url=url, headers={"authorization": f"Bearer {paid.key}"}, timeout=10) as http:
+            wf = (await create_workflow(http, slack))["workflow"]
+            first = await http.post(f"/api/workflows/{wf['id']}/run", json={}, headers={"Idempotency-Key": "k1"})
+            full = await http.post(f"/api/workflows/{wf['id']}/run", json={}, headers={"Idempotency-Key": "k2"})
+            assert first.status_code == 202 and full.status_code == 429, (first.text, full.text)
+            assert await wait_until_settled(http, first.json()["data"]["execution"]["id"]) == "succeeded"
+            for _ in range(30):  # the core counts its queue again within a second
+                retry = await http.post(f"/api/workflows/{wf['id']}/run", json={}, headers={"Idempotency-Key": "k2"})
+                if retry.status_code != 429 or "x-idempotency-replay" in retry.headers:
+                    break
+                await asyncio.sleep(0.2)
+            assert retry.status_code == 202 and "x-idempotency-replay" not in retry.headers, retry.text
+            again = await http.post(f"/api/workflows/{wf['id']}/run", json={}, headers={"Idempotency-Key": "k2"})
+            assert again.headers["x-idempotency-replay"] == "true" and again.json()["data"] == retry.json()["data"]
+
+
+async def test_core_unavailable_is_not_kept_but_a_conflict_is(tmp_path) -> None:
+    """503 (the core was down) runs again on a retry with the same key; a version conflict
+    (409) is the request's real answer and is replayed."""
+    port = free_port()
+    listen = {"IPAAS_GRPC_LISTEN": f"127.0.0.1:{port}", **FAST}
+    credential = {"connector": "slack", "name": "x", "secrets": {"webhook_url": "http://127.0.0.1:9/x"}}
+    async with FakeSlack() as slack, gateway_for(f"127.0.0.1:{port}", tmp_path) as url:
+        async with core_with(tmp_path / "c", **listen) as core:
+            paid = await core.new_tenant(tier="paid")
+            http = httpx.AsyncClient(base_url=url, headers={"authorization": f"Bearer {paid.key}"}, timeout=10)
+            wf = (await create_workflow(http, slack))["workflow"]
+            stale = {"Idempotency-Key": "p1", "If-Match": '"7"'}
+            conflict = await http.patch(f"/api/workflows/{wf['id']}", json={"name": "n"}, headers=stale)
+            replayed = await http.patch(f"/api/workflows/{wf['id']}", json={"name": "n"}, headers=stale)
+            assert conflict.status_code == replayed.status_code == 409 and replayed.headers["x-idempotency-replay"] == "true"
+        down = await http.post("/api/credentials", json=credential, headers={"Idempotency-Key": "c1"})
+        assert down.status_code == 503, down.text
+        async with core_with(tmp_path / "c", **listen):
+            for _ in range(50):
+                if (await http.get("/health/ready")).status_code == 200:
+                    break
+                await asyncio.sleep(0.1)
+            retry = await http.post("/api/credentials", json=credential, headers={"Idempotency-Key": "c1"})
+        await http.aclose()
+    assert retry.status_code == 201 and "x-idempotency-replay" not in retry.headers, retry.text
