@@ -208,7 +208,7 @@ class Gateway:
             if not record.done:
                 raise HttpError(409, "a request with this Idempotency-Key is still being processed")
             replay = {**headers, **(record.headers or {}), "X-Idempotency-Replay": "true"}
-            return envelope.json_response(record.status, record.body, replay)
+            return envelope.json_response(record.status, envelope.with_meta(record.body, meta), replay)
         try:
             status, content = await self._call(route, message, h, meta, key)
         except HttpError as err:

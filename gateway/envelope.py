@@ -59,6 +59,15 @@ def error_body(error: HttpError, meta: dict[str, Any]) -> bytes:
     return orjson.dumps({"success": False, "error": {"code": error.code, "message": error.message, "details": error.details}, "meta": meta})
 
 
+def with_meta(content: bytes, meta: dict[str, Any]) -> bytes:
+    """A kept envelope with this request's meta (a replay answers under its own request id)."""
+    if not content:
+        return content
+    kept = orjson.loads(content)
+    kept["meta"] = {**kept.get("meta", {}), **meta}
+    return orjson.dumps(kept)
+
+
 def json_response(status: int, content: bytes, headers: dict[str, str] | None = None) -> Response:
     if status == 204:
         return Response(status_code=204, headers=headers)

@@ -126,6 +126,8 @@ async def test_idempotent_replay_conflict_and_changed_body(stack) -> None:
     assert first.status_code == second.status_code == 202
     assert second.headers["x-idempotency-replay"] == "true" and "x-idempotency-replay" not in first.headers
     assert second.json()["data"] == first.json()["data"]
+    # The replay's envelope names the replay's request id, not the first request's.
+    assert_envelope(second, True)["meta"]["request_id"] != first.json()["meta"]["request_id"]
     changed = await http.post(f"/api/workflows/{wf['id']}/run", json={"payload": {"order": {"id": 2}}}, headers=key)
     assert changed.status_code == 422
     seeds_header = await http.post(f"/api/workflows/{wf['id']}/run", json={}, headers={"X-Idempotency-Key": "k2"})
@@ -399,6 +401,7 @@ async def test_core_unavailable_is_not_kept_but_a_conflict_is(tmp_path) -> None:
             conflict = await http.patch(f"/api/workflows/{wf['id']}", json={"name": "n"}, headers=stale)
             replayed = await http.patch(f"/api/workflows/{wf['id']}", json={"name": "n"}, headers=stale)
             assert conflict.status_code == replayed.status_code == 409 and replayed.headers["x-idempotency-replay"] == "true"
+            assert_envelope(replayed, False)
         down = await http.post("/api/credentials", json=credential, headers={"Idempotency-Key": "c1"})
         assert down.status_code == 503, down.text
         async with core_with(tmp_path / "c", **listen):
