@@ -194,12 +194,15 @@ class Gateway:
                     raise HttpError(429, "rate limit exceeded: slow down and retry after the time in Retry-After")
 
         key = h.get("idempotency-key") or h.get("x-idempotency-key")
-        if key is None or request.method not in IDEMPOTENT_VERBS:
+        # Webhooks keep no answer here: it would be kept before the core checked the
+        # signature, so an unsigned sender could answer the genuine delivery's key or read
+        # its answer. The core dedupes what it accepted, by webhook-id or by the key.
+        if key is None or request.method not in IDEMPOTENT_VERBS or route.raw_body:
             status, content = await self._call(route, message, h, meta, key)
             return envelope.json_response(status, content, headers)
         if not 1 <= len(key) <= idempotency.MAX_KEY_LENGTH:
             raise HttpError(400, f"Idempotency-Key must be 1 to {idempotency.MAX_KEY_LENGTH} characters")
-        scope = f"{tenant or 'webhook:' + match.params.get('workflow_id', '')}:{key}"
+        scope = f"{tenant}:{key}"
         fingerprint = idempotency.fingerprint(request.method, path, request.scope.get("query_string", b"").decode("latin-1"), body)
         record = await self.store.begin(scope, fingerprint)
         if record is not None:

@@ -412,3 +412,40 @@ async def test_core_unavailable_is_not_kept_but_a_conflict_is(tmp_path) -> None:
             retry = await http.post("/api/credentials", json=credential, headers={"Idempotency-Key": "c1"})
         await http.aclose()
     assert retry.status_code == 201 and "x-idempotency-replay" not in retry.headers, retry.text
+
+
+async def test_webhook_idempotency_keys_are_the_cores_not_the_gateways(stack) -> None:
+    """The gateway keeps no answer for a webhook's Idempotency-Key: it would be kept before
+    the core checked the signature, so anyone could answer the genuine delivery (a stored
+    401) or read its answer (a stored 202). The key goes to the core, which dedupes only
+    what it accepted."""
+    core, http, slack = stack
+    created = await create_workflow(http, slack, trigger="webhook")
+    wf_id, secret = created["workflow"]["id"], created["webhook_secret"]
+    hook = f"/api/webhooks/{wf_id}"
+    unsigned = {"content-type": "application/json"}
+    async with httpx.AsyncClient(base_url=str(http.base_url), timeout=10) as anonymous:
+        raw, signed = signed_webhook(secret, {"order": {"id": "P"}}, "evt_p")
+        forged = await anonymous.post(hook, content=raw, headers={**unsigned, "Idempotency-Key": "d-42"})
+        genuine = await anonymous.post(hook, content=raw, headers={**signed, "Idempotency-Key": "d-42"})
+        assert forged.status_code == 401 and genuine.status_code == 202, genuine.text
+        copy = await anonymous.post(hook, content=raw, headers={**unsigned, "Idempotency-Key": "d-42"})
+        assert copy.status_code == 401 and genuine.json()["data"]["execution_id"] not in copy.text
+        retried = await anonymous.post(hook, content=raw, headers={**signed, "Idempotency-Key": "d-42"})
+        assert retried.status_code == 202 and retried.json()["data"]["execution_id"] == genuine.json()["data"]["execution_id"]
+        assert retried.json()["data"]["duplicate"] is True
+        # A webhook's key does not take the owner's own key of the same name.
+        await anonymous.post(hook, content=raw, headers={**signed, "Idempotency-Key": "order-1"})
+        own = await http.post("/api/credentials", json={"connector": "slack", "name": "k", "secrets": {"webhook_url": slack.url}}, headers={"Idempotency-Key": "order-1"})
+        assert own.status_code == 201, own.text
+        # The key still reaches the core: unsigned senders (allowed by the workflow) dedupe on it.
+        opened = await http.patch(f"/api/workflows/{wf_id}", json={"options": {"allow_unsigned_webhooks": True}}, headers={"If-Match": '"1"'})
+        assert opened.status_code == 200, opened.text
+        open_ = [await anonymous.post(hook, content=b'{"order":{"id":"U"}}', headers={**unsigned, "Idempotency-Key": "u-1"}) for _ in range(2)]
+        assert [r.status_code for r in open_] == [202, 202] and open_[0].json()["data"]["execution_id"] == open_[1].json()["data"]["execution_id"]
+    for _ in range(200):
+        if len(slack.received) >= 2:
+            break
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(0.2)
+    assert sorted(m["text"] for m in slack.received) == ["Order P", "Order U"]
