@@ -186,12 +186,10 @@ class Gateway:
         message = self._request_message(route, match, request, h, body)
 
         tenant, tier = await self._caller(route, match, h)
-        if tenant and tier != "admin" and not self.rate_limits_off:
-            decision = await self.limiter.check(tenant, tier)
-            if decision is not None:
-                headers.update(decision.headers)
-                if not decision.allowed:
-                    raise HttpError(429, "rate limit exceeded: slow down and retry after the time in Retry-After")
+        # A webhook's sender is known only once the core has checked its signature: before
+        # the call the owner's budget is only looked at, and spent once the core accepted it
+        # (below), so requests it refuses cannot keep the owner's own API rate-limited.
+        await self._limit(tenant, tier, headers, spend=not route.raw_body)
 
         key = h.get("idempotency-key") or h.get("x-idempotency-key")
         # Webhooks keep no answer here: it would be kept before the core checked the
@@ -199,6 +197,8 @@ class Gateway:
         # its answer. The core dedupes what it accepted, by webhook-id or by the key.
         if key is None or request.method not in IDEMPOTENT_VERBS or route.raw_body:
             status, content = await self._call(route, message, h, meta, key)
+            if route.raw_body and (owner := self._owners.get(match.params.get("workflow_id", ""))):
+                await self._spend(owner[1], owner[2], headers)
             return envelope.json_response(status, content, headers)
         if not 1 <= len(key) <= idempotency.MAX_KEY_LENGTH:
             raise HttpError(400, f"Idempotency-Key must be 1 to {idempotency.MAX_KEY_LENGTH} characters")
@@ -225,6 +225,26 @@ class Gateway:
             raise
         await self.store.complete(scope, fingerprint, status, {}, content)
         return envelope.json_response(status, content, headers)
+
+    async def _limit(self, tenant: str | None, tier: str | None, headers: dict[str, str], *, spend: bool) -> None:
+        """The caller's rate limit: its headers on the answer, 429 when over the budget."""
+        if not tenant or not tier or tier == "admin" or self.rate_limits_off:
+            return
+        decision = await self.limiter.check(tenant, tier, spend=spend)
+        if decision is None:
+            return
+        headers.update(decision.headers)
+        if not decision.allowed:
+            raise HttpError(429, "rate limit exceeded: slow down and retry after the time in Retry-After", headers={"Retry-After": str(decision.retry_after)})
+
+    async def _spend(self, tenant: str, tier: str, headers: dict[str, str]) -> None:
+        """Count an accepted webhook against its owner. It is accepted already: when
+        webhooks that arrived together overran the budget, they are not refused for it."""
+        if tier == "admin" or self.rate_limits_off:
+            return
+        decision = await self.limiter.check(tenant, tier)
+        if decision is not None:
+            headers.update(decision.headers)
 
     async def _read_body(self, request: Request, h: dict[str, str], limit: int) -> bytes:
         declared = h.get("content-length")

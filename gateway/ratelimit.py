@@ -35,6 +35,7 @@ class Tier:
 class Decision:
     allowed: bool
     headers: dict[str, str]
+    retry_after: int = 0  # seconds, when not allowed
 
 
 def parse_tiers(env: Mapping[str, str]) -> dict[str, Tier]:
@@ -64,13 +65,14 @@ class RateLimiter:
         self.limiter = MovingWindowRateLimiter(self.storage)
         self._items = {name: RateLimitItemPerSecond(t.burst, t.window) for name, t in tiers.items()}
 
-    async def check(self, tenant_id: str, tier_name: str) -> Decision | None:
-        """None when the caller is not limited (admin, or a tenant exempted by settings)."""
+    async def check(self, tenant_id: str, tier_name: str, spend: bool = True) -> Decision | None:
+        """None when the caller is not limited (admin, or a tenant exempted by settings).
+        spend=False only looks: whether one more request fits, without counting it."""
         tier = self.tiers.get(tier_name)
         if tier is None or tenant_id in self.unlimited:
             return None
         item = self._items[tier.name]
-        allowed = await self.limiter.hit(item, tenant_id)
+        allowed = await (self.limiter.hit if spend else self.limiter.test)(item, tenant_id)
         stats = await self.limiter.get_window_stats(item, tenant_id)
         reset = max(0, math.ceil(stats.reset_time - time.time()))
         remaining = max(0, stats.remaining)
@@ -81,9 +83,7 @@ class RateLimiter:
             "RateLimit-Policy": f'"{tier.name}";q={tier.burst};w={tier.window}',
             "RateLimit": f'"{tier.name}";r={remaining};t={reset}',
         }
-        if not allowed:
-            headers["Retry-After"] = str(max(1, reset if remaining == 0 else 1))
-        return Decision(allowed, headers)
+        return Decision(allowed, headers, 0 if allowed else max(1, reset if remaining == 0 else 1))
 
     async def ping(self) -> bool:
         return bool(await self.storage.check())

@@ -449,3 +449,28 @@ async def test_webhook_idempotency_keys_are_the_cores_not_the_gateways(stack) ->
         await asyncio.sleep(0.05)
     await asyncio.sleep(0.2)
     assert sorted(m["text"] for m in slack.received) == ["Order P", "Order U"]
+
+
+async def test_only_accepted_webhooks_spend_the_owners_rate_limit(tmp_path) -> None:
+    """Anyone who knows a workflow id can post to its webhook: requests the core refuses
+    (unsigned) must not use up the owner's budget and rate-limit its own API calls. Accepted
+    webhooks are still charged to the owner, and past the budget get 429 with Retry-After."""
+    async with FakeSlack() as slack, core_with(tmp_path, **FAST) as core, gateway_for(core.target, tmp_path, IPAAS_RATE_FREE="1/10") as url:
+        owner = await core.new_tenant(tier="free")
+        async with httpx.AsyncClient(base_url=url, headers={"authorization": f"Bearer {owner.key}"}, timeout=10) as http, httpx.AsyncClient(base_url=url, timeout=10) as anonymous:
+            created = await create_workflow(http, slack, trigger="webhook")  # 2 of 10 spent
+            hook, secret = f"/api/webhooks/{created['workflow']['id']}", created["webhook_secret"]
+            raw, signed = signed_webhook(secret, {"order": {"id": 0}}, "evt_0")
+            accepted = await anonymous.post(hook, content=raw, headers=signed)  # 3: the owner is known from here on
+            assert accepted.status_code == 202
+            junk = await asyncio.gather(*(anonymous.post(hook, content=b"{}", headers={"content-type": "application/json"}) for _ in range(12)))
+            assert [r.status_code for r in junk] == [401] * 12
+            own = await http.get("/api/workflows")  # 4
+            assert own.status_code == 200 and own.headers["x-ratelimit-remaining"] == "6", (own.status_code, own.headers.get("x-ratelimit-remaining"))
+            answers = []
+            for i in range(1, 8):
+                raw, signed = signed_webhook(secret, {"order": {"id": i}}, f"evt_{i}")
+                answers.append(await anonymous.post(hook, content=raw, headers=signed))
+    assert [r.status_code for r in answers] == [202] * 6 + [429], [r.status_code for r in answers]
+    assert answers[-1].json()["error"]["code"] == "rate_limited" and int(answers[-1].headers["retry-after"]) >= 1
+    assert answers[0].headers["x-ratelimit-remaining"] == "5" and "retry-after" not in answers[5].headers
