@@ -31,6 +31,7 @@ from ipaas.gateway.core_client import CALL_TIMEOUT, CoreClient
 from ipaas.gateway.envelope import HttpError
 from ipaas.gateway.openapi import DOCS_PAGE, build_openapi
 from ipaas.gateway.ratelimit import RateLimiter, parse_tiers
+from ipaas.gateway.throttled_log import ThrottledWarning
 from ipaas.gateway.routes import Match, Route, Router, field_value
 from ipaas.gateway.webhook_batch import WebhookBatcher
 from ipaas.settings import Settings
@@ -42,6 +43,7 @@ _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 WEBHOOK_BODY_LIMIT = 1024 * 1024
 BODY_LIMIT = 256 * 1024
 CALLER_TTL = 10.0
+READY_TIMEOUT = 1.0  # seconds Redis has to answer /health/ready's ping
 OWNER_TTL = 60.0
 UNLIMITED_PATHS = {"/health", "/health/live", "/health/ready", "/openapi.json", "/docs"}
 HOP_BY_HOP = {"connection", "keep-alive", "proxy-authorization", "proxy-authenticate", "te", "trailer", "transfer-encoding", "upgrade", "authorization", "cookie"}
@@ -84,6 +86,7 @@ class Gateway:
         self._started = time.monotonic()
         self._draining = False
         self._purger: asyncio.Task[None] | None = None
+        self._store_down = ThrottledWarning(log, "idempotency.store_unavailable")
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def startup(self) -> None:
@@ -204,7 +207,13 @@ class Gateway:
             raise HttpError(400, f"Idempotency-Key must be 1 to {idempotency.MAX_KEY_LENGTH} characters")
         scope = f"{tenant}:{key}"
         fingerprint = idempotency.fingerprint(request.method, path, request.scope.get("query_string", b"").decode("latin-1"), body)
-        record = await self.store.begin(scope, fingerprint)
+        try:
+            record = await self.store.begin(scope, fingerprint)
+        except Exception as exc:
+            # Without its store the key cannot be honoured: running the request anyway could
+            # run it twice. The caller retries later (or without the key).
+            self._store_down(exc)
+            raise HttpError(503, "the idempotency store is unavailable: retry shortly") from None
         if record is not None:
             if record.fingerprint != fingerprint:
                 raise HttpError(422, "this Idempotency-Key was used with a different request")
@@ -216,15 +225,29 @@ class Gateway:
             status, content = await self._call(route, message, h, meta, key)
         except HttpError as err:
             if err.status in idempotency.TRANSIENT_STATUSES:
-                await self.store.abandon(scope)
+                await self._release(scope)
             else:  # the core's answer to this request, even an error: keep it
-                await self.store.complete(scope, fingerprint, err.status, err.headers, envelope.error_body(err, meta))
+                await self._keep(scope, fingerprint, err.status, err.headers, envelope.error_body(err, meta))
             raise
         except BaseException:
-            await self.store.abandon(scope)
+            await self._release(scope)
             raise
-        await self.store.complete(scope, fingerprint, status, {}, content)
+        await self._keep(scope, fingerprint, status, {}, content)
         return envelope.json_response(status, content, headers)
+
+    # The request has run: a store that fails now must not hide its answer. The key's lock
+    # then expires after LOCK_SECONDS, and the core dedupes a retry's trigger by the key.
+    async def _keep(self, scope: str, fingerprint: str, status: int, headers: dict[str, str], content: bytes) -> None:
+        try:
+            await self.store.complete(scope, fingerprint, status, headers, content)
+        except Exception as exc:
+            self._store_down(exc)
+
+    async def _release(self, scope: str) -> None:
+        try:
+            await self.store.abandon(scope)
+        except Exception as exc:
+            self._store_down(exc)
 
     async def _limit(self, tenant: str | None, tier: str | None, headers: dict[str, str], *, spend: bool) -> None:
         """The caller's rate limit: its headers on the answer, 429 when over the budget."""
@@ -409,6 +432,8 @@ class Gateway:
         if path == "/health/ready":
             if self._draining or not core_ok:
                 raise HttpError(503, "not ready: " + ("draining" if self._draining else "the core is unreachable"), details=[{"check": "core", "status": "ok" if core_ok else "failing"}])
+            if not await self._redis_ok():
+                raise HttpError(503, "not ready: Redis is unreachable", details=[{"check": "redis", "status": "failing"}])
             return envelope.json_response(200, envelope.body({"status": "ready"}, meta), headers)
         checks = {"core": "ok" if core_ok else "failing", "database": await self._store_check(), "runtime": "ok"}
         uptime = time.monotonic() - self._started
@@ -423,6 +448,18 @@ class Gateway:
         if report["status"] != "healthy":
             raise HttpError(503, "unhealthy: " + ", ".join(k for k, v in checks.items() if v != "ok"), details=[report])
         return envelope.json_response(200, envelope.body(report, meta), headers)
+
+    async def _redis_ok(self) -> bool:
+        """True without Redis; with it, whether it answers a ping in time (keyed requests
+        need it, and a balancer should send them to a gateway that has it)."""
+        if not isinstance(self.store, idempotency.RedisStore):
+            return True
+        try:
+            async with asyncio.timeout(READY_TIMEOUT):
+                await self.store.redis.ping()
+            return True
+        except Exception:
+            return False
 
     async def _store_check(self) -> str:
         try:

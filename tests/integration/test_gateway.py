@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import httpx
 import pytest
@@ -474,3 +475,24 @@ async def test_only_accepted_webhooks_spend_the_owners_rate_limit(tmp_path) -> N
     assert [r.status_code for r in answers] == [202] * 6 + [429], [r.status_code for r in answers]
     assert answers[-1].json()["error"]["code"] == "rate_limited" and int(answers[-1].headers["retry-after"]) >= 1
     assert answers[0].headers["x-ratelimit-remaining"] == "5" and "retry-after" not in answers[5].headers
+
+
+async def test_a_dead_redis_lets_requests_through_but_not_keyed_ones(tmp_path, caplog) -> None:
+    """Redis down: the rate limiter lets requests through (one warning, not one per request,
+    without the URL's password), a keyed request gets 503 (its key cannot be honoured), and
+    /health/ready says not ready, so a balancer can route around this gateway."""
+    caplog.set_level(logging.WARNING)
+    dead = f"redis://:s3cret-pw@127.0.0.1:{free_port()}/0"
+    async with core_with(tmp_path) as core, gateway_for(core.target, tmp_path, IPAAS_REDIS_URL=dead) as url:
+        paid = await core.new_tenant(tier="paid")
+        async with httpx.AsyncClient(base_url=url, headers={"authorization": f"Bearer {paid.key}"}, timeout=10) as http:
+            listed = [await http.get("/api/workflows") for _ in range(3)]
+            keyed = await http.post("/api/credentials", json={"connector": "slack", "name": "x", "secrets": {"webhook_url": "http://127.0.0.1:9/x"}}, headers={"Idempotency-Key": "c1"})
+            ready = await http.get("/health/ready")
+            live = await http.get("/health/live")
+    assert [r.status_code for r in listed] == [200] * 3, [r.text for r in listed]
+    assert keyed.status_code == 503 and assert_envelope(keyed, False)["error"]["code"] == "unavailable", keyed.text
+    assert ready.status_code == 503 and assert_envelope(ready, False)["error"]["details"] == [{"check": "redis", "status": "failing"}], ready.text
+    assert live.status_code == 200
+    assert [r.getMessage() for r in caplog.records].count("ratelimit.unavailable") == 1, [r.getMessage() for r in caplog.records]
+    assert "s3cret-pw" not in caplog.text and "s3cret-pw" not in keyed.text + ready.text
