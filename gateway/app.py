@@ -32,7 +32,7 @@ from ipaas.gateway.envelope import HttpError
 from ipaas.gateway.openapi import DOCS_PAGE, build_openapi
 from ipaas.gateway.ratelimit import RateLimiter, parse_tiers
 from ipaas.gateway.throttled_log import ThrottledWarning
-from ipaas.gateway.routes import Match, Route, Router, field_value
+from ipaas.gateway.routes import MAX_PARAM_LENGTH, Match, Route, Router, field_value
 from ipaas.gateway.webhook_batch import WebhookBatcher
 from ipaas.settings import Settings
 from ipaas.v1 import executions_pb2
@@ -42,6 +42,9 @@ log = logging.getLogger("ipaas.gateway")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 WEBHOOK_BODY_LIMIT = 1024 * 1024
 BODY_LIMIT = 256 * 1024
+MAX_AUTHORIZATION_LENGTH = 1024  # API keys are ~50 characters
+# Failures of the call itself rather than answers of the core's handlers.
+CHANNEL_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED}
 CALLER_TTL = 10.0
 READY_TIMEOUT = 1.0  # seconds Redis has to answer /health/ready's ping
 OWNER_TTL = 60.0
@@ -312,6 +315,8 @@ class Gateway:
                 raise HttpError(400, f"the body does not fit {target.DESCRIPTOR.name}: {exc}") from None
         fields = route.method.input_type.fields_by_name
         for name, raw in match.params.items():
+            if len(raw) > MAX_PARAM_LENGTH:  # no resource has such a name
+                raise HttpError(404, f"not found: {name} is longer than {MAX_PARAM_LENGTH} characters", details=[{"field": name, "description": f"at most {MAX_PARAM_LENGTH} characters"}])
             try:
                 setattr(message, name, field_value(fields[name], raw))
             except (ValueError, TypeError):
@@ -320,6 +325,8 @@ class Gateway:
             raw = request.query_params.get(field.name) or request.query_params.get(field.json_name)
             if raw is None:
                 continue
+            if len(raw) > MAX_PARAM_LENGTH:
+                raise HttpError(400, f"query parameter {field.name} is too long", details=[{"field": field.name, "description": f"at most {MAX_PARAM_LENGTH} characters"}])
             try:
                 setattr(message, field.name, field_value(field, raw))
             except (ValueError, TypeError):
@@ -340,6 +347,8 @@ class Gateway:
         auth = h.get("authorization")
         if not auth:
             return None, None
+        if len(auth) > MAX_AUTHORIZATION_LENGTH:
+            raise HttpError(401, "invalid Authorization header: send Authorization: Bearer <API key>")
         digest = hashlib.sha256(auth.encode()).hexdigest()
         cached = self._callers.get(digest)
         if cached and cached[0] > now:
@@ -398,6 +407,12 @@ class Gateway:
 
     @classmethod
     def _rpc_error(cls, exc: grpc.aio.AioRpcError) -> HttpError:
+        if exc.code() not in CHANNEL_CODES and not any(k == "x-request-id" for k, _ in exc.trailing_metadata() or ()):
+            # The core's handlers answer every call with x-request-id in the trailers: an
+            # error without it is the channel's own (an answer over gRPC's metadata limit,
+            # a stream reset), and its words are the transport's, not the caller's business.
+            log.warning("core.unreadable_answer", extra={"grpc_code": exc.code().name, "details": (exc.details() or "")[:200]})
+            return HttpError(502, "the core's answer could not be read")
         status = None
         with contextlib.suppress(Exception):  # a status that does not match the call's
             status = rpc_status.from_call(exc)

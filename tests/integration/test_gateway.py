@@ -290,6 +290,7 @@ async def test_openapi_and_docs(stack) -> None:
     assert doc["openapi"] == "3.1.0"
     assert {"/api/workflows", "/api/workflows/{id}", "/api/webhooks/{workflow_id}", "/api/workflows/dry-run", "/api/executions/{id}/replay"} <= set(doc["paths"])
     assert "201" in doc["paths"]["/api/workflows"]["post"]["responses"]
+    assert doc["paths"]["/api/workflows/{id}"]["get"]["parameters"][0]["schema"] == {"type": "string", "maxLength": 256}
     docs = await http.get("/docs")
     assert docs.status_code == 200 and "/openapi.json" in docs.text
 
@@ -496,3 +497,21 @@ async def test_a_dead_redis_lets_requests_through_but_not_keyed_ones(tmp_path, c
     assert live.status_code == 200
     assert [r.getMessage() for r in caplog.records].count("ratelimit.unavailable") == 1, [r.getMessage() for r in caplog.records]
     assert "s3cret-pw" not in caplog.text and "s3cret-pw" not in keyed.text + ready.text
+
+
+async def test_oversized_input_gets_a_plain_answer_not_transport_text(stack) -> None:
+    """An id, a query value or an Authorization header far longer than any real one is
+    refused by the gateway (404, 400, 401); a core answer the gRPC channel could not carry
+    (an error echoing a 20 KB field) is a generic 502, never 429 with the transport's words."""
+    core, http, slack = stack
+    long_id = await http.get("/api/workflows/" + "a" * 60000)
+    long_query = await http.get("/api/executions", params={"workflow_id": "w" * 300})
+    long_key = await http.get("/api/caller", headers={"authorization": "Bearer " + "x" * 20000})
+    unreadable = await http.post("/api/credentials", json={"connector": "x" * 20000, "name": "n", "secrets": {}})
+    for response, status, code in [(long_id, 404, "not_found"), (long_query, 400, "bad_request"), (long_key, 401, "unauthenticated"), (unreadable, 502, "bad_gateway")]:
+        assert (response.status_code, assert_envelope(response, False)["error"]["code"]) == (status, code), response.text[:300]
+        assert "metadata" not in response.text and "Stream removed" not in response.text and "x" * 100 not in response.text
+    assert long_query.json()["error"]["details"] == [{"field": "workflow_id", "description": "at most 256 characters"}]
+    # Within the bounds nothing changes, and the core's own 429 (queue full) stays a 429: see above.
+    assert (await http.get("/api/workflows/" + "a" * 256)).status_code == 404
+    assert (await http.get("/api/executions", params={"workflow_id": "w" * 256})).status_code == 200
