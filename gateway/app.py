@@ -42,6 +42,7 @@ log = logging.getLogger("ipaas.gateway")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 WEBHOOK_BODY_LIMIT = 1024 * 1024
 BODY_LIMIT = 256 * 1024
+MAX_VERSION = 2**31 - 1  # versions are int32 in the API
 MAX_AUTHORIZATION_LENGTH = 1024  # API keys are ~50 characters
 # Failures of the call itself rather than answers of the core's handlers.
 CHANNEL_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED}
@@ -56,6 +57,11 @@ STATUS_CODES = {code.value[0]: code for code in grpc.StatusCode}
 
 def _request_id(given: str | None) -> str:
     return given if given and _REQUEST_ID.match(given) else os.urandom(16).hex()
+
+
+def _ascii_text(value: str) -> bool:
+    """What a gRPC metadata value may hold."""
+    return value.isascii() and value.isprintable()
 
 
 def _header_map(scope: dict[str, Any]) -> dict[str, str]:
@@ -198,16 +204,19 @@ class Gateway:
         await self._limit(tenant, tier, headers, spend=not route.raw_body)
 
         key = h.get("idempotency-key") or h.get("x-idempotency-key")
+        if request.method not in IDEMPOTENT_VERBS:
+            key = None  # reads and deletes are idempotent already; the core has no use for it
+        elif key is not None and not (1 <= len(key) <= idempotency.MAX_KEY_LENGTH and _ascii_text(key)):
+            # It travels as gRPC metadata, which is printable ASCII.
+            raise HttpError(400, f"Idempotency-Key must be 1 to {idempotency.MAX_KEY_LENGTH} printable ASCII characters")
         # Webhooks keep no answer here: it would be kept before the core checked the
         # signature, so an unsigned sender could answer the genuine delivery's key or read
         # its answer. The core dedupes what it accepted, by webhook-id or by the key.
-        if key is None or request.method not in IDEMPOTENT_VERBS or route.raw_body:
+        if key is None or route.raw_body:
             status, content = await self._call(route, message, h, meta, key)
             if route.raw_body and (owner := self._owners.get(match.params.get("workflow_id", ""))):
                 await self._spend(owner[1], owner[2], headers)
             return envelope.json_response(status, content, headers)
-        if not 1 <= len(key) <= idempotency.MAX_KEY_LENGTH:
-            raise HttpError(400, f"Idempotency-Key must be 1 to {idempotency.MAX_KEY_LENGTH} characters")
         scope = f"{tenant}:{key}"
         fingerprint = idempotency.fingerprint(request.method, path, request.scope.get("query_string", b"").decode("latin-1"), body)
         try:
@@ -333,7 +342,8 @@ class Gateway:
                 raise HttpError(400, f"query parameter {field.name} is not valid", details=[{"field": field.name, "description": "invalid value"}]) from None
         if "expected_version" in fields and not message.expected_version and h.get("if-match"):
             version = h["if-match"].removeprefix("W/").strip().strip('"')
-            if not version.isdigit():
+            # isdigit alone takes "²" and other Unicode digits; a version is an int32.
+            if not (version.isascii() and version.isdigit() and len(version) <= 10 and int(version) <= MAX_VERSION):
                 raise HttpError(400, 'If-Match must be a version number, e.g. If-Match: "3"')
             message.expected_version = int(version)
         return message
@@ -347,7 +357,7 @@ class Gateway:
         auth = h.get("authorization")
         if not auth:
             return None, None
-        if len(auth) > MAX_AUTHORIZATION_LENGTH:
+        if len(auth) > MAX_AUTHORIZATION_LENGTH or not _ascii_text(auth):  # no API key looks like that
             raise HttpError(401, "invalid Authorization header: send Authorization: Bearer <API key>")
         digest = hashlib.sha256(auth.encode()).hexdigest()
         cached = self._callers.get(digest)

@@ -515,3 +515,22 @@ async def test_oversized_input_gets_a_plain_answer_not_transport_text(stack) -> 
     # Within the bounds nothing changes, and the core's own 429 (queue full) stays a 429: see above.
     assert (await http.get("/api/workflows/" + "a" * 256)).status_code == 404
     assert (await http.get("/api/executions", params={"workflow_id": "w" * 256})).status_code == 200
+
+
+async def test_header_values_that_cannot_be_passed_on_get_4xx(stack) -> None:
+    """If-Match past int32 or with a non-ASCII digit, and non-ASCII Authorization or
+    Idempotency-Key (gRPC metadata is ASCII) were 500s; they are the caller's mistakes."""
+    core, http, slack = stack
+    wf = (await create_workflow(http, slack))["workflow"]
+    answers = [
+        (await http.patch(f"/api/workflows/{wf['id']}", json={"name": "z"}, headers={"If-Match": '"99999999999"'}), 400, "bad_request"),
+        (await http.patch(f"/api/workflows/{wf['id']}", json={"name": "z"}, headers={"If-Match": '"\xb2"'.encode("latin-1")}), 400, "bad_request"),
+        (await http.patch(f"/api/workflows/{wf['id']}", json={"name": "z"}, headers={"If-Match": "9" * 5000}), 400, "bad_request"),
+        (await http.get("/api/caller", headers={"authorization": "Bearer \xe9".encode("latin-1")}), 401, "unauthenticated"),
+        (await http.post(f"/api/workflows/{wf['id']}/run", json={}, headers={"Idempotency-Key": "k\xe9".encode("latin-1")}), 400, "bad_request"),
+    ]
+    for response, status, code in answers:
+        assert (response.status_code, assert_envelope(response, False)["error"]["code"]) == (status, code), response.text
+    # A read has no use for a key: it is not passed on, so it cannot fail the read.
+    assert (await http.get("/api/workflows", headers={"Idempotency-Key": "k\xe9".encode("latin-1")})).status_code == 200
+    assert (await http.patch(f"/api/workflows/{wf['id']}", json={"name": "z"}, headers={"If-Match": 'W/"1"'})).status_code == 200
