@@ -31,8 +31,8 @@ from ipaas.gateway.core_client import CALL_TIMEOUT, CoreClient
 from ipaas.gateway.envelope import HttpError
 from ipaas.gateway.openapi import DOCS_PAGE, build_openapi
 from ipaas.gateway.ratelimit import RateLimiter, parse_tiers
-from ipaas.gateway.throttled_log import ThrottledWarning
 from ipaas.gateway.routes import MAX_PARAM_LENGTH, Match, Route, Router, field_value
+from ipaas.gateway.throttled_log import ThrottledWarning
 from ipaas.gateway.webhook_batch import WebhookBatcher
 from ipaas.settings import Settings
 from ipaas.v1 import executions_pb2
