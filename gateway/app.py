@@ -31,7 +31,8 @@ from ipaas.gateway.core_client import CALL_TIMEOUT, CoreClient
 from ipaas.gateway.envelope import HttpError
 from ipaas.gateway.openapi import DOCS_PAGE, build_openapi
 from ipaas.gateway.ratelimit import RateLimiter, parse_tiers
-from ipaas.gateway.routes import Match, Route, Router, field_value
+from ipaas.gateway.routes import MAX_PARAM_LENGTH, Match, Route, Router, field_value
+from ipaas.gateway.throttled_log import ThrottledWarning
 from ipaas.gateway.webhook_batch import WebhookBatcher
 from ipaas.settings import Settings
 from ipaas.v1 import executions_pb2
@@ -41,7 +42,12 @@ log = logging.getLogger("ipaas.gateway")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 WEBHOOK_BODY_LIMIT = 1024 * 1024
 BODY_LIMIT = 256 * 1024
+MAX_VERSION = 2**31 - 1  # versions are int32 in the API
+MAX_AUTHORIZATION_LENGTH = 1024  # API keys are ~50 characters
+# Failures of the call itself rather than answers of the core's handlers.
+CHANNEL_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED}
 CALLER_TTL = 10.0
+READY_TIMEOUT = 1.0  # seconds Redis has to answer /health/ready's ping
 OWNER_TTL = 60.0
 UNLIMITED_PATHS = {"/health", "/health/live", "/health/ready", "/openapi.json", "/docs"}
 HOP_BY_HOP = {"connection", "keep-alive", "proxy-authorization", "proxy-authenticate", "te", "trailer", "transfer-encoding", "upgrade", "authorization", "cookie"}
@@ -51,6 +57,11 @@ STATUS_CODES = {code.value[0]: code for code in grpc.StatusCode}
 
 def _request_id(given: str | None) -> str:
     return given if given and _REQUEST_ID.match(given) else os.urandom(16).hex()
+
+
+def _ascii_text(value: str) -> bool:
+    """What a gRPC metadata value may hold."""
+    return value.isascii() and value.isprintable()
 
 
 def _header_map(scope: dict[str, Any]) -> dict[str, str]:
@@ -84,6 +95,7 @@ class Gateway:
         self._started = time.monotonic()
         self._draining = False
         self._purger: asyncio.Task[None] | None = None
+        self._store_down = ThrottledWarning(log, "idempotency.store_unavailable")
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def startup(self) -> None:
@@ -186,41 +198,88 @@ class Gateway:
         message = self._request_message(route, match, request, h, body)
 
         tenant, tier = await self._caller(route, match, h)
-        if tenant and tier != "admin" and not self.rate_limits_off:
-            decision = await self.limiter.check(tenant, tier)
-            if decision is not None:
-                headers.update(decision.headers)
-                if not decision.allowed:
-                    raise HttpError(429, "rate limit exceeded: slow down and retry after the time in Retry-After")
+        # A webhook's sender is known only once the core has checked its signature: before
+        # the call the owner's budget is only looked at, and spent once the core accepted it
+        # (below), so requests it refuses cannot keep the owner's own API rate-limited.
+        await self._limit(tenant, tier, headers, spend=not route.raw_body)
 
         key = h.get("idempotency-key") or h.get("x-idempotency-key")
-        if key is None or request.method not in IDEMPOTENT_VERBS:
+        if request.method not in IDEMPOTENT_VERBS:
+            key = None  # reads and deletes are idempotent already; the core has no use for it
+        elif key is not None and not (1 <= len(key) <= idempotency.MAX_KEY_LENGTH and _ascii_text(key)):
+            # It travels as gRPC metadata, which is printable ASCII.
+            raise HttpError(400, f"Idempotency-Key must be 1 to {idempotency.MAX_KEY_LENGTH} printable ASCII characters")
+        # Webhooks keep no answer here: it would be kept before the core checked the
+        # signature, so an unsigned sender could answer the genuine delivery's key or read
+        # its answer. The core dedupes what it accepted, by webhook-id or by the key.
+        if key is None or route.raw_body:
             status, content = await self._call(route, message, h, meta, key)
+            if route.raw_body and (owner := self._owners.get(match.params.get("workflow_id", ""))):
+                await self._spend(owner[1], owner[2], headers)
             return envelope.json_response(status, content, headers)
-        if not 1 <= len(key) <= idempotency.MAX_KEY_LENGTH:
-            raise HttpError(400, f"Idempotency-Key must be 1 to {idempotency.MAX_KEY_LENGTH} characters")
-        scope = f"{tenant or 'webhook:' + match.params.get('workflow_id', '')}:{key}"
+        scope = f"{tenant}:{key}"
         fingerprint = idempotency.fingerprint(request.method, path, request.scope.get("query_string", b"").decode("latin-1"), body)
-        record = await self.store.begin(scope, fingerprint)
+        try:
+            record = await self.store.begin(scope, fingerprint)
+        except Exception as exc:
+            # Without its store the key cannot be honoured: running the request anyway could
+            # run it twice. The caller retries later (or without the key).
+            self._store_down(exc)
+            raise HttpError(503, "the idempotency store is unavailable: retry shortly") from None
         if record is not None:
             if record.fingerprint != fingerprint:
                 raise HttpError(422, "this Idempotency-Key was used with a different request")
             if not record.done:
                 raise HttpError(409, "a request with this Idempotency-Key is still being processed")
             replay = {**headers, **(record.headers or {}), "X-Idempotency-Replay": "true"}
-            return envelope.json_response(record.status, record.body, replay)
+            return envelope.json_response(record.status, envelope.with_meta(record.body, meta), replay)
         try:
             status, content = await self._call(route, message, h, meta, key)
         except HttpError as err:
-            # An answer from the core (even an error) is the request's outcome: keep it.
-            content = envelope.error_body(err, meta)
-            await self.store.complete(scope, fingerprint, err.status, err.headers, content)
+            if err.status in idempotency.TRANSIENT_STATUSES:
+                await self._release(scope)
+            else:  # the core's answer to this request, even an error: keep it
+                await self._keep(scope, fingerprint, err.status, err.headers, envelope.error_body(err, meta))
             raise
         except BaseException:
-            await self.store.abandon(scope)
+            await self._release(scope)
             raise
-        await self.store.complete(scope, fingerprint, status, {}, content)
+        await self._keep(scope, fingerprint, status, {}, content)
         return envelope.json_response(status, content, headers)
+
+    # The request has run: a store that fails now must not hide its answer. The key's lock
+    # then expires after LOCK_SECONDS, and the core dedupes a retry's trigger by the key.
+    async def _keep(self, scope: str, fingerprint: str, status: int, headers: dict[str, str], content: bytes) -> None:
+        try:
+            await self.store.complete(scope, fingerprint, status, headers, content)
+        except Exception as exc:
+            self._store_down(exc)
+
+    async def _release(self, scope: str) -> None:
+        try:
+            await self.store.abandon(scope)
+        except Exception as exc:
+            self._store_down(exc)
+
+    async def _limit(self, tenant: str | None, tier: str | None, headers: dict[str, str], *, spend: bool) -> None:
+        """The caller's rate limit: its headers on the answer, 429 when over the budget."""
+        if not tenant or not tier or tier == "admin" or self.rate_limits_off:
+            return
+        decision = await self.limiter.check(tenant, tier, spend=spend)
+        if decision is None:
+            return
+        headers.update(decision.headers)
+        if not decision.allowed:
+            raise HttpError(429, "rate limit exceeded: slow down and retry after the time in Retry-After", headers={"Retry-After": str(decision.retry_after)})
+
+    async def _spend(self, tenant: str, tier: str, headers: dict[str, str]) -> None:
+        """Count an accepted webhook against its owner. It is accepted already: when
+        webhooks that arrived together overran the budget, they are not refused for it."""
+        if tier == "admin" or self.rate_limits_off:
+            return
+        decision = await self.limiter.check(tenant, tier)
+        if decision is not None:
+            headers.update(decision.headers)
 
     async def _read_body(self, request: Request, h: dict[str, str], limit: int) -> bytes:
         declared = h.get("content-length")
@@ -265,6 +324,8 @@ class Gateway:
                 raise HttpError(400, f"the body does not fit {target.DESCRIPTOR.name}: {exc}") from None
         fields = route.method.input_type.fields_by_name
         for name, raw in match.params.items():
+            if len(raw) > MAX_PARAM_LENGTH:  # no resource has such a name
+                raise HttpError(404, f"not found: {name} is longer than {MAX_PARAM_LENGTH} characters", details=[{"field": name, "description": f"at most {MAX_PARAM_LENGTH} characters"}])
             try:
                 setattr(message, name, field_value(fields[name], raw))
             except (ValueError, TypeError):
@@ -273,13 +334,16 @@ class Gateway:
             raw = request.query_params.get(field.name) or request.query_params.get(field.json_name)
             if raw is None:
                 continue
+            if len(raw) > MAX_PARAM_LENGTH:
+                raise HttpError(400, f"query parameter {field.name} is too long", details=[{"field": field.name, "description": f"at most {MAX_PARAM_LENGTH} characters"}])
             try:
                 setattr(message, field.name, field_value(field, raw))
             except (ValueError, TypeError):
                 raise HttpError(400, f"query parameter {field.name} is not valid", details=[{"field": field.name, "description": "invalid value"}]) from None
         if "expected_version" in fields and not message.expected_version and h.get("if-match"):
             version = h["if-match"].removeprefix("W/").strip().strip('"')
-            if not version.isdigit():
+            # isdigit alone takes "²" and other Unicode digits; a version is an int32.
+            if not (version.isascii() and version.isdigit() and len(version) <= 10 and int(version) <= MAX_VERSION):
                 raise HttpError(400, 'If-Match must be a version number, e.g. If-Match: "3"')
             message.expected_version = int(version)
         return message
@@ -293,6 +357,8 @@ class Gateway:
         auth = h.get("authorization")
         if not auth:
             return None, None
+        if len(auth) > MAX_AUTHORIZATION_LENGTH or not _ascii_text(auth):  # no API key looks like that
+            raise HttpError(401, "invalid Authorization header: send Authorization: Bearer <API key>")
         digest = hashlib.sha256(auth.encode()).hexdigest()
         cached = self._callers.get(digest)
         if cached and cached[0] > now:
@@ -351,6 +417,12 @@ class Gateway:
 
     @classmethod
     def _rpc_error(cls, exc: grpc.aio.AioRpcError) -> HttpError:
+        if exc.code() not in CHANNEL_CODES and not any(k == "x-request-id" for k, _ in exc.trailing_metadata() or ()):
+            # The core's handlers answer every call with x-request-id in the trailers: an
+            # error without it is the channel's own (an answer over gRPC's metadata limit,
+            # a stream reset), and its words are the transport's, not the caller's business.
+            log.warning("core.unreadable_answer", extra={"grpc_code": exc.code().name, "details": (exc.details() or "")[:200]})
+            return HttpError(502, "the core's answer could not be read")
         status = None
         with contextlib.suppress(Exception):  # a status that does not match the call's
             status = rpc_status.from_call(exc)
@@ -385,6 +457,8 @@ class Gateway:
         if path == "/health/ready":
             if self._draining or not core_ok:
                 raise HttpError(503, "not ready: " + ("draining" if self._draining else "the core is unreachable"), details=[{"check": "core", "status": "ok" if core_ok else "failing"}])
+            if not await self._redis_ok():
+                raise HttpError(503, "not ready: Redis is unreachable", details=[{"check": "redis", "status": "failing"}])
             return envelope.json_response(200, envelope.body({"status": "ready"}, meta), headers)
         checks = {"core": "ok" if core_ok else "failing", "database": await self._store_check(), "runtime": "ok"}
         uptime = time.monotonic() - self._started
@@ -399,6 +473,18 @@ class Gateway:
         if report["status"] != "healthy":
             raise HttpError(503, "unhealthy: " + ", ".join(k for k, v in checks.items() if v != "ok"), details=[report])
         return envelope.json_response(200, envelope.body(report, meta), headers)
+
+    async def _redis_ok(self) -> bool:
+        """True without Redis; with it, whether it answers a ping in time (keyed requests
+        need it, and a balancer should send them to a gateway that has it)."""
+        if not isinstance(self.store, idempotency.RedisStore):
+            return True
+        try:
+            async with asyncio.timeout(READY_TIMEOUT):
+                await self.store.redis.ping()
+            return True
+        except Exception:
+            return False
 
     async def _store_check(self) -> str:
         try:

@@ -29,7 +29,7 @@ HTTP_STATUS = {
     grpc.StatusCode.DATA_LOSS: 500,
 }
 
-HTTP_CODE_NAMES = {400: "bad_request", 401: "unauthenticated", 403: "permission_denied", 404: "not_found", 405: "method_not_allowed", 408: "request_timeout", 409: "conflict", 413: "payload_too_large", 415: "unsupported_media_type", 422: "unprocessable_entity", 429: "rate_limited", 500: "internal", 501: "unimplemented", 503: "unavailable", 504: "deadline_exceeded"}
+HTTP_CODE_NAMES = {400: "bad_request", 401: "unauthenticated", 403: "permission_denied", 404: "not_found", 405: "method_not_allowed", 408: "request_timeout", 409: "conflict", 413: "payload_too_large", 415: "unsupported_media_type", 422: "unprocessable_entity", 429: "rate_limited", 500: "internal", 501: "unimplemented", 502: "bad_gateway", 503: "unavailable", 504: "deadline_exceeded"}
 
 
 class HttpError(Exception):
@@ -57,6 +57,15 @@ def body(data: Any, meta: dict[str, Any]) -> bytes:
 
 def error_body(error: HttpError, meta: dict[str, Any]) -> bytes:
     return orjson.dumps({"success": False, "error": {"code": error.code, "message": error.message, "details": error.details}, "meta": meta})
+
+
+def with_meta(content: bytes, meta: dict[str, Any]) -> bytes:
+    """A kept envelope with this request's meta (a replay answers under its own request id)."""
+    if not content:
+        return content
+    kept = orjson.loads(content)
+    kept["meta"] = {**kept.get("meta", {}), **meta}
+    return orjson.dumps(kept)
 
 
 def json_response(status: int, content: bytes, headers: dict[str, str] | None = None) -> Response:

@@ -3,7 +3,8 @@
 The first request with a key runs and its response is kept for 24 h; a repeat with the same
 request gets the kept response (`X-Idempotency-Replay: true`) and runs nothing; the same key
 with another request → 422; a repeat while the first is still running → 409. Keys are
-scoped per tenant. The store is shared by every replica and survives restarts: SQL (the
+scoped per tenant. Webhooks are not kept here (the gateway would keep an answer before the
+core checked the signature): their key goes to the core, which dedupes what it accepted. The store is shared by every replica and survives restarts: SQL (the
 gateway's own table) by default, Redis when IPAAS_REDIS_URL is set. A lock left by a
 gateway that died mid-request expires after LOCK_SECONDS; the core dedupes the trigger by
 the same key, so the retry that takes over cannot enqueue twice.
@@ -28,6 +29,11 @@ KEEP = timedelta(hours=24)
 LOCK_SECONDS = 60
 MAX_KEY_LENGTH = 255
 KEPT_HEADERS = ("location", "content-type")
+# Answers that say nothing about the request itself (a timeout, the queue full, the core
+# down or failing): kept, they would be replayed for 24 h after the cause had passed. The
+# key is released instead, so a retry runs again; the core dedupes the trigger by the key.
+# A conflict (409, ABORTED: a stale version) is the request's real answer and is kept.
+TRANSIENT_STATUSES = frozenset({408, 429, 499, 500, 502, 503, 504})
 
 
 def fingerprint(method: str, path: str, query: str, body: bytes) -> str:

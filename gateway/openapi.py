@@ -7,7 +7,7 @@ from typing import Any
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 
 from ipaas import __version__
-from ipaas.gateway.routes import Route
+from ipaas.gateway.routes import MAX_PARAM_LENGTH, Route
 
 _SCALARS = {
     FieldDescriptor.TYPE_STRING: {"type": "string"},
@@ -60,13 +60,17 @@ def _envelope(data: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _bounded(schema: dict[str, Any]) -> dict[str, Any]:
+    return {**schema, "maxLength": MAX_PARAM_LENGTH} if schema.get("type") == "string" else schema
+
+
 def build_openapi(routes: list[Route]) -> dict[str, Any]:
     schemas = _Schemas()
     paths: dict[str, Any] = {}
     for route in routes:
         method = route.method
-        params = [{"name": n, "in": "path", "required": True, "schema": schemas.field(method.input_type.fields_by_name[n])} for n in route.path_fields]
-        params += [{"name": f.name, "in": "query", "required": False, "schema": schemas.field(f)} for f in route.query_fields]
+        params = [{"name": n, "in": "path", "required": True, "schema": _bounded(schemas.field(method.input_type.fields_by_name[n]))} for n in route.path_fields]
+        params += [{"name": f.name, "in": "query", "required": False, "schema": _bounded(schemas.field(f))} for f in route.query_fields]
         operation: dict[str, Any] = {
             "operationId": method.name,
             "tags": [method.containing_service.name],

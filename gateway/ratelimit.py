@@ -3,11 +3,14 @@
 A tier "r requests/s, burst b" becomes a moving window of b requests per b/r seconds: an
 idle tenant may send b at once, and over time it averages r/s (free: 10 per 2 s; paid: 100
 per 2 s). In memory by default; in Redis when IPAAS_REDIS_URL is set, so every gateway
-replica spends one shared budget.
+replica spends one shared budget. When the storage does not answer, requests go through
+unlimited (fail open: a rate limit protects the platform, an outage of it should not take
+the API down), with one warning a minute, and the storage is tried again after a few seconds.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from dataclasses import dataclass
@@ -17,7 +20,13 @@ from limits import RateLimitItemPerSecond
 from limits.aio.storage import MemoryStorage, RedisStorage
 from limits.aio.strategies import MovingWindowRateLimiter
 
+from ipaas.gateway.throttled_log import ThrottledWarning
+
+log = logging.getLogger("ipaas.gateway.ratelimit")
+
 DEFAULT_TIERS = {"free": (5.0, 10), "paid": (50.0, 100)}
+STORAGE_TIMEOUT = 1.0  # seconds a Redis call may take before the request goes through unlimited
+RETRY_STORAGE_AFTER = 5.0  # after a failure, so an outage does not cost every request a timeout
 
 
 @dataclass(frozen=True)
@@ -35,6 +44,7 @@ class Tier:
 class Decision:
     allowed: bool
     headers: dict[str, str]
+    retry_after: int = 0  # seconds, when not allowed
 
 
 def parse_tiers(env: Mapping[str, str]) -> dict[str, Tier]:
@@ -58,20 +68,28 @@ class RateLimiter:
         self.unlimited = unlimited
         if redis_url:
             uri = redis_url.replace("redis://", "async+redis://", 1)
-            self.storage = RedisStorage(uri, implementation="redispy", key_prefix="ipaas-rl")
+            self.storage = RedisStorage(uri, implementation="redispy", key_prefix="ipaas-rl", socket_timeout=STORAGE_TIMEOUT, socket_connect_timeout=STORAGE_TIMEOUT)
         else:
             self.storage = MemoryStorage()
         self.limiter = MovingWindowRateLimiter(self.storage)
         self._items = {name: RateLimitItemPerSecond(t.burst, t.window) for name, t in tiers.items()}
+        self._down_until = 0.0
+        self._warn = ThrottledWarning(log, "ratelimit.unavailable")
 
-    async def check(self, tenant_id: str, tier_name: str) -> Decision | None:
-        """None when the caller is not limited (admin, or a tenant exempted by settings)."""
+    async def check(self, tenant_id: str, tier_name: str, spend: bool = True) -> Decision | None:
+        """None when the caller is not limited (admin, a tenant exempted by settings, or the
+        storage unreachable). spend=False only looks: whether one more request fits."""
         tier = self.tiers.get(tier_name)
-        if tier is None or tenant_id in self.unlimited:
+        if tier is None or tenant_id in self.unlimited or time.monotonic() < self._down_until:
             return None
         item = self._items[tier.name]
-        allowed = await self.limiter.hit(item, tenant_id)
-        stats = await self.limiter.get_window_stats(item, tenant_id)
+        try:
+            allowed = await (self.limiter.hit if spend else self.limiter.test)(item, tenant_id)
+            stats = await self.limiter.get_window_stats(item, tenant_id)
+        except Exception as exc:  # the driver's errors: connection refused, timeout, ...
+            self._down_until = time.monotonic() + RETRY_STORAGE_AFTER
+            self._warn(exc)
+            return None
         reset = max(0, math.ceil(stats.reset_time - time.time()))
         remaining = max(0, stats.remaining)
         headers = {
@@ -81,9 +99,7 @@ class RateLimiter:
             "RateLimit-Policy": f'"{tier.name}";q={tier.burst};w={tier.window}',
             "RateLimit": f'"{tier.name}";r={remaining};t={reset}',
         }
-        if not allowed:
-            headers["Retry-After"] = str(max(1, reset if remaining == 0 else 1))
-        return Decision(allowed, headers)
+        return Decision(allowed, headers, 0 if allowed else max(1, reset if remaining == 0 else 1))
 
     async def ping(self) -> bool:
         return bool(await self.storage.check())

@@ -18,6 +18,11 @@ MODULES = [tenants_pb2, workflows_pb2, executions_pb2, connectors_pb2, credentia
 VERBS = ("get", "post", "put", "patch", "delete")
 _VARIABLE = re.compile(r"\{([a-z_][a-z0-9_.]*)\}")
 
+# The longest path or query value the gateway passes on. Ids, names and page tokens are far
+# shorter (ids ~30 characters, tokens under 100); the core names a value it cannot find in
+# its error, and an error over gRPC's 16 KiB metadata limit would never arrive.
+MAX_PARAM_LENGTH = 256
+
 # Answers that are not "200 OK": creations, accepted triggers, deletions.
 ACCEPTED = {"RunWorkflow", "ReceiveWebhook", "ReplayExecution"}
 

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import httpx
 import pytest
 
-from tests.conftest import core_with, gateway_for
+from tests.conftest import core_with, free_port, gateway_for
 from tests.fakes.slack import FakeSlack
 from tests.integration.helpers import signed_webhook
 
@@ -126,6 +127,8 @@ async def test_idempotent_replay_conflict_and_changed_body(stack) -> None:
     assert first.status_code == second.status_code == 202
     assert second.headers["x-idempotency-replay"] == "true" and "x-idempotency-replay" not in first.headers
     assert second.json()["data"] == first.json()["data"]
+    # The replay's envelope names the replay's request id, not the first request's.
+    assert_envelope(second, True)["meta"]["request_id"] != first.json()["meta"]["request_id"]
     changed = await http.post(f"/api/workflows/{wf['id']}/run", json={"payload": {"order": {"id": 2}}}, headers=key)
     assert changed.status_code == 422
     seeds_header = await http.post(f"/api/workflows/{wf['id']}/run", json={}, headers={"X-Idempotency-Key": "k2"})
@@ -287,6 +290,7 @@ async def test_openapi_and_docs(stack) -> None:
     assert doc["openapi"] == "3.1.0"
     assert {"/api/workflows", "/api/workflows/{id}", "/api/webhooks/{workflow_id}", "/api/workflows/dry-run", "/api/executions/{id}/replay"} <= set(doc["paths"])
     assert "201" in doc["paths"]["/api/workflows"]["post"]["responses"]
+    assert doc["paths"]["/api/workflows/{id}"]["get"]["parameters"][0]["schema"] == {"type": "string", "maxLength": 256}
     docs = await http.get("/docs")
     assert docs.status_code == 200 and "/openapi.json" in docs.text
 
@@ -352,3 +356,181 @@ async def test_slow_or_silent_clients_lose_their_connection(tmp_path) -> None:
         assert first.startswith(b"HTTP/1.1 200")
         assert await asyncio.wait_for(reader.read(), 3) == b"", "the unfinished second head is cut off"
         writer.close()
+
+
+async def wait_until_settled(http: httpx.AsyncClient, execution_id: str) -> str:
+    for _ in range(200):
+        status = (await http.get(f"/api/executions/{execution_id}")).json()["data"]["status"]
+        if status in ("succeeded", "failed"):
+            return status
+        await asyncio.sleep(0.05)
+    return status
+
+
+async def test_a_full_queue_is_not_kept_for_the_idempotency_key(tmp_path) -> None:
+    """429 (the core's queue is full) is no answer to the request: a retry with the same key
+    once the queue has drained runs, instead of being told 429 again for 24 h."""
+    async with FakeSlack(delay=0.5) as slack, core_with(tmp_path, IPAAS_MAX_QUEUE_DEPTH="1", **FAST) as core, gateway_for(core.target, tmp_path) as url:
+        paid = await core.new_tenant(tier="paid")
+        async with httpx.AsyncClient(base_url=url, headers={"authorization": f"Bearer {paid.key}"}, timeout=10) as http:
+            wf = (await create_workflow(http, slack))["workflow"]
+            first = await http.post(f"/api/workflows/{wf['id']}/run", json={}, headers={"Idempotency-Key": "k1"})
+            full = await http.post(f"/api/workflows/{wf['id']}/run", json={}, headers={"Idempotency-Key": "k2"})
+            assert first.status_code == 202 and full.status_code == 429, (first.text, full.text)
+            assert await wait_until_settled(http, first.json()["data"]["execution"]["id"]) == "succeeded"
+            for _ in range(30):  # the core counts its queue again within a second
+                retry = await http.post(f"/api/workflows/{wf['id']}/run", json={}, headers={"Idempotency-Key": "k2"})
+                if retry.status_code != 429 or "x-idempotency-replay" in retry.headers:
+                    break
+                await asyncio.sleep(0.2)
+            assert retry.status_code == 202 and "x-idempotency-replay" not in retry.headers, retry.text
+            again = await http.post(f"/api/workflows/{wf['id']}/run", json={}, headers={"Idempotency-Key": "k2"})
+            assert again.headers["x-idempotency-replay"] == "true" and again.json()["data"] == retry.json()["data"]
+
+
+async def test_core_unavailable_is_not_kept_but_a_conflict_is(tmp_path) -> None:
+    """503 (the core was down) runs again on a retry with the same key; a version conflict
+    (409) is the request's real answer and is replayed."""
+    port = free_port()
+    listen = {"IPAAS_GRPC_LISTEN": f"127.0.0.1:{port}", **FAST}
+    credential = {"connector": "slack", "name": "x", "secrets": {"webhook_url": "http://127.0.0.1:9/x"}}
+    async with FakeSlack() as slack, gateway_for(f"127.0.0.1:{port}", tmp_path) as url:
+        async with core_with(tmp_path / "c", **listen) as core:
+            paid = await core.new_tenant(tier="paid")
+            http = httpx.AsyncClient(base_url=url, headers={"authorization": f"Bearer {paid.key}"}, timeout=10)
+            wf = (await create_workflow(http, slack))["workflow"]
+            stale = {"Idempotency-Key": "p1", "If-Match": '"7"'}
+            conflict = await http.patch(f"/api/workflows/{wf['id']}", json={"name": "n"}, headers=stale)
+            replayed = await http.patch(f"/api/workflows/{wf['id']}", json={"name": "n"}, headers=stale)
+            assert conflict.status_code == replayed.status_code == 409 and replayed.headers["x-idempotency-replay"] == "true"
+            assert_envelope(replayed, False)
+        down = await http.post("/api/credentials", json=credential, headers={"Idempotency-Key": "c1"})
+        assert down.status_code == 503, down.text
+        async with core_with(tmp_path / "c", **listen):
+            for _ in range(50):
+                if (await http.get("/health/ready")).status_code == 200:
+                    break
+                await asyncio.sleep(0.1)
+            retry = await http.post("/api/credentials", json=credential, headers={"Idempotency-Key": "c1"})
+        await http.aclose()
+    assert retry.status_code == 201 and "x-idempotency-replay" not in retry.headers, retry.text
+
+
+async def test_webhook_idempotency_keys_are_the_cores_not_the_gateways(stack) -> None:
+    """The gateway keeps no answer for a webhook's Idempotency-Key: it would be kept before
+    the core checked the signature, so anyone could answer the genuine delivery (a stored
+    401) or read its answer (a stored 202). The key goes to the core, which dedupes only
+    what it accepted."""
+    core, http, slack = stack
+    created = await create_workflow(http, slack, trigger="webhook")
+    wf_id, secret = created["workflow"]["id"], created["webhook_secret"]
+    hook = f"/api/webhooks/{wf_id}"
+    unsigned = {"content-type": "application/json"}
+    async with httpx.AsyncClient(base_url=str(http.base_url), timeout=10) as anonymous:
+        raw, signed = signed_webhook(secret, {"order": {"id": "P"}}, "evt_p")
+        forged = await anonymous.post(hook, content=raw, headers={**unsigned, "Idempotency-Key": "d-42"})
+        genuine = await anonymous.post(hook, content=raw, headers={**signed, "Idempotency-Key": "d-42"})
+        assert forged.status_code == 401 and genuine.status_code == 202, genuine.text
+        copy = await anonymous.post(hook, content=raw, headers={**unsigned, "Idempotency-Key": "d-42"})
+        assert copy.status_code == 401 and genuine.json()["data"]["execution_id"] not in copy.text
+        retried = await anonymous.post(hook, content=raw, headers={**signed, "Idempotency-Key": "d-42"})
+        assert retried.status_code == 202 and retried.json()["data"]["execution_id"] == genuine.json()["data"]["execution_id"]
+        assert retried.json()["data"]["duplicate"] is True
+        # A webhook's key does not take the owner's own key of the same name.
+        await anonymous.post(hook, content=raw, headers={**signed, "Idempotency-Key": "order-1"})
+        own = await http.post("/api/credentials", json={"connector": "slack", "name": "k", "secrets": {"webhook_url": slack.url}}, headers={"Idempotency-Key": "order-1"})
+        assert own.status_code == 201, own.text
+        # The key still reaches the core: unsigned senders (allowed by the workflow) dedupe on it.
+        opened = await http.patch(f"/api/workflows/{wf_id}", json={"options": {"allow_unsigned_webhooks": True}}, headers={"If-Match": '"1"'})
+        assert opened.status_code == 200, opened.text
+        open_ = [await anonymous.post(hook, content=b'{"order":{"id":"U"}}', headers={**unsigned, "Idempotency-Key": "u-1"}) for _ in range(2)]
+        assert [r.status_code for r in open_] == [202, 202] and open_[0].json()["data"]["execution_id"] == open_[1].json()["data"]["execution_id"]
+    for _ in range(200):
+        if len(slack.received) >= 2:
+            break
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(0.2)
+    assert sorted(m["text"] for m in slack.received) == ["Order P", "Order U"]
+
+
+async def test_only_accepted_webhooks_spend_the_owners_rate_limit(tmp_path) -> None:
+    """Anyone who knows a workflow id can post to its webhook: requests the core refuses
+    (unsigned) must not use up the owner's budget and rate-limit its own API calls. Accepted
+    webhooks are still charged to the owner, and past the budget get 429 with Retry-After."""
+    async with FakeSlack() as slack, core_with(tmp_path, **FAST) as core, gateway_for(core.target, tmp_path, IPAAS_RATE_FREE="1/10") as url:
+        owner = await core.new_tenant(tier="free")
+        async with httpx.AsyncClient(base_url=url, headers={"authorization": f"Bearer {owner.key}"}, timeout=10) as http, httpx.AsyncClient(base_url=url, timeout=10) as anonymous:
+            created = await create_workflow(http, slack, trigger="webhook")  # 2 of 10 spent
+            hook, secret = f"/api/webhooks/{created['workflow']['id']}", created["webhook_secret"]
+            raw, signed = signed_webhook(secret, {"order": {"id": 0}}, "evt_0")
+            accepted = await anonymous.post(hook, content=raw, headers=signed)  # 3: the owner is known from here on
+            assert accepted.status_code == 202
+            junk = await asyncio.gather(*(anonymous.post(hook, content=b"{}", headers={"content-type": "application/json"}) for _ in range(12)))
+            assert [r.status_code for r in junk] == [401] * 12
+            own = await http.get("/api/workflows")  # 4
+            assert own.status_code == 200 and own.headers["x-ratelimit-remaining"] == "6", (own.status_code, own.headers.get("x-ratelimit-remaining"))
+            answers = []
+            for i in range(1, 8):
+                raw, signed = signed_webhook(secret, {"order": {"id": i}}, f"evt_{i}")
+                answers.append(await anonymous.post(hook, content=raw, headers=signed))
+    assert [r.status_code for r in answers] == [202] * 6 + [429], [r.status_code for r in answers]
+    assert answers[-1].json()["error"]["code"] == "rate_limited" and int(answers[-1].headers["retry-after"]) >= 1
+    assert answers[0].headers["x-ratelimit-remaining"] == "5" and "retry-after" not in answers[5].headers
+
+
+async def test_a_dead_redis_lets_requests_through_but_not_keyed_ones(tmp_path, caplog) -> None:
+    """Redis down: the rate limiter lets requests through (one warning, not one per request,
+    without the URL's password), a keyed request gets 503 (its key cannot be honoured), and
+    /health/ready says not ready, so a balancer can route around this gateway."""
+    caplog.set_level(logging.WARNING)
+    dead = f"redis://:s3cret-pw@127.0.0.1:{free_port()}/0"
+    async with core_with(tmp_path) as core, gateway_for(core.target, tmp_path, IPAAS_REDIS_URL=dead) as url:
+        paid = await core.new_tenant(tier="paid")
+        async with httpx.AsyncClient(base_url=url, headers={"authorization": f"Bearer {paid.key}"}, timeout=10) as http:
+            listed = [await http.get("/api/workflows") for _ in range(3)]
+            keyed = await http.post("/api/credentials", json={"connector": "slack", "name": "x", "secrets": {"webhook_url": "http://127.0.0.1:9/x"}}, headers={"Idempotency-Key": "c1"})
+            ready = await http.get("/health/ready")
+            live = await http.get("/health/live")
+    assert [r.status_code for r in listed] == [200] * 3, [r.text for r in listed]
+    assert keyed.status_code == 503 and assert_envelope(keyed, False)["error"]["code"] == "unavailable", keyed.text
+    assert ready.status_code == 503 and assert_envelope(ready, False)["error"]["details"] == [{"check": "redis", "status": "failing"}], ready.text
+    assert live.status_code == 200
+    assert [r.getMessage() for r in caplog.records].count("ratelimit.unavailable") == 1, [r.getMessage() for r in caplog.records]
+    assert "s3cret-pw" not in caplog.text and "s3cret-pw" not in keyed.text + ready.text
+
+
+async def test_oversized_input_gets_a_plain_answer_not_transport_text(stack) -> None:
+    """An id, a query value or an Authorization header far longer than any real one is
+    refused by the gateway (404, 400, 401); a core answer the gRPC channel could not carry
+    (an error echoing a 20 KB field) is a generic 502, never 429 with the transport's words."""
+    core, http, slack = stack
+    long_id = await http.get("/api/workflows/" + "a" * 60000)
+    long_query = await http.get("/api/executions", params={"workflow_id": "w" * 300})
+    long_key = await http.get("/api/caller", headers={"authorization": "Bearer " + "x" * 20000})
+    unreadable = await http.post("/api/credentials", json={"connector": "x" * 20000, "name": "n", "secrets": {}})
+    for response, status, code in [(long_id, 404, "not_found"), (long_query, 400, "bad_request"), (long_key, 401, "unauthenticated"), (unreadable, 502, "bad_gateway")]:
+        assert (response.status_code, assert_envelope(response, False)["error"]["code"]) == (status, code), response.text[:300]
+        assert "metadata" not in response.text and "Stream removed" not in response.text and "x" * 100 not in response.text
+    assert long_query.json()["error"]["details"] == [{"field": "workflow_id", "description": "at most 256 characters"}]
+    # Within the bounds nothing changes, and the core's own 429 (queue full) stays a 429: see above.
+    assert (await http.get("/api/workflows/" + "a" * 256)).status_code == 404
+    assert (await http.get("/api/executions", params={"workflow_id": "w" * 256})).status_code == 200
+
+
+async def test_header_values_that_cannot_be_passed_on_get_4xx(stack) -> None:
+    """If-Match past int32 or with a non-ASCII digit, and non-ASCII Authorization or
+    Idempotency-Key (gRPC metadata is ASCII) were 500s; they are the caller's mistakes."""
+    core, http, slack = stack
+    wf = (await create_workflow(http, slack))["workflow"]
+    answers = [
+        (await http.patch(f"/api/workflows/{wf['id']}", json={"name": "z"}, headers={"If-Match": '"99999999999"'}), 400, "bad_request"),
+        (await http.patch(f"/api/workflows/{wf['id']}", json={"name": "z"}, headers={"If-Match": '"\xb2"'.encode("latin-1")}), 400, "bad_request"),
+        (await http.patch(f"/api/workflows/{wf['id']}", json={"name": "z"}, headers={"If-Match": "9" * 5000}), 400, "bad_request"),
+        (await http.get("/api/caller", headers={"authorization": "Bearer \xe9".encode("latin-1")}), 401, "unauthenticated"),
+        (await http.post(f"/api/workflows/{wf['id']}/run", json={}, headers={"Idempotency-Key": "k\xe9".encode("latin-1")}), 400, "bad_request"),
+    ]
+    for response, status, code in answers:
+        assert (response.status_code, assert_envelope(response, False)["error"]["code"]) == (status, code), response.text
+    # A read has no use for a key: it is not passed on, so it cannot fail the read.
+    assert (await http.get("/api/workflows", headers={"Idempotency-Key": "k\xe9".encode("latin-1")})).status_code == 200
+    assert (await http.patch(f"/api/workflows/{wf['id']}", json={"name": "z"}, headers={"If-Match": 'W/"1"'})).status_code == 200

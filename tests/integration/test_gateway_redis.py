@@ -52,3 +52,25 @@ async def test_two_gateways_share_budget_and_idempotency(tmp_path, clean_redis: 
             await asyncio.sleep(0.05)
         await asyncio.sleep(0.2)
         assert slack.received == [{"text": "once"}]
+
+
+async def test_refused_webhooks_do_not_spend_the_shared_budget(tmp_path, clean_redis: str) -> None:
+    """With Redis too, a webhook only looks at its owner's budget before the core answers
+    (limits' test() on the shared window) and spends it once accepted."""
+    from tests.integration.helpers import signed_webhook
+
+    async with FakeSlack() as slack, core_with(tmp_path, IPAAS_POLL_INTERVAL="0.05") as core:
+        async with gateway_for(core.target, tmp_path / "g1", IPAAS_REDIS_URL=clean_redis, IPAAS_RATE_FREE="1/10") as url:
+            free = await core.new_tenant(tier="free")
+            async with httpx.AsyncClient(base_url=url, timeout=10, headers={"authorization": f"Bearer {free.key}"}) as http, httpx.AsyncClient(base_url=url, timeout=10) as anonymous:
+                cred = await http.post("/api/credentials", json={"connector": "slack", "name": "t", "secrets": {"webhook_url": slack.url}})
+                wf = await http.post(
+                    "/api/workflows",
+                    json={"name": "w", "trigger": {"type": "webhook"}, "steps": [{"id": "s", "connector": "slack", "action": "send_message", "config": {"text": "x"}, "credential_id": cred.json()["data"]["id"]}]},
+                )
+                hook, secret = f"/api/webhooks/{wf.json()['data']['workflow']['id']}", wf.json()["data"]["webhook_secret"]
+                raw, signed = signed_webhook(secret, {"n": 1}, "evt_1")
+                assert (await anonymous.post(hook, content=raw, headers=signed)).headers["x-ratelimit-remaining"] == "7"
+                refused = [await anonymous.post(hook, content=b"{}", headers={"content-type": "application/json"}) for _ in range(10)]
+                assert [r.status_code for r in refused] == [401] * 10
+                assert (await http.get("/api/workflows")).headers["x-ratelimit-remaining"] == "6"
