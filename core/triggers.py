@@ -94,8 +94,10 @@ class TriggerService:
             raise InvalidArgument.field("http_body.data", f"the body is nested too deeply (at most {STORABLE_DEPTH} levels)") from None
         webhook_id = _key(headers.get("webhook-id"), "webhook-id")
         key = _key(idempotency_key, "idempotency-key")
-        # Keys dedupe per workflow: one key sent to two workflows starts both.
-        dedup = f"wh:{workflow_id}:{webhook_id}" if webhook_id else (f"idem:{workflow_id}:{key}" if key else None)
+        # Keys dedupe per workflow: one key sent to two workflows starts both. A webhook's
+        # key has a space of its own: where unsigned webhooks are allowed, anyone could send
+        # one, and must not be answered with a run the owner started with the same key.
+        dedup = f"wh:{workflow_id}:{webhook_id}" if webhook_id else (f"whkey:{workflow_id}:{key}" if key else None)
         accepted = await self.enqueuer.submit(
             NewExecution(
                 tenant_id=target.tenant_id,

@@ -445,12 +445,17 @@ async def test_webhook_idempotency_keys_are_the_cores_not_the_gateways(stack) ->
         assert opened.status_code == 200, opened.text
         open_ = [await anonymous.post(hook, content=b'{"order":{"id":"U"}}', headers={**unsigned, "Idempotency-Key": "u-1"}) for _ in range(2)]
         assert [r.status_code for r in open_] == [202, 202] and open_[0].json()["data"]["execution_id"] == open_[1].json()["data"]["execution_id"]
+        # An anonymous sender's key is not the owner's: it does not answer with a run the owner started.
+        ran = await http.post(f"/api/workflows/{wf_id}/run", json={"payload": {"order": {"id": "R"}}}, headers={"Idempotency-Key": "u-2"})
+        sent = await anonymous.post(hook, content=b'{"order":{"id":"V"}}', headers={**unsigned, "Idempotency-Key": "u-2"})
+        assert ran.status_code == 202 and sent.status_code == 202 and sent.json()["data"]["duplicate"] is False
+        assert sent.json()["data"]["execution_id"] != ran.json()["data"]["execution"]["id"]
     for _ in range(200):
-        if len(slack.received) >= 2:
+        if len(slack.received) >= 4:
             break
         await asyncio.sleep(0.05)
     await asyncio.sleep(0.2)
-    assert sorted(m["text"] for m in slack.received) == ["Order P", "Order U"]
+    assert sorted(m["text"] for m in slack.received) == ["Order P", "Order R", "Order U", "Order V"]
 
 
 async def test_only_accepted_webhooks_spend_the_owners_rate_limit(tmp_path) -> None:
