@@ -37,10 +37,23 @@ def to_grpc_status(exc: errors.IpaasError) -> grpc.Status:
 # trailing metadata, which clients cap at 16 KiB by default: a message quoting a huge input
 # would turn the answer into the client's own RESOURCE_EXHAUSTED ("Stream removed").
 MAX_MESSAGE_CHARS = 1024
+MAX_DETAILS_CHARS = 8 * 1024
 
 
 def _clip(text: str) -> str:
     return text if len(text) <= MAX_MESSAGE_CHARS else text[: MAX_MESSAGE_CHARS - 1] + "…"
+
+
+def _within_budget(violations: list[errors.FieldViolation]) -> list[error_details_pb2.BadRequest.FieldViolation]:
+    """The first violations, clipped, up to MAX_DETAILS_CHARS in all (the message sums them up)."""
+    kept, used = [], 0
+    for v in violations:
+        field, description = _clip(v.field), _clip(v.description)
+        used += len(field) + len(description)
+        if used > MAX_DETAILS_CHARS and kept:
+            break
+        kept.append(error_details_pb2.BadRequest.FieldViolation(field=field, description=description))
+    return kept
 
 
 def to_status_proto(exc: errors.IpaasError) -> status_pb2.Status:
@@ -51,10 +64,7 @@ def to_status_proto(exc: errors.IpaasError) -> status_pb2.Status:
         detail = any_pb2.Any()
         detail.Pack(
             error_details_pb2.BadRequest(
-                field_violations=[
-                    error_details_pb2.BadRequest.FieldViolation(field=_clip(v.field), description=_clip(v.description))
-                    for v in exc.violations[:100]
-                ]
+                field_violations=_within_budget(exc.violations)
             )
         )
         st.details.append(detail)

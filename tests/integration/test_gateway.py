@@ -506,16 +506,19 @@ async def test_a_dead_redis_lets_requests_through_but_not_keyed_ones(tmp_path, c
 
 async def test_oversized_input_gets_a_plain_answer_not_transport_text(stack) -> None:
     """An id, a query value or an Authorization header far longer than any real one is
-    refused by the gateway (404, 400, 401); a core answer the gRPC channel could not carry
-    (an error echoing a 20 KB field) is a generic 502, never 429 with the transport's words."""
+    refused by the gateway (404, 400, 401); an error echoing a 20 KB field (which gRPC could
+    not carry in its trailers: 429 with the transport's words) is clipped by the core."""
     core, http, slack = stack
     long_id = await http.get("/api/workflows/" + "a" * 60000)
     long_query = await http.get("/api/executions", params={"workflow_id": "w" * 300})
     long_key = await http.get("/api/caller", headers={"authorization": "Bearer " + "x" * 20000})
-    unreadable = await http.post("/api/credentials", json={"connector": "x" * 20000, "name": "n", "secrets": {}})
-    for response, status, code in [(long_id, 404, "not_found"), (long_query, 400, "bad_request"), (long_key, 401, "unauthenticated"), (unreadable, 502, "bad_gateway")]:
+    echoed = await http.post("/api/credentials", json={"connector": "x" * 20000, "name": "n", "secrets": {}})
+    steps = [{"id": f"s{i}", "connector": "x" * 4900 + str(i), "action": "a", "config": {}} for i in range(50)]
+    many = await http.post("/api/workflows", json={"name": "n", "trigger": {"type": "manual"}, "steps": steps})
+    for response, status, code in [(long_id, 404, "not_found"), (long_query, 400, "bad_request"), (long_key, 401, "unauthenticated"), (echoed, 422, "invalid_argument"), (many, 422, "invalid_argument")]:
         assert (response.status_code, assert_envelope(response, False)["error"]["code"]) == (status, code), response.text[:300]
-        assert "metadata" not in response.text and "Stream removed" not in response.text and "x" * 100 not in response.text
+        assert "metadata" not in response.text and "Stream removed" not in response.text and "x" * 1100 not in response.text
+    assert 1 <= len(many.json()["error"]["details"]) < 50, "as many violations as fit the answer"
     assert long_query.json()["error"]["details"] == [{"field": "workflow_id", "description": "at most 256 characters"}]
     # Within the bounds nothing changes, and the core's own 429 (queue full) stays a 429: see above.
     assert (await http.get("/api/workflows/" + "a" * 256)).status_code == 404
