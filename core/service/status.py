@@ -34,10 +34,11 @@ def to_grpc_status(exc: errors.IpaasError) -> grpc.Status:
 
 
 # Messages may quote what the caller sent (an unknown id, a bad field). The status travels in
-# trailing metadata, which clients cap at 16 KiB by default: a message quoting a huge input
-# would turn the answer into the client's own RESOURCE_EXHAUSTED ("Stream removed").
+# trailing metadata, which gRPC clients refuse past 16 KiB and, at random, past a soft 8 KiB:
+# a message quoting a huge input turned the answer into the client's own RESOURCE_EXHAUSTED
+# ("Stream removed"). The details go base64-encoded (a third more), so they get 3 KiB.
 MAX_MESSAGE_CHARS = 1024
-MAX_DETAILS_CHARS = 8 * 1024
+MAX_DETAILS_CHARS = 3 * 1024
 
 
 def _clip(text: str) -> str:
