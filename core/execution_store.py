@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from dataclasses import dataclass
 
 from sqlalchemy import delete, select
@@ -28,13 +30,18 @@ class ExecutionStore:
         self.on_enqueued = on_enqueued
 
     async def get(self, tenant_id: str, execution_id: str) -> ExecutionView:
-        async with self.db.session() as s:
-            row = await s.get(Execution, execution_id)
-            if row is None or row.tenant_id != tenant_id:
-                raise NotFound(f"execution {execution_id} not found")
-            steps = list(
-                (await s.scalars(select(ExecutionStep).where(ExecutionStep.execution_id == execution_id).order_by(ExecutionStep.step_index))).all()
-            )
+        """The execution and its steps, as read-only rows with the models' attributes."""
+
+        def load(conn: Any) -> tuple[Any, list[Any]]:
+            row = conn.execute(select(*Execution.__table__.c).where(Execution.id == execution_id, Execution.tenant_id == tenant_id)).first()
+            if row is None:
+                return None, []
+            steps = conn.execute(select(*ExecutionStep.__table__.c).where(ExecutionStep.execution_id == execution_id).order_by(ExecutionStep.step_index)).all()
+            return row, list(steps)
+
+        row, steps = await self.db.read(load)
+        if row is None:
+            raise NotFound(f"execution {execution_id} not found")
         return ExecutionView(row, steps)
 
     async def list(self, tenant_id: str, workflow_id: str, status: str, size: int, token: str) -> Page[Execution]:

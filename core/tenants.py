@@ -95,14 +95,12 @@ class TenantStore:
         digest = auth.hash_key(presented)
         if auth.keys_match(digest, self._admin_hash):
             return auth.ADMIN
-        async with self.db.session() as s:
-            row = (
-                await s.execute(
-                    select(ApiKey.id, ApiKey.tenant_id, Tenant.tier)
-                    .join(Tenant, Tenant.id == ApiKey.tenant_id)
-                    .where(ApiKey.key_hash == digest, ApiKey.revoked_at.is_(None))
-                )
-            ).first()
+        query = (
+            select(ApiKey.id, ApiKey.tenant_id, Tenant.tier)
+            .join(Tenant, Tenant.id == ApiKey.tenant_id)
+            .where(ApiKey.key_hash == digest, ApiKey.revoked_at.is_(None))
+        )
+        row = await self.db.read(lambda conn: conn.execute(query).first())
         if row is None:
             raise Unauthenticated("invalid or revoked API key")
         return auth.Caller(tenant_id=row.tenant_id, tier=row.tier, key_id=row.id)
