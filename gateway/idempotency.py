@@ -4,10 +4,11 @@ The first request with a key runs and its response is kept for 24 h; a repeat wi
 request gets the kept response (`X-Idempotency-Replay: true`) and runs nothing; the same key
 with another request → 422; a repeat while the first is still running → 409. Keys are
 scoped per tenant. Webhooks are not kept here (the gateway would keep an answer before the
-core checked the signature): their key goes to the core, which dedupes what it accepted. The store is shared by every replica and survives restarts: SQL (the
-gateway's own table) by default, Redis when IPAAS_REDIS_URL is set. A lock left by a
-gateway that died mid-request expires after LOCK_SECONDS; the core dedupes the trigger by
-the same key, so the retry that takes over cannot enqueue twice.
+core checked the signature): their key goes to the core, which dedupes what it accepted.
+The store is shared by every replica and survives restarts: SQL (the gateway's own table)
+by default, Redis when IPAAS_REDIS_URL is set. A lock left by a gateway that died
+mid-request expires after LOCK_SECONDS; the core dedupes the trigger by the same key, so the
+retry that takes over cannot enqueue twice.
 """
 
 from __future__ import annotations
