@@ -103,16 +103,20 @@ class Router:
         self.routes = routes if routes is not None else build_routes()
 
     def match(self, verb: str, path: str) -> tuple[Match | None, list[str]]:
-        """The route for verb and path, or None and the verbs the path allows (405's Allow)."""
+        """The route for verb and path, or None and the verbs the path allows (405's Allow).
+        HEAD is GET without the body (RFC 9110 asks every server for both; uvicorn drops
+        the body)."""
         allowed: list[str] = []
+        wanted = "GET" if verb == "HEAD" else verb
         for route in self.routes:
             m = route.pattern.match(path)
             if m is None:
                 continue
-            if route.verb == verb:
+            if route.verb == wanted:
                 return Match(route, m.groupdict()), []
-            if route.verb not in allowed:
-                allowed.append(route.verb)
+            for offered in ("GET", "HEAD") if route.verb == "GET" else (route.verb,):
+                if offered not in allowed:
+                    allowed.append(offered)
         return None, allowed
 
 

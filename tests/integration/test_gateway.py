@@ -113,7 +113,7 @@ async def test_error_classes_use_the_envelope(stack) -> None:
         body = assert_envelope(response, False)
         assert body["error"]["code"] == code, body
         assert "Traceback" not in response.text
-    assert cases[1][0].headers["allow"] == "GET, POST"
+    assert cases[1][0].headers["allow"] == "GET, HEAD, POST"
     invalid = cases[5][0].json()["error"]["details"]
     assert {"field": "trigger.type", "description": "must be one of webhook, schedule, manual"} in invalid
 
@@ -542,3 +542,17 @@ async def test_header_values_that_cannot_be_passed_on_get_4xx(stack) -> None:
     # A read has no use for a key: it is not passed on, so it cannot fail the read.
     assert (await http.get("/api/workflows", headers={"Idempotency-Key": "k\xe9".encode("latin-1")})).status_code == 200
     assert (await http.patch(f"/api/workflows/{wf['id']}", json={"name": "z"}, headers={"If-Match": 'W/"1"'})).status_code == 200
+
+
+async def test_head_is_get_without_the_body(stack) -> None:
+    """RFC 9110: every general-purpose server supports GET and HEAD. HEAD on the API's GET
+    routes answered 405, which monitors that probe with HEAD read as down."""
+    core, http, slack = stack
+    wf = (await create_workflow(http, slack))["workflow"]
+    got, head = await http.get(f"/api/workflows/{wf['id']}"), await http.head(f"/api/workflows/{wf['id']}")
+    assert (head.status_code, head.content) == (200, b"") and got.status_code == 200
+    assert head.headers["content-type"] == got.headers["content-type"] and int(head.headers["content-length"]) == len(got.content)
+    missing = await http.head("/api/workflows/wf_missing")
+    assert (missing.status_code, missing.content) == (404, b"")
+    run_only = await http.head(f"/api/workflows/{wf['id']}/run")
+    assert run_only.status_code == 405 and run_only.headers["allow"] == "POST"
