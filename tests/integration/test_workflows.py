@@ -298,6 +298,10 @@ async def test_a_definition_too_large_to_read_back_is_refused(api: Api) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await api.workflows.CreateWorkflow(request(n), metadata=api.md)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert violations(err.value) == {"workflow": "is larger than 1048576 bytes"}, "refused before it is converted"
+    # Over the stored limit but within the request's: the answer names where the bulk is.
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await api.create(definition(["x" * (MAX_DEFINITION_BYTES + 1000)]))
     assert f"{MAX_DEFINITION_BYTES}" in violations(err.value)["steps[0].config.blocks[0]"], "names the limit and where the bulk is"
     small = (await api.create(definition([{"type": "divider"}]))).workflow
     listed = await api.workflows.ListWorkflows(workflows_pb2.ListWorkflowsRequest(), metadata=api.md)
@@ -315,3 +319,22 @@ async def test_an_error_quoting_a_huge_input_still_reaches_the_caller(api: Api) 
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await api.create({"name": "n", "trigger": {"type": "manual"}, "steps": [slack_step("cred_" + huge)]})
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_messages_too_large_to_convert_quickly_are_refused(api: Api) -> None:
+    """Converting a 4 MiB message of small numbers to JSON took the core's event loop ~0.9 s
+    (every other call waited): a workflow, payload or credential over 1 MiB is refused first."""
+    from ipaas.v1 import executions_pb2
+
+    cred = await api.credential("slack", {"webhook_url": SLACK_URL})
+    numbers = [0] * 120_000  # ~1.3 MB on the wire
+    wf = (await api.create({"name": "n", "trigger": {"type": "manual"}, "steps": [slack_step(cred)]})).workflow
+    calls = {
+        "workflow": api.create({"name": "big", "trigger": {"type": "manual"}, "steps": [{**slack_step(cred), "config": {"text": "x", "blocks": numbers}}]}),
+        "payload": api.executions.RunWorkflow(executions_pb2.RunWorkflowRequest(workflow_id=wf.id, payload=value(numbers)), metadata=api.md),
+        "secrets": api.credentials.CreateCredential(credentials_pb2.CreateCredentialRequest(connector="slack", name="big", secrets=struct({"webhook_url": SLACK_URL, "n": numbers})), metadata=api.md),
+    }
+    for field, call in calls.items():
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await call
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and violations(err.value) == {field: "is larger than 1048576 bytes"}
