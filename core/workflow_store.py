@@ -112,20 +112,20 @@ class WorkflowStore:
         """The workflow (a read-only row with the Workflow's attributes) at `version`, or at
         its current version."""
 
-        def load(conn: Any) -> tuple[Any, Any]:
+        def load(conn: Any) -> tuple[Any, int, Any]:
             wf = conn.execute(select(*Workflow.__table__.c).where(Workflow.id == workflow_id, Workflow.tenant_id == tenant_id, Workflow.deleted_at.is_(None))).first()
             if wf is None:
-                return None, None
+                return None, 0, None
             number = version or wf.current_version
             found = conn.execute(select(WorkflowVersion.definition, WorkflowVersion.created_at).where(WorkflowVersion.workflow_id == workflow_id, WorkflowVersion.version == number)).first()
-            return wf, found
+            return wf, number, found
 
-        wf, row = await self.db.read(load)
+        wf, number, row = await self.db.read(load)
         if wf is None:
             raise NotFound(f"workflow {workflow_id} not found")
         if row is None:
-            raise NotFound(f"workflow {workflow_id} has no version {version or wf.current_version}")
-        return WorkflowView(wf, version or wf.current_version, row.definition, row.created_at)
+            raise NotFound(f"workflow {workflow_id} has no version {number}")
+        return WorkflowView(wf, number, row.definition, row.created_at)
 
     async def get_pinned(self, workflow_id: str, version: int) -> dict[str, Any]:
         """A version's definition even if the workflow was deleted since (for executions).

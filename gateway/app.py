@@ -34,6 +34,7 @@ from ipaas.gateway.ratelimit import RateLimiter, parse_tiers
 from ipaas.gateway.routes import MAX_PARAM_LENGTH, Match, Route, Router, field_value
 from ipaas.gateway.throttled_log import ThrottledWarning
 from ipaas.gateway.webhook_batch import WebhookBatcher
+from ipaas.pagination import MAX_VERSION
 from ipaas.settings import Settings
 from ipaas.v1 import executions_pb2
 
@@ -42,7 +43,6 @@ log = logging.getLogger("ipaas.gateway")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 WEBHOOK_BODY_LIMIT = 1024 * 1024
 BODY_LIMIT = 256 * 1024
-MAX_VERSION = 2**31 - 1  # versions are int32 in the API
 MAX_AUTHORIZATION_LENGTH = 1024  # API keys are ~50 characters
 # Failures of the call itself rather than answers of the core's handlers.
 CHANNEL_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED}
