@@ -184,7 +184,8 @@ class Gateway:
 
     async def _transcode(self, request: Request, h: dict[str, str], meta: dict[str, Any], headers: dict[str, str]) -> Response:
         path = request.scope["path"]
-        match, allowed = self.router.match(request.method, path)
+        raw_path = request.scope.get("raw_path")
+        match, allowed = self.router.match(request.method, raw_path.decode("latin-1") if raw_path else path)
         if match is None:
             if allowed:
                 raise HttpError(405, f"{request.method} is not allowed here", headers={"Allow": ", ".join(sorted(allowed))})
@@ -218,7 +219,7 @@ class Gateway:
                 await self._spend(owner[1], owner[2], headers)
             return envelope.json_response(status, content, headers)
         scope = f"{tenant}:{key}"
-        fingerprint = idempotency.fingerprint(request.method, path, request.scope.get("query_string", b"").decode("latin-1"), body)
+        fingerprint = idempotency.fingerprint(request.method, path, request.scope.get("query_string", b"").decode("latin-1"), h.get("if-match", ""), body)
         try:
             record = await self.store.begin(scope, fingerprint)
         except Exception as exc:

@@ -37,9 +37,11 @@ KEPT_HEADERS = ("location", "content-type")
 TRANSIENT_STATUSES = frozenset({408, 429, 499, 500, 502, 503, 504})
 
 
-def fingerprint(method: str, path: str, query: str, body: bytes) -> str:
+def fingerprint(method: str, path: str, query: str, precondition: str, body: bytes) -> str:
+    """What a key stands for: everything that decides what the request does, If-Match's
+    version (precondition) included."""
     digest = hashlib.sha256()
-    for part in (method.encode(), path.encode(), query.encode(), body):
+    for part in (method.encode(), path.encode(), query.encode(), precondition.encode("latin-1"), body):
         digest.update(len(part).to_bytes(8, "big"))
         digest.update(part)
     return digest.hexdigest()

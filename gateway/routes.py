@@ -8,6 +8,7 @@ import re
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
+from urllib.parse import unquote
 
 from google.api import annotations_pb2
 from google.protobuf.descriptor import FieldDescriptor, MethodDescriptor
@@ -105,7 +106,11 @@ class Router:
     def match(self, verb: str, path: str) -> tuple[Match | None, list[str]]:
         """The route for verb and path, or None and the verbs the path allows (405's Allow).
         HEAD is GET without the body (RFC 9110 asks every server for both; uvicorn drops
-        the body)."""
+        the body).
+
+        path is the path as sent, still percent-encoded: segments are split first and each
+        variable decoded after, so an id holding %2F stays one segment (as grpc-gateway and
+        Envoy read it) and cannot reach a deeper route."""
         allowed: list[str] = []
         wanted = "GET" if verb == "HEAD" else verb
         for route in self.routes:
@@ -113,7 +118,7 @@ class Router:
             if m is None:
                 continue
             if route.verb == wanted:
-                return Match(route, m.groupdict()), []
+                return Match(route, {k: unquote(v) for k, v in m.groupdict().items()}), []
             for offered in ("GET", "HEAD") if route.verb == "GET" else (route.verb,):
                 if offered not in allowed:
                     allowed.append(offered)

@@ -556,3 +556,29 @@ async def test_head_is_get_without_the_body(stack) -> None:
     assert (missing.status_code, missing.content) == (404, b"")
     run_only = await http.head(f"/api/workflows/{wf['id']}/run")
     assert run_only.status_code == 405 and run_only.headers["allow"] == "POST"
+
+
+async def test_an_encoded_slash_is_part_of_its_segment_not_a_separator(stack) -> None:
+    """Routing follows the path as sent: `{id}%2Fversions` is one (unknown) id, not the
+    versions list of {id}, as grpc-gateway and Envoy read it."""
+    _, http, slack = stack
+    wf = (await create_workflow(http, slack))["workflow"]
+    listed = await http.get(f"/api/workflows/{wf['id']}/versions")
+    assert listed.status_code == 200, listed.text
+    smuggled = await http.get(f"/api/workflows/{wf['id']}%2Fversions")
+    assert smuggled.status_code == 404, smuggled.text
+    assert assert_envelope(smuggled, False)["error"]["code"] == "not_found"
+    # Other escapes are still decoded inside a segment.
+    escaped = "".join(f"%{b:02X}" for b in wf["id"].encode())
+    assert (await http.get(f"/api/workflows/{escaped}")).status_code == 200
+
+
+async def test_a_key_reused_with_another_if_match_is_a_different_request(stack) -> None:
+    """If-Match decides what an update does, so it is part of what a key stands for."""
+    _, http, slack = stack
+    wf = (await create_workflow(http, slack))["workflow"]
+    first = await http.patch(f"/api/workflows/{wf['id']}", json={"name": "n"}, headers={"Idempotency-Key": "im", "If-Match": '"9"'})
+    assert first.status_code == 409, first.text
+    other = await http.patch(f"/api/workflows/{wf['id']}", json={"name": "n"}, headers={"Idempotency-Key": "im", "If-Match": '"1"'})
+    assert other.status_code == 422, other.text
+    assert "x-idempotency-replay" not in other.headers
