@@ -29,6 +29,7 @@ from ipaas import __version__, heap, logs
 from ipaas.gateway import envelope, idempotency, request_deadlines
 from ipaas.gateway.core_client import CALL_TIMEOUT, CoreClient
 from ipaas.gateway.envelope import HttpError
+from ipaas.gateway.json_numbers import EXACT, inexact_integer
 from ipaas.gateway.openapi import DOCS_PAGE, build_openapi
 from ipaas.gateway.ratelimit import RateLimiter, parse_tiers
 from ipaas.gateway.routes import MAX_PARAM_LENGTH, Match, Route, Router, field_value
@@ -318,6 +319,9 @@ class Gateway:
                     raise HttpError(400, "the body is not valid JSON") from None
                 if not isinstance(data, dict):
                     raise HttpError(400, "the body must be a JSON object")
+                if (where := inexact_integer(data)) is not None:
+                    where = where if len(where) <= MAX_PARAM_LENGTH else where[:MAX_PARAM_LENGTH] + "…"
+                    raise HttpError(400, f"{where} is an integer past ±2^53, which the API cannot carry exactly: send it as a string", details=[{"field": where, "description": f"integers must lie within ±{EXACT}"}])
             target = message if route.body == "*" else getattr(message, route.body)
             try:
                 json_format.ParseDict(data, target, ignore_unknown_fields=False)

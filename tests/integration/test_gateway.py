@@ -582,3 +582,15 @@ async def test_a_key_reused_with_another_if_match_is_a_different_request(stack) 
     other = await http.patch(f"/api/workflows/{wf['id']}", json={"name": "n"}, headers={"Idempotency-Key": "im", "If-Match": '"1"'})
     assert other.status_code == 422, other.text
     assert "x-idempotency-replay" not in other.headers
+
+
+async def test_integers_a_double_cannot_hold_are_refused_not_rounded(stack) -> None:
+    """Payloads travel as protobuf Struct (doubles): 2^60 + 1 would arrive as 2^60."""
+    _, http, slack = stack
+    wf = (await create_workflow(http, slack))["workflow"]
+    refused = await http.post(f"/api/workflows/{wf['id']}/run", json={"payload": {"order": {"ids": [1, 2**60 + 1]}}})
+    assert refused.status_code == 400, refused.text
+    error = assert_envelope(refused, False)["error"]
+    assert error["details"] == [{"field": "payload.order.ids[1]", "description": "integers must lie within ±9007199254740991"}]
+    for edge in (2**53 - 1, -(2**53 - 1), 2.0**60):  # a float was a double already
+        assert (await http.post(f"/api/workflows/{wf['id']}/run", json={"payload": {"n": edge}})).status_code == 202

@@ -1,0 +1,28 @@
+"""Integers the API cannot carry exactly.
+
+The API's free-form JSON (payloads, step configs, credentials) travels as protobuf Struct,
+which holds every number as a double: past 2^53 an integer silently becomes another one
+(2^60 + 1 arrives as 2^60, and renders as 1.152921504606847e+18). An order id changed in
+transit is lost data, so such a body is refused with the field named; the sender can send
+the number as a string, as Google's JSON mapping does for int64."""
+
+from __future__ import annotations
+
+from typing import Any
+
+EXACT = 2**53 - 1  # the largest integer every double can hold, with all below it
+
+
+def inexact_integer(data: Any) -> str | None:
+    """The path (a.b[2].c) of the first integer past ±EXACT in data, or None."""
+    # A loop over an explicit stack: orjson reads 1,024 levels, deeper than Python recursion.
+    stack: list[tuple[Any, str]] = [(data, "")]
+    while stack:
+        value, path = stack.pop()
+        if isinstance(value, dict):
+            stack.extend((v, f"{path}.{k}" if path else str(k)) for k, v in value.items())
+        elif isinstance(value, list):
+            stack.extend((v, f"{path}[{i}]") for i, v in enumerate(value))
+        elif type(value) is int and not -EXACT <= value <= EXACT:
+            return path
+    return None
