@@ -594,3 +594,36 @@ async def test_integers_a_double_cannot_hold_are_refused_not_rounded(stack) -> N
     assert error["details"] == [{"field": "payload.order.ids[1]", "description": "integers must lie within ±9007199254740991"}]
     for edge in (2**53 - 1, -(2**53 - 1), 2.0**60):  # a float was a double already
         assert (await http.post(f"/api/workflows/{wf['id']}/run", json={"payload": {"n": edge}})).status_code == 202
+
+
+async def test_an_error_the_cores_handlers_did_not_send_is_a_generic_502(tmp_path) -> None:
+    """Something that answers gRPC without the core's x-request-id trailer (a proxy, a stream
+    reset, an answer over the metadata limit): its words are the transport's and stay out of
+    the answer. The same error with the trailer is the core's and is mapped as usual."""
+    import grpc
+
+    def handler(trailer: bool):
+        async def answer(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+            if trailer:
+                context.set_trailing_metadata((("x-request-id", "r1"),))
+            await context.abort(grpc.StatusCode.INTERNAL, "upstream connect error: reset reason 0x7 at 10.0.0.3")
+
+        class Any(grpc.GenericRpcHandler):
+            def service(self, details):  # noqa: ANN001
+                return grpc.unary_unary_rpc_method_handler(answer)
+
+        return Any()
+
+    for trailer, status in ((False, 502), (True, 500)):
+        server = grpc.aio.server()
+        server.add_generic_rpc_handlers((handler(trailer),))
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        try:
+            async with gateway_for(f"127.0.0.1:{port}", tmp_path / str(trailer)) as url, httpx.AsyncClient(base_url=url, timeout=10) as http:
+                answer = await http.get("/api/workflows", headers={"authorization": "Bearer ipk_x"})
+        finally:
+            await server.stop(None)
+        assert answer.status_code == status, answer.text
+        error = assert_envelope(answer, False)["error"]
+        assert ("10.0.0.3" in error["message"]) is trailer, error
