@@ -26,7 +26,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
 
 from ipaas import __version__, heap, logs
-from ipaas.gateway import envelope, idempotency, request_deadlines
+from ipaas.gateway import envelope, idempotency, parse_errors, request_deadlines
 from ipaas.gateway.core_client import CALL_TIMEOUT, CoreClient
 from ipaas.gateway.envelope import HttpError
 from ipaas.gateway.json_numbers import EXACT, inexact_integer
@@ -326,7 +326,9 @@ class Gateway:
             try:
                 json_format.ParseDict(data, target, ignore_unknown_fields=False)
             except json_format.ParseError as exc:
-                raise HttpError(400, f"the body does not fit {target.DESCRIPTOR.name}: {exc}") from None
+                field, problem = parse_errors.describe(str(exc))
+                field = field if len(field) <= MAX_PARAM_LENGTH else field[:MAX_PARAM_LENGTH] + "…"  # a key the caller made up
+                raise HttpError(400, f"the body does not fit the request: {field} {problem}", details=[{"field": field, "description": problem}]) from None
         fields = route.method.input_type.fields_by_name
         for name, raw in match.params.items():
             if len(raw) > MAX_PARAM_LENGTH:  # no resource has such a name

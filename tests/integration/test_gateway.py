@@ -627,3 +627,23 @@ async def test_an_error_the_cores_handlers_did_not_send_is_a_generic_502(tmp_pat
         assert answer.status_code == status, answer.text
         error = assert_envelope(answer, False)["error"]
         assert ("10.0.0.3" in error["message"]) is trailer, error
+
+
+async def test_a_body_of_the_wrong_shape_names_the_field_in_the_apis_words(stack) -> None:
+    _, http, slack = stack
+    wf = (await create_workflow(http, slack))["workflow"]
+    cases = [
+        (f"/api/workflows/{wf['id']}/run", {"paylod": {}}, "paylod", "is not a field of this request"),
+        ("/api/workflows", {"name": "x", "steps": 3}, "steps", "must be a list"),
+        ("/api/workflows", {"name": "x", "steps": [{"id": 3}]}, "steps.id", "must be a string"),
+        ("/api/workflows", {"name": "x", "trigger": 3}, "trigger", "must be a JSON object"),
+        ("/api/credentials", {"connector": "slack", "name": "n", "secrets": [1]}, "secrets", "must be a JSON object"),
+        ("/api/workflows", {"name": "x", "options": {"allow_unsigned_webhooks": "yes"}}, "options.allow_unsigned_webhooks", "must be true or false"),
+        ("/api/workflows", {"n" * 5000: 1}, "n" * 256 + "…", "is not a field of this request"),
+    ]
+    for path, body, field, problem in cases:
+        answer = await http.post(path, json=body)
+        assert answer.status_code == 400, answer.text
+        error = assert_envelope(answer, False)["error"]
+        assert error["details"] == [{"field": field, "description": problem}], error
+        assert "Failed to parse" not in error["message"] and "bytes-like" not in error["message"], error
