@@ -29,12 +29,12 @@ from ipaas import __version__, heap, logs
 from ipaas.gateway import envelope, idempotency, parse_errors, request_deadlines
 from ipaas.gateway.core_client import CALL_TIMEOUT, CoreClient
 from ipaas.gateway.envelope import HttpError
-from ipaas.gateway.json_numbers import EXACT, inexact_integer
 from ipaas.gateway.openapi import DOCS_PAGE, build_openapi
 from ipaas.gateway.ratelimit import RateLimiter, parse_tiers
 from ipaas.gateway.routes import MAX_PARAM_LENGTH, Match, Route, Router, field_value
 from ipaas.gateway.throttled_log import ThrottledWarning
 from ipaas.gateway.webhook_batch import WebhookBatcher
+from ipaas.json_numbers import EXACT, inexact_integer, integral
 from ipaas.pagination import MAX_VERSION
 from ipaas.settings import Settings
 from ipaas.v1 import executions_pb2
@@ -399,7 +399,7 @@ class Gateway:
                 reply = await self.client.call(route.path, response_class)(message, metadata=metadata, timeout=CALL_TIMEOUT)
             except grpc.aio.AioRpcError as exc:
                 raise self._rpc_error(exc) from None
-        data = json_format.MessageToDict(reply, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+        data = integral(json_format.MessageToDict(reply, preserving_proto_field_name=True, always_print_fields_with_no_presence=True))
         if "next_page_token" in data:
             meta["pagination"] = {"next_page_token": data.pop("next_page_token")}
         if route.response_body:

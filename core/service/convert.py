@@ -8,6 +8,7 @@ from typing import Any
 from google.protobuf import json_format, struct_pb2, timestamp_pb2
 
 from ipaas.errors import InvalidArgument
+from ipaas.json_numbers import integral
 from ipaas.v1 import tenants_pb2, workflows_pb2
 
 
@@ -31,18 +32,6 @@ def to_value(value: Any) -> struct_pb2.Value:
     v = struct_pb2.Value()
     json_format.ParseDict(value, v)
     return v
-
-
-def integral(value: Any) -> Any:
-    """protobuf's Struct holds every number as a double: give whole numbers back as ints, so
-    a payload's 1 renders as "1", not "1.0"."""
-    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
-        return int(value)
-    if isinstance(value, dict):
-        return {k: integral(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [integral(v) for v in value]
-    return value
 
 
 # protobuf's JSON conversion is pure Python, ~2.5 µs a value on the core's event loop: a 4 MiB

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 
 import httpx
 import pytest
@@ -647,3 +648,15 @@ async def test_a_body_of_the_wrong_shape_names_the_field_in_the_apis_words(stack
         error = assert_envelope(answer, False)["error"]
         assert error["details"] == [{"field": field, "description": problem}], error
         assert "Failed to parse" not in error["message"] and "bytes-like" not in error["message"], error
+
+
+async def test_whole_numbers_come_back_as_integers_not_floats(stack) -> None:
+    """Struct holds numbers as doubles; a REST answer shows a payload's 7 as 7, as sent."""
+    _, http, slack = stack
+    wf = (await create_workflow(http, slack))["workflow"]
+    run = await http.post(f"/api/workflows/{wf['id']}/run", json={"payload": {"order": {"id": 7, "price": 2.5}}})
+    assert run.status_code == 202, run.text
+    execution = run.json()["data"]["execution"]["id"]
+    read = await http.get(f"/api/executions/{execution}")
+    for answer in (run, read):  # Struct keeps no key order
+        assert re.search(r'"id":7[,}]', answer.text) and re.search(r'"price":2\.5[,}]', answer.text), answer.text
