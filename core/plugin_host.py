@@ -19,11 +19,13 @@ from http.cookiejar import CookieJar
 from importlib.metadata import entry_points
 from typing import Any, Iterable
 
+import aiohttp
 import httpx
 import jsonschema
 import orjson
 import pluggy
 from cachetools import LRUCache
+from httpx_aiohttp import AiohttpTransport
 from jsonschema import Draft202012Validator
 
 from ipaas import hookspecs
@@ -397,12 +399,30 @@ def make_http_client(timeout: float, allow_insecure: bool, max_connections: int 
     )
 
 
+class _AiohttpTransport(AiohttpTransport):
+    """httpx-aiohttp's transport with its errors named as httpx's own transport names them.
+
+    httpx-aiohttp 0.2 reports every aiohttp connection failure (a refused port, an unknown
+    host) as ConnectTimeout, which sends a step's reader looking for a slow network, and
+    lets aiohttp's ClientResponseError for a malformed answer (a bad status or header line
+    from a flaky proxy) through unmapped, which the host took for a plugin's crash and
+    failed for good. httpx's own transport calls them ConnectError and RemoteProtocolError,
+    both retried."""
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        try:
+            return await super().handle_async_request(request)
+        except httpx.ConnectTimeout as exc:
+            if isinstance(exc.__cause__, aiohttp.ClientConnectorError):
+                raise httpx.ConnectError(str(exc), request=request) from exc.__cause__
+            raise
+        except aiohttp.ClientResponseError as exc:  # no HTTP status raises it here
+            raise httpx.RemoteProtocolError(f"malformed answer: {exc.message}", request=request) from exc
+
+
 def aiohttp_transport(limits: httpx.Limits, guard_dns: bool) -> httpx.AsyncBaseTransport:
     """httpx-aiohttp's transport over a pool whose resolver is the SSRF guard (see netguard)."""
-    import aiohttp
-    from httpx_aiohttp import AiohttpTransport
-
-    transport = AiohttpTransport(limits=limits)
+    transport = _AiohttpTransport(limits=limits)
 
     def session() -> aiohttp.ClientSession:
         # Built on first use, inside the event loop, as httpx-aiohttp builds its own.

@@ -280,3 +280,65 @@ async def test_a_response_larger_than_the_limit_fails_the_step_without_being_hel
             assert (await client.get(f"{upstream.base_url}/fits/secret-path")).status_code == 200, "the client still works"
         finally:
             await client.aclose()
+
+
+@pytest.mark.parametrize("transport", ["aiohttp", "httpx"])
+async def test_a_refused_connection_is_a_connect_error_not_a_timeout(transport: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """httpx-aiohttp 0.2 reports every aiohttp connection failure, a refused port or an
+    unknown host, as ConnectTimeout; the step's error would send its reader looking for a
+    slow network."""
+    import socket
+
+    import httpx
+
+    from ipaas.plugin_host import make_http_client
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]  # nothing listens once it is closed
+    monkeypatch.setenv("IPAAS_HTTP_TRANSPORT", transport)
+    client = make_http_client(5.0, allow_insecure=True)
+    try:
+        with pytest.raises(httpx.ConnectError) as caught:
+            await client.get(f"http://127.0.0.1:{closed}/")
+        assert not isinstance(caught.value, httpx.TimeoutException)
+    finally:
+        await client.aclose()
+
+
+MALFORMED_ANSWERS = {
+    "bad_status_line": b"HTTP/1.1 2OO OK\r\n\r\n",
+    "bad_header_line": b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nBad Header: x\r\n\r\nok",
+}
+
+
+@pytest.mark.parametrize("transport", ["aiohttp", "httpx"])
+@pytest.mark.parametrize("reply", list(MALFORMED_ANSWERS))
+async def test_a_malformed_answer_is_retried_not_blamed_on_the_plugin(transport: str, reply: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bad status or header line (a flaky proxy) is the network's fault: retried on both
+    transports, as httpx's RemoteProtocolError, and the webhook URL's secret path stays out."""
+    import asyncio
+
+    from ipaas_slack import CONNECTOR as SLACK
+
+    from ipaas.plugin_host import ConnectorRegistry
+    from ipaas.sdk import RetryableError
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(65536)
+        writer.write(MALFORMED_ANSWERS[reply])
+        await writer.drain()
+        writer.close()
+
+    monkeypatch.setenv("IPAAS_HTTP_TRANSPORT", transport)
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/services/T000/B000/S3CRETTOKENVALUE"
+    registry = ConnectorRegistry(allow_insecure=True)
+    registry.add(SLACK, "ipaas-slack")
+    try:
+        with pytest.raises(RetryableError) as caught:
+            await registry.invoke("slack", "send_message", registry.context("slack", {"text": "x"}, {"webhook_url": url}, 2))
+        assert "S3CRETTOKENVALUE" not in str(caught.value)
+    finally:
+        await registry.aclose()
+        server.close()
