@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 from http.cookiejar import CookieJar
 from importlib.metadata import entry_points
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import aiohttp
 import httpx
@@ -69,17 +69,49 @@ def _validator(schema: dict[str, Any]) -> Draft202012Validator:
     return hit[1]
 
 
+# What each JSON Schema keyword asks, in words built from the schema alone. jsonschema's own
+# messages quote the value ("'https://hooks.slack.com/services/T0/B0/XYZ' does not match
+# ..."), and these descriptions end up in API answers, in an execution's stored error and in
+# logs: a credential's secret or a rendered payload's personal data must not.
+_RULES: dict[str, Callable[[Any], str]] = {
+    "type": lambda v: f"must be of type {' or '.join(v) if isinstance(v, list) else v}",
+    "pattern": lambda v: f"must match the pattern {v}",
+    "minLength": lambda v: f"must be at least {v} characters long",
+    "maxLength": lambda v: f"must be at most {v} characters long",
+    "minItems": lambda v: f"must have at least {v} items",
+    "maxItems": lambda v: f"must have at most {v} items",
+    "uniqueItems": lambda v: "must not repeat an item",
+    "minimum": lambda v: f"must be at least {v}",
+    "maximum": lambda v: f"must be at most {v}",
+    "exclusiveMinimum": lambda v: f"must be greater than {v}",
+    "exclusiveMaximum": lambda v: f"must be less than {v}",
+    "multipleOf": lambda v: f"must be a multiple of {v}",
+    "enum": lambda v: "must be one of " + ", ".join(map(str, v)),
+    "const": lambda v: f"must be {v}",
+    "format": lambda v: f"must be a valid {v}",
+    "minProperties": lambda v: f"must have at least {v} fields",
+    "maxProperties": lambda v: f"must have at most {v} fields",
+    "anyOf": lambda v: "does not fit any of the allowed forms",
+    "oneOf": lambda v: "must fit exactly one of the allowed forms",
+    "not": lambda v: "has a form that is not allowed",
+}
+
+
 def schema_problems(schema: dict[str, Any], value: Any, prefix: str) -> list[tuple[str, str]]:
-    """Schema violations as (field path, description), e.g. ("config.text", "is required")."""
+    """Schema violations as (field path, description), e.g. ("config.text", "is required").
+    No description quotes the value (see _RULES)."""
     problems = []
     for error in _validator(schema).iter_errors(value):
         where = _path(prefix, error.absolute_path)
-        if error.validator == "required":
-            match = re.match(r"'(.+)' is a required property", error.message)
-            if match:
-                problems.append((f"{where}.{match.group(1)}", "is required"))
-                continue
-        problems.append((where, error.message[:300]))
+        if error.validator == "required" and (match := re.match(r"'(.+)' is a required property", error.message)):
+            problems.append((f"{where}.{match.group(1)}", "is required"))  # a name from the schema
+        elif error.validator == "additionalProperties" and isinstance(error.instance, dict):
+            known = set(error.schema.get("properties", {}))
+            patterns = [re.compile(p) for p in error.schema.get("patternProperties", {})]
+            problems.extend((f"{where}.{name[:100]}", "is not a known field") for name in error.instance if name not in known and not any(p.search(name) for p in patterns))
+        else:
+            rule = _RULES.get(str(error.validator))
+            problems.append((where, rule(error.validator_value)[:300] if rule else f"breaks the schema's {error.validator} rule"))
     return sorted(problems)
 
 

@@ -342,3 +342,29 @@ async def test_a_malformed_answer_is_retried_not_blamed_on_the_plugin(transport:
     finally:
         await registry.aclose()
         server.close()
+
+
+async def test_a_schema_violation_never_quotes_the_value() -> None:
+    """Schema errors reach API answers, an execution's stored error and logs: a secret field
+    or a credential that fails its schema must not appear in them (jsonschema's own messages
+    quote the value)."""
+    from ipaas.engine.steps import StepRunner
+    from ipaas.plugin_host import ConnectorRegistry
+    from ipaas.sdk import Action, ActionResult, Connector, PermanentError
+
+    secret = "LIC-7f3a9c2e51d84b06a9e1"
+
+    async def run(ctx: object) -> ActionResult:
+        return ActionResult()
+
+    schema = {"type": "object", "properties": {"license": {"type": "string", "pattern": "^LIC-[0-9a-f]{16}$"}, "seats": {"type": "integer", "maximum": 5}}, "required": ["license"], "additionalProperties": False}
+    connector = Connector("licensed", "1.0.0", "d", [Action("go", "d", run, config_schema=schema, secret_fields=("license",))], credential_schema=schema)
+    registry = ConnectorRegistry(allow_insecure=True)
+    registry.add(connector, "ipaas-licensed")
+    steps = StepRunner(registry, credentials=None)  # type: ignore[arg-type]
+    with pytest.raises(PermanentError) as caught:
+        await steps.invoke("t", "e", {"id": "s", "connector": "licensed", "action": "go"}, {"license": secret, "seats": 9, "extra": 1}, 5, dry_run=False)
+    assert secret not in str(caught.value)
+    assert str(caught.value) == "invalid config after rendering: config.extra: is not a known field; config.license: must match the pattern ^LIC-[0-9a-f]{16}$; config.seats: must be at most 5"
+    problems = registry.validate_credentials("licensed", {"license": secret})
+    assert problems == [("secrets.license", "must match the pattern ^LIC-[0-9a-f]{16}$")]
