@@ -91,10 +91,17 @@ _RULES: dict[str, Callable[[Any], str]] = {
     "format": lambda v: f"must be a valid {v}",
     "minProperties": lambda v: f"must have at least {v} fields",
     "maxProperties": lambda v: f"must have at most {v} fields",
-    "anyOf": lambda v: "does not fit any of the allowed forms",
+    "anyOf": lambda v: _any_of(v),
     "oneOf": lambda v: "must fit exactly one of the allowed forms",
     "not": lambda v: "has a form that is not allowed",
 }
+
+
+def _any_of(forms: Any) -> str:
+    # The common case, "one of these fields is needed", said as such.
+    if isinstance(forms, list) and all(isinstance(f, dict) and set(f) == {"required"} for f in forms):
+        return "needs one of: " + ", ".join(name for f in forms for name in f["required"])
+    return "does not fit any of the allowed forms"
 
 
 def schema_problems(schema: dict[str, Any], value: Any, prefix: str) -> list[tuple[str, str]]:

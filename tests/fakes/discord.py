@@ -13,6 +13,10 @@ WEBHOOK_ID, TOKEN = "123456789012345678", "aBcD_eFgH-ijkl.mnop"
 
 
 class FakeDiscord(FakeServer):
+    def __init__(self, delay: float = 0.0) -> None:
+        super().__init__(delay)
+        self.threads: list[str | None] = []
+
     @property
     def url(self) -> str:
         return f"{self.base_url}/api/webhooks/{WEBHOOK_ID}/{TOKEN}"
@@ -41,6 +45,7 @@ class FakeDiscord(FakeServer):
         if not isinstance(body, dict) or not (body.get("content") or body.get("embeds")):
             return web.json_response({"message": "Cannot send an empty message", "code": 50006}, status=400)
         self.received.append(body)
+        self.threads.append(request.query.get("thread_id"))  # a thread of the channel, or None
         headers = {"X-RateLimit-Limit": "5", "X-RateLimit-Remaining": "4", "X-RateLimit-Reset-After": "1"}
         if request.query.get("wait") == "true":
             return web.json_response({"id": str(1000 + len(self.received)), "channel_id": "555", "content": body.get("content", "")}, headers=headers)

@@ -2,23 +2,27 @@
 
 from __future__ import annotations
 
+import httpx
+
 from ipaas.sdk import Action, ActionResult, Connector, ExecutionContext, PermanentError, hookimpl, raise_for_status
 
 ALLOWED_HOSTS = ("discord.com", "discordapp.com", "ptb.discord.com", "canary.discord.com", "ptb.discordapp.com", "canary.discordapp.com")
 
 
 async def post_message(ctx: ExecutionContext) -> ActionResult:
-    body: dict = {"content": ctx.config["content"]}
-    for optional in ("username", "embeds"):
+    body: dict = {}
+    for optional in ("content", "username", "embeds"):
         if ctx.config.get(optional):
             body[optional] = ctx.config[optional]
     url = ctx.credentials.get("webhook_url")
     if not url:
         raise PermanentError("the credential has no webhook_url")
     # wait=true makes Discord answer 200 with the created message, so later steps get its id.
-    response = await ctx.http.post(url, json=body, params={"wait": "true"})
+    # Merged into the URL's own query, which may name a thread (?thread_id=...): httpx's
+    # params= would replace it, and the message would land in the parent channel.
+    response = await ctx.http.post(httpx.URL(url).copy_merge_params({"wait": "true"}), json=body)
     raise_for_status(response, "Discord")
-    output = {"content": body["content"]}
+    output = {"content": body.get("content", "")}
     if response.status_code == 200:
         try:
             message = response.json()
@@ -44,9 +48,10 @@ CONNECTOR = Connector(
                 "properties": {
                     "content": {"type": "string", "minLength": 1, "maxLength": 2000},
                     "username": {"type": "string", "maxLength": 80},
-                    "embeds": {"type": "array", "maxItems": 10},
+                    "embeds": {"type": "array", "minItems": 1, "maxItems": 10},
                 },
-                "required": ["content"],
+                # Discord takes a message with content, embeds or both.
+                "anyOf": [{"required": ["content"]}, {"required": ["embeds"]}],
                 "additionalProperties": False,
             },
         )

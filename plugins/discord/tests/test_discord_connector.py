@@ -69,3 +69,25 @@ def test_webhook_hosts_are_discords_own() -> None:
     for good in ("https://discord.com/api/webhooks/1/x", "https://discordapp.com/api/webhooks/1/x", "https://canary.discord.com/api/webhooks/1/x"):
         assert strict.validate_credentials("discord", {"webhook_url": good}) == [], good
     assert strict.validate_credentials("discord", {"webhook_url": "https://discord.com.evil.net/api/webhooks/1/x"})
+
+
+async def test_a_thread_named_in_the_webhook_url_is_kept(registry) -> None:
+    """Discord's own way to post into a thread or forum post is ?thread_id= on the webhook
+    URL; the connector adds wait=true beside it."""
+    async with FakeDiscord() as discord:
+        await post(registry, discord.url + "?thread_id=99")
+        await post(registry, discord.url)
+    assert discord.threads == ["99", None]
+
+
+async def test_a_message_of_embeds_alone_is_posted(registry) -> None:
+    embeds = [{"title": "Deploy", "description": "done"}]
+    async with FakeDiscord() as discord:
+        ctx = registry.context("discord", {"embeds": embeds}, {"webhook_url": discord.url}, 2.0)
+        result = await registry.invoke("discord", "post_message", ctx)
+    assert discord.received == [{"embeds": embeds}] and result.output["message_id"] == "1001"
+
+
+def test_a_message_needs_content_or_embeds(registry) -> None:
+    assert registry.config_problems("discord", "post_message", {"username": "ci"}) == [("config", "needs one of: content, embeds")]
+    assert registry.config_problems("discord", "post_message", {"embeds": []}) == [("config.embeds", "must have at least 1 items")]
