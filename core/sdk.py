@@ -201,10 +201,14 @@ def _reason(response: httpx.Response) -> str:
 
 def raise_for_status(response: httpx.Response, service: str = "upstream") -> None:
     """Classify an HTTP answer: 429, 408 and 5xx are retryable (with Retry-After when given),
-    other 4xx permanent. The message names the status and the upstream's reason only."""
+    other 4xx permanent, and so is a 3xx: connector clients follow no redirect (it could
+    leave the allowed hosts), so nothing was delivered. The message names the status and
+    the upstream's reason only, never where a redirect points."""
     status = response.status_code
-    if status < 400:
+    if status < 300:
         return
+    if status < 400:
+        raise PermanentError(f"{service} answered {status}, a redirect, which connectors do not follow: check the target's URL")
     reason = _reason(response)
     message = f"{service} answered {status}" + (f": {reason}" if reason else "")
     if status == 429 or status == 408 or status >= 500:

@@ -150,6 +150,15 @@ class ConnectorContract:
             with pytest.raises(PermanentError):
                 await self.call(registry, self.target(url, monkeypatch))
 
+    @pytest.mark.parametrize("status", [301, 302, 307, 308])
+    async def test_a_redirect_is_not_a_delivery(self, registry: ConnectorRegistry, monkeypatch: pytest.MonkeyPatch, status: int) -> None:
+        """Connector clients follow no redirect (it could leave the allowed hosts), so a 3xx
+        means nothing was delivered; where it points stays out of the error."""
+        async with LocalUpstream(status=status, body=b"", headers={"Location": "https://elsewhere.example/moved-secret"}) as url:
+            with pytest.raises(PermanentError) as err:
+                await self.call(registry, self.target(url, monkeypatch))
+        assert "moved-secret" not in str(err.value)
+
     async def test_no_secret_reaches_a_log_or_an_error(self, registry: ConnectorRegistry, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
         caplog.set_level(logging.DEBUG)
         async with LocalUpstream(status=500, body=b"broke") as url:
