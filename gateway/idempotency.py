@@ -107,7 +107,16 @@ class SqlStore:
         self._completes: GroupCommit[dict[str, object], None] = GroupCommit(self._complete_many, name="idempotency-complete", isolate=True)
 
     async def create(self) -> None:
-        await self.db.transaction(lambda conn: metadata.create_all(conn, checkfirst=True))
+        def create(conn: Connection) -> None:
+            if self.db.is_postgres:
+                # Gateways that start together (a first deploy, a scale-up) would all see no
+                # table and all create it: check-then-create is not atomic on PostgreSQL, and
+                # the losers exited at start-up. One at a time; the lock ends with the
+                # transaction. (The core's migrations hold 724011 the same way.)
+                conn.exec_driver_sql("SELECT pg_advisory_xact_lock(724012)")
+            metadata.create_all(conn, checkfirst=True)
+
+        await self.db.transaction(create)
 
     async def begin(self, key: str, fingerprint: str) -> Record | None:
         for _ in range(3):

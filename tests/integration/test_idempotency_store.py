@@ -46,3 +46,17 @@ async def test_concurrent_keys_share_transactions_but_keep_their_own_answers(dat
         await store.close()
     finally:
         await db.dispose()
+
+
+async def test_gateways_starting_together_on_an_empty_database_all_start(database_url: str) -> None:
+    """Several gateways (a first deploy, a scale-up) create the store's table at once: on
+    PostgreSQL, check-then-create is not atomic, and the losers crashed at start-up."""
+    for _ in range(3):  # the race is timing-dependent; it lost in most rounds before the fix
+        dbs = [Database(database_url, pool_size=2) for _ in range(4)]
+        try:
+            results = await asyncio.gather(*(SqlStore(db).create() for db in dbs), return_exceptions=True)
+            assert [r for r in results if isinstance(r, BaseException)] == []
+            await dbs[0].transaction(lambda conn: conn.exec_driver_sql("DROP TABLE gateway_idempotency_keys"))
+        finally:
+            for db in dbs:
+                await db.dispose()
