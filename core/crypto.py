@@ -2,7 +2,8 @@
 
 Keys come from IPAAS_SECRET_KEYS (comma-separated, newest first) or, when unset, from a key
 file generated on first start in the data dir with mode 0600. Rotation: put a new key first;
-old keys still decrypt, and `rotate` re-encrypts a value under the newest key.
+old keys still decrypt, and `rotate` re-encrypts a value under the newest key. Several
+replicas add the new key last everywhere before any puts it first (docs/operating.md).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ class SecretBox:
             return orjson.loads(self._fernet.decrypt(token.encode()))
         except InvalidToken:
             # Never include the token: it is secret material too.
-            raise ValueError("cannot decrypt a stored secret: the key that encrypted it is not configured") from None
+            raise ValueError("cannot decrypt a stored secret, as the key that encrypted it is not configured") from None
 
     def rotate(self, token: str) -> str:
         return self._fernet.rotate(token.encode()).decode()

@@ -8,6 +8,7 @@ Deletion is soft, so executions that pinned a version can still read it.
 from __future__ import annotations
 
 import base64
+import logging
 import secrets
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -19,12 +20,14 @@ from sqlalchemy import delete, select, update
 from ipaas import definitions
 from ipaas.credentials import CredentialStore
 from ipaas.crypto import SecretBox
-from ipaas.errors import Aborted, FailedPrecondition, FieldViolation, InvalidArgument, NotFound
+from ipaas.errors import Aborted, FailedPrecondition, FieldViolation, InvalidArgument, NotFound, Unavailable
 from ipaas.ids import new_id
 from ipaas.pagination import MAX_VERSION, Page, decode_token, decode_version_token, page_size
 from ipaas.singleflight import SingleFlight
 from ipaas.storage.db import Database
 from ipaas.storage.tables import Schedule, Tenant, WebhookSecret, Workflow, WorkflowVersion, utcnow
+
+log = logging.getLogger("ipaas.workflows")
 
 DEFAULT_SECRET_GRACE = timedelta(hours=24)
 UPDATABLE = ("name", "trigger", "steps", "options")
@@ -314,7 +317,15 @@ class WorkflowStore:
                     )
                 )
             ).all()
-        return WebhookTarget(row.tenant_id, row.tier, row.current_version, row.definition, [str(self.box.decrypt(c)) for c in ciphertexts])
+        try:
+            secrets_ = [str(self.box.decrypt(c)) for c in ciphertexts]
+        except ValueError:
+            # A replica whose IPAAS_SECRET_KEYS lacks the key that encrypted the secret (a key
+            # rotation rolling out): the delivery is sound, so the sender is asked to retry,
+            # which reaches an updated replica or this one once it has the key.
+            log.error("webhook.secret_unreadable", extra={"workflow_id": workflow_id, "hint": "this replica's IPAAS_SECRET_KEYS lacks the key that encrypted the secret"})
+            raise Unavailable("the webhook cannot be verified right now: retry shortly") from None
+        return WebhookTarget(row.tenant_id, row.tier, row.current_version, row.definition, secrets_)
 
 
 @dataclass(frozen=True)

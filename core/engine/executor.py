@@ -17,7 +17,7 @@ from ipaas.engine import outbox
 from ipaas.engine.breakers import BreakerRegistry
 from ipaas.engine.outcomes import Outcome, OutcomeWriter
 from ipaas.engine.retry import RetryPolicy, next_delay
-from ipaas.engine.steps import StepRunner
+from ipaas.engine.steps import CredentialUnreadable, StepRunner
 from ipaas.errors import IpaasError
 from ipaas.masking import mask_value
 from ipaas.sdk import ActionResult, PermanentError, RetryableError
@@ -151,7 +151,8 @@ class Executor:
             timeout = float(step.get("timeout_seconds") or self.limits.step_timeout)
             result: ActionResult = await self.steps.invoke(execution.tenant_id, execution.id, step, rendered.value, timeout, dry_run=False)
         except RetryableError as exc:
-            breaker.record_failure()
+            if not isinstance(exc, CredentialUnreadable):
+                breaker.record_failure()
             await self._store_step(record, "failed", error=str(exc), retryable=True)
             raise StepFailure(f"step {step['id']}: {exc}", retryable=True, retry_after=exc.retry_after) from None
         except (PermanentError, IpaasError) as exc:

@@ -9,7 +9,12 @@ from ipaas.credentials import CredentialStore
 from ipaas.errors import NotFound
 from ipaas.masking import REDACTED, mask_value
 from ipaas.plugin_host import ConnectorRegistry
-from ipaas.sdk import ActionResult, PermanentError
+from ipaas.sdk import ActionResult, PermanentError, RetryableError
+
+
+class CredentialUnreadable(RetryableError):
+    """This process cannot decrypt the step's credential: retried, and not held against the
+    connector's circuit breaker, since the upstream was never called."""
 
 
 class StepRunner:
@@ -39,8 +44,11 @@ class StepRunner:
                 secrets = await self.credentials.secrets(tenant_id, step["credential_id"])
             except NotFound:
                 raise PermanentError(f"credential {step['credential_id']} no longer exists") from None
-            except ValueError as exc:  # the key that encrypted it is not configured here
-                raise PermanentError(f"credential {step['credential_id']}: {exc} (every replica needs the same IPAAS_SECRET_KEYS)") from None
+            except ValueError as exc:
+                # The key that encrypted it is not configured in this process: a replica
+                # left behind by a key rotation. Retried, another replica or this one once
+                # updated can run it; failed for good, it would need replaying by hand.
+                raise CredentialUnreadable(f"credential {step['credential_id']}: {exc} here (every replica needs the same IPAAS_SECRET_KEYS)") from None
         ctx = self.registry.context(
             step["connector"], config, secrets, timeout, dry_run=dry_run, tenant_id=tenant_id, execution_id=execution_id, step_id=step["id"]
         )

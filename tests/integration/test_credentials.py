@@ -76,3 +76,42 @@ async def test_another_tenant_cannot_use_the_credential(setup) -> None:
     store, tenant_id, cred_id, reads = setup
     with pytest.raises(NotFound):
         await store.secrets("tn_someone_else", cred_id)
+
+
+async def test_a_replica_left_behind_by_a_key_rotation_retries_instead_of_failing(tmp_path) -> None:
+    """A replica that does not have the new key yet cannot decrypt what an updated replica
+    wrote. Its executions are retried (they ran once the key arrived) and its webhooks are
+    answered UNAVAILABLE (the sender retries); before, executions failed for good and
+    webhooks got INTERNAL."""
+    import grpc
+    from google.api import httpbody_pb2
+
+    from ipaas.v1 import executions_pb2
+    from tests.conftest import core_with
+    from tests.fakes.slack import FakeSlack
+    from tests.integration.helpers import Api, signed_webhook, slack_step
+
+    old, new = Fernet.generate_key().decode(), Fernet.generate_key().decode()
+    fast = {"IPAAS_RETRY_BASE_DELAY": "0.05", "IPAAS_POLL_INTERVAL": "0.05"}
+    async with FakeSlack() as slack:
+        async with core_with(tmp_path, IPAAS_SECRET_KEYS=f"{new},{old}", **fast) as updated:
+            tenant = await updated.new_tenant()
+            api = Api(updated.channel, tenant.md)
+            cred = await api.credential("slack", {"webhook_url": slack.url})
+            hooked = await api.create({"name": "w", "trigger": {"type": "webhook"}, "steps": [slack_step(cred, "hi")]})
+            manual = (await api.create({"name": "m", "trigger": {"type": "manual"}, "options": {"max_attempts": 25}, "steps": [slack_step(cred, "hi")]})).workflow
+        async with core_with(tmp_path, IPAAS_SECRET_KEYS=old, **fast) as behind:
+            api = Api(behind.channel, tenant.md)
+            execution = (await api.run(manual.id)).execution.id
+            await asyncio.sleep(1.0)
+            waiting = await api.execution(execution)
+            assert waiting.status == "queued" and waiting.attempts >= 2, waiting
+            assert "cannot decrypt" in waiting.error and "REDACTED" not in waiting.error, waiting.error
+            body, headers = signed_webhook(hooked.webhook_secret, {"n": 1})
+            request = executions_pb2.ReceiveWebhookRequest(workflow_id=hooked.workflow.id, http_body=httpbody_pb2.HttpBody(content_type="application/json", data=body), headers=headers)
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await api.executions.ReceiveWebhook(request)
+            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+        async with core_with(tmp_path, IPAAS_SECRET_KEYS=f"{new},{old}", **fast) as caught_up:
+            done = await Api(caught_up.channel, tenant.md).wait(execution)
+            assert done.status == "succeeded", done
