@@ -233,6 +233,10 @@ class Gateway:
                 raise HttpError(422, "this Idempotency-Key was used with a different request")
             if not record.done:
                 raise HttpError(409, "a request with this Idempotency-Key is still being processed")
+            # A replay never reaches the core, so the key is checked there first: from the
+            # cache, a key revoked in the last CALLER_TTL seconds would still read the answer
+            # (which may hold a webhook secret). Replays are rare; the check costs one call.
+            await self._caller(route, match, h, fresh=True)
             replay = {**headers, **(record.headers or {}), "X-Idempotency-Replay": "true"}
             return envelope.json_response(record.status, envelope.with_meta(record.body, meta), replay)
         try:
@@ -355,8 +359,9 @@ class Gateway:
             message.expected_version = int(version)
         return message
 
-    async def _caller(self, route: Route, match: Match, h: dict[str, str]) -> tuple[str | None, str | None]:
-        """The tenant and tier a request is charged to (webhooks: the workflow's owner)."""
+    async def _caller(self, route: Route, match: Match, h: dict[str, str], fresh: bool = False) -> tuple[str | None, str | None]:
+        """The tenant and tier a request is charged to (webhooks: the workflow's owner).
+        `fresh`: ask the core even if the caller is cached."""
         now = time.monotonic()
         if route.name == "ReceiveWebhook":
             owner = self._owners.get(match.params.get("workflow_id", ""))
@@ -368,7 +373,7 @@ class Gateway:
             raise HttpError(401, "invalid Authorization header: send Authorization: Bearer <API key>")
         digest = hashlib.sha256(auth.encode()).hexdigest()
         cached = self._callers.get(digest)
-        if cached and cached[0] > now:
+        if cached and cached[0] > now and not fresh:
             return cached[1], cached[2]
         from ipaas.v1 import tenants_pb2
 

@@ -660,3 +660,26 @@ async def test_whole_numbers_come_back_as_integers_not_floats(stack) -> None:
     read = await http.get(f"/api/executions/{execution}")
     for answer in (run, read):  # Struct keeps no key order
         assert re.search(r'"id":7[,}]', answer.text) and re.search(r'"price":2\.5[,}]', answer.text), answer.text
+
+
+async def test_a_revoked_key_gets_no_replay(tmp_path) -> None:
+    """A replay is answered from the gateway's store, not the core: the key is checked with
+    the core first, so one revoked a moment ago cannot read the kept answer (here, a new
+    webhook secret)."""
+    from ipaas.v1 import tenants_pb2, tenants_pb2_grpc
+    from tests.integration.helpers import Api, slack_step
+
+    async with core_with(tmp_path, **FAST) as core:
+        tenant = await core.new_tenant()
+        api = Api(core.channel, tenant.md)
+        cred = await api.credential("slack", {"webhook_url": "https://hooks.slack.com/services/T0/B0/x"})
+        wf = (await api.create({"name": "w", "trigger": {"type": "webhook"}, "steps": [slack_step(cred)]})).workflow
+        async with gateway_for(core.target, tmp_path) as url, httpx.AsyncClient(base_url=url, timeout=10) as http:
+            keyed = {"authorization": f"Bearer {tenant.key}", "Idempotency-Key": "rot-1"}
+            first = await http.post(f"/api/workflows/{wf.id}/webhook-secret/rotate", headers=keyed, json={})
+            assert first.status_code == 200 and "whsec_" in first.text, first.text
+            replay = await http.post(f"/api/workflows/{wf.id}/webhook-secret/rotate", headers=keyed, json={})
+            assert replay.status_code == 200 and replay.headers["x-idempotency-replay"] == "true"
+            await tenants_pb2_grpc.TenantServiceStub(core.channel).RevokeApiKey(tenants_pb2.RevokeApiKeyRequest(key_id=tenant.key_id), metadata=core.admin)
+            revoked = await http.post(f"/api/workflows/{wf.id}/webhook-secret/rotate", headers=keyed, json={})
+    assert revoked.status_code == 401 and "whsec_" not in revoked.text, revoked.text
