@@ -6,6 +6,7 @@ from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
+from alembic.util.exc import CommandError
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import create_engine
@@ -36,7 +37,14 @@ def upgrade(url: str, revision: str = "head") -> None:
                 conn.exec_driver_sql("SELECT pg_advisory_xact_lock(724011)")
             cfg = alembic_config(url)
             cfg.attributes["connection"] = conn
-            command.upgrade(cfg, revision)
+            try:
+                command.upgrade(cfg, revision)
+            except CommandError as exc:
+                if "Can't locate revision" not in str(exc):
+                    raise
+                # The database was migrated by a newer release: nothing is changed, and the
+                # operator gets one line saying so instead of Alembic's traceback.
+                raise SystemExit(f"the database is at a schema revision this version of simple-ipaas does not know ({exc}): it was migrated by a newer release; run that release, or restore a backup taken before the upgrade") from None
     finally:
         engine.dispose()
 
