@@ -51,12 +51,13 @@ class TriggerService:
         self.workflows = workflows
         self.enqueuer = enqueuer
 
-    async def run_manual(self, tenant_id: str, workflow_id: str, payload: Any, idempotency_key: str | None) -> Accepted:
+    async def run_manual(self, tenant_id: str, workflow_id: str, payload: Any, idempotency_key: str | None) -> tuple[Accepted, int]:
+        """The accepted execution and the workflow version it runs."""
         view = await self.workflows.get(tenant_id, workflow_id)
         if not view.workflow.active:
             raise FailedPrecondition(f"workflow {workflow_id} is inactive: activate it first")
         key = _key(idempotency_key, "idempotency-key")
-        return await self.enqueuer.submit(
+        accepted = await self.enqueuer.submit(
             NewExecution(
                 tenant_id=tenant_id,
                 workflow_id=workflow_id,
@@ -67,6 +68,7 @@ class TriggerService:
                 dedup_key=f"idem:{workflow_id}:{key}" if key else None,
             )
         )
+        return accepted, view.version
 
     async def receive_webhook(self, workflow_id: str, body: bytes, headers: dict[str, str], idempotency_key: str | None) -> tuple[WebhookTarget, Accepted]:
         """Returns the target (owner, tier) and the accepted execution."""

@@ -15,7 +15,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from cachetools import LRUCache, TTLCache
-from sqlalchemy import delete, select, update
+from sqlalchemy import bindparam, delete, select, update
 
 from ipaas import definitions
 from ipaas.credentials import CredentialStore
@@ -26,6 +26,10 @@ from ipaas.pagination import MAX_VERSION, Page, decode_token, decode_version_tok
 from ipaas.singleflight import SingleFlight
 from ipaas.storage.db import Database
 from ipaas.storage.tables import Schedule, Tenant, WebhookSecret, Workflow, WorkflowVersion, utcnow
+
+# Built once: API reads run them on every call (a run reads its workflow).
+_GET_WORKFLOW = select(*Workflow.__table__.c).where(Workflow.id == bindparam("id"), Workflow.tenant_id == bindparam("tenant_id"), Workflow.deleted_at.is_(None))
+_GET_VERSION = select(WorkflowVersion.definition, WorkflowVersion.created_at).where(WorkflowVersion.workflow_id == bindparam("id"), WorkflowVersion.version == bindparam("version"))
 
 log = logging.getLogger("ipaas.workflows")
 
@@ -58,6 +62,7 @@ class WorkflowStore:
         self._target_loads: SingleFlight[str, WebhookTarget | None] = SingleFlight()
         self._generation = 0
         self._versions: LRUCache[tuple[str, int], dict[str, Any]] = LRUCache(maxsize=5_000)
+        self._version_rows: LRUCache[tuple[str, int], Any] = LRUCache(maxsize=5_000)  # (definition, created_at)
 
     async def _validated(self, tenant_id: str, definition: dict[str, Any]) -> dict[str, Any]:
         definition = definitions.normalise(definition)
@@ -115,19 +120,19 @@ class WorkflowStore:
         """The workflow (a read-only row with the Workflow's attributes) at `version`, or at
         its current version."""
 
-        def load(conn: Any) -> tuple[Any, int, Any]:
-            wf = conn.execute(select(*Workflow.__table__.c).where(Workflow.id == workflow_id, Workflow.tenant_id == tenant_id, Workflow.deleted_at.is_(None))).first()
-            if wf is None:
-                return None, 0, None
-            number = version or wf.current_version
-            found = conn.execute(select(WorkflowVersion.definition, WorkflowVersion.created_at).where(WorkflowVersion.workflow_id == workflow_id, WorkflowVersion.version == number)).first()
-            return wf, number, found
-
-        wf, number, row = await self.db.read(load)
+        # The workflow row is read every time (its current version, active flag); the version
+        # it names is immutable, so after the first read it comes from memory (the cache is
+        # used on the event loop only: reads run on reader threads).
+        wf = await self.db.read(lambda conn: conn.execute(_GET_WORKFLOW, {"id": workflow_id, "tenant_id": tenant_id}).first())
         if wf is None:
             raise NotFound(f"workflow {workflow_id} not found")
+        number = version or wf.current_version
+        row = self._version_rows.get((workflow_id, number))
         if row is None:
-            raise NotFound(f"workflow {workflow_id} has no version {number}")
+            row = await self.db.read(lambda conn: conn.execute(_GET_VERSION, {"id": workflow_id, "version": number}).first())
+            if row is None:
+                raise NotFound(f"workflow {workflow_id} has no version {number}")
+            self._version_rows[(workflow_id, number)] = row
         return WorkflowView(wf, number, row.definition, row.created_at)
 
     async def get_pinned(self, workflow_id: str, version: int) -> dict[str, Any]:

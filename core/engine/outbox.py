@@ -49,6 +49,7 @@ class Accepted:
     execution_id: str
     status: str
     duplicate: bool
+    created_at: datetime | None = None  # set for a new execution (a duplicate's is stored)
 
 
 @dataclass(frozen=True)
@@ -107,7 +108,7 @@ async def enqueue_many(db: Database, items: list[NewExecution]) -> list[Accepted
             if db.is_postgres:
                 conn.execute(text("SELECT pg_notify(:channel, '')"), {"channel": NOTIFY_CHANNEL})
         for r in new_rows:
-            results[r["_index"]] = Accepted(r["id"], "queued", False)
+            results[r["_index"]] = Accepted(r["id"], "queued", False, now)
         missing = [i for i, res in enumerate(results) if res is None]
         if missing:
             wanted = {(items[i].tenant_id, items[i].dedup_key) for i in missing}
