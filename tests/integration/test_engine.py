@@ -252,6 +252,32 @@ async def test_breaker_opens_fails_fast_and_recovers(env) -> None:
     assert state.state == "half_open" and state.success_count == 1
 
 
+async def test_permanent_failures_in_half_open_do_not_wedge_the_breaker(env) -> None:
+    # Half-open lets 3 trials through; a trial that failed permanently (one workflow's
+    # revoked webhook: 404) never gave its slot back. After 3 such trials every execution
+    # for the connector was deferred each second, for good, the healthy upstream never tried.
+    core, api, slack, _ = env
+    good = await api.credential("slack", {"webhook_url": slack.url}, name="good")
+    revoked = await api.credential("slack", {"webhook_url": slack.url[:-4] + "GONE"}, name="revoked")
+    options = {"max_attempts": 1}
+    wf_good = (await api.create({"name": "g", "trigger": {"type": "manual"}, "options": options, "steps": [slack_step(good, "x")]})).workflow
+    wf_bad = (await api.create({"name": "b", "trigger": {"type": "manual"}, "options": options, "steps": [slack_step(revoked, "x")]})).workflow
+    slack.fail_next(503, times=5)
+    for _ in range(5):
+        assert (await api.wait((await api.run(wf_good.id)).execution.id)).status == "dead"
+    ((tenant_id, _),) = core.server.breakers.all_snapshots()
+    breaker = core.server.breakers.get(tenant_id, "slack")
+    assert breaker.state == "open"
+    await asyncio.sleep(max(breaker.open_remaining, 0) + 0.05)
+    for _ in range(3):
+        ex = await api.wait((await api.run(wf_bad.id)).execution.id)
+        assert ex.status == "failed" and "404" in ex.error, ex
+    assert breaker.state == "half_open"
+    ex = await api.wait((await api.run(wf_good.id)).execution.id, timeout=4)
+    assert ex.status == "succeeded", ex
+    assert slack.received == [{"text": "x"}]
+
+
 async def test_idempotency_key_enqueues_once(env) -> None:
     core, api, slack, _ = env
     scred = await api.credential("slack", {"webhook_url": slack.url})
