@@ -467,3 +467,48 @@ async def test_an_execution_claimed_again_after_its_last_attempt_is_dead_not_run
         assert (ex.status, ex.attempts) == ("dead", 2)
         assert "never finished" in ex.error
         assert slack.received == [] and await rows(core, OutboxTask) == 0
+
+
+async def test_a_plugin_result_of_the_wrong_type_fails_the_execution_once(env) -> None:
+    # dict("posted") raised outside every handler: the execution stayed running until its
+    # lease ended, and the action (a delivery) ran again, max_attempts times.
+    from ipaas.sdk import Action, ActionResult, Connector
+
+    core, api, _, _ = env
+    calls = []
+
+    async def run(ctx):  # type: ignore[no-untyped-def]
+        calls.append(1)
+        return ActionResult(message="posted", output="posted")  # type: ignore[arg-type]
+
+    core.server.registry.add(Connector("buggy", "1", "d", [Action("post", "Post.", run)]), "ipaas-buggy")
+    wf = (await api.create({"name": "w", "trigger": {"type": "manual"}, "options": {"max_attempts": 3}, "steps": [{"id": "s", "connector": "buggy", "action": "post", "config": {}}]})).workflow
+    done = await api.wait((await api.run(wf.id)).execution.id, timeout=3)
+    assert (done.status, done.attempts, len(calls)) == ("failed", 1, 1), done
+    assert "buggy.post returned an output of type str" in done.error and done.steps[0].status == "failed"
+
+
+async def test_a_retry_after_given_as_text_is_honoured(env) -> None:
+    # `retry_after > 0` on the header's text raised TypeError outside every handler: the
+    # execution stayed running until its lease ended and the action ran again.
+    from ipaas.sdk import Action, Connector, RetryableError
+
+    core, api, _, _ = env
+    calls = []
+
+    async def run(ctx):  # type: ignore[no-untyped-def]
+        calls.append(1)
+        raise RetryableError("rate limited", retry_after="30")  # type: ignore[arg-type]
+
+    core.server.registry.add(Connector("limited", "1", "d", [Action("post", "Post.", run)]), "ipaas-limited")
+    wf = (await api.create({"name": "w", "trigger": {"type": "manual"}, "options": {"max_attempts": 3}, "steps": [{"id": "s", "connector": "limited", "action": "post", "config": {}}]})).workflow
+    ex_id = (await api.run(wf.id)).execution.id
+    for _ in range(150):
+        ex = await api.execution(ex_id)
+        if ex.HasField("next_attempt_at"):
+            break
+        await asyncio.sleep(0.02)
+    assert ex.status == "queued" and "rate limited" in ex.error, ex
+    wait = ex.next_attempt_at.ToDatetime(tzinfo=timezone.utc) - datetime.now(timezone.utc)
+    assert timedelta(seconds=25) < wait <= timedelta(seconds=30) and calls == [1]
+
