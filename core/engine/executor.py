@@ -10,6 +10,7 @@ from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import select
+from sqlalchemy.exc import SQLAlchemyError
 
 from ipaas import templates
 from ipaas.credentials import CredentialStore
@@ -146,6 +147,31 @@ class Executor:
             "started_at": started,
         }
         try:
+            result = await self._invoke_step(execution, step, record, outputs, strict, trial)
+        except (StepFailure, SQLAlchemyError):
+            # A database error is left to the lease, as before: the write that would record
+            # this failure needs the database too.
+            raise
+        except Exception as exc:
+            # A bug, the engine's or a plugin's past the host's checks. Escaping, it left the
+            # execution running until its lease ended, then the step (its upstream call) ran
+            # again, up to max_attempts. The step fails for good; only the log has the
+            # details (masked there), which may hold what a step must not show.
+            log.exception("step.crashed", extra={"execution_id": execution.id, "step_id": step["id"]})
+            error = f"internal error ({type(exc).__name__})"
+            await self._store_step(record, "failed", error=error, retryable=False)
+            raise StepFailure(f"step {step['id']}: {error}", retryable=False) from None
+        trial.success()
+        values = self._step_values(record, "succeeded", output=result.output or {}, message=result.message, duration_ms=result.duration_ms)
+        if defer_store:  # the last step's result commits with the execution's outcome
+            return result.output or {}, values
+        await self.outcomes.store_step(values)
+        return result.output or {}, None
+
+    async def _invoke_step(self, execution: Execution, step: dict[str, Any], record: dict[str, Any], outputs: dict[str, Any], strict: bool, trial: Trial) -> ActionResult:
+        """Render the step's config and invoke its action; a failure is stored and raised as
+        StepFailure."""
+        try:
             rendered = templates.render_config(step.get("config") or {}, templates.RenderContext(trigger=execution.payload, steps=outputs))
         except templates.TemplateError as exc:
             # This payload will not render on any attempt (too large, nested too deeply).
@@ -172,12 +198,7 @@ class Executor:
         except StepFailure as exc:
             await self._store_step(record, "failed", error=str(exc), retryable=exc.retryable)
             raise
-        trial.success()
-        values = self._step_values(record, "succeeded", output=result.output or {}, message=result.message, duration_ms=result.duration_ms)
-        if defer_store:  # the last step's result commits with the execution's outcome
-            return result.output or {}, values
-        await self.outcomes.store_step(values)
-        return result.output or {}, None
+        return result
 
     async def _store_step(self, record: dict[str, Any], status: str, **kwargs: Any) -> None:
         await self.outcomes.store_step(self._step_values(record, status, **kwargs))

@@ -512,3 +512,20 @@ async def test_a_retry_after_given_as_text_is_honoured(env) -> None:
     wait = ex.next_attempt_at.ToDatetime(tzinfo=timezone.utc) - datetime.now(timezone.utc)
     assert timedelta(seconds=25) < wait <= timedelta(seconds=30) and calls == [1]
 
+
+async def test_an_unexpected_error_in_a_step_fails_it_with_a_generic_message(env, monkeypatch) -> None:
+    # A bug past the plugin host's checks used to leave the execution running until its
+    # lease ended, then run the step again. It fails for good; the details go to the log.
+    core, api, slack, _ = env
+    scred = await api.credential("slack", {"webhook_url": slack.url})
+    wf = (await api.create({"name": "x", "trigger": {"type": "manual"}, "options": {"max_attempts": 3}, "steps": [slack_step(scred, "x")]})).workflow
+    steps = core.server.dispatcher.executor.steps
+
+    async def crash(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise RuntimeError("secret detail hooks.slack.com/services/T0/B0/XXXX")
+
+    monkeypatch.setattr(steps, "invoke", crash)
+    done = await api.wait((await api.run(wf.id)).execution.id, timeout=3)
+    assert (done.status, done.attempts) == ("failed", 1), done
+    assert done.error == "step notify: internal error (RuntimeError)" and "secret" not in str(done)
+    assert (done.steps[0].status, done.steps[0].retryable) == ("failed", False)
