@@ -529,3 +529,40 @@ async def test_an_unexpected_error_in_a_step_fails_it_with_a_generic_message(env
     assert (done.status, done.attempts) == ("failed", 1), done
     assert done.error == "step notify: internal error (RuntimeError)" and "secret" not in str(done)
     assert (done.steps[0].status, done.steps[0].retryable) == ("failed", False)
+
+
+@pytest.mark.postgres
+async def test_nul_characters_from_a_plugin_are_stored_on_postgres(tmp_path, postgres_url) -> None:
+    # PostgreSQL's text cannot hold NUL. An upstream's error body quoted by raise_for_status
+    # failed the outcome's write: the execution stayed running until its lease ended, and
+    # the upstream was called again. Text columns get U+FFFD in its place; outputs are
+    # stored as json (not jsonb), which keeps the escape \u0000.
+    from ipaas.sdk import Action, ActionResult, Connector, PermanentError, RetryableError
+
+    calls: list[str] = []
+
+    async def refuse(ctx):  # type: ignore[no-untyped-def]
+        calls.append("refuse")
+        raise PermanentError("Upstream answered 400: bad\x00request")
+
+    async def busy(ctx):  # type: ignore[no-untyped-def]
+        calls.append("busy")
+        raise RetryableError("Upstream answered 503: busy\x00")
+
+    async def ok(ctx):  # type: ignore[no-untyped-def]
+        calls.append("ok")
+        return ActionResult(message="sent\x00", output={"echo": "a\x00b"})
+
+    async with core_with(tmp_path, postgres_url, **FAST) as core:
+        core.server.registry.add(Connector("nul", "1", "d", [Action("refuse", "d", refuse), Action("busy", "d", busy), Action("ok", "d", ok)]), "ipaas-nul")
+        api = Api(core.channel, (await core.new_tenant()).md)
+        ids = []
+        for action in ("refuse", "busy", "ok"):
+            steps = [{"id": "s", "connector": "nul", "action": action, "config": {}}]
+            wf = (await api.create({"name": action, "trigger": {"type": "manual"}, "options": {"max_attempts": 2}, "steps": steps})).workflow
+            ids.append((await api.run(wf.id)).execution.id)
+        refused, retried, sent = [await api.wait(i, timeout=5) for i in ids]
+    assert (refused.status, refused.error, refused.steps[0].error) == ("failed", "step s: Upstream answered 400: bad\ufffdrequest", "Upstream answered 400: bad\ufffdrequest")
+    assert (retried.status, retried.attempts, retried.error) == ("dead", 2, "step s: Upstream answered 503: busy\ufffd")
+    assert (sent.status, sent.steps[0].message, sent.steps[0].output["echo"]) == ("succeeded", "sent\ufffd", "a\x00b")
+    assert sorted(calls) == ["busy", "busy", "ok", "refuse"]
