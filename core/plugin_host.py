@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 from http.cookiejar import CookieJar
 from importlib.metadata import entry_points
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Mapping
 
 import aiohttp
 import httpx
@@ -296,14 +296,27 @@ class ConnectorRegistry:
         if not isinstance(result, ActionResult):
             raise PermanentError(f"{connector}.{action} returned {type(result).__name__}, not an ActionResult")
         duration = int((time.perf_counter() - started) * 1000)
-        output = dict(result.output or {})
+        message, output = _checked(f"{connector}.{action}", result)
         _check_output(f"{connector}.{action}", output)
-        return ActionResult(message=result.message, output=output, status=result.status, duration_ms=duration)
+        return ActionResult(message=message, output=output, status=result.status, duration_ms=duration)
 
     async def aclose(self) -> None:
         for client in self._clients.values():
             await client.aclose()
         self._clients.clear()
+
+
+def _checked(name: str, result: ActionResult) -> tuple[str, dict[str, Any]]:
+    """The result's message and output, if their types are what the step's row stores. A
+    dataclass does not check its fields: `output="posted"` made dict() raise here, outside
+    the handlers above, and the execution stayed running until its lease ended and the
+    action ran again."""
+    output, message = result.output, result.message
+    if output is not None and not isinstance(output, Mapping):
+        raise PermanentError(f"{name} returned an output of type {type(output).__name__}, not a dict")
+    if message is not None and not isinstance(message, str):
+        raise PermanentError(f"{name} returned a message of type {type(message).__name__}, not a str")
+    return message or "", dict(output or {})
 
 
 def _check_output(name: str, output: dict[str, Any]) -> None:

@@ -51,12 +51,28 @@ class RetryableError(ConnectorError):
 
     Args:
         message: what went wrong, without secrets.
-        retry_after: seconds the upstream asked us to wait (Retry-After), if it said.
+        retry_after: seconds the upstream asked us to wait (Retry-After), if it said. The
+            header's own text is read too (seconds or an HTTP-date); anything else is
+            dropped.
     """
 
     def __init__(self, message: str, retry_after: float | None = None) -> None:
         super().__init__(message)
-        self.retry_after = retry_after
+        self.retry_after = _retry_seconds(retry_after)
+
+
+def _retry_seconds(value: Any) -> float | None:
+    """A Retry-After as the retry policy takes it: a non-negative float, or None. Plugins
+    pass what they have (the header's text, an int); a str once reached the policy's
+    comparison and crashed the attempt outside every handler."""
+    if isinstance(value, str):
+        from ipaas.engine.retry import parse_retry_after
+
+        return parse_retry_after(value)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    value = float(value)
+    return value if value >= 0 else None  # NaN compares false too
 
 
 class PermanentError(ConnectorError):

@@ -6,7 +6,9 @@ half-open a few trial calls go through, 3 successes close it and any failure re-
 The engine does not wrap calls in the breaker; it asks `allow()` first (so a task can be
 deferred until the breaker half-opens, without spending an attempt) and then records the
 outcome. Only retryable upstream failures count: a 4xx caused by bad input says nothing
-about the upstream's health.
+about the upstream's health. A call let through in half-open holds one of its few trial
+slots until it is settled, so every call `allow()` lets through is settled exactly once
+(see Trial): by its outcome, or given back without one.
 
 Each core replica keeps its own breakers.
 """
@@ -118,6 +120,15 @@ class Breaker(CircuitBreaker):
             elif self.state == STATE_CLOSED:
                 self._failure_count = 0
 
+    def release_trial(self) -> None:
+        """Give back a trial slot taken by `allow()` when the call has no outcome to count."""
+        with self._lock:
+            # Outside half-open there is no slot to give back (opening resets the count).
+            # A trial from an earlier half-open period may free a slot in this one: one
+            # more trial at most, never fewer.
+            if self.state == STATE_HALF_OPEN:
+                self._trials = max(0, self._trials - 1)
+
     def record_failure(self) -> None:
         with self._lock:
             state = self.state
@@ -141,6 +152,35 @@ class Breaker(CircuitBreaker):
             opened_at=self._opened_wall if state != STATE_CLOSED else None,
             half_open_at=half_open_at,
         )
+
+
+class Trial:
+    """One call a breaker let through, settled once: `success()`, `failure()`, or `release()`
+    when neither applies. The caller releases in a `finally`, which does nothing after an
+    outcome. Without it, a call that ended any other way kept its half-open slot; after
+    three the breaker refused every call until the process restarted."""
+
+    __slots__ = ("_breaker", "_settled")
+
+    def __init__(self, breaker: Breaker) -> None:
+        self._breaker = breaker
+        self._settled = False
+
+    def _settle(self) -> bool:
+        first, self._settled = not self._settled, True
+        return first
+
+    def success(self) -> None:
+        if self._settle():
+            self._breaker.record_success()
+
+    def failure(self) -> None:
+        if self._settle():
+            self._breaker.record_failure()
+
+    def release(self) -> None:
+        if self._settle():
+            self._breaker.release_trial()
 
 
 class BreakerRegistry:

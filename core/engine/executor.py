@@ -10,11 +10,12 @@ from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import select
+from sqlalchemy.exc import SQLAlchemyError
 
 from ipaas import templates
 from ipaas.credentials import CredentialStore
 from ipaas.engine import outbox
-from ipaas.engine.breakers import BreakerRegistry
+from ipaas.engine.breakers import BreakerRegistry, Trial
 from ipaas.engine.outcomes import Outcome, OutcomeWriter
 from ipaas.engine.retry import RetryPolicy, next_delay
 from ipaas.engine.steps import CredentialUnreadable, StepRunner
@@ -109,7 +110,14 @@ class Executor:
                     if wait is not None:
                         await self._defer_for_breaker(execution, task, owner, wait, step)
                         return
-                    output, pending = await self._run_step(execution, index, step, outputs, strict, previous, breaker, defer_store=index == last)
+                    trial = Trial(breaker)
+                    try:
+                        output, pending = await self._run_step(execution, index, step, outputs, strict, previous, trial, defer_store=index == last)
+                    finally:
+                        # A step that ended without an outcome for the breaker (permanent
+                        # or template error, the deadline, a cancellation) gives its
+                        # half-open slot back; after an outcome this does nothing.
+                        trial.release()
                     outputs[step["id"]] = output
         except StepFailure as failure:
             await self._failed(execution, task, owner, attempt, failure)
@@ -125,7 +133,7 @@ class Executor:
         status = await self.db.transaction(lambda conn: conn.execute(select(outbox.EXECUTIONS.c.status).where(outbox.EXECUTIONS.c.id == execution_id)).scalar())
         return status == "cancelled"
 
-    async def _run_step(self, execution: Execution, index: int, step: dict[str, Any], outputs: dict[str, Any], strict: bool, previous: ExecutionStep | None, breaker: Any, defer_store: bool = False) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    async def _run_step(self, execution: Execution, index: int, step: dict[str, Any], outputs: dict[str, Any], strict: bool, previous: ExecutionStep | None, trial: Trial, defer_store: bool = False) -> tuple[dict[str, Any], dict[str, Any] | None]:
         """The step's output, and its stored result when `defer_store` asks the caller to
         commit it together with the execution's outcome."""
         started = utcnow()
@@ -139,6 +147,31 @@ class Executor:
             "started_at": started,
         }
         try:
+            result = await self._invoke_step(execution, step, record, outputs, strict, trial)
+        except (StepFailure, SQLAlchemyError):
+            # A database error is left to the lease, as before: the write that would record
+            # this failure needs the database too.
+            raise
+        except Exception as exc:
+            # A bug, the engine's or a plugin's past the host's checks. Escaping, it left the
+            # execution running until its lease ended, then the step (its upstream call) ran
+            # again, up to max_attempts. The step fails for good; only the log has the
+            # details (masked there), which may hold what a step must not show.
+            log.exception("step.crashed", extra={"execution_id": execution.id, "step_id": step["id"]})
+            error = f"internal error ({type(exc).__name__})"
+            await self._store_step(record, "failed", error=error, retryable=False)
+            raise StepFailure(f"step {step['id']}: {error}", retryable=False) from None
+        trial.success()
+        values = self._step_values(record, "succeeded", output=result.output or {}, message=result.message, duration_ms=result.duration_ms)
+        if defer_store:  # the last step's result commits with the execution's outcome
+            return result.output or {}, values
+        await self.outcomes.store_step(values)
+        return result.output or {}, None
+
+    async def _invoke_step(self, execution: Execution, step: dict[str, Any], record: dict[str, Any], outputs: dict[str, Any], strict: bool, trial: Trial) -> ActionResult:
+        """Render the step's config and invoke its action; a failure is stored and raised as
+        StepFailure."""
+        try:
             rendered = templates.render_config(step.get("config") or {}, templates.RenderContext(trigger=execution.payload, steps=outputs))
         except templates.TemplateError as exc:
             # This payload will not render on any attempt (too large, nested too deeply).
@@ -151,22 +184,22 @@ class Executor:
             timeout = float(step.get("timeout_seconds") or self.limits.step_timeout)
             result: ActionResult = await self.steps.invoke(execution.tenant_id, execution.id, step, rendered.value, timeout, dry_run=False)
         except RetryableError as exc:
-            if not isinstance(exc, CredentialUnreadable):
-                breaker.record_failure()
+            if not isinstance(exc, CredentialUnreadable):  # the upstream was never called
+                trial.failure()
             await self._store_step(record, "failed", error=str(exc), retryable=True)
             raise StepFailure(f"step {step['id']}: {exc}", retryable=True, retry_after=exc.retry_after) from None
         except (PermanentError, IpaasError) as exc:
+            # Neither a success nor a failure for the breaker (the trial is released). A 4xx
+            # does show the upstream reachable, but a PermanentError is also a config that
+            # does not validate, a deleted credential, a refused address or a plugin bug,
+            # raised before any call: as a success it could close the breaker of an upstream
+            # nobody reached, and its full load would land on an upstream still down.
             await self._store_step(record, "failed", error=str(exc), retryable=False)
             raise StepFailure(f"step {step['id']}: {exc}", retryable=False) from None
         except StepFailure as exc:
             await self._store_step(record, "failed", error=str(exc), retryable=exc.retryable)
             raise
-        breaker.record_success()
-        values = self._step_values(record, "succeeded", output=result.output or {}, message=result.message, duration_ms=result.duration_ms)
-        if defer_store:  # the last step's result commits with the execution's outcome
-            return result.output or {}, values
-        await self.outcomes.store_step(values)
-        return result.output or {}, None
+        return result
 
     async def _store_step(self, record: dict[str, Any], status: str, **kwargs: Any) -> None:
         await self.outcomes.store_step(self._step_values(record, status, **kwargs))

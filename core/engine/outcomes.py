@@ -37,6 +37,21 @@ DELETE_TASK = delete(TASKS).where(TASKS.c.id == bindparam("b_task"), TASKS.c.lea
 _STEP_KEYS = ("execution_id", "step_index")
 
 
+def storable(text: str | None) -> str | None:
+    """Text a plugin gave (an error quoting an upstream's body, a message) as a text column
+    can hold it. PostgreSQL refuses NUL: the outcome's write failed, the execution stayed
+    running until its lease ended and the step's upstream was called again. U+FFFD shows
+    where it was. SQLite would keep it; replaced there too, so both backends answer alike.
+    JSON columns (outputs, configs) are json, not jsonb: the escape \\u0000 is stored."""
+    return text.replace("\x00", "\ufffd") if text and "\x00" in text else text
+
+
+def storable_step(values: dict[str, Any]) -> dict[str, Any]:
+    if any(values.get(key) and "\x00" in values[key] for key in ("error", "message")):
+        return {**values, "error": storable(values.get("error")), "message": storable(values.get("message"))}
+    return values
+
+
 def step_upsert(postgres: bool) -> Any:
     """INSERT a step result, or replace the one an earlier attempt stored."""
     insert = (postgresql.insert if postgres else sqlite.insert)(STEPS)
@@ -77,12 +92,13 @@ class OutcomeWriter:
 
     async def store_step(self, values: dict[str, Any]) -> None:
         """A step's result on its own (a step before the last, or a failed one)."""
+        values = storable_step(values)
         await self.db.transaction(lambda conn: conn.execute(self._upsert, [values]))
 
     async def requeue(self, task: Any, owner: str, run_at: datetime, *, error: str, **restore: Any) -> None:
         """Give the task back to run at `run_at` and mark its execution queued; `restore`
         puts back columns the claim changed (attempts, started_at) when nothing ran."""
-        values = {"status": "queued", "next_attempt_at": run_at, "error": error, **restore}
+        values = {"status": "queued", "next_attempt_at": run_at, "error": storable(error), **restore}
 
         def write(conn: Connection) -> None:
             conn.execute(DEFER_TASK, {"b_task": task.task_id, "b_owner": owner, "b_run_at": run_at})
@@ -93,7 +109,7 @@ class OutcomeWriter:
     async def give_up(self, task: Any, owner: str, *, error: str, attempts: int) -> None:
         """End the task and mark its execution dead without running it; `attempts` puts back
         the count the claim raised (that attempt never started)."""
-        values = {"status": "dead", "finished_at": utcnow(), "error": error, "attempts": attempts, "next_attempt_at": None}
+        values = {"status": "dead", "finished_at": utcnow(), "error": storable(error), "attempts": attempts, "next_attempt_at": None}
 
         def write(conn: Connection) -> None:
             conn.execute(DELETE_TASK, {"b_task": task.task_id, "b_owner": owner})
@@ -104,8 +120,8 @@ class OutcomeWriter:
     async def _write(self, outcomes: list[Outcome]) -> list[None]:
         now: datetime = utcnow()
         deletes = [{"b_task": o.task_id, "b_owner": o.owner} for o in outcomes]
-        steps = [o.step for o in outcomes if o.step is not None]
-        finals = [{"b_id": o.execution_id, "b_status": o.status, "b_at": now, "b_error": o.error} for o in outcomes if o.status]
+        steps = [storable_step(o.step) for o in outcomes if o.step is not None]
+        finals = [{"b_id": o.execution_id, "b_status": o.status, "b_at": now, "b_error": storable(o.error)} for o in outcomes if o.status]
 
         refill = self.refill
         limit = refill.reserve(len(outcomes)) if refill is not None else 0

@@ -252,6 +252,32 @@ async def test_breaker_opens_fails_fast_and_recovers(env) -> None:
     assert state.state == "half_open" and state.success_count == 1
 
 
+async def test_permanent_failures_in_half_open_do_not_wedge_the_breaker(env) -> None:
+    # Half-open lets 3 trials through; a trial that failed permanently (one workflow's
+    # revoked webhook: 404) never gave its slot back. After 3 such trials every execution
+    # for the connector was deferred each second, for good, the healthy upstream never tried.
+    core, api, slack, _ = env
+    good = await api.credential("slack", {"webhook_url": slack.url}, name="good")
+    revoked = await api.credential("slack", {"webhook_url": slack.url[:-4] + "GONE"}, name="revoked")
+    options = {"max_attempts": 1}
+    wf_good = (await api.create({"name": "g", "trigger": {"type": "manual"}, "options": options, "steps": [slack_step(good, "x")]})).workflow
+    wf_bad = (await api.create({"name": "b", "trigger": {"type": "manual"}, "options": options, "steps": [slack_step(revoked, "x")]})).workflow
+    slack.fail_next(503, times=5)
+    for _ in range(5):
+        assert (await api.wait((await api.run(wf_good.id)).execution.id)).status == "dead"
+    ((tenant_id, _),) = core.server.breakers.all_snapshots()
+    breaker = core.server.breakers.get(tenant_id, "slack")
+    assert breaker.state == "open"
+    await asyncio.sleep(max(breaker.open_remaining, 0) + 0.05)
+    for _ in range(3):
+        ex = await api.wait((await api.run(wf_bad.id)).execution.id)
+        assert ex.status == "failed" and "404" in ex.error, ex
+    assert breaker.state == "half_open"
+    ex = await api.wait((await api.run(wf_good.id)).execution.id, timeout=4)
+    assert ex.status == "succeeded", ex
+    assert slack.received == [{"text": "x"}]
+
+
 async def test_idempotency_key_enqueues_once(env) -> None:
     core, api, slack, _ = env
     scred = await api.credential("slack", {"webhook_url": slack.url})
@@ -441,3 +467,102 @@ async def test_an_execution_claimed_again_after_its_last_attempt_is_dead_not_run
         assert (ex.status, ex.attempts) == ("dead", 2)
         assert "never finished" in ex.error
         assert slack.received == [] and await rows(core, OutboxTask) == 0
+
+
+async def test_a_plugin_result_of_the_wrong_type_fails_the_execution_once(env) -> None:
+    # dict("posted") raised outside every handler: the execution stayed running until its
+    # lease ended, and the action (a delivery) ran again, max_attempts times.
+    from ipaas.sdk import Action, ActionResult, Connector
+
+    core, api, _, _ = env
+    calls = []
+
+    async def run(ctx):  # type: ignore[no-untyped-def]
+        calls.append(1)
+        return ActionResult(message="posted", output="posted")  # type: ignore[arg-type]
+
+    core.server.registry.add(Connector("buggy", "1", "d", [Action("post", "Post.", run)]), "ipaas-buggy")
+    wf = (await api.create({"name": "w", "trigger": {"type": "manual"}, "options": {"max_attempts": 3}, "steps": [{"id": "s", "connector": "buggy", "action": "post", "config": {}}]})).workflow
+    done = await api.wait((await api.run(wf.id)).execution.id, timeout=3)
+    assert (done.status, done.attempts, len(calls)) == ("failed", 1, 1), done
+    assert "buggy.post returned an output of type str" in done.error and done.steps[0].status == "failed"
+
+
+async def test_a_retry_after_given_as_text_is_honoured(env) -> None:
+    # `retry_after > 0` on the header's text raised TypeError outside every handler: the
+    # execution stayed running until its lease ended and the action ran again.
+    from ipaas.sdk import Action, Connector, RetryableError
+
+    core, api, _, _ = env
+    calls = []
+
+    async def run(ctx):  # type: ignore[no-untyped-def]
+        calls.append(1)
+        raise RetryableError("rate limited", retry_after="30")  # type: ignore[arg-type]
+
+    core.server.registry.add(Connector("limited", "1", "d", [Action("post", "Post.", run)]), "ipaas-limited")
+    wf = (await api.create({"name": "w", "trigger": {"type": "manual"}, "options": {"max_attempts": 3}, "steps": [{"id": "s", "connector": "limited", "action": "post", "config": {}}]})).workflow
+    ex_id = (await api.run(wf.id)).execution.id
+    for _ in range(150):
+        ex = await api.execution(ex_id)
+        if ex.HasField("next_attempt_at"):
+            break
+        await asyncio.sleep(0.02)
+    assert ex.status == "queued" and "rate limited" in ex.error, ex
+    wait = ex.next_attempt_at.ToDatetime(tzinfo=timezone.utc) - datetime.now(timezone.utc)
+    assert timedelta(seconds=25) < wait <= timedelta(seconds=30) and calls == [1]
+
+
+async def test_an_unexpected_error_in_a_step_fails_it_with_a_generic_message(env, monkeypatch) -> None:
+    # A bug past the plugin host's checks used to leave the execution running until its
+    # lease ended, then run the step again. It fails for good; the details go to the log.
+    core, api, slack, _ = env
+    scred = await api.credential("slack", {"webhook_url": slack.url})
+    wf = (await api.create({"name": "x", "trigger": {"type": "manual"}, "options": {"max_attempts": 3}, "steps": [slack_step(scred, "x")]})).workflow
+    steps = core.server.dispatcher.executor.steps
+
+    async def crash(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise RuntimeError("secret detail hooks.slack.com/services/T0/B0/XXXX")
+
+    monkeypatch.setattr(steps, "invoke", crash)
+    done = await api.wait((await api.run(wf.id)).execution.id, timeout=3)
+    assert (done.status, done.attempts) == ("failed", 1), done
+    assert done.error == "step notify: internal error (RuntimeError)" and "secret" not in str(done)
+    assert (done.steps[0].status, done.steps[0].retryable) == ("failed", False)
+
+
+@pytest.mark.postgres
+async def test_nul_characters_from_a_plugin_are_stored_on_postgres(tmp_path, postgres_url) -> None:
+    # PostgreSQL's text cannot hold NUL. An upstream's error body quoted by raise_for_status
+    # failed the outcome's write: the execution stayed running until its lease ended, and
+    # the upstream was called again. Text columns get U+FFFD in its place; outputs are
+    # stored as json (not jsonb), which keeps the escape \u0000.
+    from ipaas.sdk import Action, ActionResult, Connector, PermanentError, RetryableError
+
+    calls: list[str] = []
+
+    async def refuse(ctx):  # type: ignore[no-untyped-def]
+        calls.append("refuse")
+        raise PermanentError("Upstream answered 400: bad\x00request")
+
+    async def busy(ctx):  # type: ignore[no-untyped-def]
+        calls.append("busy")
+        raise RetryableError("Upstream answered 503: busy\x00")
+
+    async def ok(ctx):  # type: ignore[no-untyped-def]
+        calls.append("ok")
+        return ActionResult(message="sent\x00", output={"echo": "a\x00b"})
+
+    async with core_with(tmp_path, postgres_url, **FAST) as core:
+        core.server.registry.add(Connector("nul", "1", "d", [Action("refuse", "d", refuse), Action("busy", "d", busy), Action("ok", "d", ok)]), "ipaas-nul")
+        api = Api(core.channel, (await core.new_tenant()).md)
+        ids = []
+        for action in ("refuse", "busy", "ok"):
+            steps = [{"id": "s", "connector": "nul", "action": action, "config": {}}]
+            wf = (await api.create({"name": action, "trigger": {"type": "manual"}, "options": {"max_attempts": 2}, "steps": steps})).workflow
+            ids.append((await api.run(wf.id)).execution.id)
+        refused, retried, sent = [await api.wait(i, timeout=5) for i in ids]
+    assert (refused.status, refused.error, refused.steps[0].error) == ("failed", "step s: Upstream answered 400: bad\ufffdrequest", "Upstream answered 400: bad\ufffdrequest")
+    assert (retried.status, retried.attempts, retried.error) == ("dead", 2, "step s: Upstream answered 503: busy\ufffd")
+    assert (sent.status, sent.steps[0].message, sent.steps[0].output["echo"]) == ("succeeded", "sent\ufffd", "a\x00b")
+    assert sorted(calls) == ["busy", "busy", "ok", "refuse"]

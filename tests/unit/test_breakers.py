@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from ipaas.engine.breakers import BreakerPolicy, BreakerRegistry
+from ipaas.engine.breakers import BreakerPolicy, BreakerRegistry, Trial
 
 
 class Clock:
@@ -112,3 +112,51 @@ def test_thresholds_are_configurable() -> None:
     assert b.allow() is None
     b.record_success()
     assert b.state == "closed"
+
+
+def test_a_trial_given_back_without_an_outcome_frees_its_slot(setup) -> None:
+    # A trial that ends in neither success nor failure (a permanent error, a template error,
+    # the deadline, a cancellation) used to keep its slot: after three, half-open refused
+    # every call for good and the upstream was never tried again.
+    clock, registry, _ = setup
+    b = registry.get("tn_a", "slack")
+    fail(b, 5)
+    clock.now += 60
+    for _ in range(10):
+        assert b.allow() is None, "a released slot can be taken again"
+        b.release_trial()
+    assert b.state == "half_open" and b.snapshot().success_count == 0
+    for _ in range(3):
+        assert b.allow() is None
+        b.record_success()
+    assert b.state == "closed"
+
+
+def test_a_trial_settles_exactly_once(setup) -> None:
+    clock, registry, _ = setup
+    b = registry.get("tn_a", "slack")
+    fail(b, 5)
+    clock.now += 60
+    trials = []
+    for _ in range(3):
+        assert b.allow() is None
+        trials.append(Trial(b))
+    assert b.allow() is not None, "a fourth concurrent trial waits"
+    trials[0].success()
+    trials[0].release()  # the executor's finally after an outcome: nothing more to give back
+    trials[1].release()
+    trials[1].release()
+    assert [b.allow() for _ in range(3)] == [None, None, 1.0], "two slots came back, once each"
+    trials[2].failure()
+    assert b.state == "open"
+
+
+def test_releasing_outside_half_open_changes_nothing(setup) -> None:
+    clock, registry, _ = setup
+    b = registry.get("tn_a", "slack")
+    fail(b, 4)
+    b.release_trial()
+    assert b.state == "closed" and b.snapshot().failure_count == 4
+    fail(b, 1)
+    b.release_trial()
+    assert b.state == "open" and b.allow() == pytest.approx(60.0)

@@ -368,3 +368,43 @@ async def test_a_schema_violation_never_quotes_the_value() -> None:
     assert str(caught.value) == "invalid config after rendering: config.extra: is not a known field; config.license: must match the pattern ^LIC-[0-9a-f]{16}$; config.seats: must be at most 5"
     problems = registry.validate_credentials("licensed", {"license": secret})
     assert problems == [("secrets.license", "must match the pattern ^LIC-[0-9a-f]{16}$")]
+
+
+@pytest.mark.parametrize(
+    "result,reason",
+    [
+        (ActionResult(message="posted", output="posted"), "thing.go returned an output of type str, not a dict"),  # type: ignore[arg-type]
+        (ActionResult(output=[("a", 1)]), "thing.go returned an output of type list, not a dict"),  # type: ignore[arg-type]
+        (ActionResult(message=201), "thing.go returned a message of type int, not a str"),  # type: ignore[arg-type]
+    ],
+)
+async def test_a_result_of_the_wrong_type_fails_the_step_naming_the_action(result: ActionResult, reason: str) -> None:
+    # It escaped the host (dict("posted") raised ValueError) and the executor: the execution
+    # stayed running until its lease ended and the action ran again, up to max_attempts.
+    from ipaas.sdk import PermanentError
+
+    async def run(ctx):  # type: ignore[no-untyped-def]
+        return result
+
+    thing = Connector(name="thing", version="1.0", description="d", actions=[Action("go", "Go.", run, {"type": "object"})])
+    registry = load_registry(load_entrypoints=False, plugins=[("ipaas-thing", plugin(thing))])
+    with pytest.raises(PermanentError, match=reason):
+        await registry.invoke("thing", "go", registry.context("thing", {}, {}, 5))
+    await registry.aclose()
+
+
+@pytest.mark.parametrize("given,expected", [("30", 30.0), (" 1.5 ", 1.5), (7, 7.0), ("soon", None), (float("nan"), None), (-3, None), ([30], None), (True, None), (None, None)])
+async def test_a_retry_after_of_another_type_is_read_as_seconds_or_dropped(given: object, expected: float | None) -> None:
+    # A string (the raw header) reached the retry policy's `retry_after > 0` and raised
+    # TypeError outside every handler: the execution stayed running until its lease ended.
+    from ipaas.sdk import RetryableError
+
+    async def run(ctx):  # type: ignore[no-untyped-def]
+        raise RetryableError("rate limited", retry_after=given)  # type: ignore[arg-type]
+
+    thing = Connector(name="thing", version="1.0", description="d", actions=[Action("go", "Go.", run, {"type": "object"})])
+    registry = load_registry(load_entrypoints=False, plugins=[("ipaas-thing", plugin(thing))])
+    with pytest.raises(RetryableError) as raised:
+        await registry.invoke("thing", "go", registry.context("thing", {}, {}, 5))
+    assert raised.value.retry_after == expected
+    await registry.aclose()
