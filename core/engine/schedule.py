@@ -29,7 +29,10 @@ def next_fire(trigger: dict, after: datetime, anchor: datetime = EPOCH) -> datet
         return anchor + timedelta(seconds=k * interval)
     zone = _zone(trigger)
     it = croniter(trigger["cron"], after.astimezone(zone))
-    fixed_hour = trigger["cron"].split()[1] != "*"
+    # Whether the hour is fixed is read from the expanded field, not the text: "*/1" and
+    # "0-23" are every hour too, and an hourly job must run in the repeated hour as well.
+    hours = it.expanded[1]
+    fixed_hour = hours != ["*"] and len(set(hours)) < 24
     for _ in range(4):
         candidate = it.get_next(datetime)
         # On the fall-back night a fixed-hour job's wall time happens twice: run it once,
