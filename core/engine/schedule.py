@@ -20,6 +20,12 @@ def _zone(trigger: dict) -> ZoneInfo:
     return ZoneInfo(trigger.get("timezone") or "UTC")
 
 
+def timing(trigger: dict) -> tuple[str, str, str, int]:
+    """What a trigger's fire times depend on: triggers with equal timings fire together."""
+    cron = trigger.get("cron") or ""
+    return (trigger.get("type") or "", cron, (trigger.get("timezone") or "UTC") if cron else "", int(trigger.get("interval_seconds") or 0))
+
+
 def next_fire(trigger: dict, after: datetime, anchor: datetime = EPOCH) -> datetime:
     """The first fire time strictly after `after` (aware UTC in, aware UTC out)."""
     interval = int(trigger.get("interval_seconds") or 0)
