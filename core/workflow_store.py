@@ -20,6 +20,7 @@ from sqlalchemy import bindparam, delete, select, update
 from ipaas import definitions
 from ipaas.credentials import CredentialStore
 from ipaas.crypto import SecretBox
+from ipaas.engine import schedule
 from ipaas.errors import Aborted, FailedPrecondition, FieldViolation, InvalidArgument, NotFound, Unavailable
 from ipaas.ids import new_id
 from ipaas.pagination import MAX_VERSION, Page, decode_token, decode_version_token, page_size
@@ -205,7 +206,8 @@ class WorkflowStore:
             if result.rowcount != 1:
                 raise Aborted(f"workflow {current.workflow.id} is at version {current.version}, not {expected}: reload and retry")
             s.add(WorkflowVersion(workflow_id=current.workflow.id, version=new_version, tenant_id=tenant_id, definition=definition, created_at=now))
-            await self._sync_trigger_rows(s, current.workflow, definition["trigger"]["type"], now)
+            reactivated = bool(active) and not current.workflow.active
+            await self._sync_trigger_rows(s, current.workflow, current.definition["trigger"], definition["trigger"], reactivated, now)
             if definition["trigger"]["type"] == "webhook" and not await self._has_live_secret(s, current.workflow.id, now):
                 secret = new_webhook_secret()
                 s.add(self._secret_row(current.workflow, secret, now))
@@ -216,21 +218,37 @@ class WorkflowStore:
         live = select(WebhookSecret.id).where(WebhookSecret.workflow_id == workflow_id, WebhookSecret.expires_at.is_(None) | (WebhookSecret.expires_at > now)).limit(1)
         return (await s.scalar(live)) is not None
 
-    async def _sync_trigger_rows(self, s: Any, wf: Workflow, trigger_type: str, now: datetime) -> None:
-        if trigger_type == "schedule":
-            if await s.get(Schedule, wf.id) is None:
-                s.add(Schedule(workflow_id=wf.id, tenant_id=wf.tenant_id, next_fire_at=None))
-            else:  # the schedule may have changed: recompute from now
-                await s.execute(update(Schedule).where(Schedule.workflow_id == wf.id).values(next_fire_at=None))
-        else:
+    async def _sync_trigger_rows(self, s: Any, wf: Workflow, before: dict[str, Any], after: dict[str, Any], reactivated: bool, now: datetime) -> None:
+        if after["type"] != "schedule":
             await s.execute(delete(Schedule).where(Schedule.workflow_id == wf.id))
+        elif await s.get(Schedule, wf.id) is None:  # a new schedule, planned by the scheduler as at creation
+            s.add(Schedule(workflow_id=wf.id, tenant_id=wf.tenant_id, next_fire_at=None))
+        elif reactivated or schedule.timing(after) != schedule.timing(before):
+            await self._replan(s, wf.id, after, now)
+        # Same timing: the planned fire stands, even one that is due and not yet fired. Reset
+        # to NULL, the next tick planned the first fire after its own "now", past that one.
+
+    async def _replan(self, s: Any, workflow_id: str, trigger: dict[str, Any], now: datetime) -> None:
+        """Plans the first fire after `now` in the caller's transaction. Left NULL for the
+        scheduler, a fire between this change and its next tick (up to a second) was skipped.
+        Fires before `now` are not owed: they belonged to the old timing, or fell while the
+        workflow was inactive (a stale plan would catch one up on reactivation)."""
+        try:
+            planned = schedule.next_fire(trigger, now)
+        except Exception:
+            planned = None  # the scheduler parks a schedule it cannot compute, and logs it
+        await s.execute(update(Schedule).where(Schedule.workflow_id == workflow_id).values(next_fire_at=planned))
 
     async def set_active(self, tenant_id: str, workflow_id: str, active: bool) -> WorkflowView:
         async with self.db.session() as s, s.begin():
             wf = await self._row(s, tenant_id, workflow_id)
+            reactivated = active and not wf.active
             wf.active = active
-            if wf.trigger_type == "schedule":
-                await s.execute(update(Schedule).where(Schedule.workflow_id == wf.id).values(next_fire_at=None))
+            # Deactivating keeps the plan (the scheduler skips inactive workflows); activating
+            # an active workflow keeps it too, so a fire due at that moment still runs.
+            if reactivated and wf.trigger_type == "schedule":
+                version = await s.get(WorkflowVersion, (wf.id, wf.current_version))
+                await self._replan(s, wf.id, version.definition["trigger"], utcnow())
         self.forget(workflow_id)
         return await self.get(tenant_id, workflow_id)
 

@@ -47,8 +47,9 @@ class Dispatcher:
         self.workers = workers or default_workers()
         self.lease = lease
         self.poll_interval = poll_interval
-        # On SQLite the core's own dispatcher is the only one, so at start every lease is a
-        # dead process's. Engine processes share the file: their parent recovers for them.
+        # On SQLite the core's own dispatcher is the only one, so at start a lease is a dead
+        # process's (or a live orphan's, kept). Engine processes share the file: their parent
+        # recovers for them.
         self.recover_leases = recover_leases
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._wake = asyncio.Event()
@@ -76,7 +77,7 @@ class Dispatcher:
 
     async def _run(self) -> None:
         if self.recover_leases and not self.db.is_postgres:
-            await outbox.release_all_leases(self.db)
+            await outbox.release_dead_leases(self.db)
         while not self._stopping:
             # Clear before claiming, so a wake-up that arrives during the claim is kept.
             self._wake.clear()

@@ -13,6 +13,8 @@ lease (a crashed replica) makes the task claimable again.
 from __future__ import annotations
 
 import logging
+import os
+import socket
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -216,14 +218,42 @@ async def release_leases(db: Database, owner: str) -> int:
     return await db.transaction(lambda conn: conn.execute(stmt).rowcount)
 
 
-async def release_all_leases(db: Database) -> int:
-    """SQLite has one core per database, so when it starts claiming every lease belongs to a
-    process that is gone: hand the tasks back now instead of waiting for expiry."""
-    stmt = update(TASKS).where(TASKS.c.lease_owner.is_not(None)).values(lease_owner=None, lease_expires_at=None)
-    released = await db.transaction(lambda conn: conn.execute(stmt).rowcount)
+async def release_dead_leases(db: Database) -> int:
+    """SQLite has one core per database, so when it starts claiming, a lease is a process's
+    that is gone (its task is handed back now instead of at expiry) or an engine child's that
+    outlived the previous core, killed alone (the OOM killer), and finishes what it holds for
+    up to its stop grace. Handed back, that work ran twice: the new core's engines took it
+    beside the child. So a live owner's lease ends as leases do (finished, released or
+    expired). Owners are "host:pid:tag" (Dispatcher.owner): the pid in every lease answers
+    signal 0 while its process lives, which needs no lock file that every child inherits."""
+    host, me = socket.gethostname(), os.getpid()
+
+    def release(conn: Connection) -> int:
+        owners = conn.execute(select(TASKS.c.lease_owner).where(TASKS.c.lease_owner.is_not(None)).distinct()).scalars().all()
+        dead = [o for o in owners if not _may_be_running(o, host, me)]
+        if not dead:
+            return 0
+        return conn.execute(update(TASKS).where(TASKS.c.lease_owner.in_(dead)).values(lease_owner=None, lease_expires_at=None)).rowcount
+
+    released = await db.transaction(release)
     if released:
         logging.getLogger("ipaas.dispatcher").warning("dispatcher.recovered_leases", extra={"tasks": released})
     return released
+
+
+def _may_be_running(owner: str, host: str, me: int) -> bool:
+    parts = owner.rsplit(":", 2)
+    # Another host's process cannot share an SQLite file, and this process has only just
+    # started (its pid in a lease is a predecessor's, e.g. PID 1 in a restarted container).
+    if len(parts) != 3 or parts[0] != host or not parts[1].isdigit() or int(parts[1]) in (0, me):
+        return False
+    try:
+        os.kill(int(parts[1]), 0)
+    except PermissionError:
+        return True  # it exists, as another user
+    except (OSError, OverflowError):
+        return False
+    return True  # a reused pid keeps the task until its lease expires: late, never lost
 
 
 async def add_task(s: AsyncSession, execution_id: str, tenant_id: str, run_at: datetime) -> None:

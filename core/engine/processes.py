@@ -139,8 +139,9 @@ class EngineProcesses:
 
     async def start(self) -> None:
         if not self.db.is_postgres:
-            # On SQLite the children are the only dispatchers: any lease left is a dead one's.
-            await outbox.release_all_leases(self.db)
+            # On SQLite the children are the only dispatchers: a lease left is a dead one's, or
+            # an orphaned child's that is still finishing it (see release_dead_leases).
+            await outbox.release_dead_leases(self.db)
         for index in range(self.count):
             self._children[index] = await self._spawn(index)
             self._supervisors.append(asyncio.create_task(self._supervise(index), name=f"ipaas-engine-{index}"))

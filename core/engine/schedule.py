@@ -20,6 +20,12 @@ def _zone(trigger: dict) -> ZoneInfo:
     return ZoneInfo(trigger.get("timezone") or "UTC")
 
 
+def timing(trigger: dict) -> tuple[str, str, str, int]:
+    """What a trigger's fire times depend on: triggers with equal timings fire together."""
+    cron = trigger.get("cron") or ""
+    return (trigger.get("type") or "", cron, (trigger.get("timezone") or "UTC") if cron else "", int(trigger.get("interval_seconds") or 0))
+
+
 def next_fire(trigger: dict, after: datetime, anchor: datetime = EPOCH) -> datetime:
     """The first fire time strictly after `after` (aware UTC in, aware UTC out)."""
     interval = int(trigger.get("interval_seconds") or 0)
@@ -29,7 +35,10 @@ def next_fire(trigger: dict, after: datetime, anchor: datetime = EPOCH) -> datet
         return anchor + timedelta(seconds=k * interval)
     zone = _zone(trigger)
     it = croniter(trigger["cron"], after.astimezone(zone))
-    fixed_hour = trigger["cron"].split()[1] != "*"
+    # Whether the hour is fixed is read from the expanded field, not the text: "*/1" and
+    # "0-23" are every hour too, and an hourly job must run in the repeated hour as well.
+    hours = it.expanded[1]
+    fixed_hour = hours != ["*"] and len(set(hours)) < 24
     for _ in range(4):
         candidate = it.get_next(datetime)
         # On the fall-back night a fixed-hour job's wall time happens twice: run it once,

@@ -26,8 +26,8 @@ from ipaas.storage.tables import Schedule, Workflow, WorkflowVersion, utcnow
 
 log = logging.getLogger("ipaas.scheduler")
 
-# How long a schedule that cannot be computed waits before it is tried again. Updating the
-# workflow re-plans it at once (the store resets next_fire_at).
+# How long a schedule that cannot be computed waits before it is tried again. Changing the
+# workflow's schedule re-plans it at once (the store plans its next fire).
 PARKED_FOR = timedelta(hours=1)
 
 

@@ -17,8 +17,8 @@ from pathlib import Path
 import grpc
 import pytest
 
-from ipaas.v1 import breakers_pb2, breakers_pb2_grpc, credentials_pb2, executions_pb2
-from tests.conftest import core_with, free_port
+from ipaas.v1 import breakers_pb2, breakers_pb2_grpc, credentials_pb2, executions_pb2, tenants_pb2, tenants_pb2_grpc
+from tests.conftest import ADMIN_KEY, bearer, core_with, free_port
 from tests.fakes.slack import FakeSlack
 from tests.integration.helpers import Api, slack_step
 from tests.integration.test_crash_and_scale import start_core, wait_serving
@@ -174,6 +174,55 @@ async def test_children_do_not_outlive_the_core(tmp_path: Path) -> None:
         await channel.close()
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
+
+
+async def test_a_core_restarted_beside_its_orphaned_child_runs_nothing_twice(tmp_path: Path) -> None:
+    """SQLite: the core alone dies (the OOM killer) and is restarted at once, while its engine
+    child still finishes what it holds: the new core must leave that child's leases alone."""
+    ports = free_port(), free_port()
+    cores: list[subprocess.Popen[bytes]] = []
+    async with FakeSlack(delay=5) as slack:
+        try:
+            cores.append(start_core(tmp_path, ports[0], engine_processes=1))
+            channel = grpc.aio.insecure_channel(f"127.0.0.1:{ports[0]}")
+            await wait_serving(channel)
+            admin = tenants_pb2_grpc.TenantServiceStub(channel)
+            tenant = (await admin.CreateTenant(tenants_pb2.CreateTenantRequest(name="orphan"), metadata=bearer(ADMIN_KEY))).tenant
+            key = (await admin.CreateApiKey(tenants_pb2.CreateApiKeyRequest(tenant_id=tenant.id), metadata=bearer(ADMIN_KEY))).secret
+            api = Api(channel, bearer(key))
+            cred = await api.credential("slack", {"webhook_url": slack.url})
+            wf = (await api.create({"name": "o", "trigger": {"type": "manual"}, "steps": [slack_step(cred, "job {{n}}")]})).workflow
+            for n in range(4):
+                await api.run(wf.id, {"n": n})
+            await until(lambda: slack.requests >= 4, "all four in flight in the child")
+            orphan = _children(cores[0].pid)[0]
+            cores[0].send_signal(signal.SIGKILL)  # the core alone: its child finishes its work
+            cores[0].wait(timeout=10)
+            await channel.close()
+            slack.delay = 0.1
+
+            cores.append(start_core(tmp_path, ports[1], engine_processes=1))
+            channel = grpc.aio.insecure_channel(f"127.0.0.1:{ports[1]}")
+            await wait_serving(channel)
+            # The core spawns its child after its start-up lease recovery.
+            await until(lambda: bool(_children(cores[1].pid)), "the new core's child")
+            assert _alive(orphan), "the new core started while the orphan still held its work"
+            api = Api(channel, bearer(key))
+            await api.run(wf.id, {"n": "after"})  # the new core delivers meanwhile
+            await until(lambda: not _alive(orphan), "the orphan exits once its work is done", timeout=20)
+            await until(lambda: {m["text"] for m in slack.received} >= {"job 0", "job 1", "job 2", "job 3", "job after"}, "every job delivered")
+            counts = collections.Counter(m["text"] for m in slack.received)
+            assert set(counts.values()) == {1}, f"delivered twice: {sorted(t for t, c in counts.items() if c > 1)}"
+        finally:
+            await channel.close()
+            for proc in cores:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)  # its session: the core and its children
+                proc.wait(timeout=10)
+
+
+def _children(pid: int) -> list[int]:
+    return [int(p) for p in subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()]
 
 
 def _alive(pid: int) -> bool:

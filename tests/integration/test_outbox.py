@@ -95,6 +95,23 @@ async def test_claims_take_leases_and_expired_leases_are_reclaimed(db: Database)
     assert {t.execution_id for t in reclaimed} == {t.execution_id for t in first}
 
 
+async def test_start_up_recovery_hands_back_the_leases_of_processes_that_are_gone(db: Database) -> None:
+    import os
+    import socket
+    import subprocess
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    host, live = socket.gethostname(), os.getppid()
+    owners = [f"{host}:{live}:a", f"{host}:{gone.pid}:b", f"{host}:{os.getpid()}:before-a-restart", f"elsewhere:{live}:c", "unparsable"]
+    await outbox.enqueue_many(db, [item(o) for o in owners])
+    for owner in owners:
+        assert len(await outbox.claim_due_tasks(db, owner, 1, timedelta(seconds=60))) == 1
+    assert await outbox.release_dead_leases(db) == 4
+    async with db.session() as s:
+        assert (await s.scalars(select(OutboxTask.lease_owner).where(OutboxTask.lease_owner.is_not(None)))).all() == [owners[0]]
+
+
 async def test_deferred_tasks_wait_until_due(db: Database) -> None:
     from ipaas.storage.tables import utcnow
 

@@ -128,3 +128,60 @@ async def test_a_schedule_that_cannot_be_computed_is_parked_and_the_others_still
         assert parked.next_fire_at == datetime(2026, 1, 1, 0, 0, 30, tzinfo=timezone.utc) + PARKED_FOR
         assert len(fired) == 1
         assert [r.workflow_id for r in caplog.records if r.msg == "schedule.parked"] == [bad.id]
+
+
+async def _fired(core, workflow_id: str) -> list[str]:  # type: ignore[no-untyped-def]
+    async with core.server.db.session() as s:
+        return sorted(p["scheduled_at"] for p in (await s.scalars(select(Execution.payload).where(Execution.workflow_id == workflow_id))).all())
+
+
+async def test_an_edit_just_before_a_fire_time_keeps_or_replans_that_fire(tmp_path, monkeypatch) -> None:
+    """The scheduler ticks once a second: an edit between its last tick before a fire time
+    and the fire time must not move the fire past it."""
+    async with FakeSlack() as slack, core_with(tmp_path, IPAAS_DISABLE_ENGINE="1") as core:
+        api = Api(core.channel, (await core.new_tenant()).md)
+        cred = await api.credential("slack", {"webhook_url": slack.url})
+        wf = (await api.create({"name": "hourly", "trigger": {"type": "schedule", "cron": "0 * * * *"}, "steps": [slack_step(cred, "tick")]})).workflow
+        clock = Clock(datetime(2030, 1, 1, 9, 58, tzinfo=timezone.utc))
+        monkeypatch.setattr("ipaas.workflow_store.utcnow", clock)
+        scheduler = Scheduler(core.server.db, core.server.enqueuer, clock=clock)
+        await scheduler.tick()  # plans 10:00
+
+        async def edit(version: int, changes: dict, at: datetime) -> None:
+            clock.now = at
+            request = workflows_pb2.UpdateWorkflowRequest(id=wf.id, expected_version=version, workflow=workflow(changes), update_mask={"paths": list(changes)})
+            await api.workflows.UpdateWorkflow(request, metadata=api.md)
+
+        await edit(1, {"name": "renamed"}, datetime(2030, 1, 1, 9, 59, 59, 600000, tzinfo=timezone.utc))
+        clock.now = datetime(2030, 1, 1, 10, 0, 0, 500000, tzinfo=timezone.utc)
+        assert await scheduler.tick() == 1, "a rename keeps the planned fire"
+        await edit(2, {"trigger": {"type": "schedule", "cron": "30 * * * *"}}, datetime(2030, 1, 1, 10, 29, 59, 600000, tzinfo=timezone.utc))
+        clock.now = datetime(2030, 1, 1, 10, 30, 0, 500000, tzinfo=timezone.utc)
+        assert await scheduler.tick() == 1, "a new schedule's first fire is planned at the edit"
+        assert await _fired(core, wf.id) == ["2030-01-01T10:00:00Z", "2030-01-01T10:30:00Z"]
+
+
+async def test_a_reactivated_schedule_fires_from_then_on_without_catching_up(tmp_path, monkeypatch) -> None:
+    async with FakeSlack() as slack, core_with(tmp_path, IPAAS_DISABLE_ENGINE="1") as core:
+        api = Api(core.channel, (await core.new_tenant()).md)
+        cred = await api.credential("slack", {"webhook_url": slack.url})
+        wf = (await api.create({"name": "hourly", "trigger": {"type": "schedule", "cron": "0 * * * *"}, "steps": [slack_step(cred, "tick")]})).workflow
+        clock = Clock(datetime(2030, 1, 1, 9, 58, tzinfo=timezone.utc))
+        monkeypatch.setattr("ipaas.workflow_store.utcnow", clock)
+        scheduler = Scheduler(core.server.db, core.server.enqueuer, clock=clock)
+        await scheduler.tick()  # plans 10:00
+
+        async def set_active(active: bool, at: datetime) -> None:
+            clock.now = at
+            await api.workflows.SetWorkflowActive(workflows_pb2.SetWorkflowActiveRequest(id=wf.id, active=active), metadata=api.md)
+
+        await set_active(True, datetime(2030, 1, 1, 9, 59, 59, 600000, tzinfo=timezone.utc))  # already active: nothing changes
+        clock.now = datetime(2030, 1, 1, 10, 0, 0, 500000, tzinfo=timezone.utc)
+        assert await scheduler.tick() == 1
+        await set_active(False, datetime(2030, 1, 1, 10, 5, tzinfo=timezone.utc))
+        await set_active(True, datetime(2030, 1, 4, 12, 59, 59, 600000, tzinfo=timezone.utc))  # three days later
+        clock.now += timedelta(milliseconds=100)
+        assert await scheduler.tick() == 0, "no catch-up for the days it was off"
+        clock.now = datetime(2030, 1, 4, 13, 0, 0, 500000, tzinfo=timezone.utc)
+        assert await scheduler.tick() == 1, "the first fire after reactivation"
+        assert await _fired(core, wf.id) == ["2030-01-01T10:00:00Z", "2030-01-04T13:00:00Z"]

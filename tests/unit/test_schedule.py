@@ -46,6 +46,29 @@ def test_a_daily_job_fires_once_on_each_dst_day() -> None:
         assert len(fires) == 3
 
 
+def fires(trigger: dict, start: datetime, end: datetime) -> list[datetime]:
+    found, t = [], start
+    while (t := next_fire(trigger, t)) < end:
+        found.append(t)
+    return found
+
+
+@pytest.mark.parametrize(
+    "cron,hours",
+    [
+        # America/New_York falls back on 2025-11-02: 01:00 local is 05:00 UTC (EDT), then again 06:00 UTC (EST)
+        ("0 * * * *", [4, 5, 6, 7, 8]),
+        ("0 */1 * * *", [4, 5, 6, 7, 8]),
+        ("0 0-23 * * *", [4, 5, 6, 7, 8]),
+        ("0 1 * * *", [5]),
+        ("0 1-2 * * *", [5, 7]),
+    ],
+)
+def test_the_autumn_night_repeats_no_fixed_hour_and_skips_no_hourly_fire(cron: str, hours: list[int]) -> None:
+    trigger = {"cron": cron, "timezone": "America/New_York"}
+    assert fires(trigger, utc(2025, 11, 2, 3, 30), utc(2025, 11, 2, 8, 30)) == [utc(2025, 11, 2, h) for h in hours]
+
+
 EVERY_5_MIN = {"type": "schedule", "interval_seconds": 300}
 
 
