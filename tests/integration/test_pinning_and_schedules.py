@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from datetime import datetime, timedelta, timezone
 
 from sqlalchemy import select
@@ -135,9 +136,10 @@ async def _fired(core, workflow_id: str) -> list[str]:  # type: ignore[no-untype
         return sorted(p["scheduled_at"] for p in (await s.scalars(select(Execution.payload).where(Execution.workflow_id == workflow_id))).all())
 
 
-async def test_an_edit_just_before_a_fire_time_keeps_or_replans_that_fire(tmp_path, monkeypatch) -> None:
-    """The scheduler ticks once a second: an edit between its last tick before a fire time
-    and the fire time must not move the fire past it."""
+@contextlib.asynccontextmanager
+async def hourly_at_9_58(tmp_path, monkeypatch):  # type: ignore[no-untyped-def]
+    """An hourly workflow on a core without an engine, a scheduler on a fake clock at 09:58
+    (the store's clock too: an edit plans fires from it), the 10:00 fire planned."""
     async with FakeSlack() as slack, core_with(tmp_path, IPAAS_DISABLE_ENGINE="1") as core:
         api = Api(core.channel, (await core.new_tenant()).md)
         cred = await api.credential("slack", {"webhook_url": slack.url})
@@ -145,7 +147,14 @@ async def test_an_edit_just_before_a_fire_time_keeps_or_replans_that_fire(tmp_pa
         clock = Clock(datetime(2030, 1, 1, 9, 58, tzinfo=timezone.utc))
         monkeypatch.setattr("ipaas.workflow_store.utcnow", clock)
         scheduler = Scheduler(core.server.db, core.server.enqueuer, clock=clock)
-        await scheduler.tick()  # plans 10:00
+        await scheduler.tick()
+        yield core, api, wf, clock, scheduler
+
+
+async def test_an_edit_just_before_a_fire_time_keeps_or_replans_that_fire(tmp_path, monkeypatch) -> None:
+    """The scheduler ticks once a second: an edit between its last tick before a fire time
+    and the fire time must not move the fire past it."""
+    async with hourly_at_9_58(tmp_path, monkeypatch) as (core, api, wf, clock, scheduler):
 
         async def edit(version: int, changes: dict, at: datetime) -> None:
             clock.now = at
@@ -162,14 +171,7 @@ async def test_an_edit_just_before_a_fire_time_keeps_or_replans_that_fire(tmp_pa
 
 
 async def test_a_reactivated_schedule_fires_from_then_on_without_catching_up(tmp_path, monkeypatch) -> None:
-    async with FakeSlack() as slack, core_with(tmp_path, IPAAS_DISABLE_ENGINE="1") as core:
-        api = Api(core.channel, (await core.new_tenant()).md)
-        cred = await api.credential("slack", {"webhook_url": slack.url})
-        wf = (await api.create({"name": "hourly", "trigger": {"type": "schedule", "cron": "0 * * * *"}, "steps": [slack_step(cred, "tick")]})).workflow
-        clock = Clock(datetime(2030, 1, 1, 9, 58, tzinfo=timezone.utc))
-        monkeypatch.setattr("ipaas.workflow_store.utcnow", clock)
-        scheduler = Scheduler(core.server.db, core.server.enqueuer, clock=clock)
-        await scheduler.tick()  # plans 10:00
+    async with hourly_at_9_58(tmp_path, monkeypatch) as (core, api, wf, clock, scheduler):
 
         async def set_active(active: bool, at: datetime) -> None:
             clock.now = at
