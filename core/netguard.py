@@ -101,16 +101,22 @@ class GuardedTransport(httpx.AsyncBaseTransport):
     `resolver_guarded`: the inner transport connects only through a GuardedResolver, so only
     IP literals (which skip resolvers) are checked here."""
 
-    def __init__(self, inner: httpx.AsyncBaseTransport, allow_insecure: bool, resolver_guarded: bool = False) -> None:
+    def __init__(self, inner: httpx.AsyncBaseTransport, allow_insecure: bool, resolver_guarded: bool = False, allowed_hosts: Iterable[str] = ()) -> None:
         self.inner = inner
         self.allow_insecure = allow_insecure
         self.resolver_guarded = resolver_guarded
+        self.allowed_hosts = frozenset(h.lower() for h in allowed_hosts)
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         if not self.allow_insecure:
             if request.url.scheme != "https":
                 raise PermanentError("the target must use https")
             host = request.url.host
+            # On every request, not only when a credential is saved: a URL can also come
+            # from a step's config (a template over the payload) or a credential field not
+            # named *url, and the connector declared where it may go.
+            if self.allowed_hosts and host.lower().rstrip(".") not in self.allowed_hosts:
+                raise PermanentError(f"the target host {host} is not one of {', '.join(sorted(self.allowed_hosts))}")
             if _literal(host):
                 if forbidden_address(host):
                     raise PermanentError(f"the target {host} is not a public address")

@@ -246,7 +246,7 @@ class ConnectorRegistry:
     def http_client(self, connector: Connector) -> httpx.AsyncClient:
         client = self._clients.get(connector.name)
         if client is None:
-            client = self._clients[connector.name] = make_http_client(connector.timeout, self.allow_insecure)
+            client = self._clients[connector.name] = make_http_client(connector.timeout, self.allow_insecure, allowed_hosts=connector.allowed_hosts)
         return client
 
     def context(self, connector: str, config: dict[str, Any], credentials: dict[str, Any], timeout: float | None = None, **fields: Any) -> ExecutionContext:
@@ -428,9 +428,10 @@ async def _read_at_most(response: httpx.Response, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def make_http_client(timeout: float, allow_insecure: bool, max_connections: int = 200) -> httpx.AsyncClient:
+def make_http_client(timeout: float, allow_insecure: bool, max_connections: int = 200, allowed_hosts: Iterable[str] = ()) -> httpx.AsyncClient:
     """The client connectors get: strict timeouts on connect, read, write and pool waits,
-    the SSRF guard on every request, no redirects (a redirect could leave the allowed hosts).
+    the SSRF guard on every request (public addresses, https, the connector's allowed_hosts
+    when it declares any), no redirects (a redirect could leave the allowed hosts).
 
     Authors always see httpx's API. Underneath, aiohttp's pool (httpx-aiohttp) replaces
     httpcore's, which costs more CPU under concurrency (encode/httpx#3215): the bench measured
@@ -444,7 +445,7 @@ def make_http_client(timeout: float, allow_insecure: bool, max_connections: int 
     else:
         inner = httpx.AsyncHTTPTransport(limits=limits)
     return ConnectorClient(
-        transport=GuardedTransport(inner, allow_insecure, resolver_guarded=aiohttp_pool),
+        transport=GuardedTransport(inner, allow_insecure, resolver_guarded=aiohttp_pool, allowed_hosts=allowed_hosts),
         timeout=httpx.Timeout(timeout),
         follow_redirects=False,
         headers={"user-agent": "simple-ipaas"},

@@ -93,6 +93,20 @@ async def test_the_connector_client_never_connects_to_loopback(host: str, transp
         assert upstream.requests == 0
 
 
+@pytest.mark.parametrize("transport", ["aiohttp", "httpx"])
+async def test_every_request_stays_on_the_connectors_allowed_hosts(transport: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not only credentials saved with a *url field: a URL from a step's config or another
+    credential field is refused too, before any lookup or connection."""
+    monkeypatch.setenv("IPAAS_HTTP_TRANSPORT", transport)
+    client = make_http_client(5.0, allow_insecure=False, allowed_hosts=("hooks.slack.com",))
+    try:
+        for url in ("https://1.1.1.1/", "https://example.com/x", "https://hooks.slack.com.evil.example/"):
+            with pytest.raises(PermanentError, match="is not one of hooks.slack.com"):
+                await client.get(url)
+    finally:
+        await client.aclose()
+
+
 async def test_the_resolver_refuses_a_name_with_any_private_answer() -> None:
     guard = GuardedResolver(Answers({"mixed.test": ["93.184.216.34", "10.0.0.7"], "public.test": ["93.184.216.34"]}))
     with pytest.raises(PermanentError, match="mixed.test resolves to a non-public address"):

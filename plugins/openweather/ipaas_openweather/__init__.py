@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from urllib.parse import urlsplit
 
 from ipaas.sdk import Action, ActionResult, Connector, ExecutionContext, PermanentError, hookimpl, raise_for_status
 
@@ -67,7 +68,9 @@ CONNECTOR = Connector(
         "required": ["api_key"],
         "additionalProperties": False,
     },
-    allowed_hosts=("api.openweathermap.org",),
+    # The endpoint an operator configured (a caching proxy, say) is allowed beside the
+    # default: the guard checks every request against this list.
+    allowed_hosts=tuple(dict.fromkeys(h for h in ("api.openweathermap.org", urlsplit(base_url()).hostname) if h)),
 )
 
 
