@@ -249,11 +249,14 @@ class ConnectorRegistry:
             client = self._clients[connector.name] = make_http_client(connector.timeout, self.allow_insecure, allowed_hosts=connector.allowed_hosts)
         return client
 
-    def context(self, connector: str, config: dict[str, Any], credentials: dict[str, Any], timeout: float | None = None, **fields: Any) -> ExecutionContext:
+    def context(self, connector: str, config: dict[str, Any], credentials: dict[str, Any], timeout: float | None = None, secret_fields: Iterable[str] = (), **fields: Any) -> ExecutionContext:
+        """`secret_fields`: the action's config fields whose values are masked, with the
+        credentials', in what the action logs and in the errors it raises."""
         found = self.get(connector)
         if found is None:
             raise PermanentError(f"connector {connector!r} is not installed")
-        masker = SecretMasker(_leaves(credentials))
+        secret_config = {k: config[k] for k in secret_fields if isinstance(config, dict) and k in config}
+        masker = SecretMasker([*_leaves(credentials), *_leaves(secret_config)])
         logger = MaskingAdapter(logging.getLogger(f"ipaas.connector.{connector}"), masker, {k: v for k, v in fields.items() if v})
         return ExecutionContext(
             config=config,

@@ -50,6 +50,14 @@ class StepRunner:
                 # updated can run it; failed for good, it would need replaying by hand.
                 raise CredentialUnreadable(f"credential {step['credential_id']}: {exc} here (every replica needs the same IPAAS_SECRET_KEYS)") from None
         ctx = self.registry.context(
-            step["connector"], config, secrets, timeout, dry_run=dry_run, tenant_id=tenant_id, execution_id=execution_id, step_id=step["id"]
+            step["connector"],
+            config,
+            secrets,
+            timeout,
+            secret_fields=self.registry.secret_fields(step["connector"], step["action"]),
+            dry_run=dry_run,
+            tenant_id=tenant_id,
+            execution_id=execution_id,
+            step_id=step["id"],
         )
         return await self.registry.invoke(step["connector"], step["action"], ctx)

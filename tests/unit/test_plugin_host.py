@@ -408,3 +408,28 @@ async def test_a_retry_after_of_another_type_is_read_as_seconds_or_dropped(given
         await registry.invoke("thing", "go", registry.context("thing", {}, {}, 5))
     assert raised.value.retry_after == expected
     await registry.aclose()
+
+
+async def test_a_secret_config_field_is_masked_in_what_the_action_logs_and_raises(caplog: pytest.LogCaptureFixture) -> None:
+    """secret_fields were masked in the stored rendered config only: the action's own log
+    lines and error messages showed the value."""
+    import logging
+
+    from ipaas.engine.steps import StepRunner
+    from ipaas.plugin_host import ConnectorRegistry
+    from ipaas.sdk import Action, Connector, PermanentError
+
+    secret = "hunter2hunter2"
+
+    async def run(ctx):  # type: ignore[no-untyped-def]
+        ctx.logger.warning("calling with %s", ctx.config["token"])
+        raise PermanentError(f"upstream rejected {ctx.config['token']}")
+
+    schema = {"type": "object", "properties": {"token": {"type": "string"}, "text": {"type": "string"}}}
+    registry = ConnectorRegistry(allow_insecure=True)
+    registry.add(Connector("secretcfg", "1.0.0", "d", [Action("post", "d", run, config_schema=schema, secret_fields=("token",))]), "ipaas-secretcfg")
+    steps = StepRunner(registry, credentials=None)  # type: ignore[arg-type]
+    with caplog.at_level(logging.WARNING), pytest.raises(PermanentError) as caught:
+        await steps.invoke("t", "e", {"id": "s", "connector": "secretcfg", "action": "post"}, {"token": secret, "text": "hi"}, 5, dry_run=False)
+    assert secret not in str(caught.value) and "upstream rejected" in str(caught.value)
+    assert "calling with" in caplog.text and secret not in caplog.text
