@@ -4,6 +4,7 @@ the execution it already created."""
 
 from __future__ import annotations
 
+import base64
 import binascii
 import logging
 from typing import Any
@@ -34,9 +35,34 @@ def _key(value: str | None, field: str) -> str | None:
     return value
 
 
+def _well_formed(signatures: str) -> str:
+    """The header's `v1,<base64>` entries, without the ones the package cannot read.
+
+    The spec asks a receiver to accept any valid signature in the space-separated list and
+    to skip versions it does not know. The package stops at the first entry it cannot split
+    or decode (`v2`, `v1,a,b`, truncated base64, a double space): the valid one after it was
+    never tried, and the sender got 401 for a correctly signed delivery."""
+    kept = []
+    for entry in signatures.split():
+        version, comma, signature = entry.partition(",")
+        if version != "v1" or not comma:
+            continue
+        try:
+            base64.b64decode(signature, validate=True)
+        except (binascii.Error, ValueError):
+            continue
+        kept.append(entry)
+    return " ".join(kept)
+
+
 def verify_signature(secrets: list[str], body: bytes, headers: dict[str, str]) -> bool:
     """True when any current secret verifies (rotation keeps two valid for a while).
-    The package compares in constant time and enforces the 5-minute tolerance."""
+    The package compares in constant time and enforces the 5-minute tolerance. `headers`
+    have lower-case names."""
+    signatures = _well_formed(headers.get("webhook-signature", ""))
+    if not signatures:
+        return False
+    headers = {**headers, "webhook-signature": signatures}
     for secret in secrets:
         try:
             Webhook(secret).verify(body, headers, json_parse=False)
@@ -79,6 +105,13 @@ class TriggerService:
         if target is None:
             raise NotFound(f"workflow {workflow_id} not found")
         headers = {k.lower(): v for k, v in headers.items()}
+        try:
+            body.decode()
+        except UnicodeDecodeError:
+            # JSON is UTF-8 (RFC 8259). Checked before the signature: the package decodes
+            # the body to verify it, and a correctly signed sender was told its signature
+            # was wrong, which sends it looking in the wrong place.
+            raise InvalidArgument.field("http_body.data", "the body is not valid JSON: it is not UTF-8") from None
         unsigned_ok = bool(target.definition.get("options", {}).get("allow_unsigned_webhooks"))
         if not unsigned_ok and not verify_signature(target.secrets, body, headers):
             log.warning("webhook.rejected", extra={"workflow_id": workflow_id, "tenant_id": target.tenant_id})

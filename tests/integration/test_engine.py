@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
+import hmac
 import time
 from datetime import datetime, timedelta, timezone
 
@@ -100,6 +103,13 @@ async def test_signed_webhooks_are_accepted_and_bad_ones_refused(env) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await api.executions.ReceiveWebhook(executions_pb2.ReceiveWebhookRequest(workflow_id="wf_unknown", http_body=httpbody_pb2.HttpBody(data=raw), headers=headers))
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    # A correctly signed body that is not UTF-8 is a body problem, not a signature one.
+    key = base64.b64decode(secret.removeprefix("whsec_"))
+    stamp = str(int(time.time()))
+    mac = hmac.new(key, f"msg_3.{stamp}.".encode() + b"\xff\xfe", hashlib.sha256).digest()
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await send(b"\xff\xfe", {"webhook-id": "msg_3", "webhook-timestamp": stamp, "webhook-signature": "v1," + base64.b64encode(mac).decode()})
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "UTF-8" in (err.value.details() or "")
 
 
 async def test_webhooks_in_one_batch_are_answered_one_by_one(env) -> None:
