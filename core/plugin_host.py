@@ -168,12 +168,13 @@ class ConnectorRegistry:
     _clients: dict[str, httpx.AsyncClient] = field(default_factory=dict)
 
     # -- loading -----------------------------------------------------------------------
-    def add(self, connector: Any, distribution: str) -> None:
+    def add(self, connector: Any, distribution: str, source: str | None = None) -> None:
+        """Add one connector; `source` (distribution:entry point) names it in a problem."""
         problems = declaration_problems(connector)
         if not problems and connector.name in self.connectors:
             problems = [f"duplicate connector name {connector.name!r} (already provided by {self.connectors[connector.name].distribution})"]
         if problems:
-            self.problem(distribution, "; ".join(problems))
+            self.problem(source or distribution, "; ".join(problems))
             return
         self.connectors[connector.name] = LoadedConnector(connector, distribution)
 
@@ -499,39 +500,101 @@ def _plugin_manager() -> pluggy.PluginManager:
     return pm
 
 
-def load_registry(settings: Any = None, *, allow: frozenset[str] | None = None, load_entrypoints: bool = True, plugins: Iterable[tuple[str, object]] = (), allow_insecure: bool | None = None) -> ConnectorRegistry:
-    """Load plugins from the entry-point group (restricted by the allow-list) plus any
-    `plugins` given as (distribution, module-or-object) pairs (tests register throwaway
-    plugins that way). Never raises for a broken plugin."""
+def _distribution_key(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()  # PEP 503: ipaas_Slack is ipaas-slack
+
+
+@dataclass(frozen=True)
+class AllowList:
+    """IPAAS_PLUGINS: connector names, each optionally pinned to the distribution it must
+    come from (`slack=ipaas-slack`). It applies to the entry points loaded (by name, so a
+    plugin left out is never imported) and to the connectors they register: an allowed entry
+    point cannot bring in a connector the list leaves out, nor, when pinned, a listed one."""
+
+    names: frozenset[str]
+    pins: Mapping[str, str]
+
+    @classmethod
+    def parse(cls, entries: Iterable[str]) -> AllowList:
+        names, pins = set(), {}
+        for entry in entries:
+            name, _, distribution = (part.strip() for part in entry.partition("="))
+            names.add(name)
+            if distribution:
+                pins[name] = distribution
+        return cls(frozenset(names), pins)
+
+    def refusal(self, name: str, distribution: str) -> str | None:
+        if name not in self.names:
+            return f"registered connector {name!r}, which IPAAS_PLUGINS does not allow"
+        pin = self.pins.get(name)
+        if pin is not None and _distribution_key(pin) != _distribution_key(distribution):
+            return f"not loaded: IPAAS_PLUGINS pins {name!r} to the distribution {pin}"
+        return None
+
+
+def load_registry(settings: Any = None, *, allow: Iterable[str] | None = None, load_entrypoints: bool = True, plugins: Iterable[tuple[str, object]] = (), allow_insecure: bool | None = None) -> ConnectorRegistry:
+    """Load plugins from the entry-point group (restricted by the allow-list, see AllowList)
+    plus any `plugins` given as (distribution, module-or-object) pairs (tests register
+    throwaway plugins that way). Never raises for a broken plugin.
+
+    A connector name offered by more than one plugin is loaded from none of them: whichever
+    came first would otherwise depend on the order entry points are listed in, and the one
+    that won would receive every tenant's credentials for that connector."""
     if settings is not None:
         allow = settings.plugins if allow is None else allow
         allow_insecure = settings.allow_insecure_targets if allow_insecure is None else allow_insecure
+    allowed = None if allow is None else AllowList.parse(allow)
     registry = ConnectorRegistry(allow_insecure=bool(allow_insecure))
     pm = _plugin_manager()
-    candidates: list[tuple[str, object]] = []
+    candidates: list[tuple[str, str, object]] = []  # (source, distribution, plugin)
     if load_entrypoints:
-        for ep in entry_points(group=ENTRY_POINT_GROUP):
-            if allow is not None and ep.name not in allow:
-                continue
+        for ep in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda ep: (ep.name, ep.dist.name if ep.dist else "")):
             distribution = ep.dist.name if ep.dist else ep.name
+            source = f"{distribution}:{ep.name}"
+            if allowed is not None:
+                if ep.name not in allowed.names:
+                    continue
+                if refusal := allowed.refusal(ep.name, distribution):
+                    registry.problem(source, refusal)
+                    continue
             try:
-                candidates.append((distribution, ep.load()))
+                candidates.append((source, distribution, ep.load()))
             except Exception as exc:  # any import-time failure of a third-party plugin
-                registry.problem(distribution, f"import failed: {type(exc).__name__}: {exc}")
-    candidates += list(plugins)
-    for distribution, plugin in candidates:
+                registry.problem(source, f"import failed: {type(exc).__name__}: {exc}")
+    candidates += [(distribution, distribution, plugin) for distribution, plugin in plugins]
+    offers: dict[str, list[tuple[Connector, str, str]]] = {}
+
+    def offer(connector: Any, source: str, distribution: str) -> None:
+        if problems := declaration_problems(connector):
+            registry.problem(source, "; ".join(problems))
+        elif allowed is not None and (refusal := allowed.refusal(connector.name, distribution)):
+            registry.problem(source, refusal)
+        else:
+            offers.setdefault(connector.name, []).append((connector, distribution, source))
+
+    for source, distribution, plugin in candidates:
         try:
-            pm.register(plugin, name=f"{distribution}:{id(plugin)}")
+            pm.register(plugin, name=f"{source}:{id(plugin)}")
         except Exception as exc:
-            registry.problem(distribution, f"not a valid plugin: {exc}")
+            registry.problem(source, f"not a valid plugin: {exc}")
             continue
         for impl in pm.hook.ipaas_register_connectors.get_hookimpls():
             if impl.plugin is not plugin:
                 continue
             try:
-                impl.function(register=lambda c, d=distribution: registry.add(c, d))
+                impl.function(register=lambda c, s=source, d=distribution: offer(c, s, d))
             except Exception as exc:
-                registry.problem(distribution, f"ipaas_register_connectors failed: {type(exc).__name__}: {exc}")
+                registry.problem(source, f"ipaas_register_connectors failed: {type(exc).__name__}: {exc}")
+    for name, offered in sorted(offers.items()):
+        if len(offered) == 1:
+            connector, distribution, source = offered[0]
+            registry.add(connector, distribution, source)
+            continue
+        sources = sorted({source for _, _, source in offered})
+        for source in sources:
+            provided = f"by {' and '.join(sources)}" if len(sources) > 1 else f"more than once by {source}"
+            registry.problem(source, f"connector name {name!r} is provided {provided}; none of them is loaded (uninstall one, or pin it in IPAAS_PLUGINS as {name}=<distribution>)")
     if registry.allow_insecure:
         log.warning("plugins.insecure_targets", extra={"detail": "IPAAS_ALLOW_INSECURE_TARGETS is on: connectors may reach http and private addresses"})
     log.info("plugins.loaded", extra={"connectors": sorted(registry.connectors), "problems": len(registry.problems)})

@@ -72,7 +72,7 @@ async def test_core_serves_with_a_broken_plugin_installed(tmp_path: Path, monkey
     (dist / "entry_points.txt").write_text("[ipaas.connectors]\nexploding = ipaas_exploding\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     async with core_with(tmp_path / "core") as core:
-        assert ("ipaas-exploding", "import failed: RuntimeError: plugin bug at import") in core.server.registry.problems
+        assert ("ipaas-exploding:exploding", "import failed: RuntimeError: plugin bug at import") in core.server.registry.problems
         tenant = await core.new_tenant()
         stub = connectors_pb2_grpc.ConnectorServiceStub(core.channel)
         listed = await stub.ListConnectors(connectors_pb2.ListConnectorsRequest(), metadata=tenant.md)

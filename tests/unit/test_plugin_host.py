@@ -62,10 +62,71 @@ def test_invalid_declarations_are_reported_and_left_out(bad: object, reason: str
     assert dist == "ipaas-bad" and reason in why
 
 
-def test_duplicate_connector_names_are_reported() -> None:
-    registry = load_registry(load_entrypoints=False, plugins=[("first", plugin(connector("dup"))), ("second", plugin(connector("dup")))])
-    assert registry.connectors["dup"].distribution == "first"
-    assert registry.problems[0][0] == "second" and "duplicate connector name" in registry.problems[0][1]
+def install(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, distribution: str, entry_point: str, source: str) -> None:
+    """A distribution on sys.path, found through its entry point as a pip-installed one is."""
+    module = distribution.replace("-", "_")
+    (tmp_path / f"{module}.py").write_text(textwrap.dedent(source))
+    dist = tmp_path / f"{module}-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {distribution}\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text(f"[ipaas.connectors]\n{entry_point} = {module}\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    sys.modules.pop(module, None)
+
+
+SHADOW_SLACK = """
+    from ipaas.sdk import Action, ActionResult, Connector, hookimpl
+
+    async def run(ctx):
+        return ActionResult(message="captured " + ctx.credentials["webhook_url"])
+
+    @hookimpl
+    def ipaas_register_connectors(register):
+        register(Connector(name="slack", version="9.9", description="not Slack", actions=[Action("send_message", "d", run)]))
+"""
+
+
+@pytest.mark.parametrize("order", ["first-second", "second-first"])
+def test_a_connector_name_two_distributions_provide_loads_neither(order: str) -> None:
+    # Before, the first registration won and the second was reported: which one served the
+    # name (and got its credentials) depended on the order entry points were listed in.
+    offers = [("first", plugin(connector("dup"))), ("second", plugin(connector("dup"), connector("other")))]
+    registry = load_registry(load_entrypoints=False, plugins=offers if order == "first-second" else offers[::-1])
+    assert set(registry.connectors) == {"other"}
+    assert sorted(d for d, _ in registry.problems) == ["first", "second"]
+    for _, why in registry.problems:
+        assert "'dup'" in why and "first" in why and "second" in why and "none of them is loaded" in why
+
+
+@pytest.mark.parametrize("allow", [None, frozenset({"slack", "discord"})])
+def test_a_plugin_named_like_a_built_in_does_not_take_it_over(allow: frozenset[str] | None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Before, an installed package with an entry point named "slack" replaced Slack, even
+    # under IPAAS_PLUGINS=slack, when its entry point was listed first, and then received
+    # every tenant's decrypted Slack credentials.
+    install(tmp_path, monkeypatch, "ipaas-shadow", "slack", SHADOW_SLACK)
+    registry = load_registry(allow=allow)
+    assert "slack" not in registry.connectors
+    assert "discord" in registry.connectors
+    rejected = dict(registry.problems)
+    assert set(rejected) >= {"ipaas-slack:slack", "ipaas-shadow:slack"}
+    assert "ipaas-slack" in rejected["ipaas-shadow:slack"] and "ipaas-shadow" in rejected["ipaas-slack:slack"]
+
+
+def test_the_allow_list_applies_to_the_connectors_registered(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Before, only entry-point names were checked: an allowed entry point could register any
+    # connector name, one the operator left out or a built-in's.
+    install(tmp_path, monkeypatch, "ipaas-mine", "mine", SHADOW_SLACK.replace('name="slack"', 'name="discord"'))
+    registry = load_registry(allow=frozenset({"slack", "mine"}))
+    assert set(registry.connectors) == {"slack"}
+    assert ("ipaas-mine:mine", "registered connector 'discord', which IPAAS_PLUGINS does not allow") in registry.problems
+
+
+def test_a_pin_in_the_allow_list_names_the_distribution_a_connector_comes_from(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    install(tmp_path, monkeypatch, "ipaas-shadow", "slack", SHADOW_SLACK)
+    registry = load_registry(allow=frozenset({"slack=ipaas_Slack", "discord"}))
+    assert set(registry.connectors) == {"slack", "discord"}
+    assert registry.connectors["slack"].distribution == "ipaas-slack"
+    assert ("ipaas-shadow:slack", "not loaded: IPAAS_PLUGINS pins 'slack' to the distribution ipaas_Slack") in registry.problems
 
 
 def test_a_plugin_whose_hook_raises_is_reported() -> None:
@@ -83,7 +144,7 @@ def test_a_plugin_that_raises_at_import_is_reported_and_others_load(tmp_path: Pa
     monkeypatch.syspath_prepend(str(tmp_path))
     sys.modules.pop("ipaas_broken", None)
     registry = load_registry()
-    assert ("ipaas-broken", "import failed: ImportError: missing dependency: left-pad") in registry.problems
+    assert ("ipaas-broken:broken", "import failed: ImportError: missing dependency: left-pad") in registry.problems
     assert {"slack", "discord", "openweather"} <= set(registry.connectors)
 
 
