@@ -579,13 +579,37 @@ def load_registry(settings: Any = None, *, allow: Iterable[str] | None = None, l
         except Exception as exc:
             registry.problem(source, f"not a valid plugin: {exc}")
             continue
+        try:
+            # A misspelled hook marked @hookimpl is only caught here; registered alone it
+            # would be ignored. Unregistered, it does not fail the next plugin's check.
+            pm.check_pending()
+        except pluggy.PluginValidationError as exc:
+            pm.unregister(plugin)
+            registry.problem(source, f"not a valid plugin: {exc}")
+            continue
+        registered = 0
+
+        def register(connector: Any, source: str = source, distribution: str = distribution) -> None:
+            nonlocal registered
+            registered += 1
+            offer(connector, source, distribution)
+
         for impl in pm.hook.ipaas_register_connectors.get_hookimpls():
             if impl.plugin is not plugin:
                 continue
             try:
-                impl.function(register=lambda c, s=source, d=distribution: offer(c, s, d))
+                returned = impl.function(register=register)
             except Exception as exc:
                 registry.problem(source, f"ipaas_register_connectors failed: {type(exc).__name__}: {exc}")
+                break
+            if returned is not None:
+                # pluggy collects return values, and the host has no use for them: a hook
+                # returning its connectors would otherwise load nothing, silently.
+                registry.problem(source, f"ipaas_register_connectors returned a {type(returned).__name__} instead of calling register(connector) for each connector")
+                break
+        else:
+            if not registered:
+                registry.problem(source, "registered no connectors: is its hook decorated with @hookimpl and does it call register(...)?")
     for name, offered in sorted(offers.items()):
         if len(offered) == 1:
             connector, distribution, source = offered[0]

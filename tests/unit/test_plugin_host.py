@@ -135,6 +135,40 @@ def test_a_plugin_whose_hook_raises_is_reported() -> None:
     assert registry.problems == [("ipaas-crashy", "ipaas_register_connectors failed: RuntimeError: boom")]
 
 
+class Undecorated:
+    def ipaas_register_connectors(self, register):  # type: ignore[no-untyped-def]
+        register(connector("quiet"))
+
+
+class Misspelled:
+    @hookimpl
+    def ipaas_register_connector(self, register):  # type: ignore[no-untyped-def]
+        register(connector("quiet"))
+
+
+class Returns:
+    @hookimpl
+    def ipaas_register_connectors(self, register):  # type: ignore[no-untyped-def]
+        return [connector("quiet")]
+
+
+@pytest.mark.parametrize(
+    "broken,reason",
+    [
+        (Undecorated(), "registered no connectors: is its hook decorated with @hookimpl and does it call register(...)?"),
+        (Misspelled(), "unknown hook 'ipaas_register_connector'"),
+        (Returns(), "ipaas_register_connectors returned a list instead of calling register(connector) for each connector"),
+    ],
+)
+def test_a_plugin_whose_hook_is_not_called_as_meant_is_reported(broken: object, reason: str) -> None:
+    # Before, each of these loaded nothing and reported nothing: the connector was missing
+    # with no word why.
+    registry = load_registry(load_entrypoints=False, plugins=[("ipaas-quiet", broken), ("ipaas-good", plugin(connector("good")))])
+    assert set(registry.connectors) == {"good"}
+    ((source, why),) = registry.problems
+    assert source == "ipaas-quiet" and reason in why
+
+
 def test_a_plugin_that_raises_at_import_is_reported_and_others_load(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     (tmp_path / "ipaas_broken.py").write_text("raise ImportError('missing dependency: left-pad')\n")
     dist = tmp_path / "ipaas_broken-0.1.dist-info"
