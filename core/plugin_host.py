@@ -178,9 +178,9 @@ class ConnectorRegistry:
             return
         self.connectors[connector.name] = LoadedConnector(connector, distribution)
 
-    def problem(self, distribution: str, reason: str) -> None:
+    def problem(self, distribution: str, reason: str, event: str = "plugin.rejected", level: int = logging.ERROR) -> None:
         self.problems.append((distribution, reason))
-        log.error("plugin.rejected", extra={"distribution": distribution, "reason": reason})
+        log.log(level, event, extra={"distribution": distribution, "reason": reason})
 
     def get(self, name: str) -> Connector | None:
         loaded = self.connectors.get(name)
@@ -548,8 +548,10 @@ def load_registry(settings: Any = None, *, allow: Iterable[str] | None = None, l
     registry = ConnectorRegistry(allow_insecure=bool(allow_insecure))
     pm = _plugin_manager()
     candidates: list[tuple[str, str, object]] = []  # (source, distribution, plugin)
+    found: set[str] = set()  # entry-point and connector names, for the allow-list's check
     if load_entrypoints:
         for ep in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda ep: (ep.name, ep.dist.name if ep.dist else "")):
+            found.add(ep.name)
             distribution = ep.dist.name if ep.dist else ep.name
             source = f"{distribution}:{ep.name}"
             if allowed is not None:
@@ -566,6 +568,7 @@ def load_registry(settings: Any = None, *, allow: Iterable[str] | None = None, l
     offers: dict[str, list[tuple[Connector, str, str]]] = {}
 
     def offer(connector: Any, source: str, distribution: str) -> None:
+        found.add(getattr(connector, "name", None))
         if problems := declaration_problems(connector):
             registry.problem(source, "; ".join(problems))
         elif allowed is not None and (refusal := allowed.refusal(connector.name, distribution)):
@@ -619,6 +622,9 @@ def load_registry(settings: Any = None, *, allow: Iterable[str] | None = None, l
         for source in sources:
             provided = f"by {' and '.join(sources)}" if len(sources) > 1 else f"more than once by {source}"
             registry.problem(source, f"connector name {name!r} is provided {provided}; none of them is loaded (uninstall one, or pin it in IPAAS_PLUGINS as {name}=<distribution>)")
+    for name in sorted(allowed.names - found if allowed is not None else ()):
+        # A typo (slak) would otherwise leave the connector out with no word why.
+        registry.problem("IPAAS_PLUGINS", f"{name!r} matches no installed plugin (no entry point or connector of that name)", "plugins.allow_list_unmatched", logging.WARNING)
     if registry.allow_insecure:
         log.warning("plugins.insecure_targets", extra={"detail": "IPAAS_ALLOW_INSECURE_TARGETS is on: connectors may reach http and private addresses"})
     log.info("plugins.loaded", extra={"connectors": sorted(registry.connectors), "problems": len(registry.problems)})

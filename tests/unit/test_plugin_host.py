@@ -46,6 +46,17 @@ def test_allow_list_restricts_loading() -> None:
     assert set(registry.connectors) == {"slack"}
 
 
+def test_allow_list_names_that_match_nothing_are_reported(caplog: pytest.LogCaptureFixture) -> None:
+    # Before, a typo (slak) silently dropped Slack: nothing said the name matched nothing.
+    registry = load_registry(allow=frozenset({"slak", "discord", "mine=ipaas-mine"}))
+    assert set(registry.connectors) == {"discord"}
+    assert sorted(registry.problems) == [
+        ("IPAAS_PLUGINS", "'mine' matches no installed plugin (no entry point or connector of that name)"),
+        ("IPAAS_PLUGINS", "'slak' matches no installed plugin (no entry point or connector of that name)"),
+    ]
+    assert [r.levelname for r in caplog.records if r.getMessage() == "plugins.allow_list_unmatched"] == ["WARNING", "WARNING"]
+
+
 @pytest.mark.parametrize(
     "bad,reason",
     [
