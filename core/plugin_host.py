@@ -31,7 +31,7 @@ from jsonschema import Draft202012Validator
 from ipaas import hookspecs
 from ipaas.masking import SecretMasker
 from ipaas.netguard import GuardedResolver, GuardedTransport, check_url
-from ipaas.sdk import NAME, ActionResult, Connector, ConnectorError, ExecutionContext, MaskingAdapter, PermanentError, RetryableError
+from ipaas.sdk import NAME, Action, ActionResult, Connector, ConnectorError, ExecutionContext, MaskingAdapter, PermanentError, RetryableError
 
 log = logging.getLogger("ipaas.plugins")
 
@@ -123,35 +123,76 @@ def schema_problems(schema: dict[str, Any], value: Any, prefix: str) -> list[tup
 
 
 def declaration_problems(connector: Any) -> list[str]:
+    """What is wrong with a connector's declaration, in words that say where. Dataclasses do
+    not check their fields' types, so anything may arrive here; a check that still raises
+    is reported as a problem rather than escaping the host's loading."""
     if not isinstance(connector, Connector):
         return [f"registered {type(connector).__name__}, not an ipaas.sdk.Connector"]
+    try:
+        return _declaration_problems(connector)
+    except Exception as exc:
+        return [f"declaration could not be checked: {type(exc).__name__}: {exc}"]
+
+
+def _declaration_problems(connector: Connector) -> list[str]:
     problems = []
-    if not NAME.match(connector.name or ""):
+    if not isinstance(connector.name, str) or not NAME.match(connector.name):
         problems.append(f"connector name {connector.name!r} must be lower_snake_case")
-    if not connector.version:
-        problems.append("version is required")
+    if not connector.version or not isinstance(connector.version, str):
+        problems.append("version is required (a str)")
+    timeout = connector.timeout
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+        problems.append(f"timeout must be a number of seconds between 0 and 300, not {type(timeout).__name__}")
+    elif not 0 < timeout <= 300:
+        problems.append("timeout must be between 0 and 300 seconds")
+    if not isinstance(connector.allowed_hosts, (tuple, list)) or not all(isinstance(h, str) for h in connector.allowed_hosts):
+        problems.append("allowed_hosts must be a tuple of host names")
+    if not isinstance(connector.actions, (tuple, list)):
+        return problems + [f"actions must be a list of ipaas.sdk.Action, not {type(connector.actions).__name__}"]
     if not connector.actions:
         problems.append("a connector needs at least one action")
-    if not 0 < connector.timeout <= 300:
-        problems.append("timeout must be between 0 and 300 seconds")
-    names = [a.name for a in connector.actions]
-    if len(set(names)) != len(names):
-        problems.append("duplicate action names")
-    for action in connector.actions:
-        if not NAME.match(action.name or ""):
-            problems.append(f"action name {action.name!r} must be lower_snake_case")
-        if not inspect.iscoroutinefunction(action.run):
-            problems.append(f"action {action.name!r}: run must be an async function")
-        try:
-            Draft202012Validator.check_schema(action.config_schema)
-        except jsonschema.SchemaError as exc:
-            problems.append(f"action {action.name!r}: invalid config schema: {exc.message}")
+    for i, action in enumerate(connector.actions):
+        if not isinstance(action, Action):
+            problems.append(f"actions[{i}] is a {type(action).__name__}, not an ipaas.sdk.Action")
+    actions = [a for a in connector.actions if isinstance(a, Action)]
+    names = [a.name for a in actions]
+    if repeated := sorted({str(n) for n in names if names.count(n) > 1}):
+        problems.append(f"duplicate action names: {', '.join(repeated)}")
+    for action in actions:
+        problems += _action_problems(action)
     if connector.credential_schema is not None:
-        try:
-            Draft202012Validator.check_schema(connector.credential_schema)
-        except jsonschema.SchemaError as exc:
-            problems.append(f"invalid credential schema: {exc.message}")
+        problems += _schema_declaration_problems(connector.credential_schema, "credential schema")
     return problems
+
+
+def _action_problems(action: Action) -> list[str]:
+    problems = []
+    if not isinstance(action.name, str) or not NAME.match(action.name):
+        problems.append(f"action name {action.name!r} must be lower_snake_case")
+    if not inspect.iscoroutinefunction(action.run):
+        problems.append(f"action {action.name!r}: run must be an async function")
+    schema_problems_found = _schema_declaration_problems(action.config_schema, "config schema")
+    problems += [f"action {action.name!r}: {p}" for p in schema_problems_found]
+    secret = action.secret_fields
+    if not isinstance(secret, (tuple, list)) or not all(isinstance(f, str) for f in secret):
+        problems.append(f"action {action.name!r}: secret_fields must be a tuple of field names, not {type(secret).__name__}")
+    elif not schema_problems_found:
+        # A secret field the schema does not name is a typo: the real field would be shown
+        # (and logged) unmasked.
+        known = action.config_schema.get("properties")
+        known = known if isinstance(known, dict) else {}
+        problems += [f"action {action.name!r}: secret field {f!r} is not a property of its config schema" for f in secret if f not in known]
+    return problems
+
+
+def _schema_declaration_problems(schema: Any, what: str) -> list[str]:
+    if not isinstance(schema, dict):
+        return [f"{what} must be a JSON Schema object (a dict), not {type(schema).__name__}"]
+    try:
+        Draft202012Validator.check_schema(schema)
+    except jsonschema.SchemaError as exc:
+        return [f"invalid {what} at {exc.json_path}: {exc.message}"]
+    return []
 
 
 @dataclass

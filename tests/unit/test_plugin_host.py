@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from ipaas.plugin_host import load_registry
+from ipaas.plugin_host import ConnectorRegistry, load_registry
 from ipaas.sdk import Action, ActionResult, Connector, hookimpl
 
 
@@ -138,6 +138,39 @@ def test_a_pin_in_the_allow_list_names_the_distribution_a_connector_comes_from(t
     assert set(registry.connectors) == {"slack", "discord"}
     assert registry.connectors["slack"].distribution == "ipaas-slack"
     assert ("ipaas-shadow:slack", "not loaded: IPAAS_PLUGINS pins 'slack' to the distribution ipaas_Slack") in registry.problems
+
+
+def _sync_run(ctx):  # type: ignore[no-untyped-def]
+    return ActionResult()
+
+
+@pytest.mark.parametrize(
+    "bad,reason",
+    [
+        (Connector("thing", "1", "d", [Action("go", "d", _ok)], timeout="10"), "timeout must be a number of seconds between 0 and 300, not str"),  # type: ignore[arg-type]
+        (Connector("thing", "1", "d", [{"name": "go"}]), "actions[0] is a dict, not an ipaas.sdk.Action"),  # type: ignore[list-item]
+        (Connector("thing", "1", "d", "go"), "actions must be a list of ipaas.sdk.Action, not str"),  # type: ignore[arg-type]
+        (Connector(7, "1", "d", [Action("go", "d", _ok)]), "connector name 7 must be lower_snake_case"),  # type: ignore[arg-type]
+        (Connector("thing", "1", "d", [Action("go", "d", _ok), Action("go", "d", _ok), Action("stop", "d", _ok), Action("stop", "d", _ok)]), "duplicate action names: go, stop"),
+        (connector(schema={"type": "object", "properties": {"to": {"type": "nonsense"}}}), "action 'go': invalid config schema at $.properties.to.type:"),
+        (connector(schema=None), "action 'go': config schema must be a JSON Schema object (a dict), not NoneType"),
+        (connector(credential_schema={"properties": {"url": {"minLength": "8"}}}), "invalid credential schema at $.properties.url.minLength:"),
+        (Connector("thing", "1", "d", [Action("go", "d", _ok, {"type": "object", "properties": {"token": {"type": "string"}}}, secret_fields=("tokn",))]), "action 'go': secret field 'tokn' is not a property of its config schema"),
+        (Connector("thing", "1", "d", [Action("go", "d", _ok, {"type": "object", "properties": {"token": {"type": "string"}}}, secret_fields="token")]), "action 'go': secret_fields must be a tuple of field names, not str"),  # type: ignore[arg-type]
+        (Connector("thing", "1", "d", [Action("go", "d", _sync_run)]), "action 'go': run must be an async function"),
+    ],
+)
+def test_a_malformed_declaration_is_reported_not_raised(bad: Connector, reason: str) -> None:
+    # Before, timeout="10" raised TypeError and a dict for an action AttributeError out of
+    # ConnectorRegistry.add; a secret field the schema does not have (so never masked) was
+    # accepted; duplicate actions and an invalid schema were reported without saying where.
+    registry = load_registry(load_entrypoints=False, plugins=[("ipaas-bad", plugin(bad)), ("ipaas-good", plugin(connector("good")))])
+    assert set(registry.connectors) == {"good"}
+    ((source, why),) = registry.problems
+    assert source == "ipaas-bad" and reason in why, why
+    direct = ConnectorRegistry()
+    direct.add(bad, "ipaas-bad")
+    assert direct.connectors == {} and len(direct.problems) == 1
 
 
 def test_a_plugin_whose_hook_raises_is_reported() -> None:
