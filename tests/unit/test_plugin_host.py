@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from ipaas.plugin_host import ConnectorRegistry, load_registry
+from ipaas.plugin_host import ConnectorRegistry, load_registry, schema_problems
 from ipaas.sdk import Action, ActionResult, Connector, hookimpl
 
 
@@ -507,6 +507,33 @@ async def test_a_schema_violation_never_quotes_the_value() -> None:
     assert str(caught.value) == "invalid config after rendering: config.extra: is not a known field; config.license: must match the pattern ^LIC-[0-9a-f]{16}$; config.seats: must be at most 5"
     problems = registry.validate_credentials("licensed", {"license": secret})
     assert problems == [("secrets.license", "must match the pattern ^LIC-[0-9a-f]{16}$")]
+
+
+@pytest.mark.parametrize(
+    "fmt,good,bad",
+    [
+        ("email", "ops@example.com", "not an address"),
+        ("date", "2024-02-29", "2023-02-29"),
+        ("date-time", "2024-05-01T09:30:00+02:00", "yesterday at noon"),
+        ("date-time", "2024-05-01T09:30:00.5Z", "2024-05-01 09:30"),
+        ("uri", "https://hooks.example.com/a?b=c", "hooks.example.com/a"),
+        ("uri", "mailto:ops@example.com", "https://exa mple.com"),
+        ("ipv4", "192.0.2.1", "192.0.2"),
+        ("uuid", "123e4567-e89b-12d3-a456-426614174000", "123"),
+    ],
+)
+def test_a_config_field_s_format_is_enforced(fmt: str, good: str, bad: str) -> None:
+    # Before, `format` was never checked (the validator had no format checker): a schema's
+    # "format": "email" accepted any text, and the action got it.
+    schema = {"type": "object", "properties": {"field": {"type": "string", "format": fmt}}}
+    assert schema_problems(schema, {"field": good}, "config") == []
+    assert schema_problems(schema, {"field": bad}, "config") == [("config.field", f"must be a valid {fmt}")]
+    assert schema_problems(schema, {"field": 5}, "config") == [("config.field", "must be of type string")], "a format applies to strings only"
+
+
+def test_a_format_the_host_cannot_check_is_left_alone() -> None:
+    schema = {"type": "object", "properties": {"field": {"format": "made-up"}}}
+    assert schema_problems(schema, {"field": "anything"}, "config") == []
 
 
 @pytest.mark.parametrize(
