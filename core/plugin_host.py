@@ -15,6 +15,7 @@ import logging
 import re
 import time
 from dataclasses import dataclass, field
+from datetime import datetime
 from http.cookiejar import CookieJar
 from importlib.metadata import entry_points
 from typing import Any, Callable, Iterable, Mapping
@@ -26,12 +27,12 @@ import orjson
 import pluggy
 from cachetools import LRUCache
 from httpx_aiohttp import AiohttpTransport
-from jsonschema import Draft202012Validator
+from jsonschema import Draft202012Validator, FormatChecker
 
 from ipaas import hookspecs
 from ipaas.masking import SecretMasker
 from ipaas.netguard import GuardedResolver, GuardedTransport, check_url
-from ipaas.sdk import NAME, ActionResult, Connector, ConnectorError, ExecutionContext, MaskingAdapter, PermanentError, RetryableError
+from ipaas.sdk import NAME, Action, ActionResult, Connector, ConnectorError, ExecutionContext, MaskingAdapter, PermanentError, RetryableError
 
 log = logging.getLogger("ipaas.plugins")
 
@@ -59,13 +60,51 @@ def _path(prefix: str, parts: Iterable[Any]) -> str:
 
 _validators: LRUCache[int, tuple[dict[str, Any], Draft202012Validator]] = LRUCache(maxsize=1024)
 
+_RFC3339 = re.compile(r"^(\d{4}-\d{2}-\d{2})[Tt](\d{2}:\d{2}):(\d{2})(\.\d+)?([Zz]|[+-]\d{2}:\d{2})$")
+_URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*:[^\s<>\"{}|\\^`\x00-\x1f\x7f]*$")
+
+
+def _is_date_time(value: object) -> bool:
+    if not isinstance(value, str):
+        return True
+    match = _RFC3339.match(value)
+    if not match:
+        return False
+    day, hour_minute, second, _, offset = match.groups()
+    second = "59" if second == "60" else second  # a leap second, which datetime cannot hold
+    offset = "+00:00" if offset in "Zz" else offset
+    try:
+        datetime.fromisoformat(f"{day}T{hour_minute}:{second}{offset}")
+    except ValueError:
+        return False
+    return True
+
+
+def _is_uri(value: object) -> bool:
+    return not isinstance(value, str) or (bool(_URI.match(value)) and not re.search(r"%(?![0-9A-Fa-f]{2})", value))
+
+
+def _format_checker() -> FormatChecker:
+    """jsonschema's 2020-12 format checks (those whose libraries are installed: here date,
+    email, ipv4, ipv6, uuid, regex...). date-time and uri need rfc3339-validator and rfc3987,
+    which the platform does not install; for them a syntax check of our own stands in. Any
+    other format without a checker is accepted, as the specification allows."""
+    checker = FormatChecker(())
+    checker.checkers = dict(Draft202012Validator.FORMAT_CHECKER.checkers)
+    checker.checkers.setdefault("date-time", (_is_date_time, ()))
+    checker.checkers.setdefault("uri", (_is_uri, ()))
+    return checker
+
+
+FORMATS = _format_checker()
+
 
 def _validator(schema: dict[str, Any]) -> Draft202012Validator:
     """Schemas are connector declarations that live as long as the process: build each
     validator once, not on every step (keyed by identity, checked against id reuse)."""
     hit = _validators.get(id(schema))
     if hit is None or hit[0] is not schema:
-        hit = _validators[id(schema)] = (schema, Draft202012Validator(schema))
+        hit = _validators[id(schema)] = (schema, Draft202012Validator(schema, format_checker=FORMATS))
     return hit[1]
 
 
@@ -123,35 +162,76 @@ def schema_problems(schema: dict[str, Any], value: Any, prefix: str) -> list[tup
 
 
 def declaration_problems(connector: Any) -> list[str]:
+    """What is wrong with a connector's declaration, in words that say where. Dataclasses do
+    not check their fields' types, so anything may arrive here; a check that still raises
+    is reported as a problem rather than escaping the host's loading."""
     if not isinstance(connector, Connector):
         return [f"registered {type(connector).__name__}, not an ipaas.sdk.Connector"]
+    try:
+        return _declaration_problems(connector)
+    except Exception as exc:
+        return [f"declaration could not be checked: {type(exc).__name__}: {exc}"]
+
+
+def _declaration_problems(connector: Connector) -> list[str]:
     problems = []
-    if not NAME.match(connector.name or ""):
+    if not isinstance(connector.name, str) or not NAME.match(connector.name):
         problems.append(f"connector name {connector.name!r} must be lower_snake_case")
-    if not connector.version:
-        problems.append("version is required")
+    if not connector.version or not isinstance(connector.version, str):
+        problems.append("version is required (a str)")
+    timeout = connector.timeout
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+        problems.append(f"timeout must be a number of seconds between 0 and 300, not {type(timeout).__name__}")
+    elif not 0 < timeout <= 300:
+        problems.append("timeout must be between 0 and 300 seconds")
+    if not isinstance(connector.allowed_hosts, (tuple, list)) or not all(isinstance(h, str) for h in connector.allowed_hosts):
+        problems.append("allowed_hosts must be a tuple of host names")
+    if not isinstance(connector.actions, (tuple, list)):
+        return problems + [f"actions must be a list of ipaas.sdk.Action, not {type(connector.actions).__name__}"]
     if not connector.actions:
         problems.append("a connector needs at least one action")
-    if not 0 < connector.timeout <= 300:
-        problems.append("timeout must be between 0 and 300 seconds")
-    names = [a.name for a in connector.actions]
-    if len(set(names)) != len(names):
-        problems.append("duplicate action names")
-    for action in connector.actions:
-        if not NAME.match(action.name or ""):
-            problems.append(f"action name {action.name!r} must be lower_snake_case")
-        if not inspect.iscoroutinefunction(action.run):
-            problems.append(f"action {action.name!r}: run must be an async function")
-        try:
-            Draft202012Validator.check_schema(action.config_schema)
-        except jsonschema.SchemaError as exc:
-            problems.append(f"action {action.name!r}: invalid config schema: {exc.message}")
+    for i, action in enumerate(connector.actions):
+        if not isinstance(action, Action):
+            problems.append(f"actions[{i}] is a {type(action).__name__}, not an ipaas.sdk.Action")
+    actions = [a for a in connector.actions if isinstance(a, Action)]
+    names = [a.name for a in actions]
+    if repeated := sorted({str(n) for n in names if names.count(n) > 1}):
+        problems.append(f"duplicate action names: {', '.join(repeated)}")
+    for action in actions:
+        problems += _action_problems(action)
     if connector.credential_schema is not None:
-        try:
-            Draft202012Validator.check_schema(connector.credential_schema)
-        except jsonschema.SchemaError as exc:
-            problems.append(f"invalid credential schema: {exc.message}")
+        problems += _schema_declaration_problems(connector.credential_schema, "credential schema")
     return problems
+
+
+def _action_problems(action: Action) -> list[str]:
+    problems = []
+    if not isinstance(action.name, str) or not NAME.match(action.name):
+        problems.append(f"action name {action.name!r} must be lower_snake_case")
+    if not inspect.iscoroutinefunction(action.run):
+        problems.append(f"action {action.name!r}: run must be an async function")
+    schema_problems_found = _schema_declaration_problems(action.config_schema, "config schema")
+    problems += [f"action {action.name!r}: {p}" for p in schema_problems_found]
+    secret = action.secret_fields
+    if not isinstance(secret, (tuple, list)) or not all(isinstance(f, str) for f in secret):
+        problems.append(f"action {action.name!r}: secret_fields must be a tuple of field names, not {type(secret).__name__}")
+    elif not schema_problems_found:
+        # A secret field the schema does not name is a typo: the real field would be shown
+        # (and logged) unmasked.
+        known = action.config_schema.get("properties")
+        known = known if isinstance(known, dict) else {}
+        problems += [f"action {action.name!r}: secret field {f!r} is not a property of its config schema" for f in secret if f not in known]
+    return problems
+
+
+def _schema_declaration_problems(schema: Any, what: str) -> list[str]:
+    if not isinstance(schema, dict):
+        return [f"{what} must be a JSON Schema object (a dict), not {type(schema).__name__}"]
+    try:
+        Draft202012Validator.check_schema(schema)
+    except jsonschema.SchemaError as exc:
+        return [f"invalid {what} at {exc.json_path}: {exc.message}"]
+    return []
 
 
 @dataclass
@@ -168,18 +248,19 @@ class ConnectorRegistry:
     _clients: dict[str, httpx.AsyncClient] = field(default_factory=dict)
 
     # -- loading -----------------------------------------------------------------------
-    def add(self, connector: Any, distribution: str) -> None:
+    def add(self, connector: Any, distribution: str, source: str | None = None) -> None:
+        """Add one connector; `source` (distribution:entry point) names it in a problem."""
         problems = declaration_problems(connector)
         if not problems and connector.name in self.connectors:
             problems = [f"duplicate connector name {connector.name!r} (already provided by {self.connectors[connector.name].distribution})"]
         if problems:
-            self.problem(distribution, "; ".join(problems))
+            self.problem(source or distribution, "; ".join(problems))
             return
         self.connectors[connector.name] = LoadedConnector(connector, distribution)
 
-    def problem(self, distribution: str, reason: str) -> None:
+    def problem(self, distribution: str, reason: str, event: str = "plugin.rejected", level: int = logging.ERROR) -> None:
         self.problems.append((distribution, reason))
-        log.error("plugin.rejected", extra={"distribution": distribution, "reason": reason})
+        log.log(level, event, extra={"distribution": distribution, "reason": reason})
 
     def get(self, name: str) -> Connector | None:
         loaded = self.connectors.get(name)
@@ -503,39 +584,131 @@ def _plugin_manager() -> pluggy.PluginManager:
     return pm
 
 
-def load_registry(settings: Any = None, *, allow: frozenset[str] | None = None, load_entrypoints: bool = True, plugins: Iterable[tuple[str, object]] = (), allow_insecure: bool | None = None) -> ConnectorRegistry:
-    """Load plugins from the entry-point group (restricted by the allow-list) plus any
-    `plugins` given as (distribution, module-or-object) pairs (tests register throwaway
-    plugins that way). Never raises for a broken plugin."""
+def _distribution_key(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()  # PEP 503: ipaas_Slack is ipaas-slack
+
+
+@dataclass(frozen=True)
+class AllowList:
+    """IPAAS_PLUGINS: connector names, each optionally pinned to the distribution it must
+    come from (`slack=ipaas-slack`). It applies to the entry points loaded (by name, so a
+    plugin left out is never imported) and to the connectors they register: an allowed entry
+    point cannot bring in a connector the list leaves out, nor, when pinned, a listed one."""
+
+    names: frozenset[str]
+    pins: Mapping[str, str]
+
+    @classmethod
+    def parse(cls, entries: Iterable[str]) -> AllowList:
+        names, pins = set(), {}
+        for entry in entries:
+            name, _, distribution = (part.strip() for part in entry.partition("="))
+            names.add(name)
+            if distribution:
+                pins[name] = distribution
+        return cls(frozenset(names), pins)
+
+    def refusal(self, name: str, distribution: str) -> str | None:
+        if name not in self.names:
+            return f"registered connector {name!r}, which IPAAS_PLUGINS does not allow"
+        pin = self.pins.get(name)
+        if pin is not None and _distribution_key(pin) != _distribution_key(distribution):
+            return f"not loaded: IPAAS_PLUGINS pins {name!r} to the distribution {pin}"
+        return None
+
+
+def load_registry(settings: Any = None, *, allow: Iterable[str] | None = None, load_entrypoints: bool = True, plugins: Iterable[tuple[str, object]] = (), allow_insecure: bool | None = None) -> ConnectorRegistry:
+    """Load plugins from the entry-point group (restricted by the allow-list, see AllowList)
+    plus any `plugins` given as (distribution, module-or-object) pairs (tests register
+    throwaway plugins that way). Never raises for a broken plugin.
+
+    A connector name offered by more than one plugin is loaded from none of them: whichever
+    came first would otherwise depend on the order entry points are listed in, and the one
+    that won would receive every tenant's credentials for that connector."""
     if settings is not None:
         allow = settings.plugins if allow is None else allow
         allow_insecure = settings.allow_insecure_targets if allow_insecure is None else allow_insecure
+    allowed = None if allow is None else AllowList.parse(allow)
     registry = ConnectorRegistry(allow_insecure=bool(allow_insecure))
     pm = _plugin_manager()
-    candidates: list[tuple[str, object]] = []
+    candidates: list[tuple[str, str, object]] = []  # (source, distribution, plugin)
+    found: set[str] = set()  # entry-point and connector names, for the allow-list's check
     if load_entrypoints:
-        for ep in entry_points(group=ENTRY_POINT_GROUP):
-            if allow is not None and ep.name not in allow:
-                continue
+        for ep in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda ep: (ep.name, ep.dist.name if ep.dist else "")):
+            found.add(ep.name)
             distribution = ep.dist.name if ep.dist else ep.name
+            source = f"{distribution}:{ep.name}"
+            if allowed is not None:
+                if ep.name not in allowed.names:
+                    continue
+                if refusal := allowed.refusal(ep.name, distribution):
+                    registry.problem(source, refusal)
+                    continue
             try:
-                candidates.append((distribution, ep.load()))
+                candidates.append((source, distribution, ep.load()))
             except Exception as exc:  # any import-time failure of a third-party plugin
-                registry.problem(distribution, f"import failed: {type(exc).__name__}: {exc}")
-    candidates += list(plugins)
-    for distribution, plugin in candidates:
+                registry.problem(source, f"import failed: {type(exc).__name__}: {exc}")
+    candidates += [(distribution, distribution, plugin) for distribution, plugin in plugins]
+    offers: dict[str, list[tuple[Connector, str, str]]] = {}
+
+    def offer(connector: Any, source: str, distribution: str) -> None:
+        found.add(getattr(connector, "name", None))
+        if problems := declaration_problems(connector):
+            registry.problem(source, "; ".join(problems))
+        elif allowed is not None and (refusal := allowed.refusal(connector.name, distribution)):
+            registry.problem(source, refusal)
+        else:
+            offers.setdefault(connector.name, []).append((connector, distribution, source))
+
+    for source, distribution, plugin in candidates:
         try:
-            pm.register(plugin, name=f"{distribution}:{id(plugin)}")
+            pm.register(plugin, name=f"{source}:{id(plugin)}")
         except Exception as exc:
-            registry.problem(distribution, f"not a valid plugin: {exc}")
+            registry.problem(source, f"not a valid plugin: {exc}")
             continue
+        try:
+            # A misspelled hook marked @hookimpl is only caught here; registered alone it
+            # would be ignored. Unregistered, it does not fail the next plugin's check.
+            pm.check_pending()
+        except pluggy.PluginValidationError as exc:
+            pm.unregister(plugin)
+            registry.problem(source, f"not a valid plugin: {exc}")
+            continue
+        registered = 0
+
+        def register(connector: Any, source: str = source, distribution: str = distribution) -> None:
+            nonlocal registered
+            registered += 1
+            offer(connector, source, distribution)
+
         for impl in pm.hook.ipaas_register_connectors.get_hookimpls():
             if impl.plugin is not plugin:
                 continue
             try:
-                impl.function(register=lambda c, d=distribution: registry.add(c, d))
+                returned = impl.function(register=register)
             except Exception as exc:
-                registry.problem(distribution, f"ipaas_register_connectors failed: {type(exc).__name__}: {exc}")
+                registry.problem(source, f"ipaas_register_connectors failed: {type(exc).__name__}: {exc}")
+                break
+            if returned is not None:
+                # pluggy collects return values, and the host has no use for them: a hook
+                # returning its connectors would otherwise load nothing, silently.
+                registry.problem(source, f"ipaas_register_connectors returned a {type(returned).__name__} instead of calling register(connector) for each connector")
+                break
+        else:
+            if not registered:
+                registry.problem(source, "registered no connectors: is its hook decorated with @hookimpl and does it call register(...)?")
+    for name, offered in sorted(offers.items()):
+        if len(offered) == 1:
+            connector, distribution, source = offered[0]
+            registry.add(connector, distribution, source)
+            continue
+        sources = sorted({source for _, _, source in offered})
+        for source in sources:
+            provided = f"by {' and '.join(sources)}" if len(sources) > 1 else f"more than once by {source}"
+            registry.problem(source, f"connector name {name!r} is provided {provided}; none of them is loaded (uninstall one, or pin it in IPAAS_PLUGINS as {name}=<distribution>)")
+    for name in sorted(allowed.names - found if allowed is not None else ()):
+        # A typo (slak) would otherwise leave the connector out with no word why.
+        registry.problem("IPAAS_PLUGINS", f"{name!r} matches no installed plugin (no entry point or connector of that name)", "plugins.allow_list_unmatched", logging.WARNING)
     if registry.allow_insecure:
         log.warning("plugins.insecure_targets", extra={"detail": "IPAAS_ALLOW_INSECURE_TARGETS is on: connectors may reach http and private addresses"})
     log.info("plugins.loaded", extra={"connectors": sorted(registry.connectors), "problems": len(registry.problems)})

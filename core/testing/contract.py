@@ -20,6 +20,8 @@ It checks: the declaration is valid; schemas are valid JSON Schema; actions are 
 their timeout and can be cancelled; errors are classified (5xx and 429 retryable, 429 with
 Retry-After, 4xx permanent); no credential value reaches a log line or an error message.
 The local upstream is a tiny HTTP server on 127.0.0.1 with no dependencies.
+
+It needs pytest and pytest-asyncio (`simple-ipaas[testing]`), in either asyncio mode.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import time
 from typing import Any, AsyncIterator
 
 import pytest
+import pytest_asyncio
 from jsonschema import Draft202012Validator
 
 from ipaas.plugin_host import ConnectorRegistry, declaration_problems
@@ -91,7 +94,10 @@ class ConnectorContract:
         raise NotImplementedError
 
     # -- helpers -------------------------------------------------------------------------
-    @pytest.fixture
+    # Marked explicitly (not left to asyncio_mode = "auto"): a plugin's project runs
+    # pytest-asyncio in its default strict mode, where unmarked async tests and fixtures are
+    # not run but errors.
+    @pytest_asyncio.fixture
     async def registry(self) -> AsyncIterator[ConnectorRegistry]:
         registry = ConnectorRegistry(allow_insecure=True)
         registry.add(self.connector, "contract-under-test")
@@ -117,6 +123,7 @@ class ConnectorContract:
     def test_sample_config_is_valid(self, registry: ConnectorRegistry) -> None:
         assert registry.config_problems(self.connector.name, self.action, self.valid_config()) == []
 
+    @pytest.mark.asyncio
     async def test_call_is_abandoned_at_the_timeout(self, registry: ConnectorRegistry, monkeypatch: pytest.MonkeyPatch) -> None:
         async with LocalUpstream(black_hole=True) as url:
             started = time.monotonic()
@@ -124,6 +131,7 @@ class ConnectorContract:
                 await self.call(registry, self.target(url, monkeypatch))
             assert time.monotonic() - started < self.timeout + 1.0
 
+    @pytest.mark.asyncio
     async def test_call_can_be_cancelled(self, registry: ConnectorRegistry, monkeypatch: pytest.MonkeyPatch) -> None:
         async with LocalUpstream(black_hole=True) as url:
             task = asyncio.create_task(self.call(registry, self.target(url, monkeypatch)))
@@ -132,24 +140,28 @@ class ConnectorContract:
             with pytest.raises(asyncio.CancelledError):
                 await task
 
+    @pytest.mark.asyncio
     @pytest.mark.parametrize("status", [500, 502, 503])
     async def test_server_errors_are_retryable(self, registry: ConnectorRegistry, monkeypatch: pytest.MonkeyPatch, status: int) -> None:
         async with LocalUpstream(status=status, body=b"upstream broke") as url:
             with pytest.raises(RetryableError):
                 await self.call(registry, self.target(url, monkeypatch))
 
+    @pytest.mark.asyncio
     async def test_rate_limits_are_retryable_with_retry_after(self, registry: ConnectorRegistry, monkeypatch: pytest.MonkeyPatch) -> None:
         async with LocalUpstream(status=429, body=b"slow down", headers={"Retry-After": "7"}) as url:
             with pytest.raises(RetryableError) as err:
                 await self.call(registry, self.target(url, monkeypatch))
         assert err.value.retry_after == 7
 
+    @pytest.mark.asyncio
     @pytest.mark.parametrize("status", [400, 401, 403, 404])
     async def test_client_errors_are_permanent(self, registry: ConnectorRegistry, monkeypatch: pytest.MonkeyPatch, status: int) -> None:
         async with LocalUpstream(status=status, body=b"bad request") as url:
             with pytest.raises(PermanentError):
                 await self.call(registry, self.target(url, monkeypatch))
 
+    @pytest.mark.asyncio
     @pytest.mark.parametrize("status", [301, 302, 307, 308])
     async def test_a_redirect_is_not_a_delivery(self, registry: ConnectorRegistry, monkeypatch: pytest.MonkeyPatch, status: int) -> None:
         """Connector clients follow no redirect (it could leave the allowed hosts), so a 3xx
@@ -159,6 +171,7 @@ class ConnectorContract:
                 await self.call(registry, self.target(url, monkeypatch))
         assert "moved-secret" not in str(err.value)
 
+    @pytest.mark.asyncio
     async def test_no_secret_reaches_a_log_or_an_error(self, registry: ConnectorRegistry, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
         caplog.set_level(logging.DEBUG)
         async with LocalUpstream(status=500, body=b"broke") as url:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from ipaas.plugin_host import load_registry
+from ipaas.plugin_host import ConnectorRegistry, load_registry, schema_problems
 from ipaas.sdk import Action, ActionResult, Connector, hookimpl
 
 
@@ -46,6 +46,17 @@ def test_allow_list_restricts_loading() -> None:
     assert set(registry.connectors) == {"slack"}
 
 
+def test_allow_list_names_that_match_nothing_are_reported(caplog: pytest.LogCaptureFixture) -> None:
+    # Before, a typo (slak) silently dropped Slack: nothing said the name matched nothing.
+    registry = load_registry(allow=frozenset({"slak", "discord", "mine=ipaas-mine"}))
+    assert set(registry.connectors) == {"discord"}
+    assert sorted(registry.problems) == [
+        ("IPAAS_PLUGINS", "'mine' matches no installed plugin (no entry point or connector of that name)"),
+        ("IPAAS_PLUGINS", "'slak' matches no installed plugin (no entry point or connector of that name)"),
+    ]
+    assert [r.levelname for r in caplog.records if r.getMessage() == "plugins.allow_list_unmatched"] == ["WARNING", "WARNING"]
+
+
 @pytest.mark.parametrize(
     "bad,reason",
     [
@@ -62,16 +73,144 @@ def test_invalid_declarations_are_reported_and_left_out(bad: object, reason: str
     assert dist == "ipaas-bad" and reason in why
 
 
-def test_duplicate_connector_names_are_reported() -> None:
-    registry = load_registry(load_entrypoints=False, plugins=[("first", plugin(connector("dup"))), ("second", plugin(connector("dup")))])
-    assert registry.connectors["dup"].distribution == "first"
-    assert registry.problems[0][0] == "second" and "duplicate connector name" in registry.problems[0][1]
+def install(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, distribution: str, entry_point: str, source: str) -> None:
+    """A distribution on sys.path, found through its entry point as a pip-installed one is."""
+    module = distribution.replace("-", "_")
+    (tmp_path / f"{module}.py").write_text(textwrap.dedent(source))
+    dist = tmp_path / f"{module}-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {distribution}\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text(f"[ipaas.connectors]\n{entry_point} = {module}\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    sys.modules.pop(module, None)
+
+
+SHADOW_SLACK = """
+    from ipaas.sdk import Action, ActionResult, Connector, hookimpl
+
+    async def run(ctx):
+        return ActionResult(message="captured " + ctx.credentials["webhook_url"])
+
+    @hookimpl
+    def ipaas_register_connectors(register):
+        register(Connector(name="slack", version="9.9", description="not Slack", actions=[Action("send_message", "d", run)]))
+"""
+
+
+@pytest.mark.parametrize("order", ["first-second", "second-first"])
+def test_a_connector_name_two_distributions_provide_loads_neither(order: str) -> None:
+    # Before, the first registration won and the second was reported: which one served the
+    # name (and got its credentials) depended on the order entry points were listed in.
+    offers = [("first", plugin(connector("dup"))), ("second", plugin(connector("dup"), connector("other")))]
+    registry = load_registry(load_entrypoints=False, plugins=offers if order == "first-second" else offers[::-1])
+    assert set(registry.connectors) == {"other"}
+    assert sorted(d for d, _ in registry.problems) == ["first", "second"]
+    for _, why in registry.problems:
+        assert "'dup'" in why and "first" in why and "second" in why and "none of them is loaded" in why
+
+
+@pytest.mark.parametrize("allow", [None, frozenset({"slack", "discord"})])
+def test_a_plugin_named_like_a_built_in_does_not_take_it_over(allow: frozenset[str] | None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Before, an installed package with an entry point named "slack" replaced Slack, even
+    # under IPAAS_PLUGINS=slack, when its entry point was listed first, and then received
+    # every tenant's decrypted Slack credentials.
+    install(tmp_path, monkeypatch, "ipaas-shadow", "slack", SHADOW_SLACK)
+    registry = load_registry(allow=allow)
+    assert "slack" not in registry.connectors
+    assert "discord" in registry.connectors
+    rejected = dict(registry.problems)
+    assert set(rejected) >= {"ipaas-slack:slack", "ipaas-shadow:slack"}
+    assert "ipaas-slack" in rejected["ipaas-shadow:slack"] and "ipaas-shadow" in rejected["ipaas-slack:slack"]
+
+
+def test_the_allow_list_applies_to_the_connectors_registered(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Before, only entry-point names were checked: an allowed entry point could register any
+    # connector name, one the operator left out or a built-in's.
+    install(tmp_path, monkeypatch, "ipaas-mine", "mine", SHADOW_SLACK.replace('name="slack"', 'name="discord"'))
+    registry = load_registry(allow=frozenset({"slack", "mine"}))
+    assert set(registry.connectors) == {"slack"}
+    assert ("ipaas-mine:mine", "registered connector 'discord', which IPAAS_PLUGINS does not allow") in registry.problems
+
+
+def test_a_pin_in_the_allow_list_names_the_distribution_a_connector_comes_from(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    install(tmp_path, monkeypatch, "ipaas-shadow", "slack", SHADOW_SLACK)
+    registry = load_registry(allow=frozenset({"slack=ipaas_Slack", "discord"}))
+    assert set(registry.connectors) == {"slack", "discord"}
+    assert registry.connectors["slack"].distribution == "ipaas-slack"
+    assert ("ipaas-shadow:slack", "not loaded: IPAAS_PLUGINS pins 'slack' to the distribution ipaas_Slack") in registry.problems
+
+
+def _sync_run(ctx):  # type: ignore[no-untyped-def]
+    return ActionResult()
+
+
+@pytest.mark.parametrize(
+    "bad,reason",
+    [
+        (Connector("thing", "1", "d", [Action("go", "d", _ok)], timeout="10"), "timeout must be a number of seconds between 0 and 300, not str"),  # type: ignore[arg-type]
+        (Connector("thing", "1", "d", [{"name": "go"}]), "actions[0] is a dict, not an ipaas.sdk.Action"),  # type: ignore[list-item]
+        (Connector("thing", "1", "d", "go"), "actions must be a list of ipaas.sdk.Action, not str"),  # type: ignore[arg-type]
+        (Connector(7, "1", "d", [Action("go", "d", _ok)]), "connector name 7 must be lower_snake_case"),  # type: ignore[arg-type]
+        (Connector("thing", "1", "d", [Action("go", "d", _ok), Action("go", "d", _ok), Action("stop", "d", _ok), Action("stop", "d", _ok)]), "duplicate action names: go, stop"),
+        (connector(schema={"type": "object", "properties": {"to": {"type": "nonsense"}}}), "action 'go': invalid config schema at $.properties.to.type:"),
+        (connector(schema=None), "action 'go': config schema must be a JSON Schema object (a dict), not NoneType"),
+        (connector(credential_schema={"properties": {"url": {"minLength": "8"}}}), "invalid credential schema at $.properties.url.minLength:"),
+        (Connector("thing", "1", "d", [Action("go", "d", _ok, {"type": "object", "properties": {"token": {"type": "string"}}}, secret_fields=("tokn",))]), "action 'go': secret field 'tokn' is not a property of its config schema"),
+        (Connector("thing", "1", "d", [Action("go", "d", _ok, {"type": "object", "properties": {"token": {"type": "string"}}}, secret_fields="token")]), "action 'go': secret_fields must be a tuple of field names, not str"),  # type: ignore[arg-type]
+        (Connector("thing", "1", "d", [Action("go", "d", _sync_run)]), "action 'go': run must be an async function"),
+    ],
+)
+def test_a_malformed_declaration_is_reported_not_raised(bad: Connector, reason: str) -> None:
+    # Before, timeout="10" raised TypeError and a dict for an action AttributeError out of
+    # ConnectorRegistry.add; a secret field the schema does not have (so never masked) was
+    # accepted; duplicate actions and an invalid schema were reported without saying where.
+    registry = load_registry(load_entrypoints=False, plugins=[("ipaas-bad", plugin(bad)), ("ipaas-good", plugin(connector("good")))])
+    assert set(registry.connectors) == {"good"}
+    ((source, why),) = registry.problems
+    assert source == "ipaas-bad" and reason in why, why
+    direct = ConnectorRegistry()
+    direct.add(bad, "ipaas-bad")
+    assert direct.connectors == {} and len(direct.problems) == 1
 
 
 def test_a_plugin_whose_hook_raises_is_reported() -> None:
     registry = load_registry(load_entrypoints=False, plugins=[("ipaas-crashy", plugin(fail=RuntimeError("boom")))])
     assert registry.connectors == {}
     assert registry.problems == [("ipaas-crashy", "ipaas_register_connectors failed: RuntimeError: boom")]
+
+
+class Undecorated:
+    def ipaas_register_connectors(self, register):  # type: ignore[no-untyped-def]
+        register(connector("quiet"))
+
+
+class Misspelled:
+    @hookimpl
+    def ipaas_register_connector(self, register):  # type: ignore[no-untyped-def]
+        register(connector("quiet"))
+
+
+class Returns:
+    @hookimpl
+    def ipaas_register_connectors(self, register):  # type: ignore[no-untyped-def]
+        return [connector("quiet")]
+
+
+@pytest.mark.parametrize(
+    "broken,reason",
+    [
+        (Undecorated(), "registered no connectors: is its hook decorated with @hookimpl and does it call register(...)?"),
+        (Misspelled(), "unknown hook 'ipaas_register_connector'"),
+        (Returns(), "ipaas_register_connectors returned a list instead of calling register(connector) for each connector"),
+    ],
+)
+def test_a_plugin_whose_hook_is_not_called_as_meant_is_reported(broken: object, reason: str) -> None:
+    # Before, each of these loaded nothing and reported nothing: the connector was missing
+    # with no word why.
+    registry = load_registry(load_entrypoints=False, plugins=[("ipaas-quiet", broken), ("ipaas-good", plugin(connector("good")))])
+    assert set(registry.connectors) == {"good"}
+    ((source, why),) = registry.problems
+    assert source == "ipaas-quiet" and reason in why
 
 
 def test_a_plugin_that_raises_at_import_is_reported_and_others_load(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -83,7 +222,7 @@ def test_a_plugin_that_raises_at_import_is_reported_and_others_load(tmp_path: Pa
     monkeypatch.syspath_prepend(str(tmp_path))
     sys.modules.pop("ipaas_broken", None)
     registry = load_registry()
-    assert ("ipaas-broken", "import failed: ImportError: missing dependency: left-pad") in registry.problems
+    assert ("ipaas-broken:broken", "import failed: ImportError: missing dependency: left-pad") in registry.problems
     assert {"slack", "discord", "openweather"} <= set(registry.connectors)
 
 
@@ -368,6 +507,33 @@ async def test_a_schema_violation_never_quotes_the_value() -> None:
     assert str(caught.value) == "invalid config after rendering: config.extra: is not a known field; config.license: must match the pattern ^LIC-[0-9a-f]{16}$; config.seats: must be at most 5"
     problems = registry.validate_credentials("licensed", {"license": secret})
     assert problems == [("secrets.license", "must match the pattern ^LIC-[0-9a-f]{16}$")]
+
+
+@pytest.mark.parametrize(
+    "fmt,good,bad",
+    [
+        ("email", "ops@example.com", "not an address"),
+        ("date", "2024-02-29", "2023-02-29"),
+        ("date-time", "2024-05-01T09:30:00+02:00", "yesterday at noon"),
+        ("date-time", "2024-05-01T09:30:00.5Z", "2024-05-01 09:30"),
+        ("uri", "https://hooks.example.com/a?b=c", "hooks.example.com/a"),
+        ("uri", "mailto:ops@example.com", "https://exa mple.com"),
+        ("ipv4", "192.0.2.1", "192.0.2"),
+        ("uuid", "123e4567-e89b-12d3-a456-426614174000", "123"),
+    ],
+)
+def test_a_config_field_s_format_is_enforced(fmt: str, good: str, bad: str) -> None:
+    # Before, `format` was never checked (the validator had no format checker): a schema's
+    # "format": "email" accepted any text, and the action got it.
+    schema = {"type": "object", "properties": {"field": {"type": "string", "format": fmt}}}
+    assert schema_problems(schema, {"field": good}, "config") == []
+    assert schema_problems(schema, {"field": bad}, "config") == [("config.field", f"must be a valid {fmt}")]
+    assert schema_problems(schema, {"field": 5}, "config") == [("config.field", "must be of type string")], "a format applies to strings only"
+
+
+def test_a_format_the_host_cannot_check_is_left_alone() -> None:
+    schema = {"type": "object", "properties": {"field": {"format": "made-up"}}}
+    assert schema_problems(schema, {"field": "anything"}, "config") == []
 
 
 @pytest.mark.parametrize(
