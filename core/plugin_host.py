@@ -15,7 +15,6 @@ import logging
 import re
 import time
 from dataclasses import dataclass, field
-from datetime import datetime
 from http.cookiejar import CookieJar
 from importlib.metadata import entry_points
 from typing import Any, Callable, Iterable, Mapping
@@ -60,40 +59,12 @@ def _path(prefix: str, parts: Iterable[Any]) -> str:
 
 _validators: LRUCache[int, tuple[dict[str, Any], Draft202012Validator]] = LRUCache(maxsize=1024)
 
-_RFC3339 = re.compile(r"^(\d{4}-\d{2}-\d{2})[Tt](\d{2}:\d{2}):(\d{2})(\.\d+)?([Zz]|[+-]\d{2}:\d{2})$")
-_URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*:[^\s<>\"{}|\\^`\x00-\x1f\x7f]*$")
-
-
-def _is_date_time(value: object) -> bool:
-    if not isinstance(value, str):
-        return True
-    match = _RFC3339.match(value)
-    if not match:
-        return False
-    day, hour_minute, second, _, offset = match.groups()
-    second = "59" if second == "60" else second  # a leap second, which datetime cannot hold
-    offset = "+00:00" if offset in "Zz" else offset
-    try:
-        datetime.fromisoformat(f"{day}T{hour_minute}:{second}{offset}")
-    except ValueError:
-        return False
-    return True
-
-
-def _is_uri(value: object) -> bool:
-    return not isinstance(value, str) or (bool(_URI.match(value)) and not re.search(r"%(?![0-9A-Fa-f]{2})", value))
-
-
 def _format_checker() -> FormatChecker:
-    """jsonschema's 2020-12 format checks (those whose libraries are installed: here date,
-    email, ipv4, ipv6, uuid, regex...). date-time and uri need rfc3339-validator and rfc3987,
-    which the platform does not install; for them a syntax check of our own stands in. Any
-    other format without a checker is accepted, as the specification allows."""
-    checker = FormatChecker(())
-    checker.checkers = dict(Draft202012Validator.FORMAT_CHECKER.checkers)
-    checker.checkers.setdefault("date-time", (_is_date_time, ()))
-    checker.checkers.setdefault("uri", (_is_uri, ()))
-    return checker
+    """jsonschema's 2020-12 format checks, for the formats whose checkers are installed:
+    date, email, ipv4, ipv6, uuid, regex, and date-time and uri (rfc3339-validator and
+    rfc3986-validator are dependencies for those two). Any other format without a checker is
+    accepted, as the specification allows."""
+    return Draft202012Validator.FORMAT_CHECKER
 
 
 FORMATS = _format_checker()
