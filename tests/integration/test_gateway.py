@@ -417,6 +417,25 @@ async def test_core_unavailable_is_not_kept_but_a_conflict_is(tmp_path) -> None:
     assert retry.status_code == 201 and "x-idempotency-replay" not in retry.headers, retry.text
 
 
+async def test_the_cores_not_now_answers_say_when_to_retry(tmp_path) -> None:
+    """A full queue (429) and a core that is down (503) come with Retry-After, as the
+    gateway's own 429 does: without it a client either gives up or retries at once."""
+    port = free_port()
+    listen = {"IPAAS_GRPC_LISTEN": f"127.0.0.1:{port}", "IPAAS_MAX_QUEUE_DEPTH": "0", **FAST}
+    async with FakeSlack() as slack, gateway_for(f"127.0.0.1:{port}", tmp_path) as url:
+        async with core_with(tmp_path / "c", **listen) as core:
+            paid = await core.new_tenant(tier="paid")
+            http = httpx.AsyncClient(base_url=url, headers={"authorization": f"Bearer {paid.key}"}, timeout=10)
+            wf = (await create_workflow(http, slack))["workflow"]
+            full = await http.post(f"/api/workflows/{wf['id']}/run", json={})
+        down = await http.get("/api/workflows")
+        await http.aclose()
+    assert full.status_code == 429 and assert_envelope(full, False)["error"]["code"] == "resource_exhausted", full.text
+    assert full.headers.get("retry-after") == "1"
+    assert down.status_code == 503 and assert_envelope(down, False)["error"]["code"] == "unavailable", down.text
+    assert down.headers.get("retry-after") == "5"
+
+
 async def test_webhook_idempotency_keys_are_the_cores_not_the_gateways(stack) -> None:
     """The gateway keeps no answer for a webhook's Idempotency-Key: it would be kept before
     the core checked the signature, so anyone could answer the genuine delivery (a stored
