@@ -33,7 +33,7 @@ from ipaas.gateway.openapi import DOCS_PAGE, build_openapi
 from ipaas.gateway.ratelimit import RateLimiter, parse_tiers
 from ipaas.gateway.routes import MAX_PARAM_LENGTH, Match, Route, Router, field_value
 from ipaas.gateway.throttled_log import ThrottledWarning
-from ipaas.gateway.webhook_batch import WebhookBatcher
+from ipaas.gateway.webhook_batch import OversizedDelivery, WebhookBatcher
 from ipaas.json_numbers import EXACT, inexact_integer, integral
 from ipaas.pagination import MAX_VERSION
 from ipaas.settings import Settings
@@ -45,6 +45,13 @@ _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 WEBHOOK_BODY_LIMIT = 1024 * 1024
 BODY_LIMIT = 256 * 1024
 MAX_AUTHORIZATION_LENGTH = 1024  # API keys are ~50 characters
+# The request head's headers, names and values: far above any real client's few KiB. A
+# webhook's headers are copied into its gRPC message, and past gRPC's 4 MiB the call failed
+# with a 502 its sender retried forever. uvicorn does not bound them here: its
+# h11_max_incomplete_event_size (16 KiB) applies to the h11 protocol only, and the
+# httptools one the gateway runs (llhttp) has no header size limit at all, so a head is
+# bounded only by its deadline (IPAAS_HTTP_HEAD_TIMEOUT) while it is read.
+MAX_HEADER_BYTES = 64 * 1024
 # Failures of the call itself rather than answers of the core's handlers.
 CHANNEL_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED}
 CALLER_TTL = 10.0
@@ -63,6 +70,10 @@ def _request_id(given: str | None) -> str:
 def _ascii_text(value: str) -> bool:
     """What a gRPC metadata value may hold."""
     return value.isascii() and value.isprintable()
+
+
+def _header_bytes(scope: dict[str, Any]) -> int:
+    return sum(len(name) + len(value) + 4 for name, value in scope["headers"])  # "name: value\r\n"
 
 
 def _header_map(scope: dict[str, Any]) -> dict[str, str]:
@@ -173,6 +184,8 @@ class Gateway:
         headers = {"X-Request-ID": rid}
         with logs.bind(request_id=rid):
             try:
+                if _header_bytes(request.scope) > MAX_HEADER_BYTES:
+                    raise HttpError(431, f"the request headers exceed {MAX_HEADER_BYTES} bytes", headers={"Connection": "close"})
                 if path in UNLIMITED_PATHS:
                     return await self._local(request, meta, headers)
                 return await self._transcode(request, h, meta, headers)
@@ -418,6 +431,10 @@ class Gateway:
         delivery = executions_pb2.WebhookDelivery(webhook=message, request_id=meta["request_id"], idempotency_key=key or "")
         try:
             result = await self.webhooks.submit(delivery)
+        except OversizedDelivery:
+            # Refused for good: sent, the call would fail on gRPC's message limit (a 502 the
+            # sender would retry forever).
+            raise HttpError(413, "the webhook (body and headers) is too large to deliver") from None
         except grpc.aio.AioRpcError as exc:
             raise self._rpc_error(exc) from None
         if result.HasField("error"):

@@ -29,7 +29,7 @@ HTTP_STATUS = {
     grpc.StatusCode.DATA_LOSS: 500,
 }
 
-HTTP_CODE_NAMES = {400: "bad_request", 401: "unauthenticated", 403: "permission_denied", 404: "not_found", 405: "method_not_allowed", 408: "request_timeout", 409: "conflict", 413: "payload_too_large", 415: "unsupported_media_type", 422: "unprocessable_entity", 429: "rate_limited", 500: "internal", 501: "unimplemented", 502: "bad_gateway", 503: "unavailable", 504: "deadline_exceeded"}
+HTTP_CODE_NAMES = {400: "bad_request", 401: "unauthenticated", 403: "permission_denied", 404: "not_found", 405: "method_not_allowed", 408: "request_timeout", 409: "conflict", 413: "payload_too_large", 415: "unsupported_media_type", 431: "request_header_fields_too_large", 422: "unprocessable_entity", 429: "rate_limited", 500: "internal", 501: "unimplemented", 502: "bad_gateway", 503: "unavailable", 504: "deadline_exceeded"}
 
 # Seconds a caller should wait before retrying the core's "not now" answers. The core
 # counts its queue again at most once a second (ipaas.engine.enqueuer), so a full queue

@@ -7,6 +7,7 @@ import logging
 import re
 
 import httpx
+import orjson
 import pytest
 
 from tests.conftest import core_with, free_port, gateway_for
@@ -543,6 +544,34 @@ async def test_oversized_input_gets_a_plain_answer_not_transport_text(stack) -> 
     # Within the bounds nothing changes, and the core's own 429 (queue full) stays a 429: see above.
     assert (await http.get("/api/workflows/" + "a" * 256)).status_code == 404
     assert (await http.get("/api/executions", params={"workflow_id": "w" * 256})).status_code == 200
+
+
+async def test_request_headers_past_64_kib_get_431_on_every_route(stack) -> None:
+    """A signed webhook with megabytes of headers got 502 ("the core's answer could not be
+    read": its headers overran the gRPC message), which its sender retries forever. Heads
+    past 64 KiB are refused at once, on every route, in the envelope."""
+    core, http, slack = stack
+    created = await create_workflow(http, slack, trigger="webhook")
+    raw, signed = signed_webhook(created["webhook_secret"], {"order": {"id": "H"}}, "evt_h")
+    hook = f"/api/webhooks/{created['workflow']['id']}"
+    host, port = str(http.base_url).removeprefix("http://").rstrip("/").split(":")
+
+    async def sent(head: bytes, body: bytes = b"") -> tuple[int, dict]:
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(head + b"".join(b"x-pad-%d: " % i + b"a" * 100_000 + b"\r\n" for i in range(50)) + b"\r\n" + body)
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.read(), 20)  # the connection is closed after it
+        writer.close()
+        status_line, _, rest = answer.partition(b"\r\n")
+        return int(status_line.split()[1]), orjson.loads(rest.partition(b"\r\n\r\n")[2])
+
+    webhook_head = f"POST {hook} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(raw)}\r\n" + "".join(f"{k}: {v}\r\n" for k, v in signed.items())
+    for head, body in [(webhook_head.encode(), raw), (b"GET /api/workflows HTTP/1.1\r\nHost: x\r\n", b""), (b"GET /health/live HTTP/1.1\r\nHost: x\r\n", b"")]:
+        status, answer = await sent(head, body)
+        assert status == 431 and answer["success"] is False and answer["error"]["code"] == "request_header_fields_too_large", (head, answer)
+    # Within the limit a webhook's headers still reach the core.
+    padded = await http.post(hook, content=raw, headers={**signed, "x-pad": "a" * 60_000})
+    assert padded.status_code == 202, padded.text
 
 
 async def test_header_values_that_cannot_be_passed_on_get_4xx(stack) -> None:
