@@ -297,6 +297,37 @@ async def test_openapi_and_docs(stack) -> None:
     assert docs.status_code == 200 and "/openapi.json" in docs.text
 
 
+async def test_openapi_describes_the_answers_and_headers_the_gateway_uses(stack) -> None:
+    """The document said meta.next_page_token and data.next_page_token (the gateway answers
+    meta.pagination.next_page_token), documented neither If-Match (PATCH without it or the
+    query parameter is 422) nor Idempotency-Key nor a webhook's signature headers."""
+    core, http, slack = stack
+    doc = (await http.get("/openapi.json")).json()
+    schemas = doc["components"]["schemas"]
+    workflow = (await create_workflow(http, slack))["workflow"]
+    await create_workflow(http, slack, trigger="webhook")
+    page = assert_envelope(await http.get("/api/workflows", params={"page_size": 1}), True)
+    meta = schemas["Meta"]["properties"]
+    assert set(page["meta"]) <= set(meta) and set(page["meta"]["pagination"]) == set(meta["pagination"]["properties"]) == {"next_page_token"}
+    assert page["meta"]["pagination"]["next_page_token"]
+    assert set(page["data"]) == set(schemas["ListWorkflowsResponse"]["properties"])
+    assert not [name for name, schema in schemas.items() if "next_page_token" in schema.get("properties", {})]
+
+    def headers(path: str, verb: str) -> dict[str, dict]:
+        return {p["name"]: p for p in doc["paths"][path][verb]["parameters"] if p["in"] == "header"}
+
+    patch = headers("/api/workflows/{id}", "patch")
+    assert patch["If-Match"]["required"] is True
+    unversioned = await http.patch(f"/api/workflows/{workflow['id']}", json={"name": "n"})
+    versioned = await http.patch(f"/api/workflows/{workflow['id']}", json={"name": "n"}, headers={"If-Match": '"1"'})
+    assert (unversioned.status_code, versioned.status_code) == (422, 200), (unversioned.text, versioned.text)
+    assert headers("/api/workflows/{id}/rollback", "post")["If-Match"]["required"] is False
+    writes = [(path, verb) for path, item in doc["paths"].items() for verb in item if verb in ("post", "patch")]
+    assert writes and all("Idempotency-Key" in headers(path, verb) for path, verb in writes)
+    assert not [(path, verb) for path, item in doc["paths"].items() for verb in item if verb not in ("post", "patch") and "Idempotency-Key" in headers(path, verb)]
+    assert {"webhook-id", "webhook-timestamp", "webhook-signature"} <= set(headers("/api/webhooks/{workflow_id}", "post"))
+
+
 async def test_connectors_breakers_and_caller_over_rest(stack) -> None:
     core, http, slack = stack
     connectors = assert_envelope(await http.get("/api/connectors"), True)["data"]["connectors"]
