@@ -535,6 +535,36 @@ async def test_only_accepted_webhooks_spend_the_owners_rate_limit(tmp_path) -> N
     assert answers[0].headers["x-ratelimit-remaining"] == "5" and "retry-after" not in answers[5].headers
 
 
+async def test_requests_with_no_known_caller_have_a_budget_per_address(tmp_path, monkeypatch) -> None:
+    """Requests with no API key or a made-up one were never limited: each cost a core call
+    and a database read. They now spend their address's anonymous budget before the core is
+    asked, and a key the core refused is answered here for a few seconds. Keys accepted
+    before, webhooks and health probes from the same address do not depend on that budget."""
+    monkeypatch.setattr("ipaas.gateway.app.CALLER_TTL", 0.1)  # tenants are re-checked with the core
+    async with FakeSlack() as slack, core_with(tmp_path, **FAST) as core, gateway_for(core.target, tmp_path, IPAAS_RATE_ANONYMOUS="0.5/4") as url:
+        paid = await core.new_tenant(tier="paid")
+        async with httpx.AsyncClient(base_url=url, headers={"authorization": f"Bearer {paid.key}"}, timeout=10) as http, httpx.AsyncClient(base_url=url, timeout=10) as anonymous:
+            created = await create_workflow(http, slack, trigger="webhook")  # the key's first check: 1 of 4
+            bad = {"authorization": "Bearer ipk_made_up"}
+            refused = await anonymous.get("/api/workflows", headers=bad)  # 2
+            keyless = [await anonymous.get("/api/workflows") for _ in range(3)]  # 3, 4, over
+            other_bad = await anonymous.get("/api/workflows", headers={"authorization": "Bearer ipk_other"})
+            refused_again = await anonymous.get("/api/workflows", headers=bad)
+            await asyncio.sleep(0.2)
+            own = await http.get("/api/workflows")
+            raw, signed = signed_webhook(created["webhook_secret"], {"order": {"id": 1}}, "evt_1")
+            hook = await anonymous.post(f"/api/webhooks/{created['workflow']['id']}", content=raw, headers=signed)
+            live = await anonymous.get("/health/live")
+    assert refused.status_code == 401 and [r.status_code for r in keyless] == [401, 401, 429], [r.text for r in keyless]
+    assert assert_envelope(keyless[-1], False)["error"]["code"] == "rate_limited" and int(keyless[-1].headers["retry-after"]) >= 1
+    assert keyless[0].headers["ratelimit-policy"] == '"anonymous";q=4;w=8'
+    assert other_bad.status_code == 429  # a key never accepted waits with the anonymous requests
+    # Refused from memory, before the budget (which would say 429) and the core are asked.
+    assert refused_again.status_code == 401 and refused_again.json()["error"] == refused.json()["error"]
+    assert own.status_code == 200 and own.headers["ratelimit-policy"].startswith('"paid"'), own.text
+    assert hook.status_code == 202 and live.status_code == 200, hook.text
+
+
 async def test_a_dead_redis_lets_requests_through_but_not_keyed_ones(tmp_path, caplog) -> None:
     """Redis down: the rate limiter lets requests through (one warning, not one per request,
     without the URL's password), a keyed request gets 503 (its key cannot be honoured), and
