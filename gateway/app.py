@@ -30,13 +30,14 @@ from ipaas.gateway import envelope, idempotency, parse_errors, request_deadlines
 from ipaas.gateway.core_client import CALL_TIMEOUT, CoreClient
 from ipaas.gateway.envelope import HttpError
 from ipaas.gateway.openapi import DOCS_PAGE, build_openapi
-from ipaas.gateway.ratelimit import RateLimiter, parse_tiers
+from ipaas.gateway.ratelimit import ANONYMOUS, RateLimiter, parse_tiers
 from ipaas.gateway.routes import MAX_PARAM_LENGTH, Match, Route, Router, field_value
 from ipaas.gateway.throttled_log import ThrottledWarning
-from ipaas.gateway.webhook_batch import WebhookBatcher
+from ipaas.gateway.webhook_batch import OversizedDelivery, WebhookBatcher
 from ipaas.json_numbers import EXACT, inexact_integer, integral
 from ipaas.pagination import MAX_VERSION
 from ipaas.settings import Settings
+from ipaas.singleflight import SingleFlight
 from ipaas.v1 import executions_pb2
 
 log = logging.getLogger("ipaas.gateway")
@@ -45,9 +46,21 @@ _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 WEBHOOK_BODY_LIMIT = 1024 * 1024
 BODY_LIMIT = 256 * 1024
 MAX_AUTHORIZATION_LENGTH = 1024  # API keys are ~50 characters
+# The request head's headers, names and values: far above any real client's few KiB. A
+# webhook's headers are copied into its gRPC message, and past gRPC's 4 MiB the call failed
+# with a 502 its sender retried forever. uvicorn does not bound them here: its
+# h11_max_incomplete_event_size (16 KiB) applies to the h11 protocol only, and the
+# httptools one the gateway runs (llhttp) has no header size limit at all, so a head is
+# bounded only by its deadline (IPAAS_HTTP_HEAD_TIMEOUT) while it is read.
+MAX_HEADER_BYTES = 64 * 1024
 # Failures of the call itself rather than answers of the core's handlers.
 CHANNEL_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED}
 CALLER_TTL = 10.0
+# A key the core refused is answered 401 here for this long: a client retrying a bad key in
+# a loop then costs no core call. Short, so a key refused during a core hiccup (an admin
+# key being rolled out) is not refused for long once it is good.
+REFUSED_TTL = 5.0
+MAX_CACHED_KEYS = 10_000
 READY_TIMEOUT = 1.0  # seconds Redis has to answer /health/ready's ping
 OWNER_TTL = 60.0
 UNLIMITED_PATHS = {"/health", "/health/live", "/health/ready", "/openapi.json", "/docs"}
@@ -63,6 +76,10 @@ def _request_id(given: str | None) -> str:
 def _ascii_text(value: str) -> bool:
     """What a gRPC metadata value may hold."""
     return value.isascii() and value.isprintable()
+
+
+def _header_bytes(scope: dict[str, Any]) -> int:
+    return sum(len(name) + len(value) + 4 for name, value in scope["headers"])  # "name: value\r\n"
 
 
 def _header_map(scope: dict[str, Any]) -> dict[str, str]:
@@ -92,6 +109,8 @@ class Gateway:
         self.store: Any = None
         self._db: Any = None
         self._callers: dict[str, tuple[float, str, str]] = {}
+        self._refused: dict[str, tuple[float, str]] = {}  # key digest -> (until, the core's message)
+        self._checks: SingleFlight[str, tuple[str, str]] = SingleFlight()
         self._owners: dict[str, tuple[float, str, str]] = {}
         self._started = time.monotonic()
         self._draining = False
@@ -173,6 +192,8 @@ class Gateway:
         headers = {"X-Request-ID": rid}
         with logs.bind(request_id=rid):
             try:
+                if _header_bytes(request.scope) > MAX_HEADER_BYTES:
+                    raise HttpError(431, f"the request headers exceed {MAX_HEADER_BYTES} bytes", headers={"Connection": "close"})
                 if path in UNLIMITED_PATHS:
                     return await self._local(request, meta, headers)
                 return await self._transcode(request, h, meta, headers)
@@ -199,7 +220,7 @@ class Gateway:
                 raise HttpError(415, "send JSON: Content-Type: application/json")
         message = self._request_message(route, match, request, h, body)
 
-        tenant, tier = await self._caller(route, match, h)
+        tenant, tier = await self._caller(route, match, h, request, headers)
         # A webhook's sender is known only once the core has checked its signature: before
         # the call the owner's budget is only looked at, and spent once the core accepted it
         # (below), so requests it refuses cannot keep the owner's own API rate-limited.
@@ -236,7 +257,7 @@ class Gateway:
             # A replay never reaches the core, so the key is checked there first: from the
             # cache, a key revoked in the last CALLER_TTL seconds would still read the answer
             # (which may hold a webhook secret). Replays are rare; the check costs one call.
-            await self._caller(route, match, h, fresh=True)
+            await self._caller(route, match, h, request, headers, fresh=True)
             replay = {**headers, **(record.headers or {}), "X-Idempotency-Replay": "true"}
             return envelope.json_response(record.status, envelope.with_meta(record.body, meta), replay)
         try:
@@ -359,15 +380,17 @@ class Gateway:
             message.expected_version = int(version)
         return message
 
-    async def _caller(self, route: Route, match: Match, h: dict[str, str], fresh: bool = False) -> tuple[str | None, str | None]:
+    async def _caller(self, route: Route, match: Match, h: dict[str, str], request: Request, headers: dict[str, str], fresh: bool = False) -> tuple[str | None, str | None]:
         """The tenant and tier a request is charged to (webhooks: the workflow's owner).
         `fresh`: ask the core even if the caller is cached."""
         now = time.monotonic()
         if route.name == "ReceiveWebhook":
+            # Anonymous by nature (signed, not keyed): charged to the owner once accepted.
             owner = self._owners.get(match.params.get("workflow_id", ""))
             return (owner[1], owner[2]) if owner and owner[0] > now else (None, None)
         auth = h.get("authorization")
         if not auth:
+            await self._limit_anonymous(request, headers)  # the core would refuse it, at a cost
             return None, None
         if len(auth) > MAX_AUTHORIZATION_LENGTH or not _ascii_text(auth):  # no API key looks like that
             raise HttpError(401, "invalid Authorization header: send Authorization: Bearer <API key>")
@@ -375,19 +398,48 @@ class Gateway:
         cached = self._callers.get(digest)
         if cached and cached[0] > now and not fresh:
             return cached[1], cached[2]
-        from ipaas.v1 import tenants_pb2
+        refused = self._refused.get(digest)
+        if refused and refused[0] > now:
+            raise HttpError(401, refused[1], "unauthenticated")
 
-        assert self.client is not None
-        call = self.client.call("/ipaas.v1.TenantService/GetCaller", tenants_pb2.GetCallerResponse)
-        try:
-            reply = await call(tenants_pb2.GetCallerRequest(), metadata=(("authorization", auth),), timeout=5)
-        except grpc.aio.AioRpcError as exc:
-            raise self._rpc_error(exc) from None
-        tenant = reply.tenant_id or "admin"
-        if len(self._callers) > 10_000:
-            self._callers.clear()
-        self._callers[digest] = (now + CALLER_TTL, tenant, reply.tier)
-        return tenant, reply.tier
+        async def ask_core() -> tuple[str, str]:
+            if cached is None:
+                # Never accepted here: possibly one of a flood of made-up keys, which no
+                # cache stops. A key this gateway has accepted before (its entry expired,
+                # kept until the cache is cleared) is re-checked without it, so a tenant
+                # sharing an address with such a flood keeps working.
+                await self._limit_anonymous(request, headers)
+            from ipaas.v1 import tenants_pb2
+
+            assert self.client is not None
+            call = self.client.call("/ipaas.v1.TenantService/GetCaller", tenants_pb2.GetCallerResponse)
+            try:
+                reply = await call(tenants_pb2.GetCallerRequest(), metadata=(("authorization", auth),), timeout=5)
+            except grpc.aio.AioRpcError as exc:
+                error = self._rpc_error(exc)
+                if exc.code() == grpc.StatusCode.UNAUTHENTICATED and error.status == 401:
+                    if len(self._refused) > MAX_CACHED_KEYS:
+                        self._refused.clear()
+                    self._refused[digest] = (time.monotonic() + REFUSED_TTL, error.message)
+                    self._callers.pop(digest, None)  # revoked: re-checked as an unknown key
+                raise error from None
+            tenant = reply.tenant_id or "admin"
+            if len(self._callers) > MAX_CACHED_KEYS:
+                self._callers.clear()
+            self._callers[digest] = (time.monotonic() + CALLER_TTL, tenant, reply.tier)
+            return tenant, reply.tier
+
+        if fresh:  # a check begun before this request must not answer for it
+            return await ask_core()
+        # A new key's first burst (or a busy key's expiry) asks the core, and spends the
+        # anonymous budget, once.
+        return await self._checks.do(digest, ask_core)
+
+    async def _limit_anonymous(self, request: Request, headers: dict[str, str]) -> None:
+        """The budget of requests with no known caller, per client address; checked before
+        the core is asked, and apart from every tenant's budget."""
+        client = request.scope.get("client")
+        await self._limit(f"{ANONYMOUS}:{client[0] if client else '-'}", ANONYMOUS, headers, spend=True)
 
     async def _call(self, route: Route, message: Any, h: dict[str, str], meta: dict[str, Any], key: str | None) -> tuple[int, bytes]:
         assert self.client is not None
@@ -418,6 +470,10 @@ class Gateway:
         delivery = executions_pb2.WebhookDelivery(webhook=message, request_id=meta["request_id"], idempotency_key=key or "")
         try:
             result = await self.webhooks.submit(delivery)
+        except OversizedDelivery:
+            # Refused for good: sent, the call would fail on gRPC's message limit (a 502 the
+            # sender would retry forever).
+            raise HttpError(413, "the webhook (body and headers) is too large to deliver") from None
         except grpc.aio.AioRpcError as exc:
             raise self._rpc_error(exc) from None
         if result.HasField("error"):

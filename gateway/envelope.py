@@ -29,7 +29,14 @@ HTTP_STATUS = {
     grpc.StatusCode.DATA_LOSS: 500,
 }
 
-HTTP_CODE_NAMES = {400: "bad_request", 401: "unauthenticated", 403: "permission_denied", 404: "not_found", 405: "method_not_allowed", 408: "request_timeout", 409: "conflict", 413: "payload_too_large", 415: "unsupported_media_type", 422: "unprocessable_entity", 429: "rate_limited", 500: "internal", 501: "unimplemented", 502: "bad_gateway", 503: "unavailable", 504: "deadline_exceeded"}
+HTTP_CODE_NAMES = {400: "bad_request", 401: "unauthenticated", 403: "permission_denied", 404: "not_found", 405: "method_not_allowed", 408: "request_timeout", 409: "conflict", 413: "payload_too_large", 415: "unsupported_media_type", 431: "request_header_fields_too_large", 422: "unprocessable_entity", 429: "rate_limited", 500: "internal", 501: "unimplemented", 502: "bad_gateway", 503: "unavailable", 504: "deadline_exceeded"}
+
+# Seconds a caller should wait before retrying the core's "not now" answers. The core
+# counts its queue again at most once a second (ipaas.engine.enqueuer), so a full queue
+# can have room a second later. UNAVAILABLE is a core that is restarting or unreachable,
+# or a replica still waiting for a rolled-out key: a few seconds, not a tight loop of
+# reconnects from every sender at once.
+RETRY_AFTER = {grpc.StatusCode.RESOURCE_EXHAUSTED: 1, grpc.StatusCode.UNAVAILABLE: 5}
 
 
 class HttpError(Exception):
@@ -48,7 +55,8 @@ class HttpError(Exception):
         status = HTTP_STATUS.get(code, 500)
         if code == grpc.StatusCode.INVALID_ARGUMENT and violations:
             status = 422
-        return cls(status, message, code.name.lower(), violations)
+        retry = RETRY_AFTER.get(code)
+        return cls(status, message, code.name.lower(), violations, {"Retry-After": str(retry)} if retry else None)
 
 
 def body(data: Any, meta: dict[str, Any]) -> bytes:

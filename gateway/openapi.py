@@ -7,6 +7,7 @@ from typing import Any
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 
 from ipaas import __version__
+from ipaas.gateway.idempotency import MAX_KEY_LENGTH
 from ipaas.gateway.routes import MAX_PARAM_LENGTH, Route
 
 _SCALARS = {
@@ -29,17 +30,51 @@ _WELL_KNOWN = {
 }
 
 
+# Headers the gateway itself reads; they are no fields of the protos, so they are added here.
+_IDEMPOTENCY_KEY = {
+    "name": "Idempotency-Key",
+    "in": "header",
+    "required": False,
+    "description": "Repeating a request with the same key within 24 h answers with the first answer (X-Idempotency-Replay: true) instead of running it again; the same key with another request is 422. X-Idempotency-Key is read too.",
+    "schema": {"type": "string", "minLength": 1, "maxLength": MAX_KEY_LENGTH, "pattern": "^[ -~]+$"},  # printable ASCII: it travels as gRPC metadata
+}
+_WEBHOOK_HEADERS = [
+    {"name": name, "in": "header", "required": False, "description": f"{what} (Standard Webhooks); required unless the workflow allows unsigned webhooks.", "schema": schema}
+    for name, what, schema in [
+        ("webhook-id", "The message id, also used to drop duplicate deliveries", {"type": "string"}),
+        ("webhook-timestamp", "Seconds since the epoch when it was signed; at most 5 minutes off", {"type": "string", "pattern": "^[0-9]+$"}),
+        ("webhook-signature", "Space-separated v1,<base64 HMAC-SHA256 of id.timestamp.body>", {"type": "string"}),
+    ]
+]
+# Routes whose core refuses a change without the version it is based on.
+_VERSION_REQUIRED = {"UpdateWorkflow"}
+# The gateway moves a list's next_page_token from the answer's data to meta.pagination.
+_MOVED_TO_META = "next_page_token"
+
+
+def _if_match(required: bool) -> dict[str, Any]:
+    return {
+        "name": "If-Match",
+        "in": "header",
+        "required": required,
+        "description": 'The version the change is based on, e.g. "3"; a stale one is 409. Sent as the expected_version query parameter instead, this header is not needed.',
+        "schema": {"type": "string", "pattern": '^(W/)?"?[0-9]{1,10}"?$'},
+    }
+
+
 class _Schemas:
     def __init__(self) -> None:
         self.components: dict[str, Any] = {}
 
-    def message(self, descriptor: Descriptor) -> dict[str, Any]:
+    def message(self, descriptor: Descriptor, omit: frozenset[str] = frozenset()) -> dict[str, Any]:
+        """`omit`: fields the gateway never answers with (a list's page token); only for
+        answers' top-level messages, which nothing else refers to."""
         if descriptor.full_name in _WELL_KNOWN:
             return dict(_WELL_KNOWN[descriptor.full_name])
         name = descriptor.full_name.replace("ipaas.v1.", "")
         if name not in self.components:
             self.components[name] = {}  # placeholder against recursion
-            props = {f.name: self.field(f) for f in descriptor.fields}
+            props = {f.name: self.field(f) for f in descriptor.fields if f.name not in omit}
             self.components[name] = {"type": "object", "properties": props}
         return {"$ref": f"#/components/schemas/{name}"}
 
@@ -71,6 +106,19 @@ def build_openapi(routes: list[Route]) -> dict[str, Any]:
         method = route.method
         params = [{"name": n, "in": "path", "required": True, "schema": _bounded(schemas.field(method.input_type.fields_by_name[n]))} for n in route.path_fields]
         params += [{"name": f.name, "in": "query", "required": False, "schema": _bounded(schemas.field(f))} for f in route.query_fields]
+        fields = method.input_type.fields_by_name
+        if "expected_version" in fields:
+            for param in params:
+                if param["name"] == "expected_version":
+                    param["description"] = "The version the change is based on, instead of If-Match."
+            params.append(_if_match(route.name in _VERSION_REQUIRED))
+        if route.verb in ("POST", "PATCH"):
+            key = dict(_IDEMPOTENCY_KEY)
+            if route.raw_body:  # kept by the core, which dedupes only what it accepted
+                key["description"] = "A delivery with a key the workflow accepted before is not run again: the answer names the first execution, with duplicate: true."
+            params.append(key)
+        if route.raw_body and "headers" in fields:
+            params += [dict(p) for p in _WEBHOOK_HEADERS]
         operation: dict[str, Any] = {
             "operationId": method.name,
             "tags": [method.containing_service.name],
@@ -84,7 +132,7 @@ def build_openapi(routes: list[Route]) -> dict[str, Any]:
         if route.response_body:
             output_schema = schemas.field(output.fields_by_name[route.response_body])
         else:
-            output_schema = schemas.message(output)
+            output_schema = schemas.message(output, omit=frozenset({_MOVED_TO_META}))
         status = str(route.success_status)
         if status == "204":
             operation["responses"]["204"] = {"description": "deleted"}
@@ -101,7 +149,18 @@ def build_openapi(routes: list[Route]) -> dict[str, Any]:
         if route.name == "ReceiveWebhook":
             operation["security"] = []
         paths.setdefault(route.template, {})[route.verb.lower()] = operation
-    schemas.components["Meta"] = {"type": "object", "properties": {"request_id": {"type": "string"}, "next_page_token": {"type": "string"}}}
+    schemas.components["Meta"] = {
+        "type": "object",
+        "required": ["request_id"],
+        "properties": {
+            "request_id": {"type": "string"},
+            "pagination": {
+                "type": "object",
+                "description": "Lists only: pass next_page_token as page_token for the next page; empty on the last page.",
+                "properties": {"next_page_token": {"type": "string"}},
+            },
+        },
+    }
     schemas.components["ErrorEnvelope"] = {
         "type": "object",
         "required": ["success", "error", "meta"],

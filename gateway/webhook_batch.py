@@ -23,6 +23,10 @@ MAX_BATCH = 512  # the core's limit per call
 CLOSE_WAIT = 10.0
 
 
+class OversizedDelivery(ValueError):
+    """A webhook that would not fit a gRPC message even alone."""
+
+
 class WebhookBatcher:
     def __init__(self, send: Callable[[pb.ReceiveWebhooksRequest], Awaitable[pb.ReceiveWebhooksResponse]], max_inflight: int = 4) -> None:
         self._send = send
@@ -33,7 +37,12 @@ class WebhookBatcher:
         self._calls: set[asyncio.Task[None]] = set()
 
     async def submit(self, delivery: pb.WebhookDelivery) -> pb.WebhookResult:
-        """The core's answer for this webhook; raises the call's error if the whole call failed."""
+        """The core's answer for this webhook; raises the call's error if the whole call failed,
+        OversizedDelivery (sending nothing) if it cannot fit one call."""
+        if (size := delivery.ByteSize()) + ITEM_FRAMING > MAX_MESSAGE_BYTES:
+            # _take sends an item alone however large: the call would fail on the message
+            # limit, and with it the sender's retries, forever.
+            raise OversizedDelivery(f"{size} bytes")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[pb.WebhookResult] = loop.create_future()
         self._pending.append((delivery, future))

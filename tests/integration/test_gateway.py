@@ -7,6 +7,7 @@ import logging
 import re
 
 import httpx
+import orjson
 import pytest
 
 from tests.conftest import core_with, free_port, gateway_for
@@ -296,6 +297,37 @@ async def test_openapi_and_docs(stack) -> None:
     assert docs.status_code == 200 and "/openapi.json" in docs.text
 
 
+async def test_openapi_describes_the_answers_and_headers_the_gateway_uses(stack) -> None:
+    """The document said meta.next_page_token and data.next_page_token (the gateway answers
+    meta.pagination.next_page_token), documented neither If-Match (PATCH without it or the
+    query parameter is 422) nor Idempotency-Key nor a webhook's signature headers."""
+    core, http, slack = stack
+    doc = (await http.get("/openapi.json")).json()
+    schemas = doc["components"]["schemas"]
+    workflow = (await create_workflow(http, slack))["workflow"]
+    await create_workflow(http, slack, trigger="webhook")
+    page = assert_envelope(await http.get("/api/workflows", params={"page_size": 1}), True)
+    meta = schemas["Meta"]["properties"]
+    assert set(page["meta"]) <= set(meta) and set(page["meta"]["pagination"]) == set(meta["pagination"]["properties"]) == {"next_page_token"}
+    assert page["meta"]["pagination"]["next_page_token"]
+    assert set(page["data"]) == set(schemas["ListWorkflowsResponse"]["properties"])
+    assert not [name for name, schema in schemas.items() if "next_page_token" in schema.get("properties", {})]
+
+    def headers(path: str, verb: str) -> dict[str, dict]:
+        return {p["name"]: p for p in doc["paths"][path][verb]["parameters"] if p["in"] == "header"}
+
+    patch = headers("/api/workflows/{id}", "patch")
+    assert patch["If-Match"]["required"] is True
+    unversioned = await http.patch(f"/api/workflows/{workflow['id']}", json={"name": "n"})
+    versioned = await http.patch(f"/api/workflows/{workflow['id']}", json={"name": "n"}, headers={"If-Match": '"1"'})
+    assert (unversioned.status_code, versioned.status_code) == (422, 200), (unversioned.text, versioned.text)
+    assert headers("/api/workflows/{id}/rollback", "post")["If-Match"]["required"] is False
+    writes = [(path, verb) for path, item in doc["paths"].items() for verb in item if verb in ("post", "patch")]
+    assert writes and all("Idempotency-Key" in headers(path, verb) for path, verb in writes)
+    assert not [(path, verb) for path, item in doc["paths"].items() for verb in item if verb not in ("post", "patch") and "Idempotency-Key" in headers(path, verb)]
+    assert {"webhook-id", "webhook-timestamp", "webhook-signature"} <= set(headers("/api/webhooks/{workflow_id}", "post"))
+
+
 async def test_connectors_breakers_and_caller_over_rest(stack) -> None:
     core, http, slack = stack
     connectors = assert_envelope(await http.get("/api/connectors"), True)["data"]["connectors"]
@@ -417,6 +449,25 @@ async def test_core_unavailable_is_not_kept_but_a_conflict_is(tmp_path) -> None:
     assert retry.status_code == 201 and "x-idempotency-replay" not in retry.headers, retry.text
 
 
+async def test_the_cores_not_now_answers_say_when_to_retry(tmp_path) -> None:
+    """A full queue (429) and a core that is down (503) come with Retry-After, as the
+    gateway's own 429 does: without it a client either gives up or retries at once."""
+    port = free_port()
+    listen = {"IPAAS_GRPC_LISTEN": f"127.0.0.1:{port}", "IPAAS_MAX_QUEUE_DEPTH": "0", **FAST}
+    async with FakeSlack() as slack, gateway_for(f"127.0.0.1:{port}", tmp_path) as url:
+        async with core_with(tmp_path / "c", **listen) as core:
+            paid = await core.new_tenant(tier="paid")
+            http = httpx.AsyncClient(base_url=url, headers={"authorization": f"Bearer {paid.key}"}, timeout=10)
+            wf = (await create_workflow(http, slack))["workflow"]
+            full = await http.post(f"/api/workflows/{wf['id']}/run", json={})
+        down = await http.get("/api/workflows")
+        await http.aclose()
+    assert full.status_code == 429 and assert_envelope(full, False)["error"]["code"] == "resource_exhausted", full.text
+    assert full.headers.get("retry-after") == "1"
+    assert down.status_code == 503 and assert_envelope(down, False)["error"]["code"] == "unavailable", down.text
+    assert down.headers.get("retry-after") == "5"
+
+
 async def test_webhook_idempotency_keys_are_the_cores_not_the_gateways(stack) -> None:
     """The gateway keeps no answer for a webhook's Idempotency-Key: it would be kept before
     the core checked the signature, so anyone could answer the genuine delivery (a stored
@@ -484,6 +535,36 @@ async def test_only_accepted_webhooks_spend_the_owners_rate_limit(tmp_path) -> N
     assert answers[0].headers["x-ratelimit-remaining"] == "5" and "retry-after" not in answers[5].headers
 
 
+async def test_requests_with_no_known_caller_have_a_budget_per_address(tmp_path, monkeypatch) -> None:
+    """Requests with no API key or a made-up one were never limited: each cost a core call
+    and a database read. They now spend their address's anonymous budget before the core is
+    asked, and a key the core refused is answered here for a few seconds. Keys accepted
+    before, webhooks and health probes from the same address do not depend on that budget."""
+    monkeypatch.setattr("ipaas.gateway.app.CALLER_TTL", 0.1)  # tenants are re-checked with the core
+    async with FakeSlack() as slack, core_with(tmp_path, **FAST) as core, gateway_for(core.target, tmp_path, IPAAS_RATE_ANONYMOUS="0.5/4") as url:
+        paid = await core.new_tenant(tier="paid")
+        async with httpx.AsyncClient(base_url=url, headers={"authorization": f"Bearer {paid.key}"}, timeout=10) as http, httpx.AsyncClient(base_url=url, timeout=10) as anonymous:
+            created = await create_workflow(http, slack, trigger="webhook")  # the key's first check: 1 of 4
+            bad = {"authorization": "Bearer ipk_made_up"}
+            refused = await anonymous.get("/api/workflows", headers=bad)  # 2
+            keyless = [await anonymous.get("/api/workflows") for _ in range(3)]  # 3, 4, over
+            other_bad = await anonymous.get("/api/workflows", headers={"authorization": "Bearer ipk_other"})
+            refused_again = await anonymous.get("/api/workflows", headers=bad)
+            await asyncio.sleep(0.2)
+            own = await http.get("/api/workflows")
+            raw, signed = signed_webhook(created["webhook_secret"], {"order": {"id": 1}}, "evt_1")
+            hook = await anonymous.post(f"/api/webhooks/{created['workflow']['id']}", content=raw, headers=signed)
+            live = await anonymous.get("/health/live")
+    assert refused.status_code == 401 and [r.status_code for r in keyless] == [401, 401, 429], [r.text for r in keyless]
+    assert assert_envelope(keyless[-1], False)["error"]["code"] == "rate_limited" and int(keyless[-1].headers["retry-after"]) >= 1
+    assert keyless[0].headers["ratelimit-policy"] == '"anonymous";q=4;w=8'
+    assert other_bad.status_code == 429  # a key never accepted waits with the anonymous requests
+    # Refused from memory, before the budget (which would say 429) and the core are asked.
+    assert refused_again.status_code == 401 and refused_again.json()["error"] == refused.json()["error"]
+    assert own.status_code == 200 and own.headers["ratelimit-policy"].startswith('"paid"'), own.text
+    assert hook.status_code == 202 and live.status_code == 200, hook.text
+
+
 async def test_a_dead_redis_lets_requests_through_but_not_keyed_ones(tmp_path, caplog) -> None:
     """Redis down: the rate limiter lets requests through (one warning, not one per request,
     without the URL's password), a keyed request gets 503 (its key cannot be honoured), and
@@ -524,6 +605,34 @@ async def test_oversized_input_gets_a_plain_answer_not_transport_text(stack) -> 
     # Within the bounds nothing changes, and the core's own 429 (queue full) stays a 429: see above.
     assert (await http.get("/api/workflows/" + "a" * 256)).status_code == 404
     assert (await http.get("/api/executions", params={"workflow_id": "w" * 256})).status_code == 200
+
+
+async def test_request_headers_past_64_kib_get_431_on_every_route(stack) -> None:
+    """A signed webhook with megabytes of headers got 502 ("the core's answer could not be
+    read": its headers overran the gRPC message), which its sender retries forever. Heads
+    past 64 KiB are refused at once, on every route, in the envelope."""
+    core, http, slack = stack
+    created = await create_workflow(http, slack, trigger="webhook")
+    raw, signed = signed_webhook(created["webhook_secret"], {"order": {"id": "H"}}, "evt_h")
+    hook = f"/api/webhooks/{created['workflow']['id']}"
+    host, port = str(http.base_url).removeprefix("http://").rstrip("/").split(":")
+
+    async def sent(head: bytes, body: bytes = b"") -> tuple[int, dict]:
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(head + b"".join(b"x-pad-%d: " % i + b"a" * 100_000 + b"\r\n" for i in range(50)) + b"\r\n" + body)
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.read(), 20)  # the connection is closed after it
+        writer.close()
+        status_line, _, rest = answer.partition(b"\r\n")
+        return int(status_line.split()[1]), orjson.loads(rest.partition(b"\r\n\r\n")[2])
+
+    webhook_head = f"POST {hook} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(raw)}\r\n" + "".join(f"{k}: {v}\r\n" for k, v in signed.items())
+    for head, body in [(webhook_head.encode(), raw), (b"GET /api/workflows HTTP/1.1\r\nHost: x\r\n", b""), (b"GET /health/live HTTP/1.1\r\nHost: x\r\n", b"")]:
+        status, answer = await sent(head, body)
+        assert status == 431 and answer["success"] is False and answer["error"]["code"] == "request_header_fields_too_large", (head, answer)
+    # Within the limit a webhook's headers still reach the core.
+    padded = await http.post(hook, content=raw, headers={**signed, "x-pad": "a" * 60_000})
+    assert padded.status_code == 202, padded.text
 
 
 async def test_header_values_that_cannot_be_passed_on_get_4xx(stack) -> None:

@@ -8,7 +8,7 @@ import asyncio
 import pytest
 
 from ipaas.wire import MAX_MESSAGE_BYTES
-from ipaas.gateway.webhook_batch import MAX_BATCH, WebhookBatcher
+from ipaas.gateway.webhook_batch import MAX_BATCH, OversizedDelivery, WebhookBatcher
 from ipaas.v1 import executions_pb2 as pb
 
 
@@ -87,6 +87,19 @@ async def test_batches_stay_within_one_grpc_message() -> None:
     await asyncio.gather(*(batcher.submit(d) for d in big), *(batcher.submit(delivery(n)) for n in range(20)))
     assert all(size <= MAX_MESSAGE_BYTES for size in sizes) and len(sizes) >= 3, sizes
     assert sum(sizes) > 9 * len(body)
+
+
+async def test_a_webhook_too_large_for_one_message_is_refused_not_sent() -> None:
+    """Alone in its call it would still pass gRPC's limit: the call would fail (a 502 its
+    sender retries forever), and the others that left with it would fail beside it."""
+    core = Core()
+    batcher = WebhookBatcher(core.send)
+    headers = {f"x-pad-{n}": "a" * 100_000 for n in range(45)}  # 4.5 MB
+    oversized = pb.WebhookDelivery(webhook=pb.ReceiveWebhookRequest(workflow_id="wf_big", headers=headers), request_id="r")
+    refused, *others = await asyncio.gather(batcher.submit(oversized), batcher.submit(delivery(1)), batcher.submit(delivery(2)), return_exceptions=True)
+    assert isinstance(refused, OversizedDelivery)
+    assert [r.accepted.execution_id for r in others] == ["wf_1", "wf_2"]
+    assert core.calls == [["wf_1", "wf_2"]]
 
 
 async def test_a_failed_call_fails_each_of_its_senders() -> None:
