@@ -4,15 +4,40 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+import traceback
+from pathlib import Path
 from typing import Any, Sequence
 
 from ipaas.settings import Settings
+
+
+EXIT_ERROR = 1
+# A server (core or gateway) that stops before it ever served: the same settings would fail
+# the same way again, so `serve` does not restart it (nor should systemd:
+# RestartPreventExitStatus=3). It is also what uvicorn returns when the gateway cannot start.
+EXIT_START_FAILED = 3
+
+EXIT_CODES = """exit codes:
+  0  done (a server: stopped cleanly)
+  1  error, said in one line on stderr (a traceback too with IPAAS_LOG_LEVEL=DEBUG);
+     serve: a process failed to start, or kept exiting
+  2  bad command line
+  3  core or gateway: failed to start (port in use, database unreachable, ...)"""
+
+
+class CliError(Exception):
+    """A problem the operator can fix, said in one line."""
+
+
+class StartupFailed(Exception):
+    """A server stopped before it ever served; the cause is the reason."""
 
 
 def _print(data: Any, as_json: bool, lines: list[str]) -> None:
@@ -20,6 +45,45 @@ def _print(data: Any, as_json: bool, lines: list[str]) -> None:
         print(json.dumps(data, indent=2, default=str))
     else:
         print("\n".join(lines))
+
+
+def database_label(url: str) -> str:
+    """The database a URL names, for the operator: a SQLite file's absolute path, a server's
+    URL without its password."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        parsed = make_url(url)
+    except Exception:
+        return "(IPAAS_DATABASE_URL, unparsable)"
+    if parsed.get_backend_name() == "sqlite" and parsed.database and parsed.database != ":memory:":
+        return str(Path(parsed.database).resolve())
+    return parsed.render_as_string(hide_password=True)
+
+
+def check_database_url(url: str) -> None:
+    from sqlalchemy.engine import make_url
+
+    expected = "simple-ipaas uses sqlite:///<path> or postgresql://user@host/db"
+    try:
+        backend = make_url(url).get_backend_name()
+    except Exception:
+        raise CliError(f"IPAAS_DATABASE_URL is not a database URL: {expected}") from None
+    if backend not in ("sqlite", "postgresql"):
+        raise CliError(f"IPAAS_DATABASE_URL is {database_label(url)}: {expected}")
+
+
+def _run_store(settings: Settings, action) -> Any:  # type: ignore[no-untyped-def]
+    check_database_url(settings.database_url)
+
+    async def main() -> Any:
+        db, store = await _tenant_store(settings)
+        try:
+            return await action(store)
+        finally:
+            await db.dispose()
+
+    return asyncio.run(main())
 
 
 async def _tenant_store(settings: Settings):  # type: ignore[no-untyped-def]
@@ -36,20 +100,38 @@ async def _tenant_store(settings: Settings):  # type: ignore[no-untyped-def]
     return db, TenantStore(db, admin_key)
 
 
-def _run_store(settings: Settings, action) -> Any:  # type: ignore[no-untyped-def]
-    async def main() -> Any:
-        db, store = await _tenant_store(settings)
-        try:
-            return await action(store)
-        finally:
-            await db.dispose()
+def _one_line(text: str) -> str:
+    return "; ".join(" ".join(line.split()) for line in text.splitlines() if line.strip())
+
+
+def explain(exc: BaseException, settings: Settings) -> str | None:
+    """One line for a failure the operator can fix; None for anything else (a bug keeps its
+    traceback)."""
+    from sqlalchemy.exc import InterfaceError, OperationalError
 
     from ipaas.errors import IpaasError
 
-    try:
-        return asyncio.run(main())
-    except IpaasError as exc:
-        raise SystemExit(f"error: {exc}") from None
+    if isinstance(exc, (CliError, IpaasError)):
+        return str(exc)
+    if isinstance(exc, SystemExit):
+        # Settings and migrations stop with a message already meant for the operator.
+        return exc.code.removeprefix("error: ") if isinstance(exc.code, str) else None
+    if isinstance(exc, (OperationalError, InterfaceError)):
+        where, reason = database_label(settings.database_url), _one_line(str(exc.orig or exc))
+        if settings.database_url.startswith("sqlite"):
+            return f"cannot open the database {where}: {reason}; check IPAAS_DATA_DIR (or IPAAS_DATABASE_URL) and the file's permissions"
+        return f"cannot connect to the database {where}: {reason}; check IPAAS_DATABASE_URL and that the server is up"
+    if isinstance(exc, OSError) and exc.filename is not None:
+        return f"cannot use {exc.filename}: {exc.strerror or exc}; check IPAAS_DATA_DIR (now {settings.data_dir.resolve()}) names a directory this user can create and write"
+    if isinstance(exc, RuntimeError) and "Failed to bind to address" in str(exc):
+        return f"cannot listen on {settings.grpc_listen} (IPAAS_GRPC_LISTEN): the address is in use or not available here; stop what holds it or set IPAAS_GRPC_LISTEN"
+    return None
+
+
+def _report(exc: BaseException, message: str, debug: bool) -> None:
+    if debug:
+        traceback.print_exception(exc)
+    print(f"error: {message}", file=sys.stderr, flush=True)
 
 
 # The SQLite writer thread holds the database's one write lock across statements; each
@@ -71,7 +153,13 @@ def cmd_core(settings: Settings, _args: argparse.Namespace) -> int:
 
     async def main() -> None:
         server = CoreServer(settings)
-        await server.start()
+        try:
+            check_database_url(settings.database_url)
+            await server.start()
+        except (Exception, SystemExit) as exc:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(server.stop(grace=0), 10)
+            raise StartupFailed("the core failed to start") from exc
         heap.after_startup()
         if server.admin_key_generated:
             print(f"admin key (shown once, saved in {settings.data_dir}/admin.key): {server.admin_key}", file=sys.stderr, flush=True)
@@ -129,13 +217,21 @@ def cmd_serve(settings: Settings, _args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, stop)
     procs["core"] = subprocess.Popen(commands["core"])
     time.sleep(0.5)  # let the core create the data dir and admin key before the gateway starts
-    procs["gateway"] = subprocess.Popen(commands["gateway"])
+    if procs["core"].poll() != EXIT_START_FAILED:
+        procs["gateway"] = subprocess.Popen(commands["gateway"])
+    relaunched: set[str] = set()
     code = 0
     while not stopping:
         time.sleep(0.2)
         for name, proc in list(procs.items()):
             if proc.poll() is None:
                 continue
+            if proc.returncode == EXIT_START_FAILED and name not in relaunched:
+                # It never served and has said why on stderr; started again with the same
+                # settings it would fail the same way. (A restart after a crash that cannot
+                # start counts against the restart budget below instead: the cause may pass.)
+                stopping, code = True, EXIT_ERROR
+                break
             recent = [t for t in restarts[name] if time.monotonic() - t < 60]
             if len(recent) >= 5:
                 print(f"{name} keeps exiting (code {proc.returncode}); stopping", file=sys.stderr)
@@ -144,6 +240,7 @@ def cmd_serve(settings: Settings, _args: argparse.Namespace) -> int:
             restarts[name] = [*recent, time.monotonic()]
             print(f"{name} exited with code {proc.returncode}; restarting", file=sys.stderr)
             procs[name] = subprocess.Popen(commands[name])
+            relaunched.add(name)
     for proc in procs.values():
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
@@ -158,6 +255,7 @@ def cmd_serve(settings: Settings, _args: argparse.Namespace) -> int:
 def cmd_migrate(settings: Settings, _args: argparse.Namespace) -> int:
     from ipaas.storage import migrate
 
+    check_database_url(settings.database_url)
     migrate.upgrade(settings.database_url)
     print(f"database at revision {migrate.current_revision(settings.database_url)}")
     return 0
@@ -211,12 +309,13 @@ def cmd_connectors_list(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ipaas", description="simple-ipaas: a small, self-hosted integration platform")
+    raw = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(prog="ipaas", description="simple-ipaas: a small, self-hosted integration platform", epilog=EXIT_CODES, formatter_class=raw)
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("serve", help="run the whole platform (core and gateway)").set_defaults(func=cmd_serve)
-    sub.add_parser("core", help="run the gRPC core").set_defaults(func=cmd_core)
+    sub.add_parser("serve", help="run the whole platform (core and gateway)", epilog="A process that fails to start stops serve (exit 1); one that exits later is restarted, at most five times a minute.").set_defaults(func=cmd_serve)
+    sub.add_parser("core", help="run the gRPC core", epilog="Exits 3 if it fails to start (port in use, database unreachable, ...).").set_defaults(func=cmd_core)
     sub.add_parser("engine", help="run only the delivery engine (the core starts these itself with IPAAS_ENGINE_PROCESSES)").set_defaults(func=cmd_engine)
-    sub.add_parser("gateway", help="run the REST gateway").set_defaults(func=cmd_gateway)
+    sub.add_parser("gateway", help="run the REST gateway", epilog="Exits 3 if it fails to start (port in use, ...).").set_defaults(func=cmd_gateway)
     sub.add_parser("migrate", help="apply database migrations").set_defaults(func=cmd_migrate)
 
     tenants = sub.add_parser("tenants", help="manage tenants").add_subparsers(dest="tenants_command", required=True)
@@ -248,8 +347,32 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        settings: Settings | None = Settings.from_env(os.environ)
+        unreadable = None
+    except SystemExit as exc:
+        settings, unreadable = None, exc
     args = build_parser().parse_args(argv)
-    return int(args.func(Settings.from_env(os.environ), args) or 0)
+    if settings is None:
+        print(f"error: {unreadable.code if unreadable else 'unreadable settings'}", file=sys.stderr)
+        return EXIT_ERROR
+    debug = settings.log_level == "DEBUG"
+    try:
+        return int(args.func(settings, args) or 0)
+    except StartupFailed as exc:
+        cause = exc.__cause__ or exc
+        message = explain(cause, settings)
+        if message is None:
+            traceback.print_exception(cause)
+            message = f"{exc}: {type(cause).__name__}: {cause}"
+        _report(cause, message, debug)
+        return EXIT_START_FAILED
+    except (Exception, SystemExit) as exc:
+        message = explain(exc, settings)
+        if message is None:
+            raise
+        _report(exc, message, debug)
+        return EXIT_ERROR
 
 
 if __name__ == "__main__":
