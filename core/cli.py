@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -73,31 +74,67 @@ def check_database_url(url: str) -> None:
         raise CliError(f"IPAAS_DATABASE_URL is {database_label(url)}: {expected}")
 
 
+_WHERE = "run this from the directory the platform runs in, or set IPAAS_DATA_DIR (or IPAAS_DATABASE_URL) to the platform's"
+
+
+def _known_revision(revision: str) -> bool:
+    from alembic.script import ScriptDirectory
+    from alembic.util.exc import CommandError
+
+    from ipaas.storage import migrate
+
+    try:
+        return ScriptDirectory.from_config(migrate.alembic_config("sqlite://")).get_revision(revision) is not None
+    except CommandError:
+        return False
+
+
+def platform_database(settings: Settings) -> str:
+    """The URL of the platform's database, checked to exist and to have this release's schema.
+
+    Management commands work on the database the core uses. They never create it (run from
+    another directory, that made a second platform whose keys the real core rejects) and
+    never migrate it (that is `ipaas migrate`'s and the core's start-up's job, under its lock).
+    """
+    from sqlalchemy.engine import make_url
+
+    from ipaas.storage import migrate
+
+    url = settings.database_url
+    check_database_url(url)
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        if not parsed.database or parsed.database == ":memory:":
+            raise CliError(f"IPAAS_DATABASE_URL names an in-memory SQLite database, which holds no platform: {_WHERE}")
+        if not Path(parsed.database).is_file():
+            raise CliError(f"no database at {database_label(url)}: {_WHERE}")
+    revision, head = migrate.current_revision(url), migrate.head_revision()
+    if revision is None:
+        raise CliError(f"the database {database_label(url)} has no simple-ipaas schema (never migrated): {_WHERE}; a new platform is set up by `ipaas migrate` or by starting it")
+    if revision != head:
+        if _known_revision(revision):
+            # This release's code would read and write tables the old schema lacks.
+            raise CliError(f"the database {database_label(url)} is at schema revision {revision}, older than this release's {head}: run `ipaas migrate` (or start this release's core, which migrates) first; this command does not change the schema")
+        raise CliError(f"the database {database_label(url)} is at schema revision {revision}, which this release does not know: it was migrated by a newer release; use that release's ipaas")
+    return url
+
+
 def _run_store(settings: Settings, action) -> Any:  # type: ignore[no-untyped-def]
-    check_database_url(settings.database_url)
+    url = platform_database(settings)
 
     async def main() -> Any:
-        db, store = await _tenant_store(settings)
+        from ipaas.storage.db import Database
+        from ipaas.tenants import TenantStore
+
+        db = Database(url)
         try:
-            return await action(store)
+            # The store only uses the admin key to recognise admin callers, and these commands
+            # authenticate nobody: a throwaway value spares reading (or creating) the real one.
+            return await action(TenantStore(db, secrets.token_urlsafe(32)))
         finally:
             await db.dispose()
 
     return asyncio.run(main())
-
-
-async def _tenant_store(settings: Settings):  # type: ignore[no-untyped-def]
-    from ipaas import auth
-    from ipaas.storage import migrate
-    from ipaas.storage.db import Database
-    from ipaas.tenants import TenantStore
-
-    await asyncio.to_thread(migrate.upgrade, settings.database_url)
-    admin_key, generated = auth.load_admin_key(settings.admin_key, settings.data_dir)
-    if generated:
-        print(f"admin key (shown once, saved in {settings.data_dir / auth.ADMIN_KEY_FILE}): {admin_key}", file=sys.stderr)
-    db = Database(settings.database_url)
-    return db, TenantStore(db, admin_key)
 
 
 def _one_line(text: str) -> str:
@@ -308,7 +345,18 @@ def cmd_connectors_list(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _database_help(settings: Settings | None) -> str:
+    here = database_label(settings.database_url) if settings is not None else "(settings unreadable)"
+    return (
+        "These commands work on the platform's existing database: IPAAS_DATABASE_URL, else "
+        "ipaas.db in IPAAS_DATA_DIR (default ./.ipaas, in the current directory). They never "
+        "create it or change its schema; run them from the platform's directory or with its "
+        f"settings. With the current settings: {here}"
+    )
+
+
+
+def build_parser(settings: Settings | None = None) -> argparse.ArgumentParser:
     raw = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(prog="ipaas", description="simple-ipaas: a small, self-hosted integration platform", epilog=EXIT_CODES, formatter_class=raw)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -316,25 +364,26 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("core", help="run the gRPC core", epilog="Exits 3 if it fails to start (port in use, database unreachable, ...).").set_defaults(func=cmd_core)
     sub.add_parser("engine", help="run only the delivery engine (the core starts these itself with IPAAS_ENGINE_PROCESSES)").set_defaults(func=cmd_engine)
     sub.add_parser("gateway", help="run the REST gateway", epilog="Exits 3 if it fails to start (port in use, ...).").set_defaults(func=cmd_gateway)
-    sub.add_parser("migrate", help="apply database migrations").set_defaults(func=cmd_migrate)
+    sub.add_parser("migrate", help="apply database migrations (creates the database if needed)").set_defaults(func=cmd_migrate)
 
-    tenants = sub.add_parser("tenants", help="manage tenants").add_subparsers(dest="tenants_command", required=True)
-    create = tenants.add_parser("create", help="create a tenant")
+    managed = {"epilog": _database_help(settings)}
+    tenants = sub.add_parser("tenants", help="manage tenants", **managed).add_subparsers(dest="tenants_command", required=True)
+    create = tenants.add_parser("create", help="create a tenant", **managed)
     create.add_argument("name")
     create.add_argument("--tier", choices=["free", "paid"], default="free")
     create.add_argument("--json", action="store_true")
     create.set_defaults(func=cmd_tenants_create)
-    listing = tenants.add_parser("list", help="list tenants")
+    listing = tenants.add_parser("list", help="list tenants", **managed)
     listing.add_argument("--json", action="store_true")
     listing.set_defaults(func=cmd_tenants_list)
 
-    keys = sub.add_parser("keys", help="manage API keys").add_subparsers(dest="keys_command", required=True)
-    kcreate = keys.add_parser("create", help="create an API key for a tenant")
+    keys = sub.add_parser("keys", help="manage API keys", **managed).add_subparsers(dest="keys_command", required=True)
+    kcreate = keys.add_parser("create", help="create an API key for a tenant", **managed)
     kcreate.add_argument("tenant_id")
     kcreate.add_argument("--name", default="cli")
     kcreate.add_argument("--json", action="store_true")
     kcreate.set_defaults(func=cmd_keys_create)
-    krevoke = keys.add_parser("revoke", help="revoke an API key")
+    krevoke = keys.add_parser("revoke", help="revoke an API key", **managed)
     krevoke.add_argument("key_id")
     krevoke.add_argument("--json", action="store_true")
     krevoke.set_defaults(func=cmd_keys_revoke)
@@ -352,7 +401,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         unreadable = None
     except SystemExit as exc:
         settings, unreadable = None, exc
-    args = build_parser().parse_args(argv)
+    args = build_parser(settings).parse_args(argv)
     if settings is None:
         print(f"error: {unreadable.code if unreadable else 'unreadable settings'}", file=sys.stderr)
         return EXIT_ERROR

@@ -1,8 +1,10 @@
-"""The operator's command line: what an operator can fix (a wrong URL or data dir, a database
-down, a port taken) is said in one line, not in a traceback."""
+"""The operator's command line outside `serve`: management commands work on the platform's
+existing database and never create one, and what an operator can fix (a wrong directory or
+URL, a database down, a port taken) is said in one line, not in a traceback."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import socket
@@ -11,7 +13,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from sqlalchemy import create_engine
 
+from ipaas.storage import migrate
+from ipaas.storage.db import sync_url
 from tests.conftest import free_port
 
 
@@ -32,6 +37,87 @@ def one_error_line(done: subprocess.CompletedProcess[str]) -> str:
     assert len(lines) == 1 and lines[0].startswith("error: "), done.stderr[-3000:]
     assert "Traceback" not in done.stderr
     return lines[0]
+
+
+MANAGEMENT = (["tenants", "list"], ["tenants", "create", "acme"], ["keys", "create", "tn_nope"], ["keys", "revoke", "key_nope"])
+
+
+def test_management_commands_never_create_a_database_or_an_admin_key(tmp_path: Path) -> None:
+    """Run where the platform is not (another directory, no settings), they used to create a
+    fresh database and admin key there and report success with keys the real core rejects."""
+    where = tmp_path.resolve()
+    for args in MANAGEMENT:
+        done = run_cli(*args, cwd=where)
+        line = one_error_line(done)
+        assert done.returncode == 1 and done.stdout == "", (args, done.stdout)
+        assert f"no database at {where / '.ipaas' / 'ipaas.db'}" in line and "IPAAS_DATA_DIR" in line and "IPAAS_DATABASE_URL" in line, line
+    assert list(where.iterdir()) == [], "nothing is created"
+
+
+def test_management_commands_use_the_platforms_database_and_leave_its_admin_key_alone(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    assert run_cli("migrate", cwd=tmp_path, IPAAS_DATA_DIR=str(data)).returncode == 0
+
+    created = run_cli("tenants", "create", "acme", "--json", cwd=elsewhere, IPAAS_DATA_DIR=str(data))
+    assert created.returncode == 0 and created.stderr == "", created.stderr
+    tenant = json.loads(created.stdout)["id"]
+    key = run_cli("keys", "create", tenant, "--json", cwd=elsewhere, IPAAS_DATA_DIR=str(data))
+    assert key.returncode == 0 and key.stderr == "" and json.loads(key.stdout)["secret"].startswith("ipk_"), key.stderr
+    listed = run_cli("tenants", "list", cwd=elsewhere, IPAAS_DATABASE_URL=f"sqlite:///{data / 'ipaas.db'}")
+    assert listed.returncode == 0 and "acme" in listed.stdout and listed.stderr == "", listed.stderr
+    assert not (data / "admin.key").exists(), "only the core generates the admin key"
+    assert list(elsewhere.iterdir()) == []
+
+
+def test_management_commands_refuse_a_database_without_the_schema(tmp_path: Path) -> None:
+    empty = tmp_path / "ipaas.db"
+    empty.touch()
+    done = run_cli("tenants", "list", cwd=tmp_path, IPAAS_DATA_DIR=str(tmp_path))
+    line = one_error_line(done)
+    assert done.returncode == 1 and "never migrated" in line and "ipaas migrate" in line, line
+    assert empty.stat().st_size == 0, "no migration ran"
+
+
+def test_management_commands_refuse_a_schema_from_a_newer_release(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'ipaas.db'}"
+    migrate.upgrade(url)
+    with create_engine(sync_url(url)).begin() as conn:
+        conn.exec_driver_sql("UPDATE alembic_version SET version_num = '0099_from_the_future'")
+    done = run_cli("tenants", "list", cwd=tmp_path, IPAAS_DATABASE_URL=url)
+    line = one_error_line(done)
+    assert done.returncode == 1 and "0099_from_the_future" in line and "newer release" in line, line
+
+
+def test_management_commands_refuse_a_schema_older_than_the_code(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A release with a new migration, run against a database the old core migrated: the
+    command would read or write tables the schema lacks, so it asks for `ipaas migrate`
+    (it never migrates itself) and leaves the database as it was."""
+    from ipaas import cli
+    from ipaas.settings import Settings
+
+    url = f"sqlite:///{tmp_path / 'ipaas.db'}"
+    migrate.upgrade(url)
+    current = migrate.head_revision()
+    monkeypatch.setattr(cli, "_known_revision", lambda revision: revision in (current, "0002_next"))
+    monkeypatch.setattr(migrate, "head_revision", lambda: "0002_next")
+    with pytest.raises(cli.CliError, match=rf"schema revision {current}, older than this release's 0002_next: run `ipaas migrate`"):
+        cli.platform_database(Settings.from_env({"IPAAS_DATABASE_URL": url}))
+    assert migrate.current_revision(url) == current
+
+
+@pytest.mark.postgres
+def test_management_commands_refuse_an_unmigrated_postgres_database(postgres_url: str, tmp_path: Path) -> None:
+    import psycopg
+
+    done = run_cli("keys", "create", "tn_nope", cwd=tmp_path, IPAAS_DATABASE_URL=postgres_url)
+    line = one_error_line(done)
+    assert done.returncode == 1 and "never migrated" in line, line
+    with psycopg.connect(postgres_url) as conn:
+        tables = conn.execute("SELECT count(*) FROM information_schema.tables WHERE table_schema = 'public'").fetchone()
+    assert tables == (0,), "no migration ran"
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize(
