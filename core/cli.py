@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import secrets
 import signal
@@ -337,9 +338,18 @@ def cmd_keys_revoke(settings: Settings, args: argparse.Namespace) -> int:
 def cmd_connectors_list(settings: Settings, args: argparse.Namespace) -> int:
     from ipaas.plugin_host import load_registry
 
+    if settings.log_level != "DEBUG":
+        # Each rejected plugin is printed below as a "not loaded" line; its log record would
+        # say it a second time.
+        logging.getLogger("ipaas.plugins").setLevel(logging.CRITICAL)
     registry = load_registry(settings)
     data = {"connectors": registry.describe(), "problems": [{"distribution": d, "reason": r} for d, r in registry.problems]}
-    lines = [f"{c['name']:14} {c['version']:8} {', '.join(a['name'] for a in c['actions'])}" for c in data["connectors"]]
+    rows = [(c["name"], c["version"], c["distribution"], ", ".join(a["name"] for a in c["actions"])) for c in data["connectors"]]
+    lines = []
+    if rows:
+        rows.insert(0, ("CONNECTOR", "VERSION", "DISTRIBUTION", "ACTIONS"))
+        widths = [max(len(row[i]) for row in rows) for i in range(3)]
+        lines = [" ".join(cell.ljust(width) for cell, width in zip(row, widths)) + " " + row[3] for row in rows]
     lines += [f"not loaded: {p['distribution']}: {p['reason']}" for p in data["problems"]]
     _print(data, args.json, lines or ["no connectors installed"])
     return 0
@@ -354,6 +364,8 @@ def _database_help(settings: Settings | None) -> str:
         f"settings. With the current settings: {here}"
     )
 
+
+SERVERS = (cmd_serve, cmd_core, cmd_engine, cmd_gateway)
 
 
 def build_parser(settings: Settings | None = None) -> argparse.ArgumentParser:
@@ -389,7 +401,7 @@ def build_parser(settings: Settings | None = None) -> argparse.ArgumentParser:
     krevoke.set_defaults(func=cmd_keys_revoke)
 
     connectors = sub.add_parser("connectors", help="installed connectors").add_subparsers(dest="connectors_command", required=True)
-    clist = connectors.add_parser("list", help="list installed connectors")
+    clist = connectors.add_parser("list", help="list installed connectors, with the distribution providing each, and plugins that failed to load")
     clist.add_argument("--json", action="store_true")
     clist.set_defaults(func=cmd_connectors_list)
     return parser
@@ -406,6 +418,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {unreadable.code if unreadable else 'unreadable settings'}", file=sys.stderr)
         return EXIT_ERROR
     debug = settings.log_level == "DEBUG"
+    if args.func not in SERVERS:
+        from ipaas.logs import configure_logging
+
+        # A command that prints its result logs only what went wrong (everything with DEBUG).
+        configure_logging("DEBUG" if debug else "WARNING")
     try:
         return int(args.func(settings, args) or 0)
     except StartupFailed as exc:

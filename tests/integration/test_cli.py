@@ -180,3 +180,19 @@ def test_serve_does_not_restart_a_process_that_fails_to_start(tmp_path: Path, bl
     else:
         (line,) = said(done.stderr)
         assert "address already in use" in line, done.stderr[-3000:]
+
+
+def test_connectors_list_shows_distributions_and_reports_a_broken_plugin_once(tmp_path: Path) -> None:
+    (tmp_path / "ipaas_exploding.py").write_text("raise RuntimeError('plugin bug at import')\n")
+    dist = tmp_path / "ipaas_exploding-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: ipaas-exploding\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[ipaas.connectors]\nexploding = ipaas_exploding\n")
+    path = os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", ""), str(Path(__file__).resolve().parents[2])])
+    done = run_cli("connectors", "list", cwd=tmp_path, PYTHONPATH=path)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    slack = next(line for line in lines if line.startswith("slack "))
+    assert slack.split()[:3] == ["slack", "0.1.0", "ipaas-slack"], slack
+    assert "not loaded: ipaas-exploding: import failed: RuntimeError: plugin bug at import" in lines
+    assert done.stderr == "", "the problem is printed once, as a line of the listing"
