@@ -4,15 +4,42 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
+import logging
 import os
+import secrets
 import signal
 import subprocess
 import sys
 import time
+import traceback
+from pathlib import Path
 from typing import Any, Sequence
 
 from ipaas.settings import Settings
+
+
+EXIT_ERROR = 1
+# A server (core or gateway) that stops before it ever served: the same settings would fail
+# the same way again, so `serve` does not restart it (nor should systemd:
+# RestartPreventExitStatus=3). It is also what uvicorn returns when the gateway cannot start.
+EXIT_START_FAILED = 3
+
+EXIT_CODES = """exit codes:
+  0  done (a server: stopped cleanly)
+  1  error, said in one line on stderr (a traceback too with IPAAS_LOG_LEVEL=DEBUG);
+     serve: a process failed to start, or kept exiting
+  2  bad command line
+  3  core or gateway: failed to start (port in use, database unreachable, ...)"""
+
+
+class CliError(Exception):
+    """A problem the operator can fix, said in one line."""
+
+
+class StartupFailed(Exception):
+    """A server stopped before it ever served; the cause is the reason."""
 
 
 def _print(data: Any, as_json: bool, lines: list[str]) -> None:
@@ -22,34 +49,127 @@ def _print(data: Any, as_json: bool, lines: list[str]) -> None:
         print("\n".join(lines))
 
 
-async def _tenant_store(settings: Settings):  # type: ignore[no-untyped-def]
-    from ipaas import auth
-    from ipaas.storage import migrate
-    from ipaas.storage.db import Database
-    from ipaas.tenants import TenantStore
+def database_label(url: str) -> str:
+    """The database a URL names, for the operator: a SQLite file's absolute path, a server's
+    URL without its password."""
+    from sqlalchemy.engine import make_url
 
-    await asyncio.to_thread(migrate.upgrade, settings.database_url)
-    admin_key, generated = auth.load_admin_key(settings.admin_key, settings.data_dir)
-    if generated:
-        print(f"admin key (shown once, saved in {settings.data_dir / auth.ADMIN_KEY_FILE}): {admin_key}", file=sys.stderr)
-    db = Database(settings.database_url)
-    return db, TenantStore(db, admin_key)
+    try:
+        parsed = make_url(url)
+    except Exception:
+        return "(IPAAS_DATABASE_URL, unparsable)"
+    if parsed.get_backend_name() == "sqlite" and parsed.database and parsed.database != ":memory:":
+        return str(Path(parsed.database).resolve())
+    return parsed.render_as_string(hide_password=True)
+
+
+def check_database_url(url: str) -> None:
+    from sqlalchemy.engine import make_url
+
+    expected = "simple-ipaas uses sqlite:///<path> or postgresql://user@host/db"
+    try:
+        backend = make_url(url).get_backend_name()
+    except Exception:
+        raise CliError(f"IPAAS_DATABASE_URL is not a database URL: {expected}") from None
+    if backend not in ("sqlite", "postgresql"):
+        raise CliError(f"IPAAS_DATABASE_URL is {database_label(url)}: {expected}")
+
+
+_WHERE = "run this from the directory the platform runs in, or set IPAAS_DATA_DIR (or IPAAS_DATABASE_URL) to the platform's"
+
+
+def _known_revision(revision: str) -> bool:
+    from alembic.script import ScriptDirectory
+    from alembic.util.exc import CommandError
+
+    from ipaas.storage import migrate
+
+    try:
+        return ScriptDirectory.from_config(migrate.alembic_config("sqlite://")).get_revision(revision) is not None
+    except CommandError:
+        return False
+
+
+def platform_database(settings: Settings) -> str:
+    """The URL of the platform's database, checked to exist and to have this release's schema.
+
+    Management commands work on the database the core uses. They never create it (run from
+    another directory, that made a second platform whose keys the real core rejects) and
+    never migrate it (that is `ipaas migrate`'s and the core's start-up's job, under its lock).
+    """
+    from sqlalchemy.engine import make_url
+
+    from ipaas.storage import migrate
+
+    url = settings.database_url
+    check_database_url(url)
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        if not parsed.database or parsed.database == ":memory:":
+            raise CliError(f"IPAAS_DATABASE_URL names an in-memory SQLite database, which holds no platform: {_WHERE}")
+        if not Path(parsed.database).is_file():
+            raise CliError(f"no database at {database_label(url)}: {_WHERE}")
+    revision, head = migrate.current_revision(url), migrate.head_revision()
+    if revision is None:
+        raise CliError(f"the database {database_label(url)} has no simple-ipaas schema (never migrated): {_WHERE}; a new platform is set up by `ipaas migrate` or by starting it")
+    if revision != head:
+        if _known_revision(revision):
+            # This release's code would read and write tables the old schema lacks.
+            raise CliError(f"the database {database_label(url)} is at schema revision {revision}, older than this release's {head}: run `ipaas migrate` (or start this release's core, which migrates) first; this command does not change the schema")
+        raise CliError(f"the database {database_label(url)} is at schema revision {revision}, which this release does not know: it was migrated by a newer release; use that release's ipaas")
+    return url
 
 
 def _run_store(settings: Settings, action) -> Any:  # type: ignore[no-untyped-def]
+    url = platform_database(settings)
+
     async def main() -> Any:
-        db, store = await _tenant_store(settings)
+        from ipaas.storage.db import Database
+        from ipaas.tenants import TenantStore
+
+        db = Database(url)
         try:
-            return await action(store)
+            # The store only uses the admin key to recognise admin callers, and these commands
+            # authenticate nobody: a throwaway value spares reading (or creating) the real one.
+            return await action(TenantStore(db, secrets.token_urlsafe(32)))
         finally:
             await db.dispose()
 
+    return asyncio.run(main())
+
+
+def _one_line(text: str) -> str:
+    return "; ".join(" ".join(line.split()) for line in text.splitlines() if line.strip())
+
+
+def explain(exc: BaseException, settings: Settings) -> str | None:
+    """One line for a failure the operator can fix; None for anything else (a bug keeps its
+    traceback)."""
+    from sqlalchemy.exc import InterfaceError, OperationalError
+
     from ipaas.errors import IpaasError
 
-    try:
-        return asyncio.run(main())
-    except IpaasError as exc:
-        raise SystemExit(f"error: {exc}") from None
+    if isinstance(exc, (CliError, IpaasError)):
+        return str(exc)
+    if isinstance(exc, SystemExit):
+        # Settings and migrations stop with a message already meant for the operator.
+        return exc.code.removeprefix("error: ") if isinstance(exc.code, str) else None
+    if isinstance(exc, (OperationalError, InterfaceError)):
+        where, reason = database_label(settings.database_url), _one_line(str(exc.orig or exc))
+        if settings.database_url.startswith("sqlite"):
+            return f"cannot open the database {where}: {reason}; check IPAAS_DATA_DIR (or IPAAS_DATABASE_URL) and the file's permissions"
+        return f"cannot connect to the database {where}: {reason}; check IPAAS_DATABASE_URL and that the server is up"
+    if isinstance(exc, OSError) and exc.filename is not None:
+        return f"cannot use {exc.filename}: {exc.strerror or exc}; check IPAAS_DATA_DIR (now {settings.data_dir.resolve()}) names a directory this user can create and write"
+    if isinstance(exc, RuntimeError) and "Failed to bind to address" in str(exc):
+        return f"cannot listen on {settings.grpc_listen} (IPAAS_GRPC_LISTEN): the address is in use or not available here; stop what holds it or set IPAAS_GRPC_LISTEN"
+    return None
+
+
+def _report(exc: BaseException, message: str, debug: bool) -> None:
+    if debug:
+        traceback.print_exception(exc)
+    print(f"error: {message}", file=sys.stderr, flush=True)
 
 
 # The SQLite writer thread holds the database's one write lock across statements; each
@@ -71,7 +191,13 @@ def cmd_core(settings: Settings, _args: argparse.Namespace) -> int:
 
     async def main() -> None:
         server = CoreServer(settings)
-        await server.start()
+        try:
+            check_database_url(settings.database_url)
+            await server.start()
+        except (Exception, SystemExit) as exc:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(server.stop(grace=0), 10)
+            raise StartupFailed("the core failed to start") from exc
         heap.after_startup()
         if server.admin_key_generated:
             print(f"admin key (shown once, saved in {settings.data_dir}/admin.key): {server.admin_key}", file=sys.stderr, flush=True)
@@ -129,13 +255,21 @@ def cmd_serve(settings: Settings, _args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, stop)
     procs["core"] = subprocess.Popen(commands["core"])
     time.sleep(0.5)  # let the core create the data dir and admin key before the gateway starts
-    procs["gateway"] = subprocess.Popen(commands["gateway"])
+    if procs["core"].poll() != EXIT_START_FAILED:
+        procs["gateway"] = subprocess.Popen(commands["gateway"])
+    relaunched: set[str] = set()
     code = 0
     while not stopping:
         time.sleep(0.2)
         for name, proc in list(procs.items()):
             if proc.poll() is None:
                 continue
+            if proc.returncode == EXIT_START_FAILED and name not in relaunched:
+                # It never served and has said why on stderr; started again with the same
+                # settings it would fail the same way. (A restart after a crash that cannot
+                # start counts against the restart budget below instead: the cause may pass.)
+                stopping, code = True, EXIT_ERROR
+                break
             recent = [t for t in restarts[name] if time.monotonic() - t < 60]
             if len(recent) >= 5:
                 print(f"{name} keeps exiting (code {proc.returncode}); stopping", file=sys.stderr)
@@ -144,6 +278,7 @@ def cmd_serve(settings: Settings, _args: argparse.Namespace) -> int:
             restarts[name] = [*recent, time.monotonic()]
             print(f"{name} exited with code {proc.returncode}; restarting", file=sys.stderr)
             procs[name] = subprocess.Popen(commands[name])
+            relaunched.add(name)
     for proc in procs.values():
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
@@ -158,6 +293,7 @@ def cmd_serve(settings: Settings, _args: argparse.Namespace) -> int:
 def cmd_migrate(settings: Settings, _args: argparse.Namespace) -> int:
     from ipaas.storage import migrate
 
+    check_database_url(settings.database_url)
     migrate.upgrade(settings.database_url)
     print(f"database at revision {migrate.current_revision(settings.database_url)}")
     return 0
@@ -202,54 +338,107 @@ def cmd_keys_revoke(settings: Settings, args: argparse.Namespace) -> int:
 def cmd_connectors_list(settings: Settings, args: argparse.Namespace) -> int:
     from ipaas.plugin_host import load_registry
 
+    if settings.log_level != "DEBUG":
+        # Each rejected plugin is printed below as a "not loaded" line; its log record would
+        # say it a second time.
+        logging.getLogger("ipaas.plugins").setLevel(logging.CRITICAL)
     registry = load_registry(settings)
     data = {"connectors": registry.describe(), "problems": [{"distribution": d, "reason": r} for d, r in registry.problems]}
-    lines = [f"{c['name']:14} {c['version']:8} {', '.join(a['name'] for a in c['actions'])}" for c in data["connectors"]]
+    rows = [(c["name"], c["version"], c["distribution"], ", ".join(a["name"] for a in c["actions"])) for c in data["connectors"]]
+    lines = []
+    if rows:
+        rows.insert(0, ("CONNECTOR", "VERSION", "DISTRIBUTION", "ACTIONS"))
+        widths = [max(len(row[i]) for row in rows) for i in range(3)]
+        lines = [" ".join(cell.ljust(width) for cell, width in zip(row, widths)) + " " + row[3] for row in rows]
     lines += [f"not loaded: {p['distribution']}: {p['reason']}" for p in data["problems"]]
     _print(data, args.json, lines or ["no connectors installed"])
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ipaas", description="simple-ipaas: a small, self-hosted integration platform")
-    sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("serve", help="run the whole platform (core and gateway)").set_defaults(func=cmd_serve)
-    sub.add_parser("core", help="run the gRPC core").set_defaults(func=cmd_core)
-    sub.add_parser("engine", help="run only the delivery engine (the core starts these itself with IPAAS_ENGINE_PROCESSES)").set_defaults(func=cmd_engine)
-    sub.add_parser("gateway", help="run the REST gateway").set_defaults(func=cmd_gateway)
-    sub.add_parser("migrate", help="apply database migrations").set_defaults(func=cmd_migrate)
+def _database_help(settings: Settings | None) -> str:
+    here = database_label(settings.database_url) if settings is not None else "(settings unreadable)"
+    return (
+        "These commands work on the platform's existing database: IPAAS_DATABASE_URL, else "
+        "ipaas.db in IPAAS_DATA_DIR (default ./.ipaas, in the current directory). They never "
+        "create it or change its schema; run them from the platform's directory or with its "
+        f"settings. With the current settings: {here}"
+    )
 
-    tenants = sub.add_parser("tenants", help="manage tenants").add_subparsers(dest="tenants_command", required=True)
-    create = tenants.add_parser("create", help="create a tenant")
+
+SERVERS = (cmd_serve, cmd_core, cmd_engine, cmd_gateway)
+
+
+def build_parser(settings: Settings | None = None) -> argparse.ArgumentParser:
+    raw = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(prog="ipaas", description="simple-ipaas: a small, self-hosted integration platform", epilog=EXIT_CODES, formatter_class=raw)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("serve", help="run the whole platform (core and gateway)", epilog="A process that fails to start stops serve (exit 1); one that exits later is restarted, at most five times a minute.").set_defaults(func=cmd_serve)
+    sub.add_parser("core", help="run the gRPC core", epilog="Exits 3 if it fails to start (port in use, database unreachable, ...).").set_defaults(func=cmd_core)
+    sub.add_parser("engine", help="run only the delivery engine (the core starts these itself with IPAAS_ENGINE_PROCESSES)").set_defaults(func=cmd_engine)
+    sub.add_parser("gateway", help="run the REST gateway", epilog="Exits 3 if it fails to start (port in use, ...).").set_defaults(func=cmd_gateway)
+    sub.add_parser("migrate", help="apply database migrations (creates the database if needed)").set_defaults(func=cmd_migrate)
+
+    managed = {"epilog": _database_help(settings)}
+    tenants = sub.add_parser("tenants", help="manage tenants", **managed).add_subparsers(dest="tenants_command", required=True)
+    create = tenants.add_parser("create", help="create a tenant", **managed)
     create.add_argument("name")
     create.add_argument("--tier", choices=["free", "paid"], default="free")
     create.add_argument("--json", action="store_true")
     create.set_defaults(func=cmd_tenants_create)
-    listing = tenants.add_parser("list", help="list tenants")
+    listing = tenants.add_parser("list", help="list tenants", **managed)
     listing.add_argument("--json", action="store_true")
     listing.set_defaults(func=cmd_tenants_list)
 
-    keys = sub.add_parser("keys", help="manage API keys").add_subparsers(dest="keys_command", required=True)
-    kcreate = keys.add_parser("create", help="create an API key for a tenant")
+    keys = sub.add_parser("keys", help="manage API keys", **managed).add_subparsers(dest="keys_command", required=True)
+    kcreate = keys.add_parser("create", help="create an API key for a tenant", **managed)
     kcreate.add_argument("tenant_id")
     kcreate.add_argument("--name", default="cli")
     kcreate.add_argument("--json", action="store_true")
     kcreate.set_defaults(func=cmd_keys_create)
-    krevoke = keys.add_parser("revoke", help="revoke an API key")
+    krevoke = keys.add_parser("revoke", help="revoke an API key", **managed)
     krevoke.add_argument("key_id")
     krevoke.add_argument("--json", action="store_true")
     krevoke.set_defaults(func=cmd_keys_revoke)
 
     connectors = sub.add_parser("connectors", help="installed connectors").add_subparsers(dest="connectors_command", required=True)
-    clist = connectors.add_parser("list", help="list installed connectors")
+    clist = connectors.add_parser("list", help="list installed connectors, with the distribution providing each, and plugins that failed to load")
     clist.add_argument("--json", action="store_true")
     clist.set_defaults(func=cmd_connectors_list)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return int(args.func(Settings.from_env(os.environ), args) or 0)
+    try:
+        settings: Settings | None = Settings.from_env(os.environ)
+        unreadable = None
+    except SystemExit as exc:
+        settings, unreadable = None, exc
+    args = build_parser(settings).parse_args(argv)
+    if settings is None:
+        print(f"error: {unreadable.code if unreadable else 'unreadable settings'}", file=sys.stderr)
+        return EXIT_ERROR
+    debug = settings.log_level == "DEBUG"
+    if args.func not in SERVERS:
+        from ipaas.logs import configure_logging
+
+        # A command that prints its result logs only what went wrong (everything with DEBUG).
+        configure_logging("DEBUG" if debug else "WARNING")
+    try:
+        return int(args.func(settings, args) or 0)
+    except StartupFailed as exc:
+        cause = exc.__cause__ or exc
+        message = explain(cause, settings)
+        if message is None:
+            traceback.print_exception(cause)
+            message = f"{exc}: {type(cause).__name__}: {cause}"
+        _report(cause, message, debug)
+        return EXIT_START_FAILED
+    except (Exception, SystemExit) as exc:
+        message = explain(exc, settings)
+        if message is None:
+            raise
+        _report(exc, message, debug)
+        return EXIT_ERROR
 
 
 if __name__ == "__main__":

@@ -1,0 +1,198 @@
+"""The operator's command line outside `serve`: management commands work on the platform's
+existing database and never create one, and what an operator can fix (a wrong directory or
+URL, a database down, a port taken) is said in one line, not in a traceback."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from sqlalchemy import create_engine
+
+from ipaas.storage import migrate
+from ipaas.storage.db import sync_url
+from tests.conftest import free_port
+
+
+def run_cli(*args: str, cwd: Path, timeout: float = 60, **env: str) -> subprocess.CompletedProcess[str]:
+    # Nothing of the caller's IPAAS_* settings: each test says where the platform is.
+    base = {k: v for k, v in os.environ.items() if not k.startswith("IPAAS_")}
+    return subprocess.run([sys.executable, "-m", "ipaas", *args], cwd=cwd, env={**base, **env}, capture_output=True, text=True, timeout=timeout)
+
+
+def said(stderr: str) -> list[str]:
+    """What the command told the operator on stderr, without log lines: ours (JSON) and gRPC
+    C-core's own ("E1201 05:02:13.457917 14377 add_port.cc:83] Failed to add port ...")."""
+    return [line for line in stderr.splitlines() if line.strip() and not line.startswith("{") and not re.match(r"[EWI]\d{4} ", line)]
+
+
+def one_error_line(done: subprocess.CompletedProcess[str]) -> str:
+    lines = said(done.stderr)
+    assert len(lines) == 1 and lines[0].startswith("error: "), done.stderr[-3000:]
+    assert "Traceback" not in done.stderr
+    return lines[0]
+
+
+MANAGEMENT = (["tenants", "list"], ["tenants", "create", "acme"], ["keys", "create", "tn_nope"], ["keys", "revoke", "key_nope"])
+
+
+def test_management_commands_never_create_a_database_or_an_admin_key(tmp_path: Path) -> None:
+    """Run where the platform is not (another directory, no settings), they used to create a
+    fresh database and admin key there and report success with keys the real core rejects."""
+    where = tmp_path.resolve()
+    for args in MANAGEMENT:
+        done = run_cli(*args, cwd=where)
+        line = one_error_line(done)
+        assert done.returncode == 1 and done.stdout == "", (args, done.stdout)
+        assert f"no database at {where / '.ipaas' / 'ipaas.db'}" in line and "IPAAS_DATA_DIR" in line and "IPAAS_DATABASE_URL" in line, line
+    assert list(where.iterdir()) == [], "nothing is created"
+
+
+def test_management_commands_use_the_platforms_database_and_leave_its_admin_key_alone(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    assert run_cli("migrate", cwd=tmp_path, IPAAS_DATA_DIR=str(data)).returncode == 0
+
+    created = run_cli("tenants", "create", "acme", "--json", cwd=elsewhere, IPAAS_DATA_DIR=str(data))
+    assert created.returncode == 0 and created.stderr == "", created.stderr
+    tenant = json.loads(created.stdout)["id"]
+    key = run_cli("keys", "create", tenant, "--json", cwd=elsewhere, IPAAS_DATA_DIR=str(data))
+    assert key.returncode == 0 and key.stderr == "" and json.loads(key.stdout)["secret"].startswith("ipk_"), key.stderr
+    listed = run_cli("tenants", "list", cwd=elsewhere, IPAAS_DATABASE_URL=f"sqlite:///{data / 'ipaas.db'}")
+    assert listed.returncode == 0 and "acme" in listed.stdout and listed.stderr == "", listed.stderr
+    assert not (data / "admin.key").exists(), "only the core generates the admin key"
+    assert list(elsewhere.iterdir()) == []
+
+
+def test_management_commands_refuse_a_database_without_the_schema(tmp_path: Path) -> None:
+    empty = tmp_path / "ipaas.db"
+    empty.touch()
+    done = run_cli("tenants", "list", cwd=tmp_path, IPAAS_DATA_DIR=str(tmp_path))
+    line = one_error_line(done)
+    assert done.returncode == 1 and "never migrated" in line and "ipaas migrate" in line, line
+    assert empty.stat().st_size == 0, "no migration ran"
+
+
+def test_management_commands_refuse_a_schema_from_a_newer_release(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'ipaas.db'}"
+    migrate.upgrade(url)
+    with create_engine(sync_url(url)).begin() as conn:
+        conn.exec_driver_sql("UPDATE alembic_version SET version_num = '0099_from_the_future'")
+    done = run_cli("tenants", "list", cwd=tmp_path, IPAAS_DATABASE_URL=url)
+    line = one_error_line(done)
+    assert done.returncode == 1 and "0099_from_the_future" in line and "newer release" in line, line
+
+
+def test_management_commands_refuse_a_schema_older_than_the_code(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A release with a new migration, run against a database the old core migrated: the
+    command would read or write tables the schema lacks, so it asks for `ipaas migrate`
+    (it never migrates itself) and leaves the database as it was."""
+    from ipaas import cli
+    from ipaas.settings import Settings
+
+    url = f"sqlite:///{tmp_path / 'ipaas.db'}"
+    migrate.upgrade(url)
+    current = migrate.head_revision()
+    monkeypatch.setattr(cli, "_known_revision", lambda revision: revision in (current, "0002_next"))
+    monkeypatch.setattr(migrate, "head_revision", lambda: "0002_next")
+    with pytest.raises(cli.CliError, match=rf"schema revision {current}, older than this release's 0002_next: run `ipaas migrate`"):
+        cli.platform_database(Settings.from_env({"IPAAS_DATABASE_URL": url}))
+    assert migrate.current_revision(url) == current
+
+
+@pytest.mark.postgres
+def test_management_commands_refuse_an_unmigrated_postgres_database(postgres_url: str, tmp_path: Path) -> None:
+    import psycopg
+
+    done = run_cli("keys", "create", "tn_nope", cwd=tmp_path, IPAAS_DATABASE_URL=postgres_url)
+    line = one_error_line(done)
+    assert done.returncode == 1 and "never migrated" in line, line
+    with psycopg.connect(postgres_url) as conn:
+        tables = conn.execute("SELECT count(*) FROM information_schema.tables WHERE table_schema = 'public'").fetchone()
+    assert tables == (0,), "no migration ran"
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("setting", "value", "expected"),
+    [
+        ("IPAAS_DATABASE_URL", "postgresql://nobody@127.0.0.1:{port}/x", "cannot connect to the database postgresql://nobody@127.0.0.1:{port}/x"),
+        ("IPAAS_DATABASE_URL", "mysql://x/y", "IPAAS_DATABASE_URL is mysql://x/y: simple-ipaas uses sqlite:///<path> or postgresql://"),
+        ("IPAAS_DATA_DIR", "/proc/nope", "/proc/nope"),
+    ],
+)
+@pytest.mark.parametrize("command", [["tenants", "list"], ["migrate"]])
+def test_database_problems_are_one_line_errors(tmp_path: Path, command: list[str], setting: str, value: str, expected: str) -> None:
+    port = free_port()  # nothing listens there
+    env = {setting: value.format(port=port)}
+    done = run_cli(*command, cwd=tmp_path, **env)
+    line = one_error_line(done)
+    assert done.returncode == 1 and expected.format(port=port) in line, line
+
+    debug = run_cli(*command, cwd=tmp_path, IPAAS_LOG_LEVEL="DEBUG", **env)
+    assert debug.returncode == 1 and "Traceback" in debug.stderr and said(debug.stderr)[-1] == line, "the traceback is there with DEBUG"
+
+
+def busy_port() -> socket.socket:
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen()
+    return sock
+
+
+def test_core_on_a_busy_port_fails_to_start_in_one_line(tmp_path: Path) -> None:
+    with busy_port() as taken:
+        listen = "127.0.0.1:%d" % taken.getsockname()[1]
+        done = run_cli("core", cwd=tmp_path, IPAAS_DATA_DIR=str(tmp_path / "data"), IPAAS_GRPC_LISTEN=listen, IPAAS_ENGINE_PROCESSES="0")
+    line = one_error_line(done)
+    assert done.returncode == 3, done.returncode
+    assert f"cannot listen on {listen}" in line and "IPAAS_GRPC_LISTEN" in line, line
+
+
+@pytest.mark.parametrize("blocked", ["core", "gateway"])
+def test_serve_does_not_restart_a_process_that_fails_to_start(tmp_path: Path, blocked: str) -> None:
+    """A core (or gateway) that cannot start would fail the same way again: serve stops
+    with its one line instead of restarting it five times, a traceback each."""
+    with busy_port() as taken:
+        ports = {"core": free_port(), "gateway": free_port()}
+        ports[blocked] = taken.getsockname()[1]
+        done = run_cli(
+            "serve",
+            cwd=tmp_path,
+            timeout=90,
+            IPAAS_DATA_DIR=str(tmp_path / "data"),
+            IPAAS_GRPC_LISTEN=f"127.0.0.1:{ports['core']}",
+            IPAAS_HTTP_LISTEN=f"127.0.0.1:{ports['gateway']}",
+            IPAAS_ENGINE_PROCESSES="0",
+            IPAAS_ADMIN_KEY="ipk_admin_" + "x" * 32,  # no generated key printed
+        )
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert "restarting" not in done.stderr and "Traceback" not in done.stderr, done.stderr[-3000:]
+    if blocked == "core":
+        assert said(done.stderr) == [f"error: cannot listen on 127.0.0.1:{ports['core']} (IPAAS_GRPC_LISTEN): the address is in use or not available here; stop what holds it or set IPAAS_GRPC_LISTEN"], done.stderr[-3000:]
+    else:
+        (line,) = said(done.stderr)
+        assert "address already in use" in line, done.stderr[-3000:]
+
+
+def test_connectors_list_shows_distributions_and_reports_a_broken_plugin_once(tmp_path: Path) -> None:
+    (tmp_path / "ipaas_exploding.py").write_text("raise RuntimeError('plugin bug at import')\n")
+    dist = tmp_path / "ipaas_exploding-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: ipaas-exploding\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[ipaas.connectors]\nexploding = ipaas_exploding\n")
+    path = os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", ""), str(Path(__file__).resolve().parents[2])])
+    done = run_cli("connectors", "list", cwd=tmp_path, PYTHONPATH=path)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    slack = next(line for line in lines if line.startswith("slack "))
+    assert slack.split()[:3] == ["slack", "0.1.0", "ipaas-slack"], slack
+    assert "not loaded: ipaas-exploding: import failed: RuntimeError: plugin bug at import" in lines
+    assert done.stderr == "", "the problem is printed once, as a line of the listing"
