@@ -194,5 +194,5 @@ def test_connectors_list_shows_distributions_and_reports_a_broken_plugin_once(tm
     lines = done.stdout.splitlines()
     slack = next(line for line in lines if line.startswith("slack "))
     assert slack.split()[:3] == ["slack", "0.1.0", "ipaas-slack"], slack
-    assert "not loaded: ipaas-exploding: import failed: RuntimeError: plugin bug at import" in lines
+    assert "not loaded: ipaas-exploding:exploding: import failed: RuntimeError: plugin bug at import" in lines
     assert done.stderr == "", "the problem is printed once, as a line of the listing"
