@@ -525,10 +525,13 @@ class Gateway:
         if path == "/health/ready":
             if self._draining or not core_ok:
                 raise HttpError(503, "not ready: " + ("draining" if self._draining else "the core is unreachable"), details=[{"check": "core", "status": "ok" if core_ok else "failing"}])
-            if not await self._redis_ok():
-                raise HttpError(503, "not ready: Redis is unreachable", details=[{"check": "redis", "status": "failing"}])
+            # Not Redis: every gateway shares it, so a Redis outage would take all of them
+            # out of the balancer at once, though all they lose is keyed requests (503) and
+            # shared rate limits (open). /health reports it for monitoring.
             return envelope.json_response(200, envelope.body({"status": "ready"}, meta), headers)
         checks = {"core": "ok" if core_ok else "failing", "database": await self._store_check(), "runtime": "ok"}
+        if isinstance(self.store, idempotency.RedisStore):
+            checks["redis"] = "ok" if await self._redis_ok() else "failing"
         uptime = time.monotonic() - self._started
         report = {
             "status": "healthy" if all(v == "ok" for v in checks.values()) else "unhealthy",
@@ -543,10 +546,8 @@ class Gateway:
         return envelope.json_response(200, envelope.body(report, meta), headers)
 
     async def _redis_ok(self) -> bool:
-        """True without Redis; with it, whether it answers a ping in time (keyed requests
-        need it, and a balancer should send them to a gateway that has it)."""
-        if not isinstance(self.store, idempotency.RedisStore):
-            return True
+        """Whether Redis answers a ping in time (keyed requests need it)."""
+        assert isinstance(self.store, idempotency.RedisStore)
         try:
             async with asyncio.timeout(READY_TIMEOUT):
                 await self.store.redis.ping()

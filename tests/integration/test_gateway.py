@@ -567,8 +567,10 @@ async def test_requests_with_no_known_caller_have_a_budget_per_address(tmp_path,
 
 async def test_a_dead_redis_lets_requests_through_but_not_keyed_ones(tmp_path, caplog) -> None:
     """Redis down: the rate limiter lets requests through (one warning, not one per request,
-    without the URL's password), a keyed request gets 503 (its key cannot be honoured), and
-    /health/ready says not ready, so a balancer can route around this gateway."""
+    without the URL's password), a keyed request gets 503 (its key cannot be honoured),
+    /health reports Redis failing, and /health/ready stays ready: every gateway shares the
+    Redis, and taking all of them out of the balancer would turn a partial outage into a
+    full one."""
     caplog.set_level(logging.WARNING)
     dead = f"redis://:s3cret-pw@127.0.0.1:{free_port()}/0"
     async with core_with(tmp_path) as core, gateway_for(core.target, tmp_path, IPAAS_REDIS_URL=dead) as url:
@@ -578,12 +580,13 @@ async def test_a_dead_redis_lets_requests_through_but_not_keyed_ones(tmp_path, c
             keyed = await http.post("/api/credentials", json={"connector": "slack", "name": "x", "secrets": {"webhook_url": "http://127.0.0.1:9/x"}}, headers={"Idempotency-Key": "c1"})
             ready = await http.get("/health/ready")
             live = await http.get("/health/live")
+            health = await http.get("/health")
     assert [r.status_code for r in listed] == [200] * 3, [r.text for r in listed]
     assert keyed.status_code == 503 and assert_envelope(keyed, False)["error"]["code"] == "unavailable", keyed.text
-    assert ready.status_code == 503 and assert_envelope(ready, False)["error"]["details"] == [{"check": "redis", "status": "failing"}], ready.text
-    assert live.status_code == 200
+    assert ready.status_code == 200 and live.status_code == 200, ready.text
+    assert health.status_code == 503 and assert_envelope(health, False)["error"]["details"][0]["checks"]["redis"] == "failing", health.text
     assert [r.getMessage() for r in caplog.records].count("ratelimit.unavailable") == 1, [r.getMessage() for r in caplog.records]
-    assert "s3cret-pw" not in caplog.text and "s3cret-pw" not in keyed.text + ready.text
+    assert "s3cret-pw" not in caplog.text and "s3cret-pw" not in keyed.text + health.text
 
 
 async def test_oversized_input_gets_a_plain_answer_not_transport_text(stack) -> None:
