@@ -31,7 +31,7 @@ class WebhookBatcher:
     def __init__(self, send: Callable[[pb.ReceiveWebhooksRequest], Awaitable[pb.ReceiveWebhooksResponse]], max_inflight: int = 4) -> None:
         self._send = send
         self._max_inflight = max_inflight
-        self._pending: list[tuple[pb.WebhookDelivery, asyncio.Future[pb.WebhookResult]]] = []
+        self._pending: list[tuple[pb.WebhookDelivery, asyncio.Future[pb.WebhookResult], int]] = []  # with its size on the wire
         self._inflight = 0
         self._scheduled = False
         self._calls: set[asyncio.Task[None]] = set()
@@ -39,13 +39,13 @@ class WebhookBatcher:
     async def submit(self, delivery: pb.WebhookDelivery) -> pb.WebhookResult:
         """The core's answer for this webhook; raises the call's error if the whole call failed,
         OversizedDelivery (sending nothing) if it cannot fit one call."""
-        if (size := delivery.ByteSize()) + ITEM_FRAMING > MAX_MESSAGE_BYTES:
+        if (size := delivery.ByteSize() + ITEM_FRAMING) > MAX_MESSAGE_BYTES:
             # _take sends an item alone however large: the call would fail on the message
             # limit, and with it the sender's retries, forever.
-            raise OversizedDelivery(f"{size} bytes")
+            raise OversizedDelivery(f"{size - ITEM_FRAMING} bytes")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[pb.WebhookResult] = loop.create_future()
-        self._pending.append((delivery, future))
+        self._pending.append((delivery, future, size))
         if not self._scheduled:
             self._scheduled = True
             loop.call_soon(self._flush)
@@ -60,37 +60,37 @@ class WebhookBatcher:
             self._calls.add(task)
             task.add_done_callback(self._calls.discard)
 
-    def _take(self) -> list[tuple[pb.WebhookDelivery, asyncio.Future[pb.WebhookResult]]]:
+    def _take(self) -> list[tuple[pb.WebhookDelivery, asyncio.Future[pb.WebhookResult], int]]:
         """The next batch: at least one item, at most MAX_BATCH, within one message."""
         taken = size = 0
-        for delivery, _ in self._pending:
-            size += delivery.ByteSize() + ITEM_FRAMING
+        for _, _, item_size in self._pending:
+            size += item_size
             if taken and (taken == MAX_BATCH or size > MAX_MESSAGE_BYTES):
                 break
             taken += 1
         batch, self._pending = self._pending[:taken], self._pending[taken:]
         return batch
 
-    async def _call(self, batch: list[tuple[pb.WebhookDelivery, asyncio.Future[pb.WebhookResult]]]) -> None:
+    async def _call(self, batch: list[tuple[pb.WebhookDelivery, asyncio.Future[pb.WebhookResult], int]]) -> None:
         try:
-            reply = await self._send(pb.ReceiveWebhooksRequest(webhooks=[d for d, _ in batch]))
+            reply = await self._send(pb.ReceiveWebhooksRequest(webhooks=[d for d, _, _ in batch]))
         except Exception as exc:  # every waiting sender hears of it
-            for _, future in batch:
+            for _, future, _ in batch:
                 if not future.done():
                     future.set_exception(exc)
         except BaseException:  # cancelled: so are the senders waiting on this call
-            for _, future in batch:
+            for _, future, _ in batch:
                 future.cancel()
             raise
         else:
             results: Any = reply.results
             if len(results) != len(batch):
                 mismatch = RuntimeError(f"the core answered {len(results)} of {len(batch)} webhooks")
-                for _, future in batch:
+                for _, future, _ in batch:
                     if not future.done():
                         future.set_exception(mismatch)
             else:
-                for (_, future), result in zip(batch, results):
+                for (_, future, _), result in zip(batch, results):
                     if not future.done():
                         future.set_result(result)
         finally:
