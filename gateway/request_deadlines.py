@@ -19,6 +19,9 @@ from ipaas.settings import seconds
 
 HEAD_TIMEOUT = 10.0
 BODY_TIMEOUT = 30.0
+# How long a connection being closed keeps reading, and dropping, what the client still
+# sends (see LingeringClose).
+LINGER = 2.0
 
 
 def head_timeout(env: Mapping[str, str]) -> float:
@@ -29,15 +32,62 @@ def body_timeout(env: Mapping[str, str]) -> float:
     return seconds(env, "IPAAS_HTTP_BODY_TIMEOUT", BODY_TIMEOUT)
 
 
+class LingeringClose:
+    """The connection's transport as uvicorn sees it, whose close() is staged (RFC 9112
+    section 9.6): the answer and a FIN go out first, then what the client still sends is read
+    and dropped until it closes too, for up to LINGER seconds.
+
+    Closed at once, a socket with unread input answers the client's next bytes with a reset,
+    and a reset can destroy the answer before the client reads it: a client still sending a
+    body (the 408 of a body past its deadline, a 413, a 431) got "connection reset" instead
+    of the answer that said why."""
+
+    def __init__(self, transport: Any, protocol: Any) -> None:
+        self._transport = transport
+        self._protocol = protocol
+        self._closing = False
+        self._timer: asyncio.TimerHandle | None = None
+
+    def close(self) -> None:
+        if self._closing or self._transport.is_closing():
+            return
+        self._closing = True
+        self._protocol.lingering = True
+        try:
+            self._transport.resume_reading()  # flow control may have paused it mid-body
+            self._transport.write_eof()  # after what is buffered: the answer
+        except (OSError, RuntimeError, NotImplementedError):
+            self._transport.close()
+            return
+        self._timer = asyncio.get_running_loop().call_later(LINGER, self._transport.close)
+
+    def is_closing(self) -> bool:
+        return self._closing or self._transport.is_closing()
+
+    def lost(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+
 def protocol(timeout: float) -> type[HttpToolsProtocol]:
-    """uvicorn's httptools protocol, closing a connection whose request head is overdue."""
+    """uvicorn's httptools protocol, closing a connection whose request head is overdue, and
+    closing every connection in stages (LingeringClose)."""
 
     class HeadDeadline(HttpToolsProtocol):
         _head_deadline: asyncio.TimerHandle | None = None
+        lingering = False
 
         def connection_made(self, transport: Any) -> None:
             super().connection_made(transport)
+            self.transport = LingeringClose(transport, self)  # type: ignore[assignment]
             self._arm()
+
+        def data_received(self, data: bytes) -> None:
+            if not self.lingering:  # once closing, the rest of the request is dropped
+                super().data_received(data)
 
         def on_headers_complete(self) -> None:
             self._disarm()
@@ -52,6 +102,7 @@ def protocol(timeout: float) -> type[HttpToolsProtocol]:
 
         def connection_lost(self, exc: Exception | None) -> None:
             self._disarm()
+            self.transport.lost()  # type: ignore[attr-defined]
             super().connection_lost(exc)
 
         def _arm(self) -> None:

@@ -795,3 +795,27 @@ async def test_a_revoked_key_gets_no_replay(tmp_path) -> None:
             await tenants_pb2_grpc.TenantServiceStub(core.channel).RevokeApiKey(tenants_pb2.RevokeApiKeyRequest(key_id=tenant.key_id), metadata=core.admin)
             revoked = await http.post(f"/api/workflows/{wf.id}/webhook-secret/rotate", headers=keyed, json={})
     assert revoked.status_code == 401 and "whsec_" not in revoked.text, revoked.text
+
+
+async def test_a_client_still_sending_reads_the_answer_that_ends_its_request(tmp_path) -> None:
+    """A body past its deadline gets 408 and the connection ends. Closed at once, the socket
+    answered the bytes the client kept sending with a reset, which could destroy the 408
+    before the client read it ("connection reset by peer"); the close is staged instead."""
+    async with core_with(tmp_path) as core, gateway_for(core.target, tmp_path, IPAAS_HTTP_BODY_TIMEOUT="0.3") as url:
+        port = int(url.rsplit(":", 1)[1])
+        for _ in range(3):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"POST /api/webhooks/wf_missing HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100000\r\n\r\n{")
+
+            async def keep_sending() -> None:
+                while True:  # a steady stream, well past the deadline
+                    await asyncio.sleep(0.01)
+                    writer.write(b" " * 64)
+
+            sending = asyncio.create_task(keep_sending())
+            try:
+                answer = await asyncio.wait_for(reader.read(), 5)  # until the gateway's FIN
+            finally:
+                sending.cancel()
+                writer.close()
+            assert answer.startswith(b"HTTP/1.1 408 Request Timeout"), answer[:200]
