@@ -59,7 +59,7 @@ class DryRunner:
         started = time.perf_counter()
         out = pb.DryRunStep(step_id=step["id"])
         try:
-            rendered = templates.render_config(step.get("config") or {}, templates.RenderContext(trigger=payload, steps=outputs))
+            rendered = self.steps.render(step, templates.RenderContext(trigger=payload, steps=outputs))
         except templates.TemplateError as exc:
             out.status, out.message = "failed", str(exc)
             return out

@@ -177,7 +177,9 @@ def _resolve(path: _Path, ctx: RenderContext) -> Any:
     return _walk(root, path.segments)
 
 
-def _as_text(value: Any) -> str:
+def as_text(value: Any) -> str:
+    """A value as a template writes it into text: strings as they are, null as nothing,
+    booleans, objects and lists as JSON."""
     if isinstance(value, str):
         return value
     if value is None:
@@ -219,7 +221,7 @@ def render(template: str, ctx: RenderContext, budget: _Budget | None = None) -> 
                 if value is _MISSING:
                     missing.append(part.text)
                     continue
-                text = _as_text(value)
+                text = as_text(value)
             except TemplateError:
                 raise
             except Exception as exc:
@@ -245,6 +247,8 @@ def _render_nested(value: Any, ctx: RenderContext, missing: list[str], depth: in
     if depth > MAX_CONFIG_DEPTH:
         raise TemplateError(f"config nested deeper than {MAX_CONFIG_DEPTH} levels")
     if isinstance(value, str):
+        if "{{" in value and len(parts := compile_template(value)) == 1 and not isinstance(parts[0], str):
+            return _render_whole(parts[0], ctx, missing, budget)
         result = render(value, ctx, budget)
         missing.extend(result.missing_paths)
         return result.value
@@ -252,4 +256,23 @@ def _render_nested(value: Any, ctx: RenderContext, missing: list[str], depth: in
         return {k: _render_nested(v, ctx, missing, depth + 1, budget) for k, v in value.items()}
     if isinstance(value, list):
         return [_render_nested(v, ctx, missing, depth + 1, budget) for v in value]
+    return value
+
+
+def _render_whole(path: _Path, ctx: RenderContext, missing: list[str], budget: _Budget) -> Any:
+    """A string that is one template and nothing else ("{{loc.lat}}") gives the value with
+    its own type, so number, boolean, list and object fields can be filled from a payload;
+    as text, "48.85" failed a number field's schema on every run. Where the connector's schema
+    asks for a string, the step runner turns it back into text (StepRunner.render). A path
+    that finds nothing gives "", as inside text."""
+    try:
+        value = _resolve(path, ctx)
+    except TemplateError:
+        raise
+    except Exception as exc:
+        raise TemplateError(f"template {{{{{path.text}}}}} could not be rendered ({type(exc).__name__})") from None
+    if value is _MISSING:
+        missing.append(path.text)
+        return ""
+    budget.spend(len(as_text(value)))  # the same cap as the value written out as text
     return value

@@ -172,7 +172,7 @@ class Executor:
         """Render the step's config and invoke its action; a failure is stored and raised as
         StepFailure."""
         try:
-            rendered = templates.render_config(step.get("config") or {}, templates.RenderContext(trigger=execution.payload, steps=outputs))
+            rendered = self.steps.render(step, templates.RenderContext(trigger=execution.payload, steps=outputs))
         except templates.TemplateError as exc:
             # This payload will not render on any attempt (too large, nested too deeply).
             await self._store_step(record, "failed", error=str(exc), retryable=False)

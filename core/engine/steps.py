@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ipaas import templates
 from ipaas.credentials import CredentialStore
 from ipaas.errors import NotFound
 from ipaas.masking import REDACTED, mask_value
@@ -21,6 +22,16 @@ class StepRunner:
     def __init__(self, registry: ConnectorRegistry, credentials: CredentialStore) -> None:
         self.registry = registry
         self.credentials = credentials
+
+    def render(self, step: dict[str, Any], ctx: templates.RenderContext) -> templates.RenderResult:
+        """The step's config rendered: a field that is one template keeps the value's type,
+        turned into text where the action's schema asks for a string (as `{{order.id}}` in
+        a message's text). Raises TemplateError."""
+        rendered = templates.render_config(step.get("config") or {}, ctx)
+        found = self.registry.get(step["connector"])
+        action = found.action(step["action"]) if found else None
+        schema = action.config_schema if action else None
+        return templates.RenderResult(_text_where_declared(rendered.value, schema), rendered.missing_paths)
 
     def masked_config(self, step: dict[str, Any], config: Any) -> Any:
         """The config as it may be shown or stored: secret fields and secret shapes masked."""
@@ -61,3 +72,19 @@ class StepRunner:
             step_id=step["id"],
         )
         return await self.registry.invoke(step["connector"], step["action"], ctx)
+
+
+def _text_where_declared(value: Any, schema: Any) -> Any:
+    """value with what the schema declares a string written as text (templates.as_text)."""
+    if not isinstance(schema, dict):
+        return value
+    if schema.get("type") == "string":
+        return value if isinstance(value, str) else templates.as_text(value)
+    if isinstance(value, dict):
+        properties = schema.get("properties")
+        properties = properties if isinstance(properties, dict) else {}
+        extra = schema.get("additionalProperties")
+        return {k: _text_where_declared(v, properties.get(k, extra)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_text_where_declared(v, schema.get("items")) for v in value]
+    return value

@@ -65,6 +65,32 @@ async def test_two_step_workflow_maps_weather_into_slack(env) -> None:
     assert "api_key" not in str(done) and API_KEY not in str(done)
 
 
+async def test_a_field_that_is_one_template_keeps_the_values_type(env) -> None:
+    """"{{loc.lat}}" fills a number field with the number (as text it failed the schema on
+    every run, without calling the connector); where the schema asks for a string, a number
+    is still written as text."""
+    core, api, slack, weather = env
+    wcred = await api.credential("openweather", {"api_key": API_KEY})
+    scred = await api.credential("slack", {"webhook_url": slack.url})
+    wf = (
+        await api.create(
+            {
+                "name": "by coordinates",
+                "trigger": {"type": "manual"},
+                "steps": [
+                    {"id": "weather", "connector": "openweather", "action": "current_weather", "config": {"lat": "{{loc.lat}}", "lon": "{{loc.lon}}"}, "credential_id": wcred},
+                    slack_step(scred, "{{order.id}}"),
+                ],
+            }
+        )
+    ).workflow
+    done = await api.wait((await api.run(wf.id, {"loc": {"lat": 48.85, "lon": 2.35}, "order": {"id": 7}})).execution.id)
+    assert done.status == "succeeded", done
+    assert [(q["lat"], q["lon"]) for q in weather.received] == [("48.85", "2.35")]
+    assert slack.received == [{"text": "7"}]
+    assert done.steps[0].rendered_config["lat"] == 48.85
+
+
 async def test_signed_webhooks_are_accepted_and_bad_ones_refused(env) -> None:
     core, api, slack, _ = env
     scred = await api.credential("slack", {"webhook_url": slack.url})

@@ -174,3 +174,11 @@ def test_rendering_a_config_leaves_no_reference_cycle() -> None:
         assert kept() is None, "freed by reference counting alone"
     finally:
         gc.enable()
+
+
+def test_a_string_that_is_one_template_gives_the_value_with_its_type() -> None:
+    ctx = RenderContext(trigger={"loc": {"lat": 48.85}, "items": [1, 2], "flag": False, "none": None})
+    config = {"lat": "{{loc.lat}}", "items": "{{items}}", "flag": "{{ flag }}", "none": "{{none}}", "text": "at {{loc.lat}}", "gone": "{{nope}}"}
+    result = render_config(config, ctx)
+    assert result.value == {"lat": 48.85, "items": [1, 2], "flag": False, "none": None, "text": "at 48.85", "gone": ""}
+    assert result.missing_paths == ("nope",)
