@@ -18,7 +18,7 @@ from croniter import croniter
 from ipaas.errors import FieldViolation, InvalidArgument
 
 TRIGGER_TYPES = ("webhook", "schedule", "manual")
-STEP_ID = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")
+STEP_ID = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}\Z")  # \Z: $ also matches before a final newline
 MAX_STEPS = 50
 MAX_ATTEMPTS_LIMIT = 25
 DEFAULT_MAX_ATTEMPTS = 5
@@ -186,8 +186,9 @@ def _validate_options(options: dict[str, Any], bad: Any) -> None:
 
 
 def _validate_step(path: str, step: dict[str, Any], seen: set[str], catalog: Catalog, bad: Any) -> None:
-    from ipaas.templates import TemplateError, validate_template
+    from ipaas.templates import TemplateError, step_references, validate_template
 
+    earlier = set(seen)
     step_id = step.get("id") or ""
     if not STEP_ID.match(step_id):
         bad(f"{path}.id", "must start with a letter and hold only letters, digits, _ and - (at most 64)")
@@ -210,6 +211,11 @@ def _validate_step(path: str, step: dict[str, Any], seen: set[str], catalog: Cat
             errors = [str(exc)]
         for error in errors:
             bad(where, error)
+        for referred in [] if errors else step_references(template):
+            # A typo, or a step that has not run yet when this one renders: the path could
+            # never resolve, and the step would send blanks (or fail on every run, strict).
+            if referred not in earlier:
+                bad(where, f"refers to step {referred!r}, which is not an earlier step of this workflow")
     templated = {where for where, value in _strings(config, f"{path}.config") if "{{" in value}
     for where, description in catalog.config_problems(connector, action, config):
         full = f"{path}.{where}" if where.startswith("config") else f"{path}.config.{where}" if where else f"{path}.config"

@@ -38,7 +38,7 @@ __all__ = [
     "raise_for_status",
 ]
 
-NAME = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
+NAME = re.compile(r"^[a-z][a-z0-9_]{0,63}\Z")  # \Z: $ also matches before a final newline
 DEFAULT_TIMEOUT = 10.0
 
 

@@ -146,6 +146,12 @@ def template_paths(template: str) -> list[str]:
     return [p.text for p in compile_template(template) if isinstance(p, _Path)]
 
 
+def step_references(template: str) -> list[str]:
+    """The step ids a template reads the output of ({{steps.<id>...}}); `{{steps}}` alone
+    reads them all and names none."""
+    return [p.segments[0] for p in compile_template(template) if isinstance(p, _Path) and p.root == "steps" and p.segments]
+
+
 def _walk(value: Any, segments: tuple[str, ...]) -> Any:
     for i, segment in enumerate(segments):
         if segment == "#" and i == len(segments) - 1:

@@ -42,7 +42,7 @@ from ipaas.v1 import executions_pb2
 
 log = logging.getLogger("ipaas.gateway")
 
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}\Z")  # \Z: $ also matches before a final newline
 WEBHOOK_BODY_LIMIT = 1024 * 1024
 BODY_LIMIT = 256 * 1024
 MAX_AUTHORIZATION_LENGTH = 1024  # API keys are ~50 characters

@@ -18,7 +18,7 @@ from ipaas.tenants import TenantStore
 
 log = logging.getLogger("ipaas.rpc")
 
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}\Z")  # \Z: $ also matches before a final newline
 
 PUBLIC = {"/ipaas.v1.ExecutionService/ReceiveWebhook", "/ipaas.v1.ExecutionService/ReceiveWebhooks"}
 ANY_CALLER = {"/ipaas.v1.TenantService/GetCaller"}

@@ -277,6 +277,26 @@ async def test_templates_with_regular_expressions_are_refused_on_create_and_upda
     assert "regular expressions" in violations(err.value)["steps[0].config.text"]
 
 
+async def test_a_template_reading_a_step_that_has_not_run_is_refused(api: Api) -> None:
+    """{{steps.X...}} must name an earlier step: a typo or a later step could never resolve,
+    and the message would go out with blanks. Ids end at their last character: "a\\n" is not
+    "a"."""
+    cred = await api.credential("slack", {"webhook_url": SLACK_URL})
+    steps = [
+        slack_step(cred, "first {{steps.second.ts}}", step_id="first"),
+        slack_step(cred, "{{steps.first.ts}} {{steps.frist.ts}} {{steps.second.ts}}", step_id="second"),
+        slack_step(cred, "ok {{steps.first.ts}} {{steps}}", step_id="third\n"),
+    ]
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await api.create({"name": "refs", "trigger": {"type": "manual"}, "steps": steps})
+    bad = error_details_pb2.BadRequest()
+    assert rpc_status.from_call(err.value).details[0].Unpack(bad)
+    found = [(v.field, v.description) for v in bad.field_violations]
+    assert [d for f, d in found if f == "steps[0].config.text"] == ["refers to step 'second', which is not an earlier step of this workflow"]
+    assert sorted(d.split("'")[1] for f, d in found if f == "steps[1].config.text") == ["frist", "second"]
+    assert [f for f, _ in found if f.startswith("steps[2]")] == ["steps[2].id"], found
+
+
 async def test_a_definition_too_large_to_read_back_is_refused(api: Api) -> None:
     from ipaas.definitions import MAX_DEFINITION_BYTES
     from ipaas.wire import MAX_MESSAGE_BYTES
