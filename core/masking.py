@@ -43,7 +43,10 @@ _KEY_WORDS = r"(?:api[_-]?key|apikey|x-api-key|access[_-]?token|refresh[_-]?toke
 # Each pattern masks its whole match, except where a group named 'keep' is kept in front.
 _PATTERNS = [
     # key=value, key: value, "key": "value" (value up to a delimiter)
-    rf"""(?P<kv>(?i:(?P<kvkey>["']?\b[\w-]*{_KEY_WORDS}["']?\s*[:=]\s*))(?P<kvq>["']?)(?P<kvval>[^\s"',;&}}]{{1,}}))""",
+    # Every repeat is bounded: unbounded, a prefix like [\w-]* was retried from each word
+    # start to the end of the text, and "key-" * 3000 + "=" took seconds (quadratic) on the
+    # event loop that masks it. A quoted value is masked up to its closing quote.
+    rf"""(?P<kv>(?i:(?P<kvkey>(?<![\w-])["']?[\w-]{{0,64}}?{_KEY_WORDS}["']?\s{{0,16}}[:=]\s{{0,16}}))(?:"(?P<kvdq>[^"\n]{{1,512}})|'(?P<kvsq>[^'\n]{{1,512}})|(?P<kvval>[^\s"',;&}}]{{1,}})))""",
     r"(?P<bearer>(?i:\b(?:bearer|basic|token)\s+)[A-Za-z0-9._~+/=-]{8,})",
     r"(?P<jwt>\beyJ[A-Za-z0-9_-]{5,}\.eyJ[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]{5,})",
     r"(?P<slackhook>(?:https?://)?hooks\.slack\.com/(?:services|workflows|triggers)/[A-Za-z0-9_/+-]+)",
@@ -54,8 +57,8 @@ _PATTERNS = [
     r"(?P<whsec>\bwhsec_[A-Za-z0-9+/=]{10,})",
     r"(?P<ipk>\bipk_[A-Za-z0-9_-]{20,})",
     r"(?P<github>\b(?:gh[pousr]_[A-Za-z0-9]{36}|github_pat_[A-Za-z0-9_]{22,}))",
-    r"(?P<urlcred>(?P<urlkeep>\b[a-zA-Z][a-zA-Z0-9+.-]*://)[^\s:/@]*:[^\s@/]+@)",
-    r"(?P<email>\b[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}\b)",
+    r"(?P<urlcred>(?P<urlkeep>\b[a-zA-Z][a-zA-Z0-9+.-]{0,31}://)[^\s:/@]{0,256}:[^\s@/]{1,256}@)",
+    r"(?P<email>\b[A-Za-z0-9._%+-]{1,64}@[A-Za-z0-9.-]{1,253}\.[A-Za-z]{2,24}\b)",
     r"(?P<card>\b(?:\d[ -]?){12,18}\d\b)",
 ]
 _COMBINED = re.compile("|".join(_PATTERNS))  # the reference the hints must agree with (tests)
@@ -126,7 +129,8 @@ def _replace(match: re.Match[str]) -> str:
     # The outermost group closes last, so lastgroup names the pattern that matched.
     kind = match.lastgroup
     if kind == "kv":
-        return f"{match.group('kvkey')}{match.group('kvq')}{REDACTED}"
+        quote = '"' if match.group("kvdq") is not None else "'" if match.group("kvsq") is not None else ""
+        return f"{match.group('kvkey')}{quote}{REDACTED}"
     if kind == "urlcred":
         return f"{match.group('urlkeep')}{REDACTED}@"
     if kind == "bearer":

@@ -158,3 +158,25 @@ def test_secret_masker_builds_its_pattern_once_from_any_iterable() -> None:
     assert masker.text("pw=hunter2hunter2") == f"pw={REDACTED}"
     assert masker.text("again hunter2hunter2") == f"again {REDACTED}"
     assert masker.value({"note": "hunter2hunter2 xyz"}) == {"note": f"{REDACTED} xyz"}
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["key-" * 25_000 + "=", "@" + "a." * 50_000, "://@" + "a." * 50_000, "password" + " " * 100_000 + "=x"],
+    ids=["kv-prefix", "email", "url-credentials", "spaces"],
+)
+def test_masking_takes_linear_time_on_hostile_text(text: str) -> None:
+    """The engine masks every rendered config and error on its event loop: an unbounded
+    repeat made these 100 KB strings take 13 s to minutes (quadratic), during which the
+    engine served nothing. Linear, each takes milliseconds; the bound is generous."""
+    import time
+
+    started = time.perf_counter()
+    mask_text(text)
+    assert time.perf_counter() - started < 1.0
+
+
+def test_a_quoted_secret_is_masked_up_to_its_closing_quote() -> None:
+    assert mask_text('{"password": "correct horse battery staple", "x": 1}') == '{"password": "***REDACTED***", "x": 1}'
+    assert mask_text("password='a b;c' rest") == "password='***REDACTED***' rest"
+    assert mask_text("client_secret=abc,def") == "client_secret=***REDACTED***,def"  # unquoted: up to a delimiter
