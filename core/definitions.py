@@ -8,6 +8,7 @@ path (`steps[1].config.text`) instead of stopping at the first.
 from __future__ import annotations
 
 import re
+import unicodedata
 from datetime import datetime, timezone
 from typing import Any, Protocol
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError, available_timezones
@@ -84,6 +85,10 @@ def validate(definition: dict[str, Any], catalog: Catalog) -> list[FieldViolatio
     _validate_size(definition, bad)
     if not 1 <= len(definition["name"]) <= 200:
         bad("name", "must be 1 to 200 characters")
+    elif any(unicodedata.category(c) in ("Cc", "Cf") for c in definition["name"]):
+        # Line breaks, terminal escapes and bidi overrides: a name is shown in lists,
+        # terminals and logs, where they forge or hide text.
+        bad("name", "must not contain control or formatting characters")
     _validate_trigger(definition["trigger"], bad)
     _validate_options(definition["options"], bad)
     steps = definition["steps"]

@@ -297,6 +297,15 @@ async def test_a_template_reading_a_step_that_has_not_run_is_refused(api: Api) -
     assert [f for f, _ in found if f.startswith("steps[2]")] == ["steps[2].id"], found
 
 
+@pytest.mark.parametrize("name", ["evil\x1b[31m", "two\nlines", "back\u202ewards"])
+async def test_a_name_with_control_or_formatting_characters_is_refused(api: Api, name: str) -> None:
+    cred = await api.credential("slack", {"webhook_url": SLACK_URL})
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await api.create({"name": name, "trigger": {"type": "manual"}, "steps": [slack_step(cred)]})
+    assert violations(err.value) == {"name": "must not contain control or formatting characters"}
+    assert (await api.create({"name": "Zürich orders ✓", "trigger": {"type": "manual"}, "steps": [slack_step(cred)]})).workflow.name == "Zürich orders ✓"
+
+
 async def test_a_definition_too_large_to_read_back_is_refused(api: Api) -> None:
     from ipaas.definitions import MAX_DEFINITION_BYTES
     from ipaas.wire import MAX_MESSAGE_BYTES
