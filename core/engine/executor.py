@@ -12,7 +12,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 
-from ipaas import templates
+from ipaas import logs, templates
 from ipaas.credentials import CredentialStore
 from ipaas.engine import outbox
 from ipaas.engine.breakers import BreakerRegistry, Trial
@@ -65,6 +65,13 @@ class Executor:
         self.outcomes = OutcomeWriter(db)
 
     async def run(self, task: outbox.ClaimedTask, owner: str) -> None:
+        # Every line about this execution, the connector's own included, says whose it is:
+        # before, a delivery's failure could not be traced to its tenant or workflow.
+        workflow_id = task.execution.workflow_id if task.execution is not None else None
+        with logs.bind(tenant_id=task.tenant_id, workflow_id=workflow_id, execution_id=task.execution_id):
+            await self._run(task, owner)
+
+    async def _run(self, task: outbox.ClaimedTask, owner: str) -> None:
         # The claim brought the execution (as it was before the claim, which also marked it
         # running) and its stored steps: no read before the first step runs.
         execution = task.execution

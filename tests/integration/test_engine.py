@@ -91,6 +91,34 @@ async def test_a_field_that_is_one_template_keeps_the_values_type(env) -> None:
     assert done.steps[0].rendered_config["lat"] == 48.85
 
 
+async def test_an_executions_log_lines_name_its_tenant_and_workflow(env) -> None:
+    """An operator tracing a failed delivery starts from the tenant or the workflow: every
+    line about an execution carries both (it carried the execution id alone)."""
+    import io
+    import json
+    import logging
+
+    from ipaas.logs import JsonFormatter
+
+    core, api, slack, _ = env
+    scred = await api.credential("slack", {"webhook_url": slack.url})
+    wf = (await api.create({"name": "traced", "trigger": {"type": "manual"}, "steps": [slack_step(scred, "hi")]})).workflow
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter())
+    root = logging.getLogger()
+    root.addHandler(handler)
+    level, root.level = root.level, logging.INFO
+    try:
+        done = await api.wait((await api.run(wf.id)).execution.id)
+    finally:
+        root.removeHandler(handler)
+        root.level = level
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    finished = [line for line in lines if line["event"] == "execution.finished" and line.get("execution_id") == done.id]
+    assert len(finished) == 1 and finished[0]["workflow_id"] == wf.id and finished[0]["tenant_id"].startswith("tn_"), lines
+
+
 async def test_signed_webhooks_are_accepted_and_bad_ones_refused(env) -> None:
     core, api, slack, _ = env
     scred = await api.credential("slack", {"webhook_url": slack.url})
