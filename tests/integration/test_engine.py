@@ -106,14 +106,17 @@ async def test_an_executions_log_lines_name_its_tenant_and_workflow(env) -> None
     stream = io.StringIO()
     handler = logging.StreamHandler(stream)
     handler.setFormatter(JsonFormatter())
-    root = logging.getLogger()
+    root, engine = logging.getLogger(), logging.getLogger("ipaas.engine")
     root.addHandler(handler)
-    level, root.level = root.level, logging.INFO
+    levels = root.level, engine.level
+    root.setLevel(logging.INFO)
+    engine.setLevel(logging.INFO)  # other tests may have left it quieter
     try:
         done = await api.wait((await api.run(wf.id)).execution.id)
     finally:
         root.removeHandler(handler)
-        root.level = level
+        root.setLevel(levels[0])
+        engine.setLevel(levels[1])
     lines = [json.loads(line) for line in stream.getvalue().splitlines()]
     finished = [line for line in lines if line["event"] == "execution.finished" and line.get("execution_id") == done.id]
     assert len(finished) == 1 and finished[0]["workflow_id"] == wf.id and finished[0]["tenant_id"].startswith("tn_"), lines
