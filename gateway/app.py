@@ -348,6 +348,8 @@ class Gateway:
                     where = where if len(where) <= MAX_PARAM_LENGTH else where[:MAX_PARAM_LENGTH] + "…"
                     raise HttpError(400, f"{where} is an integer past ±2^53, which the API cannot carry exactly: send it as a string", details=[{"field": where, "description": f"integers must lie within ±{EXACT}"}])
             target = message if route.body == "*" else getattr(message, route.body)
+            if (shape := parse_errors.shape_problem(target.DESCRIPTOR, data)) is not None:
+                raise HttpError(400, f"the body does not fit the request: {shape[0]} {shape[1]}", details=[{"field": shape[0], "description": shape[1]}])
             try:
                 json_format.ParseDict(data, target, ignore_unknown_fields=False)
             except json_format.ParseError as exc:

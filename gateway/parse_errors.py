@@ -7,6 +7,7 @@ needs the field and what is wrong with it, as every other 400 of the API gives t
 from __future__ import annotations
 
 import re
+from typing import Any
 
 _NESTED = re.compile(r"Failed to parse (\w+) field: ")
 _UNKNOWN = re.compile(r'Message type "[\w.]+" has no field named "([^"]+)"')
@@ -33,3 +34,29 @@ def describe(message: str) -> tuple[str, str]:
         return ".".join([*fields, unknown.group(1)]), "is not a field of this request"
     meaning = next((said for words, said in _MEANINGS if words in message), "is not valid")
     return ".".join(fields) or "body", meaning
+
+
+# Messages whose JSON form is not an object: anything goes where they are expected.
+_NOT_OBJECTS = {"google.protobuf.Struct", "google.protobuf.Value", "google.protobuf.ListValue", "google.protobuf.Timestamp", "google.protobuf.Duration", "google.protobuf.FieldMask"} | {f"google.protobuf.{w}Value" for w in ("Bool", "Int32", "Int64", "UInt32", "UInt64", "Float", "Double", "String", "Bytes")}
+
+
+def shape_problem(descriptor: Any, data: Any, prefix: str = "") -> tuple[str, str] | None:
+    """(field path, problem) for a message field given something other than an object, which
+    protobuf's parser reports confusingly ("trigger": "manual" read as the fields m, a,
+    n...); None when the shapes fit (the parser checks the rest)."""
+    if not isinstance(data, dict):
+        return None
+    for key, value in data.items():
+        field = descriptor.fields_by_name.get(key) or descriptor.fields_by_camelcase_name.get(key)
+        if field is None or field.message_type is None or field.message_type.full_name in _NOT_OBJECTS or field.message_type.GetOptions().map_entry:
+            continue
+        where = f"{prefix}{field.name}"
+        if field.is_repeated and not isinstance(value, list):
+            return where, "must be a list"
+        items = value if field.is_repeated else [value]
+        for item in items:
+            if not isinstance(item, dict):
+                return where, "must be a JSON object"
+            if (found := shape_problem(field.message_type, item, f"{where}.")) is not None:
+                return found
+    return None

@@ -750,6 +750,8 @@ async def test_a_body_of_the_wrong_shape_names_the_field_in_the_apis_words(stack
         ("/api/workflows", {"name": "x", "steps": 3}, "steps", "must be a list"),
         ("/api/workflows", {"name": "x", "steps": [{"id": 3}]}, "steps.id", "must be a string"),
         ("/api/workflows", {"name": "x", "trigger": 3}, "trigger", "must be a JSON object"),
+        ("/api/workflows", {"name": "x", "trigger": "manual"}, "trigger", "must be a JSON object"),
+        ("/api/workflows", {"name": "x", "steps": ["notify"]}, "steps", "must be a JSON object"),
         ("/api/credentials", {"connector": "slack", "name": "n", "secrets": [1]}, "secrets", "must be a JSON object"),
         ("/api/workflows", {"name": "x", "options": {"allow_unsigned_webhooks": "yes"}}, "options.allow_unsigned_webhooks", "must be true or false"),
         ("/api/workflows", {"n" * 5000: 1}, "n" * 256 + "…", "is not a field of this request"),
