@@ -191,7 +191,7 @@ def _validate_options(options: dict[str, Any], bad: Any) -> None:
 
 
 def _validate_step(path: str, step: dict[str, Any], seen: set[str], catalog: Catalog, bad: Any) -> None:
-    from ipaas.templates import TemplateError, step_references, validate_template
+    from ipaas.templates import MAX_CONFIG_DEPTH, TemplateError, step_references, validate_template
 
     earlier = set(seen)
     step_id = step.get("id") or ""
@@ -209,6 +209,9 @@ def _validate_step(path: str, step: dict[str, Any], seen: set[str], catalog: Cat
         bad(f"{path}.{problem[0]}", problem[1])
         return
     config = step.get("config") or {}
+    if _depth(config) > MAX_CONFIG_DEPTH:  # every render would refuse it
+        bad(f"{path}.config", f"nested deeper than {MAX_CONFIG_DEPTH} levels")
+        return
     for where, template in _strings(config, f"{path}.config"):
         try:
             errors = validate_template(template)
@@ -229,6 +232,15 @@ def _validate_step(path: str, step: dict[str, Any], seen: set[str], catalog: Cat
             bad(full, description)
     if catalog.needs_credentials(connector) and not step.get("credential_id"):
         bad(f"{path}.credential_id", f"connector {connector!r} needs a credential")
+
+
+def _depth(value: Any, limit: int = 64) -> int:
+    """The deepest level a value inside `value` sits at, as rendering counts it ({"a": 1}:
+    1; an empty object or list holds none), counted up to `limit` at most."""
+    if limit <= 0 or not isinstance(value, (dict, list)):
+        return 0
+    children = value.values() if isinstance(value, dict) else value
+    return 1 + max((_depth(v, limit - 1) for v in children), default=-1)
 
 
 def _strings(value: Any, path: str, depth: int = 0) -> list[tuple[str, str]]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import grpc
 import pytest
+from typing import Any
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from sqlalchemy import text
@@ -304,6 +305,18 @@ async def test_a_name_with_control_or_formatting_characters_is_refused(api: Api,
         await api.create({"name": name, "trigger": {"type": "manual"}, "steps": [slack_step(cred)]})
     assert violations(err.value) == {"name": "must not contain control or formatting characters"}
     assert (await api.create({"name": "Zürich orders ✓", "trigger": {"type": "manual"}, "steps": [slack_step(cred)]})).workflow.name == "Zürich orders ✓"
+
+
+async def test_a_config_nested_deeper_than_any_render_allows_is_refused_at_save(api: Api) -> None:
+    """Rendering refuses a config nested deeper than 32 levels; saved, it failed every run."""
+    cred = await api.credential("slack", {"webhook_url": SLACK_URL})
+    deep: Any = "x"
+    for _ in range(32):  # lists: protobuf carries them in fewer message levels than objects
+        deep = [deep]
+    step = {**slack_step(cred), "config": {"text": "hi", "blocks": deep}}
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await api.create({"name": "deep", "trigger": {"type": "manual"}, "steps": [step]})
+    assert violations(err.value) == {"steps[0].config": "nested deeper than 32 levels"}
 
 
 async def test_a_definition_too_large_to_read_back_is_refused(api: Api) -> None:
