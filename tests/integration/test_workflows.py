@@ -3,9 +3,10 @@ rollback, tenant isolation and credentials that never come back out."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import grpc
 import pytest
-from typing import Any
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from sqlalchemy import text
