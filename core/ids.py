@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from datetime import datetime
 
 _ALPHABET = "0123456789abcdefghjkmnpqrstvwxyz"
 _lock = threading.Lock()
@@ -27,9 +28,18 @@ def new_id(prefix: str) -> str:
         else:
             rand = int.from_bytes(os.urandom(10), "big") >> 1  # headroom for increments
         _last_ms, _last_rand = ms, rand
-    value = (ms << 80) | rand
+    return f"{prefix}_{_encode((ms << 80) | rand)}"
+
+
+def first_id_at(prefix: str, when: datetime) -> str:
+    """The smallest id `new_id(prefix)` could make at `when`: every id made earlier sorts
+    below it, so the primary key's index finds rows by age without an index of their own."""
+    return f"{prefix}_{_encode(int(when.timestamp() * 1000) << 80)}"
+
+
+def _encode(value: int) -> str:
     chars = []
     for _ in range(26):
         chars.append(_ALPHABET[value & 31])
         value >>= 5
-    return f"{prefix}_{''.join(reversed(chars))}"
+    return "".join(reversed(chars))

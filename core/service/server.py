@@ -199,6 +199,7 @@ class CoreServer:
     dispatcher: Any = None
     scheduler: Any = None
     enqueuer: Any = None
+    retention: Any = None
     processes: Any = None
     _server: grpc.aio.Server | None = None
     _health: HealthServicer | None = None
@@ -207,6 +208,7 @@ class CoreServer:
         from ipaas.dryrun import DryRunner
         from ipaas.engine.enqueuer import Enqueuer
         from ipaas.engine.processes import EngineProcesses
+        from ipaas.engine.retention import Retention, retention_window
         from ipaas.engine.scheduler import Scheduler
         from ipaas.execution_store import ExecutionStore
         from ipaas.service.connectors import BreakerServicer, ConnectorServicer
@@ -217,6 +219,7 @@ class CoreServer:
 
         s = self.settings
         engine = EngineSettings.from_settings(s)
+        keep = retention_window(s.extra)
         await asyncio.to_thread(migrate.upgrade, s.database_url)
         self.db = db = Database(s.database_url)
         self.admin_key, self.admin_key_generated = auth.load_admin_key(s.admin_key, s.data_dir)
@@ -233,6 +236,8 @@ class CoreServer:
         self.enqueuer = Enqueuer(db, on_enqueued=work.notify, max_depth=engine.max_queue_depth)
         self.scheduler = Scheduler(db, self.enqueuer, interval=engine.scheduler_interval, catch_up=engine.catch_up)
         executions = ExecutionStore(db, on_enqueued=work.notify)
+        if keep is not None:
+            self.retention = Retention(db, keep)
 
         server = grpc.aio.server(
             interceptors=[CoreInterceptor(tenants)],
@@ -271,6 +276,8 @@ class CoreServer:
             self.dispatcher.start()
         if engine_on:
             self.scheduler.start()
+            if self.retention is not None:
+                self.retention.start()
         for name in ["", *names]:
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info("core.started", extra={"listen": s.grpc_listen, "port": self.port, "database": db.dialect, "workers": work.workers, "engine_processes": engine.processes})
@@ -282,6 +289,8 @@ class CoreServer:
             await self._health.enter_graceful_shutdown()
         if self.scheduler is not None:
             await self.scheduler.stop()
+        if self.retention is not None:
+            await self.retention.stop()
         if self._server is not None:
             await self._server.stop(grace)
         if self.processes is not None:
