@@ -633,3 +633,20 @@ async def test_nul_characters_from_a_plugin_are_stored_on_postgres(tmp_path, pos
     assert (retried.status, retried.attempts, retried.error) == ("dead", 2, "step s: Upstream answered 503: busy\ufffd")
     assert (sent.status, sent.steps[0].message, sent.steps[0].output["echo"]) == ("succeeded", "sent\ufffd", "a\x00b")
     assert sorted(calls) == ["busy", "busy", "ok", "refuse"]
+
+
+async def test_the_core_deletes_finished_executions_past_the_retention_window(env) -> None:
+    core, api, slack, weather = env
+    scred = await api.credential("slack", {"webhook_url": slack.url})
+    wf = (await api.create({"name": "kept", "trigger": {"type": "manual"}, "steps": [slack_step(scred, "hi")]})).workflow
+    done = await api.wait((await api.run(wf.id)).execution.id)
+    assert done.status == "succeeded"
+    retention = core.server.retention
+    assert retention is not None and retention.keep == timedelta(days=14), "on by default"
+
+    assert await retention.prune() == 0, "finished just now: kept"
+    retention.clock = lambda: datetime.now(timezone.utc) + timedelta(days=15)
+    assert await retention.prune() == 1
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await api.executions.GetExecution(executions_pb2.GetExecutionRequest(id=done.id), metadata=api.md)
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
