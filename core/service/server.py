@@ -17,7 +17,8 @@ from grpc_reflection.v1alpha import reflection
 from ipaas import auth, crypto
 from ipaas.settings import FALSE_WORDS, TRUE_WORDS, Settings, flag
 from ipaas.storage import migrate
-from ipaas.storage.db import Database
+from ipaas.storage.core_lock import CoreLock
+from ipaas.storage.db import Database, ensure_sqlite_dir
 from ipaas.tenants import TenantStore
 from ipaas.v1 import (
     breakers_pb2,
@@ -200,11 +201,22 @@ class CoreServer:
     scheduler: Any = None
     enqueuer: Any = None
     retention: Any = None
+    core_lock: Any = None
     processes: Any = None
     _server: grpc.aio.Server | None = None
     _health: HealthServicer | None = None
 
     async def start(self) -> None:
+        self.core_lock = CoreLock(self.settings.database_url)
+        ensure_sqlite_dir(self.settings.database_url)
+        self.core_lock.acquire()
+        try:
+            await self._start()
+        except BaseException:
+            self.core_lock.release()  # a failed start must not keep the next one out
+            raise
+
+    async def _start(self) -> None:
         from ipaas.dryrun import DryRunner
         from ipaas.engine.enqueuer import Enqueuer
         from ipaas.engine.processes import EngineProcesses
@@ -303,5 +315,7 @@ class CoreServer:
             await self.registry.aclose()
         if self.db is not None:
             await self.db.dispose()
+        if self.core_lock is not None:
+            self.core_lock.release()
         log.info("core.stopped")
 

@@ -10,6 +10,7 @@ import re
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -196,3 +197,38 @@ def test_connectors_list_shows_distributions_and_reports_a_broken_plugin_once(tm
     assert slack.split()[:3] == ["slack", "0.1.0", "ipaas-slack"], slack
     assert "not loaded: ipaas-exploding:exploding: import failed: RuntimeError: plugin bug at import" in lines
     assert done.stderr == "", "the problem is printed once, as a line of the listing"
+
+
+def start_core_process(cwd: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    """`ipaas core` in the background, returned once it listens."""
+    port = free_port()
+    base = {k: v for k, v in os.environ.items() if not k.startswith("IPAAS_")}
+    proc = subprocess.Popen([sys.executable, "-m", "ipaas", "core"], cwd=cwd, env={**base, **env, "IPAAS_GRPC_LISTEN": f"127.0.0.1:{port}"}, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while True:
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                return proc
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError(f"the core did not start (exit {proc.poll()})")
+        time.sleep(0.1)
+
+
+def test_a_second_core_on_the_same_sqlite_database_is_refused_in_one_line(tmp_path: Path) -> None:
+    """SQLite takes one core per database (its start-up, scheduler and retention assume no
+    other); a second one exits at start, and once the first has stopped a new one starts."""
+    env = {"IPAAS_DATA_DIR": str(tmp_path / "data"), "IPAAS_ENGINE_PROCESSES": "0", "IPAAS_ADMIN_KEY": "ipk_admin_" + "x" * 32}
+    first = start_core_process(tmp_path, env)
+    try:
+        second = run_cli("core", cwd=tmp_path, **env, IPAAS_GRPC_LISTEN=f"127.0.0.1:{free_port()}")
+        line = one_error_line(second)
+        assert second.returncode == 3, second.returncode
+        assert f"another core (pid {first.pid}) is running on {tmp_path / 'data' / 'ipaas.db'}" in line, line
+        assert "PostgreSQL" in line
+    finally:
+        first.terminate()
+        first.wait(timeout=30)
+    again = start_core_process(tmp_path, env)  # the first stopped: the database is free again
+    again.terminate()
+    again.wait(timeout=30)
