@@ -248,7 +248,7 @@ class Gateway:
             # Without its store the key cannot be honoured: running the request anyway could
             # run it twice. The caller retries later (or without the key).
             self._store_down(exc)
-            raise HttpError(503, "the idempotency store is unavailable: retry shortly") from None
+            raise HttpError(503, "the idempotency store is unavailable: retry shortly", headers={"Retry-After": str(envelope.RETRY_AFTER[grpc.StatusCode.UNAVAILABLE])}) from None
         if record is not None:
             if record.fingerprint != fingerprint:
                 raise HttpError(422, "this Idempotency-Key was used with a different request")

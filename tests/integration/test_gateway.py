@@ -583,6 +583,7 @@ async def test_a_dead_redis_lets_requests_through_but_not_keyed_ones(tmp_path, c
             health = await http.get("/health")
     assert [r.status_code for r in listed] == [200] * 3, [r.text for r in listed]
     assert keyed.status_code == 503 and assert_envelope(keyed, False)["error"]["code"] == "unavailable", keyed.text
+    assert keyed.headers["retry-after"] == "5", "a 503 says when to come back, as the core's do"
     assert ready.status_code == 200 and live.status_code == 200, ready.text
     assert health.status_code == 503 and assert_envelope(health, False)["error"]["details"][0]["checks"]["redis"] == "failing", health.text
     assert [r.getMessage() for r in caplog.records].count("ratelimit.unavailable") == 1, [r.getMessage() for r in caplog.records]
