@@ -105,7 +105,7 @@ class WorkflowStore:
                 secret = new_webhook_secret()
                 s.add(self._secret_row(wf, secret, now))
             if wf.trigger_type == "schedule":
-                s.add(Schedule(workflow_id=wf.id, tenant_id=tenant_id, next_fire_at=None))
+                s.add(Schedule(workflow_id=wf.id, tenant_id=tenant_id, next_fire_at=_first_fire(definition["trigger"], now)))
         return WorkflowView(wf, 1, definition, now), secret
 
     def _secret_row(self, wf: Workflow, secret: str, now: datetime) -> WebhookSecret:
@@ -221,8 +221,8 @@ class WorkflowStore:
     async def _sync_trigger_rows(self, s: Any, wf: Workflow, before: dict[str, Any], after: dict[str, Any], reactivated: bool, now: datetime) -> None:
         if after["type"] != "schedule":
             await s.execute(delete(Schedule).where(Schedule.workflow_id == wf.id))
-        elif await s.get(Schedule, wf.id) is None:  # a new schedule, planned by the scheduler as at creation
-            s.add(Schedule(workflow_id=wf.id, tenant_id=wf.tenant_id, next_fire_at=None))
+        elif await s.get(Schedule, wf.id) is None:  # a new schedule, planned as at creation
+            s.add(Schedule(workflow_id=wf.id, tenant_id=wf.tenant_id, next_fire_at=_first_fire(after, now)))
         elif reactivated or schedule.timing(after) != schedule.timing(before):
             await self._replan(s, wf.id, after, now)
         # Same timing: the planned fire stands, even one that is due and not yet fired. Reset
@@ -233,11 +233,7 @@ class WorkflowStore:
         scheduler, a fire between this change and its next tick (up to a second) was skipped.
         Fires before `now` are not owed: they belonged to the old timing, or fell while the
         workflow was inactive (a stale plan would catch one up on reactivation)."""
-        try:
-            planned = schedule.next_fire(trigger, now)
-        except Exception:
-            planned = None  # the scheduler parks a schedule it cannot compute, and logs it
-        await s.execute(update(Schedule).where(Schedule.workflow_id == workflow_id).values(next_fire_at=planned))
+        await s.execute(update(Schedule).where(Schedule.workflow_id == workflow_id).values(next_fire_at=_first_fire(trigger, now)))
 
     async def set_active(self, tenant_id: str, workflow_id: str, active: bool) -> WorkflowView:
         async with self.db.session() as s, s.begin():
@@ -358,3 +354,12 @@ class WebhookTarget:
     version: int
     definition: dict[str, Any]
     secrets: list[str]
+
+
+def _first_fire(trigger: dict[str, Any], now: datetime) -> datetime | None:
+    """The first fire after `now`, planned in the saving transaction. Left NULL for the
+    scheduler to plan at its next tick (up to a second later), a fire in between was missed."""
+    try:
+        return schedule.next_fire(trigger, now)
+    except Exception:
+        return None  # the scheduler parks a schedule it cannot compute, and logs it

@@ -43,15 +43,16 @@ class Clock:
         return self.now
 
 
-async def test_scheduled_workflows_fire_once_per_fire_time_across_replicas(tmp_path) -> None:
+async def test_scheduled_workflows_fire_once_per_fire_time_across_replicas(tmp_path, monkeypatch) -> None:
     async with FakeSlack() as slack, core_with(tmp_path, IPAAS_DISABLE_ENGINE="1") as core:
         api = Api(core.channel, (await core.new_tenant()).md)
         cred = await api.credential("slack", {"webhook_url": slack.url})
-        wf = (await api.create({"name": "tick", "trigger": {"type": "schedule", "interval_seconds": 60}, "steps": [slack_step(cred, "at {{scheduled_at}}")]})).workflow
         clock = Clock(datetime(2026, 1, 1, 0, 0, 30, tzinfo=timezone.utc))
+        monkeypatch.setattr("ipaas.workflow_store.utcnow", clock)  # saving plans the first fire
+        wf = (await api.create({"name": "tick", "trigger": {"type": "schedule", "interval_seconds": 60}, "steps": [slack_step(cred, "at {{scheduled_at}}")]})).workflow
         replicas = [Scheduler(core.server.db, core.server.enqueuer, clock=clock) for _ in range(2)]
 
-        assert [await r.tick() for r in replicas] == [0, 0], "a new schedule only plans"
+        assert [await r.tick() for r in replicas] == [0, 0], "the first fire is not due yet"
         clock.now += timedelta(seconds=31)  # 00:01:01, the 00:01:00 fire is due
         fired = [await r.tick() for r in replicas]
         assert sum(fired) == 1, "two replicas, one fire"
@@ -69,13 +70,14 @@ async def test_scheduled_workflows_fire_once_per_fire_time_across_replicas(tmp_p
         assert [await r.tick() for r in replicas] == [0, 0], "deactivation stops fires at once"
 
 
-async def test_cron_schedule_in_a_time_zone_fires_at_local_time(tmp_path) -> None:
+async def test_cron_schedule_in_a_time_zone_fires_at_local_time(tmp_path, monkeypatch) -> None:
     async with FakeSlack() as slack, core_with(tmp_path, IPAAS_DISABLE_ENGINE="1") as core:
         api = Api(core.channel, (await core.new_tenant()).md)
         cred = await api.credential("slack", {"webhook_url": slack.url})
         trigger = {"type": "schedule", "cron": "0 7 * * *", "timezone": "America/New_York"}
-        wf = (await api.create({"name": "morning", "trigger": trigger, "steps": [slack_step(cred, "good morning")]})).workflow
         clock = Clock(datetime(2026, 7, 1, 10, 0, tzinfo=timezone.utc))
+        monkeypatch.setattr("ipaas.workflow_store.utcnow", clock)
+        wf = (await api.create({"name": "morning", "trigger": trigger, "steps": [slack_step(cred, "good morning")]})).workflow
         scheduler = Scheduler(core.server.db, core.server.enqueuer, clock=clock)
         await scheduler.tick()
         clock.now = datetime(2026, 7, 1, 11, 0, 5, tzinfo=timezone.utc)  # 07:00 EDT
@@ -83,6 +85,25 @@ async def test_cron_schedule_in_a_time_zone_fires_at_local_time(tmp_path) -> Non
         async with core.server.db.session() as s:
             plan = await s.get(Schedule, wf.id)
         assert plan.next_fire_at == datetime(2026, 7, 2, 11, 0, tzinfo=timezone.utc)
+
+
+async def test_a_schedule_saved_just_before_a_fire_time_fires_then(tmp_path, monkeypatch) -> None:
+    """Saving plans the first fire: a schedule saved half a second before 00:01:00 fires at
+    00:01:00, not a minute later (the scheduler used to plan it at its next tick, after)."""
+    async with FakeSlack() as slack, core_with(tmp_path, IPAAS_DISABLE_ENGINE="1") as core:
+        api = Api(core.channel, (await core.new_tenant()).md)
+        cred = await api.credential("slack", {"webhook_url": slack.url})
+        clock = Clock(datetime(2026, 1, 1, 0, 0, 59, 500000, tzinfo=timezone.utc))
+        monkeypatch.setattr("ipaas.workflow_store.utcnow", clock)
+        scheduler = Scheduler(core.server.db, core.server.enqueuer, clock=clock)
+        created = (await api.create({"name": "new", "trigger": {"type": "schedule", "interval_seconds": 60}, "steps": [slack_step(cred, "x")]})).workflow
+        changed = (await api.create({"name": "was manual", "trigger": {"type": "manual"}, "steps": [slack_step(cred, "x")]})).workflow
+        await api.workflows.UpdateWorkflow(
+            workflows_pb2.UpdateWorkflowRequest(id=changed.id, expected_version=1, workflow=workflow({"trigger": {"type": "schedule", "interval_seconds": 60}})), metadata=api.md
+        )
+        clock.now = datetime(2026, 1, 1, 0, 1, 0, 300000, tzinfo=timezone.utc)  # the next tick
+        assert await scheduler.tick() == 2
+        assert await _fired(core, created.id) == await _fired(core, changed.id) == ["2026-01-01T00:01:00Z"]
 
 
 async def test_cancelled_executions_do_not_run(tmp_path) -> None:
@@ -102,10 +123,12 @@ async def test_cancelled_executions_do_not_run(tmp_path) -> None:
         assert len(slack.received) == 1
 
 
-async def test_a_schedule_that_cannot_be_computed_is_parked_and_the_others_still_fire(tmp_path, caplog) -> None:
+async def test_a_schedule_that_cannot_be_computed_is_parked_and_the_others_still_fire(tmp_path, caplog, monkeypatch) -> None:
     from ipaas.engine.scheduler import PARKED_FOR
     from ipaas.storage.tables import WorkflowVersion
 
+    clock = Clock(datetime(2026, 1, 1, 0, 0, 30, tzinfo=timezone.utc))
+    monkeypatch.setattr("ipaas.workflow_store.utcnow", clock)
     async with FakeSlack() as slack, core_with(tmp_path, IPAAS_DISABLE_ENGINE="1") as core:
         mallory = Api(core.channel, (await core.new_tenant(name="mallory")).md)
         victim = Api(core.channel, (await core.new_tenant(name="victim")).md)
@@ -113,14 +136,15 @@ async def test_a_schedule_that_cannot_be_computed_is_parked_and_the_others_still
         vcred = await victim.credential("slack", {"webhook_url": slack.url})
         bad = (await mallory.create({"name": "feb30", "trigger": {"type": "schedule", "cron": "0 0 * * *"}, "steps": [slack_step(mcred, "x")]})).workflow
         good = (await victim.create({"name": "tick", "trigger": {"type": "schedule", "interval_seconds": 60}, "steps": [slack_step(vcred, "tick")]})).workflow
-        # A cron no date matches, stored before validation refused it: croniter raises on it.
+        # A cron no date matches, stored (unplanned) before validation refused it: croniter
+        # raises on it.
         async with core.server.db.session() as s, s.begin():
             row = await s.get(WorkflowVersion, (bad.id, 1))
             row.definition = {**row.definition, "trigger": {**row.definition["trigger"], "cron": "0 0 30 2 *"}}
-        clock = Clock(datetime(2026, 1, 1, 0, 0, 30, tzinfo=timezone.utc))
+            (await s.get(Schedule, bad.id)).next_fire_at = None
         scheduler = Scheduler(core.server.db, core.server.enqueuer, clock=clock)
 
-        assert await scheduler.tick() == 0, "plans the good schedule, parks the bad one"
+        assert await scheduler.tick() == 0, "parks the bad schedule; the good one is not due yet"
         clock.now += timedelta(seconds=31)
         assert await scheduler.tick() == 1, "the other tenant's schedule fires"
         async with core.server.db.session() as s:
@@ -143,11 +167,11 @@ async def hourly_at_9_58(tmp_path, monkeypatch):  # type: ignore[no-untyped-def]
     async with FakeSlack() as slack, core_with(tmp_path, IPAAS_DISABLE_ENGINE="1") as core:
         api = Api(core.channel, (await core.new_tenant()).md)
         cred = await api.credential("slack", {"webhook_url": slack.url})
-        wf = (await api.create({"name": "hourly", "trigger": {"type": "schedule", "cron": "0 * * * *"}, "steps": [slack_step(cred, "tick")]})).workflow
         clock = Clock(datetime(2030, 1, 1, 9, 58, tzinfo=timezone.utc))
         monkeypatch.setattr("ipaas.workflow_store.utcnow", clock)
+        wf = (await api.create({"name": "hourly", "trigger": {"type": "schedule", "cron": "0 * * * *"}, "steps": [slack_step(cred, "tick")]})).workflow
         scheduler = Scheduler(core.server.db, core.server.enqueuer, clock=clock)
-        await scheduler.tick()
+        assert await scheduler.tick() == 0
         yield core, api, wf, clock, scheduler
 
 
