@@ -165,11 +165,17 @@ class WorkflowStore:
         views = [WorkflowView(wf, v.version, v.definition, v.created_at) for wf, v in rows]
         return Page.of(views, limit, key=lambda v: v.workflow.id)
 
-    async def update(self, tenant_id: str, workflow_id: str, expected_version: int, changes: dict[str, Any], active: bool | None = None) -> tuple[WorkflowView, str]:
+    async def update(
+        self, tenant_id: str, workflow_id: str, expected_version: int, changes: dict[str, Any], active: bool | None = None, merge_options: bool = False
+    ) -> tuple[WorkflowView, str]:
+        """A new version with `changes` applied; `merge_options`: the options given change
+        and the others keep their values (else the options given are all of them)."""
         if expected_version <= 0:
             raise InvalidArgument.field("expected_version", "is required: the version this change is based on (or If-Match)")
         current = await self.get(tenant_id, workflow_id)
         merged = {**current.definition, **{k: v for k, v in changes.items() if k in UPDATABLE}}
+        if merge_options and "options" in changes:
+            merged["options"] = {**current.definition.get("options", {}), **changes["options"]}
         definition = await self._validated(tenant_id, merged)
         return await self._new_version(tenant_id, current, expected_version, definition, active)
 

@@ -10,6 +10,8 @@ import re
 from typing import Any
 
 _NESTED = re.compile(r"Failed to parse (\w+) field: ")
+# "... at Workflow.options.max_attempts.": the path after the parsed message's type.
+_AT = re.compile(r" at \w+\.([\w.]+?)\.?$")
 _UNKNOWN = re.compile(r'Message type "[\w.]+" has no field named "([^"]+)"')
 # What protobuf's wording means, first match wins; anything else is "is not valid".
 _MEANINGS = (
@@ -33,6 +35,8 @@ def describe(message: str) -> tuple[str, str]:
     if unknown := _UNKNOWN.match(message):
         return ".".join([*fields, unknown.group(1)]), "is not a field of this request"
     meaning = next((said for words, said in _MEANINGS if words in message), "is not valid")
+    if at := _AT.search(message):  # some errors name the whole path instead of nesting
+        return at.group(1), meaning
     return ".".join(fields) or "body", meaning
 
 

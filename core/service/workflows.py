@@ -12,6 +12,9 @@ from ipaas.v1 import workflows_pb2 as pb
 from ipaas.v1 import workflows_pb2_grpc
 from ipaas.workflow_store import UPDATABLE, WorkflowStore
 
+OPTION_DEFAULTS = {field.name: field.default_value for field in pb.WorkflowOptions.DESCRIPTOR.fields}
+MASK_PATHS = (*UPDATABLE, "active", *(f"options.{name}" for name in OPTION_DEFAULTS))
+
 
 class WorkflowServicer(workflows_pb2_grpc.WorkflowServiceServicer):
     def __init__(self, store: WorkflowStore) -> None:
@@ -33,14 +36,24 @@ class WorkflowServicer(workflows_pb2_grpc.WorkflowServiceServicer):
     async def UpdateWorkflow(self, request: pb.UpdateWorkflowRequest, context: grpc.aio.ServicerContext) -> pb.UpdateWorkflowResponse:
         given = convert.definition_from_proto(request.workflow)
         paths = list(request.update_mask.paths)
-        unknown = [p for p in paths if p not in (*UPDATABLE, "active")]
+        unknown = [p for p in paths if p not in MASK_PATHS]
         if unknown:
-            raise InvalidArgument.field("update_mask", f"unknown fields {unknown}; use {', '.join((*UPDATABLE, 'active'))}")
-        fields = paths or [name for name in UPDATABLE if name in given]
-        changes = {name: given.get(name, {} if name != "steps" else []) for name in fields if name != "active"}
+            raise InvalidArgument.field("update_mask", f"unknown fields {unknown}; use {', '.join(MASK_PATHS)}")
+        fields = [p for p in paths if p in UPDATABLE] if paths else [name for name in UPDATABLE if name in given]
+        changes = {name: given.get(name, {} if name != "steps" else []) for name in fields}
+        # Options have presence: the ones set (or named in the mask) change, the rest stay.
+        # "options" itself in the mask replaces them all, as a mask path means (AIP-134).
+        options_whole = "options" in paths
+        if not options_whole:
+            named = [p.removeprefix("options.") for p in paths if p.startswith("options.")]
+            set_options = given.get("options", {})
+            option_changes = {name: set_options.get(name, OPTION_DEFAULTS[name]) for name in named} if paths else set_options
+            changes.pop("options", None)
+            if option_changes:
+                changes["options"] = option_changes
         wants_active = "active" in paths or (not paths and request.workflow.HasField("active"))
         active = request.workflow.active if wants_active else None
-        view, secret = await self.store.update(_tenant(), request.id, request.expected_version, changes, active)
+        view, secret = await self.store.update(_tenant(), request.id, request.expected_version, changes, active, merge_options=not options_whole)
         return pb.UpdateWorkflowResponse(workflow=convert.workflow(view), webhook_secret=secret)
 
     async def DeleteWorkflow(self, request: pb.DeleteWorkflowRequest, context: grpc.aio.ServicerContext) -> pb.DeleteWorkflowResponse:

@@ -765,6 +765,21 @@ async def test_a_body_of_the_wrong_shape_names_the_field_in_the_apis_words(stack
         assert "Failed to parse" not in error["message"] and "bytes-like" not in error["message"], error
 
 
+async def test_a_patch_of_one_option_keeps_the_others(stack) -> None:
+    """PATCH {"options": {"max_attempts": 3}} changes that option only: before, proto3 could
+    not tell the options left out from false and 0, and reset them."""
+    core, http, slack = stack
+    wf = await create_workflow(http, slack)
+    wf_id = wf["workflow"]["id"]
+    strict = await http.patch(f"/api/workflows/{wf_id}", json={"options": {"strict_templates": True}}, headers={"If-Match": '"1"'})
+    assert strict.status_code == 200, strict.text
+    patched = await http.patch(f"/api/workflows/{wf_id}", json={"options": {"max_attempts": 3}}, headers={"If-Match": '"2"'})
+    assert patched.status_code == 200, patched.text
+    assert assert_envelope(patched, True)["data"]["options"] == {"strict_templates": True, "max_attempts": 3, "allow_unsigned_webhooks": False}
+    off = await http.patch(f"/api/workflows/{wf_id}", json={"options": {"strict_templates": False}}, headers={"If-Match": '"3"'})
+    assert off.json()["data"]["options"] == {"strict_templates": False, "max_attempts": 3, "allow_unsigned_webhooks": False}, off.text
+
+
 async def test_whole_numbers_come_back_as_integers_not_floats(stack) -> None:
     """Struct holds numbers as doubles; a REST answer shows a payload's 7 as 7, as sent."""
     _, http, slack = stack

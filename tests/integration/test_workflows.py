@@ -381,3 +381,28 @@ async def test_messages_too_large_to_convert_quickly_are_refused(api: Api) -> No
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await call
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and violations(err.value) == {field: "is larger than 1048576 bytes"}
+
+
+async def test_an_update_changes_the_options_it_sets_and_keeps_the_others(api: Api) -> None:
+    """Options have presence: an update setting one option keeps the others; a mask naming
+    one option changes that one; a mask naming "options" replaces them all (AIP-134)."""
+    cred = await api.credential("slack", {"webhook_url": SLACK_URL})
+    wf = (await api.create({"name": "o", "trigger": {"type": "manual"}, "options": {"strict_templates": True, "max_attempts": 7}, "steps": [slack_step(cred)]})).workflow
+
+    async def update(version: int, options: dict[str, Any], paths: list[str] | None = None) -> dict[str, Any]:
+        request = workflows_pb2.UpdateWorkflowRequest(id=wf.id, expected_version=version, workflow=workflow({"name": f"o{version}", "options": options}))
+        if paths is not None:
+            request.update_mask.paths.extend(paths)
+        updated = (await api.workflows.UpdateWorkflow(request, metadata=api.md)).workflow
+        o = updated.options
+        return {"strict_templates": o.strict_templates, "max_attempts": o.max_attempts, "allow_unsigned_webhooks": o.allow_unsigned_webhooks}
+
+    assert await update(1, {"max_attempts": 3}) == {"strict_templates": True, "max_attempts": 3, "allow_unsigned_webhooks": False}
+    assert await update(2, {"strict_templates": False}) == {"strict_templates": False, "max_attempts": 3, "allow_unsigned_webhooks": False}
+    assert await update(3, {"allow_unsigned_webhooks": True, "max_attempts": 9}, ["options.max_attempts"]) == {"strict_templates": False, "max_attempts": 9, "allow_unsigned_webhooks": False}
+    assert await update(4, {}, ["options.max_attempts"]) == {"strict_templates": False, "max_attempts": 0, "allow_unsigned_webhooks": False}, "named and unset: its default"
+    assert await update(5, {"strict_templates": True}, ["name"]) == {"strict_templates": False, "max_attempts": 0, "allow_unsigned_webhooks": False}, "not in the mask: unchanged"
+    assert await update(6, {"allow_unsigned_webhooks": True}, ["options"]) == {"strict_templates": False, "max_attempts": 0, "allow_unsigned_webhooks": True}
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await update(7, {}, ["options.retries"])
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "options.max_attempts" in violations(err.value)["update_mask"]

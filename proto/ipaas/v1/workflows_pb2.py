@@ -28,7 +28,7 @@ from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18ipaas/v1/workflows.proto\x12\x08ipaas.v1\x1a\x1cgoogle/api/annotations.proto\x1a google/protobuf/field_mask.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"Q\n\x07Trigger\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\x0c\n\x04\x63ron\x18\x02 \x01(\t\x12\x10\n\x08timezone\x18\x03 \x01(\t\x12\x18\n\x10interval_seconds\x18\x04 \x01(\x05\"\x8e\x01\n\x04Step\x12\n\n\x02id\x18\x01 \x01(\t\x12\x11\n\tconnector\x18\x02 \x01(\t\x12\x0e\n\x06\x61\x63tion\x18\x03 \x01(\t\x12\'\n\x06\x63onfig\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x15\n\rcredential_id\x18\x05 \x01(\t\x12\x17\n\x0ftimeout_seconds\x18\x06 \x01(\x05\"b\n\x0fWorkflowOptions\x12\x18\n\x10strict_templates\x18\x01 \x01(\x08\x12\x14\n\x0cmax_attempts\x18\x02 \x01(\x05\x12\x1f\n\x17\x61llow_unsigned_webhooks\x18\x03 \x01(\x08\"\xa4\x02\n\x08Workflow\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\"\n\x07trigger\x18\x03 \x01(\x0b\x32\x11.ipaas.v1.Trigger\x12\x1d\n\x05steps\x18\x04 \x03(\x0b\x32\x0e.ipaas.v1.Step\x12\x13\n\x06\x61\x63tive\x18\x05 \x01(\x08H\x00\x88\x01\x01\x12\x0f\n\x07version\x18\x06 \x01(\x05\x12*\n\x07options\x18\x07 \x01(\x0b\x32\x19.ipaas.v1.WorkflowOptions\x12.\n\ncreated_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.TimestampB\t\n\x07_active\"=\n\x15\x43reateWorkflowRequest\x12$\n\x08workflow\x18\x01 \x01(\x0b\x32\x12.ipaas.v1.Workflow\"V\n\x16\x43reateWorkflowResponse\x12$\n\x08workflow\x18\x01 \x01(\x0b\x32\x12.ipaas.v1.Workflow\x12\x16\n\x0ewebhook_secret\x18\x02 \x01(\t\" \n\x12GetWorkflowRequest\x12\n\n\x02id\x18\x01 \x01(\t\";\n\x13GetWorkflowResponse\x12$\n\x08workflow\x18\x01 \x01(\x0b\x32\x12.ipaas.v1.Workflow\"=\n\x14ListWorkflowsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"W\n\x15ListWorkflowsResponse\x12%\n\tworkflows\x18\x01 \x03(\x0b\x32\x12.ipaas.v1.Workflow\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x94\x01\n\x15UpdateWorkflowRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12$\n\x08workflow\x18\x02 \x01(\x0b\x32\x12.ipaas.v1.Workflow\x12\x18\n\x10\x65xpected_version\x18\x03 \x01(\x05\x12/\n\x0bupdate_mask\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\"V\n\x16UpdateWorkflowResponse\x12$\n\x08workflow\x18\x01 \x01(\x0b\x32\x12.ipaas.v1.Workflow\x12\x16\n\x0ewebhook_secret\x18\x02 \x01(\t\"#\n\x15\x44\x65leteWorkflowRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\x18\n\x16\x44\x65leteWorkflowResponse\"6\n\x18SetWorkflowActiveRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06\x61\x63tive\x18\x02 \x01(\x08\"A\n\x19SetWorkflowActiveResponse\x12$\n\x08workflow\x18\x01 \x01(\x0b\x32\x12.ipaas.v1.Workflow\"P\n\x1bListWorkflowVersionsRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"]\n\x1cListWorkflowVersionsResponse\x12$\n\x08versions\x18\x01 \x03(\x0b\x32\x12.ipaas.v1.Workflow\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"8\n\x19GetWorkflowVersionRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x05\"B\n\x1aGetWorkflowVersionResponse\x12$\n\x08workflow\x18\x01 \x01(\x0b\x32\x12.ipaas.v1.Workflow\"P\n\x17RollbackWorkflowRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x05\x12\x18\n\x10\x65xpected_version\x18\x03 \x01(\x05\"X\n\x18RollbackWorkflowResponse\x12$\n\x08workflow\x18\x01 \x01(\x0b\x32\x12.ipaas.v1.Workflow\x12\x16\n\x0ewebhook_secret\x18\x02 \x01(\t\"_\n\x1aRotateWebhookSecretRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x1c\n\x14grace_period_seconds\x18\x02 \x01(\x05\x12\x17\n\x0frevoke_previous\x18\x03 \x01(\x08\"n\n\x1bRotateWebhookSecretResponse\x12\x16\n\x0ewebhook_secret\x18\x01 \x01(\t\x12\x37\n\x13previous_expires_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp2\xc2\n\n\x0fWorkflowService\x12u\n\x0e\x43reateWorkflow\x12\x1f.ipaas.v1.CreateWorkflowRequest\x1a .ipaas.v1.CreateWorkflowResponse\" \x82\xd3\xe4\x93\x02\x1a\"\x0e/api/workflows:\x08workflow\x12q\n\x0bGetWorkflow\x12\x1c.ipaas.v1.GetWorkflowRequest\x1a\x1d.ipaas.v1.GetWorkflowResponse\"%\x82\xd3\xe4\x93\x02\x1f\x12\x13/api/workflows/{id}b\x08workflow\x12h\n\rListWorkflows\x12\x1e.ipaas.v1.ListWorkflowsRequest\x1a\x1f.ipaas.v1.ListWorkflowsResponse\"\x16\x82\xd3\xe4\x93\x02\x10\x12\x0e/api/workflows\x12\x84\x01\n\x0eUpdateWorkflow\x12\x1f.ipaas.v1.UpdateWorkflowRequest\x1a .ipaas.v1.UpdateWorkflowResponse\"/\x82\xd3\xe4\x93\x02)2\x13/api/workflows/{id}:\x08workflowb\x08workflow\x12p\n\x0e\x44\x65leteWorkflow\x12\x1f.ipaas.v1.DeleteWorkflowRequest\x1a .ipaas.v1.DeleteWorkflowResponse\"\x1b\x82\xd3\xe4\x93\x02\x15*\x13/api/workflows/{id}\x12\x8d\x01\n\x11SetWorkflowActive\x12\".ipaas.v1.SetWorkflowActiveRequest\x1a#.ipaas.v1.SetWorkflowActiveResponse\"/\x82\xd3\xe4\x93\x02)\"\x1a/api/workflows/{id}/active:\x01*b\x08workflow\x12\x8b\x01\n\x14ListWorkflowVersions\x12%.ipaas.v1.ListWorkflowVersionsRequest\x1a&.ipaas.v1.ListWorkflowVersionsResponse\"$\x82\xd3\xe4\x93\x02\x1e\x12\x1c/api/workflows/{id}/versions\x12\x99\x01\n\x12GetWorkflowVersion\x12#.ipaas.v1.GetWorkflowVersionRequest\x1a$.ipaas.v1.GetWorkflowVersionResponse\"8\x82\xd3\xe4\x93\x02\x32\x12&/api/workflows/{id}/versions/{version}b\x08workflow\x12\x8c\x01\n\x10RollbackWorkflow\x12!.ipaas.v1.RollbackWorkflowRequest\x1a\".ipaas.v1.RollbackWorkflowResponse\"1\x82\xd3\xe4\x93\x02+\"\x1c/api/workflows/{id}/rollback:\x01*b\x08workflow\x12\x98\x01\n\x13RotateWebhookSecret\x12$.ipaas.v1.RotateWebhookSecretRequest\x1a%.ipaas.v1.RotateWebhookSecretResponse\"4\x82\xd3\xe4\x93\x02.\")/api/workflows/{id}/webhook-secret/rotate:\x01*b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18ipaas/v1/workflows.proto\x12\x08ipaas.v1\x1a\x1cgoogle/api/annotations.proto\x1a google/protobuf/field_mask.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"Q\n\x07Trigger\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\x0c\n\x04\x63ron\x18\x02 \x01(\t\x12\x10\n\x08timezone\x18\x03 \x01(\t\x12\x18\n\x10interval_seconds\x18\x04 \x01(\x05\"\x8e\x01\n\x04Step\x12\n\n\x02id\x18\x01 \x01(\t\x12\x11\n\tconnector\x18\x02 \x01(\t\x12\x0e\n\x06\x61\x63tion\x18\x03 \x01(\t\x12\'\n\x06\x63onfig\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x15\n\rcredential_id\x18\x05 \x01(\t\x12\x17\n\x0ftimeout_seconds\x18\x06 \x01(\x05\"\xb3\x01\n\x0fWorkflowOptions\x12\x1d\n\x10strict_templates\x18\x01 \x01(\x08H\x00\x88\x01\x01\x12\x19\n\x0cmax_attempts\x18\x02 \x01(\x05H\x01\x88\x01\x01\x12$\n\x17\x61llow_unsigned_webhooks\x18\x03 \x01(\x08H\x02\x88\x01\x01\x42\x13\n\x11_strict_templatesB\x0f\n\r_max_attemptsB\x1a\n\x18_allow_unsigned_webhooks\"\xa4\x02\n\x08Workflow\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\"\n\x07trigger\x18\x03 \x01(\x0b\x32\x11.ipaas.v1.Trigger\x12\x1d\n\x05steps\x18\x04 \x03(\x0b\x32\x0e.ipaas.v1.Step\x12\x13\n\x06\x61\x63tive\x18\x05 \x01(\x08H\x00\x88\x01\x01\x12\x0f\n\x07version\x18\x06 \x01(\x05\x12*\n\x07options\x18\x07 \x01(\x0b\x32\x19.ipaas.v1.WorkflowOptions\x12.\n\ncreated_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.TimestampB\t\n\x07_active\"=\n\x15\x43reateWorkflowRequest\x12$\n\x08workflow\x18\x01 \x01(\x0b\x32\x12.ipaas.v1.Workflow\"V\n\x16\x43reateWorkflowResponse\x12$\n\x08workflow\x18\x01 \x01(\x0b\x32\x12.ipaas.v1.Workflow\x12\x16\n\x0ewebhook_secret\x18\x02 \x01(\t\" \n\x12GetWorkflowRequest\x12\n\n\x02id\x18\x01 \x01(\t\";\n\x13GetWorkflowResponse\x12$\n\x08workflow\x18\x01 \x01(\x0b\x32\x12.ipaas.v1.Workflow\"=\n\x14ListWorkflowsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"W\n\x15ListWorkflowsResponse\x12%\n\tworkflows\x18\x01 \x03(\x0b\x32\x12.ipaas.v1.Workflow\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x94\x01\n\x15UpdateWorkflowRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12$\n\x08workflow\x18\x02 \x01(\x0b\x32\x12.ipaas.v1.Workflow\x12\x18\n\x10\x65xpected_version\x18\x03 \x01(\x05\x12/\n\x0bupdate_mask\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\"V\n\x16UpdateWorkflowResponse\x12$\n\x08workflow\x18\x01 \x01(\x0b\x32\x12.ipaas.v1.Workflow\x12\x16\n\x0ewebhook_secret\x18\x02 \x01(\t\"#\n\x15\x44\x65leteWorkflowRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\x18\n\x16\x44\x65leteWorkflowResponse\"6\n\x18SetWorkflowActiveRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06\x61\x63tive\x18\x02 \x01(\x08\"A\n\x19SetWorkflowActiveResponse\x12$\n\x08workflow\x18\x01 \x01(\x0b\x32\x12.ipaas.v1.Workflow\"P\n\x1bListWorkflowVersionsRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"]\n\x1cListWorkflowVersionsResponse\x12$\n\x08versions\x18\x01 \x03(\x0b\x32\x12.ipaas.v1.Workflow\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"8\n\x19GetWorkflowVersionRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x05\"B\n\x1aGetWorkflowVersionResponse\x12$\n\x08workflow\x18\x01 \x01(\x0b\x32\x12.ipaas.v1.Workflow\"P\n\x17RollbackWorkflowRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x05\x12\x18\n\x10\x65xpected_version\x18\x03 \x01(\x05\"X\n\x18RollbackWorkflowResponse\x12$\n\x08workflow\x18\x01 \x01(\x0b\x32\x12.ipaas.v1.Workflow\x12\x16\n\x0ewebhook_secret\x18\x02 \x01(\t\"_\n\x1aRotateWebhookSecretRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x1c\n\x14grace_period_seconds\x18\x02 \x01(\x05\x12\x17\n\x0frevoke_previous\x18\x03 \x01(\x08\"n\n\x1bRotateWebhookSecretResponse\x12\x16\n\x0ewebhook_secret\x18\x01 \x01(\t\x12\x37\n\x13previous_expires_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp2\xc2\n\n\x0fWorkflowService\x12u\n\x0e\x43reateWorkflow\x12\x1f.ipaas.v1.CreateWorkflowRequest\x1a .ipaas.v1.CreateWorkflowResponse\" \x82\xd3\xe4\x93\x02\x1a\"\x0e/api/workflows:\x08workflow\x12q\n\x0bGetWorkflow\x12\x1c.ipaas.v1.GetWorkflowRequest\x1a\x1d.ipaas.v1.GetWorkflowResponse\"%\x82\xd3\xe4\x93\x02\x1f\x12\x13/api/workflows/{id}b\x08workflow\x12h\n\rListWorkflows\x12\x1e.ipaas.v1.ListWorkflowsRequest\x1a\x1f.ipaas.v1.ListWorkflowsResponse\"\x16\x82\xd3\xe4\x93\x02\x10\x12\x0e/api/workflows\x12\x84\x01\n\x0eUpdateWorkflow\x12\x1f.ipaas.v1.UpdateWorkflowRequest\x1a .ipaas.v1.UpdateWorkflowResponse\"/\x82\xd3\xe4\x93\x02)2\x13/api/workflows/{id}:\x08workflowb\x08workflow\x12p\n\x0e\x44\x65leteWorkflow\x12\x1f.ipaas.v1.DeleteWorkflowRequest\x1a .ipaas.v1.DeleteWorkflowResponse\"\x1b\x82\xd3\xe4\x93\x02\x15*\x13/api/workflows/{id}\x12\x8d\x01\n\x11SetWorkflowActive\x12\".ipaas.v1.SetWorkflowActiveRequest\x1a#.ipaas.v1.SetWorkflowActiveResponse\"/\x82\xd3\xe4\x93\x02)\"\x1a/api/workflows/{id}/active:\x01*b\x08workflow\x12\x8b\x01\n\x14ListWorkflowVersions\x12%.ipaas.v1.ListWorkflowVersionsRequest\x1a&.ipaas.v1.ListWorkflowVersionsResponse\"$\x82\xd3\xe4\x93\x02\x1e\x12\x1c/api/workflows/{id}/versions\x12\x99\x01\n\x12GetWorkflowVersion\x12#.ipaas.v1.GetWorkflowVersionRequest\x1a$.ipaas.v1.GetWorkflowVersionResponse\"8\x82\xd3\xe4\x93\x02\x32\x12&/api/workflows/{id}/versions/{version}b\x08workflow\x12\x8c\x01\n\x10RollbackWorkflow\x12!.ipaas.v1.RollbackWorkflowRequest\x1a\".ipaas.v1.RollbackWorkflowResponse\"1\x82\xd3\xe4\x93\x02+\"\x1c/api/workflows/{id}/rollback:\x01*b\x08workflow\x12\x98\x01\n\x13RotateWebhookSecret\x12$.ipaas.v1.RotateWebhookSecretRequest\x1a%.ipaas.v1.RotateWebhookSecretResponse\"4\x82\xd3\xe4\x93\x02.\")/api/workflows/{id}/webhook-secret/rotate:\x01*b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -59,50 +59,50 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TRIGGER']._serialized_end=246
   _globals['_STEP']._serialized_start=249
   _globals['_STEP']._serialized_end=391
-  _globals['_WORKFLOWOPTIONS']._serialized_start=393
-  _globals['_WORKFLOWOPTIONS']._serialized_end=491
-  _globals['_WORKFLOW']._serialized_start=494
-  _globals['_WORKFLOW']._serialized_end=786
-  _globals['_CREATEWORKFLOWREQUEST']._serialized_start=788
-  _globals['_CREATEWORKFLOWREQUEST']._serialized_end=849
-  _globals['_CREATEWORKFLOWRESPONSE']._serialized_start=851
-  _globals['_CREATEWORKFLOWRESPONSE']._serialized_end=937
-  _globals['_GETWORKFLOWREQUEST']._serialized_start=939
-  _globals['_GETWORKFLOWREQUEST']._serialized_end=971
-  _globals['_GETWORKFLOWRESPONSE']._serialized_start=973
-  _globals['_GETWORKFLOWRESPONSE']._serialized_end=1032
-  _globals['_LISTWORKFLOWSREQUEST']._serialized_start=1034
-  _globals['_LISTWORKFLOWSREQUEST']._serialized_end=1095
-  _globals['_LISTWORKFLOWSRESPONSE']._serialized_start=1097
-  _globals['_LISTWORKFLOWSRESPONSE']._serialized_end=1184
-  _globals['_UPDATEWORKFLOWREQUEST']._serialized_start=1187
-  _globals['_UPDATEWORKFLOWREQUEST']._serialized_end=1335
-  _globals['_UPDATEWORKFLOWRESPONSE']._serialized_start=1337
-  _globals['_UPDATEWORKFLOWRESPONSE']._serialized_end=1423
-  _globals['_DELETEWORKFLOWREQUEST']._serialized_start=1425
-  _globals['_DELETEWORKFLOWREQUEST']._serialized_end=1460
-  _globals['_DELETEWORKFLOWRESPONSE']._serialized_start=1462
-  _globals['_DELETEWORKFLOWRESPONSE']._serialized_end=1486
-  _globals['_SETWORKFLOWACTIVEREQUEST']._serialized_start=1488
-  _globals['_SETWORKFLOWACTIVEREQUEST']._serialized_end=1542
-  _globals['_SETWORKFLOWACTIVERESPONSE']._serialized_start=1544
-  _globals['_SETWORKFLOWACTIVERESPONSE']._serialized_end=1609
-  _globals['_LISTWORKFLOWVERSIONSREQUEST']._serialized_start=1611
-  _globals['_LISTWORKFLOWVERSIONSREQUEST']._serialized_end=1691
-  _globals['_LISTWORKFLOWVERSIONSRESPONSE']._serialized_start=1693
-  _globals['_LISTWORKFLOWVERSIONSRESPONSE']._serialized_end=1786
-  _globals['_GETWORKFLOWVERSIONREQUEST']._serialized_start=1788
-  _globals['_GETWORKFLOWVERSIONREQUEST']._serialized_end=1844
-  _globals['_GETWORKFLOWVERSIONRESPONSE']._serialized_start=1846
-  _globals['_GETWORKFLOWVERSIONRESPONSE']._serialized_end=1912
-  _globals['_ROLLBACKWORKFLOWREQUEST']._serialized_start=1914
-  _globals['_ROLLBACKWORKFLOWREQUEST']._serialized_end=1994
-  _globals['_ROLLBACKWORKFLOWRESPONSE']._serialized_start=1996
-  _globals['_ROLLBACKWORKFLOWRESPONSE']._serialized_end=2084
-  _globals['_ROTATEWEBHOOKSECRETREQUEST']._serialized_start=2086
-  _globals['_ROTATEWEBHOOKSECRETREQUEST']._serialized_end=2181
-  _globals['_ROTATEWEBHOOKSECRETRESPONSE']._serialized_start=2183
-  _globals['_ROTATEWEBHOOKSECRETRESPONSE']._serialized_end=2293
-  _globals['_WORKFLOWSERVICE']._serialized_start=2296
-  _globals['_WORKFLOWSERVICE']._serialized_end=3642
+  _globals['_WORKFLOWOPTIONS']._serialized_start=394
+  _globals['_WORKFLOWOPTIONS']._serialized_end=573
+  _globals['_WORKFLOW']._serialized_start=576
+  _globals['_WORKFLOW']._serialized_end=868
+  _globals['_CREATEWORKFLOWREQUEST']._serialized_start=870
+  _globals['_CREATEWORKFLOWREQUEST']._serialized_end=931
+  _globals['_CREATEWORKFLOWRESPONSE']._serialized_start=933
+  _globals['_CREATEWORKFLOWRESPONSE']._serialized_end=1019
+  _globals['_GETWORKFLOWREQUEST']._serialized_start=1021
+  _globals['_GETWORKFLOWREQUEST']._serialized_end=1053
+  _globals['_GETWORKFLOWRESPONSE']._serialized_start=1055
+  _globals['_GETWORKFLOWRESPONSE']._serialized_end=1114
+  _globals['_LISTWORKFLOWSREQUEST']._serialized_start=1116
+  _globals['_LISTWORKFLOWSREQUEST']._serialized_end=1177
+  _globals['_LISTWORKFLOWSRESPONSE']._serialized_start=1179
+  _globals['_LISTWORKFLOWSRESPONSE']._serialized_end=1266
+  _globals['_UPDATEWORKFLOWREQUEST']._serialized_start=1269
+  _globals['_UPDATEWORKFLOWREQUEST']._serialized_end=1417
+  _globals['_UPDATEWORKFLOWRESPONSE']._serialized_start=1419
+  _globals['_UPDATEWORKFLOWRESPONSE']._serialized_end=1505
+  _globals['_DELETEWORKFLOWREQUEST']._serialized_start=1507
+  _globals['_DELETEWORKFLOWREQUEST']._serialized_end=1542
+  _globals['_DELETEWORKFLOWRESPONSE']._serialized_start=1544
+  _globals['_DELETEWORKFLOWRESPONSE']._serialized_end=1568
+  _globals['_SETWORKFLOWACTIVEREQUEST']._serialized_start=1570
+  _globals['_SETWORKFLOWACTIVEREQUEST']._serialized_end=1624
+  _globals['_SETWORKFLOWACTIVERESPONSE']._serialized_start=1626
+  _globals['_SETWORKFLOWACTIVERESPONSE']._serialized_end=1691
+  _globals['_LISTWORKFLOWVERSIONSREQUEST']._serialized_start=1693
+  _globals['_LISTWORKFLOWVERSIONSREQUEST']._serialized_end=1773
+  _globals['_LISTWORKFLOWVERSIONSRESPONSE']._serialized_start=1775
+  _globals['_LISTWORKFLOWVERSIONSRESPONSE']._serialized_end=1868
+  _globals['_GETWORKFLOWVERSIONREQUEST']._serialized_start=1870
+  _globals['_GETWORKFLOWVERSIONREQUEST']._serialized_end=1926
+  _globals['_GETWORKFLOWVERSIONRESPONSE']._serialized_start=1928
+  _globals['_GETWORKFLOWVERSIONRESPONSE']._serialized_end=1994
+  _globals['_ROLLBACKWORKFLOWREQUEST']._serialized_start=1996
+  _globals['_ROLLBACKWORKFLOWREQUEST']._serialized_end=2076
+  _globals['_ROLLBACKWORKFLOWRESPONSE']._serialized_start=2078
+  _globals['_ROLLBACKWORKFLOWRESPONSE']._serialized_end=2166
+  _globals['_ROTATEWEBHOOKSECRETREQUEST']._serialized_start=2168
+  _globals['_ROTATEWEBHOOKSECRETREQUEST']._serialized_end=2263
+  _globals['_ROTATEWEBHOOKSECRETRESPONSE']._serialized_start=2265
+  _globals['_ROTATEWEBHOOKSECRETRESPONSE']._serialized_end=2375
+  _globals['_WORKFLOWSERVICE']._serialized_start=2378
+  _globals['_WORKFLOWSERVICE']._serialized_end=3724
 # @@protoc_insertion_point(module_scope)
