@@ -26,7 +26,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
 
 from ipaas import __version__, heap, logs
-from ipaas.gateway import envelope, idempotency, parse_errors, request_deadlines
+from ipaas.gateway import envelope, idempotency, kept_answers, parse_errors, request_deadlines
 from ipaas.gateway.core_client import CALL_TIMEOUT, CoreClient
 from ipaas.gateway.envelope import HttpError
 from ipaas.gateway.openapi import DOCS_PAGE, build_openapi
@@ -258,27 +258,31 @@ class Gateway:
             # cache, a key revoked in the last CALLER_TTL seconds would still read the answer
             # (which may hold a webhook secret). Replays are rare; the check costs one call.
             await self._caller(route, match, h, request, headers, fresh=True)
+            answer = kept_answers.open_sealed(h.get("authorization", ""), scope, fingerprint, record.body)
+            if answer is None:
+                raise HttpError(422, "this Idempotency-Key was used by another API key: only the key that made the request can read its answer")
             replay = {**headers, **(record.headers or {}), "X-Idempotency-Replay": "true"}
-            return envelope.json_response(record.status, envelope.with_meta(record.body, meta), replay)
+            return envelope.json_response(record.status, envelope.with_meta(answer, meta), replay)
         try:
             status, content = await self._call(route, message, h, meta, key)
         except HttpError as err:
             if err.status in idempotency.TRANSIENT_STATUSES:
                 await self._release(scope)
             else:  # the core's answer to this request, even an error: keep it
-                await self._keep(scope, fingerprint, err.status, err.headers, envelope.error_body(err, meta))
+                await self._keep(h, scope, fingerprint, err.status, err.headers, envelope.error_body(err, meta))
             raise
         except BaseException:
             await self._release(scope)
             raise
-        await self._keep(scope, fingerprint, status, {}, content)
+        await self._keep(h, scope, fingerprint, status, {}, content)
         return envelope.json_response(status, content, headers)
 
     # The request has run: a store that fails now must not hide its answer. The key's lock
     # then expires after LOCK_SECONDS, and the core dedupes a retry's trigger by the key.
-    async def _keep(self, scope: str, fingerprint: str, status: int, headers: dict[str, str], content: bytes) -> None:
+    async def _keep(self, h: dict[str, str], scope: str, fingerprint: str, status: int, headers: dict[str, str], content: bytes) -> None:
         try:
-            await self.store.complete(scope, fingerprint, status, headers, content)
+            sealed = kept_answers.seal(h.get("authorization", ""), scope, fingerprint, content)
+            await self.store.complete(scope, fingerprint, status, headers, sealed)
         except Exception as exc:
             self._store_down(exc)
 

@@ -10,7 +10,7 @@ import httpx
 import orjson
 import pytest
 
-from tests.conftest import core_with, free_port, gateway_for
+from tests.conftest import ADMIN_KEY, core_with, free_port, gateway_for
 from tests.fakes.slack import FakeSlack
 from tests.integration.helpers import signed_webhook
 
@@ -813,6 +813,53 @@ async def test_a_revoked_key_gets_no_replay(tmp_path) -> None:
             await tenants_pb2_grpc.TenantServiceStub(core.channel).RevokeApiKey(tenants_pb2.RevokeApiKeyRequest(key_id=tenant.key_id), metadata=core.admin)
             revoked = await http.post(f"/api/workflows/{wf.id}/webhook-secret/rotate", headers=keyed, json={})
     assert revoked.status_code == 401 and "whsec_" not in revoked.text, revoked.text
+
+
+@pytest.mark.parametrize("store", ["sql", pytest.param("redis", marks=pytest.mark.redis)])
+async def test_kept_answers_hold_no_secret_at_rest_and_open_only_for_their_key(tmp_path, request, store: str) -> None:
+    """An answer kept for replays (a new API key, a webhook secret) is sealed with the API key
+    that made the request: the store holds no secret in plaintext, that key's replay reads
+    it, and another key of the same tenant gets 422 instead of the answer."""
+    import sqlite3
+
+    import redis.asyncio as aioredis
+
+    from ipaas.v1 import tenants_pb2, tenants_pb2_grpc
+    from tests.integration.helpers import Api, slack_step
+
+    env = {}
+    if store == "redis":
+        redis_url = request.getfixturevalue("redis_url")
+        await aioredis.from_url(redis_url).flushdb()
+        env["IPAAS_REDIS_URL"] = redis_url
+    async with core_with(tmp_path, **FAST) as core:
+        tenant = await core.new_tenant()
+        other = await tenants_pb2_grpc.TenantServiceStub(core.channel).CreateApiKey(tenants_pb2.CreateApiKeyRequest(tenant_id=tenant.tenant_id, name="second"), metadata=core.admin)
+        async with gateway_for(core.target, tmp_path, **env) as url, httpx.AsyncClient(base_url=url, timeout=10) as http:
+            admin = {"authorization": f"Bearer {ADMIN_KEY}", "Idempotency-Key": "key-1"}
+            made = await http.post(f"/api/tenants/{tenant.tenant_id}/keys", headers=admin, json={"name": "third"})
+            assert made.status_code == 201, made.text
+            new_key = made.json()["data"]["secret"]
+            cred = await Api(core.channel, tenant.md).credential("slack", {"webhook_url": "https://hooks.slack.com/services/T0/B0/x"})
+            body = {"name": "w", "trigger": {"type": "webhook"}, "steps": [slack_step(cred)]}
+            hook = await http.post("/api/workflows", headers={"authorization": f"Bearer {tenant.key}", "Idempotency-Key": "wf-1"}, json=body)
+            assert hook.status_code == 201, hook.text
+            secret = hook.json()["data"]["webhook_secret"]
+
+            again = await http.post(f"/api/tenants/{tenant.tenant_id}/keys", headers=admin, json={"name": "third"})
+            assert again.headers["x-idempotency-replay"] == "true" and again.json()["data"]["secret"] == new_key
+            by_other = await http.post("/api/workflows", headers={"authorization": f"Bearer {other.secret}", "Idempotency-Key": "wf-1"}, json=body)
+            assert by_other.status_code == 422 and secret not in by_other.text, by_other.text
+
+    if store == "sql":
+        with sqlite3.connect(tmp_path / "gw" / "gateway-idempotency.db") as conn:
+            kept = b"".join(bytes(row[0]) for row in conn.execute("SELECT body FROM gateway_idempotency_keys"))
+    else:
+        client = aioredis.from_url(env["IPAAS_REDIS_URL"])
+        kept = b"".join([await client.dump(k) or b"" for k in await client.keys("*")])
+        await client.flushdb()
+        await client.aclose()
+    assert kept and new_key.encode() not in kept and secret.encode() not in kept, f"the {store} store keeps a secret in plaintext"
 
 
 async def test_a_client_still_sending_reads_the_answer_that_ends_its_request(tmp_path) -> None:
