@@ -111,8 +111,8 @@ class WorkflowStore:
     def _secret_row(self, wf: Workflow, secret: str, now: datetime) -> WebhookSecret:
         return WebhookSecret(id=new_id("whs"), workflow_id=wf.id, tenant_id=wf.tenant_id, ciphertext=self.box.encrypt(secret), created_at=now)
 
-    async def _row(self, s: Any, tenant_id: str, workflow_id: str) -> Workflow:
-        wf = await s.get(Workflow, workflow_id)
+    async def _row(self, s: Any, tenant_id: str, workflow_id: str, lock: bool = False) -> Workflow:
+        wf = await s.get(Workflow, workflow_id, with_for_update=lock or None)
         if wf is None or wf.tenant_id != tenant_id or wf.deleted_at is not None:
             raise NotFound(f"workflow {workflow_id} not found")
         return wf
@@ -282,7 +282,11 @@ class WorkflowStore:
         expires = now if revoke_previous else now + grace
         secret = new_webhook_secret()
         async with self.db.session() as s, s.begin():
-            wf = await self._row(s, tenant_id, workflow_id)
+            # Locked (PostgreSQL): rotations at once through several replicas each saw only
+            # the secrets committed before they began, and each left its own live.
+            wf = await self._row(s, tenant_id, workflow_id, lock=True)
+            if wf.trigger_type != "webhook":
+                raise FailedPrecondition(f"workflow {workflow_id} is not triggered by webhooks: it has no webhook secret to rotate")
             # Only the secret being replaced gets the grace period; one that an earlier
             # rotation already replaced ends now. Otherwise every rotation within a grace
             # period added one more secret that verifies (and that each delivery tries).

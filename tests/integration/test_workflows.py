@@ -254,6 +254,39 @@ async def test_rotations_keep_the_current_secret_and_one_previous(core, api: Api
         assert (await s.execute(text("select count(*) from webhook_secrets"))).scalar() == 2
 
 
+@pytest.mark.postgres
+async def test_rotations_at_once_through_two_replicas_leave_one_live_secret(tmp_path, postgres_url: str) -> None:
+    """Revoking rotations at once through two replicas each saw only the secrets committed
+    before they began: 8 left up to 5 live secrets where the caller expects one. The
+    workflow row is locked now."""
+    import asyncio
+
+    from tests.conftest import core_with
+
+    from cryptography.fernet import Fernet
+
+    keys = Fernet.generate_key().decode()  # replicas share their keys
+    async with core_with(tmp_path / "a", postgres_url, IPAAS_SECRET_KEYS=keys) as one, core_with(tmp_path / "b", postgres_url, IPAAS_SECRET_KEYS=keys) as two:
+        tenant = await one.new_tenant()
+        api = Api(one.channel, tenant.md)
+        cred = await api.credential("slack", {"webhook_url": SLACK_URL})
+        created = await api.create({"name": "rotating", "trigger": {"type": "webhook"}, "steps": [slack_step(cred)]})
+        request = workflows_pb2.RotateWebhookSecretRequest(id=created.workflow.id, revoke_previous=True)
+        for _ in range(3):
+            await asyncio.gather(*(Api(core.channel, tenant.md).workflows.RotateWebhookSecret(request, metadata=tenant.md) for core in (one, two) for _ in range(8)))
+            async with one.server.db.session() as s:
+                live = (await s.execute(text("select count(*) from webhook_secrets where expires_at is null"))).scalar()
+            assert live == 1
+
+
+async def test_only_webhook_workflows_have_a_secret_to_rotate(api: Api) -> None:
+    cred = await api.credential("slack", {"webhook_url": SLACK_URL})
+    manual = (await api.create({"name": "m", "trigger": {"type": "manual"}, "steps": [slack_step(cred)]})).workflow
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await api.workflows.RotateWebhookSecret(workflows_pb2.RotateWebhookSecretRequest(id=manual.id), metadata=api.md)
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "not triggered by webhooks" in err.value.details()
+
+
 @pytest.mark.parametrize("cron", ["0 0 30 2 *", "0 0 31 4,6,9,11 *"])
 async def test_a_cron_no_date_matches_is_refused(api: Api, cron: str) -> None:
     cred = await api.credential("slack", {"webhook_url": SLACK_URL})
