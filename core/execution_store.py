@@ -6,7 +6,7 @@ from typing import Any
 
 from dataclasses import dataclass
 
-from sqlalchemy import delete, select
+from sqlalchemy import delete, select, update
 
 from ipaas.engine import outbox
 from ipaas.errors import FailedPrecondition, InvalidArgument, NotFound
@@ -63,29 +63,34 @@ class ExecutionStore:
         """Queue a dead or failed execution again, with a fresh attempt budget. Succeeded
         steps are kept, so it resumes where it stopped, on the version it pinned."""
         async with self.db.session() as s, s.begin():
-            row = await s.get(Execution, execution_id, with_for_update=self.db.is_postgres)
-            if row is None or row.tenant_id != tenant_id:
-                raise NotFound(f"execution {execution_id} not found")
-            if row.status not in REPLAYABLE:
-                raise FailedPrecondition(f"execution {execution_id} is {row.status}; only dead or failed executions can be replayed")
-            now = utcnow()
-            row.status, row.attempts, row.error, row.finished_at, row.next_attempt_at = "queued", 0, None, None, None
-            await outbox.add_task(s, row.id, row.tenant_id, now)
+            await self._change(s, tenant_id, execution_id, REPLAYABLE, "replayed", status="queued", attempts=0, error=None, finished_at=None, next_attempt_at=None)
+            await outbox.add_task(s, execution_id, tenant_id, utcnow())
         self.on_enqueued()
         return await self.get(tenant_id, execution_id)
 
     async def cancel(self, tenant_id: str, execution_id: str) -> ExecutionView:
         async with self.db.session() as s, s.begin():
             if self.db.is_postgres:
-                # Tasks before executions, the order claims and outcomes lock in; NO KEY
-                # UPDATE on the execution lets step rows that reference it go on being written.
+                # Tasks before executions, the order claims and outcomes lock in. The UPDATE
+                # then takes NO KEY UPDATE on the execution, which lets step rows that
+                # reference it go on being written.
                 await s.execute(select(OutboxTask.id).where(OutboxTask.execution_id == execution_id).with_for_update())
-            row = await s.get(Execution, execution_id, with_for_update={"key_share": True} if self.db.is_postgres else None)
-            if row is None or row.tenant_id != tenant_id:
-                raise NotFound(f"execution {execution_id} not found")
-            if row.status not in ("queued", "running"):
-                raise FailedPrecondition(f"execution {execution_id} is {row.status}; only queued or running executions can be cancelled")
-            row.status, row.finished_at = "cancelled", utcnow()
+            await self._change(s, tenant_id, execution_id, ("queued", "running"), "cancelled", status="cancelled", finished_at=utcnow())
             # A queued task is dropped; a running one notices the status when it finishes its step.
             await s.execute(delete(OutboxTask).where(OutboxTask.execution_id == execution_id, OutboxTask.lease_owner.is_(None)))
         return await self.get(tenant_id, execution_id)
+
+    async def _change(self, s: Any, tenant_id: str, execution_id: str, allowed: tuple[str, ...], action: str, **values: Any) -> None:
+        """Update the execution only if it is still in an allowed status, checked in the
+        statement itself: on SQLite a read before the write is outside the write lock, so
+        the engine could finish the execution (or retention delete it) between the two;
+        cancel then overwrote a success, and replay failed with INTERNAL."""
+        result = await s.execute(
+            update(Execution).where(Execution.id == execution_id, Execution.tenant_id == tenant_id, Execution.status.in_(allowed)).values(**values)
+        )
+        if result.rowcount == 1:
+            return
+        status = await s.scalar(select(Execution.status).where(Execution.id == execution_id, Execution.tenant_id == tenant_id))
+        if status is None:
+            raise NotFound(f"execution {execution_id} not found")
+        raise FailedPrecondition(f"execution {execution_id} is {status}; only {' or '.join(allowed)} executions can be {action}")
