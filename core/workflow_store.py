@@ -177,6 +177,14 @@ class WorkflowStore:
         if merge_options and "options" in changes:
             merged["options"] = {**current.definition.get("options", {}), **changes["options"]}
         definition = await self._validated(tenant_id, merged)
+        if definition == current.definition:
+            # Versions record changes of the definition: an update that changes none (a
+            # retried PATCH, or only `active`, which is operational state) makes none.
+            if expected_version != current.version:
+                raise Aborted(f"workflow {workflow_id} is at version {current.version}, not {expected_version}: reload and retry")
+            if active is not None and active != current.workflow.active:
+                return await self.set_active(tenant_id, workflow_id, active), ""
+            return current, ""
         return await self._new_version(tenant_id, current, expected_version, definition, active)
 
     async def rollback(self, tenant_id: str, workflow_id: str, version: int, expected_version: int) -> tuple[WorkflowView, str]:

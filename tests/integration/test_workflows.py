@@ -57,6 +57,26 @@ async def test_create_update_stale_rollback_and_versions(api: Api) -> None:
     assert old.workflow.steps[0].config["text"] == "v2 {{order.id}}"
 
 
+async def test_an_update_that_changes_nothing_makes_no_version(api: Api) -> None:
+    """Versions record definition changes: a retried PATCH, or one that only sets `active`
+    (operational state, as SetWorkflowActive), keeps the version; a stale one is still ABORTED."""
+    cred = await api.credential("slack", {"webhook_url": SLACK_URL})
+    wf = (await api.create({"name": "same", "trigger": {"type": "manual"}, "steps": [slack_step(cred)]})).workflow
+
+    def request(expected: int, **fields) -> workflows_pb2.UpdateWorkflowRequest:  # type: ignore[no-untyped-def]
+        return workflows_pb2.UpdateWorkflowRequest(id=wf.id, expected_version=expected, workflow=workflow(fields))
+
+    same = await api.workflows.UpdateWorkflow(request(1, name="same"), metadata=api.md)
+    assert same.workflow.version == 1
+    paused = await api.workflows.UpdateWorkflow(request(1, active=False), metadata=api.md)
+    assert (paused.workflow.version, paused.workflow.active) == (1, False)
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await api.workflows.UpdateWorkflow(request(2, name="same"), metadata=api.md)
+    assert err.value.code() == grpc.StatusCode.ABORTED
+    versions = await api.workflows.ListWorkflowVersions(workflows_pb2.ListWorkflowVersionsRequest(id=wf.id), metadata=api.md)
+    assert [v.version for v in versions.versions] == [1]
+
+
 async def test_validation_reports_every_problem_with_field_paths(api: Api) -> None:
     cred = await api.credential("slack", {"webhook_url": SLACK_URL})
     bad = {

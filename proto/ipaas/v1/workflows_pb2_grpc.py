@@ -120,7 +120,8 @@ class WorkflowServiceServicer:
 
     def UpdateWorkflow(self, request, context):
         """Creates a new version from the fields given. `expected_version` must be the current
-        version (optimistic concurrency); a stale one is refused with ABORTED.
+        version (optimistic concurrency); a stale one is refused with ABORTED. An update that
+        leaves the definition as it is (a retry, or `active` alone) creates no version.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
