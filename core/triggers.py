@@ -16,12 +16,12 @@ from ipaas.definitions import max_attempts
 from ipaas.engine.enqueuer import Enqueuer
 from ipaas.engine.outbox import Accepted, NewExecution
 from ipaas.errors import FailedPrecondition, InvalidArgument, NotFound, Unauthenticated
+from ipaas.wire import MAX_JSON_DEPTH, nested_deeper_than
 from ipaas.workflow_store import WebhookTarget, WorkflowStore
 
 log = logging.getLogger("ipaas.triggers")
 
 MAX_BODY_BYTES = 1024 * 1024
-STORABLE_DEPTH = 254  # the deepest nesting orjson writes (the database's JSON encoder)
 MAX_KEY_LENGTH = 255
 
 
@@ -118,15 +118,14 @@ class TriggerService:
             raise Unauthenticated("missing or invalid webhook signature (Standard Webhooks: webhook-id, webhook-timestamp, webhook-signature)")
         try:
             payload = orjson.loads(body) if body else None
-            # orjson reads 1,024 levels of nesting and writes 254: a deeper body would fail
-            # its batch's insert (every webhook in it) with an internal error. Each level
-            # takes two bytes at least, so a short body needs no check.
-            if len(body) > 2 * STORABLE_DEPTH:
-                orjson.dumps(payload)
         except orjson.JSONDecodeError:
             raise InvalidArgument.field("http_body.data", "the body is not valid JSON") from None
-        except orjson.JSONEncodeError:
-            raise InvalidArgument.field("http_body.data", f"the body is nested too deeply (at most {STORABLE_DEPTH} levels)") from None
+        # orjson reads 1,024 levels of nesting, but an execution's reply carries MAX_JSON_DEPTH
+        # (and the database's encoder writes 254): a deeper body was stored, then broke every
+        # read of its execution and every page listing it. A body with fewer brackets than
+        # the limit cannot nest past it, so the usual small one is not walked.
+        if body.count(b"{") + body.count(b"[") > MAX_JSON_DEPTH and nested_deeper_than(payload, MAX_JSON_DEPTH):
+            raise InvalidArgument.field("http_body.data", f"the body is nested too deeply (at most {MAX_JSON_DEPTH} levels of objects and arrays)")
         webhook_id = _key(headers.get("webhook-id"), "webhook-id")
         key = _key(idempotency_key, "idempotency-key")
         # Keys dedupe per workflow: one key sent to two workflows starts both. A webhook's

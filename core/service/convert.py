@@ -10,6 +10,7 @@ from google.protobuf import json_format, struct_pb2, timestamp_pb2
 from ipaas.errors import InvalidArgument
 from ipaas.json_numbers import integral
 from ipaas.v1 import tenants_pb2, workflows_pb2
+from ipaas.wire import MAX_JSON_DEPTH, nested_deeper_than
 
 
 def timestamp(value: datetime | None) -> timestamp_pb2.Timestamp | None:
@@ -54,7 +55,13 @@ def from_struct(message: struct_pb2.Struct, field: str) -> dict[str, Any]:
 
 
 def from_value(message: struct_pb2.Value, field: str) -> Any:
-    return _as_json(message, field) if message.WhichOneof("kind") else None
+    """A run's payload: refused where its execution could not be read back (ipaas.wire)."""
+    if not message.WhichOneof("kind"):
+        return None
+    data = _as_json(message, field)
+    if nested_deeper_than(data, MAX_JSON_DEPTH):
+        raise InvalidArgument.field(field, f"is nested too deeply (at most {MAX_JSON_DEPTH} levels of objects and arrays)")
+    return data
 
 
 def tenant(row: Any) -> tenants_pb2.Tenant:

@@ -1,0 +1,89 @@
+"""What the execution API accepts, it can answer: payloads and outputs no deeper than a
+gRPC reply carries, and dry runs no larger than one reply, through a real core."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+import httpx
+import orjson
+import pytest
+from google.api import httpbody_pb2
+from google.protobuf import json_format
+
+from ipaas.v1 import executions_pb2 as pb
+from ipaas.wire import MAX_JSON_DEPTH
+from tests.conftest import core_with, gateway_for
+from tests.integration.helpers import Api, slack_step, value, workflow
+
+FAST = {"IPAAS_RETRY_BASE_DELAY": "0.01", "IPAAS_POLL_INTERVAL": "0.05"}
+
+
+def nested(levels: int) -> Any:
+    data: Any = "leaf"
+    for _ in range(levels):
+        data = {"a": data}
+    return data
+
+
+def as_json(message: Any) -> Any:
+    return json_format.MessageToDict(message)
+
+
+async def refused(call: Any) -> grpc.aio.AioRpcError:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await call
+    return caught.value
+
+
+@pytest.fixture
+async def env(tmp_path):
+    async with core_with(tmp_path, **FAST) as core:
+        tenant = await core.new_tenant()
+        api = Api(core.channel, tenant.md)
+        cred = await api.credential("slack", {"webhook_url": "http://127.0.0.1:9/unreachable"})
+        yield core, api, cred
+
+
+def webhook(workflow_id: str, data: Any) -> pb.ReceiveWebhookRequest:
+    return pb.ReceiveWebhookRequest(workflow_id=workflow_id, http_body=httpbody_pb2.HttpBody(content_type="application/json", data=orjson.dumps(data)))
+
+
+async def test_a_payload_nested_deeper_than_a_reply_carries_is_refused_by_every_trigger(env) -> None:
+    """Accepted before, a payload 33+ objects deep made its execution unreadable (INTERNAL, or
+    a reply the client could not parse) and every ListExecutions page holding it failed."""
+    core, api, cred = env
+    hook = (await api.create({"name": "hook", "trigger": {"type": "webhook"}, "options": {"allow_unsigned_webhooks": True}, "steps": [slack_step(cred)]})).workflow
+    manual = (await api.create({"name": "man", "trigger": {"type": "manual"}, "steps": [slack_step(cred)]})).workflow
+    too_deep = nested(MAX_JSON_DEPTH + 1)
+
+    for error in [
+        await refused(api.executions.ReceiveWebhook(webhook(hook.id, too_deep))),
+        await refused(api.executions.RunWorkflow(pb.RunWorkflowRequest(workflow_id=manual.id, payload=value(too_deep)), metadata=api.md)),
+        await refused(api.executions.DryRun(pb.DryRunRequest(workflow_id=manual.id, payload=value(too_deep)), metadata=api.md)),
+    ]:
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, error
+        assert f"nested too deeply (at most {MAX_JSON_DEPTH} levels of objects and arrays)" in error.details()
+
+    # The deepest payload allowed is answered and read back whole, alone and in a page.
+    deepest = nested(MAX_JSON_DEPTH)
+    by_hook = await api.executions.ReceiveWebhook(webhook(hook.id, deepest))
+    run = await api.executions.RunWorkflow(pb.RunWorkflowRequest(workflow_id=manual.id, payload=value(deepest)), metadata=api.md)
+    assert run is not None and as_json(run.execution.payload) == deepest  # None: grpc.aio could not parse the reply
+    for execution_id in (by_hook.execution_id, run.execution.id):
+        read = await api.executions.GetExecution(pb.GetExecutionRequest(id=execution_id), metadata=api.md)
+        assert read is not None and as_json(read.execution.payload) == deepest
+    page = await api.executions.ListExecutions(pb.ListExecutionsRequest(), metadata=api.md)
+    assert page is not None and {e.id for e in page.executions} == {by_hook.execution_id, run.execution.id}
+
+
+async def test_a_webhook_nested_too_deeply_is_refused_over_rest(tmp_path) -> None:
+    async with core_with(tmp_path) as core, gateway_for(core.target, tmp_path) as url:
+        api = Api(core.channel, (await core.new_tenant()).md)
+        cred = await api.credential("slack", {"webhook_url": "http://127.0.0.1:9/unreachable"})
+        hook = (await api.create({"name": "hook", "trigger": {"type": "webhook"}, "options": {"allow_unsigned_webhooks": True}, "steps": [slack_step(cred)]})).workflow
+        async with httpx.AsyncClient(base_url=url, timeout=10) as http:
+            answer = await http.post(f"/api/webhooks/{hook.id}", content=orjson.dumps(nested(MAX_JSON_DEPTH + 1)), headers={"content-type": "application/json"})
+    assert answer.status_code == 422 and answer.json()["error"]["code"] == "invalid_argument", answer.text
+    assert "nested too deeply" in answer.json()["error"]["message"]
