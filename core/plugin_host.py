@@ -32,6 +32,7 @@ from ipaas import hookspecs
 from ipaas.masking import SecretMasker
 from ipaas.netguard import GuardedResolver, GuardedTransport, check_url
 from ipaas.sdk import NAME, Action, ActionResult, Connector, ConnectorError, ExecutionContext, MaskingAdapter, PermanentError, RetryableError
+from ipaas.wire import MAX_JSON_DEPTH, nested_deeper_than
 
 log = logging.getLogger("ipaas.plugins")
 
@@ -384,6 +385,10 @@ def _check_output(name: str, output: dict[str, Any]) -> None:
         raise PermanentError(f"{name} returned an output that is not JSON: {exc}") from None
     if size > MAX_OUTPUT_BYTES:
         raise PermanentError(f"{name} returned {size} bytes of output; the limit is {MAX_OUTPUT_BYTES}")
+    # An upstream's JSON passed on as output could nest deeper than a reply carries
+    # (ipaas.wire): stored, it made its execution unreadable.
+    if nested_deeper_than(output, MAX_JSON_DEPTH):
+        raise PermanentError(f"{name} returned an output nested too deeply (at most {MAX_JSON_DEPTH} levels of objects and arrays)")
 
 
 def _leaves(value: Any) -> list[str]:

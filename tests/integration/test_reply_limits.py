@@ -87,3 +87,20 @@ async def test_a_webhook_nested_too_deeply_is_refused_over_rest(tmp_path) -> Non
             answer = await http.post(f"/api/webhooks/{hook.id}", content=orjson.dumps(nested(MAX_JSON_DEPTH + 1)), headers={"content-type": "application/json"})
     assert answer.status_code == 422 and answer.json()["error"]["code"] == "invalid_argument", answer.text
     assert "nested too deeply" in answer.json()["error"]["message"]
+
+
+async def test_an_output_nested_deeper_than_a_reply_carries_fails_its_step(env) -> None:
+    """A connector passing on an upstream's deep JSON made the execution unreadable once its
+    output was stored; the step fails for good instead, and the execution reads."""
+    from ipaas.sdk import Action, ActionResult, Connector
+
+    core, api, _ = env
+
+    async def run(ctx):  # type: ignore[no-untyped-def]
+        return ActionResult(output=nested(MAX_JSON_DEPTH + 5))
+
+    core.server.registry.add(Connector(name="relay", version="1.0", description="d", actions=[Action("fetch", "Fetch.", run, {"type": "object"})]), "ipaas-relay")
+    wf = (await api.create({"name": "relay", "trigger": {"type": "manual"}, "steps": [{"id": "fetch", "connector": "relay", "action": "fetch", "config": {}}]})).workflow
+    done = await api.wait((await api.run(wf.id, {})).execution.id, timeout=10)
+    assert done.status == "failed" and f"nested too deeply (at most {MAX_JSON_DEPTH} levels" in done.error, done
+    assert done.steps[0].status == "failed" and not done.steps[0].output

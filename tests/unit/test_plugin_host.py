@@ -7,6 +7,7 @@ import textwrap
 import types
 from pathlib import Path
 
+import orjson
 import pytest
 
 from ipaas.plugin_host import ConnectorRegistry, load_registry, schema_problems
@@ -335,6 +336,7 @@ async def test_connector_responses_are_freed_without_the_garbage_collector(trans
         ({"when": object()}, "not JSON"),
         ({1: "a key JSON objects cannot have"}, "not JSON"),
         ({"body": "x" * (256 * 1024)}, "bytes of output; the limit is 262144"),
+        ({"body": orjson.loads("[" * 32 + "]" * 32)}, "nested too deeply"),  # 33 levels with the output's own
     ],
 )
 async def test_an_output_that_cannot_be_stored_fails_the_step_for_good(output: dict, reason: str) -> None:
