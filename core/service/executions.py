@@ -23,7 +23,7 @@ from ipaas.service.status import to_status_proto
 from ipaas.triggers import TriggerService
 from ipaas.v1 import executions_pb2 as pb
 from ipaas.v1 import executions_pb2_grpc
-from ipaas.wire import REPLY_ITEMS_BYTES
+from ipaas.wire import MAX_JSON_DEPTH, REPLY_ITEMS_BYTES, nested_deeper_than
 
 log = logging.getLogger("ipaas.rpc")
 
@@ -37,13 +37,22 @@ def _idempotency_key(context: grpc.aio.ServicerContext) -> str | None:
     return None
 
 
+def _carried(value: Any) -> Any:
+    """value, or a note in its place where it nests deeper than a reply can carry (ipaas.wire).
+    Triggers and steps refuse such values now; rows stored before that would otherwise fail
+    their execution's every read and every page of ListExecutions that holds them."""
+    if nested_deeper_than(value, MAX_JSON_DEPTH):
+        return {"omitted": f"nested more than {MAX_JSON_DEPTH} levels deep, more than one reply carries"}
+    return value
+
+
 def _step(row) -> pb.StepRun:  # type: ignore[no-untyped-def]
     return pb.StepRun(
         step_id=row.step_id,
         status=row.status,
         attempts=row.attempts,
-        rendered_config=convert.to_struct(row.rendered_config),
-        output=convert.to_struct(row.output),
+        rendered_config=convert.to_struct(_carried(row.rendered_config)),
+        output=convert.to_struct(_carried(row.output)),
         error=row.error or "",
         retryable=row.retryable,
         started_at=convert.timestamp(row.started_at),
@@ -60,7 +69,7 @@ def execution(row, steps=()) -> pb.Execution:  # type: ignore[no-untyped-def]
         workflow_version=row.workflow_version,
         status=row.status,
         trigger=row.trigger,
-        payload=convert.to_value(row.payload),
+        payload=convert.to_value(_carried(row.payload)),
         attempts=row.attempts,
         error=row.error or "",
         steps=[_step(s) for s in steps],

@@ -11,7 +11,9 @@ import orjson
 import pytest
 from google.api import httpbody_pb2
 from google.protobuf import json_format
+from sqlalchemy import update
 
+from ipaas.storage.tables import Execution, ExecutionStep
 from ipaas.v1 import executions_pb2 as pb
 from ipaas.wire import MAX_JSON_DEPTH
 from tests.conftest import core_with, gateway_for
@@ -104,3 +106,27 @@ async def test_an_output_nested_deeper_than_a_reply_carries_fails_its_step(env) 
     done = await api.wait((await api.run(wf.id, {})).execution.id, timeout=10)
     assert done.status == "failed" and f"nested too deeply (at most {MAX_JSON_DEPTH} levels" in done.error, done
     assert done.steps[0].status == "failed" and not done.steps[0].output
+
+
+async def test_values_stored_too_deep_to_send_come_back_as_a_note(env) -> None:
+    """Rows stored before triggers and steps refused such values: each one gives way to a
+    note, and its execution, and every page listing it, can be read again."""
+    core, api, cred = env
+    wf = (await api.create({"name": "man", "trigger": {"type": "manual"}, "options": {"max_attempts": 1}, "steps": [slack_step(cred)]})).workflow
+    older = (await api.run(wf.id, {"order": {"id": 1}})).execution.id
+    poisoned = (await api.run(wf.id, {"order": {"id": 2}})).execution.id
+    await api.wait(poisoned)
+    deep = nested(60)  # as a webhook body up to 254 levels deep was once stored
+    async with core.server.db.session() as session, session.begin():
+        await session.execute(update(Execution).where(Execution.id == poisoned).values(payload=deep))
+        await session.execute(update(ExecutionStep).where(ExecutionStep.execution_id == poisoned).values(output={"body": deep}, rendered_config={"text": deep}))
+
+    read = await api.execution(poisoned)
+    note = {"omitted": f"nested more than {MAX_JSON_DEPTH} levels deep, more than one reply carries"}
+    assert read is not None and as_json(read.payload) == note
+    assert as_json(read.steps[0].output) == note and as_json(read.steps[0].rendered_config) == note
+    page = await api.executions.ListExecutions(pb.ListExecutionsRequest(page_size=1), metadata=api.md)
+    assert page is not None and [e.id for e in page.executions] == [poisoned]
+    rest = await api.executions.ListExecutions(pb.ListExecutionsRequest(page_token=page.next_page_token), metadata=api.md)
+    assert [e.id for e in rest.executions] == [older]
+    assert as_json((await api.execution(older)).payload) == {"order": {"id": 1}}
