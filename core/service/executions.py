@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 from google.protobuf import struct_pb2
@@ -28,6 +28,8 @@ from ipaas.wire import MAX_JSON_DEPTH, REPLY_ITEMS_BYTES, nested_deeper_than
 log = logging.getLogger("ipaas.rpc")
 
 MAX_BATCH = 512
+# A reply whose steps each carry a rendered_config and an output: an execution, a dry run.
+Stepped = TypeVar("Stepped", pb.Execution, pb.DryRunResponse)
 
 
 def _idempotency_key(context: grpc.aio.ServicerContext) -> str | None:
@@ -84,11 +86,12 @@ def _view(view: ExecutionView) -> pb.Execution:
     return _within_reply(execution(view.execution, view.steps))
 
 
-def _within_reply(message: pb.Execution) -> pb.Execution:
+def _within_reply(message: Stepped) -> Stepped:
     """Each step may keep up to 1 MiB of rendered config and 256 KiB of output, so a long
-    workflow over a large payload can outgrow one gRPC reply (4 MiB), and the execution could
-    not be read at all. Its largest configs and outputs then give way to a note of their
-    size; status, payload and errors stay."""
+    workflow over a large payload can outgrow one gRPC reply (4 MiB), and the execution (or
+    the dry run, whose connectors may have been called) could not be read at all. Its largest
+    configs and outputs then give way to a note of their size; status, payload and errors
+    stay."""
     excess = message.ByteSize() - REPLY_ITEMS_BYTES
     if excess <= 0:
         return message
@@ -167,7 +170,7 @@ class ExecutionServicer(executions_pb2_grpc.ExecutionServiceServicer):
         return pb.WebhookResult(accepted=accepted_pb, tenant_id=target.tenant_id, tier=target.tier)
 
     async def DryRun(self, request: pb.DryRunRequest, context: grpc.aio.ServicerContext) -> pb.DryRunResponse:
-        return await self.dry_runner.run(_tenant(), request)
+        return _within_reply(await self.dry_runner.run(_tenant(), request))
 
     async def GetExecution(self, request: pb.GetExecutionRequest, context: grpc.aio.ServicerContext) -> pb.GetExecutionResponse:
         return pb.GetExecutionResponse(execution=_view(await self.store.get(_tenant(), request.id)))

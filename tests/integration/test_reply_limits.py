@@ -130,3 +130,25 @@ async def test_values_stored_too_deep_to_send_come_back_as_a_note(env) -> None:
     rest = await api.executions.ListExecutions(pb.ListExecutionsRequest(page_token=page.next_page_token), metadata=api.md)
     assert [e.id for e in rest.executions] == [older]
     assert as_json((await api.execution(older)).payload) == {"order": {"id": 1}}
+
+
+@pytest.mark.parametrize("by", ["definition", "workflow_id"])
+async def test_a_dry_run_larger_than_one_reply_still_answers(env, by: str) -> None:
+    """Six steps each rendering a ~900 KB payload outgrew the 4 MiB reply: the caller got the
+    transport's RESOURCE_EXHAUSTED (no request id), after "test" mode had called the
+    connectors. The largest configs give way to a note of their size, as GetExecution's do."""
+    core, api, cred = env
+    steps = [{"id": f"s{i}", "connector": "slack", "action": "send_message", "config": {"text": "hi", "blocks": ["{{big}}"]}, "credential_id": cred} for i in range(6)]
+    definition = {"name": "big", "trigger": {"type": "manual"}, "steps": steps}
+    request = pb.DryRunRequest(payload=value({"big": "x" * 900_000}))
+    if by == "definition":
+        request.workflow.CopyFrom(workflow(definition))
+    else:
+        request.workflow_id = (await api.create(definition)).workflow.id
+    dry = await api.executions.DryRun(request, metadata=api.md)
+    assert dry.ok and [s.status for s in dry.steps] == ["ok"] * 6, dry.steps
+    omitted = [s for s in dry.steps if "omitted" in s.rendered_config]
+    assert omitted and all(s.rendered_config["omitted"].endswith("bytes, more than one reply holds") for s in omitted)
+    kept = [s for s in dry.steps if "omitted" not in s.rendered_config]
+    assert kept and all(len(s.rendered_config["blocks"][0]) == 900_000 for s in kept)
+    assert dry.ByteSize() <= 4 * 1024 * 1024
