@@ -26,6 +26,10 @@ class DryRunner:
         if request.workflow_id and request.HasField("workflow"):
             raise InvalidArgument.field("workflow", "give either workflow or workflow_id, not both")
         if request.workflow_id:
+            # The store reads 0 as the current version and any other number as a version's
+            # own: a negative one was answered NOT_FOUND, as if the workflow were missing.
+            if request.version < 0:
+                raise InvalidArgument.field("version", "must be 1 or more, or 0 for the current version")
             return (await self.workflows.get(tenant_id, request.workflow_id, request.version)).definition
         if not request.HasField("workflow"):
             raise InvalidArgument.field("workflow", "give a workflow definition or a workflow_id")

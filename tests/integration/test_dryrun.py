@@ -1,0 +1,22 @@
+"""DryRun's own checks of what it is asked to try, through a real core."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+
+from ipaas.v1 import executions_pb2 as pb
+from tests.integration.helpers import Api, slack_step, value
+
+
+async def test_a_dry_run_of_a_negative_version_is_bad_input(core) -> None:
+    """Before, NOT_FOUND, as if the workflow did not exist; GetWorkflowVersion already said this."""
+    api = Api(core.channel, (await core.new_tenant()).md)
+    cred = await api.credential("slack", {"webhook_url": "http://127.0.0.1:9/unreachable"})
+    wf = (await api.create({"name": "man", "trigger": {"type": "manual"}, "steps": [slack_step(cred)]})).workflow
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await api.executions.DryRun(pb.DryRunRequest(workflow_id=wf.id, version=-1), metadata=api.md)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert caught.value.details() == "version: must be 1 or more, or 0 for the current version"
+    current = await api.executions.DryRun(pb.DryRunRequest(workflow_id=wf.id, version=0, payload=value({"order": {"id": 1}})), metadata=api.md)
+    assert current.ok, current
