@@ -11,7 +11,7 @@ from typing import Any, Awaitable, Callable
 import grpc
 
 from ipaas import auth, logs
-from ipaas.errors import IpaasError, PermissionDenied
+from ipaas.errors import IpaasError, PermissionDenied, Unauthenticated
 from ipaas.service import storable_text
 from ipaas.service.status import to_grpc_status
 from ipaas.tenants import TenantStore
@@ -60,7 +60,8 @@ class CoreInterceptor(grpc.aio.ServerInterceptor):
         inner = handler.unary_unary
 
         async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            metadata = {k: v for k, v in context.invocation_metadata() if isinstance(v, str)}
+            pairs = context.invocation_metadata() or ()
+            metadata = {k: v for k, v in pairs if isinstance(v, str)}
             request_id = request_id_from(metadata)
             # The request id rides in the trailers, sent with the status in the call's last
             # batch: sending it as initial metadata took a batch of its own and cost ~17 % of
@@ -69,7 +70,7 @@ class CoreInterceptor(grpc.aio.ServerInterceptor):
             with logs.bind(request_id=request_id, rpc=method):
                 token = None
                 try:
-                    caller = await self._authorize(method, metadata)
+                    caller = await self._authorize(method, metadata, pairs)
                     if method not in PUBLIC:  # webhooks: their few stored strings are checked in ipaas.triggers, off this hot path
                         storable_text.check(request)
                     token = auth.set_caller(caller)
@@ -95,9 +96,13 @@ class CoreInterceptor(grpc.aio.ServerInterceptor):
             response_serializer=handler.response_serializer,
         )
 
-    async def _authorize(self, method: str, metadata: dict[str, str]) -> auth.Caller | None:
+    async def _authorize(self, method: str, metadata: dict[str, str], pairs: Any) -> auth.Caller | None:
         if method in PUBLIC:
             return None
+        if sum(1 for key, _ in pairs if key == "authorization") > 1:
+            # The metadata dict keeps the last, so which key a call ran as was left to the
+            # order in which a client library or proxy put its values.
+            raise Unauthenticated("send one authorization value")
         caller = await self._tenants.authenticate(bearer_from(metadata))
         if method in ANY_CALLER:
             return caller
