@@ -1,17 +1,22 @@
-"""One interceptor for every ipaas.v1 RPC: request id, authentication, log context, and the
-mapping of domain errors to status codes. Health and reflection pass through untouched."""
+"""One interceptor for every ipaas.v1 RPC: request id, authentication, log context, the checks
+every request gets (parsable, storable text), and the mapping of domain errors to status
+codes. Health and reflection pass through untouched."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import uuid
+from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
 import grpc
+from google.protobuf import descriptor_pool
+from google.protobuf.message import DecodeError
 
 from ipaas import auth, logs
-from ipaas.errors import IpaasError, PermissionDenied, Unauthenticated
+from ipaas.errors import InvalidArgument, IpaasError, PermissionDenied, Unauthenticated
 from ipaas.service import storable_text
 from ipaas.service.status import to_grpc_status
 from ipaas.tenants import TenantStore
@@ -44,6 +49,44 @@ def bearer_from(metadata: dict[str, str]) -> str | None:
     return token.strip() if scheme.lower() == "bearer" and token.strip() else None
 
 
+class _Unparsable:
+    """What the request deserializer hands the handler for bytes that are no request of its
+    type (invalid UTF-8 in a string, a truncated message, nesting past protobuf's limit).
+    Raised there, the DecodeError reached the client as UNKNOWN with the parser's own text
+    and no request id; guarded() answers INVALID_ARGUMENT instead."""
+
+
+_UNPARSABLE = _Unparsable()
+
+
+def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserializer is None:
+        return None
+
+    def parse(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except DecodeError:
+            return _UNPARSABLE
+
+    return parse
+
+
+@dataclass(frozen=True)
+class _Method:
+    request_type: str
+
+
+@functools.cache
+def _method(name: str) -> _Method | None:
+    """What the descriptors say of the RPC `name` ("/ipaas.v1.WorkflowService/GetWorkflow")."""
+    try:
+        method = descriptor_pool.Default().FindMethodByName(name.lstrip("/").replace("/", "."))
+    except KeyError:
+        return None
+    return _Method(method.input_type.full_name)
+
+
 class CoreInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, tenants: TenantStore) -> None:
         self._tenants = tenants
@@ -58,6 +101,7 @@ class CoreInterceptor(grpc.aio.ServerInterceptor):
         if handler is None or not method.startswith("/ipaas.v1.") or handler.unary_unary is None:
             return handler
         inner = handler.unary_unary
+        described = _method(method)
 
         async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
             pairs = context.invocation_metadata() or ()
@@ -71,6 +115,9 @@ class CoreInterceptor(grpc.aio.ServerInterceptor):
                 token = None
                 try:
                     caller = await self._authorize(method, metadata, pairs)
+                    if request is _UNPARSABLE:
+                        type_name = described.request_type if described else "the method's request"
+                        raise InvalidArgument(f"the request could not be parsed as {type_name}")
                     if method not in PUBLIC:  # webhooks: their few stored strings are checked in ipaas.triggers, off this hot path
                         storable_text.check(request)
                     token = auth.set_caller(caller)
@@ -92,7 +139,7 @@ class CoreInterceptor(grpc.aio.ServerInterceptor):
 
         return grpc.unary_unary_rpc_method_handler(
             guarded,
-            request_deserializer=handler.request_deserializer,
+            request_deserializer=_tolerant(handler.request_deserializer),
             response_serializer=handler.response_serializer,
         )
 
