@@ -1,5 +1,6 @@
-"""What the interceptor refuses before any handler runs, through a real grpc.aio server. Each
-answer is a status of the API's own, with its request id, like every other error."""
+"""What the interceptor refuses before any handler runs, through a real grpc.aio server:
+requests that do not parse, ambiguous authorization, and empty ids. Each answer is a status
+of the API's own, with its request id, like every other error."""
 
 from __future__ import annotations
 
@@ -7,9 +8,15 @@ from typing import Any
 
 import grpc
 import pytest
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 
+from ipaas.v1 import credentials_pb2 as cpb
+from ipaas.v1 import executions_pb2 as epb
 from ipaas.v1 import tenants_pb2 as tpb
 from ipaas.v1 import tenants_pb2_grpc
+from ipaas.v1 import workflows_pb2 as wpb
+from tests.integration.helpers import Api, slack_step
 
 
 def _varint(n: int) -> bytes:
@@ -74,3 +81,50 @@ async def test_two_authorization_values_are_unauthenticated(core) -> None:
         assert error.code() == grpc.StatusCode.UNAUTHENTICATED and error.details() == "send one authorization value"
         assert "x-request-id" in dict(error.trailing_metadata())
     assert (await stub.GetCaller(tpb.GetCallerRequest(), metadata=a.md)).tenant_id == a.tenant_id
+
+
+# Every RPC whose REST path names a resource by an id ("/api/workflows/{id}").
+EMPTY_IDS = [
+    ("workflows", "GetWorkflow", wpb.GetWorkflowRequest(), "id"),
+    ("workflows", "UpdateWorkflow", wpb.UpdateWorkflowRequest(), "id"),
+    ("workflows", "DeleteWorkflow", wpb.DeleteWorkflowRequest(), "id"),
+    ("workflows", "SetWorkflowActive", wpb.SetWorkflowActiveRequest(), "id"),
+    ("workflows", "ListWorkflowVersions", wpb.ListWorkflowVersionsRequest(), "id"),
+    ("workflows", "GetWorkflowVersion", wpb.GetWorkflowVersionRequest(version=1), "id"),
+    ("workflows", "RollbackWorkflow", wpb.RollbackWorkflowRequest(), "id"),
+    ("workflows", "RotateWebhookSecret", wpb.RotateWebhookSecretRequest(), "id"),
+    ("executions", "RunWorkflow", epb.RunWorkflowRequest(), "workflow_id"),
+    ("executions", "ReceiveWebhook", epb.ReceiveWebhookRequest(), "workflow_id"),
+    ("executions", "GetExecution", epb.GetExecutionRequest(), "id"),
+    ("executions", "ReplayExecution", epb.ReplayExecutionRequest(), "id"),
+    ("executions", "CancelExecution", epb.CancelExecutionRequest(), "id"),
+    ("credentials", "DeleteCredential", cpb.DeleteCredentialRequest(), "id"),
+    ("tenants", "CreateApiKey", tpb.CreateApiKeyRequest(name="k"), "tenant_id"),
+    ("tenants", "ListApiKeys", tpb.ListApiKeysRequest(), "tenant_id"),
+    ("tenants", "RevokeApiKey", tpb.RevokeApiKeyRequest(), "key_id"),
+]
+
+
+@pytest.mark.parametrize("service,rpc,request_message,field", EMPTY_IDS, ids=[e[1] for e in EMPTY_IDS])
+async def test_an_empty_id_is_invalid_argument_naming_the_field(core, service: str, rpc: str, request_message: Any, field: str) -> None:
+    """Before, the empty id was looked up: NOT_FOUND "workflow  not found"."""
+    tenant = await core.new_tenant()
+    api = Api(core.channel, tenant.md)
+    stubs = {"workflows": api.workflows, "executions": api.executions, "credentials": api.credentials, "tenants": tenants_pb2_grpc.TenantServiceStub(core.channel)}
+    metadata = core.admin if service == "tenants" else tenant.md
+    error = await refused(getattr(stubs[service], rpc)(request_message, metadata=metadata))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, error
+    assert error.details() == f"{field}: is required"
+    bad = error_details_pb2.BadRequest()
+    assert rpc_status.from_call(error).details[0].Unpack(bad)
+    assert [(v.field, v.description) for v in bad.field_violations] == [(field, "is required")]
+
+
+async def test_ids_that_are_given_still_reach_their_handler(core) -> None:
+    tenant = await core.new_tenant()
+    api = Api(core.channel, tenant.md)
+    cred = await api.credential("slack", {"webhook_url": "http://127.0.0.1:9/unreachable"})
+    wf = (await api.create({"name": "w", "trigger": {"type": "manual"}, "steps": [slack_step(cred)]})).workflow
+    assert (await api.workflows.GetWorkflow(wpb.GetWorkflowRequest(id=wf.id), metadata=tenant.md)).workflow.id == wf.id
+    missing = await refused(api.workflows.GetWorkflow(wpb.GetWorkflowRequest(id="wf_nope"), metadata=tenant.md))
+    assert missing.code() == grpc.StatusCode.NOT_FOUND
