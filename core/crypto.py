@@ -31,9 +31,11 @@ class SecretBox:
         if not keys:
             raise ValueError("at least one encryption key is needed")
         try:
-            self._fernet = MultiFernet([Fernet(k.encode() if isinstance(k, str) else k) for k in keys])
+            fernets = [Fernet(k.encode() if isinstance(k, str) else k) for k in keys]
         except (ValueError, TypeError):
             raise SystemExit("IPAAS_SECRET_KEYS must hold url-safe base64 Fernet keys (32 bytes each)") from None
+        self._newest = fernets[0]
+        self._fernet = MultiFernet(fernets)
 
     def encrypt(self, value: object) -> str:
         return self._fernet.encrypt(orjson.dumps(value)).decode()
@@ -45,8 +47,19 @@ class SecretBox:
             # Never include the token: it is secret material too.
             raise ValueError("cannot decrypt a stored secret, as the key that encrypted it is not configured") from None
 
-    def rotate(self, token: str) -> str:
-        return self._fernet.rotate(token.encode()).decode()
+    def rotate(self, token: str) -> str | None:
+        """token encrypted with the newest key; None if it already is. ValueError if no key
+        decrypts it."""
+        try:
+            self._newest.decrypt(token.encode())
+        except InvalidToken:
+            pass
+        else:
+            return None
+        try:
+            return self._fernet.rotate(token.encode()).decode()
+        except InvalidToken:
+            raise ValueError("no configured key decrypts this stored secret") from None
 
 
 def existing_keys(configured: tuple[str, ...], data_dir: Path) -> list[str] | None:
