@@ -1,4 +1,4 @@
-"""The `ipaas` command line: run the platform, migrate, manage tenants and keys, list connectors."""
+"""The `ipaas` command line: run the platform, migrate, manage tenants, keys and stored secrets, list connectors."""
 
 from __future__ import annotations
 
@@ -120,22 +120,27 @@ def platform_database(settings: Settings) -> str:
     return url
 
 
-def _run_store(settings: Settings, action) -> Any:  # type: ignore[no-untyped-def]
+def _run_database(settings: Settings, action) -> Any:  # type: ignore[no-untyped-def]
     url = platform_database(settings)
 
     async def main() -> Any:
         from ipaas.storage.db import Database
-        from ipaas.tenants import TenantStore
 
         db = Database(url)
         try:
-            # The store only uses the admin key to recognise admin callers, and these commands
-            # authenticate nobody: a throwaway value spares reading (or creating) the real one.
-            return await action(TenantStore(db, secrets.token_urlsafe(32)))
+            return await action(db)
         finally:
             await db.dispose()
 
     return asyncio.run(main())
+
+
+def _run_store(settings: Settings, action) -> Any:  # type: ignore[no-untyped-def]
+    from ipaas.tenants import TenantStore
+
+    # The store only uses the admin key to recognise admin callers, and these commands
+    # authenticate nobody: a throwaway value spares reading (or creating) the real one.
+    return _run_database(settings, lambda db: action(TenantStore(db, secrets.token_urlsafe(32))))
 
 
 def _one_line(text: str) -> str:
@@ -335,6 +340,44 @@ def cmd_keys_revoke(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_secrets_reencrypt(settings: Settings, args: argparse.Namespace) -> int:
+    from ipaas import crypto
+    from ipaas.reencrypt import reencrypt_secrets
+
+    key_file = (settings.data_dir / crypto.KEY_FILE).resolve()
+
+    async def reencrypt(db):  # type: ignore[no-untyped-def]
+        keys = crypto.existing_keys(settings.secret_keys, settings.data_dir)
+        if not keys:
+            # Never generate one, as a core would: a new key decrypts nothing stored.
+            raise CliError(f"no encryption key in IPAAS_SECRET_KEYS nor in {key_file}: set IPAAS_SECRET_KEYS as the cores have it (newest first), or IPAAS_DATA_DIR to the core's")
+        return await reencrypt_secrets(db, crypto.SecretBox(keys), args.batch_size)
+
+    done = _run_database(settings, reencrypt)
+    data = {"reencrypted": done.rewritten, "already_newest": done.current, "changed_meanwhile": done.changed, "unreadable": done.unreadable}
+    lines = [f"re-encrypted {_count(done.rewritten, 'secret')} with the newest key ({done.current} already used it)"]
+    if done.changed:
+        lines.append(f"{_count(done.changed, 'secret')} changed by a core meanwhile kept the core's value; run this again to check them")
+    _print(data, args.json, lines)
+    if done.unreadable:
+        ids = [i for table in done.unreadable.values() for i in table]
+        shown = ", ".join(ids[:10]) + (f" and {len(ids) - 10} more" if len(ids) > 10 else "")
+        where = "IPAAS_SECRET_KEYS" if settings.secret_keys else f"the key file {key_file}"
+        raise CliError(f"no key in {where} decrypts {_count(len(ids), 'stored secret')} ({shown}), left as stored: add the key that encrypted them to IPAAS_SECRET_KEYS and run this again; without it they cannot be read")
+    return 0
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be 1 or more")
+    return value
+
+
 def cmd_connectors_list(settings: Settings, args: argparse.Namespace) -> int:
     from ipaas.plugin_host import load_registry
 
@@ -399,6 +442,17 @@ def build_parser(settings: Settings | None = None) -> argparse.ArgumentParser:
     krevoke.add_argument("key_id")
     krevoke.add_argument("--json", action="store_true")
     krevoke.set_defaults(func=cmd_keys_revoke)
+
+    secrets_ = sub.add_parser("secrets", help="manage stored secrets", **managed).add_subparsers(dest="secrets_command", required=True)
+    reencrypt = secrets_.add_parser(
+        "reencrypt",
+        help="encrypt every stored credential and webhook secret anew with the newest key (the first of IPAAS_SECRET_KEYS), so older keys can be removed",
+        epilog="Safe while cores run: in batches, each its own transaction; a secret a core changes meanwhile keeps the core's value. Exits 1 naming the secrets no key decrypts (the others are re-encrypted). "
+        + managed["epilog"],
+    )
+    reencrypt.add_argument("--batch-size", type=_positive, default=500, help="secrets per transaction (default 500)")
+    reencrypt.add_argument("--json", action="store_true")
+    reencrypt.set_defaults(func=cmd_secrets_reencrypt)
 
     connectors = sub.add_parser("connectors", help="installed connectors").add_subparsers(dest="connectors_command", required=True)
     clist = connectors.add_parser("list", help="list installed connectors, with the distribution providing each, and plugins that failed to load")

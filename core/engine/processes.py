@@ -258,6 +258,7 @@ def yield_cpu(nice: int, sched_batch: bool) -> None:
 async def run_engine(settings: Settings) -> None:
     """`ipaas engine`: the dispatcher alone. Started by the core with two pipes; on
     PostgreSQL it can also run on its own, woken by LISTEN/NOTIFY and polling."""
+    from ipaas.crypto import load_box
     from ipaas.service.server import EngineSettings, build_engine
 
     engine = EngineSettings.from_settings(settings)
@@ -265,7 +266,7 @@ async def run_engine(settings: Settings) -> None:
     if fds:  # a child of a core: it yields the CPU to its core (see DEFAULT_ENGINE_NICE)
         yield_cpu(engine.nice, engine.sched_batch)
     db = Database(settings.database_url, synchronous=ENGINE_SQLITE_SYNCHRONOUS)
-    parts = build_engine(settings, engine, db, recover_leases=False)
+    parts = build_engine(settings, engine, db, await load_box(settings, db), recover_leases=False)
     dispatcher, credentials = parts.dispatcher, parts.credentials
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()

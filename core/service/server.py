@@ -163,7 +163,7 @@ class EngineParts:
     dispatcher: Any
 
 
-def build_engine(settings: Settings, engine: EngineSettings, db: Database, recover_leases: bool = True) -> EngineParts:
+def build_engine(settings: Settings, engine: EngineSettings, db: Database, box: crypto.SecretBox, recover_leases: bool = True) -> EngineParts:
     """What executes workflows: plugins, stores, breakers, executor and dispatcher (the core
     and each engine process build the same)."""
     from ipaas.credentials import CredentialStore
@@ -174,7 +174,6 @@ def build_engine(settings: Settings, engine: EngineSettings, db: Database, recov
     from ipaas.plugin_host import load_registry
     from ipaas.workflow_store import WorkflowStore
 
-    box = crypto.SecretBox(crypto.load_keys(settings.secret_keys, settings.data_dir))
     registry = load_registry(settings)
     credentials = CredentialStore(db, box, registry.validate_credentials)
     workflows = WorkflowStore(db, box, registry, credentials)
@@ -234,9 +233,12 @@ class CoreServer:
         keep = retention_window(s.extra)
         await asyncio.to_thread(migrate.upgrade, s.database_url)
         self.db = db = Database(s.database_url)
+        # Before the admin key: a core refused for want of the encryption key leaves no
+        # generated key file behind.
+        box = await crypto.load_box(s, db)
         self.admin_key, self.admin_key_generated = auth.load_admin_key(s.admin_key, s.data_dir)
         tenants = TenantStore(db, self.admin_key)
-        parts = build_engine(s, engine, db)
+        parts = build_engine(s, engine, db, box)
         self.registry, self.breakers, self.dispatcher = parts.registry, parts.breakers, parts.dispatcher
         credentials, workflows, steps = parts.credentials, parts.workflows, parts.steps
         engine_on = not flag(s.extra.get("IPAAS_DISABLE_ENGINE"))

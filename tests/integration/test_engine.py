@@ -505,6 +505,26 @@ async def test_payloads_that_are_bare_numbers_are_stored_and_run(env) -> None:
     assert (await api.execution(runs[0])).payload.number_value == 5
 
 
+async def test_a_payload_that_is_a_bare_number_reaches_the_step_as_sent(env) -> None:
+    """On SQLite a webhook body of 2.0 reached the step as 2, and 12345678901234567890 as
+    1.2345678901234567e+19: the stored document had been turned into a number. PostgreSQL
+    kept both."""
+    core, api, slack, _ = env
+    scred = await api.credential("slack", {"webhook_url": slack.url})
+    hooked = await api.create({"name": "bare-hook", "trigger": {"type": "webhook"}, "steps": [slack_step(scred, text="got {{trigger}}")]})
+    sent = {}
+    for n, raw in enumerate((b"2.0", b"12345678901234567890")):
+        headers = signed_headers(hooked.webhook_secret, raw, f"evt_{n}")
+        request = executions_pb2.ReceiveWebhookRequest(workflow_id=hooked.workflow.id, http_body=httpbody_pb2.HttpBody(content_type="application/json", data=raw), headers=headers)
+        sent[(await api.executions.ReceiveWebhook(request)).execution_id] = raw
+    for execution_id in sent:
+        assert (await api.wait(execution_id)).status == "succeeded"
+    assert sorted(m["text"] for m in slack.received) == ["got 12345678901234567890", "got 2.0"]
+    async with core.server.db.session() as s:
+        stored = {row.id: row.payload for row in await s.execute(select(Execution.id, Execution.payload).where(Execution.id.in_(sent)))}
+    assert {i: repr(payload).encode() for i, payload in stored.items()} == sent
+
+
 async def test_a_non_ascii_digit_in_a_template_path_is_a_key_not_a_crash(env) -> None:
     # "²".isdigit() is true and int("²") raises: the attempt crashed, the execution stayed
     # running for ever (attempts past max_attempts) and DryRun answered INTERNAL.
