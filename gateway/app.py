@@ -484,14 +484,15 @@ class Gateway:
             raise self._rpc_error(exc) from None
         if result.HasField("error"):
             error = result.error
-            raise self._error(STATUS_CODES.get(error.code, grpc.StatusCode.UNKNOWN), error.message, error)
+            raise self._error(STATUS_CODES.get(error.code, grpc.StatusCode.UNKNOWN), error.message, error, from_core=True)
         # The webhook counts against its owner's rate limit from now on.
         self._owners[message.workflow_id] = (time.monotonic() + OWNER_TTL, result.tenant_id, result.tier or "free")
         return result.accepted
 
     @classmethod
     def _rpc_error(cls, exc: grpc.aio.AioRpcError) -> HttpError:
-        if exc.code() not in CHANNEL_CODES and not any(k == "x-request-id" for k, _ in exc.trailing_metadata() or ()):
+        from_core = any(k == "x-request-id" for k, _ in exc.trailing_metadata() or ())
+        if exc.code() not in CHANNEL_CODES and not from_core:
             # The core's handlers answer every call with x-request-id in the trailers: an
             # error without it is the channel's own (an answer over gRPC's metadata limit,
             # a stream reset), and its words are the transport's, not the caller's business.
@@ -500,10 +501,10 @@ class Gateway:
         status = None
         with contextlib.suppress(Exception):  # a status that does not match the call's
             status = rpc_status.from_call(exc)
-        return cls._error(exc.code(), exc.details(), status)
+        return cls._error(exc.code(), exc.details(), status, from_core=from_core)
 
     @staticmethod
-    def _error(code: grpc.StatusCode, details: str | None, status: status_pb2.Status | None) -> HttpError:
+    def _error(code: grpc.StatusCode, details: str | None, status: status_pb2.Status | None, from_core: bool = False) -> HttpError:
         violations: list[dict[str, str]] = []
         with contextlib.suppress(Exception):
             for detail in status.details if status else []:
@@ -511,7 +512,7 @@ class Gateway:
                 if detail.Unpack(bad):
                     violations += [{"field": v.field, "description": v.description} for v in bad.field_violations]
         message = details or code.name.lower()
-        if code == grpc.StatusCode.UNAVAILABLE:
+        if code == grpc.StatusCode.UNAVAILABLE and not from_core:  # the channel's words, not the core's
             message = "the core is unavailable: retry shortly"
         return HttpError.from_grpc(code, message, violations)
 

@@ -35,8 +35,9 @@ HTTP_CODE_NAMES = {400: "bad_request", 401: "unauthenticated", 403: "permission_
 # counts its queue again at most once a second (ipaas.engine.enqueuer), so a full queue
 # can have room a second later. UNAVAILABLE is a core that is restarting or unreachable,
 # or a replica still waiting for a rolled-out key: a few seconds, not a tight loop of
-# reconnects from every sender at once.
-RETRY_AFTER = {grpc.StatusCode.RESOURCE_EXHAUSTED: 1, grpc.StatusCode.UNAVAILABLE: 5}
+# reconnects from every sender at once. DEADLINE_EXCEEDED is a core (or its database) that
+# did not answer in time, most often unreachable: the same.
+RETRY_AFTER = {grpc.StatusCode.RESOURCE_EXHAUSTED: 1, grpc.StatusCode.UNAVAILABLE: 5, grpc.StatusCode.DEADLINE_EXCEEDED: 5}
 
 
 class HttpError(Exception):

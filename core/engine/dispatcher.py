@@ -21,6 +21,7 @@ from ipaas.engine import outbox
 from ipaas.engine.executor import Executor
 from ipaas.engine.outcomes import Refill
 from ipaas.storage.db import Database
+from ipaas.storage.outage import OutageLog
 
 log = logging.getLogger("ipaas.dispatcher")
 
@@ -59,6 +60,7 @@ class Dispatcher:
         self._loop_task: asyncio.Task[None] | None = None
         self._lease_task: asyncio.Task[None] | None = None
         self._listen_task: asyncio.Task[None] | None = None
+        self._database_down = OutageLog(log, "dispatcher.database_unavailable")
         self.processed = 0  # tasks this replica ran to an outcome (a figure for operators)
         executor.outcomes.refill = Refill(self.owner, lease, self._reserve, self._start)
 
@@ -86,8 +88,9 @@ class Dispatcher:
                 claimed: list[outbox.ClaimedTask] = []
                 try:
                     claimed = await outbox.claim_due_tasks(self.db, self.owner, free, self.lease)
-                except Exception:
-                    log.exception("dispatcher.claim_failed")
+                except Exception as exc:
+                    if not self._database_down(exc):
+                        log.exception("dispatcher.claim_failed")
                 finally:
                     self._start(claimed, free)
             # Either the due work is all claimed or the pool is full: both end with a wake-up
@@ -135,8 +138,9 @@ class Dispatcher:
             if self._inflight:
                 try:
                     await outbox.extend_leases(self.db, list(self._inflight), self.owner, self.lease)
-                except Exception:
-                    log.warning("dispatcher.extend_leases_failed", exc_info=True)
+                except Exception as exc:
+                    if not self._database_down(exc):
+                        log.warning("dispatcher.extend_leases_failed", exc_info=True)
 
     async def _listen(self) -> None:
         import psycopg
@@ -152,8 +156,9 @@ class Dispatcher:
                         self._wake.set()
             except asyncio.CancelledError:
                 raise
-            except Exception:
-                log.warning("dispatcher.listen_failed", exc_info=True)
+            except Exception as exc:
+                if not self._database_down(exc):
+                    log.warning("dispatcher.listen_failed", exc_info=True)
                 await asyncio.sleep(self.poll_interval)
 
     async def stop(self, deadline: float = 10.0) -> None:

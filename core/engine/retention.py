@@ -25,6 +25,7 @@ from sqlalchemy import delete, exists, select
 
 from ipaas.ids import first_id_at
 from ipaas.storage.db import Database
+from ipaas.storage.outage import OutageLog
 from ipaas.storage.tables import Execution, OutboxTask, utcnow
 
 log = logging.getLogger("ipaas.retention")
@@ -69,6 +70,7 @@ class Retention:
         self.batch = batch
         self.pause = pause
         self._task: asyncio.Task[None] | None = None
+        self._database_down = OutageLog(log, "retention.database_unavailable")
 
     async def prune(self) -> int:
         """Delete every finished execution older than the window; returns how many."""
@@ -112,8 +114,9 @@ class Retention:
                 await self.prune()
             except asyncio.CancelledError:
                 raise
-            except Exception:
-                log.exception("retention.prune_failed")
+            except Exception as exc:
+                if not self._database_down(exc):
+                    log.exception("retention.prune_failed")
             await asyncio.sleep(self.interval)
 
     async def stop(self) -> None:

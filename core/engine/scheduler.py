@@ -22,6 +22,7 @@ from ipaas.engine.enqueuer import Enqueuer
 from ipaas.engine.outbox import NewExecution
 from ipaas.engine.schedule import due_fire
 from ipaas.storage.db import Database
+from ipaas.storage.outage import OutageLog
 from ipaas.storage.tables import Schedule, Workflow, WorkflowVersion, utcnow
 
 log = logging.getLogger("ipaas.scheduler")
@@ -46,6 +47,7 @@ class Scheduler:
         self.interval = interval
         self.catch_up = catch_up
         self._task: asyncio.Task[None] | None = None
+        self._database_down = OutageLog(log, "scheduler.database_unavailable")
 
     async def tick(self) -> int:
         """Enqueue every due fire; returns how many executions were newly created."""
@@ -102,8 +104,9 @@ class Scheduler:
                 await self.tick()
             except asyncio.CancelledError:
                 raise
-            except Exception:
-                log.exception("scheduler.tick_failed")
+            except Exception as exc:
+                if not self._database_down(exc):
+                    log.exception("scheduler.tick_failed")
             await asyncio.sleep(self.interval)
 
     async def stop(self) -> None:

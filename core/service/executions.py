@@ -18,7 +18,7 @@ from ipaas.errors import IpaasError, InvalidArgument
 from ipaas.execution_store import ExecutionStore, ExecutionView
 from ipaas.pagination import within_bytes
 from ipaas.service import convert
-from ipaas.service.interceptors import REQUEST_ID, add_trailing_metadata, request_id_from
+from ipaas.service.interceptors import DATABASE_UNAVAILABLE, REQUEST_ID, add_trailing_metadata, database_down, request_id_from
 from ipaas.service.status import to_status_proto
 from ipaas.triggers import TriggerService
 from ipaas.v1 import executions_pb2 as pb
@@ -163,7 +163,9 @@ class ExecutionServicer(executions_pb2_grpc.ExecutionServiceServicer):
                 )
             except IpaasError as exc:
                 return pb.WebhookResult(error=to_status_proto(exc))
-            except Exception:
+            except Exception as exc:
+                if database_down(exc):
+                    return pb.WebhookResult(error=to_status_proto(DATABASE_UNAVAILABLE))
                 log.exception("rpc.failed")
                 return pb.WebhookResult(error=status_pb2.Status(code=code_pb2.INTERNAL, message=f"internal error (request id {request_id})"))
         accepted_pb = pb.ReceiveWebhookResponse(execution_id=accepted.execution_id, status=accepted.status, duplicate=accepted.duplicate)

@@ -18,12 +18,17 @@ from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import DecodeError
 
 from ipaas import auth, logs
-from ipaas.errors import InvalidArgument, IpaasError, PermissionDenied, Unauthenticated
+from ipaas.errors import InvalidArgument, IpaasError, PermissionDenied, Unauthenticated, Unavailable
 from ipaas.service import storable_text
 from ipaas.service.status import to_grpc_status
+from ipaas.storage.outage import OutageLog
 from ipaas.tenants import TenantStore
 
 log = logging.getLogger("ipaas.rpc")
+# A database outage fails every call until it ends: the caller retries (UNAVAILABLE, which
+# the gateway answers 503 with Retry-After), and the log says so once a minute.
+DATABASE_UNAVAILABLE = Unavailable("the database is unavailable: retry shortly")
+database_down = OutageLog(log, "rpc.database_unavailable")
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}\Z")  # \Z: $ also matches before a final newline
 
@@ -156,9 +161,12 @@ class CoreInterceptor(grpc.aio.ServerInterceptor):
                 except IpaasError as exc:
                     status = to_grpc_status(exc)
                     await context.abort(status.code, status.details, (*status.trailing_metadata, (REQUEST_ID, request_id)))
-                except Exception:
-                    log.exception("rpc.failed")
-                    await context.abort(grpc.StatusCode.INTERNAL, f"internal error (request id {request_id})", ((REQUEST_ID, request_id),))
+                except Exception as exc:
+                    if not database_down(exc):
+                        log.exception("rpc.failed")
+                        await context.abort(grpc.StatusCode.INTERNAL, f"internal error (request id {request_id})", ((REQUEST_ID, request_id),))
+                    status = to_grpc_status(DATABASE_UNAVAILABLE)
+                    await context.abort(status.code, status.details, (*status.trailing_metadata, (REQUEST_ID, request_id)))
                 finally:
                     if token is not None:
                         auth._current.reset(token)

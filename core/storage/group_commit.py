@@ -13,10 +13,13 @@ import contextlib
 import logging
 from typing import Awaitable, Callable, Generic, TypeVar
 
+from ipaas.storage.outage import OutageLog
+
 T = TypeVar("T")
 R = TypeVar("R")
 
 log = logging.getLogger("ipaas.group_commit")
+database_down = OutageLog(log, "group_commit.database_unavailable")
 
 
 class GroupCommit(Generic[T, R]):
@@ -47,10 +50,13 @@ class GroupCommit(Generic[T, R]):
             try:
                 results = await self._flush_batch([item for item, _ in batch])
             except Exception as exc:
-                if self.isolate and len(batch) > 1:
+                # In an outage every item would fail alone too: the callers get the error.
+                outage = database_down(exc, writer=self.name)
+                if self.isolate and len(batch) > 1 and not outage:
                     await self._one_by_one(batch)
                     continue
-                log.exception("group_commit.failed", extra={"writer": self.name, "batch": len(batch)})
+                if not outage:
+                    log.exception("group_commit.failed", extra={"writer": self.name, "batch": len(batch)})
                 for _, future in batch:
                     if not future.done():
                         future.set_exception(exc)
@@ -64,7 +70,8 @@ class GroupCommit(Generic[T, R]):
             try:
                 (result,) = await self._flush_batch([item])
             except Exception as exc:
-                log.exception("group_commit.item_failed", extra={"writer": self.name})
+                if not database_down(exc, writer=self.name):
+                    log.exception("group_commit.item_failed", extra={"writer": self.name})
                 if not future.done():
                     future.set_exception(exc)
             else:

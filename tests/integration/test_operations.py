@@ -7,6 +7,7 @@ import asyncio
 import logging
 
 import httpx
+import pytest
 from sqlalchemy import text
 
 from ipaas.v1 import executions_pb2
@@ -95,3 +96,45 @@ async def test_credential_secret_never_reaches_logs_or_stored_executions(tmp_pat
     logged = "\n".join(f"{r.getMessage()} {r.__dict__}" for r in caplog.records)
     for where in (stored, answers, logged):
         assert token not in where
+
+
+@pytest.mark.postgres
+async def test_a_database_outage_is_503_with_retry_after_and_one_warning_not_tracebacks(tmp_path, postgres_url: str, caplog) -> None:
+    """PostgreSQL cut off (through a proxy): callers got 500 "internal error" with no
+    Retry-After, and the core logged a traceback per request and per poll. Now 503 with
+    Retry-After, one warning a minute per component, and all is well once it is back."""
+    from sqlalchemy.engine import make_url
+
+    from tests.fakes.tcp_proxy import TcpProxy
+    from tests.integration.helpers import signed_webhook
+
+    caplog.set_level(logging.INFO)
+    real = make_url(postgres_url)
+    async with FakeSlack() as slack, TcpProxy(real.port or 5432) as proxy:
+        proxied = real.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
+        async with core_with(tmp_path, proxied, IPAAS_POLL_INTERVAL="0.05", IPAAS_SCHEDULER_INTERVAL="0.05") as core, gateway_for(core.target, tmp_path) as url:
+            tenant = await core.new_tenant(tier="paid")
+            api = Api(core.channel, tenant.md)
+            cred = await api.credential("slack", {"webhook_url": slack.url})
+            created = await api.create({"name": "w", "trigger": {"type": "webhook"}, "steps": [slack_step(cred)]})
+            hook = f"/api/webhooks/{created.workflow.id}"
+            async with httpx.AsyncClient(base_url=url, headers={"authorization": f"Bearer {tenant.key}"}, timeout=20) as http:
+                await proxy.cut()
+                caplog.clear()
+                answers = []
+                for i in range(5):
+                    raw, headers = signed_webhook(created.webhook_secret, {"order": {"id": str(i)}}, f"msg_down{i}")
+                    answers.append(await http.post(hook, content=raw, headers={**headers, "content-type": "application/json"}))
+                    answers.append(await http.get("/api/workflows"))
+                await asyncio.sleep(0.5)  # the dispatcher's and scheduler's polls meet the outage too
+                during = list(caplog.records)
+                await proxy.restore()
+                raw, headers = signed_webhook(created.webhook_secret, {"order": {"id": "back"}}, "msg_back")
+                back = await http.post(hook, content=raw, headers={**headers, "content-type": "application/json"})
+    assert [(a.status_code, a.headers.get("retry-after"), a.json()["error"]["code"]) for a in answers] == [(503, "5", "unavailable")] * 10, [a.text for a in answers]
+    assert all("database is unavailable" in a.json()["error"]["message"] for a in answers), [a.json()["error"]["message"] for a in answers]
+    tracebacks = [r.getMessage() for r in during if r.exc_info and r.name.startswith("ipaas")]
+    assert tracebacks == [], tracebacks
+    warned = [r.getMessage() for r in during if r.getMessage().endswith("database_unavailable")]
+    assert warned and len(warned) == len(set(warned)), f"one warning per component, not one per request: {warned}"
+    assert back.status_code == 202, back.text
