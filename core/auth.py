@@ -56,7 +56,7 @@ def load_admin_key(configured: str | None, data_dir: Path) -> tuple[str, bool]:
     path = data_dir / ADMIN_KEY_FILE
     if path.exists():
         return path.read_text().strip(), False
-    data_dir.mkdir(parents=True, exist_ok=True)
+    data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     key = "ipk_admin_" + secrets.token_urlsafe(32)
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)

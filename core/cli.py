@@ -472,6 +472,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {unreadable.code if unreadable else 'unreadable settings'}", file=sys.stderr)
         return EXIT_ERROR
     debug = settings.log_level == "DEBUG"
+    # Everything the platform writes (the SQLite files with payloads, step outputs and key
+    # hashes, their -wal and -shm, key files, lock files) is for its own user only: with the
+    # usual umask 022 the databases were readable by every local user.
+    os.umask(0o077)
     if args.func not in SERVERS:
         from ipaas.logs import configure_logging
 

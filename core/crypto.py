@@ -75,7 +75,7 @@ def existing_keys(configured: tuple[str, ...], data_dir: Path) -> list[str] | No
 
 def create_key_file(data_dir: Path) -> list[str]:
     path = data_dir / KEY_FILE
-    data_dir.mkdir(parents=True, exist_ok=True)
+    data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:  # another process created it first

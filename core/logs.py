@@ -77,6 +77,9 @@ def configure_logging(level: str = "INFO", stream: TextIO | None = None) -> logg
     handler.setFormatter(JsonFormatter())
     root.addHandler(handler)
     root.setLevel(level.upper())
+    # Alembic says at INFO which plugins it set up (seven lines), in every process that
+    # checks the schema, each engine process too: routine, not news. Its migration lines stay.
+    logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
     # Our lines carry no source file, thread or process fields, so the record need not
     # collect them (the logging HOWTO's "Optimization" switches; findCaller alone was ~6 us of
     # a ~36 us record).

@@ -16,6 +16,7 @@ CALL_TIMEOUT = 30.0
 # address the target names (`ipv4:10.0.0.5:50051,10.0.0.6:50051`) or resolves to (a
 # Kubernetes headless service: `dns:///ipaas-core:50051`). gRPC's default, pick_first,
 # would send every call to the first one.
+MAX_RECONNECT_BACKOFF_MS = 2_000
 SERVICE_CONFIG = json.dumps({"loadBalancingConfig": [{"round_robin": {}}]})
 
 
@@ -30,6 +31,10 @@ class CoreClient:
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.service_config", SERVICE_CONFIG),
+                # gRPC's reconnect backoff grows to 120 s: a core back after a few minutes
+                # down went unused for up to two more (readiness 503, every call 503).
+                ("grpc.initial_reconnect_backoff_ms", 250),
+                ("grpc.max_reconnect_backoff_ms", MAX_RECONNECT_BACKOFF_MS),
             ],
         )
         self._calls: dict[str, Any] = {}

@@ -65,7 +65,7 @@ def async_url(url: str) -> URL:
 def ensure_sqlite_dir(url: str) -> None:
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite" and parsed.database and parsed.database != ":memory:":
-        Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+        Path(parsed.database).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
 
 
 def install_sqlite_pragmas(sync_engine: Any, synchronous: str = "FULL") -> None:

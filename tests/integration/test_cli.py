@@ -232,3 +232,18 @@ def test_a_second_core_on_the_same_sqlite_database_is_refused_in_one_line(tmp_pa
     again = start_core_process(tmp_path, env)  # the first stopped: the database is free again
     again.terminate()
     again.wait(timeout=30)
+
+
+def test_the_platforms_files_are_for_its_own_user_only(tmp_path: Path) -> None:
+    """With the usual umask 022 the SQLite database (payloads, step outputs, key hashes) and
+    its -wal and -shm were readable by every local user."""
+    data = tmp_path / "data"
+    core = start_core_process(tmp_path, {"IPAAS_DATA_DIR": str(data), "IPAAS_ENGINE_PROCESSES": "0"})
+    try:  # looked at while it runs: SQLite removes -wal and -shm when the last connection closes
+        modes = {p.name: p.stat().st_mode & 0o777 for p in [data, *data.iterdir()]}
+    finally:
+        core.terminate()
+        core.wait(timeout=30)
+    assert {"ipaas.db", "ipaas.db-wal", "ipaas.db-shm", "admin.key", "secret.key"} <= set(modes), modes
+    shared = {name: oct(mode) for name, mode in modes.items() if mode & 0o077}
+    assert shared == {}, shared

@@ -77,3 +77,28 @@ def test_connection_age_setting() -> None:
     for bad in ("soon", "-1", "nan"):
         with pytest.raises(SystemExit, match="IPAAS_GRPC_MAX_CONNECTION_AGE"):
             connection_age_options(bad)
+
+
+async def test_a_core_back_after_an_outage_is_used_within_seconds(tmp_path) -> None:
+    """gRPC's reconnect backoff grows to 120 s: a core back after 20 s down went unused for
+    up to ~7 s more (after minutes down, up to two), every call and readiness 503 meanwhile.
+    The gateway's channel caps it at MAX_RECONNECT_BACKOFF_MS."""
+    import time
+
+    from gateway.core_client import MAX_RECONNECT_BACKOFF_MS
+    from tests.conftest import free_port
+
+    port = free_port()
+    client = CoreClient(f"127.0.0.1:{port}")
+    try:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:  # the gateway's probes meet a core that is down
+            assert not await client.serving(timeout=0.5)
+            await asyncio.sleep(0.2)
+        async with core_with(tmp_path, IPAAS_GRPC_LISTEN=f"127.0.0.1:{port}"):
+            back = time.monotonic()
+            while not await client.serving(timeout=0.5):
+                assert time.monotonic() - back < MAX_RECONNECT_BACKOFF_MS / 1000 + 1.5, "the channel is still backing off"
+                await asyncio.sleep(0.1)
+    finally:
+        await client.close()
