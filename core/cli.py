@@ -12,6 +12,7 @@ import secrets
 import signal
 import subprocess
 import sys
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -150,6 +151,7 @@ def _one_line(text: str) -> str:
 def explain(exc: BaseException, settings: Settings) -> str | None:
     """One line for a failure the operator can fix; None for anything else (a bug keeps its
     traceback)."""
+    from psycopg import OperationalError as DriverOperationalError
     from sqlalchemy.exc import InterfaceError, OperationalError
 
     from ipaas.errors import IpaasError
@@ -159,8 +161,9 @@ def explain(exc: BaseException, settings: Settings) -> str | None:
     if isinstance(exc, SystemExit):
         # Settings and migrations stop with a message already meant for the operator.
         return exc.code.removeprefix("error: ") if isinstance(exc.code, str) else None
-    if isinstance(exc, (OperationalError, InterfaceError)):
-        where, reason = database_label(settings.database_url), _one_line(str(exc.orig or exc))
+    if isinstance(exc, (OperationalError, InterfaceError, DriverOperationalError)):
+        # The driver's own error: from waiting for the database at start-up (ipaas.lifecycle).
+        where, reason = database_label(settings.database_url), _one_line(str(getattr(exc, "orig", None) or exc))
         if settings.database_url.startswith("sqlite"):
             return f"cannot open the database {where}: {reason}; check IPAAS_DATA_DIR (or IPAAS_DATABASE_URL) and the file's permissions"
         return f"cannot connect to the database {where}: {reason}; check IPAAS_DATABASE_URL and that the server is up"
@@ -185,17 +188,25 @@ def _report(exc: BaseException, message: str, debug: bool) -> None:
 # pairs); in engine processes alone 1018-1047 -> 1112-1154 and 545-576 -> 580-619.
 GIL_SWITCH_INTERVAL = 0.0005
 
+STOP_GRACE = 10  # seconds a stopping core gives RPCs and executions in flight
+
 
 def cmd_core(settings: Settings, _args: argparse.Namespace) -> int:
     from ipaas import heap
+    from ipaas.lifecycle import drain_seconds
     from ipaas.logs import configure_logging
-    from ipaas.service.server import CoreServer
+    from ipaas.service.server import CoreServer, stop_seconds
 
     configure_logging(settings.log_level)
     sys.setswitchinterval(GIL_SWITCH_INTERVAL)
 
-    async def main() -> None:
-        server = CoreServer(settings)
+    drain = drain_seconds(settings.extra)
+
+    def give_up(reason: str) -> None:
+        print(f"error: {reason}", file=sys.stderr, flush=True)
+        os._exit(EXIT_ERROR)
+
+    async def start(server: CoreServer) -> None:
         try:
             check_database_url(settings.database_url)
             await server.start()
@@ -203,15 +214,43 @@ def cmd_core(settings: Settings, _args: argparse.Namespace) -> int:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(server.stop(grace=0), 10)
             raise StartupFailed("the core failed to start") from exc
+
+    async def main() -> None:
+        server = CoreServer(settings)
+        stop = asyncio.Event()
+
+        def on_signal(sig: signal.Signals) -> None:
+            if stop.is_set():
+                # A second signal: whoever sent it will not wait for the graceful stop.
+                give_up(f"{sig.name} again while stopping: stopped at once")
+            stop.set()
+            # Every step of the stop has a time limit; this is for whatever hangs outside
+            # them (a thread the event loop waits for at exit), so the stop always ends.
+            limit = drain + stop_seconds(STOP_GRACE) + 10
+            watchdog = threading.Timer(limit, give_up, [f"still stopping {limit:.0f} s after {sig.name}: stopped at once"])
+            watchdog.daemon = True
+            watchdog.start()
+
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, on_signal, sig)
+        starting, stopped = asyncio.create_task(start(server)), asyncio.create_task(stop.wait())
+        await asyncio.wait({starting, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        if not starting.done():
+            # Stopped while starting (waiting for its database): nothing served yet.
+            starting.cancel()
+            with contextlib.suppress(BaseException):
+                await starting
+            await server.stop(grace=0)
+            return
+        stopped.cancel()
+        starting.result()
         heap.after_startup()
         if server.admin_key_generated:
             print(f"admin key (shown once, saved in {settings.data_dir}/admin.key): {server.admin_key}", file=sys.stderr, flush=True)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
         await stop.wait()
-        await server.stop(grace=10)
+        await server.drain(drain)
+        await server.stop(grace=STOP_GRACE)
 
     asyncio.run(main())
     return 0
@@ -239,14 +278,19 @@ def cmd_engine(settings: Settings, _args: argparse.Namespace) -> int:
 
 
 def cmd_gateway(settings: Settings, _args: argparse.Namespace) -> int:
-    from ipaas.gateway.__main__ import run
+    from ipaas.gateway.__main__ import StartFailed, run
 
-    return run(settings)
+    try:
+        return run(settings)
+    except StartFailed as exc:
+        raise StartupFailed(str(exc)) from exc.__cause__
 
 
 def cmd_serve(settings: Settings, _args: argparse.Namespace) -> int:
     """Core and gateway as two supervised processes: if one dies it is restarted (at most
     five times a minute); SIGTERM/SIGINT stops both cleanly."""
+    from ipaas.lifecycle import drain_seconds
+
     commands = {name: [sys.executable, "-m", "ipaas", name] for name in ("core", "gateway")}
     procs: dict[str, subprocess.Popen[bytes]] = {}
     restarts: dict[str, list[float]] = {name: [] for name in commands}
@@ -289,7 +333,7 @@ def cmd_serve(settings: Settings, _args: argparse.Namespace) -> int:
             proc.send_signal(signal.SIGTERM)
     for proc in procs.values():
         try:
-            proc.wait(timeout=15)
+            proc.wait(timeout=15 + drain_seconds(settings.extra))  # each drains before it stops
         except subprocess.TimeoutExpired:
             proc.kill()
     return code

@@ -25,7 +25,7 @@ from grpc_status import rpc_status
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
 
-from ipaas import __version__, heap, logs
+from ipaas import __version__, heap, lifecycle, logs
 from ipaas.gateway import envelope, idempotency, kept_answers, parse_errors, request_deadlines
 from ipaas.gateway.core_client import CALL_TIMEOUT, CoreClient
 from ipaas.gateway.envelope import HttpError
@@ -114,6 +114,8 @@ class Gateway:
         self._owners: dict[str, tuple[float, str, str]] = {}
         self._started = time.monotonic()
         self._draining = False
+        self._stopping = False
+        self.startup_error: BaseException | None = None  # why the start failed, for `ipaas gateway`'s one line
         self._purger: asyncio.Task[None] | None = None
         self._store_down = ThrottledWarning(log, "idempotency.store_unavailable")
 
@@ -136,12 +138,18 @@ class Gateway:
                 url = f"sqlite:///{self.settings.data_dir / 'gateway-idempotency.db'}"
             # NORMAL: a record lost to a power cut costs a replay at most; the core's outbox
             # dedupes the trigger by the same key.
+            # A database still starting (the machine booting) is waited for, not a failure.
+            await lifecycle.wait_for_database(url, lifecycle.database_wait_seconds(self.settings.extra), stopping=lambda: self._stopping)
             self._db = Database(url, pool_size=5, synchronous="NORMAL")
             self.store = idempotency.SqlStore(self._db)
             await self.store.create()
         self._purger = asyncio.create_task(self._purge_loop())
         if self.freeze_heap:
             heap.after_startup()
+
+    def stop_requested(self) -> None:
+        """A stop signal: report not ready from now on, and give up waiting at start-up."""
+        self._draining = self._stopping = True
 
     async def shutdown(self) -> None:
         self._draining = True
@@ -170,7 +178,10 @@ class Gateway:
                     try:
                         await self.startup()
                     except Exception as exc:
-                        await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                        # Said in one line by whoever runs the gateway (ipaas.cli), not in
+                        # uvicorn's log.
+                        self.startup_error = exc
+                        await send({"type": "lifespan.startup.failed", "message": ""})
                         return
                     await send({"type": "lifespan.startup.complete"})
                 elif message["type"] == "lifespan.shutdown":

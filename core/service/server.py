@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -15,6 +16,7 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from ipaas import auth, crypto
+from ipaas.lifecycle import bounded, database_wait_seconds, wait_for_database
 from ipaas.settings import FALSE_WORDS, TRUE_WORDS, Settings, flag
 from ipaas.storage import migrate
 from ipaas.storage.core_lock import CoreLock
@@ -39,6 +41,16 @@ from ipaas.service.tenants import TenantServicer
 from ipaas.wire import MAX_MESSAGE_BYTES
 
 log = logging.getLogger("ipaas.core")
+
+# Seconds each step of a stop may take beyond the grace period it is given (a step with
+# none: stopping the scheduler, closing the database's connections).
+STOP_STEP_SECONDS = 3.0
+
+
+def stop_seconds(grace: float) -> float:
+    """The most CoreServer.stop(grace) takes, every step together (a step that runs out of
+    it still gets half a second)."""
+    return grace + 2 * STOP_STEP_SECONDS
 
 SERVICES = [
     tenants_pb2.DESCRIPTOR.services_by_name["TenantService"],
@@ -231,6 +243,8 @@ class CoreServer:
         s = self.settings
         engine = EngineSettings.from_settings(s)
         keep = retention_window(s.extra)
+        # A database still starting (the machine booting) is waited for, not a failure.
+        await wait_for_database(s.database_url, database_wait_seconds(s.extra))
         await asyncio.to_thread(migrate.upgrade, s.database_url)
         self.db = db = Database(s.database_url)
         # Before the admin key: a core refused for want of the encryption key leaves no
@@ -296,27 +310,43 @@ class CoreServer:
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info("core.started", extra={"listen": s.grpc_listen, "port": self.port, "database": db.dialect, "workers": work.workers, "engine_processes": engine.processes})
 
+    async def drain(self, seconds: float) -> None:
+        """Report NOT_SERVING and keep serving for `seconds`, so health checks and load
+        balancers see it before the listener closes."""
+        if self._health is not None:
+            await self._health.enter_graceful_shutdown()
+        log.info("core.draining", extra={"drain_seconds": seconds})
+        await asyncio.sleep(seconds)
+
     async def stop(self, grace: float = 5.0) -> None:
         """Graceful shutdown: report NOT_SERVING, stop taking RPCs and claiming work, let
-        in-flight executions finish within the grace period, release the rest's leases."""
+        in-flight executions finish within the grace period, release the rest's leases.
+        Each step has a time limit, and all of them together `stop_seconds(grace)`, past
+        which the stop goes on with the next step: a database that does not answer cannot
+        hold the stop."""
+        deadline = time.monotonic() + stop_seconds(grace)
+
+        def within(limit: float) -> float:
+            return max(min(limit, deadline - time.monotonic()), 0.5)
+
         if self._health is not None:
             await self._health.enter_graceful_shutdown()
         if self.scheduler is not None:
-            await self.scheduler.stop()
+            await bounded("scheduler", self.scheduler.stop(), within(STOP_STEP_SECONDS))
         if self.retention is not None:
-            await self.retention.stop()
+            await bounded("retention", self.retention.stop(), within(STOP_STEP_SECONDS))
         if self._server is not None:
-            await self._server.stop(grace)
+            await bounded("grpc_server", self._server.stop(grace), within(grace + STOP_STEP_SECONDS))
         if self.processes is not None:
-            await self.processes.stop(deadline=grace)
+            await bounded("engine_processes", self.processes.stop(deadline=grace), within(grace + STOP_STEP_SECONDS))
         elif self.dispatcher is not None:
-            await self.dispatcher.stop(deadline=grace)
+            await bounded("dispatcher", self.dispatcher.stop(deadline=grace), within(grace + STOP_STEP_SECONDS))
         if self.enqueuer is not None:
-            await self.enqueuer.close()
+            await bounded("enqueuer", self.enqueuer.close(), within(STOP_STEP_SECONDS))
         if self.registry is not None:
-            await self.registry.aclose()
+            await bounded("connectors", self.registry.aclose(), within(STOP_STEP_SECONDS))
         if self.db is not None:
-            await self.db.dispose()
+            await bounded("database", self.db.dispose(), within(STOP_STEP_SECONDS))
         if self.core_lock is not None:
             self.core_lock.release()
         log.info("core.stopped")

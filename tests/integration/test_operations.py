@@ -110,7 +110,8 @@ async def test_a_database_outage_is_503_with_retry_after_and_one_warning_not_tra
 
     caplog.set_level(logging.INFO)
     real = make_url(postgres_url)
-    async with FakeSlack() as slack, TcpProxy(real.port or 5432) as proxy:
+    proxy = await TcpProxy(real.port or 5432).start()
+    async with FakeSlack() as slack:
         proxied = real.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
         async with core_with(tmp_path, proxied, IPAAS_POLL_INTERVAL="0.05", IPAAS_SCHEDULER_INTERVAL="0.05") as core, gateway_for(core.target, tmp_path) as url:
             tenant = await core.new_tenant(tier="paid")
@@ -119,7 +120,7 @@ async def test_a_database_outage_is_503_with_retry_after_and_one_warning_not_tra
             created = await api.create({"name": "w", "trigger": {"type": "webhook"}, "steps": [slack_step(cred)]})
             hook = f"/api/webhooks/{created.workflow.id}"
             async with httpx.AsyncClient(base_url=url, headers={"authorization": f"Bearer {tenant.key}"}, timeout=20) as http:
-                await proxy.cut()
+                await proxy.close()  # refused, and every open connection dropped
                 caplog.clear()
                 answers = []
                 for i in range(5):
@@ -128,7 +129,7 @@ async def test_a_database_outage_is_503_with_retry_after_and_one_warning_not_tra
                     answers.append(await http.get("/api/workflows"))
                 await asyncio.sleep(0.5)  # the dispatcher's and scheduler's polls meet the outage too
                 during = list(caplog.records)
-                await proxy.restore()
+                await proxy.start()
                 raw, headers = signed_webhook(created.webhook_secret, {"order": {"id": "back"}}, "msg_back")
                 back = await http.post(hook, content=raw, headers={**headers, "content-type": "application/json"})
     assert [(a.status_code, a.headers.get("retry-after"), a.json()["error"]["code"]) for a in answers] == [(503, "5", "unavailable")] * 10, [a.text for a in answers]
@@ -137,4 +138,5 @@ async def test_a_database_outage_is_503_with_retry_after_and_one_warning_not_tra
     assert tracebacks == [], tracebacks
     warned = [r.getMessage() for r in during if r.getMessage().endswith("database_unavailable")]
     assert warned and len(warned) == len(set(warned)), f"one warning per component, not one per request: {warned}"
+    await proxy.close()
     assert back.status_code == 202, back.text

@@ -1,0 +1,98 @@
+"""Starting and stopping a server process (core or gateway): waiting for a database that is
+not up yet, the drain before a stop, time limits on each step of a stop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping
+
+log = logging.getLogger("ipaas.lifecycle")
+
+DRAIN_SECONDS = 5.0  # IPAAS_SHUTDOWN_DRAIN_SECONDS
+DB_WAIT_SECONDS = 60.0  # IPAAS_STARTUP_DB_WAIT_SECONDS
+_ATTEMPT_TIMEOUT = 5  # seconds one connection attempt may take (a partitioned server never answers)
+_MAX_BACKOFF = 5.0
+
+
+def _seconds(env: Mapping[str, str], name: str, default: float) -> float:
+    text = env.get(name, "").strip()
+    if not text:
+        return default
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < float("inf"):
+        raise SystemExit(f"{name} is {text!r}: it must be a number of seconds, 0 or more")
+    return value
+
+
+def drain_seconds(env: Mapping[str, str]) -> float:
+    """How long a server keeps serving after SIGTERM while it reports itself not ready."""
+    return _seconds(env, "IPAAS_SHUTDOWN_DRAIN_SECONDS", DRAIN_SECONDS)
+
+
+def database_wait_seconds(env: Mapping[str, str]) -> float:
+    """How long a server starting up retries a database that does not answer yet."""
+    return _seconds(env, "IPAAS_STARTUP_DB_WAIT_SECONDS", DB_WAIT_SECONDS)
+
+
+def _worth_retrying(exc: BaseException) -> bool:
+    # No SQLSTATE: the server was not reached (refused, unresolvable, timed out). 08: a
+    # connection exception; 57P03: the server is starting up. Anything else (a wrong
+    # password, a database that does not exist) will not pass by waiting.
+    state = getattr(exc, "sqlstate", None)
+    return state is None or state.startswith(("08", "57P"))
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+async def wait_for_database(url: str, wait: float, *, stopping: Callable[[], bool] = lambda: False) -> None:
+    """Return once a PostgreSQL server at `url` accepts a connection, retrying with backoff
+    for up to `wait` seconds (one log line per failed attempt); then raise the last error.
+    SQLite is a file and is not waited for. `stopping` ends the wait early (a stop signal)."""
+    import psycopg
+    from sqlalchemy.engine import make_url
+
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "postgresql":
+        return
+    conninfo = parsed.set(drivername="postgresql").render_as_string(hide_password=False)
+    deadline = time.monotonic() + wait
+    delay, attempt = 0.25, 0
+    while True:
+        attempt += 1
+        left = deadline - time.monotonic()
+        try:
+            conn = await psycopg.AsyncConnection.connect(conninfo, connect_timeout=max(2, min(_ATTEMPT_TIMEOUT, int(left) + 1)))
+        except psycopg.OperationalError as exc:
+            left = deadline - time.monotonic()
+            if not _worth_retrying(exc) or left <= 0 or stopping():
+                raise
+            delay = min(delay * 2, _MAX_BACKOFF, left)
+            log.warning("database.unavailable", extra={"attempt": attempt, "error": _one_line(exc), "retry_in": round(delay, 2), "gives_up_in": round(left, 1)})
+            until = time.monotonic() + delay
+            while time.monotonic() < until and not stopping():
+                await asyncio.sleep(min(0.1, until - time.monotonic()))
+            if stopping():
+                raise
+            continue
+        await conn.close()
+        if attempt > 1:
+            log.info("database.available", extra={"attempt": attempt})
+        return
+
+
+async def bounded(step: str, work: Awaitable[object], limit: float) -> None:
+    """Await one step of a stop for at most `limit` seconds: past it, or if it fails, log and
+    go on with the next step, so a dead database cannot hold the stop forever."""
+    try:
+        await asyncio.wait_for(work, limit)
+    except TimeoutError:
+        log.warning("stop.step_timed_out", extra={"step": step, "limit_seconds": limit})
+    except Exception as exc:
+        log.warning("stop.step_failed", extra={"step": step, "error": _one_line(exc)})
