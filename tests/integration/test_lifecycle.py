@@ -199,7 +199,9 @@ async def test_sigterm_stops_a_core_whose_database_is_partitioned(platform: Plat
     """Each step of the stop has a time limit, so a dead database cannot hold it for ever."""
     async with partitioned_while_busy(platform, postgres_url, IPAAS_ENGINE_PROCESSES="1") as core:
         core.send_signal(signal.SIGTERM)
-        assert await exit_code(core, 30) == 0, "still running 30 s after SIGTERM"
+        # The stop's steps take at most grace + 6 s (16 s); the margin is for a loaded machine.
+        # Before the limits, the audit killed a core still running 68 s after SIGTERM.
+        assert await exit_code(core, 45) == 0, "still running 45 s after SIGTERM"
 
 
 @pytest.mark.postgres
