@@ -166,7 +166,10 @@ def test_database_problems_are_one_line_errors(tmp_path: Path, command: list[str
         ("engine", "IPAAS_ENGINE_LOOP", "uvlop", "IPAAS_ENGINE_LOOP must be uvloop or asyncio"),
         ("gateway", "IPAAS_HTTP_LISTEN", "127.0.0.1:notaport", "IPAAS_HTTP_LISTEN must be host:port with a port from 1 to 65535"),
         ("gateway", "IPAAS_HTTP_LISTEN", "127.0.0.1", "IPAAS_HTTP_LISTEN must be host:port"),
+        ("gateway", "IPAAS_RATE_FREE", "0/10", "IPAAS_RATE_FREE must look like 5/10: a rate per second above 0, then a burst of 1 or more"),
+        ("gateway", "IPAAS_RATE_FREE", "5/0", "IPAAS_RATE_FREE must look like 5/10"),
         ("gateway", "IPAAS_REDIS_URL", "localhost:6379", "IPAAS_REDIS_URL must be a redis://, rediss:// or unix:// URL"),
+        ("gateway", "IPAAS_RATE_LIMITS_OFF", "ture", "IPAAS_RATE_LIMITS_OFF must be 1 or 0"),
         ("gateway", "IPAAS_LOG_LEVEL", "VERBOSE", "IPAAS_LOG_LEVEL must be"),
     ],
 )

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from ipaas.gateway.ratelimit import RateLimiter, parse_tiers
 from ipaas.service.server import EngineSettings, connection_age_options
 from ipaas.settings import Settings, boolean, choice, listen_address, seconds, whole_number
 
@@ -152,3 +153,28 @@ def test_engine_settings_read_as_documented() -> None:
 def test_a_connection_age_that_grpc_cannot_take_is_refused(raw: str) -> None:
     with pytest.raises(SystemExit, match=r"^IPAAS_GRPC_MAX_CONNECTION_AGE must be 0 \(never\) or a number of seconds up to 2147483"):
         connection_age_options(raw)
+
+
+@pytest.mark.parametrize("raw", ["0/10", "5/0", "-5/10", "nan/10", "inf/10", "5", "5/10/1", "5/2.5"])
+def test_a_rate_tier_must_have_a_positive_rate_and_burst(raw: str) -> None:
+    with pytest.raises(SystemExit, match=rf"^IPAAS_RATE_FREE must look like 5/10: a rate per second above 0, then a burst of 1 or more, got '{raw}'$"):
+        parse_tiers({"IPAAS_RATE_FREE": raw})
+
+
+def test_rate_tiers_read_as_documented() -> None:
+    tiers = parse_tiers({"IPAAS_RATE_FREE": "0.5/4", "IPAAS_RATE_PAID": ""})
+    assert (tiers["free"].rate, tiers["free"].burst, tiers["paid"].rate, tiers["paid"].burst) == (0.5, 4, 50.0, 100)
+
+
+def test_rate_limits_off_takes_the_usual_words() -> None:
+    from ipaas.gateway.app import Gateway
+
+    assert Gateway(Settings(extra={"IPAAS_RATE_LIMITS_OFF": "on"})).rate_limits_off is True
+    assert Gateway(Settings(extra={"IPAAS_RATE_LIMITS_OFF": "0"})).rate_limits_off is False
+    with pytest.raises(SystemExit, match="IPAAS_RATE_LIMITS_OFF must be 1 or 0"):
+        Gateway(Settings(extra={"IPAAS_RATE_LIMITS_OFF": "of"}))
+
+
+def test_a_unix_socket_redis_url_reaches_redis_not_valkey() -> None:
+    """limits took a plain unix:// for Valkey's and refused it for want of the valkey package."""
+    RateLimiter(parse_tiers({}), "unix:///run/redis.sock?db=0")
