@@ -259,13 +259,14 @@ def cmd_core(settings: Settings, _args: argparse.Namespace) -> int:
 def cmd_engine(settings: Settings, _args: argparse.Namespace) -> int:
     from ipaas.engine.processes import run_engine
     from ipaas.logs import configure_logging
+    from ipaas.service.server import EngineSettings
 
     configure_logging(settings.log_level)
     sys.setswitchinterval(GIL_SWITCH_INTERVAL)
     # An engine process runs no gRPC server (grpc.aio does not support uvloop), only asyncio
     # HTTP clients and database drivers: uvloop's loop costs ~9 % less CPU per delivery (bench).
     loop_factory = None
-    if settings.extra.get("IPAAS_ENGINE_LOOP", "uvloop") == "uvloop":
+    if EngineSettings.from_settings(settings).loop == "uvloop":
         try:
             import uvloop
 

@@ -31,6 +31,7 @@ from jsonschema import Draft202012Validator, FormatChecker
 from ipaas import hookspecs
 from ipaas.masking import SecretMasker
 from ipaas.netguard import GuardedResolver, GuardedTransport, check_url
+from ipaas.settings import HTTP_TRANSPORTS, choice
 from ipaas.sdk import NAME, Action, ActionResult, Connector, ConnectorError, ExecutionContext, MaskingAdapter, PermanentError, RetryableError
 from ipaas.wire import MAX_JSON_DEPTH, nested_deeper_than
 
@@ -499,7 +500,9 @@ def make_http_client(timeout: float, allow_insecure: bool, max_connections: int 
     """
     limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
     inner: httpx.AsyncBaseTransport
-    aiohttp_pool = os.environ.get("IPAAS_HTTP_TRANSPORT", "aiohttp") == "aiohttp"
+    # Checked at start-up too (EngineSettings); anything but "httpx" used to select httpx,
+    # an empty value and a typo included, and its DNS-rebinding window with it.
+    aiohttp_pool = choice(os.environ, "IPAAS_HTTP_TRANSPORT", HTTP_TRANSPORTS, "aiohttp") == "aiohttp"
     if aiohttp_pool:
         inner = aiohttp_transport(limits, guard_dns=not allow_insecure)
     else:

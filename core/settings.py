@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,32 +12,108 @@ from typing import Mapping
 
 TRUE_WORDS = frozenset({"1", "true", "yes", "on"})
 FALSE_WORDS = frozenset({"0", "false", "no", "off"})
+MAX_WORKERS = 10_000
 
 
 def flag(value: str | None) -> bool:
     return (value or "").strip().lower() in TRUE_WORDS
 
 
-def _int(env: Mapping[str, str], name: str, default: int) -> int:
-    raw = env.get(name)
-    if raw is None or raw.strip() == "":
+# Past a year a duration is a typo, and datetime arithmetic with it (a lease's expiry, a
+# retry's run time) overflows near 10**11 seconds.
+MAX_SECONDS = 365 * 24 * 3600
+
+
+def whole_number(env: Mapping[str, str], name: str, default: int, minimum: int = 0, maximum: int | None = None) -> int:
+    """A count setting: a whole number from minimum to maximum (the default when unset or
+    empty). 1e5 is read as 100000, as these settings were read before; 2.5 is refused
+    rather than cut to 2."""
+    raw = (env.get(name) or "").strip()
+    if not raw:
         return default
+    value: int | float
     try:
-        return int(raw)
+        value = int(raw)
     except ValueError:
-        raise SystemExit(f"{name} must be an integer, got {raw!r}") from None
+        try:
+            value = float(raw)
+        except ValueError:
+            value = math.nan
+    whole = isinstance(value, int) or value.is_integer()  # False for nan and inf
+    if not (whole and minimum <= value and (maximum is None or value <= maximum)):
+        bounds = f"from {minimum} to {maximum}" if maximum is not None else f"of {minimum} or more"
+        raise SystemExit(f"{name} must be a whole number {bounds}, got {raw!r}")
+    return int(value)
 
 
-def seconds(env: Mapping[str, str], name: str, default: float) -> float:
-    """A duration setting: a number of seconds above 0 (the default when unset)."""
+def seconds(env: Mapping[str, str], name: str, default: float, maximum: float = MAX_SECONDS) -> float:
+    """A duration setting: a number of seconds above 0 and at most maximum (the default when
+    unset or empty)."""
     raw = (env.get(name) or "").strip()
     try:
         value = float(raw) if raw else default
     except ValueError:
         raise SystemExit(f"{name} must be a number of seconds, got {raw!r}") from None
-    if not value > 0:
-        raise SystemExit(f"{name} must be more than 0 seconds, got {raw!r}")
+    if not 0 < value <= maximum:  # also false for nan
+        raise SystemExit(f"{name} must be more than 0 seconds and at most {maximum:.0f}, got {raw!r}")
     return value
+
+
+def boolean(env: Mapping[str, str], name: str, default: bool) -> bool:
+    """An on/off setting. Anything but the usual words is refused: a typo of "true" read as
+    off would turn a feature off without a word."""
+    raw = (env.get(name) or "").strip().lower()
+    if not raw:
+        return default
+    if raw in TRUE_WORDS | FALSE_WORDS:
+        return raw in TRUE_WORDS
+    raise SystemExit(f"{name} must be 1 or 0 (or true/false, yes/no, on/off), got {env.get(name)!r}")
+
+
+def choice(env: Mapping[str, str], name: str, choices: tuple[str, ...], default: str) -> str:
+    """One of a few words (the default when unset or empty), in any case."""
+    raw = (env.get(name) or "").strip().lower()
+    if not raw:
+        return default
+    if raw not in choices:
+        raise SystemExit(f"{name} must be {' or '.join(choices)}, got {env.get(name)!r}")
+    return raw
+
+
+def listen_address(env: Mapping[str, str], name: str, default: str, any_port: bool = False) -> str:
+    """host:port to listen on (an IPv6 host in brackets). Port 0 (any free port) only where
+    any_port: the core logs the port it got, which tests use; a gateway on an unknown port
+    serves no one."""
+    raw = (env.get(name) or "").strip()
+    if not raw:
+        return default
+    host, colon, port = raw.rpartition(":")
+    lowest = 0 if any_port else 1
+    bracketed = host.startswith("[") and host.endswith("]")
+    if not (colon and port.isascii() and port.isdigit() and lowest <= int(port) <= 65535 and (bracketed or ":" not in host)):
+        raise SystemExit(f"{name} must be host:port with a port from {lowest} to 65535 (an IPv6 host in brackets, [::1]:8080), got {raw!r}")
+    return raw
+
+
+REDIS_SCHEMES = ("redis", "rediss", "unix")
+HTTP_TRANSPORTS = ("aiohttp", "httpx")  # IPAAS_HTTP_TRANSPORT, the first the default
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def _redis_url(env: Mapping[str, str]) -> str | None:
+    raw = (env.get("IPAAS_REDIS_URL") or "").strip()
+    if raw and not raw.startswith(tuple(f"{scheme}://" for scheme in REDIS_SCHEMES)):
+        # Without the value: a Redis URL may hold a password.
+        raise SystemExit("IPAAS_REDIS_URL must be a redis://, rediss:// or unix:// URL (redis://host:6379/0)")
+    return raw or None
+
+
+def _log_level(env: Mapping[str, str]) -> str:
+    level = (env.get("IPAAS_LOG_LEVEL") or "").strip().upper() or "INFO"
+    # WARN and FATAL too: logging takes them, and a platform running with them kept working.
+    if level not in logging.getLevelNamesMapping() or level == "NOTSET":
+        raise SystemExit(f"IPAAS_LOG_LEVEL must be {', '.join(LOG_LEVELS[:-1])} or {LOG_LEVELS[-1]}, got {env.get('IPAAS_LOG_LEVEL')!r}")
+    return level
 
 
 @dataclass(frozen=True)
@@ -58,20 +136,22 @@ class Settings:
     def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
         env = os.environ if env is None else env
         data_dir = Path(env.get("IPAAS_DATA_DIR") or ".ipaas")
-        grpc_listen = env.get("IPAAS_GRPC_LISTEN") or "127.0.0.1:50051"
+        grpc_listen = listen_address(env, "IPAAS_GRPC_LISTEN", "127.0.0.1:50051", any_port=True)
         plugins = env.get("IPAAS_PLUGINS")
         return cls(
             data_dir=data_dir,
             database_url=env.get("IPAAS_DATABASE_URL") or f"sqlite:///{data_dir / 'ipaas.db'}",
             grpc_listen=grpc_listen,
-            http_listen=env.get("IPAAS_HTTP_LISTEN") or "127.0.0.1:8080",
+            http_listen=listen_address(env, "IPAAS_HTTP_LISTEN", "127.0.0.1:8080"),
             core_target=env.get("IPAAS_CORE_TARGET") or grpc_listen,
             admin_key=env.get("IPAAS_ADMIN_KEY") or None,
-            redis_url=env.get("IPAAS_REDIS_URL") or None,
+            redis_url=_redis_url(env),
             secret_keys=tuple(k.strip() for k in (env.get("IPAAS_SECRET_KEYS") or "").split(",") if k.strip()),
             plugins=None if plugins is None else frozenset(p.strip() for p in plugins.split(",") if p.strip()),
-            allow_insecure_targets=flag(env.get("IPAAS_ALLOW_INSECURE_TARGETS")),
-            workers=_int(env, "IPAAS_WORKERS", 0),
-            log_level=(env.get("IPAAS_LOG_LEVEL") or "INFO").upper(),
+            allow_insecure_targets=boolean(env, "IPAAS_ALLOW_INSECURE_TARGETS", False),
+            # 0: the dispatcher's default, 16 per CPU. More than this is a typo, not a load one
+            # process can drive; below 0 the dispatcher never claimed a task.
+            workers=whole_number(env, "IPAAS_WORKERS", 0, maximum=MAX_WORKERS),
+            log_level=_log_level(env),
             extra={k: v for k, v in env.items() if k.startswith("IPAAS_")},
         )

@@ -36,7 +36,7 @@ from ipaas.gateway.throttled_log import ThrottledWarning
 from ipaas.gateway.webhook_batch import OversizedDelivery, WebhookBatcher
 from ipaas.json_numbers import EXACT, inexact_integer, integral
 from ipaas.pagination import MAX_VERSION
-from ipaas.settings import Settings
+from ipaas.settings import Settings, boolean
 from ipaas.singleflight import SingleFlight
 from ipaas.v1 import executions_pb2
 
@@ -101,7 +101,7 @@ class Gateway:
         self.openapi = orjson.dumps(build_openapi(self.router.routes))
         env = settings.extra
         unlimited = frozenset(t.strip() for t in env.get("IPAAS_RATE_UNLIMITED_TENANTS", "").split(",") if t.strip())
-        self.rate_limits_off = env.get("IPAAS_RATE_LIMITS_OFF", "").lower() in {"1", "true", "yes"}
+        self.rate_limits_off = boolean(env, "IPAAS_RATE_LIMITS_OFF", False)
         self.body_timeout = request_deadlines.body_timeout(env)
         self.limiter = RateLimiter(parse_tiers(env), settings.redis_url, unlimited)
         self.client: CoreClient | None = None

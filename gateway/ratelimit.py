@@ -56,13 +56,18 @@ def parse_tiers(env: Mapping[str, str]) -> dict[str, Tier]:
     IPAAS_RATE_ANONYMOUS="5/20"."""
     tiers = {}
     for name, (rate, burst) in DEFAULT_TIERS.items():
-        raw = env.get(f"IPAAS_RATE_{name.upper()}")
+        setting = f"IPAAS_RATE_{name.upper()}"
+        raw = (env.get(setting) or "").strip()
         if raw:
             try:
                 rate_s, burst_s = raw.split("/")
                 rate, burst = float(rate_s), int(burst_s)
             except ValueError:
-                raise SystemExit(f"IPAAS_RATE_{name.upper()} must look like 5/10 (rate per second / burst)") from None
+                rate, burst = math.nan, 0
+            # A rate of 0 failed on the first request (ZeroDivisionError); a burst of 0 or a
+            # negative rate was taken and refused every request.
+            if not (0 < rate < math.inf and burst >= 1):
+                raise SystemExit(f"{setting} must look like 5/10: a rate per second above 0, then a burst of 1 or more, got {raw!r}")
         tiers[name] = Tier(name, rate, burst)
     return tiers
 
@@ -72,7 +77,9 @@ class RateLimiter:
         self.tiers = tiers
         self.unlimited = unlimited
         if redis_url:
-            uri = redis_url.replace("redis://", "async+redis://", 1)
+            # limits names redis-py's schemes its own way: a plain unix:// would be taken for
+            # Valkey's (and refused for want of the valkey package).
+            uri = "async+" + ("redis+" + redis_url if redis_url.startswith("unix://") else redis_url)
             self.storage = RedisStorage(uri, implementation="redispy", key_prefix="ipaas-rl", socket_timeout=STORAGE_TIMEOUT, socket_connect_timeout=STORAGE_TIMEOUT)
         else:
             self.storage = MemoryStorage()

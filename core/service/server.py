@@ -17,7 +17,7 @@ from grpc_reflection.v1alpha import reflection
 
 from ipaas import auth, crypto
 from ipaas.lifecycle import bounded, database_wait_seconds, wait_for_database
-from ipaas.settings import FALSE_WORDS, TRUE_WORDS, Settings, flag
+from ipaas.settings import HTTP_TRANSPORTS, Settings, boolean, choice, flag, seconds, whole_number
 from ipaas.storage import migrate
 from ipaas.storage.core_lock import CoreLock
 from ipaas.storage.db import Database, ensure_sqlite_dir
@@ -69,14 +69,18 @@ DEFAULT_MAX_CONNECTION_AGE = 300.0
 CONNECTION_AGE_GRACE_MS = 35_000
 
 
+# gRPC takes the age as a C int of milliseconds; inf stopped start-up with an OverflowError.
+MAX_CONNECTION_AGE = (2**31 - 1) // 1000
+
+
 def connection_age_options(value: str | None) -> list[tuple[str, int]]:
     """gRPC server options for IPAAS_GRPC_MAX_CONNECTION_AGE (seconds; 0: never)."""
     try:
         seconds = DEFAULT_MAX_CONNECTION_AGE if value is None or not value.strip() else float(value)
     except ValueError:
         raise SystemExit(f"IPAAS_GRPC_MAX_CONNECTION_AGE must be a number of seconds, got {value!r}") from None
-    if seconds < 0 or seconds != seconds:
-        raise SystemExit(f"IPAAS_GRPC_MAX_CONNECTION_AGE must be 0 (never) or more, got {value!r}")
+    if not 0 <= seconds <= MAX_CONNECTION_AGE:  # also false for nan
+        raise SystemExit(f"IPAAS_GRPC_MAX_CONNECTION_AGE must be 0 (never) or a number of seconds up to {MAX_CONNECTION_AGE}, got {value!r}")
     if seconds == 0:
         return []
     return [("grpc.max_connection_age_ms", max(1, int(seconds * 1000))), ("grpc.max_connection_age_grace_ms", CONNECTION_AGE_GRACE_MS)]
@@ -101,34 +105,42 @@ class EngineSettings:
     processes: int
     nice: int
     sched_batch: bool
+    loop: str = "uvloop"
+    http_transport: str = "aiohttp"
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "EngineSettings":
+        """Every engine setting, each checked: a value out of range stops start-up with one
+        line rather than running a broken platform (workers below 0 never claimed a task, a
+        poll interval of 0 spun a CPU, a queue depth below 0 refused every trigger)."""
         env = settings.extra
-
-        def num(name: str, default: float) -> float:
-            try:
-                return float(env.get(name, default))
-            except ValueError:
-                raise SystemExit(f"{name} must be a number") from None
-
+        # Read here though CoreServer.start reads it too, so a typo stops start-up with the rest.
+        boolean(env, "IPAAS_DISABLE_ENGINE", False)
         return cls(
             workers=settings.workers,
-            max_queue_depth=int(num("IPAAS_MAX_QUEUE_DEPTH", 100_000)),
-            step_timeout=num("IPAAS_STEP_TIMEOUT", 30),
-            execution_deadline=num("IPAAS_EXECUTION_DEADLINE", 900),
-            base_delay=num("IPAAS_RETRY_BASE_DELAY", 1.0),
-            poll_interval=num("IPAAS_POLL_INTERVAL", 1.0),
-            scheduler_interval=num("IPAAS_SCHEDULER_INTERVAL", 1.0),
-            catch_up=env.get("IPAAS_SCHEDULE_CATCH_UP", "collapse"),
-            breaker_failures=int(num("IPAAS_BREAKER_FAILURES", 5)),
-            breaker_recovery=num("IPAAS_BREAKER_RECOVERY_SECONDS", 60),
-            breaker_successes=int(num("IPAAS_BREAKER_SUCCESSES", 3)),
-            lease_seconds=num("IPAAS_LEASE_SECONDS", 60),
-            processes=int(num("IPAAS_ENGINE_PROCESSES", default_engine_processes())),
-            nice=engine_nice(num("IPAAS_ENGINE_NICE", DEFAULT_ENGINE_NICE)),
-            sched_batch=engine_sched_batch(env.get("IPAAS_ENGINE_SCHED_BATCH", "1")),
+            # 0 refuses every trigger (429), as a full queue does.
+            max_queue_depth=whole_number(env, "IPAAS_MAX_QUEUE_DEPTH", 100_000),
+            step_timeout=seconds(env, "IPAAS_STEP_TIMEOUT", 30),
+            execution_deadline=seconds(env, "IPAAS_EXECUTION_DEADLINE", 900),
+            base_delay=seconds(env, "IPAAS_RETRY_BASE_DELAY", 1.0),
+            poll_interval=seconds(env, "IPAAS_POLL_INTERVAL", 1.0),
+            scheduler_interval=seconds(env, "IPAAS_SCHEDULER_INTERVAL", 1.0),
+            catch_up=choice(env, "IPAAS_SCHEDULE_CATCH_UP", ("collapse", "skip"), "collapse"),
+            breaker_failures=whole_number(env, "IPAAS_BREAKER_FAILURES", 5, minimum=1),
+            breaker_recovery=seconds(env, "IPAAS_BREAKER_RECOVERY_SECONDS", 60),
+            breaker_successes=whole_number(env, "IPAAS_BREAKER_SUCCESSES", 3, minimum=1),
+            lease_seconds=seconds(env, "IPAAS_LEASE_SECONDS", 60),
+            processes=whole_number(env, "IPAAS_ENGINE_PROCESSES", default_engine_processes(), maximum=MAX_ENGINE_PROCESSES),
+            nice=whole_number(env, "IPAAS_ENGINE_NICE", DEFAULT_ENGINE_NICE, maximum=19),
+            sched_batch=boolean(env, "IPAAS_ENGINE_SCHED_BATCH", True),
+            loop=choice(env, "IPAAS_ENGINE_LOOP", ("uvloop", "asyncio"), "uvloop"),
+            http_transport=choice(env, "IPAAS_HTTP_TRANSPORT", HTTP_TRANSPORTS, "aiohttp"),
         )
+
+
+# Past this many engine processes a value is a typo: each is a Python process with its own
+# database connections, and more than 4 writers to one SQLite file mostly wait anyway.
+MAX_ENGINE_PROCESSES = 64
 
 
 # Engine processes yield the CPU to the core and gateway when they all want it, so accepting
@@ -143,18 +155,6 @@ class EngineSettings:
 # SCHED_BATCH (Linux) stops an engine that wakes from preempting the API's processes,
 # without starving it as a higher nice does.
 DEFAULT_ENGINE_NICE = 5
-
-
-def engine_nice(value: float) -> int:
-    if value != int(value) or not 0 <= value <= 19:
-        raise SystemExit("IPAAS_ENGINE_NICE must be a whole number from 0 to 19")
-    return int(value)
-
-
-def engine_sched_batch(value: str) -> bool:
-    if value.strip().lower() not in TRUE_WORDS | FALSE_WORDS:
-        raise SystemExit("IPAAS_ENGINE_SCHED_BATCH must be 1 or 0")
-    return flag(value)
 
 
 def default_engine_processes() -> int:

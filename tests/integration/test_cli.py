@@ -141,6 +141,47 @@ def test_database_problems_are_one_line_errors(tmp_path: Path, command: list[str
     assert debug.returncode == 1 and "Traceback" in debug.stderr and said(debug.stderr)[-1] == line, "the traceback is there with DEBUG"
 
 
+@pytest.mark.parametrize(
+    ("command", "setting", "value", "expected"),
+    [
+        ("core", "IPAAS_WORKERS", "-1", "IPAAS_WORKERS must be a whole number from 0 to 10000, got '-1'"),
+        ("core", "IPAAS_MAX_QUEUE_DEPTH", "nan", "IPAAS_MAX_QUEUE_DEPTH must be a whole number of 0 or more, got 'nan'"),
+        ("core", "IPAAS_MAX_QUEUE_DEPTH", "-1", "IPAAS_MAX_QUEUE_DEPTH must be a whole number of 0 or more"),
+        ("core", "IPAAS_POLL_INTERVAL", "0", "IPAAS_POLL_INTERVAL must be more than 0 seconds"),
+        ("core", "IPAAS_LEASE_SECONDS", "-60", "IPAAS_LEASE_SECONDS must be more than 0 seconds"),
+        ("core", "IPAAS_SCHEDULER_INTERVAL", "-1", "IPAAS_SCHEDULER_INTERVAL must be more than 0 seconds"),
+        ("core", "IPAAS_STEP_TIMEOUT", "nan", "IPAAS_STEP_TIMEOUT must be more than 0 seconds"),
+        ("core", "IPAAS_EXECUTION_DEADLINE", "0", "IPAAS_EXECUTION_DEADLINE must be more than 0 seconds"),
+        ("core", "IPAAS_RETRY_BASE_DELAY", "inf", "IPAAS_RETRY_BASE_DELAY must be more than 0 seconds"),
+        ("core", "IPAAS_BREAKER_FAILURES", "0", "IPAAS_BREAKER_FAILURES must be a whole number of 1 or more"),
+        ("core", "IPAAS_BREAKER_RECOVERY_SECONDS", "-1", "IPAAS_BREAKER_RECOVERY_SECONDS must be more than 0 seconds"),
+        ("core", "IPAAS_ENGINE_PROCESSES", "-2", "IPAAS_ENGINE_PROCESSES must be a whole number from 0 to 64"),
+        ("core", "IPAAS_SCHEDULE_CATCH_UP", "colapse", "IPAAS_SCHEDULE_CATCH_UP must be collapse or skip"),
+        ("core", "IPAAS_HTTP_TRANSPORT", "httpxx", "IPAAS_HTTP_TRANSPORT must be aiohttp or httpx"),
+        ("core", "IPAAS_ENGINE_LOOP", "uvlop", "IPAAS_ENGINE_LOOP must be uvloop or asyncio"),
+        ("core", "IPAAS_GRPC_MAX_CONNECTION_AGE", "inf", "IPAAS_GRPC_MAX_CONNECTION_AGE must be 0 (never) or a number of seconds"),
+        ("core", "IPAAS_LOG_LEVEL", "VERBOSE", "IPAAS_LOG_LEVEL must be DEBUG, INFO, WARNING, ERROR or CRITICAL"),
+        ("core", "IPAAS_GRPC_LISTEN", "127.0.0.1:99999", "IPAAS_GRPC_LISTEN must be host:port with a port from 0 to 65535"),
+        ("core", "IPAAS_ALLOW_INSECURE_TARGETS", "ture", "IPAAS_ALLOW_INSECURE_TARGETS must be 1 or 0"),
+        ("engine", "IPAAS_ENGINE_LOOP", "uvlop", "IPAAS_ENGINE_LOOP must be uvloop or asyncio"),
+        ("gateway", "IPAAS_HTTP_LISTEN", "127.0.0.1:notaport", "IPAAS_HTTP_LISTEN must be host:port with a port from 1 to 65535"),
+        ("gateway", "IPAAS_HTTP_LISTEN", "127.0.0.1", "IPAAS_HTTP_LISTEN must be host:port"),
+        ("gateway", "IPAAS_RATE_FREE", "0/10", "IPAAS_RATE_FREE must look like 5/10: a rate per second above 0, then a burst of 1 or more"),
+        ("gateway", "IPAAS_RATE_FREE", "5/0", "IPAAS_RATE_FREE must look like 5/10"),
+        ("gateway", "IPAAS_REDIS_URL", "localhost:6379", "IPAAS_REDIS_URL must be a redis://, rediss:// or unix:// URL"),
+        ("gateway", "IPAAS_RATE_LIMITS_OFF", "ture", "IPAAS_RATE_LIMITS_OFF must be 1 or 0"),
+        ("gateway", "IPAAS_LOG_LEVEL", "VERBOSE", "IPAAS_LOG_LEVEL must be"),
+    ],
+)
+def test_a_bad_setting_stops_start_up_in_one_line_naming_it(tmp_path: Path, command: str, setting: str, value: str, expected: str) -> None:
+    """Each was taken before (a core that delivered nothing, spun a CPU, answered every
+    trigger 429, or used another port), or stopped with a traceback."""
+    env = {"IPAAS_DATA_DIR": str(tmp_path / "data"), "IPAAS_GRPC_LISTEN": f"127.0.0.1:{free_port()}", "IPAAS_HTTP_LISTEN": f"127.0.0.1:{free_port()}", "IPAAS_ENGINE_PROCESSES": "0"}
+    done = run_cli(command, cwd=tmp_path, timeout=30, **{**env, setting: value})
+    line = one_error_line(done)
+    assert done.returncode in (1, 3) and line.startswith(f"error: {expected}"), (done.returncode, line)
+
+
 def busy_port() -> socket.socket:
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))

@@ -601,3 +601,20 @@ async def test_a_secret_config_field_is_masked_in_what_the_action_logs_and_raise
         await steps.invoke("t", "e", {"id": "s", "connector": "secretcfg", "action": "post"}, {"token": secret, "text": "hi"}, 5, dry_run=False)
     assert secret not in str(caught.value) and "upstream rejected" in str(caught.value)
     assert "calling with" in caplog.text and secret not in caplog.text
+
+
+@pytest.mark.parametrize(("transport", "resolver_guarded"), [("", True), (" AIOHTTP ", True), ("httpx", False)])
+async def test_only_httpx_selects_the_transport_with_a_dns_rebinding_window(transport: str, resolver_guarded: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Anything but "aiohttp" selected httpx's transport, an empty value and a typo included,
+    and with it the separate lookup a DNS answer can change between (docs/operating.md)."""
+    from ipaas.plugin_host import make_http_client
+
+    monkeypatch.setenv("IPAAS_HTTP_TRANSPORT", transport)
+    client = make_http_client(5.0, allow_insecure=False)
+    try:
+        assert client._transport.resolver_guarded is resolver_guarded
+    finally:
+        await client.aclose()
+    monkeypatch.setenv("IPAAS_HTTP_TRANSPORT", "httpxx")
+    with pytest.raises(SystemExit, match="IPAAS_HTTP_TRANSPORT must be aiohttp or httpx"):
+        make_http_client(5.0, allow_insecure=False)
