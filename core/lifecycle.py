@@ -8,6 +8,8 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
 
+from ipaas.settings import seconds
+
 log = logging.getLogger("ipaas.lifecycle")
 
 DRAIN_SECONDS = 5.0  # IPAAS_SHUTDOWN_DRAIN_SECONDS
@@ -16,27 +18,14 @@ _ATTEMPT_TIMEOUT = 5  # seconds one connection attempt may take (a partitioned s
 _MAX_BACKOFF = 5.0
 
 
-def _seconds(env: Mapping[str, str], name: str, default: float) -> float:
-    text = env.get(name, "").strip()
-    if not text:
-        return default
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0 <= value < float("inf"):
-        raise SystemExit(f"{name} is {text!r}: it must be a number of seconds, 0 or more")
-    return value
-
-
 def drain_seconds(env: Mapping[str, str]) -> float:
     """How long a server keeps serving after SIGTERM while it reports itself not ready."""
-    return _seconds(env, "IPAAS_SHUTDOWN_DRAIN_SECONDS", DRAIN_SECONDS)
+    return seconds(env, "IPAAS_SHUTDOWN_DRAIN_SECONDS", DRAIN_SECONDS, allow_zero=True)
 
 
 def database_wait_seconds(env: Mapping[str, str]) -> float:
     """How long a server starting up retries a database that does not answer yet."""
-    return _seconds(env, "IPAAS_STARTUP_DB_WAIT_SECONDS", DB_WAIT_SECONDS)
+    return seconds(env, "IPAAS_STARTUP_DB_WAIT_SECONDS", DB_WAIT_SECONDS, allow_zero=True)
 
 
 def _worth_retrying(exc: BaseException) -> bool:

@@ -46,16 +46,17 @@ def whole_number(env: Mapping[str, str], name: str, default: int, minimum: int =
     return int(value)
 
 
-def seconds(env: Mapping[str, str], name: str, default: float, maximum: float = MAX_SECONDS) -> float:
-    """A duration setting: a number of seconds above 0 and at most maximum (the default when
-    unset or empty)."""
+def seconds(env: Mapping[str, str], name: str, default: float, maximum: float = MAX_SECONDS, allow_zero: bool = False) -> float:
+    """A duration setting: a number of seconds above 0 (or 0 too, with allow_zero) and at
+    most maximum (the default when unset or empty)."""
     raw = (env.get(name) or "").strip()
     try:
         value = float(raw) if raw else default
     except ValueError:
         raise SystemExit(f"{name} must be a number of seconds, got {raw!r}") from None
-    if not 0 < value <= maximum:  # also false for nan
-        raise SystemExit(f"{name} must be more than 0 seconds and at most {maximum:.0f}, got {raw!r}")
+    if not (0 <= value if allow_zero else 0 < value) or not value <= maximum:  # also refuses nan
+        least = "0 seconds or more" if allow_zero else "more than 0 seconds"
+        raise SystemExit(f"{name} must be {least} and at most {maximum:.0f}, got {raw!r}")
     return value
 
 
