@@ -193,7 +193,7 @@ STOP_GRACE = 10  # seconds a stopping core gives RPCs and executions in flight
 
 def cmd_core(settings: Settings, _args: argparse.Namespace) -> int:
     from ipaas import heap
-    from ipaas.lifecycle import drain_seconds
+    from ipaas.lifecycle import drain_seconds, insists
     from ipaas.logs import configure_logging
     from ipaas.service.server import CoreServer, stop_seconds
 
@@ -219,10 +219,16 @@ def cmd_core(settings: Settings, _args: argparse.Namespace) -> int:
         server = CoreServer(settings)
         stop = asyncio.Event()
 
+        first_signal_at: float | None = None
+
         def on_signal(sig: signal.Signals) -> None:
-            if stop.is_set():
+            nonlocal first_signal_at
+            if insists(first_signal_at, time.monotonic()):
                 # A second signal: whoever sent it will not wait for the graceful stop.
                 give_up(f"{sig.name} again while stopping: stopped at once")
+            if stop.is_set():
+                return  # the same stop request, delivered twice
+            first_signal_at = time.monotonic()
             stop.set()
             # Every step of the stop has a time limit; this is for whatever hangs outside
             # them (a thread the event loop waits for at exit), so the stop always ends.

@@ -18,6 +18,17 @@ _ATTEMPT_TIMEOUT = 5  # seconds one connection attempt may take (a partitioned s
 _MAX_BACKOFF = 5.0
 
 
+# One stop request often arrives twice at once: Ctrl-C reaches the whole process group and
+# `ipaas serve` passes it on to its children, and systemd signals every process of a unit.
+# Only a signal this long after the first means "stop now".
+REPEATED_WITHIN = 2.0
+
+
+def insists(first_signal_at: float | None, now: float) -> bool:
+    """Whether a signal at `now` asks for an immediate stop: one came before, not just now."""
+    return first_signal_at is not None and now - first_signal_at >= REPEATED_WITHIN
+
+
 def drain_seconds(env: Mapping[str, str]) -> float:
     """How long a server keeps serving after SIGTERM while it reports itself not ready."""
     return seconds(env, "IPAAS_SHUTDOWN_DRAIN_SECONDS", DRAIN_SECONDS, allow_zero=True)

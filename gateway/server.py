@@ -11,6 +11,7 @@ from typing import Any
 import uvicorn
 
 from ipaas.gateway import request_deadlines
+from ipaas.lifecycle import insists
 from ipaas.settings import Settings
 
 log = logging.getLogger("ipaas.gateway")
@@ -43,15 +44,20 @@ class GatewayServer(uvicorn.Server):
         self.gateway = gateway
         self.drain = drain
         self.drain_until: float | None = None
+        self.first_signal_at: float | None = None
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        now = time.monotonic()
+        if self.drain_until is not None and not insists(self.first_signal_at, now):
+            return  # the same stop request, delivered twice
         if self.drain_until is not None or not self.started:
             # A second signal, or one before the gateway served: stop now.
             self.force_exit = self.drain_until is not None
             self.should_exit = True
             self.gateway.stop_requested()
             return
-        self.drain_until = time.monotonic() + self.drain
+        self.first_signal_at = now
+        self.drain_until = now + self.drain
         self.gateway.stop_requested()
         log.info("gateway.draining", extra={"signal": signal.Signals(sig).name, "drain_seconds": self.drain})
 
