@@ -14,6 +14,8 @@ import grpc
 import pytest
 
 from ipaas.settings import Settings
+from ipaas.storage import migrate
+from ipaas.storage.db import Database
 from ipaas.v1 import tenants_pb2, tenants_pb2_grpc
 
 POSTGRES_URL = os.environ.get("IPAAS_TEST_POSTGRES_URL")
@@ -67,6 +69,15 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'ipaas.db'}"
     return request.getfixturevalue("postgres_url")
+
+
+@pytest.fixture
+async def db(database_url: str) -> AsyncIterator[Database]:
+    """A migrated database on each backend, for tests of the storage layer itself."""
+    migrate.upgrade(database_url)
+    database = Database(database_url)
+    yield database
+    await database.dispose()
 
 
 def make_settings(tmp_path: Path, database_url: str | None = None, **env: str) -> Settings:

@@ -16,7 +16,6 @@ refuses less than a day, the gateway's own idempotency window."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from datetime import datetime, timedelta
 from typing import Any, Callable, Mapping
@@ -25,7 +24,7 @@ from sqlalchemy import delete, exists, select
 
 from ipaas.ids import first_id_at
 from ipaas.storage.db import Database
-from ipaas.storage.outage import OutageLog
+from ipaas.engine.periodic import Periodic
 from ipaas.storage.tables import Execution, OutboxTask, utcnow
 
 log = logging.getLogger("ipaas.retention")
@@ -65,12 +64,10 @@ class Retention:
         self.db = db
         self.keep = keep
         self.clock = clock
-        self.interval = interval
-        self.first_delay = first_delay
         self.batch = batch
         self.pause = pause
-        self._task: asyncio.Task[None] | None = None
-        self._database_down = OutageLog(log, "retention.database_unavailable")
+        # The first round a minute after start, not in the way of start-up.
+        self._runner = Periodic("retention", self.prune, interval, log, first_delay=first_delay)
 
     async def prune(self) -> int:
         """Delete every finished execution older than the window; returns how many."""
@@ -105,22 +102,7 @@ class Retention:
         return conn.execute(delete(Execution).where(Execution.id.in_(candidates.scalar_subquery()))).rowcount
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._loop(), name="ipaas-retention")
-
-    async def _loop(self) -> None:
-        await asyncio.sleep(self.first_delay)  # not in the way of start-up
-        while True:
-            try:
-                await self.prune()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                if not self._database_down(exc):
-                    log.exception("retention.prune_failed")
-            await asyncio.sleep(self.interval)
+        self._runner.start()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await self._runner.stop()

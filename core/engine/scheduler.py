@@ -9,8 +9,6 @@ tick: one tenant's bad row must not stop every other tenant's schedules."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 from datetime import datetime, timedelta
 from typing import Callable
@@ -20,9 +18,9 @@ from sqlalchemy import and_, or_, select, update
 from ipaas.definitions import max_attempts
 from ipaas.engine.enqueuer import Enqueuer
 from ipaas.engine.outbox import NewExecution
+from ipaas.engine.periodic import Periodic
 from ipaas.engine.schedule import due_fire
 from ipaas.storage.db import Database
-from ipaas.storage.outage import OutageLog
 from ipaas.storage.tables import Schedule, Workflow, WorkflowVersion, utcnow
 
 log = logging.getLogger("ipaas.scheduler")
@@ -46,8 +44,7 @@ class Scheduler:
         self.clock = clock
         self.interval = interval
         self.catch_up = catch_up
-        self._task: asyncio.Task[None] | None = None
-        self._database_down = OutageLog(log, "scheduler.database_unavailable")
+        self._runner = Periodic("scheduler", self.tick, interval, log)
 
     async def tick(self) -> int:
         """Enqueue every due fire; returns how many executions were newly created."""
@@ -96,21 +93,7 @@ class Scheduler:
         return fired
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._loop(), name="ipaas-scheduler")
-
-    async def _loop(self) -> None:
-        while True:
-            try:
-                await self.tick()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                if not self._database_down(exc):
-                    log.exception("scheduler.tick_failed")
-            await asyncio.sleep(self.interval)
+        self._runner.start()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await self._runner.stop()

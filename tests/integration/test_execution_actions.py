@@ -15,17 +15,8 @@ from ipaas.engine.outcomes import FINISH_EXECUTION
 from ipaas.errors import FailedPrecondition, NotFound
 from ipaas.execution_store import ExecutionStore
 from ipaas.ids import new_id
-from ipaas.storage import migrate
 from ipaas.storage.db import Database, sync_url
 from ipaas.storage.tables import Execution, utcnow
-
-
-@pytest.fixture
-async def db(database_url: str):
-    migrate.upgrade(database_url)
-    database = Database(database_url)
-    yield database
-    await database.dispose()
 
 
 async def execution(db: Database, status: str) -> str:

@@ -22,14 +22,6 @@ def item(key: str | None = None, tenant: str = "tn_a") -> NewExecution:
     return NewExecution(tenant_id=tenant, workflow_id="wf_1", workflow_version=1, trigger="webhook", payload={"n": key}, max_attempts=3, dedup_key=key)
 
 
-@pytest.fixture
-async def db(database_url: str):
-    migrate.upgrade(database_url)
-    database = Database(database_url)
-    yield database
-    await database.dispose()
-
-
 async def count(db: Database, table) -> int:
     async with db.session() as s:
         return int(await s.scalar(select(func.count()).select_from(table)))

@@ -17,14 +17,6 @@ from ipaas.storage.db import Database
 from ipaas.storage.tables import Execution, ExecutionStep, OutboxTask, utcnow
 
 
-@pytest.fixture
-async def db(database_url: str):
-    migrate.upgrade(database_url)
-    database = Database(database_url)
-    yield database
-    await database.dispose()
-
-
 def item(key: str) -> NewExecution:
     return NewExecution(tenant_id="tn_a", workflow_id="wf_1", workflow_version=1, trigger="webhook", payload={"k": key}, max_attempts=3, dedup_key=key)
 
