@@ -193,7 +193,7 @@ STOP_GRACE = 10  # seconds a stopping core gives RPCs and executions in flight
 
 def cmd_core(settings: Settings, _args: argparse.Namespace) -> int:
     from ipaas import heap
-    from ipaas.lifecycle import drain_seconds, insists
+    from ipaas.lifecycle import drain_seconds, insists, stuck_report
     from ipaas.logs import configure_logging
     from ipaas.service.server import CoreServer, stop_seconds
 
@@ -205,6 +205,13 @@ def cmd_core(settings: Settings, _args: argparse.Namespace) -> int:
     def give_up(reason: str) -> None:
         print(f"error: {reason}", file=sys.stderr, flush=True)
         os._exit(EXIT_ERROR)
+
+    def stuck(loop: asyncio.AbstractEventLoop, reason: str) -> None:
+        # Whatever held the stop past every step's limit is named in the log, so the next
+        # overrun can be fixed rather than only cut short.
+        with contextlib.suppress(Exception):
+            logging.getLogger("ipaas.lifecycle").error("stop.stuck", extra=stuck_report(loop))
+        give_up(reason)
 
     async def start(server: CoreServer) -> None:
         try:
@@ -233,7 +240,7 @@ def cmd_core(settings: Settings, _args: argparse.Namespace) -> int:
             # Every step of the stop has a time limit; this is for whatever hangs outside
             # them (a thread the event loop waits for at exit), so the stop always ends.
             limit = drain + stop_seconds(STOP_GRACE) + 10
-            watchdog = threading.Timer(limit, give_up, [f"still stopping {limit:.0f} s after {sig.name}: stopped at once"])
+            watchdog = threading.Timer(limit, stuck, [loop, f"still stopping {limit:.0f} s after {sig.name}: stopped at once"])
             watchdog.daemon = True
             watchdog.start()
 

@@ -96,3 +96,48 @@ async def bounded(step: str, work: Awaitable[object], limit: float) -> None:
         log.warning("stop.step_timed_out", extra={"step": step, "limit_seconds": limit})
     except Exception as exc:
         log.warning("stop.step_failed", extra={"step": step, "error": _one_line(exc)})
+
+
+def stuck_report(loop: asyncio.AbstractEventLoop | None, frames: int = 6) -> dict[str, list[str]]:
+    """What a stop that overran its watchdog is waiting for: each thread's innermost frames
+    and what each unfinished task of the loop awaits (outer > inner). Read from the watchdog's thread while the loop may
+    still be running, so it is best effort (a set changing underneath is skipped)."""
+    import sys
+    import threading
+    import traceback
+
+    names = {t.ident: t.name for t in threading.enumerate()}
+    threads = []
+    for ident, frame in sys._current_frames().items():
+        if ident == threading.get_ident():
+            continue  # the watchdog itself
+        where = " > ".join(f"{f.name} ({f.filename.rsplit('/', 1)[-1]}:{f.lineno})" for f in traceback.extract_stack(frame)[-frames:])
+        threads.append(f"{names.get(ident, ident)}: {where}")
+    waiting: dict[str, int] = {}
+    if loop is not None:
+        try:
+            pending = [t for t in asyncio.all_tasks(loop) if not t.done()]
+        except RuntimeError:
+            pending = []
+        for task in pending:
+            where = " > ".join(f"{f.f_code.co_name} ({f.f_code.co_filename.rsplit('/', 1)[-1]}:{f.f_lineno})" for f in _awaiting(task.get_coro())[:frames])
+            # grpc keeps a task per idle request slot: alike lines are counted, not repeated.
+            line = where or repr(task.get_coro())
+            if not task.get_name().startswith("Task-"):
+                line = f"{task.get_name()}: {line}"
+            waiting[line] = waiting.get(line, 0) + 1
+    tasks = [f"{n}x {line}" if n > 1 else line for line, n in waiting.items()]
+    return {"threads": sorted(threads), "tasks": sorted(tasks)}
+
+
+def _awaiting(coro: object) -> list:
+    """The frames of a suspended coroutine and of what it awaits, outermost first (a
+    suspended coroutine's frame has no f_back, so Task.get_stack shows only the outermost)."""
+    found = []
+    while coro is not None and len(found) < 64:
+        frame = getattr(coro, "cr_frame", None) or getattr(coro, "gi_frame", None) or getattr(coro, "ag_frame", None)
+        if frame is None:
+            break
+        found.append(frame)
+        coro = getattr(coro, "cr_await", None) or getattr(coro, "gi_yieldfrom", None) or getattr(coro, "ag_await", None)
+    return found
