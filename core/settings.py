@@ -96,6 +96,24 @@ def listen_address(env: Mapping[str, str], name: str, default: str, any_port: bo
     return raw
 
 
+# gRPC name-resolver schemes (gRPC's naming doc); a target in one of them is gRPC's to check.
+GRPC_TARGET_SCHEMES = ("dns:", "ipv4:", "ipv6:", "unix:", "unix-abstract:", "vsock:", "xds:")
+
+
+def core_target(env: Mapping[str, str], default: str) -> str:
+    """Where the gateway reaches the core: a gRPC target. A bare host:port must name its port
+    (gRPC would take 443 in silence), and an http:// or grpc:// URL is not a gRPC target (gRPC
+    would read it as a host name): either left the gateway answering 503 for ever."""
+    raw = (env.get("IPAAS_CORE_TARGET") or "").strip()
+    if not raw:
+        return default
+    if raw.startswith(GRPC_TARGET_SCHEMES):
+        return raw
+    if "://" in raw:
+        raise SystemExit(f"IPAAS_CORE_TARGET must be a gRPC target (host:port, dns:///host:port, ipv4:host:port,host:port or unix:path), not a URL, got {raw!r}")
+    return listen_address({"IPAAS_CORE_TARGET": raw}, "IPAAS_CORE_TARGET", default)
+
+
 REDIS_SCHEMES = ("redis", "rediss", "unix")
 HTTP_TRANSPORTS = ("aiohttp", "httpx")  # IPAAS_HTTP_TRANSPORT, the first the default
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
@@ -144,7 +162,7 @@ class Settings:
             database_url=env.get("IPAAS_DATABASE_URL") or f"sqlite:///{data_dir / 'ipaas.db'}",
             grpc_listen=grpc_listen,
             http_listen=listen_address(env, "IPAAS_HTTP_LISTEN", "127.0.0.1:8080"),
-            core_target=env.get("IPAAS_CORE_TARGET") or grpc_listen,
+            core_target=core_target(env, grpc_listen),
             admin_key=env.get("IPAAS_ADMIN_KEY") or None,
             redis_url=_redis_url(env),
             secret_keys=tuple(k.strip() for k in (env.get("IPAAS_SECRET_KEYS") or "").split(",") if k.strip()),

@@ -171,6 +171,7 @@ def test_database_problems_are_one_line_errors(tmp_path: Path, command: list[str
         ("gateway", "IPAAS_REDIS_URL", "localhost:6379", "IPAAS_REDIS_URL must be a redis://, rediss:// or unix:// URL"),
         ("gateway", "IPAAS_RATE_LIMITS_OFF", "ture", "IPAAS_RATE_LIMITS_OFF must be 1 or 0"),
         ("gateway", "IPAAS_LOG_LEVEL", "VERBOSE", "IPAAS_LOG_LEVEL must be"),
+        ("gateway", "IPAAS_CORE_TARGET", "http://127.0.0.1:50051", "IPAAS_CORE_TARGET must be a gRPC target"),
     ],
 )
 def test_a_bad_setting_stops_start_up_in_one_line_naming_it(tmp_path: Path, command: str, setting: str, value: str, expected: str) -> None:

@@ -7,7 +7,7 @@ import pytest
 
 from ipaas.gateway.ratelimit import RateLimiter, parse_tiers
 from ipaas.service.server import EngineSettings, connection_age_options
-from ipaas.settings import Settings, boolean, choice, listen_address, seconds, whole_number
+from ipaas.settings import Settings, boolean, choice, core_target, listen_address, seconds, whole_number
 
 
 @pytest.mark.parametrize(("raw", "expected"), [("8", 8), (" 8 ", 8), ("0", 0), ("1e3", 1000), ("", 7), (None, 7)])
@@ -60,6 +60,29 @@ def test_a_listen_address_is_host_and_port(raw: str) -> None:
 def test_a_listen_address_without_a_usable_port_is_refused(raw: str) -> None:
     with pytest.raises(SystemExit, match=r"^IPAAS_X must be host:port with a port from 1 to 65535"):
         listen_address({"IPAAS_X": raw}, "IPAAS_X", "d")
+
+
+@pytest.mark.parametrize("raw", ["127.0.0.1:50051", "core.internal:50051", "[::1]:50051", "dns:///core:50051", "ipv4:127.0.0.1:1,127.0.0.1:2", "unix:/run/ipaas.sock"])
+def test_a_core_target_is_a_grpc_target(raw: str) -> None:
+    assert core_target({"IPAAS_CORE_TARGET": raw}, "d") == raw
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("core", "must be host:port"),  # gRPC would dial port 443
+        ("core:99999", "must be host:port"),
+        ("http://core:50051", "not a URL"),  # gRPC would resolve "http" as a host name
+        ("grpc://core:50051", "not a URL"),
+    ],
+)
+def test_a_core_target_grpc_would_misread_is_refused(raw: str, expected: str) -> None:
+    with pytest.raises(SystemExit, match=rf"^IPAAS_CORE_TARGET .*{expected}.*got '{raw}'$"):
+        core_target({"IPAAS_CORE_TARGET": raw}, "d")
+
+
+def test_the_core_target_defaults_to_the_grpc_listen_address() -> None:
+    assert Settings.from_env({"IPAAS_GRPC_LISTEN": "127.0.0.1:6000"}).core_target == "127.0.0.1:6000"
 
 
 def test_the_grpc_listen_address_may_ask_for_any_free_port() -> None:
