@@ -93,6 +93,21 @@ def _header_map(scope: dict[str, Any]) -> dict[str, str]:
     return found
 
 
+_KEY_HEADERS = (b"idempotency-key", b"x-idempotency-key")
+
+
+def _idempotency_key(scope: dict[str, Any], h: dict[str, str]) -> str | None:
+    """The request's Idempotency-Key (or X-Idempotency-Key). Two different values, in two
+    headers or one repeated, are refused: taking either one silently could answer a retry
+    with another request's answer, or run it twice."""
+    key = h.get("idempotency-key") or h.get("x-idempotency-key")
+    if key is not None:
+        values = {value for name, value in scope["headers"] if name.lower() in _KEY_HEADERS}
+        if len(values) > 1:
+            raise HttpError(400, "the request has more than one Idempotency-Key (or X-Idempotency-Key) value: send one")
+    return key
+
+
 class Gateway:
     def __init__(self, settings: Settings, *, freeze_heap: bool = False) -> None:
         self.settings = settings
@@ -237,7 +252,7 @@ class Gateway:
         # (below), so requests it refuses cannot keep the owner's own API rate-limited.
         await self._limit(tenant, tier, headers, spend=not route.raw_body)
 
-        key = h.get("idempotency-key") or h.get("x-idempotency-key")
+        key = _idempotency_key(request.scope, h)
         if request.method not in IDEMPOTENT_VERBS:
             key = None  # reads and deletes are idempotent already; the core has no use for it
         elif key is not None and not (1 <= len(key) <= idempotency.MAX_KEY_LENGTH and _ascii_text(key)):

@@ -146,6 +146,27 @@ async def test_idempotent_replay_conflict_and_changed_body(stack) -> None:
     assert too_long.status_code == 400
 
 
+async def test_two_different_idempotency_keys_in_one_request_are_refused(stack) -> None:
+    """Before, the first header won: a client sending both (a proxy adding one) could get
+    another request's kept answer, or a run it meant to dedupe."""
+    core, http, slack = stack
+    wf = (await create_workflow(http, slack))["workflow"]
+    run = f"/api/workflows/{wf['id']}/run"
+    both = await http.post(run, json={}, headers=[("Idempotency-Key", "a"), ("X-Idempotency-Key", "b")])
+    repeated = await http.post(run, json={}, headers=[("Idempotency-Key", "a"), ("Idempotency-Key", "b")])
+    for response in (both, repeated):
+        assert response.status_code == 400, response.text
+        assert "more than one Idempotency-Key" in assert_envelope(response, False)["error"]["message"]
+    agreeing = await http.post(run, json={}, headers=[("Idempotency-Key", "a"), ("X-Idempotency-Key", "a")])
+    assert agreeing.status_code == 202, agreeing.text
+    for _ in range(200):
+        if slack.received:
+            break
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(0.3)
+    assert len(slack.received) == 1, "only the request with one key ran"
+
+
 async def test_in_flight_repeat_is_a_conflict(stack) -> None:
     core, http, slack = stack
     slack.delay = 1.0
