@@ -35,7 +35,7 @@ _IDEMPOTENCY_KEY = {
     "name": "Idempotency-Key",
     "in": "header",
     "required": False,
-    "description": "Repeating a request with the same key within 24 h answers with the first answer (X-Idempotency-Replay: true) instead of running it again; the same key with another request is 422. X-Idempotency-Key is read too.",
+    "description": "Repeating a request with the same key within 24 h answers with the first answer (X-Idempotency-Replay: true) instead of running it again; the same key with another request is 422. X-Idempotency-Key is read too; two different values in one request are 400.",
     "schema": {"type": "string", "minLength": 1, "maxLength": MAX_KEY_LENGTH, "pattern": "^[ -~]+$"},  # printable ASCII: it travels as gRPC metadata
 }
 _WEBHOOK_HEADERS = [
