@@ -81,11 +81,14 @@ class TenantStore:
             s.add(key)
         return NewKey(key=key, secret=secret)
 
-    async def list_keys(self, tenant_id: str) -> list[ApiKey]:
+    async def list_keys(self, tenant_id: str, paging: PageRequest) -> Page[ApiKey]:
         await self.get_tenant(tenant_id)
+        q = select(ApiKey).where(ApiKey.tenant_id == tenant_id).order_by(ApiKey.id.desc()).limit(paging.size + 1)
+        if paging.after:
+            q = q.where(ApiKey.id < paging.after)
         async with self.db.session() as s:
-            q = select(ApiKey).where(ApiKey.tenant_id == tenant_id).order_by(ApiKey.id.desc())
-            return list((await s.scalars(q)).all())
+            rows = list((await s.scalars(q)).all())
+        return Page.of(rows, paging, key=lambda k: k.id)
 
     async def revoke_key(self, key_id: str) -> ApiKey:
         async with self.db.session() as s, s.begin():

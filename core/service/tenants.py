@@ -30,8 +30,8 @@ class TenantServicer(tenants_pb2_grpc.TenantServiceServicer):
         return pb.CreateApiKeyResponse(api_key=convert.api_key(new.key), secret=new.secret)
 
     async def ListApiKeys(self, request: pb.ListApiKeysRequest, context: grpc.aio.ServicerContext) -> pb.ListApiKeysResponse:
-        rows = await self.store.list_keys(request.tenant_id)
-        return pb.ListApiKeysResponse(api_keys=[convert.api_key(k) for k in rows])
+        page = await self.store.list_keys(request.tenant_id, PageRequest.of(request, None))
+        return pb.ListApiKeysResponse(api_keys=[convert.api_key(k) for k in page.items], next_page_token=page.next_token)
 
     async def RevokeApiKey(self, request: pb.RevokeApiKeyRequest, context: grpc.aio.ServicerContext) -> pb.RevokeApiKeyResponse:
         row = await self.store.revoke_key(request.key_id)

@@ -13,12 +13,13 @@ import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from ipaas.v1 import credentials_pb2, executions_pb2, workflows_pb2
-from tests.conftest import core_with, gateway_for
+from ipaas.v1 import credentials_pb2, executions_pb2, tenants_pb2, tenants_pb2_grpc, workflows_pb2
+from tests.conftest import ADMIN_KEY, core_with, gateway_for
 from tests.fakes.slack import FakeSlack
 from tests.integration.helpers import Api, slack_step
 
 FAST = {"IPAAS_RETRY_BASE_DELAY": "0.01", "IPAAS_POLL_INTERVAL": "0.05"}
+ADMIN = {"authorization": f"Bearer {ADMIN_KEY}"}
 
 
 @pytest.fixture
@@ -153,3 +154,29 @@ async def test_a_token_never_reaches_another_tenant(env) -> None:
         listed, _ = await walk_http(theirs_http, "/api/workflows", {"page_size": 1}, "workflows")
     assert listed == theirs[::-1]
 
+
+async def test_api_keys_page_over_grpc_and_rest(env) -> None:
+    core, api, tenant, http, slack = env
+    stub = tenants_pb2_grpc.TenantServiceStub(core.channel)
+    made = [(await stub.CreateApiKey(tenants_pb2.CreateApiKeyRequest(tenant_id=tenant.tenant_id, name=f"k{i}"), metadata=core.admin)).api_key.id for i in range(6)]
+    keys = [tenant.key_id, *made]  # 7, oldest first
+    other = await core.new_tenant(name="other")
+
+    listed, tokens = await walk(stub.ListApiKeys, tenants_pb2.ListApiKeysRequest(tenant_id=tenant.tenant_id, page_size=3), "api_keys", core.admin)
+    assert listed == keys[::-1] and len(tokens) == 2  # 3 + 3 + 1
+    whole = await stub.ListApiKeys(tenants_pb2.ListApiKeysRequest(tenant_id=tenant.tenant_id), metadata=core.admin)
+    assert [k.id for k in whole.api_keys] == keys[::-1] and not whole.next_page_token
+    # Another tenant's keys with this tenant's token: refused, not its keys after some id.
+    other_keys = tenants_pb2.ListApiKeysRequest(tenant_id=other.tenant_id, page_size=3, page_token=tokens[0])
+    await refused_token(stub.ListApiKeys(other_keys, metadata=core.admin))
+    await refused_token(stub.ListTenants(tenants_pb2.ListTenantsRequest(page_token=tokens[0]), metadata=core.admin))
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stub.ListApiKeys(tenants_pb2.ListApiKeysRequest(tenant_id=tenant.tenant_id, page_size=-1), metadata=core.admin)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+    path = f"/api/tenants/{tenant.tenant_id}/keys"
+    listed, tokens = await walk_http(http, path, {"page_size": 3}, "api_keys", headers=ADMIN)
+    assert listed == keys[::-1] and len(tokens) == 2
+    refused_over_http(await http.get(f"/api/tenants/{other.tenant_id}/keys", params={"page_token": tokens[0]}, headers=ADMIN))
+    operation = (await http.get("/openapi.json")).json()["paths"]["/api/tenants/{tenant_id}/keys"]["get"]
+    assert {"page_size", "page_token"} <= {p["name"] for p in operation["parameters"] if p["in"] == "query"}

@@ -10,7 +10,7 @@ from google.protobuf import wrappers_pb2
 
 from ipaas.errors import InvalidArgument
 from ipaas.pagination import Page, PageRequest, within_bytes
-from ipaas.v1 import executions_pb2, workflows_pb2
+from ipaas.v1 import executions_pb2, tenants_pb2, workflows_pb2
 
 
 def _first(request, tenant="tn_a") -> PageRequest:  # type: ignore[no-untyped-def]
@@ -48,6 +48,12 @@ def test_a_token_continues_after_its_key_when_only_page_size_changes() -> None:
 def test_a_token_replayed_with_another_listing_is_refused(replayed, tenant: str) -> None:  # type: ignore[no-untyped-def]
     replayed.page_token = _token(executions_pb2.ListExecutionsRequest(status="failed"), "ex_5")
     assert "another listing" in str(_refused(replayed, tenant))
+
+
+def test_api_key_tokens_are_bound_to_their_tenant_id() -> None:
+    token = _token(tenants_pb2.ListApiKeysRequest(tenant_id="tn_a"), "key_9", tenant=None)
+    assert PageRequest.of(tenants_pb2.ListApiKeysRequest(tenant_id="tn_a", page_token=token), None).after == "key_9"
+    _refused(tenants_pb2.ListApiKeysRequest(tenant_id="tn_b", page_token=token), None)
 
 
 @pytest.mark.parametrize("token", ["!!garbage", "AAAA", base64.urlsafe_b64encode(b"wf_01HZX").decode().rstrip("="), "x" * 200])
