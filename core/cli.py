@@ -371,9 +371,12 @@ def cmd_tenants_create(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_tenants_list(settings: Settings, args: argparse.Namespace) -> int:
     async def all_tenants(store):  # type: ignore[no-untyped-def]
+        from ipaas.pagination import PageRequest
+        from ipaas.v1.tenants_pb2 import ListTenantsRequest
+
         items, token = [], ""
         while True:
-            page = await store.list_tenants(100, token)
+            page = await store.list_tenants(PageRequest.of(ListTenantsRequest(page_size=100, page_token=token), None))
             items += page.items
             if not (token := page.next_token):
                 return items

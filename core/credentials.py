@@ -12,7 +12,7 @@ from sqlalchemy.exc import IntegrityError
 from ipaas.crypto import SecretBox
 from ipaas.errors import AlreadyExists, InvalidArgument, NotFound
 from ipaas.ids import new_id
-from ipaas.pagination import Page, decode_token, page_size
+from ipaas.pagination import Page, PageRequest
 from ipaas.singleflight import SingleFlight
 from ipaas.storage.db import Database
 from ipaas.storage.tables import Credential, utcnow
@@ -65,16 +65,15 @@ class CredentialStore:
             raise AlreadyExists(f"a {connector} credential named {name!r} already exists") from None
         return row
 
-    async def list(self, tenant_id: str, connector: str, size: int, token: str) -> Page[Credential]:
-        limit = page_size(size)
-        q = select(Credential).where(Credential.tenant_id == tenant_id).order_by(Credential.id.desc()).limit(limit + 1)
+    async def list(self, tenant_id: str, connector: str, paging: PageRequest) -> Page[Credential]:
+        q = select(Credential).where(Credential.tenant_id == tenant_id).order_by(Credential.id.desc()).limit(paging.size + 1)
         if connector:
             q = q.where(Credential.connector == connector)
-        if token:
-            q = q.where(Credential.id < decode_token(token))
+        if paging.after:
+            q = q.where(Credential.id < paging.after)
         async with self.db.session() as s:
             rows = list((await s.scalars(q)).all())
-        return Page.of(rows, limit, key=lambda c: c.id)
+        return Page.of(rows, paging, key=lambda c: c.id)
 
     async def get(self, tenant_id: str, credential_id: str) -> Credential:
         async with self.db.session() as s:

@@ -10,7 +10,7 @@ from sqlalchemy import delete, select, update
 
 from ipaas.engine import outbox
 from ipaas.errors import FailedPrecondition, InvalidArgument, NotFound
-from ipaas.pagination import Page, decode_token, page_size
+from ipaas.pagination import Page, PageRequest
 from ipaas.storage.db import Database
 from ipaas.storage.tables import Execution, ExecutionStep, OutboxTask, utcnow
 
@@ -44,20 +44,19 @@ class ExecutionStore:
             raise NotFound(f"execution {execution_id} not found")
         return ExecutionView(row, steps)
 
-    async def list(self, tenant_id: str, workflow_id: str, status: str, size: int, token: str) -> Page[Execution]:
+    async def list(self, tenant_id: str, workflow_id: str, status: str, paging: PageRequest) -> Page[Execution]:
         if status and status not in STATUSES:
             raise InvalidArgument.field("status", f"must be one of {', '.join(STATUSES)}")
-        limit = page_size(size)
-        q = select(Execution).where(Execution.tenant_id == tenant_id).order_by(Execution.id.desc()).limit(limit + 1)
+        q = select(Execution).where(Execution.tenant_id == tenant_id).order_by(Execution.id.desc()).limit(paging.size + 1)
         if workflow_id:
             q = q.where(Execution.workflow_id == workflow_id)
         if status:
             q = q.where(Execution.status == status)
-        if token:
-            q = q.where(Execution.id < decode_token(token))
+        if paging.after:
+            q = q.where(Execution.id < paging.after)
         async with self.db.session() as s:
             rows = list((await s.scalars(q)).all())
-        return Page.of(rows, limit, key=lambda e: e.id)
+        return Page.of(rows, paging, key=lambda e: e.id)
 
     async def replay(self, tenant_id: str, execution_id: str) -> ExecutionView:
         """Queue a dead or failed execution again, with a fresh attempt budget. Succeeded

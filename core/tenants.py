@@ -9,7 +9,7 @@ from sqlalchemy import bindparam, select
 from ipaas import auth
 from ipaas.errors import InvalidArgument, NotFound, Unauthenticated
 from ipaas.ids import new_id
-from ipaas.pagination import Page, decode_token, page_size
+from ipaas.pagination import Page, PageRequest
 from ipaas.storage.db import Database
 from ipaas.storage.tables import ApiKey, Tenant, utcnow
 
@@ -51,14 +51,13 @@ class TenantStore:
             s.add(tenant)
         return tenant
 
-    async def list_tenants(self, size: int, token: str) -> Page[Tenant]:
-        limit = page_size(size)
-        q = select(Tenant).order_by(Tenant.id.desc()).limit(limit + 1)
-        if token:
-            q = q.where(Tenant.id < decode_token(token))
+    async def list_tenants(self, paging: PageRequest) -> Page[Tenant]:
+        q = select(Tenant).order_by(Tenant.id.desc()).limit(paging.size + 1)
+        if paging.after:
+            q = q.where(Tenant.id < paging.after)
         async with self.db.session() as s:
             rows = list((await s.scalars(q)).all())
-        return Page.of(rows, limit, key=lambda t: t.id)
+        return Page.of(rows, paging, key=lambda t: t.id)
 
     async def get_tenant(self, tenant_id: str) -> Tenant:
         async with self.db.session() as s:
@@ -82,11 +81,14 @@ class TenantStore:
             s.add(key)
         return NewKey(key=key, secret=secret)
 
-    async def list_keys(self, tenant_id: str) -> list[ApiKey]:
+    async def list_keys(self, tenant_id: str, paging: PageRequest) -> Page[ApiKey]:
         await self.get_tenant(tenant_id)
+        q = select(ApiKey).where(ApiKey.tenant_id == tenant_id).order_by(ApiKey.id.desc()).limit(paging.size + 1)
+        if paging.after:
+            q = q.where(ApiKey.id < paging.after)
         async with self.db.session() as s:
-            q = select(ApiKey).where(ApiKey.tenant_id == tenant_id).order_by(ApiKey.id.desc())
-            return list((await s.scalars(q)).all())
+            rows = list((await s.scalars(q)).all())
+        return Page.of(rows, paging, key=lambda k: k.id)
 
     async def revoke_key(self, key_id: str) -> ApiKey:
         async with self.db.session() as s, s.begin():

@@ -23,7 +23,7 @@ from ipaas.crypto import SecretBox
 from ipaas.engine import schedule
 from ipaas.errors import Aborted, FailedPrecondition, FieldViolation, InvalidArgument, NotFound, Unavailable
 from ipaas.ids import new_id
-from ipaas.pagination import MAX_VERSION, Page, decode_token, decode_version_token, page_size
+from ipaas.pagination import MAX_VERSION, Page, PageRequest
 from ipaas.singleflight import SingleFlight
 from ipaas.storage.db import Database
 from ipaas.storage.tables import Schedule, Tenant, WebhookSecret, Workflow, WorkflowVersion, utcnow
@@ -149,21 +149,20 @@ class WorkflowStore:
         self._versions[(workflow_id, version)] = row.definition
         return row.definition
 
-    async def list(self, tenant_id: str, size: int, token: str) -> Page[WorkflowView]:
-        limit = page_size(size)
+    async def list(self, tenant_id: str, paging: PageRequest) -> Page[WorkflowView]:
         q = (
             select(Workflow, WorkflowVersion)
             .join(WorkflowVersion, (WorkflowVersion.workflow_id == Workflow.id) & (WorkflowVersion.version == Workflow.current_version))
             .where(Workflow.tenant_id == tenant_id, Workflow.deleted_at.is_(None))
             .order_by(Workflow.id.desc())
-            .limit(limit + 1)
+            .limit(paging.size + 1)
         )
-        if token:
-            q = q.where(Workflow.id < decode_token(token))
+        if paging.after:
+            q = q.where(Workflow.id < paging.after)
         async with self.db.session() as s:
             rows = (await s.execute(q)).all()
         views = [WorkflowView(wf, v.version, v.definition, v.created_at) for wf, v in rows]
-        return Page.of(views, limit, key=lambda v: v.workflow.id)
+        return Page.of(views, paging, key=lambda v: v.workflow.id)
 
     async def update(
         self, tenant_id: str, workflow_id: str, expected_version: int, changes: dict[str, Any], active: bool | None = None, merge_options: bool = False
@@ -270,17 +269,15 @@ class WorkflowStore:
             await s.execute(delete(Schedule).where(Schedule.workflow_id == wf.id))
         self.forget(workflow_id)
 
-    async def list_versions(self, tenant_id: str, workflow_id: str, size: int, token: str) -> tuple[Workflow, list[WorkflowVersion], str]:
-        limit = page_size(size)
-        before = decode_version_token(token) if token else None
+    async def list_versions(self, tenant_id: str, workflow_id: str, paging: PageRequest) -> tuple[Workflow, Page[WorkflowVersion]]:
+        before = paging.version_after()
         async with self.db.session() as s:
             wf = await self._row(s, tenant_id, workflow_id)
-            q = select(WorkflowVersion).where(WorkflowVersion.workflow_id == workflow_id).order_by(WorkflowVersion.version.desc()).limit(limit + 1)
+            q = select(WorkflowVersion).where(WorkflowVersion.workflow_id == workflow_id).order_by(WorkflowVersion.version.desc()).limit(paging.size + 1)
             if before is not None:
                 q = q.where(WorkflowVersion.version < before)
             rows = list((await s.scalars(q)).all())
-        page = Page.of(rows, limit, key=lambda v: str(v.version))
-        return wf, page.items, page.next_token
+        return wf, Page.of(rows, paging, key=lambda v: str(v.version))
 
     async def rotate_secret(self, tenant_id: str, workflow_id: str, grace_seconds: int, revoke_previous: bool) -> tuple[str, datetime]:
         if grace_seconds < 0:

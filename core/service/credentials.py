@@ -5,6 +5,7 @@ from __future__ import annotations
 import grpc
 
 from ipaas.credentials import CredentialStore
+from ipaas.pagination import PageRequest
 from ipaas.service import convert
 from ipaas.auth import current_tenant as _tenant
 from ipaas.v1 import credentials_pb2 as pb
@@ -24,7 +25,7 @@ class CredentialServicer(credentials_pb2_grpc.CredentialServiceServicer):
         return pb.CreateCredentialResponse(credential=_credential(row))
 
     async def ListCredentials(self, request: pb.ListCredentialsRequest, context: grpc.aio.ServicerContext) -> pb.ListCredentialsResponse:
-        page = await self.store.list(_tenant(), request.connector, request.page_size, request.page_token)
+        page = await self.store.list(_tenant(), request.connector, PageRequest.of(request, _tenant()))
         return pb.ListCredentialsResponse(credentials=[_credential(r) for r in page.items], next_page_token=page.next_token)
 
     async def DeleteCredential(self, request: pb.DeleteCredentialRequest, context: grpc.aio.ServicerContext) -> pb.DeleteCredentialResponse:

@@ -16,7 +16,7 @@ from ipaas.dryrun import DryRunner
 from ipaas.engine.outbox import queue_depth
 from ipaas.errors import IpaasError, InvalidArgument
 from ipaas.execution_store import ExecutionStore, ExecutionView
-from ipaas.pagination import within_bytes
+from ipaas.pagination import PageRequest, within_bytes
 from ipaas.service import convert
 from ipaas.service.interceptors import DATABASE_UNAVAILABLE, REQUEST_ID, add_trailing_metadata, database_down, request_id_from
 from ipaas.service.status import to_status_proto
@@ -178,8 +178,8 @@ class ExecutionServicer(executions_pb2_grpc.ExecutionServiceServicer):
         return pb.GetExecutionResponse(execution=_view(await self.store.get(_tenant(), request.id)))
 
     async def ListExecutions(self, request: pb.ListExecutionsRequest, context: grpc.aio.ServicerContext) -> pb.ListExecutionsResponse:
-        page = await self.store.list(_tenant(), request.workflow_id, request.status, request.page_size, request.page_token)
-        items, token = within_bytes([execution(e) for e in page.items], page.items, page.next_token, key=lambda e: e.id)
+        page = await self.store.list(_tenant(), request.workflow_id, request.status, PageRequest.of(request, _tenant()))
+        items, token = within_bytes([execution(e) for e in page.items], page, key=lambda e: e.id)
         return pb.ListExecutionsResponse(executions=items, next_page_token=token)
 
     async def ReplayExecution(self, request: pb.ReplayExecutionRequest, context: grpc.aio.ServicerContext) -> pb.ReplayExecutionResponse:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import grpc
 
 from ipaas import auth
+from ipaas.pagination import PageRequest
 from ipaas.service import convert
 from ipaas.tenants import TenantStore
 from ipaas.v1 import tenants_pb2 as pb
@@ -20,7 +21,8 @@ class TenantServicer(tenants_pb2_grpc.TenantServiceServicer):
         return pb.CreateTenantResponse(tenant=convert.tenant(row))
 
     async def ListTenants(self, request: pb.ListTenantsRequest, context: grpc.aio.ServicerContext) -> pb.ListTenantsResponse:
-        page = await self.store.list_tenants(request.page_size, request.page_token)
+        # Admin-only (the interceptor checks): tokens are bound to the admin, not a tenant.
+        page = await self.store.list_tenants(PageRequest.of(request, None))
         return pb.ListTenantsResponse(tenants=[convert.tenant(t) for t in page.items], next_page_token=page.next_token)
 
     async def CreateApiKey(self, request: pb.CreateApiKeyRequest, context: grpc.aio.ServicerContext) -> pb.CreateApiKeyResponse:
@@ -28,8 +30,8 @@ class TenantServicer(tenants_pb2_grpc.TenantServiceServicer):
         return pb.CreateApiKeyResponse(api_key=convert.api_key(new.key), secret=new.secret)
 
     async def ListApiKeys(self, request: pb.ListApiKeysRequest, context: grpc.aio.ServicerContext) -> pb.ListApiKeysResponse:
-        rows = await self.store.list_keys(request.tenant_id)
-        return pb.ListApiKeysResponse(api_keys=[convert.api_key(k) for k in rows])
+        page = await self.store.list_keys(request.tenant_id, PageRequest.of(request, None))
+        return pb.ListApiKeysResponse(api_keys=[convert.api_key(k) for k in page.items], next_page_token=page.next_token)
 
     async def RevokeApiKey(self, request: pb.RevokeApiKeyRequest, context: grpc.aio.ServicerContext) -> pb.RevokeApiKeyResponse:
         row = await self.store.revoke_key(request.key_id)

@@ -6,7 +6,7 @@ import grpc
 
 from ipaas.auth import current_tenant as _tenant
 from ipaas.errors import InvalidArgument
-from ipaas.pagination import within_bytes
+from ipaas.pagination import PageRequest, within_bytes
 from ipaas.service import convert
 from ipaas.v1 import workflows_pb2 as pb
 from ipaas.v1 import workflows_pb2_grpc
@@ -29,8 +29,8 @@ class WorkflowServicer(workflows_pb2_grpc.WorkflowServiceServicer):
         return pb.GetWorkflowResponse(workflow=convert.workflow(await self.store.get(_tenant(), request.id)))
 
     async def ListWorkflows(self, request: pb.ListWorkflowsRequest, context: grpc.aio.ServicerContext) -> pb.ListWorkflowsResponse:
-        page = await self.store.list(_tenant(), request.page_size, request.page_token)
-        items, token = within_bytes([convert.workflow(v) for v in page.items], page.items, page.next_token, key=lambda v: v.workflow.id)
+        page = await self.store.list(_tenant(), PageRequest.of(request, _tenant()))
+        items, token = within_bytes([convert.workflow(v) for v in page.items], page, key=lambda v: v.workflow.id)
         return pb.ListWorkflowsResponse(workflows=items, next_page_token=token)
 
     async def UpdateWorkflow(self, request: pb.UpdateWorkflowRequest, context: grpc.aio.ServicerContext) -> pb.UpdateWorkflowResponse:
@@ -65,11 +65,11 @@ class WorkflowServicer(workflows_pb2_grpc.WorkflowServiceServicer):
         return pb.SetWorkflowActiveResponse(workflow=convert.workflow(view))
 
     async def ListWorkflowVersions(self, request: pb.ListWorkflowVersionsRequest, context: grpc.aio.ServicerContext) -> pb.ListWorkflowVersionsResponse:
-        wf, rows, token = await self.store.list_versions(_tenant(), request.id, request.page_size, request.page_token)
+        wf, page = await self.store.list_versions(_tenant(), request.id, PageRequest.of(request, _tenant()))
         from ipaas.workflow_store import WorkflowView
 
-        versions = [convert.workflow(WorkflowView(wf, r.version, r.definition, r.created_at)) for r in rows]
-        versions, token = within_bytes(versions, rows, token, key=lambda r: str(r.version))
+        versions = [convert.workflow(WorkflowView(wf, r.version, r.definition, r.created_at)) for r in page.items]
+        versions, token = within_bytes(versions, page, key=lambda r: str(r.version))
         return pb.ListWorkflowVersionsResponse(versions=versions, next_page_token=token)
 
     async def GetWorkflowVersion(self, request: pb.GetWorkflowVersionRequest, context: grpc.aio.ServicerContext) -> pb.GetWorkflowVersionResponse:

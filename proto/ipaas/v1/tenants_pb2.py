@@ -26,7 +26,7 @@ from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16ipaas/v1/tenants.proto\x12\x08ipaas.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"`\n\x06Tenant\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0c\n\x04tier\x18\x03 \x01(\t\x12.\n\ncreated_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xa5\x01\n\x06\x41piKey\x12\n\n\x02id\x18\x01 \x01(\t\x12\x11\n\ttenant_id\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x0e\n\x06prefix\x18\x04 \x01(\t\x12.\n\ncreated_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nrevoked_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"1\n\x13\x43reateTenantRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04tier\x18\x02 \x01(\t\"8\n\x14\x43reateTenantResponse\x12 \n\x06tenant\x18\x01 \x01(\x0b\x32\x10.ipaas.v1.Tenant\";\n\x12ListTenantsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"Q\n\x13ListTenantsResponse\x12!\n\x07tenants\x18\x01 \x03(\x0b\x32\x10.ipaas.v1.Tenant\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"6\n\x13\x43reateApiKeyRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\"I\n\x14\x43reateApiKeyResponse\x12!\n\x07\x61pi_key\x18\x01 \x01(\x0b\x32\x10.ipaas.v1.ApiKey\x12\x0e\n\x06secret\x18\x02 \x01(\t\"\'\n\x12ListApiKeysRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\"9\n\x13ListApiKeysResponse\x12\"\n\x08\x61pi_keys\x18\x01 \x03(\x0b\x32\x10.ipaas.v1.ApiKey\"%\n\x13RevokeApiKeyRequest\x12\x0e\n\x06key_id\x18\x01 \x01(\t\"9\n\x14RevokeApiKeyResponse\x12!\n\x07\x61pi_key\x18\x01 \x01(\x0b\x32\x10.ipaas.v1.ApiKey\"\x12\n\x10GetCallerRequest\"D\n\x11GetCallerResponse\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x0c\n\x04tier\x18\x02 \x01(\t\x12\x0e\n\x06key_id\x18\x03 \x01(\t2\x93\x05\n\rTenantService\x12n\n\x0c\x43reateTenant\x12\x1d.ipaas.v1.CreateTenantRequest\x1a\x1e.ipaas.v1.CreateTenantResponse\"\x1f\x82\xd3\xe4\x93\x02\x19\"\x0c/api/tenants:\x01*b\x06tenant\x12`\n\x0bListTenants\x12\x1c.ipaas.v1.ListTenantsRequest\x1a\x1d.ipaas.v1.ListTenantsResponse\"\x14\x82\xd3\xe4\x93\x02\x0e\x12\x0c/api/tenants\x12w\n\x0c\x43reateApiKey\x12\x1d.ipaas.v1.CreateApiKeyRequest\x1a\x1e.ipaas.v1.CreateApiKeyResponse\"(\x82\xd3\xe4\x93\x02\"\"\x1d/api/tenants/{tenant_id}/keys:\x01*\x12q\n\x0bListApiKeys\x12\x1c.ipaas.v1.ListApiKeysRequest\x1a\x1d.ipaas.v1.ListApiKeysResponse\"%\x82\xd3\xe4\x93\x02\x1f\x12\x1d/api/tenants/{tenant_id}/keys\x12i\n\x0cRevokeApiKey\x12\x1d.ipaas.v1.RevokeApiKeyRequest\x1a\x1e.ipaas.v1.RevokeApiKeyResponse\"\x1a\x82\xd3\xe4\x93\x02\x14*\x12/api/keys/{key_id}\x12Y\n\tGetCaller\x12\x1a.ipaas.v1.GetCallerRequest\x1a\x1b.ipaas.v1.GetCallerResponse\"\x13\x82\xd3\xe4\x93\x02\r\x12\x0b/api/callerb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16ipaas/v1/tenants.proto\x12\x08ipaas.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"`\n\x06Tenant\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0c\n\x04tier\x18\x03 \x01(\t\x12.\n\ncreated_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xa5\x01\n\x06\x41piKey\x12\n\n\x02id\x18\x01 \x01(\t\x12\x11\n\ttenant_id\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x0e\n\x06prefix\x18\x04 \x01(\t\x12.\n\ncreated_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nrevoked_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"1\n\x13\x43reateTenantRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04tier\x18\x02 \x01(\t\"8\n\x14\x43reateTenantResponse\x12 \n\x06tenant\x18\x01 \x01(\x0b\x32\x10.ipaas.v1.Tenant\";\n\x12ListTenantsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"Q\n\x13ListTenantsResponse\x12!\n\x07tenants\x18\x01 \x03(\x0b\x32\x10.ipaas.v1.Tenant\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"6\n\x13\x43reateApiKeyRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\"I\n\x14\x43reateApiKeyResponse\x12!\n\x07\x61pi_key\x18\x01 \x01(\x0b\x32\x10.ipaas.v1.ApiKey\x12\x0e\n\x06secret\x18\x02 \x01(\t\"N\n\x12ListApiKeysRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"R\n\x13ListApiKeysResponse\x12\"\n\x08\x61pi_keys\x18\x01 \x03(\x0b\x32\x10.ipaas.v1.ApiKey\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"%\n\x13RevokeApiKeyRequest\x12\x0e\n\x06key_id\x18\x01 \x01(\t\"9\n\x14RevokeApiKeyResponse\x12!\n\x07\x61pi_key\x18\x01 \x01(\x0b\x32\x10.ipaas.v1.ApiKey\"\x12\n\x10GetCallerRequest\"D\n\x11GetCallerResponse\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x0c\n\x04tier\x18\x02 \x01(\t\x12\x0e\n\x06key_id\x18\x03 \x01(\t2\x93\x05\n\rTenantService\x12n\n\x0c\x43reateTenant\x12\x1d.ipaas.v1.CreateTenantRequest\x1a\x1e.ipaas.v1.CreateTenantResponse\"\x1f\x82\xd3\xe4\x93\x02\x19\"\x0c/api/tenants:\x01*b\x06tenant\x12`\n\x0bListTenants\x12\x1c.ipaas.v1.ListTenantsRequest\x1a\x1d.ipaas.v1.ListTenantsResponse\"\x14\x82\xd3\xe4\x93\x02\x0e\x12\x0c/api/tenants\x12w\n\x0c\x43reateApiKey\x12\x1d.ipaas.v1.CreateApiKeyRequest\x1a\x1e.ipaas.v1.CreateApiKeyResponse\"(\x82\xd3\xe4\x93\x02\"\"\x1d/api/tenants/{tenant_id}/keys:\x01*\x12q\n\x0bListApiKeys\x12\x1c.ipaas.v1.ListApiKeysRequest\x1a\x1d.ipaas.v1.ListApiKeysResponse\"%\x82\xd3\xe4\x93\x02\x1f\x12\x1d/api/tenants/{tenant_id}/keys\x12i\n\x0cRevokeApiKey\x12\x1d.ipaas.v1.RevokeApiKeyRequest\x1a\x1e.ipaas.v1.RevokeApiKeyResponse\"\x1a\x82\xd3\xe4\x93\x02\x14*\x12/api/keys/{key_id}\x12Y\n\tGetCaller\x12\x1a.ipaas.v1.GetCallerRequest\x1a\x1b.ipaas.v1.GetCallerResponse\"\x13\x82\xd3\xe4\x93\x02\r\x12\x0b/api/callerb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -62,17 +62,17 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CREATEAPIKEYRESPONSE']._serialized_start=674
   _globals['_CREATEAPIKEYRESPONSE']._serialized_end=747
   _globals['_LISTAPIKEYSREQUEST']._serialized_start=749
-  _globals['_LISTAPIKEYSREQUEST']._serialized_end=788
-  _globals['_LISTAPIKEYSRESPONSE']._serialized_start=790
-  _globals['_LISTAPIKEYSRESPONSE']._serialized_end=847
-  _globals['_REVOKEAPIKEYREQUEST']._serialized_start=849
-  _globals['_REVOKEAPIKEYREQUEST']._serialized_end=886
-  _globals['_REVOKEAPIKEYRESPONSE']._serialized_start=888
-  _globals['_REVOKEAPIKEYRESPONSE']._serialized_end=945
-  _globals['_GETCALLERREQUEST']._serialized_start=947
-  _globals['_GETCALLERREQUEST']._serialized_end=965
-  _globals['_GETCALLERRESPONSE']._serialized_start=967
-  _globals['_GETCALLERRESPONSE']._serialized_end=1035
-  _globals['_TENANTSERVICE']._serialized_start=1038
-  _globals['_TENANTSERVICE']._serialized_end=1697
+  _globals['_LISTAPIKEYSREQUEST']._serialized_end=827
+  _globals['_LISTAPIKEYSRESPONSE']._serialized_start=829
+  _globals['_LISTAPIKEYSRESPONSE']._serialized_end=911
+  _globals['_REVOKEAPIKEYREQUEST']._serialized_start=913
+  _globals['_REVOKEAPIKEYREQUEST']._serialized_end=950
+  _globals['_REVOKEAPIKEYRESPONSE']._serialized_start=952
+  _globals['_REVOKEAPIKEYRESPONSE']._serialized_end=1009
+  _globals['_GETCALLERREQUEST']._serialized_start=1011
+  _globals['_GETCALLERREQUEST']._serialized_end=1029
+  _globals['_GETCALLERRESPONSE']._serialized_start=1031
+  _globals['_GETCALLERRESPONSE']._serialized_end=1099
+  _globals['_TENANTSERVICE']._serialized_start=1102
+  _globals['_TENANTSERVICE']._serialized_end=1761
 # @@protoc_insertion_point(module_scope)
