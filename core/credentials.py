@@ -9,6 +9,7 @@ from cachetools import TTLCache
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
+from ipaas import reasons
 from ipaas.crypto import SecretBox
 from ipaas.errors import AlreadyExists, InvalidArgument, NotFound
 from ipaas.ids import new_id
@@ -62,7 +63,7 @@ class CredentialStore:
             async with self.db.session() as s, s.begin():
                 s.add(row)
         except IntegrityError:
-            raise AlreadyExists(f"a {connector} credential named {name!r} already exists") from None
+            raise AlreadyExists(f"a {connector} credential named {name!r} already exists", reasons.CREDENTIAL_ALREADY_EXISTS) from None
         return row
 
     async def list(self, tenant_id: str, connector: str, paging: PageRequest) -> Page[Credential]:
@@ -79,14 +80,14 @@ class CredentialStore:
         async with self.db.session() as s:
             row = await s.get(Credential, credential_id)
         if row is None or row.tenant_id != tenant_id:
-            raise NotFound(f"credential {credential_id} not found")
+            raise NotFound(f"credential {credential_id} not found", reasons.CREDENTIAL_NOT_FOUND(credentialId=credential_id))
         return row
 
     async def delete(self, tenant_id: str, credential_id: str) -> None:
         async with self.db.session() as s, s.begin():
             row = await s.get(Credential, credential_id)
             if row is None or row.tenant_id != tenant_id:
-                raise NotFound(f"credential {credential_id} not found")
+                raise NotFound(f"credential {credential_id} not found", reasons.CREDENTIAL_NOT_FOUND(credentialId=credential_id))
             await s.delete(row)
         self.forget(credential_id)
         self.on_deleted(credential_id)
@@ -121,7 +122,7 @@ class CredentialStore:
             # once: one of them loads the row, the rest wait for it.
             row = await self._loads.do(credential_id, lambda: self._load(credential_id))
         if row is None or row.tenant_id != tenant_id:
-            raise NotFound(f"credential {credential_id} not found")
+            raise NotFound(f"credential {credential_id} not found", reasons.CREDENTIAL_NOT_FOUND(credentialId=credential_id))
         value = self.box.decrypt(row.ciphertext)
         assert isinstance(value, dict)
         return value

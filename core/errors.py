@@ -1,13 +1,27 @@
 """Domain errors. One root, a flat hierarchy; the gRPC layer maps each to a status code in
-one table (ipaas.service.status), so domain code never speaks gRPC."""
+one table (ipaas.service.status), so domain code never speaks gRPC.
+
+Each error carries a reason (ipaas.reasons), which the caller reads as ErrorInfo.reason: a
+raise site names its cause when the class has several, and each class has a default, so no
+error goes without one."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ipaas import reasons
+from ipaas.reasons import Reason
+
 
 class IpaasError(Exception):
     """Root of every error a caller may see. The message is safe to show: no secrets."""
+
+    reason: Reason = reasons.INTERNAL_ERROR
+
+    def __init__(self, message: str, reason: Reason | None = None) -> None:
+        super().__init__(message)
+        if reason is not None:
+            self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -17,8 +31,10 @@ class FieldViolation:
 
 
 class InvalidArgument(IpaasError):
-    def __init__(self, message: str, violations: list[FieldViolation] | None = None) -> None:
-        super().__init__(message)
+    reason = reasons.INVALID_FIELD
+
+    def __init__(self, message: str, violations: list[FieldViolation] | None = None, reason: Reason | None = None) -> None:
+        super().__init__(message, reason)
         self.violations = list(violations or [])
 
     @classmethod
@@ -32,32 +48,34 @@ class InvalidArgument(IpaasError):
 
 
 class NotFound(IpaasError):
-    pass
+    reason = reasons.RESOURCE_NOT_FOUND
 
 
 class AlreadyExists(IpaasError):
-    pass
+    reason = reasons.RESOURCE_ALREADY_EXISTS
 
 
 class Aborted(IpaasError):
     """A concurrent change won (e.g. a stale expected_version)."""
 
+    reason = reasons.STALE_VERSION
+
 
 class FailedPrecondition(IpaasError):
-    pass
+    reason = reasons.PRECONDITION_FAILED
 
 
 class Unauthenticated(IpaasError):
-    pass
+    reason = reasons.API_KEY_INVALID
 
 
 class PermissionDenied(IpaasError):
-    pass
+    reason = reasons.ACCESS_DENIED
 
 
 class ResourceExhausted(IpaasError):
-    pass
+    reason = reasons.QUEUE_FULL
 
 
 class Unavailable(IpaasError):
-    pass
+    reason = reasons.SERVICE_UNAVAILABLE

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from sqlalchemy import delete, select, update
 
+from ipaas import reasons
 from ipaas.engine import outbox
 from ipaas.errors import FailedPrecondition, InvalidArgument, NotFound
 from ipaas.pagination import Page, PageRequest
@@ -41,7 +42,7 @@ class ExecutionStore:
 
         row, steps = await self.db.read(load)
         if row is None:
-            raise NotFound(f"execution {execution_id} not found")
+            raise NotFound(f"execution {execution_id} not found", reasons.EXECUTION_NOT_FOUND(executionId=execution_id))
         return ExecutionView(row, steps)
 
     async def list(self, tenant_id: str, workflow_id: str, status: str, paging: PageRequest) -> Page[Execution]:
@@ -91,5 +92,5 @@ class ExecutionStore:
             return
         status = await s.scalar(select(Execution.status).where(Execution.id == execution_id, Execution.tenant_id == tenant_id))
         if status is None:
-            raise NotFound(f"execution {execution_id} not found")
-        raise FailedPrecondition(f"execution {execution_id} is {status}; only {' or '.join(allowed)} executions can be {action}")
+            raise NotFound(f"execution {execution_id} not found", reasons.EXECUTION_NOT_FOUND(executionId=execution_id))
+        raise FailedPrecondition(f"execution {execution_id} is {status}; only {' or '.join(allowed)} executions can be {action}", reasons.EXECUTION_STATUS_CONFLICT(executionId=execution_id, status=status))

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from sqlalchemy import bindparam, select
 
-from ipaas import auth
+from ipaas import auth, reasons
 from ipaas.errors import InvalidArgument, NotFound, Unauthenticated
 from ipaas.ids import new_id
 from ipaas.pagination import Page, PageRequest
@@ -63,7 +63,7 @@ class TenantStore:
         async with self.db.session() as s:
             tenant = await s.get(Tenant, tenant_id)
         if tenant is None:
-            raise NotFound(f"tenant {tenant_id} not found")
+            raise NotFound(f"tenant {tenant_id} not found", reasons.TENANT_NOT_FOUND(tenantId=tenant_id))
         return tenant
 
     async def create_key(self, tenant_id: str, name: str) -> NewKey:
@@ -94,7 +94,7 @@ class TenantStore:
         async with self.db.session() as s, s.begin():
             key = await s.get(ApiKey, key_id)
             if key is None:
-                raise NotFound(f"API key {key_id} not found")
+                raise NotFound(f"API key {key_id} not found", reasons.API_KEY_NOT_FOUND(keyId=key_id))
             if key.revoked_at is None:
                 key.revoked_at = utcnow()
         return key
@@ -102,11 +102,11 @@ class TenantStore:
     async def authenticate(self, presented: str | None) -> auth.Caller:
         """The caller a bearer key belongs to. Looked up on every call, so revocation is immediate."""
         if not presented:
-            raise Unauthenticated("missing API key: send 'authorization: Bearer <key>'")
+            raise Unauthenticated("missing API key: send 'authorization: Bearer <key>'", reasons.API_KEY_MISSING)
         digest = auth.hash_key(presented)
         if auth.keys_match(digest, self._admin_hash):
             return auth.ADMIN
         row = await self.db.read(lambda conn: conn.execute(_CALLER, {"digest": digest}).first())
         if row is None:
-            raise Unauthenticated("invalid or revoked API key")
+            raise Unauthenticated("invalid or revoked API key", reasons.API_KEY_INVALID)
         return auth.Caller(tenant_id=row.tenant_id, tier=row.tier, key_id=row.id)

@@ -12,6 +12,7 @@ from typing import Any
 import orjson
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
+from ipaas import reasons
 from ipaas.definitions import max_attempts
 from ipaas.engine.enqueuer import Enqueuer
 from ipaas.engine.outbox import Accepted, NewExecution
@@ -81,7 +82,7 @@ class TriggerService:
         """The accepted execution and the workflow version it runs."""
         view = await self.workflows.get(tenant_id, workflow_id)
         if not view.workflow.active:
-            raise FailedPrecondition(f"workflow {workflow_id} is inactive: activate it first")
+            raise FailedPrecondition(f"workflow {workflow_id} is inactive: activate it first", reasons.WORKFLOW_INACTIVE(workflowId=workflow_id))
         key = _key(idempotency_key, "idempotency-key")
         accepted = await self.enqueuer.submit(
             NewExecution(
@@ -103,7 +104,7 @@ class TriggerService:
         # An id with a NUL cannot exist, and PostgreSQL would refuse to look it up.
         target = None if "\x00" in workflow_id else await self.workflows.webhook_target(workflow_id)
         if target is None:
-            raise NotFound(f"workflow {workflow_id} not found")
+            raise NotFound(f"workflow {workflow_id} not found", reasons.WORKFLOW_NOT_FOUND(workflowId=workflow_id))
         headers = {k.lower(): v for k, v in headers.items()}
         try:
             body.decode()
@@ -115,7 +116,7 @@ class TriggerService:
         unsigned_ok = bool(target.definition.get("options", {}).get("allow_unsigned_webhooks"))
         if not unsigned_ok and not verify_signature(target.secrets, body, headers):
             log.warning("webhook.rejected", extra={"workflow_id": workflow_id, "tenant_id": target.tenant_id})
-            raise Unauthenticated("missing or invalid webhook signature (Standard Webhooks: webhook-id, webhook-timestamp, webhook-signature)")
+            raise Unauthenticated("missing or invalid webhook signature (Standard Webhooks: webhook-id, webhook-timestamp, webhook-signature)", reasons.WEBHOOK_SIGNATURE_INVALID(workflowId=workflow_id))
         try:
             payload = orjson.loads(body) if body else None
         except orjson.JSONDecodeError:

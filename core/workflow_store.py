@@ -17,7 +17,7 @@ from typing import Any
 from cachetools import LRUCache, TTLCache
 from sqlalchemy import bindparam, delete, select, update
 
-from ipaas import definitions
+from ipaas import definitions, reasons
 from ipaas.credentials import CredentialStore
 from ipaas.crypto import SecretBox
 from ipaas.engine import schedule
@@ -114,7 +114,7 @@ class WorkflowStore:
     async def _row(self, s: Any, tenant_id: str, workflow_id: str, lock: bool = False) -> Workflow:
         wf = await s.get(Workflow, workflow_id, with_for_update=lock or None)
         if wf is None or wf.tenant_id != tenant_id or wf.deleted_at is not None:
-            raise NotFound(f"workflow {workflow_id} not found")
+            raise NotFound(f"workflow {workflow_id} not found", reasons.WORKFLOW_NOT_FOUND(workflowId=workflow_id))
         return wf
 
     async def get(self, tenant_id: str, workflow_id: str, version: int = 0) -> WorkflowView:
@@ -126,13 +126,13 @@ class WorkflowStore:
         # used on the event loop only: reads run on reader threads).
         wf = await self.db.read(lambda conn: conn.execute(_GET_WORKFLOW, {"id": workflow_id, "tenant_id": tenant_id}).first())
         if wf is None:
-            raise NotFound(f"workflow {workflow_id} not found")
+            raise NotFound(f"workflow {workflow_id} not found", reasons.WORKFLOW_NOT_FOUND(workflowId=workflow_id))
         number = version or wf.current_version
         row = self._version_rows.get((workflow_id, number))
         if row is None:
             row = await self.db.read(lambda conn: conn.execute(_GET_VERSION, {"id": workflow_id, "version": number}).first())
             if row is None:
-                raise NotFound(f"workflow {workflow_id} has no version {number}")
+                raise NotFound(f"workflow {workflow_id} has no version {number}", reasons.WORKFLOW_VERSION_NOT_FOUND(workflowId=workflow_id, version=number))
             self._version_rows[(workflow_id, number)] = row
         return WorkflowView(wf, number, row.definition, row.created_at)
 
@@ -145,7 +145,7 @@ class WorkflowStore:
         async with self.db.session() as s:
             row = await s.get(WorkflowVersion, (workflow_id, version))
         if row is None:
-            raise NotFound(f"workflow {workflow_id} version {version} not found")
+            raise NotFound(f"workflow {workflow_id} version {version} not found", reasons.WORKFLOW_VERSION_NOT_FOUND(workflowId=workflow_id, version=version))
         self._versions[(workflow_id, version)] = row.definition
         return row.definition
 
@@ -180,7 +180,7 @@ class WorkflowStore:
             # Versions record changes of the definition: an update that changes none (a
             # retried PATCH, or only `active`, which is operational state) makes none.
             if expected_version != current.version:
-                raise Aborted(f"workflow {workflow_id} is at version {current.version}, not {expected_version}: reload and retry")
+                raise Aborted(f"workflow {workflow_id} is at version {current.version}, not {expected_version}: reload and retry", reasons.STALE_VERSION(workflowId=workflow_id, currentVersion=current.version))
             if active is not None and active != current.workflow.active:
                 return await self.set_active(tenant_id, workflow_id, active), ""
             return current, ""
@@ -196,9 +196,9 @@ class WorkflowStore:
         """The workflow at its new version, and a new webhook secret when this change made it
         a webhook workflow that had none (shown only in this answer, as at creation)."""
         if expected != current.version:  # also keeps expected + 1 within the API's int32
-            raise Aborted(f"workflow {current.workflow.id} is at version {current.version}, not {expected}: reload and retry")
+            raise Aborted(f"workflow {current.workflow.id} is at version {current.version}, not {expected}: reload and retry", reasons.STALE_VERSION(workflowId=current.workflow.id, currentVersion=current.version))
         if expected >= MAX_VERSION:
-            raise FailedPrecondition(f"workflow {current.workflow.id} has used every version number: create a new workflow")
+            raise FailedPrecondition(f"workflow {current.workflow.id} has used every version number: create a new workflow", reasons.WORKFLOW_VERSIONS_EXHAUSTED(workflowId=current.workflow.id))
         now = utcnow()
         new_version = expected + 1
         secret = ""
@@ -217,7 +217,7 @@ class WorkflowStore:
                 .values(**values)
             )
             if result.rowcount != 1:
-                raise Aborted(f"workflow {current.workflow.id} is at version {current.version}, not {expected}: reload and retry")
+                raise Aborted(f"workflow {current.workflow.id} is at version {current.version}, not {expected}: reload and retry", reasons.STALE_VERSION(workflowId=current.workflow.id, currentVersion=current.version))
             s.add(WorkflowVersion(workflow_id=current.workflow.id, version=new_version, tenant_id=tenant_id, definition=definition, created_at=now))
             reactivated = bool(active) and not current.workflow.active
             await self._sync_trigger_rows(s, current.workflow, current.definition["trigger"], definition["trigger"], reactivated, now)
@@ -291,7 +291,7 @@ class WorkflowStore:
             # the secrets committed before they began, and each left its own live.
             wf = await self._row(s, tenant_id, workflow_id, lock=True)
             if wf.trigger_type != "webhook":
-                raise FailedPrecondition(f"workflow {workflow_id} is not triggered by webhooks: it has no webhook secret to rotate")
+                raise FailedPrecondition(f"workflow {workflow_id} is not triggered by webhooks: it has no webhook secret to rotate", reasons.WORKFLOW_NOT_WEBHOOK_TRIGGERED(workflowId=workflow_id))
             # Only the secret being replaced gets the grace period; one that an earlier
             # rotation already replaced ends now. Otherwise every rotation within a grace
             # period added one more secret that verifies (and that each delivery tries).
@@ -358,7 +358,7 @@ class WorkflowStore:
             # rotation rolling out): the delivery is sound, so the sender is asked to retry,
             # which reaches an updated replica or this one once it has the key.
             log.error("webhook.secret_unreadable", extra={"workflow_id": workflow_id, "hint": "this replica's IPAAS_SECRET_KEYS lacks the key that encrypted the secret"})
-            raise Unavailable("the webhook cannot be verified right now: retry shortly") from None
+            raise Unavailable("the webhook cannot be verified right now: retry shortly", reasons.WEBHOOK_SECRET_UNREADABLE(workflowId=workflow_id)) from None
         return WebhookTarget(row.tenant_id, row.tier, row.current_version, row.definition, secrets_)
 
 

@@ -25,7 +25,7 @@ from grpc_status import rpc_status
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
 
-from ipaas import __version__, heap, lifecycle, logs
+from ipaas import __version__, heap, lifecycle, logs, reasons
 from ipaas.gateway import envelope, idempotency, kept_answers, parse_errors, request_deadlines
 from ipaas.gateway.core_client import CALL_TIMEOUT, CoreClient
 from ipaas.gateway.envelope import HttpError
@@ -124,7 +124,7 @@ class Gateway:
         self.store: Any = None
         self._db: Any = None
         self._callers: dict[str, tuple[float, str, str]] = {}
-        self._refused: dict[str, tuple[float, str]] = {}  # key digest -> (until, the core's message)
+        self._refused: dict[str, tuple[float, str, str]] = {}  # key digest -> (until, the core's message and reason)
         self._checks: SingleFlight[str, tuple[str, str]] = SingleFlight()
         self._owners: dict[str, tuple[float, str, str]] = {}
         self._started = time.monotonic()
@@ -219,7 +219,7 @@ class Gateway:
         with logs.bind(request_id=rid):
             try:
                 if _header_bytes(request.scope) > MAX_HEADER_BYTES:
-                    raise HttpError(431, f"the request headers exceed {MAX_HEADER_BYTES} bytes", headers={"Connection": "close"})
+                    raise HttpError(431, f"the request headers exceed {MAX_HEADER_BYTES} bytes", headers={"Connection": "close"}, reason=reasons.HEADERS_TOO_LARGE)
                 if path in UNLIMITED_PATHS:
                     return await self._local(request, meta, headers)
                 return await self._transcode(request, h, meta, headers)
@@ -227,7 +227,7 @@ class Gateway:
                 return envelope.json_response(err.status, envelope.error_body(err, meta), {**headers, **err.headers})
             except Exception:
                 log.exception("gateway.failed", extra={"path": path})
-                err = HttpError(500, f"internal error (request id {rid})")
+                err = HttpError(500, f"internal error (request id {rid})", reason=reasons.INTERNAL_ERROR)
                 return envelope.json_response(500, envelope.error_body(err, meta), headers)
 
     async def _transcode(self, request: Request, h: dict[str, str], meta: dict[str, Any], headers: dict[str, str]) -> Response:
@@ -236,14 +236,14 @@ class Gateway:
         match, allowed = self.router.match(request.method, raw_path.decode("latin-1") if raw_path else path)
         if match is None:
             if allowed:
-                raise HttpError(405, f"{request.method} is not allowed here", headers={"Allow": ", ".join(sorted(allowed))})
-            raise HttpError(404, f"no route for {path}")
+                raise HttpError(405, f"{request.method} is not allowed here", headers={"Allow": ", ".join(sorted(allowed))}, reason=reasons.METHOD_NOT_ALLOWED)
+            raise HttpError(404, f"no route for {path}", reason=reasons.ROUTE_NOT_FOUND)
         route = match.route
         body = await self._read_body(request, h, WEBHOOK_BODY_LIMIT if route.raw_body else BODY_LIMIT)
         if body and not route.raw_body:
             ctype = h.get("content-type", "").split(";")[0].strip().lower()
             if ctype not in ("application/json", "") and not ctype.endswith("+json"):
-                raise HttpError(415, "send JSON: Content-Type: application/json")
+                raise HttpError(415, "send JSON: Content-Type: application/json", reason=reasons.UNSUPPORTED_MEDIA_TYPE)
         message = self._request_message(route, match, request, h, body)
 
         tenant, tier = await self._caller(route, match, h, request, headers)
@@ -257,7 +257,7 @@ class Gateway:
             key = None  # reads and deletes are idempotent already; the core has no use for it
         elif key is not None and not (1 <= len(key) <= idempotency.MAX_KEY_LENGTH and _ascii_text(key)):
             # It travels as gRPC metadata, which is printable ASCII.
-            raise HttpError(400, f"Idempotency-Key must be 1 to {idempotency.MAX_KEY_LENGTH} printable ASCII characters")
+            raise HttpError(400, f"Idempotency-Key must be 1 to {idempotency.MAX_KEY_LENGTH} printable ASCII characters", reason=reasons.INVALID_HEADER)
         # Webhooks keep no answer here: it would be kept before the core checked the
         # signature, so an unsigned sender could answer the genuine delivery's key or read
         # its answer. The core dedupes what it accepted, by webhook-id or by the key.
@@ -274,19 +274,19 @@ class Gateway:
             # Without its store the key cannot be honoured: running the request anyway could
             # run it twice. The caller retries later (or without the key).
             self._store_down(exc)
-            raise HttpError(503, "the idempotency store is unavailable: retry shortly", headers={"Retry-After": str(envelope.RETRY_AFTER[grpc.StatusCode.UNAVAILABLE])}) from None
+            raise HttpError(503, "the idempotency store is unavailable: retry shortly", headers={"Retry-After": str(envelope.RETRY_AFTER[grpc.StatusCode.UNAVAILABLE])}, reason=reasons.IDEMPOTENCY_STORE_UNAVAILABLE) from None
         if record is not None:
             if record.fingerprint != fingerprint:
-                raise HttpError(422, "this Idempotency-Key was used with a different request")
+                raise HttpError(422, "this Idempotency-Key was used with a different request", reason=reasons.IDEMPOTENCY_KEY_REUSED)
             if not record.done:
-                raise HttpError(409, "a request with this Idempotency-Key is still being processed")
+                raise HttpError(409, "a request with this Idempotency-Key is still being processed", reason=reasons.IDEMPOTENCY_KEY_IN_USE)
             # A replay never reaches the core, so the key is checked there first: from the
             # cache, a key revoked in the last CALLER_TTL seconds would still read the answer
             # (which may hold a webhook secret). Replays are rare; the check costs one call.
             await self._caller(route, match, h, request, headers, fresh=True)
             answer = kept_answers.open_sealed(h.get("authorization", ""), scope, fingerprint, record.body)
             if answer is None:
-                raise HttpError(422, "this Idempotency-Key was used by another API key: only the key that made the request can read its answer")
+                raise HttpError(422, "this Idempotency-Key was used by another API key: only the key that made the request can read its answer", reason=reasons.IDEMPOTENCY_KEY_REUSED)
             replay = {**headers, **(record.headers or {}), "X-Idempotency-Replay": "true"}
             return envelope.json_response(record.status, envelope.with_meta(answer, meta), replay)
         try:
@@ -327,7 +327,7 @@ class Gateway:
             return
         headers.update(decision.headers)
         if not decision.allowed:
-            raise HttpError(429, "rate limit exceeded: slow down and retry after the time in Retry-After", headers={"Retry-After": str(decision.retry_after)})
+            raise HttpError(429, "rate limit exceeded: slow down and retry after the time in Retry-After", headers={"Retry-After": str(decision.retry_after)}, reason=reasons.RATE_LIMITED)
 
     async def _spend(self, tenant: str, tier: str, headers: dict[str, str]) -> None:
         """Count an accepted webhook against its owner. It is accepted already: when
@@ -341,18 +341,18 @@ class Gateway:
     async def _read_body(self, request: Request, h: dict[str, str], limit: int) -> bytes:
         declared = h.get("content-length")
         if declared and declared.isdigit() and int(declared) > limit:
-            raise HttpError(413, f"the body exceeds {limit} bytes")
+            raise HttpError(413, f"the body exceeds {limit} bytes", reason=reasons.PAYLOAD_TOO_LARGE)
         chunks, size = [], 0
         try:
             async with asyncio.timeout(self.body_timeout):
                 async for chunk in request.stream():
                     size += len(chunk)
                     if size > limit:
-                        raise HttpError(413, f"the body exceeds {limit} bytes")
+                        raise HttpError(413, f"the body exceeds {limit} bytes", reason=reasons.PAYLOAD_TOO_LARGE)
                     chunks.append(chunk)
         except TimeoutError:
             # What is left of the body would be read as the next request: the connection ends.
-            raise HttpError(408, f"the body did not arrive within {self.body_timeout:g} s", headers={"Connection": "close"}) from None
+            raise HttpError(408, f"the body did not arrive within {self.body_timeout:g} s", headers={"Connection": "close"}, reason=reasons.REQUEST_TIMEOUT) from None
         return b"".join(chunks)
 
     def _request_message(self, route: Route, match: Match, request: Request, h: dict[str, str], body: bytes) -> Any:
@@ -371,44 +371,44 @@ class Gateway:
                 try:
                     data = orjson.loads(body)
                 except orjson.JSONDecodeError:
-                    raise HttpError(400, "the body is not valid JSON") from None
+                    raise HttpError(400, "the body is not valid JSON", reason=reasons.REQUEST_UNPARSABLE) from None
                 if not isinstance(data, dict):
-                    raise HttpError(400, "the body must be a JSON object")
+                    raise HttpError(400, "the body must be a JSON object", reason=reasons.REQUEST_UNPARSABLE)
                 if (where := inexact_integer(data)) is not None:
                     where = where if len(where) <= MAX_PARAM_LENGTH else where[:MAX_PARAM_LENGTH] + "…"
-                    raise HttpError(400, f"{where} is an integer past ±2^53, which the API cannot carry exactly: send it as a string", details=[{"field": where, "description": f"integers must lie within ±{EXACT}"}])
+                    raise HttpError(400, f"{where} is an integer past ±2^53, which the API cannot carry exactly: send it as a string", details=[{"field": where, "description": f"integers must lie within ±{EXACT}"}], reason=reasons.INVALID_FIELD)
             target = message if route.body == "*" else getattr(message, route.body)
             if (shape := parse_errors.shape_problem(target.DESCRIPTOR, data)) is not None:
-                raise HttpError(400, f"the body does not fit the request: {shape[0]} {shape[1]}", details=[{"field": shape[0], "description": shape[1]}])
+                raise HttpError(400, f"the body does not fit the request: {shape[0]} {shape[1]}", details=[{"field": shape[0], "description": shape[1]}], reason=reasons.INVALID_FIELD)
             try:
                 json_format.ParseDict(data, target, ignore_unknown_fields=False)
             except json_format.ParseError as exc:
                 field, problem = parse_errors.describe(str(exc))
                 field = field if len(field) <= MAX_PARAM_LENGTH else field[:MAX_PARAM_LENGTH] + "…"  # a key the caller made up
-                raise HttpError(400, f"the body does not fit the request: {field} {problem}", details=[{"field": field, "description": problem}]) from None
+                raise HttpError(400, f"the body does not fit the request: {field} {problem}", details=[{"field": field, "description": problem}], reason=reasons.INVALID_FIELD) from None
         fields = route.method.input_type.fields_by_name
         for name, raw in match.params.items():
             if len(raw) > MAX_PARAM_LENGTH:  # no resource has such a name
-                raise HttpError(404, f"not found: {name} is longer than {MAX_PARAM_LENGTH} characters", details=[{"field": name, "description": f"at most {MAX_PARAM_LENGTH} characters"}])
+                raise HttpError(404, f"not found: {name} is longer than {MAX_PARAM_LENGTH} characters", details=[{"field": name, "description": f"at most {MAX_PARAM_LENGTH} characters"}], reason=reasons.RESOURCE_NOT_FOUND)
             try:
                 setattr(message, name, field_value(fields[name], raw))
             except (ValueError, TypeError):
-                raise HttpError(400, f"path parameter {name} is not valid", details=[{"field": name, "description": "invalid value"}]) from None
+                raise HttpError(400, f"path parameter {name} is not valid", details=[{"field": name, "description": "invalid value"}], reason=reasons.INVALID_FIELD) from None
         for field in route.query_fields:
             raw = request.query_params.get(field.name) or request.query_params.get(field.json_name)
             if raw is None:
                 continue
             if len(raw) > MAX_PARAM_LENGTH:
-                raise HttpError(400, f"query parameter {field.name} is too long", details=[{"field": field.name, "description": f"at most {MAX_PARAM_LENGTH} characters"}])
+                raise HttpError(400, f"query parameter {field.name} is too long", details=[{"field": field.name, "description": f"at most {MAX_PARAM_LENGTH} characters"}], reason=reasons.INVALID_FIELD)
             try:
                 setattr(message, field.name, field_value(field, raw))
             except (ValueError, TypeError):
-                raise HttpError(400, f"query parameter {field.name} is not valid", details=[{"field": field.name, "description": "invalid value"}]) from None
+                raise HttpError(400, f"query parameter {field.name} is not valid", details=[{"field": field.name, "description": "invalid value"}], reason=reasons.INVALID_FIELD) from None
         if "expected_version" in fields and not message.expected_version and h.get("if-match"):
             version = h["if-match"].removeprefix("W/").strip().strip('"')
             # isdigit alone takes "²" and other Unicode digits; a version is an int32.
             if not (version.isascii() and version.isdigit() and len(version) <= 10 and int(version) <= MAX_VERSION):
-                raise HttpError(400, 'If-Match must be a version number, e.g. If-Match: "3"')
+                raise HttpError(400, 'If-Match must be a version number, e.g. If-Match: "3"', reason=reasons.INVALID_HEADER)
             message.expected_version = int(version)
         return message
 
@@ -425,14 +425,14 @@ class Gateway:
             await self._limit_anonymous(request, headers)  # the core would refuse it, at a cost
             return None, None
         if len(auth) > MAX_AUTHORIZATION_LENGTH or not _ascii_text(auth):  # no API key looks like that
-            raise HttpError(401, "invalid Authorization header: send Authorization: Bearer <API key>")
+            raise HttpError(401, "invalid Authorization header: send Authorization: Bearer <API key>", reason=reasons.API_KEY_INVALID)
         digest = hashlib.sha256(auth.encode()).hexdigest()
         cached = self._callers.get(digest)
         if cached and cached[0] > now and not fresh:
             return cached[1], cached[2]
         refused = self._refused.get(digest)
         if refused and refused[0] > now:
-            raise HttpError(401, refused[1], "unauthenticated")
+            raise HttpError(401, refused[1], "unauthenticated", reason=refused[2])
 
         async def ask_core() -> tuple[str, str]:
             if cached is None:
@@ -452,7 +452,7 @@ class Gateway:
                 if exc.code() == grpc.StatusCode.UNAUTHENTICATED and error.status == 401:
                     if len(self._refused) > MAX_CACHED_KEYS:
                         self._refused.clear()
-                    self._refused[digest] = (time.monotonic() + REFUSED_TTL, error.message)
+                    self._refused[digest] = (time.monotonic() + REFUSED_TTL, error.message, error.reason)
                     self._callers.pop(digest, None)  # revoked: re-checked as an unknown key
                 raise error from None
             tenant = reply.tenant_id or "admin"
@@ -505,7 +505,7 @@ class Gateway:
         except OversizedDelivery:
             # Refused for good: sent, the call would fail on gRPC's message limit (a 502 the
             # sender would retry forever).
-            raise HttpError(413, "the webhook (body and headers) is too large to deliver") from None
+            raise HttpError(413, "the webhook (body and headers) is too large to deliver", reason=reasons.PAYLOAD_TOO_LARGE) from None
         except grpc.aio.AioRpcError as exc:
             raise self._rpc_error(exc) from None
         if result.HasField("error"):
@@ -523,7 +523,7 @@ class Gateway:
             # error without it is the channel's own (an answer over gRPC's metadata limit,
             # a stream reset), and its words are the transport's, not the caller's business.
             log.warning("core.unreadable_answer", extra={"grpc_code": exc.code().name, "details": (exc.details() or "")[:200]})
-            return HttpError(502, "the core's answer could not be read")
+            return HttpError(502, "the core's answer could not be read", reason=reasons.CORE_ANSWER_UNREADABLE)
         status = None
         with contextlib.suppress(Exception):  # a status that does not match the call's
             status = rpc_status.from_call(exc)
@@ -532,21 +532,24 @@ class Gateway:
     @staticmethod
     def _error(code: grpc.StatusCode, details: str | None, status: status_pb2.Status | None, from_core: bool = False) -> HttpError:
         violations: list[dict[str, str]] = []
+        reason = None
         with contextlib.suppress(Exception):
             for detail in status.details if status else []:
-                bad = error_details_pb2.BadRequest()
+                bad, info = error_details_pb2.BadRequest(), error_details_pb2.ErrorInfo()
                 if detail.Unpack(bad):
                     violations += [{"field": v.field, "description": v.description} for v in bad.field_violations]
+                elif detail.Unpack(info) and info.domain == reasons.DOMAIN:
+                    reason = info.reason
         message = details or code.name.lower()
         if code == grpc.StatusCode.UNAVAILABLE and not from_core:  # the channel's words, not the core's
             message = "the core is unavailable: retry shortly"
-        return HttpError.from_grpc(code, message, violations)
+        return HttpError.from_grpc(code, message, violations, reason)
 
     # -- local endpoints -----------------------------------------------------------------------
     async def _local(self, request: Request, meta: dict[str, Any], headers: dict[str, str]) -> Response:
         path = request.url.path
         if request.method not in ("GET", "HEAD"):
-            raise HttpError(405, f"{request.method} is not allowed here", headers={"Allow": "GET, HEAD"})
+            raise HttpError(405, f"{request.method} is not allowed here", headers={"Allow": "GET, HEAD"}, reason=reasons.METHOD_NOT_ALLOWED)
         if path == "/openapi.json":
             return Response(self.openapi, media_type="application/json", headers=headers)
         if path == "/docs":
@@ -557,7 +560,7 @@ class Gateway:
         core_ok = await self.client.serving()
         if path == "/health/ready":
             if self._draining or not core_ok:
-                raise HttpError(503, "not ready: " + ("draining" if self._draining else "the core is unreachable"), details=[{"check": "core", "status": "ok" if core_ok else "failing"}])
+                raise HttpError(503, "not ready: " + ("draining" if self._draining else "the core is unreachable"), details=[{"check": "core", "status": "ok" if core_ok else "failing"}], reason=reasons.NOT_READY)
             # Not Redis: every gateway shares it, so a Redis outage would take all of them
             # out of the balancer at once, though all they lose is keyed requests (503) and
             # shared rate limits (open). /health reports it for monitoring.
@@ -575,7 +578,7 @@ class Gateway:
             "checks": checks,
         }
         if report["status"] != "healthy":
-            raise HttpError(503, "unhealthy: " + ", ".join(k for k, v in checks.items() if v != "ok"), details=[report])
+            raise HttpError(503, "unhealthy: " + ", ".join(k for k, v in checks.items() if v != "ok"), details=[report], reason=reasons.NOT_READY)
         return envelope.json_response(200, envelope.body(report, meta), headers)
 
     async def _redis_ok(self) -> bool:

@@ -8,6 +8,9 @@ import grpc
 import orjson
 from starlette.responses import Response
 
+from ipaas import reasons
+from ipaas.reasons import Reason
+
 # grpc-gateway's runtime/errors.go table.
 HTTP_STATUS = {
     grpc.StatusCode.OK: 200,
@@ -40,24 +43,61 @@ HTTP_CODE_NAMES = {400: "bad_request", 401: "unauthenticated", 403: "permission_
 RETRY_AFTER = {grpc.StatusCode.RESOURCE_EXHAUSTED: 1, grpc.StatusCode.UNAVAILABLE: 5, grpc.StatusCode.DEADLINE_EXCEEDED: 5}
 
 
-class HttpError(Exception):
-    """The one error type of the gateway: status, code, message, details."""
+# The reason of an answer whose sender named none: the gateway's own errors that pass no
+# reason, and statuses without an ErrorInfo of ours (the channel's own: the core unreachable
+# or too slow; a core older than ErrorInfo). Each mirrors the default of the core's error
+# class for that code (ipaas.errors).
+HTTP_REASONS = {
+    400: reasons.INVALID_FIELD,
+    401: reasons.API_KEY_INVALID,
+    403: reasons.ACCESS_DENIED,
+    404: reasons.RESOURCE_NOT_FOUND,
+    405: reasons.METHOD_NOT_ALLOWED,
+    408: reasons.REQUEST_TIMEOUT,
+    413: reasons.PAYLOAD_TOO_LARGE,
+    415: reasons.UNSUPPORTED_MEDIA_TYPE,
+    422: reasons.INVALID_FIELD,
+    429: reasons.RATE_LIMITED,
+    431: reasons.HEADERS_TOO_LARGE,
+    502: reasons.CORE_ANSWER_UNREADABLE,
+    503: reasons.SERVICE_UNAVAILABLE,
+    504: reasons.CORE_DEADLINE_EXCEEDED,
+}
+GRPC_REASONS = {
+    grpc.StatusCode.CANCELLED: reasons.REQUEST_CANCELLED,
+    grpc.StatusCode.INVALID_ARGUMENT: reasons.INVALID_FIELD,
+    grpc.StatusCode.DEADLINE_EXCEEDED: reasons.CORE_DEADLINE_EXCEEDED,
+    grpc.StatusCode.NOT_FOUND: reasons.RESOURCE_NOT_FOUND,
+    grpc.StatusCode.ALREADY_EXISTS: reasons.RESOURCE_ALREADY_EXISTS,
+    grpc.StatusCode.PERMISSION_DENIED: reasons.ACCESS_DENIED,
+    grpc.StatusCode.UNAUTHENTICATED: reasons.API_KEY_INVALID,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: reasons.QUEUE_FULL,
+    grpc.StatusCode.FAILED_PRECONDITION: reasons.PRECONDITION_FAILED,
+    grpc.StatusCode.ABORTED: reasons.STALE_VERSION,
+    grpc.StatusCode.UNAVAILABLE: reasons.CORE_UNAVAILABLE,
+}
 
-    def __init__(self, status: int, message: str, code: str | None = None, details: list[dict[str, Any]] | None = None, headers: dict[str, str] | None = None) -> None:
+
+class HttpError(Exception):
+    """The one error type of the gateway: status, code, reason, message, details."""
+
+    def __init__(self, status: int, message: str, code: str | None = None, details: list[dict[str, Any]] | None = None, headers: dict[str, str] | None = None, reason: Reason | str | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.code = code or HTTP_CODE_NAMES.get(status, "error")
+        self.reason = str(reason or HTTP_REASONS.get(status, reasons.INTERNAL_ERROR))
         self.message = message
         self.details = details or []
         self.headers = headers or {}
 
     @classmethod
-    def from_grpc(cls, code: grpc.StatusCode, message: str, violations: list[dict[str, str]]) -> "HttpError":
+    def from_grpc(cls, code: grpc.StatusCode, message: str, violations: list[dict[str, str]], reason: str | None = None) -> "HttpError":
+        """`reason`: the core's ErrorInfo.reason, if it sent one."""
         status = HTTP_STATUS.get(code, 500)
         if code == grpc.StatusCode.INVALID_ARGUMENT and violations:
             status = 422
         retry = RETRY_AFTER.get(code)
-        return cls(status, message, code.name.lower(), violations, {"Retry-After": str(retry)} if retry else None)
+        return cls(status, message, code.name.lower(), violations, {"Retry-After": str(retry)} if retry else None, reason or GRPC_REASONS.get(code, reasons.INTERNAL_ERROR))
 
 
 def body(data: Any, meta: dict[str, Any]) -> bytes:
@@ -65,7 +105,7 @@ def body(data: Any, meta: dict[str, Any]) -> bytes:
 
 
 def error_body(error: HttpError, meta: dict[str, Any]) -> bytes:
-    return orjson.dumps({"success": False, "error": {"code": error.code, "message": error.message, "details": error.details}, "meta": meta})
+    return orjson.dumps({"success": False, "error": {"code": error.code, "reason": error.reason, "message": error.message, "details": error.details}, "meta": meta})
 
 
 def with_meta(content: bytes, meta: dict[str, Any]) -> bytes:

@@ -6,7 +6,7 @@ from typing import Any
 
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 
-from ipaas import __version__
+from ipaas import __version__, reasons
 from ipaas.gateway.idempotency import MAX_KEY_LENGTH
 from ipaas.gateway.routes import MAX_PARAM_LENGTH, Route
 
@@ -169,7 +169,18 @@ def build_openapi(routes: list[Route]) -> dict[str, Any]:
             "error": {
                 "type": "object",
                 "required": ["code", "message"],
-                "properties": {"code": {"type": "string"}, "message": {"type": "string"}, "details": {"type": "array"}},
+                "properties": {
+                    "code": {"type": "string"},
+                    # Not required: an answer kept for an Idempotency-Key by a gateway older
+                    # than reasons replays without one.
+                    "reason": {
+                        "type": "string",
+                        "enum": sorted(reasons.ALL),
+                        "description": f"Why, as a stable constant (google.rpc.ErrorInfo.reason of domain {reasons.DOMAIN}); the table is in docs/errors.md.",
+                    },
+                    "message": {"type": "string"},
+                    "details": {"type": "array"},
+                },
             },
             "meta": {"$ref": "#/components/schemas/Meta"},
         },

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from typing import Callable
 
+from ipaas import reasons
 from ipaas.engine import outbox
 from ipaas.storage.group_commit import GroupCommit
 from ipaas.engine.outbox import Accepted, NewExecution
@@ -37,7 +38,7 @@ class Enqueuer:
         if time.monotonic() - self._depth_checked > 1.0:
             await self._depth_loads.do(None, self.refresh_depth)
         if self._depth >= self.max_depth:
-            raise ResourceExhausted(f"the execution queue is full ({self._depth} waiting): retry later")
+            raise ResourceExhausted(f"the execution queue is full ({self._depth} waiting): retry later", reasons.QUEUE_FULL)
         return await self._commits.submit(item)
 
     async def _write(self, items: list[NewExecution]) -> list[Accepted]:

@@ -8,7 +8,6 @@ from typing import Any, TypeVar
 
 import grpc
 from google.protobuf import struct_pb2
-from google.rpc import code_pb2, status_pb2
 
 from ipaas import logs
 from ipaas.auth import current_tenant as _tenant
@@ -19,7 +18,7 @@ from ipaas.execution_store import ExecutionStore, ExecutionView
 from ipaas.pagination import PageRequest, within_bytes
 from ipaas.service import convert
 from ipaas.service.interceptors import DATABASE_UNAVAILABLE, REQUEST_ID, add_trailing_metadata, database_down, request_id_from
-from ipaas.service.status import to_status_proto
+from ipaas.service.status import internal_status_proto, to_status_proto
 from ipaas.triggers import TriggerService
 from ipaas.v1 import executions_pb2 as pb
 from ipaas.v1 import executions_pb2_grpc
@@ -167,7 +166,7 @@ class ExecutionServicer(executions_pb2_grpc.ExecutionServiceServicer):
                 if database_down(exc):
                     return pb.WebhookResult(error=to_status_proto(DATABASE_UNAVAILABLE))
                 log.exception("rpc.failed")
-                return pb.WebhookResult(error=status_pb2.Status(code=code_pb2.INTERNAL, message=f"internal error (request id {request_id})"))
+                return pb.WebhookResult(error=internal_status_proto(request_id))
         accepted_pb = pb.ReceiveWebhookResponse(execution_id=accepted.execution_id, status=accepted.status, duplicate=accepted.duplicate)
         return pb.WebhookResult(accepted=accepted_pb, tenant_id=target.tenant_id, tier=target.tier)
 

@@ -17,17 +17,17 @@ from google.protobuf import descriptor_pool
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import DecodeError
 
-from ipaas import auth, logs
+from ipaas import auth, logs, reasons
 from ipaas.errors import InvalidArgument, IpaasError, PermissionDenied, Unauthenticated, Unavailable
 from ipaas.service import storable_text
-from ipaas.service.status import to_grpc_status
+from ipaas.service.status import internal_status_proto, to_grpc_status
 from ipaas.storage.outage import OutageLog
 from ipaas.tenants import TenantStore
 
 log = logging.getLogger("ipaas.rpc")
 # A database outage fails every call until it ends: the caller retries (UNAVAILABLE, which
 # the gateway answers 503 with Retry-After), and the log says so once a minute.
-DATABASE_UNAVAILABLE = Unavailable("the database is unavailable: retry shortly")
+DATABASE_UNAVAILABLE = Unavailable("the database is unavailable: retry shortly", reasons.DATABASE_UNAVAILABLE)
 database_down = OutageLog(log, "rpc.database_unavailable")
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}\Z")  # \Z: $ also matches before a final newline
@@ -147,7 +147,7 @@ class CoreInterceptor(grpc.aio.ServerInterceptor):
                     caller = await self._authorize(method, metadata, pairs)
                     if request is _UNPARSABLE:
                         type_name = described.request_type if described else "the method's request"
-                        raise InvalidArgument(f"the request could not be parsed as {type_name}")
+                        raise InvalidArgument(f"the request could not be parsed as {type_name}", reason=reasons.REQUEST_UNPARSABLE(requestType=type_name))
                     if method not in PUBLIC:  # webhooks: their few stored strings are checked in ipaas.triggers, off this hot path
                         storable_text.check(request)
                     _check_required(request, described)
@@ -164,7 +164,8 @@ class CoreInterceptor(grpc.aio.ServerInterceptor):
                 except Exception as exc:
                     if not database_down(exc):
                         log.exception("rpc.failed")
-                        await context.abort(grpc.StatusCode.INTERNAL, f"internal error (request id {request_id})", ((REQUEST_ID, request_id),))
+                        status = to_grpc_status(internal_status_proto(request_id))
+                        await context.abort(status.code, status.details, (*status.trailing_metadata, (REQUEST_ID, request_id)))
                     status = to_grpc_status(DATABASE_UNAVAILABLE)
                     await context.abort(status.code, status.details, (*status.trailing_metadata, (REQUEST_ID, request_id)))
                 finally:
@@ -183,13 +184,13 @@ class CoreInterceptor(grpc.aio.ServerInterceptor):
         if sum(1 for key, _ in pairs if key == "authorization") > 1:
             # The metadata dict keeps the last, so which key a call ran as was left to the
             # order in which a client library or proxy put its values.
-            raise Unauthenticated("send one authorization value")
+            raise Unauthenticated("send one authorization value", reasons.AUTHORIZATION_AMBIGUOUS)
         caller = await self._tenants.authenticate(bearer_from(metadata))
         if method in ANY_CALLER:
             return caller
         if method.startswith(ADMIN_ONLY_SERVICE):
             if not caller.is_admin:
-                raise PermissionDenied("this RPC needs the admin key")
+                raise PermissionDenied("this RPC needs the admin key", reasons.ADMIN_KEY_REQUIRED)
         elif caller.is_admin:
-            raise PermissionDenied("the admin key manages tenants; use a tenant's API key here")
+            raise PermissionDenied("the admin key manages tenants; use a tenant's API key here", reasons.TENANT_KEY_REQUIRED)
         return caller

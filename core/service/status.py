@@ -1,13 +1,17 @@
-"""Domain errors → gRPC status, in one table, with google.rpc details for bad input."""
+"""Domain errors → gRPC status, in one table, with google.rpc details: ErrorInfo (the reason)
+on every error, BadRequest for bad input."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import grpc
 from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from ipaas import errors
+from ipaas import errors, reasons
+from ipaas.reasons import Reason
 
 STATUS_OF: dict[type[errors.IpaasError], grpc.StatusCode] = {
     errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
@@ -29,8 +33,8 @@ def code_for(exc: errors.IpaasError) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
-def to_grpc_status(exc: errors.IpaasError) -> grpc.Status:
-    return rpc_status.to_status(to_status_proto(exc))
+def to_grpc_status(failure: errors.IpaasError | status_pb2.Status) -> grpc.Status:
+    return rpc_status.to_status(failure if isinstance(failure, status_pb2.Status) else to_status_proto(failure))
 
 
 # Messages may quote what the caller sent (an unknown id, a bad field). The status travels in
@@ -57,16 +61,29 @@ def _within_budget(violations: list[errors.FieldViolation]) -> list[error_detail
     return kept
 
 
+def _packed(message: Any) -> any_pb2.Any:
+    detail = any_pb2.Any()
+    detail.Pack(message)
+    return detail
+
+
+def error_info(reason: Reason) -> error_details_pb2.ErrorInfo:
+    return error_details_pb2.ErrorInfo(reason=reason.name, domain=reasons.DOMAIN, metadata=reason.error_metadata())
+
+
 def to_status_proto(exc: errors.IpaasError) -> status_pb2.Status:
     """The google.rpc.Status a call failing with `exc` answers (alone, or as a batch item)."""
     code = code_for(exc)
     st = status_pb2.Status(code=code.value[0], message=_clip(str(exc)))
     if isinstance(exc, errors.InvalidArgument) and exc.violations:
-        detail = any_pb2.Any()
-        detail.Pack(
-            error_details_pb2.BadRequest(
-                field_violations=_within_budget(exc.violations)
-            )
-        )
-        st.details.append(detail)
+        st.details.append(_packed(error_details_pb2.BadRequest(field_violations=_within_budget(exc.violations))))
+    # After BadRequest: clients written before ErrorInfo read the violations at details[0].
+    st.details.append(_packed(error_info(exc.reason)))
+    return st
+
+
+def internal_status_proto(request_id: str) -> status_pb2.Status:
+    """What a call that failed on a bug answers: no words of the bug, the id to find it by."""
+    st = status_pb2.Status(code=grpc.StatusCode.INTERNAL.value[0], message=f"internal error (request id {request_id})")
+    st.details.append(_packed(error_info(reasons.INTERNAL_ERROR)))
     return st

@@ -10,6 +10,7 @@ import httpx
 import orjson
 import pytest
 
+from ipaas import reasons
 from tests.conftest import ADMIN_KEY, core_with, free_port, gateway_for
 from tests.fakes.slack import FakeSlack
 from tests.integration.helpers import signed_webhook
@@ -29,7 +30,8 @@ def assert_envelope(response: httpx.Response, success: bool) -> dict:
     body = response.json()
     assert body["success"] is success
     assert body["meta"]["request_id"] == response.headers["x-request-id"]
-    assert ("data" in body) if success else ("error" in body and {"code", "message", "details"} <= set(body["error"]))
+    assert ("data" in body) if success else ("error" in body and {"code", "reason", "message", "details"} <= set(body["error"]))
+    assert success or body["error"]["reason"] in reasons.ALL, body
     return body
 
 
@@ -118,6 +120,43 @@ async def test_error_classes_use_the_envelope(stack) -> None:
     assert cases[1][0].headers["allow"] == "GET, HEAD, POST"
     invalid = cases[5][0].json()["error"]["details"]
     assert {"field": "trigger.type", "description": "must be one of webhook, schedule, manual"} in invalid
+
+
+async def test_each_error_over_rest_names_its_reason(stack) -> None:
+    """error.reason tells apart what code and status do not: the core's reasons (from its
+    ErrorInfo) and the gateway's own. Before, the envelope had code and English only."""
+    core, http, slack = stack
+    wf = (await create_workflow(http, slack))["workflow"]
+    hook = (await create_workflow(http, slack, trigger="webhook"))["workflow"]
+    async with httpx.AsyncClient(base_url=http.base_url, headers={"authorization": f"Bearer {ADMIN_KEY}"}, timeout=10) as admin:
+        tenant_route_as_admin = await admin.get("/api/workflows")
+    await http.post("/api/workflows", json={"name": "k"}, headers={"Idempotency-Key": "reason-k"})
+    cases = [
+        (await http.get("/api/nowhere"), 404, "ROUTE_NOT_FOUND"),
+        (await http.put("/api/workflows"), 405, "METHOD_NOT_ALLOWED"),
+        (await http.post("/api/workflows", content=b"{nope", headers={"content-type": "application/json"}), 400, "REQUEST_UNPARSABLE"),
+        (await http.post("/api/workflows", content=b"name=x", headers={"content-type": "application/x-www-form-urlencoded"}), 415, "UNSUPPORTED_MEDIA_TYPE"),
+        (await http.post("/api/workflows", content=b"x" * (300 * 1024), headers={"content-type": "application/json"}), 413, "PAYLOAD_TOO_LARGE"),
+        (await http.post("/api/workflows", json={"name": "", "trigger": {"type": "bogus"}, "steps": []}), 422, "INVALID_FIELD"),
+        (await http.post("/api/workflows", json={"unknown_field": 1}), 400, "INVALID_FIELD"),
+        (await http.get("/api/workflows/wf_missing"), 404, "WORKFLOW_NOT_FOUND"),
+        (await http.get(f"/api/workflows/{wf['id']}/versions/9"), 404, "WORKFLOW_VERSION_NOT_FOUND"),
+        (await http.get("/api/executions/ex_missing"), 404, "EXECUTION_NOT_FOUND"),
+        (await http.delete("/api/credentials/cred_missing"), 404, "CREDENTIAL_NOT_FOUND"),
+        (await http.get("/api/tenants"), 403, "ADMIN_KEY_REQUIRED"),
+        (tenant_route_as_admin, 403, "TENANT_KEY_REQUIRED"),
+        (await http.get("/api/workflows", headers={"authorization": ""}), 401, "API_KEY_MISSING"),
+        (await http.get("/api/workflows", headers={"authorization": "Bearer ipk_wrong"}), 401, "API_KEY_INVALID"),
+        (await http.get("/api/workflows", headers={"authorization": "Bearer ipk_wrong"}), 401, "API_KEY_INVALID"),  # from the gateway's cache
+        (await http.patch(f"/api/workflows/{wf['id']}", json={"name": "z"}, headers={"If-Match": '"7"'}), 409, "STALE_VERSION"),
+        (await http.patch(f"/api/workflows/{wf['id']}", json={"name": "z"}, headers={"If-Match": "seven"}), 400, "INVALID_HEADER"),
+        (await http.post(f"/api/workflows/{wf['id']}/webhook-secret/rotate", json={}), 400, "WORKFLOW_NOT_WEBHOOK_TRIGGERED"),
+        (await http.post("/api/workflows", json={"name": "other"}, headers={"Idempotency-Key": "reason-k"}), 422, "IDEMPOTENCY_KEY_REUSED"),
+        (await http.post(f"/api/webhooks/{hook['id']}", json={"order": {"id": 1}}), 401, "WEBHOOK_SIGNATURE_INVALID"),
+        (await http.post("/api/webhooks/wf_missing", json={"order": {"id": 1}}), 404, "WORKFLOW_NOT_FOUND"),
+    ]
+    for response, status, reason in cases:
+        assert (response.status_code, assert_envelope(response, False)["error"]["reason"]) == (status, reason), (response.request.url, response.text)
 
 
 async def test_idempotent_replay_conflict_and_changed_body(stack) -> None:
@@ -279,6 +318,7 @@ async def test_health_follows_the_core(tmp_path) -> None:
             assert (await http.get("/health")).status_code == 200
         down = await http.get("/health")
         assert down.status_code == 503 and down.json()["error"]["code"] == "unavailable"
+        assert down.json()["error"]["reason"] == "NOT_READY"
         assert (await http.get("/health/ready")).status_code == 503
         assert (await http.get("/health/live")).status_code == 200
         async with core_with(tmp_path / "b", **listen):
@@ -300,7 +340,7 @@ async def test_free_tenant_is_limited_while_paid_is_not(tmp_path) -> None:
     assert sorted(r.status_code for r in free_answers).count(200) == 10
     limited = [r for r in free_answers if r.status_code == 429]
     assert len(limited) == 5 and all(int(r.headers["retry-after"]) >= 1 for r in limited)
-    assert limited[0].json()["error"]["code"] == "rate_limited"
+    assert limited[0].json()["error"]["code"] == "rate_limited" and limited[0].json()["error"]["reason"] == "RATE_LIMITED"
     assert all(r.status_code == 200 for r in paid_answers)
     ok = next(r for r in free_answers if r.status_code == 200)
     assert ok.headers["x-ratelimit-limit"] == "10" and ok.headers["ratelimit-policy"] == '"free";q=10;w=2'
@@ -333,6 +373,8 @@ async def test_openapi_describes_the_answers_and_headers_the_gateway_uses(stack)
     assert page["meta"]["pagination"]["next_page_token"]
     assert set(page["data"]) == set(schemas["ListWorkflowsResponse"]["properties"])
     assert not [name for name, schema in schemas.items() if "next_page_token" in schema.get("properties", {})]
+    reason = schemas["ErrorEnvelope"]["properties"]["error"]["properties"]["reason"]
+    assert set(reason["enum"]) == set(reasons.ALL) and "docs/errors.md" in reason["description"]
 
     def headers(path: str, verb: str) -> dict[str, dict]:
         return {p["name"]: p for p in doc["paths"][path][verb]["parameters"] if p["in"] == "header"}
@@ -484,8 +526,9 @@ async def test_the_cores_not_now_answers_say_when_to_retry(tmp_path) -> None:
         down = await http.get("/api/workflows")
         await http.aclose()
     assert full.status_code == 429 and assert_envelope(full, False)["error"]["code"] == "resource_exhausted", full.text
-    assert full.headers.get("retry-after") == "1"
+    assert full.headers.get("retry-after") == "1" and full.json()["error"]["reason"] == "QUEUE_FULL"
     assert down.status_code == 503 and assert_envelope(down, False)["error"]["code"] == "unavailable", down.text
+    assert down.json()["error"]["reason"] == "CORE_UNAVAILABLE"
     assert down.headers.get("retry-after") == "5"
 
 
@@ -655,6 +698,7 @@ async def test_request_headers_past_64_kib_get_431_on_every_route(stack) -> None
     for head, body in [(webhook_head.encode(), raw), (b"GET /api/workflows HTTP/1.1\r\nHost: x\r\n", b""), (b"GET /health/live HTTP/1.1\r\nHost: x\r\n", b"")]:
         status, answer = await sent(head, body)
         assert status == 431 and answer["success"] is False and answer["error"]["code"] == "request_header_fields_too_large", (head, answer)
+        assert answer["error"]["reason"] == "HEADERS_TOO_LARGE"
     # Within the limit a webhook's headers still reach the core.
     padded = await http.post(hook, content=raw, headers={**signed, "x-pad": "a" * 60_000})
     assert padded.status_code == 202, padded.text
@@ -762,6 +806,8 @@ async def test_an_error_the_cores_handlers_did_not_send_is_a_generic_502(tmp_pat
         assert answer.status_code == status, answer.text
         error = assert_envelope(answer, False)["error"]
         assert ("10.0.0.3" in error["message"]) is trailer, error
+        # No ErrorInfo in either: the core's own INTERNAL (it sends one) is INTERNAL_ERROR too.
+        assert error["reason"] == ("INTERNAL_ERROR" if trailer else "CORE_ANSWER_UNREADABLE"), error
 
 
 async def test_a_body_of_the_wrong_shape_names_the_field_in_the_apis_words(stack) -> None:

@@ -132,7 +132,7 @@ async def test_a_database_outage_is_503_with_retry_after_and_one_warning_not_tra
                 await proxy.start()
                 raw, headers = signed_webhook(created.webhook_secret, {"order": {"id": "back"}}, "msg_back")
                 back = await http.post(hook, content=raw, headers={**headers, "content-type": "application/json"})
-    assert [(a.status_code, a.headers.get("retry-after"), a.json()["error"]["code"]) for a in answers] == [(503, "5", "unavailable")] * 10, [a.text for a in answers]
+    assert [(a.status_code, a.headers.get("retry-after"), a.json()["error"]["code"], a.json()["error"]["reason"]) for a in answers] == [(503, "5", "unavailable", "DATABASE_UNAVAILABLE")] * 10, [a.text for a in answers]
     assert all("database is unavailable" in a.json()["error"]["message"] for a in answers), [a.json()["error"]["message"] for a in answers]
     tracebacks = [r.getMessage() for r in during if r.exc_info and r.name.startswith("ipaas")]
     assert tracebacks == [], tracebacks
