@@ -104,7 +104,7 @@ def _idempotency_key(scope: dict[str, Any], h: dict[str, str]) -> str | None:
     if key is not None:
         values = {value for name, value in scope["headers"] if name.lower() in _KEY_HEADERS}
         if len(values) > 1:
-            raise HttpError(400, "the request has more than one Idempotency-Key (or X-Idempotency-Key) value: send one")
+            raise HttpError(400, "the request has more than one Idempotency-Key (or X-Idempotency-Key) value: send one", reason=reasons.INVALID_HEADER)
     return key
 
 
