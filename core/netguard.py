@@ -33,8 +33,12 @@ _CGNAT = ipaddress.ip_network("100.64.0.0/10")
 
 def forbidden_address(address: str) -> bool:
     ip = ipaddress.ip_address(address.split("%", 1)[0])
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
+    if isinstance(ip, ipaddress.IPv6Address):
+        # An IPv4 address inside an IPv6 one reaches that IPv4 host: mapped (::ffff:a.b.c.d),
+        # or 6to4 (2002:AABB:CCDD::/48), which a host with a 6to4 route relays to it.
+        embedded = ip.ipv4_mapped or ip.sixtofour
+        if embedded is not None:
+            ip = embedded
     return (
         ip in _METADATA
         or ip.is_loopback

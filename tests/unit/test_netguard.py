@@ -45,13 +45,15 @@ class Answers(AbstractResolver):
 
 @pytest.mark.parametrize(
     "address",
-    ["127.0.0.1", "::1", "10.1.2.3", "172.16.0.1", "192.168.1.1", "169.254.169.254", "fd00:ec2::254", "100.64.0.1", "0.0.0.0", "224.0.0.1", "::ffff:127.0.0.1", "fe80::1%eth0", "240.0.0.1"],
+    ["127.0.0.1", "::1", "10.1.2.3", "172.16.0.1", "192.168.1.1", "169.254.169.254", "fd00:ec2::254", "100.64.0.1", "0.0.0.0", "224.0.0.1", "::ffff:127.0.0.1", "fe80::1%eth0", "240.0.0.1",
+     # 6to4 addresses embedding the metadata service, loopback and a private host
+     "2002:a9fe:a9fe::1", "2002:7f00:1::1", "2002:a00:1::1"],
 )
 def test_non_public_addresses_are_forbidden(address: str) -> None:
     assert forbidden_address(address)
 
 
-@pytest.mark.parametrize("address", ["93.184.216.34", "1.1.1.1", "2606:4700:4700::1111"])
+@pytest.mark.parametrize("address", ["93.184.216.34", "1.1.1.1", "2606:4700:4700::1111", "2002:5db8:d822::1"])
 def test_public_addresses_are_not(address: str) -> None:
     assert not forbidden_address(address)
 
