@@ -37,6 +37,12 @@ from ipaas.wire import MAX_JSON_DEPTH, nested_deeper_than
 
 log = logging.getLogger("ipaas.plugins")
 
+# What a plugin's own code may raise, at load or in an action, and the platform survives:
+# every Exception, and SystemExit, since `sys.exit("TOKEN is not set")` is a script's habit
+# (at import it stopped the core, exit 3, naming no plugin; in an action it ended the engine
+# process). KeyboardInterrupt is left to mean Ctrl-C.
+PLUGIN_FAILURES = (Exception, SystemExit)
+
 ENTRY_POINT_GROUP = "ipaas.connectors"
 # An action's output is stored with its step and returned by the API (GetExecution carries
 # every step of an execution in one gRPC message of at most 4 MiB).
@@ -346,7 +352,7 @@ class ConnectorRegistry:
             raise PermanentError(masker.text(str(exc))) from None
         except asyncio.CancelledError:
             raise
-        except Exception as exc:
+        except PLUGIN_FAILURES as exc:
             # A plugin bug: retrying will not fix it, and it must not crash the engine.
             log.warning("plugin.crashed", extra={"connector": connector, "action": action, "error": masker.text(repr(exc))})
             raise PermanentError(f"{connector}.{action} failed: {type(exc).__name__}: {masker.text(str(exc))}") from None
@@ -625,7 +631,7 @@ def load_registry(settings: Any = None, *, allow: Iterable[str] | None = None, l
                     continue
             try:
                 candidates.append((source, distribution, ep.load()))
-            except Exception as exc:  # any import-time failure of a third-party plugin
+            except PLUGIN_FAILURES as exc:  # any import-time failure of a third-party plugin
                 registry.problem(source, f"import failed: {type(exc).__name__}: {exc}")
     candidates += [(distribution, distribution, plugin) for distribution, plugin in plugins]
     offers: dict[str, list[tuple[Connector, str, str]]] = {}
@@ -665,7 +671,7 @@ def load_registry(settings: Any = None, *, allow: Iterable[str] | None = None, l
                 continue
             try:
                 returned = impl.function(register=register)
-            except Exception as exc:
+            except PLUGIN_FAILURES as exc:
                 registry.problem(source, f"ipaas_register_connectors failed: {type(exc).__name__}: {exc}")
                 break
             if returned is not None:
