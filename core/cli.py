@@ -194,6 +194,7 @@ STOP_GRACE = 10  # seconds a stopping core gives RPCs and executions in flight
 def cmd_core(settings: Settings, _args: argparse.Namespace) -> int:
     from ipaas import heap
     from ipaas.lifecycle import drain_seconds, insists, stuck_report
+    from ipaas.loop_watch import LoopWatch
     from ipaas.logs import configure_logging
     from ipaas.service.server import CoreServer, stop_seconds
 
@@ -259,6 +260,7 @@ def cmd_core(settings: Settings, _args: argparse.Namespace) -> int:
         stopped.cancel()
         starting.result()
         heap.after_startup()
+        LoopWatch(loop).start()  # dry runs, and the engine when it runs here, call plugins
         if server.admin_key_generated:
             print(f"admin key (shown once, saved in {settings.data_dir}/admin.key): {server.admin_key}", file=sys.stderr, flush=True)
         await stop.wait()

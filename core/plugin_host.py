@@ -43,6 +43,10 @@ log = logging.getLogger("ipaas.plugins")
 # process). KeyboardInterrupt is left to mean Ctrl-C.
 PLUGIN_FAILURES = (Exception, SystemExit)
 
+# The action each task is running (a dict entry for the call's length): a loop that a
+# plugin blocks is reported naming the connector and the execution (ipaas.loop_watch).
+RUNNING_ACTIONS: dict[Any, dict[str, str]] = {}
+
 ENTRY_POINT_GROUP = "ipaas.connectors"
 # An action's output is stored with its step and returned by the API (GetExecution carries
 # every step of an execution in one gRPC message of at most 4 MiB).
@@ -337,6 +341,8 @@ class ConnectorRegistry:
         # The context's logger already holds a masker for these credentials.
         masker = ctx.logger.masker if isinstance(ctx.logger, MaskingAdapter) else SecretMasker(_leaves(ctx.credentials))
         started = time.perf_counter()
+        task = asyncio.current_task()
+        RUNNING_ACTIONS[task] = {"connector": connector, "action": action, "tenant_id": ctx.tenant_id, "execution_id": ctx.execution_id, "step_id": ctx.step_id}
         try:
             async with asyncio.timeout(ctx.timeout):
                 result = await act.run(ctx)
@@ -356,6 +362,8 @@ class ConnectorRegistry:
             # A plugin bug: retrying will not fix it, and it must not crash the engine.
             log.warning("plugin.crashed", extra={"connector": connector, "action": action, "error": masker.text(repr(exc))})
             raise PermanentError(f"{connector}.{action} failed: {type(exc).__name__}: {masker.text(str(exc))}") from None
+        finally:
+            RUNNING_ACTIONS.pop(task, None)
         if not isinstance(result, ActionResult):
             raise PermanentError(f"{connector}.{action} returned {type(result).__name__}, not an ActionResult")
         duration = int((time.perf_counter() - started) * 1000)

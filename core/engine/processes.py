@@ -259,6 +259,7 @@ async def run_engine(settings: Settings) -> None:
     """`ipaas engine`: the dispatcher alone. Started by the core with two pipes; on
     PostgreSQL it can also run on its own, woken by LISTEN/NOTIFY and polling."""
     from ipaas.crypto import load_box
+    from ipaas.loop_watch import LoopWatch
     from ipaas.service.server import EngineSettings, build_engine
 
     engine = EngineSettings.from_settings(settings)
@@ -308,6 +309,7 @@ async def run_engine(settings: Settings) -> None:
 
         reporter = asyncio.create_task(report())
     heap.after_startup()
+    LoopWatch(loop).start()
     dispatcher.start()
     log.info("engine.started", extra={"pid": os.getpid(), "workers": dispatcher.workers, "database": db.dialect})
     await stop.wait()
