@@ -21,7 +21,7 @@ from ipaas.engine.retry import RetryPolicy, next_delay
 from ipaas.engine.steps import CredentialUnreadable, StepRunner
 from ipaas.errors import IpaasError
 from ipaas.masking import mask_value
-from ipaas.sdk import ActionResult, PermanentError, RetryableError
+from ipaas.sdk import ActionResult, PermanentError, RateLimited, RetryableError
 from ipaas.storage.db import Database
 from ipaas.storage.tables import Execution, ExecutionStep, utcnow
 from ipaas.workflow_store import WorkflowStore
@@ -191,7 +191,10 @@ class Executor:
             timeout = float(step.get("timeout_seconds") or self.limits.step_timeout)
             result: ActionResult = await self.steps.invoke(execution.tenant_id, execution.id, step, rendered.value, timeout, dry_run=False)
         except RetryableError as exc:
-            if not isinstance(exc, CredentialUnreadable):  # the upstream was never called
+            # Neither counts against the breaker (the trial is released): the upstream was
+            # never called, or it answered that it is busy (a 429, often for one target
+            # only, already honoured through retry_after).
+            if not isinstance(exc, (CredentialUnreadable, RateLimited)):
                 trial.failure()
             await self._store_step(record, "failed", error=str(exc), retryable=True)
             raise StepFailure(f"step {step['id']}: {exc}", retryable=True, retry_after=exc.retry_after) from None
