@@ -16,6 +16,7 @@ Each core replica keeps its own breakers.
 from __future__ import annotations
 
 import logging
+import random
 import threading
 import time
 from dataclasses import dataclass
@@ -28,6 +29,13 @@ log = logging.getLogger("ipaas.breakers")
 
 Clock = Callable[[], float]
 OnChange = Callable[[tuple[str, str], str, str], None]
+
+# A deferred task comes back up to this share of its wait later than the breaker asked, so
+# a backlog deferred together does not all come due at the same instant.
+DEFER_JITTER = 0.25
+# Trials in flight that should have settled already (their calls are bounded by a timeout,
+# so this is the time it takes to record them): wait this long before asking again.
+MIN_TRIAL_WAIT = 1.0
 
 
 @dataclass(frozen=True)
@@ -60,6 +68,7 @@ class Breaker(CircuitBreaker):
         self._opened_wall: datetime | None = None
         self._successes = 0
         self._trials = 0
+        self._trials_settle_by = 0.0  # when the trials in flight must have settled
         self._lock = threading.Lock()
 
     @property
@@ -91,8 +100,10 @@ class Breaker(CircuitBreaker):
         with self._lock:
             return max(self.open_remaining, 0.001) if self.state == STATE_OPEN else None
 
-    def allow(self) -> float | None:
-        """None when a call may go now; otherwise seconds until it may."""
+    def allow(self, call_timeout: float | None = None) -> float | None:
+        """None when a call may go now; otherwise seconds until it may. `call_timeout` bounds
+        the call about to be made: while half-open, a call that finds every trial slot taken
+        waits until the trials in flight must have settled."""
         with self._lock:
             state = self.state
             if state == STATE_CLOSED:
@@ -102,12 +113,18 @@ class Breaker(CircuitBreaker):
             if self._state == STATE_OPEN:  # the timeout just ran out: now half-open
                 self._state = STATE_HALF_OPEN
                 self._successes = self._trials = 0
+                self._trials_settle_by = 0.0
                 log.warning("breaker.state_changed", extra={"tenant_id": self.key[0], "connector": self.key[1], "from": STATE_OPEN, "to": STATE_HALF_OPEN})
                 self._on_change(self.key, STATE_OPEN, STATE_HALF_OPEN)
             # Half-open: only as many trial calls in flight as successes needed to close.
+            now = self._clock()
             if self._trials >= self.policy.success_threshold:
-                return 1.0
+                # Not a second: asked again each second, every queued task of this tenant
+                # and connector was claimed and requeued until the trials settled (up to
+                # the step timeout), a backlog's worth of writes a second for 3 calls.
+                return max(self._trials_settle_by - now, MIN_TRIAL_WAIT)
             self._trials += 1
+            self._trials_settle_by = max(self._trials_settle_by, now + (call_timeout or self.policy.recovery_timeout))
             return None
 
     def record_success(self) -> None:
@@ -181,6 +198,12 @@ class Trial:
     def release(self) -> None:
         if self._settle():
             self._breaker.release_trial()
+
+
+def spread(wait: float) -> float:
+    """A breaker's wait made up to DEFER_JITTER longer, never shorter (sooner, the task
+    would only be deferred again)."""
+    return wait * (1.0 + DEFER_JITTER * random.random())
 
 
 class BreakerRegistry:

@@ -15,7 +15,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from ipaas import logs, templates
 from ipaas.credentials import CredentialStore
 from ipaas.engine import outbox
-from ipaas.engine.breakers import BreakerRegistry, Trial
+from ipaas.engine.breakers import BreakerRegistry, Trial, spread
 from ipaas.engine.outcomes import Outcome, OutcomeWriter
 from ipaas.engine.retry import RetryPolicy, next_delay
 from ipaas.engine.steps import CredentialUnreadable, StepRunner
@@ -113,7 +113,7 @@ class Executor:
                         log.info("execution.cancelled", extra={"execution_id": execution.id, "before_step": step["id"]})
                         return
                     breaker = self.breakers.get(execution.tenant_id, step["connector"])
-                    wait = breaker.allow()
+                    wait = breaker.allow(step.get("timeout_seconds") or self.limits.step_timeout)
                     if wait is not None:
                         await self._defer_for_breaker(execution, task, owner, wait, step)
                         return
@@ -229,6 +229,7 @@ class Executor:
 
     async def _defer_for_breaker(self, execution: Execution, task: outbox.ClaimedTask, owner: str, wait: float, step: dict[str, Any]) -> None:
         """An open breaker defers the task without spending an attempt or calling upstream."""
+        wait = spread(wait)  # a backlog deferred together comes back spread out, not at once
         run_at = utcnow() + timedelta(seconds=wait)
         # Undo what the claim set: this attempt never started.
         await self.outcomes.requeue(task, owner, run_at, error=f"circuit open for {step['connector']}", attempts=execution.attempts, started_at=execution.started_at)

@@ -6,6 +6,7 @@ import asyncio
 import base64
 import hashlib
 import hmac
+import logging
 import time
 from datetime import datetime, timedelta, timezone
 
@@ -391,6 +392,35 @@ async def test_a_rate_limit_in_half_open_gives_its_trial_back(env) -> None:
     assert (breaker.state, breaker.snapshot().success_count) == ("half_open", 0)
     ex = await api.wait((await api.run(wf.id)).execution.id, timeout=4)
     assert ex.status == "succeeded", ex
+
+
+async def test_a_half_open_breaker_defers_its_backlog_once_per_trial_period(tmp_path, caplog) -> None:
+    # With its 3 trials in flight, a half-open breaker told every other task to come back
+    # in a second: 200 queued tasks were claimed and requeued ~1,000 times in 5 s (two
+    # writes each, on SQLite through the write lock ingest needs) for 3 upstream calls.
+    caplog.set_level(logging.INFO, logger="ipaas.engine")
+    fast = {"IPAAS_RETRY_BASE_DELAY": "0.01", "IPAAS_POLL_INTERVAL": "0.05", "IPAAS_BREAKER_RECOVERY_SECONDS": "1"}
+    async with FakeSlack() as slack, core_with(tmp_path, **fast) as core:
+        api = Api(core.channel, (await core.new_tenant()).md)
+        cred = await api.credential("slack", {"webhook_url": slack.url})
+        wf = (await api.create({"name": "s", "trigger": {"type": "manual"}, "options": {"max_attempts": 1}, "steps": [slack_step(cred, "x")]})).workflow
+        slack.fail_next(500, times=5)
+        for _ in range(5):
+            await api.wait((await api.run(wf.id)).execution.id)
+        slack.delay = 6.0  # the trials take 6 s (the step timeout is 30 s)
+        backlog = 200
+        for _ in range(backlog):
+            await api.run(wf.id)
+
+        def deferrals() -> int:
+            return sum(1 for r in caplog.records if r.getMessage() == "execution.deferred")
+
+        await asyncio.sleep(1.5)  # half-open now, its trials hanging on the slow upstream
+        before = deferrals()
+        await asyncio.sleep(5.0)
+        churn = deferrals() - before
+        slack.delay = 0
+        assert churn <= backlog * 1.2, f"{churn} claim+requeue cycles in 5 s for {backlog} queued tasks"
 
 
 async def test_idempotency_key_enqueues_once(env) -> None:
