@@ -189,3 +189,31 @@ def test_deferrals_are_spread_out_never_earlier() -> None:
     assert max(waits) <= 75.0
     assert len({round(w) for w in waits}) >= 10, "spread over the window, not at one instant"
 
+
+def test_clean_breakers_are_forgotten_and_the_others_kept() -> None:
+    # The registry kept every (tenant, connector) it ever saw, ~900 bytes each, for good.
+    import tracemalloc
+
+    clock = Clock()
+    registry = BreakerRegistry(clock=clock)
+    failing = registry.get("tn_failing", "slack")
+    fail(failing, 4)
+    busy = registry.get("tn_busy", "slack")
+    assert busy.allow() is None  # a call in flight across every sweep below
+    tracemalloc.start()
+    try:
+        for i in range(100_000):
+            b = registry.get(f"tn_{i:026d}", "slack")
+            assert b.allow() is None
+            Trial(b).success()
+        held, _peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert len(registry) < 1000, len(registry)
+    assert held < 1_000_000, f"{held} bytes held after 100,000 clean breakers"
+    assert registry.get("tn_failing", "slack") is failing and failing.snapshot().failure_count == 4
+    fail(failing, 1)
+    assert failing.state == "open", "the failures counted before survive: the fifth opens it"
+    assert registry.get("tn_busy", "slack") is busy, "the call in flight settles on the breaker later calls ask"
+    busy.record_failure()
+    assert registry.get("tn_busy", "slack").snapshot().failure_count == 1
