@@ -170,11 +170,22 @@ class EngineProcesses:
         reader = asyncio.StreamReader(limit=MAX_STATUS_LINE)
         transport, _ = await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(fd, "rb", 0))
         try:
-            while line := await reader.readline():
+            while True:
+                try:
+                    line = await reader.readline()
+                except ValueError:
+                    # Over MAX_STATUS_LINE: the reader has dropped it (or what it buffered of
+                    # it; the rest then reads as a line that is not JSON). Ending here froze
+                    # the child's load and breakers in the core for the child's life, and
+                    # its next report met a closed pipe.
+                    log.warning("engine.status_unreadable", extra={"pid": child.proc.pid})
+                    continue
+                if not line:
+                    return
                 with contextlib.suppress(orjson.JSONDecodeError):
-                    child.status = orjson.loads(line)
-        except (ValueError, asyncio.LimitOverrunError):
-            log.warning("engine.status_unreadable", extra={"pid": child.proc.pid})
+                    status = orjson.loads(line)
+                    if isinstance(status, dict):
+                        child.status = status
         finally:
             transport.close()
 
