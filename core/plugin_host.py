@@ -32,7 +32,7 @@ from ipaas import hookspecs
 from ipaas.masking import SecretMasker
 from ipaas.netguard import GuardedResolver, GuardedTransport, check_url
 from ipaas.settings import HTTP_TRANSPORTS, choice
-from ipaas.sdk import NAME, Action, ActionResult, Connector, ConnectorError, ExecutionContext, MaskingAdapter, PermanentError, RetryableError
+from ipaas.sdk import NAME, Action, ActionResult, Connector, ConnectorError, ExecutionContext, MaskingAdapter, PermanentError, RateLimited, RetryableError
 from ipaas.wire import MAX_JSON_DEPTH, nested_deeper_than
 
 log = logging.getLogger("ipaas.plugins")
@@ -349,7 +349,9 @@ class ConnectorRegistry:
         except TimeoutError:
             raise RetryableError(f"{connector}.{action} timed out after {ctx.timeout:g}s") from None
         except RetryableError as exc:
-            raise RetryableError(masker.text(str(exc)), exc.retry_after) from None
+            # A rate limit stays one: the engine keeps it out of the connector's breaker.
+            kind = RateLimited if isinstance(exc, RateLimited) else RetryableError
+            raise kind(masker.text(str(exc)), exc.retry_after) from None
         except PermanentError as exc:
             raise PermanentError(masker.text(str(exc))) from None
         except (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError) as exc:

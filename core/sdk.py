@@ -33,6 +33,7 @@ __all__ = [
     "ConnectorError",
     "ExecutionContext",
     "PermanentError",
+    "RateLimited",
     "RetryableError",
     "hookimpl",
     "raise_for_status",
@@ -47,7 +48,8 @@ class ConnectorError(Exception):
 
 
 class RetryableError(ConnectorError):
-    """A failure that may pass if tried again later: timeouts, connection errors, 429, 5xx.
+    """A failure that may pass if tried again later: timeouts, connection errors, 5xx (for
+    429 raise its subclass RateLimited). It counts against the connector's circuit breaker.
 
     Args:
         message: what went wrong, without secrets.
@@ -73,6 +75,18 @@ def _retry_seconds(value: Any) -> float | None:
         return None
     value = float(value)
     return value if value >= 0 else None  # NaN compares false too
+
+
+class RateLimited(RetryableError):
+    """The upstream is up but asks us to slow down (HTTP 429): retried no sooner than
+    `retry_after`, and neither a success nor a failure for the connector's circuit breaker.
+    A rate limit is often per target (one webhook, one channel): as a failure, five of them
+    blocked every delivery of the tenant's connector, to every target, for a minute.
+
+    Args:
+        message: what went wrong, without secrets.
+        retry_after: seconds the upstream asked us to wait, as for RetryableError.
+    """
 
 
 class PermanentError(ConnectorError):
@@ -216,8 +230,8 @@ def _reason(response: httpx.Response) -> str:
 
 
 def raise_for_status(response: httpx.Response, service: str = "upstream") -> None:
-    """Classify an HTTP answer: 429, 408 and 5xx are retryable (with Retry-After when given),
-    other 4xx permanent, and so is a 3xx: connector clients follow no redirect (it could
+    """Classify an HTTP answer: 429 is RateLimited, 408 and 5xx RetryableError (both with
+    Retry-After when given), other 4xx permanent, and so is a 3xx: connector clients follow no redirect (it could
     leave the allowed hosts), so nothing was delivered. The message names the status and
     the upstream's reason only, never where a redirect points."""
     status = response.status_code
@@ -227,6 +241,8 @@ def raise_for_status(response: httpx.Response, service: str = "upstream") -> Non
         raise PermanentError(f"{service} answered {status}, a redirect, which connectors do not follow: check the target's URL")
     reason = _reason(response)
     message = f"{service} answered {status}" + (f": {reason}" if reason else "")
-    if status == 429 or status == 408 or status >= 500:
+    if status == 429:
+        raise RateLimited(message, retry_after=_retry_after(response))
+    if status == 408 or status >= 500:
         raise RetryableError(message, retry_after=_retry_after(response))
     raise PermanentError(message)

@@ -15,13 +15,13 @@ from sqlalchemy.exc import SQLAlchemyError
 from ipaas import logs, templates
 from ipaas.credentials import CredentialStore
 from ipaas.engine import outbox
-from ipaas.engine.breakers import BreakerRegistry, Trial
+from ipaas.engine.breakers import BreakerRegistry, Trial, spread
 from ipaas.engine.outcomes import Outcome, OutcomeWriter
 from ipaas.engine.retry import RetryPolicy, next_delay
 from ipaas.engine.steps import CredentialUnreadable, StepRunner
 from ipaas.errors import IpaasError
 from ipaas.masking import mask_value
-from ipaas.sdk import ActionResult, PermanentError, RetryableError
+from ipaas.sdk import ActionResult, PermanentError, RateLimited, RetryableError
 from ipaas.storage.db import Database
 from ipaas.storage.tables import Execution, ExecutionStep, utcnow
 from ipaas.workflow_store import WorkflowStore
@@ -113,7 +113,7 @@ class Executor:
                         log.info("execution.cancelled", extra={"execution_id": execution.id, "before_step": step["id"]})
                         return
                     breaker = self.breakers.get(execution.tenant_id, step["connector"])
-                    wait = breaker.allow()
+                    wait = breaker.allow(step.get("timeout_seconds") or self.limits.step_timeout)
                     if wait is not None:
                         await self._defer_for_breaker(execution, task, owner, wait, step)
                         return
@@ -191,7 +191,10 @@ class Executor:
             timeout = float(step.get("timeout_seconds") or self.limits.step_timeout)
             result: ActionResult = await self.steps.invoke(execution.tenant_id, execution.id, step, rendered.value, timeout, dry_run=False)
         except RetryableError as exc:
-            if not isinstance(exc, CredentialUnreadable):  # the upstream was never called
+            # Neither counts against the breaker (the trial is released): the upstream was
+            # never called, or it answered that it is busy (a 429, often for one target
+            # only, already honoured through retry_after).
+            if not isinstance(exc, (CredentialUnreadable, RateLimited)):
                 trial.failure()
             await self._store_step(record, "failed", error=str(exc), retryable=True)
             raise StepFailure(f"step {step['id']}: {exc}", retryable=True, retry_after=exc.retry_after) from None
@@ -226,6 +229,7 @@ class Executor:
 
     async def _defer_for_breaker(self, execution: Execution, task: outbox.ClaimedTask, owner: str, wait: float, step: dict[str, Any]) -> None:
         """An open breaker defers the task without spending an attempt or calling upstream."""
+        wait = spread(wait)  # a backlog deferred together comes back spread out, not at once
         run_at = utcnow() + timedelta(seconds=wait)
         # Undo what the claim set: this attempt never started.
         await self.outcomes.requeue(task, owner, run_at, error=f"circuit open for {step['connector']}", attempts=execution.attempts, started_at=execution.started_at)

@@ -170,11 +170,22 @@ class EngineProcesses:
         reader = asyncio.StreamReader(limit=MAX_STATUS_LINE)
         transport, _ = await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(fd, "rb", 0))
         try:
-            while line := await reader.readline():
+            while True:
+                try:
+                    line = await reader.readline()
+                except ValueError:
+                    # Over MAX_STATUS_LINE: the reader has dropped it (or what it buffered of
+                    # it; the rest then reads as a line that is not JSON). Ending here froze
+                    # the child's load and breakers in the core for the child's life, and
+                    # its next report met a closed pipe.
+                    log.warning("engine.status_unreadable", extra={"pid": child.proc.pid})
+                    continue
+                if not line:
+                    return
                 with contextlib.suppress(orjson.JSONDecodeError):
-                    child.status = orjson.loads(line)
-        except (ValueError, asyncio.LimitOverrunError):
-            log.warning("engine.status_unreadable", extra={"pid": child.proc.pid})
+                    status = orjson.loads(line)
+                    if isinstance(status, dict):
+                        child.status = status
         finally:
             transport.close()
 
@@ -230,10 +241,9 @@ def _when(value: str | None) -> datetime | None:
 
 
 def _breakers(registry: BreakerRegistry) -> list[list[Any]]:
-    snapshots = registry.all_snapshots()
-    if len(snapshots) > MAX_REPORTED_BREAKERS:
-        # Many tenants: report the breakers that say something, not thousands of clean ones.
-        snapshots = [(t, s) for t, s in snapshots if s.state != "closed" or s.failure_count]
+    # The breakers that say something (a clean one is closed with no failure), the most open
+    # first, and a bounded number: the line stays far below what the core reads.
+    snapshots = registry.report(MAX_REPORTED_BREAKERS)
     return [
         [tenant, s.connector, s.state, s.failure_count, s.success_count, s.opened_at and s.opened_at.isoformat(), s.half_open_at and s.half_open_at.isoformat()]
         for tenant, s in snapshots

@@ -6,6 +6,7 @@ import asyncio
 import base64
 import hashlib
 import hmac
+import logging
 import time
 from datetime import datetime, timedelta, timezone
 
@@ -18,6 +19,7 @@ from ipaas.storage.tables import Execution, OutboxTask
 from ipaas.v1 import executions_pb2, tenants_pb2, workflows_pb2
 from ipaas.v1.tenants_pb2_grpc import TenantServiceStub
 from tests.conftest import core_with
+from tests.fakes.discord import FakeDiscord
 from tests.fakes.openweather import API_KEY, FakeOpenWeather
 from tests.fakes.slack import FakeSlack
 from tests.integration.helpers import Api, signed_headers, signed_webhook, slack_step, value, workflow
@@ -343,6 +345,82 @@ async def test_permanent_failures_in_half_open_do_not_wedge_the_breaker(env) -> 
     ex = await api.wait((await api.run(wf_good.id)).execution.id, timeout=4)
     assert ex.status == "succeeded", ex
     assert slack.received == [{"text": "x"}]
+
+
+async def test_rate_limits_on_one_webhook_do_not_block_the_tenants_other_webhooks(tmp_path) -> None:
+    # Discord limits each webhook on its own. Five 429s from one busy webhook opened the
+    # tenant's whole discord breaker: a message to another, healthy webhook waited 60 s.
+    fast = {"IPAAS_RETRY_BASE_DELAY": "0.01", "IPAAS_POLL_INTERVAL": "0.05"}  # the breaker's own 60 s
+    async with FakeDiscord() as busy, FakeDiscord() as healthy, core_with(tmp_path, **fast) as core:
+        api = Api(core.channel, (await core.new_tenant()).md)
+        steps = []
+        for upstream in (busy, healthy):
+            cred = await api.credential("discord", {"webhook_url": upstream.url}, name=str(upstream.port))
+            steps.append({"id": "post", "connector": "discord", "action": "post_message", "config": {"content": "hi {{n}}"}, "credential_id": cred})
+        options = {"max_attempts": 1}
+        to_busy, to_healthy = [(await api.create({"name": f"w{i}", "trigger": {"type": "manual"}, "options": options, "steps": [step]})).workflow for i, step in enumerate(steps)]
+        busy.fail_next(429, times=5, retry_after=0.05)
+        for n in range(5):
+            ex = await api.wait((await api.run(to_busy.id, {"n": n})).execution.id)
+            assert ex.status == "dead" and "429" in ex.error, ex
+        ex = await api.wait((await api.run(to_healthy.id, {"n": 99})).execution.id, timeout=3)
+        assert ex.status == "succeeded", ex
+        assert healthy.received == [{"content": "hi 99"}]
+        from ipaas.v1 import breakers_pb2, breakers_pb2_grpc
+
+        listed = (await breakers_pb2_grpc.BreakerServiceStub(core.channel).ListBreakers(breakers_pb2.ListBreakersRequest(), metadata=api.md)).breakers
+        assert [(b.state, b.failure_count) for b in listed] in ([], [("closed", 0)]), listed
+
+
+async def test_a_rate_limit_in_half_open_gives_its_trial_back(env) -> None:
+    # A 429 counted as a failure: in half-open one rate-limited trial re-opened the breaker
+    # for another recovery period, although the upstream had answered.
+    core, api, slack, _ = env
+    scred = await api.credential("slack", {"webhook_url": slack.url})
+    wf = (await api.create({"name": "h", "trigger": {"type": "manual"}, "options": {"max_attempts": 1}, "steps": [slack_step(scred, "x")]})).workflow
+    slack.fail_next(503, times=5)
+    for _ in range(5):
+        assert (await api.wait((await api.run(wf.id)).execution.id)).status == "dead"
+    ((tenant_id, _),) = core.server.breakers.all_snapshots()
+    breaker = core.server.breakers.get(tenant_id, "slack")
+    assert breaker.state == "open"
+    await asyncio.sleep(max(breaker.open_remaining, 0) + 0.05)
+    slack.fail_next(429, times=3, retry_after=0.01)
+    for _ in range(3):
+        ex = await api.wait((await api.run(wf.id)).execution.id, timeout=4)
+        assert ex.status == "dead" and "429" in ex.error, ex
+    assert (breaker.state, breaker.snapshot().success_count) == ("half_open", 0)
+    ex = await api.wait((await api.run(wf.id)).execution.id, timeout=4)
+    assert ex.status == "succeeded", ex
+
+
+async def test_a_half_open_breaker_defers_its_backlog_once_per_trial_period(tmp_path, caplog) -> None:
+    # With its 3 trials in flight, a half-open breaker told every other task to come back
+    # in a second: 200 queued tasks were claimed and requeued ~1,000 times in 5 s (two
+    # writes each, on SQLite through the write lock ingest needs) for 3 upstream calls.
+    caplog.set_level(logging.INFO, logger="ipaas.engine")
+    fast = {"IPAAS_RETRY_BASE_DELAY": "0.01", "IPAAS_POLL_INTERVAL": "0.05", "IPAAS_BREAKER_RECOVERY_SECONDS": "1"}
+    async with FakeSlack() as slack, core_with(tmp_path, **fast) as core:
+        api = Api(core.channel, (await core.new_tenant()).md)
+        cred = await api.credential("slack", {"webhook_url": slack.url})
+        wf = (await api.create({"name": "s", "trigger": {"type": "manual"}, "options": {"max_attempts": 1}, "steps": [slack_step(cred, "x")]})).workflow
+        slack.fail_next(500, times=5)
+        for _ in range(5):
+            await api.wait((await api.run(wf.id)).execution.id)
+        slack.delay = 6.0  # the trials take 6 s (the step timeout is 30 s)
+        backlog = 200
+        for _ in range(backlog):
+            await api.run(wf.id)
+
+        def deferrals() -> int:
+            return sum(1 for r in caplog.records if r.getMessage() == "execution.deferred")
+
+        await asyncio.sleep(1.5)  # half-open now, its trials hanging on the slow upstream
+        before = deferrals()
+        await asyncio.sleep(5.0)
+        churn = deferrals() - before
+        slack.delay = 0
+        assert churn <= backlog * 1.2, f"{churn} claim+requeue cycles in 5 s for {backlog} queued tasks"
 
 
 async def test_idempotency_key_enqueues_once(env) -> None:

@@ -231,3 +231,35 @@ def _alive(pid: int) -> bool:
     except FileNotFoundError:
         return False
     return state != "Z"
+
+
+async def test_an_over_long_status_line_is_skipped_and_the_next_one_read(tmp_path) -> None:
+    # A line over MAX_STATUS_LINE ended the core's reader for good: the child's load and
+    # breakers stayed as last read for the child's life (an open breaker that had closed
+    # still listed open) and the child's next report met a closed pipe.
+    import orjson
+
+    from ipaas.engine.processes import MAX_STATUS_LINE, EngineProcesses, _Child
+    from ipaas.settings import Settings
+
+    class _Proc:
+        pid = 4242
+
+    processes = EngineProcesses(Settings(), db=None, count=1, workers_each=1)  # type: ignore[arg-type]
+    child = _Child(_Proc(), -1)  # type: ignore[arg-type]
+    read_fd, write_fd = os.pipe()
+    reader = asyncio.create_task(processes._read_status(child, read_fd))
+    loop = asyncio.get_running_loop()
+    writer = os.fdopen(write_fd, "wb", 0)
+    try:
+        opened = {"owner": "A", "inflight": 7, "breakers": [["tn_x", "slack", "open", 5, 0, None, None]]}
+        await loop.run_in_executor(None, writer.write, orjson.dumps(opened) + b"\n")
+        await until(lambda: child.status == opened, "the first report")
+        huge = orjson.dumps({"owner": "A", "pad": "x" * (MAX_STATUS_LINE + 1024)}) + b"\n"
+        closed = {"owner": "A", "inflight": 0, "breakers": []}
+        await asyncio.wait_for(loop.run_in_executor(None, writer.write, huge + orjson.dumps(closed) + b"\n"), 10)
+        await until(lambda: child.status == closed, "the report after the over-long line", timeout=5)
+        assert not reader.done()
+    finally:
+        writer.close()
+        await asyncio.wait_for(reader, 5)

@@ -146,7 +146,7 @@ def test_a_trial_settles_exactly_once(setup) -> None:
     trials[0].release()  # the executor's finally after an outcome: nothing more to give back
     trials[1].release()
     trials[1].release()
-    assert [b.allow() for _ in range(3)] == [None, None, 1.0], "two slots came back, once each"
+    assert [b.allow() for _ in range(3)] == [None, None, pytest.approx(60.0)], "two slots came back, once each"
     trials[2].failure()
     assert b.state == "open"
 
@@ -160,3 +160,60 @@ def test_releasing_outside_half_open_changes_nothing(setup) -> None:
     fail(b, 1)
     b.release_trial()
     assert b.state == "open" and b.allow() == pytest.approx(60.0)
+
+
+def test_half_open_with_every_slot_taken_defers_until_the_trials_must_have_settled(setup) -> None:
+    # A call that found the trial slots taken was told to come back in a second: every
+    # queued task of the tenant and connector was claimed and requeued each second until
+    # the trials settled, up to the step timeout.
+    clock, registry, _ = setup
+    b = registry.get("tn_a", "slack")
+    fail(b, 5)
+    clock.now += 60
+    assert [b.allow(30.0) for _ in range(3)] == [None, None, None]
+    assert b.allow(30.0) == pytest.approx(30.0), "until the last trial's call has timed out"
+    clock.now += 12
+    assert b.allow(30.0) == pytest.approx(18.0)
+    clock.now += 30
+    assert b.allow(30.0) == pytest.approx(1.0), "trials past their timeout are being recorded: ask again soon"
+    b.release_trial()
+    assert b.allow(30.0) is None, "a slot given back is taken at once"
+
+
+def test_deferrals_are_spread_out_never_earlier() -> None:
+    # The whole backlog deferred to the instant a breaker half-opens came due at once.
+    from ipaas.engine.breakers import spread
+
+    waits = [spread(60.0) for _ in range(2000)]
+    assert min(waits) >= 60.0, "sooner than the breaker asked, a task would only be deferred again"
+    assert max(waits) <= 75.0
+    assert len({round(w) for w in waits}) >= 10, "spread over the window, not at one instant"
+
+
+def test_clean_breakers_are_forgotten_and_the_others_kept() -> None:
+    # The registry kept every (tenant, connector) it ever saw, ~900 bytes each, for good.
+    import tracemalloc
+
+    clock = Clock()
+    registry = BreakerRegistry(clock=clock)
+    failing = registry.get("tn_failing", "slack")
+    fail(failing, 4)
+    busy = registry.get("tn_busy", "slack")
+    assert busy.allow() is None  # a call in flight across every sweep below
+    tracemalloc.start()
+    try:
+        for i in range(100_000):
+            b = registry.get(f"tn_{i:026d}", "slack")
+            assert b.allow() is None
+            Trial(b).success()
+        held, _peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert len(registry) < 1000, len(registry)
+    assert held < 1_000_000, f"{held} bytes held after 100,000 clean breakers"
+    assert registry.get("tn_failing", "slack") is failing and failing.snapshot().failure_count == 4
+    fail(failing, 1)
+    assert failing.state == "open", "the failures counted before survive: the fifth opens it"
+    assert registry.get("tn_busy", "slack") is busy, "the call in flight settles on the breaker later calls ask"
+    busy.record_failure()
+    assert registry.get("tn_busy", "slack").snapshot().failure_count == 1

@@ -63,3 +63,38 @@ def test_engine_batch_scheduling_is_on_unless_turned_off() -> None:
     assert EngineSettings.from_settings(Settings(extra={"IPAAS_ENGINE_SCHED_BATCH": "off"})).sched_batch is False
     with pytest.raises(SystemExit, match="IPAAS_ENGINE_SCHED_BATCH"):
         EngineSettings.from_settings(Settings(extra={"IPAAS_ENGINE_SCHED_BATCH": "maybe"}))
+
+
+def test_the_breaker_report_skips_clean_breakers_and_is_bounded() -> None:
+    # The report walked every breaker each second (230 ms for 100,000 clean ones, on the
+    # engine's event loop), and past ~65,000 with a failure its line outgrew what the core
+    # reads (4 MiB).
+    import orjson
+
+    from ipaas.engine.breakers import BreakerRegistry
+    from ipaas.engine.processes import MAX_REPORTED_BREAKERS, MAX_STATUS_LINE, _breakers
+
+    registry = BreakerRegistry()
+    for i in range(100_000):
+        registry.get(f"tn_{i:026d}", "slack")
+    best = min(_timed(lambda: _breakers(registry)) for _ in range(3))
+    assert best < 0.005, f"{best * 1000:.1f} ms for 100,000 clean breakers"
+    assert _breakers(registry) == []
+    for i in range(MAX_REPORTED_BREAKERS + 500):
+        registry.get(f"tn_f{i:025d}", "discord").record_failure()
+    for tenant in ("tn_open_1", "tn_open_2"):
+        for _ in range(5):
+            registry.get(tenant, "slack").record_failure()
+    report = _breakers(registry)
+    assert len(report) == MAX_REPORTED_BREAKERS
+    assert {row[0] for row in report[:2]} == {"tn_open_1", "tn_open_2"}, "the most open first"
+    assert all(row[2] == "open" or row[3] > 0 for row in report), "only breakers that say something"
+    assert len(orjson.dumps({"breakers": report})) < MAX_STATUS_LINE // 16
+
+
+def _timed(work) -> float:  # type: ignore[no-untyped-def]
+    import time
+
+    started = time.perf_counter()
+    work()
+    return time.perf_counter() - started

@@ -6,7 +6,7 @@ import pytest
 from ipaas_discord import CONNECTOR
 
 from ipaas.plugin_host import ConnectorRegistry
-from ipaas.sdk import PermanentError, RetryableError
+from ipaas.sdk import PermanentError, RateLimited
 from ipaas.testing.contract import ConnectorContract
 from tests.fakes.discord import FakeDiscord
 
@@ -58,7 +58,7 @@ async def test_bad_request_is_permanent(registry) -> None:
 async def test_rate_limit_reads_retry_after_from_the_json_body(registry) -> None:
     async with FakeDiscord() as discord:
         discord.fail_next(429, retry_after=1.5)
-        with pytest.raises(RetryableError) as err:
+        with pytest.raises(RateLimited) as err:
             await post(registry, discord.url)
     assert err.value.retry_after == 1.5
 

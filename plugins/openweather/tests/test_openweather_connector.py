@@ -6,7 +6,7 @@ import pytest
 from ipaas_openweather import CONNECTOR
 
 from ipaas.plugin_host import ConnectorRegistry
-from ipaas.sdk import PermanentError, RetryableError
+from ipaas.sdk import PermanentError, RateLimited
 from ipaas.testing.contract import ConnectorContract
 from tests.fakes.openweather import API_KEY, FakeOpenWeather
 
@@ -67,7 +67,7 @@ async def test_unknown_city_is_permanent(weather) -> None:
 async def test_rate_limit_is_retryable(weather) -> None:
     registry, fake = weather
     fake.fail_next(429, retry_after=60)
-    with pytest.raises(RetryableError) as err:
+    with pytest.raises(RateLimited) as err:
         await fetch(registry, {"city": "Paris"})
     assert err.value.retry_after == 60
 

@@ -6,7 +6,7 @@ import pytest
 from ipaas_slack import CONNECTOR
 
 from ipaas.plugin_host import ConnectorRegistry
-from ipaas.sdk import PermanentError, RetryableError
+from ipaas.sdk import PermanentError, RateLimited, RetryableError
 from ipaas.testing.contract import ConnectorContract
 from tests.fakes.slack import FakeSlack
 
@@ -51,9 +51,11 @@ async def test_slack_errors_are_permanent_and_named(registry, status: int, code:
 
 
 async def test_rate_limit_carries_retry_after(registry) -> None:
+    """A 429 is RateLimited, which the engine retries without counting it against the
+    breaker: Slack limits each webhook on its own, so it says nothing of the others."""
     async with FakeSlack() as slack:
         slack.fail_next(429, retry_after=30)
-        with pytest.raises(RetryableError) as err:
+        with pytest.raises(RateLimited) as err:
             await send(registry, slack.url)
     assert err.value.retry_after == 30
 
@@ -61,8 +63,9 @@ async def test_rate_limit_carries_retry_after(registry) -> None:
 async def test_server_error_is_retryable(registry) -> None:
     async with FakeSlack() as slack:
         slack.fail_next(503)
-        with pytest.raises(RetryableError):
+        with pytest.raises(RetryableError) as err:
             await send(registry, slack.url)
+    assert not isinstance(err.value, RateLimited), "a 5xx counts against the breaker"
 
 
 async def test_timeout_abandons_the_call(registry) -> None:
