@@ -1,4 +1,4 @@
-"""Template data mapping: `{{user.name}}` in any string of a step's config.
+r"""Template data mapping: `{{user.name}}` in any string of a step's config.
 
 Paths:
 - `user.name`, `order.items.0.name` — dotted paths into the trigger payload (the seeds' form);
@@ -14,6 +14,12 @@ Rendering only looks up dict keys and list indexes: it never evaluates code nor 
 Python attributes, so `{{__class__}}` is just a key that is not there. Strings stay strings:
 scalars render as text, objects and lists as JSON, null as empty. A missing path renders
 empty and is reported, so strict workflows can fail the step naming it.
+
+A literal `{{` is written `{{"{{"}}` (or `{{'{{'}}`), as in Go templates and Jinja:
+`{{"{{"}}name}}` renders `{{name}}`. A `}}` outside a template is text already. A backslash
+escape (Handlebars' `\{{`) was not chosen: in a JSON config it must be typed `\\{{`, and it
+would have changed the meaning of any existing text with a backslash before `{{`; the quoted
+form was only ever a lookup of a key named `"{{"`, quotes included.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from jsonpath.exceptions import JSONPathNameError, JSONPathSyntaxError
 from jsonpath.parse import Parser
 
 _TEMPLATE = re.compile(r"\{\{\s*(.*?)\s*\}\}", re.DOTALL)
+_LITERAL_BRACES = ('"{{"', "'{{'")  # {{"{{"}}: the one escape, a literal "{{"
 MAX_TEMPLATES_PER_STRING = 1000
 MAX_PATH_LENGTH = 512
 MAX_CONFIG_DEPTH = 32
@@ -125,12 +132,24 @@ def compile_template(template: str) -> tuple[str | _Path, ...]:
         if count > MAX_TEMPLATES_PER_STRING:
             raise TemplateError(f"more than {MAX_TEMPLATES_PER_STRING} templates in one string")
         if match.start() > position:
-            parts.append(template[position : match.start()])
-        parts.append(_compile_path(match.group(1)))
+            _append_text(parts, template[position : match.start()])
+        if match.group(1) in _LITERAL_BRACES:
+            _append_text(parts, "{{")
+        else:
+            parts.append(_compile_path(match.group(1)))
         position = match.end()
     if position < len(template):
-        parts.append(template[position:])
+        _append_text(parts, template[position:])
     return tuple(parts)
+
+
+def _append_text(parts: list[str | _Path], text: str) -> None:
+    # One text part however many escapes it holds, so a string of text alone is still one
+    # str part (render_config's test for "one template and nothing else").
+    if parts and isinstance(parts[-1], str):
+        parts[-1] += text
+    else:
+        parts.append(text)
 
 
 def validate_template(template: str) -> list[str]:

@@ -182,3 +182,30 @@ def test_a_string_that_is_one_template_gives_the_value_with_its_type() -> None:
     result = render_config(config, ctx)
     assert result.value == {"lat": 48.85, "items": [1, 2], "flag": False, "none": None, "text": "at 48.85", "gone": ""}
     assert result.missing_paths == ("nope",)
+
+
+@pytest.mark.parametrize(
+    ("template", "expected"),
+    [
+        ('{{"{{"}}name}}', "{{name}}"),
+        ("{{'{{'}}name}}", "{{name}}"),
+        ('{{ "{{" }}user.name}} is {{user.name}}', "{{user.name}} is Alex"),
+        ('Handlebars: {{"{{"}}#each items}}{{"{{"}}this}}{{"{{"}}/each}}', "Handlebars: {{#each items}}{{this}}{{/each}}"),
+        ('{{"{{"}}', "{{"),
+        ("}} alone is text", "}} alone is text"),
+    ],
+)
+def test_a_literal_double_brace_is_written_as_a_quoted_template(template: str, expected: str) -> None:
+    """A Slack message that must show `{{name}}`, or a Handlebars snippet for an upstream:
+    before, every `{{` opened a template, and the text could not be sent at all."""
+    result = render(template, CTX)
+    assert (result.value, result.missing_paths) == (expected, ())
+    assert render_config({"text": template}, CTX).value == {"text": expected}  # the engine's and dry run's way
+    assert validate_template(template) == []
+
+
+def test_an_escape_alone_is_text_not_a_value() -> None:
+    from ipaas.templates import step_references, template_paths
+
+    assert render_config({"a": '{{"{{"}}', "b": "{{'{{'}}x{{'{{'}}"}, CTX).value == {"a": "{{", "b": "{{x{{"}
+    assert template_paths('{{"{{"}}steps.x.y}}') == [] and step_references('{{"{{"}}steps.x.y}}') == []
