@@ -15,6 +15,12 @@ Python attributes, so `{{__class__}}` is just a key that is not there. Strings s
 scalars render as text, objects and lists as JSON, null as empty. A missing path renders
 empty and is reported, so strict workflows can fail the step naming it.
 
+Numbers render as JavaScript's Number.prototype.toString writes them (what n8n and a
+JSON-minded reader expect): the shortest digits that read back as the same double, `2.0` as
+`2`, `1e-7` as `1e-7`, `1e21` as `1e+21`. Integers are written with every digit (a webhook's
+12345678901234567890 stays exact). The payload holds numbers, not their spelling: `19.90`
+arrives as 19.9 and renders `19.9`; send a string to keep a format.
+
 A literal `{{` is written `{{"{{"}}` (or `{{'{{'}}`), as in Go templates and Jinja:
 `{{"{{"}}name}}` renders `{{name}}`. A `}}` outside a template is text already. A backslash
 escape (Handlebars' `\{{`) was not chosen: in a JSON config it must be typed `\\{{`, and it
@@ -24,6 +30,7 @@ form was only ever a lookup of a key named `"{{"`, quotes included.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -204,17 +211,47 @@ def _resolve(path: _Path, ctx: RenderContext) -> Any:
 
 def as_text(value: Any) -> str:
     """A value as a template writes it into text: strings as they are, null as nothing,
-    booleans, objects and lists as JSON."""
+    numbers as JavaScript writes them, booleans, objects and lists as JSON."""
     if isinstance(value, str):
         return value
     if value is None:
         return ""
+    if isinstance(value, float):
+        return number_text(value)
     if isinstance(value, (bool, dict, list)):
         try:
             return orjson.dumps(value).decode()
         except TypeError:  # orjson refuses nesting deeper than 254 levels
             raise TemplateError("a value is nested too deeply to render as JSON") from None
     return str(value)
+
+
+def number_text(value: float) -> str:
+    """A double as ECMAScript's Number::toString writes it. str() wrote Python's spelling:
+    "2.0" for a whole number the REST API gives as 2, "1e-07", "1e+16", "inf"."""
+    if value != value:
+        return "NaN"
+    if value in (math.inf, -math.inf):
+        return "Infinity" if value > 0 else "-Infinity"
+    if value == 0:
+        return "0"  # -0 too, as in JavaScript
+    sign = "-" if value < 0 else ""
+    # repr gives the shortest digits that read back as the same double (as JavaScript
+    # picks them); only where the point goes and when to use an exponent differ.
+    mantissa, _, exponent = repr(abs(value)).partition("e")
+    whole, _, fraction = mantissa.partition(".")
+    digits = (whole + fraction).lstrip("0")
+    # value = 0.<digits> × 10^point
+    point = len(whole) + int(exponent or 0) - (len(whole) + len(fraction) - len(digits))
+    digits = digits.rstrip("0")
+    if len(digits) <= point <= 21:
+        return sign + digits + "0" * (point - len(digits))
+    if 0 < point <= 21:
+        return sign + digits[:point] + "." + digits[point:]
+    if -6 < point <= 0:
+        return sign + "0." + "0" * -point + digits
+    shown = digits[0] + ("." + digits[1:] if len(digits) > 1 else "")
+    return f"{sign}{shown}e{'+' if point > 0 else '-'}{abs(point - 1)}"
 
 
 class _Budget:
