@@ -229,12 +229,17 @@ def as_text(value: Any) -> str:
 def number_text(value: float) -> str:
     """A double as ECMAScript's Number::toString writes it. str() wrote Python's spelling:
     "2.0" for a whole number the REST API gives as 2, "1e-07", "1e+16", "inf"."""
+    if value == 0:
+        return "0"  # -0 too, as in JavaScript
+    text = repr(value)
+    if "e" not in text and "n" not in text:
+        # Fixed notation (1e-4 <= |value| < 1e16), which JavaScript writes alike but for a
+        # whole number's ".0": the common case, kept as fast as str() was.
+        return text[:-2] if text.endswith(".0") else text
     if value != value:
         return "NaN"
     if value in (math.inf, -math.inf):
         return "Infinity" if value > 0 else "-Infinity"
-    if value == 0:
-        return "0"  # -0 too, as in JavaScript
     sign = "-" if value < 0 else ""
     # repr gives the shortest digits that read back as the same double (as JavaScript
     # picks them); only where the point goes and when to use an exponent differ.

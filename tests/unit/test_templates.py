@@ -224,7 +224,9 @@ def test_an_escape_alone_is_text_not_a_value() -> None:
         (-1e21, "-1e+21"),
         (1.2345678901234569e23, "1.2345678901234569e+23"),
         (2.0, "2"),
+        (-2.0, "-2"),
         (-0.0, "0"),
+        (float("inf"), "Infinity"),  # not from a JSON payload, but never Python's "inf"
         (19.9, "19.9"),
         (42.5, "42.5"),
         (5e-324, "5e-324"),
