@@ -40,14 +40,25 @@ def is_secret_key(key: str) -> bool:
 
 _KEY_WORDS = r"(?:api[_-]?key|apikey|x-api-key|access[_-]?token|refresh[_-]?token|auth[_-]?token|token|client[_-]?secret|secret[_-]?key|secret|password|passwd|pwd|private[_-]?key|appid|webhook[_-]?url)"
 
+_TOKEN_CHAR = r"[A-Za-z0-9._~+/=-]"  # base64, base64url and the RFC 6750 token68 characters
+_PROSE_WORD = rf"[A-Za-z][a-z]*(?:-[a-z]+)*\.{{0,3}}(?!{_TOKEN_CHAR})"
+
 # Each pattern masks its whole match, except where a group named 'keep' is kept in front.
 _PATTERNS = [
     # key=value, key: value, "key": "value" (value up to a delimiter)
     # Every repeat is bounded: unbounded, a prefix like [\w-]* was retried from each word
     # start to the end of the text, and "key-" * 3000 + "=" took seconds (quadratic) on the
-    # event loop that masks it. A quoted value is masked up to its closing quote.
-    rf"""(?P<kv>(?i:(?P<kvkey>(?<![\w-])["']?[\w-]{{0,64}}?{_KEY_WORDS}["']?\s{{0,16}}[:=]\s{{0,16}}))(?:"(?P<kvdq>[^"\n]{{1,512}})|'(?P<kvsq>[^'\n]{{1,512}})|(?P<kvval>[^\s"',;&}}]{{1,}})))""",
-    r"(?P<bearer>(?i:\b(?:bearer|basic|token)\s+)[A-Za-z0-9._~+/=-]{8,})",
+    # event loop that masks it. A quoted value is masked up to its closing quote. The
+    # lookahead only rejects early: a key is one run of [\w-] (at most 64 + 13 characters,
+    # the keyword last) followed by [:=], so most words of prose are passed over in one scan
+    # of the word instead of 64 lazy steps times the keywords (half the cost of a sentence).
+    rf"""(?P<kv>(?i:(?P<kvkey>(?<![\w-])["']?(?=[\w-]{{1,80}}+["']?\s{{0,16}}[:=])[\w-]{{0,64}}?{_KEY_WORDS}["']?\s{{0,16}}[:=]\s{{0,16}}))(?:"(?P<kvdq>[^"\n]{{1,512}})|'(?P<kvsq>[^'\n]{{1,512}})|(?P<kvval>[^\s"',;&}}]{{1,}})))""",
+    # After an Authorization header's scheme, whatever follows is the credential. Elsewhere
+    # "Bearer", "Basic" and "token" are also words of prose ("Basic subscription exceeded",
+    # "token expiration reached"), so the word after them is masked only when it is shaped
+    # like a credential: not a lower-case or Capitalised word (hyphenated, or ending a
+    # sentence, too), which leaves a digit, a symbol or a capital inside it.
+    rf"""(?P<bearer>(?P<bearerkeep>(?i:\bauthorization["']?\s{{0,16}}[:=]\s{{0,16}}["']?(?:bearer|basic|token)\s{{1,16}})|(?i:\b(?:bearer|basic|token)\s+)(?!{_PROSE_WORD})){_TOKEN_CHAR}{{8,}})""",
     r"(?P<jwt>\beyJ[A-Za-z0-9_-]{5,}\.eyJ[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]{5,})",
     r"(?P<slackhook>(?:https?://)?hooks\.slack\.com/(?:services|workflows|triggers)/[A-Za-z0-9_/+-]+)",
     r"(?P<discordhook>(?:https?://)?(?:(?:ptb|canary)\.)?discord(?:app)?\.com/api/(?:v\d+/)?webhooks/[0-9]+/[A-Za-z0-9_.-]+)",
@@ -64,7 +75,10 @@ _PATTERNS = [
 _COMBINED = re.compile("|".join(_PATTERNS))  # the reference the hints must agree with (tests)
 _BY_NAME = {re.match(r"\(\?P<(\w+)>", p).group(1): p for p in _PATTERNS}  # type: ignore[union-attr]
 
-_CARD_HINT = re.compile(r"\d(?:[ -]?\d){12}")
+# Any card match ends with 13 characters of [\d -], the last a digit. Checked as that run it
+# is a single repeat, 2.5x faster than following the optional separators (~0.4 against
+# ~1.1 us for a request id or a timestamp, which every log line holds).
+_CARD_HINT = re.compile(r"[\d -]{12}\d")
 
 
 def _active(text: str) -> tuple[str, ...]:
@@ -134,8 +148,7 @@ def _replace(match: re.Match[str]) -> str:
     if kind == "urlcred":
         return f"{match.group('urlkeep')}{REDACTED}@"
     if kind == "bearer":
-        word = match.group("bearer").split()[0]
-        return f"{word} {REDACTED}"
+        return f"{match.group('bearerkeep')}{REDACTED}"
     if kind == "card":
         digits = re.sub(r"[ -]", "", match.group("card"))
         if not (13 <= len(digits) <= 19 and _luhn(digits)):

@@ -1,4 +1,4 @@
-"""Template data mapping: `{{user.name}}` in any string of a step's config.
+r"""Template data mapping: `{{user.name}}` in any string of a step's config.
 
 Paths:
 - `user.name`, `order.items.0.name` — dotted paths into the trigger payload (the seeds' form);
@@ -14,10 +14,23 @@ Rendering only looks up dict keys and list indexes: it never evaluates code nor 
 Python attributes, so `{{__class__}}` is just a key that is not there. Strings stay strings:
 scalars render as text, objects and lists as JSON, null as empty. A missing path renders
 empty and is reported, so strict workflows can fail the step naming it.
+
+Numbers render as JavaScript's Number.prototype.toString writes them (what n8n and a
+JSON-minded reader expect): the shortest digits that read back as the same double, `2.0` as
+`2`, `1e-7` as `1e-7`, `1e21` as `1e+21`. Integers are written with every digit (a webhook's
+12345678901234567890 stays exact). The payload holds numbers, not their spelling: `19.90`
+arrives as 19.9 and renders `19.9`; send a string to keep a format.
+
+A literal `{{` is written `{{"{{"}}` (or `{{'{{'}}`), as in Go templates and Jinja:
+`{{"{{"}}name}}` renders `{{name}}`. A `}}` outside a template is text already. A backslash
+escape (Handlebars' `\{{`) was not chosen: in a JSON config it must be typed `\\{{`, and it
+would have changed the meaning of any existing text with a backslash before `{{`; the quoted
+form was only ever a lookup of a key named `"{{"`, quotes included.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -29,6 +42,7 @@ from jsonpath.exceptions import JSONPathNameError, JSONPathSyntaxError
 from jsonpath.parse import Parser
 
 _TEMPLATE = re.compile(r"\{\{\s*(.*?)\s*\}\}", re.DOTALL)
+_LITERAL_BRACES = ('"{{"', "'{{'")  # {{"{{"}}: the one escape, a literal "{{"
 MAX_TEMPLATES_PER_STRING = 1000
 MAX_PATH_LENGTH = 512
 MAX_CONFIG_DEPTH = 32
@@ -125,12 +139,24 @@ def compile_template(template: str) -> tuple[str | _Path, ...]:
         if count > MAX_TEMPLATES_PER_STRING:
             raise TemplateError(f"more than {MAX_TEMPLATES_PER_STRING} templates in one string")
         if match.start() > position:
-            parts.append(template[position : match.start()])
-        parts.append(_compile_path(match.group(1)))
+            _append_text(parts, template[position : match.start()])
+        if match.group(1) in _LITERAL_BRACES:
+            _append_text(parts, "{{")
+        else:
+            parts.append(_compile_path(match.group(1)))
         position = match.end()
     if position < len(template):
-        parts.append(template[position:])
+        _append_text(parts, template[position:])
     return tuple(parts)
+
+
+def _append_text(parts: list[str | _Path], text: str) -> None:
+    # One text part however many escapes it holds, so a string of text alone is still one
+    # str part (render_config's test for "one template and nothing else").
+    if parts and isinstance(parts[-1], str):
+        parts[-1] += text
+    else:
+        parts.append(text)
 
 
 def validate_template(template: str) -> list[str]:
@@ -185,17 +211,52 @@ def _resolve(path: _Path, ctx: RenderContext) -> Any:
 
 def as_text(value: Any) -> str:
     """A value as a template writes it into text: strings as they are, null as nothing,
-    booleans, objects and lists as JSON."""
+    numbers as JavaScript writes them, booleans, objects and lists as JSON."""
     if isinstance(value, str):
         return value
     if value is None:
         return ""
+    if isinstance(value, float):
+        return number_text(value)
     if isinstance(value, (bool, dict, list)):
         try:
             return orjson.dumps(value).decode()
         except TypeError:  # orjson refuses nesting deeper than 254 levels
             raise TemplateError("a value is nested too deeply to render as JSON") from None
     return str(value)
+
+
+def number_text(value: float) -> str:
+    """A double as ECMAScript's Number::toString writes it. str() wrote Python's spelling:
+    "2.0" for a whole number the REST API gives as 2, "1e-07", "1e+16", "inf"."""
+    if value == 0:
+        return "0"  # -0 too, as in JavaScript
+    text = repr(value)
+    if "e" not in text and "n" not in text:
+        # Fixed notation (1e-4 <= |value| < 1e16), which JavaScript writes alike but for a
+        # whole number's ".0": the common case, kept as fast as str() was.
+        return text[:-2] if text.endswith(".0") else text
+    if value != value:
+        return "NaN"
+    if value in (math.inf, -math.inf):
+        return "Infinity" if value > 0 else "-Infinity"
+    sign = "-" if value < 0 else ""
+    # repr gives the shortest digits that read back as the same double (as JavaScript
+    # picks them); only where the point goes and when to use an exponent differ.
+    mantissa, _, exponent = repr(abs(value)).partition("e")
+    whole, _, fraction = mantissa.partition(".")
+    digits = (whole + fraction).lstrip("0")
+    # value = 0.<digits> × 10^point
+    point = len(whole) + int(exponent or 0) - (len(whole) + len(fraction) - len(digits))
+    digits = digits.rstrip("0")
+    if len(digits) <= point <= 21:
+        return sign + digits + "0" * (point - len(digits))
+    if 0 < point <= 21:
+        return sign + digits[:point] + "." + digits[point:]
+    if -6 < point <= 0:
+        return sign + "0." + "0" * -point + digits
+    shown = digits[0] + ("." + digits[1:] if len(digits) > 1 else "")
+    return f"{sign}{shown}e{'+' if point > 0 else '-'}{abs(point - 1)}"
 
 
 class _Budget:

@@ -104,6 +104,17 @@ def _within_reply(message: Stepped) -> Stepped:
     return message
 
 
+def _log_accepted(request_ids: list[str], execution_ids: list[str]) -> None:
+    """One line per call that pairs each accepted webhook's request id with its execution
+    (the i-th id of one list with the i-th of the other): the execution's own lines come from
+    an engine process that never saw the request. Per call, not per webhook: under load a
+    line per webhook added ~30 us to the core's ~120 us of CPU per webhook; with the
+    gateway's batches (~16 webhooks a call at saturation) this one costs ~6 us a webhook.
+    Two lists of strings are the cheapest structure to mask (a list of objects: 40 % more)."""
+    if request_ids:
+        log.info("webhooks.accepted", extra={"request_ids": request_ids, "execution_ids": execution_ids})
+
+
 class ExecutionServicer(executions_pb2_grpc.ExecutionServiceServicer):
     def __init__(self, triggers: TriggerService, store: ExecutionStore, dry_runner: DryRunner, dispatcher: Any = None) -> None:
         self.triggers = triggers
@@ -143,18 +154,21 @@ class ExecutionServicer(executions_pb2_grpc.ExecutionServiceServicer):
             )
         # The gateway charges the webhook to the owner's rate limit with this.
         add_trailing_metadata(context, ("x-ipaas-tenant", target.tenant_id), ("x-ipaas-tier", target.tier))
+        _log_accepted([logs.current_context().get("request_id", "")], [accepted.execution_id])
         return pb.ReceiveWebhookResponse(execution_id=accepted.execution_id, status=accepted.status, duplicate=accepted.duplicate)
 
     async def ReceiveWebhooks(self, request: pb.ReceiveWebhooksRequest, context: grpc.aio.ServicerContext) -> pb.ReceiveWebhooksResponse:
         if len(request.webhooks) > MAX_BATCH:
             raise InvalidArgument.field("webhooks", f"at most {MAX_BATCH} webhooks per call, got {len(request.webhooks)}")
         # Concurrently, so the items' enqueues share one group commit.
-        results = await asyncio.gather(*(self._one_webhook(item) for item in request.webhooks))
+        request_ids = [request_id_from({REQUEST_ID: item.request_id}) for item in request.webhooks]
+        results = await asyncio.gather(*(self._one_webhook(item, rid) for item, rid in zip(request.webhooks, request_ids)))
+        accepted = [(rid, result.accepted.execution_id) for rid, result in zip(request_ids, results) if result.HasField("accepted")]
+        _log_accepted([rid for rid, _ in accepted], [eid for _, eid in accepted])
         return pb.ReceiveWebhooksResponse(results=results)
 
-    async def _one_webhook(self, item: pb.WebhookDelivery) -> pb.WebhookResult:
+    async def _one_webhook(self, item: pb.WebhookDelivery, request_id: str) -> pb.WebhookResult:
         request = item.webhook
-        request_id = request_id_from({REQUEST_ID: item.request_id})
         with logs.bind(request_id=request_id, workflow_id=request.workflow_id):
             try:
                 target, accepted = await self.triggers.receive_webhook(

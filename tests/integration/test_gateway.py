@@ -267,6 +267,47 @@ async def test_concurrent_webhooks_each_get_their_own_answer(stack) -> None:
     assert sorted(m["text"] for m in slack.received) == sorted(f"Order C-{i}" for i in range(30))
 
 
+async def test_a_webhooks_request_id_leads_to_its_execution_in_the_log(stack) -> None:
+    """An operator holds a webhook's request id (the sender's X-Request-ID answer, a gateway
+    line) and follows it to the delivery. The execution's lines come from the engine, which
+    never saw the request: before, no line held the request id and the execution id
+    together. Now the core's acceptance line pairs them, through the gateway's batched call
+    and a direct ReceiveWebhook alike."""
+    import io
+
+    from google.api import httpbody_pb2
+
+    from ipaas.logs import configure_logging
+    from ipaas.v1 import executions_pb2, executions_pb2_grpc
+    from tests.integration.helpers import signed_headers
+
+    core, http, slack = stack
+    created = await create_workflow(http, slack, trigger="webhook")
+    wf_id, secret = created["workflow"]["id"], created["webhook_secret"]
+    stream = io.StringIO()
+    handler = configure_logging("INFO", stream)
+    try:
+        raw, headers = signed_webhook(secret, {"order": {"id": "T-1"}}, "evt_trace")
+        async with httpx.AsyncClient(base_url=str(http.base_url), timeout=10) as anonymous:
+            answer = await anonymous.post(f"/api/webhooks/{wf_id}", content=raw, headers={**headers, "X-Request-ID": "trace-me-42"})
+        assert answer.status_code == 202 and answer.headers["x-request-id"] == "trace-me-42", answer.text
+        via_gateway = answer.json()["data"]["execution_id"]
+        direct_raw = b'{"order":{"id":"T-2"}}'
+        request = executions_pb2.ReceiveWebhookRequest(workflow_id=wf_id, http_body=httpbody_pb2.HttpBody(content_type="application/json", data=direct_raw), headers=signed_headers(secret, direct_raw, "evt_trace_2"))
+        direct = (await executions_pb2_grpc.ExecutionServiceStub(core.channel).ReceiveWebhook(request, metadata=(("x-request-id", "direct-7"),))).execution_id
+        for _ in range(200):
+            if stream.getvalue().count('"execution.finished"') >= 2:
+                break
+            await asyncio.sleep(0.05)
+    finally:
+        logging.getLogger().removeHandler(handler)
+    lines = [orjson.loads(line) for line in stream.getvalue().splitlines()]
+    paired = {rid: eid for line in lines if line["event"] == "webhooks.accepted" for rid, eid in zip(line["request_ids"], line["execution_ids"], strict=True)}
+    assert paired.get("trace-me-42") == via_gateway and paired.get("direct-7") == direct, lines
+    finished = {line["execution_id"] for line in lines if line["event"] == "execution.finished"}
+    assert {via_gateway, direct} <= finished, "the engine's lines carry the execution id the pair leads to"
+
+
 async def test_large_webhooks_arriving_together_are_each_accepted(stack) -> None:
     """Bodies near the 1 MiB limit: the webhooks that leave the gateway together stay within
     a gRPC message (4 MiB), so none fails for its neighbours' size."""

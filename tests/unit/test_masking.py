@@ -19,6 +19,10 @@ SECRETS = [
     ("X-Api-Key: zz9plural-alpha", "zz9plural-alpha"),
     ("Authorization: Bearer abcDEF123.ghiJKL456", "abcDEF123.ghiJKL456"),
     ("authorization: Basic dXNlcjpwYXNzd29yZA==", "dXNlcjpwYXNzd29yZA=="),
+    ("Authorization: Bearer secretpassword", "secretpassword"),  # a header's credential, whatever its shape
+    ("{'Authorization': 'Basic opensesame'}", "opensesame"),
+    ("Proxy-Authorization: Basic qwertyuiop", "qwertyuiop"),
+    ("retrying with token ghp0123456789abcdef", "ghp0123456789abcdef"),
     ("jwt eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjM0NTY3ODkwIn0.dozjgNryP4J3jVmNHl0w5N_XgL0n3I9PlFUP0THsR8U", "eyJzdWIiOiIxMjM0NTY3ODkwIn0"),
     ("https://hooks.slack.com/services/T00000000/B00000000/XXXXXXXXXXXXXXXXXXXXXXXX", "T00000000/B00000000/XXXXXXXXXXXXXXXXXXXXXXXX"),
     ("posting to hooks.slack.com/workflows/T0/A0/123/abc", "T0/A0/123/abc"),
@@ -60,6 +64,8 @@ ORDINARY = [
     "phone 0612345678",
     "step_id=notify connector=slack",
     "duration_ms=1234",
+    "Basic plan exceeded",
+    "Bearer of good news",
 ]
 
 
@@ -112,7 +118,7 @@ def test_known_secret_values_are_masked_even_without_a_pattern() -> None:
 # Unicode letters re's IGNORECASE equates with ASCII ones (ı, ſ, K) included.
 _PIECES = [
     "api_key", "apiKey", "X-Api-Key", "token", "TOKEN", "secret", "passWord", "paſſword", "pwd", "appıd", "webhook_url",
-    "Kelvin-\u212aey", "bearer ", "Basic ", "eyJhbGciOiJIUzI1NiJ9", ".eyJzdWIiOiIx", "hooks.slack.com/services/T0/B0/x",
+    "Kelvin-\u212aey", "bearer ", "Basic ", "Authorization: ", "subscription", "Credentials.", "re-issued", "eyJhbGciOiJIUzI1NiJ9", ".eyJzdWIiOiIx", "hooks.slack.com/services/T0/B0/x",
     "discord.com/api/webhooks/1/ab", "xoxb-12345678", "AKIAIOSFODNN7EXAMPLE", "sk_live_abcdefghij12", "whsec_abcdefghij12",
     "ipk_abcdefghijklmnopqrstu", "ghp_" + "a" * 36, "https://", "user:pw@", "alex@example.com", "4111 1111 1111 1111",
     "4111111111111111", "1234", "=", ":", " ", '"', "'", ",", "/", "-", "_", "é", "ı", "ß", "12", "abc",
@@ -180,3 +186,22 @@ def test_a_quoted_secret_is_masked_up_to_its_closing_quote() -> None:
     assert mask_text('{"password": "correct horse battery staple", "x": 1}') == '{"password": "***REDACTED***", "x": 1}'
     assert mask_text("password='a b;c' rest") == "password='***REDACTED***' rest"
     assert mask_text("client_secret=abc,def") == "client_secret=***REDACTED***,def"  # unquoted: up to a delimiter
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Basic subscription exceeded for this account",
+        "Bearer credentials expired",
+        "token expiration reached",
+        "the token refreshed.",
+        "Basic authentication required",
+        "a Bearer Certificate holder",
+        "token re-issued yesterday",
+    ],
+)
+def test_prose_after_bearer_basic_or_token_is_not_masked(text: str) -> None:
+    """An upstream's error ("Basic subscription exceeded") lost its words: any 8 letters
+    after "Bearer", "Basic" or "token" were taken for a credential. A credential has a
+    digit, a symbol or a capital inside; a word of prose has none."""
+    assert mask_text(text) == text

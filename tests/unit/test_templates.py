@@ -182,3 +182,83 @@ def test_a_string_that_is_one_template_gives_the_value_with_its_type() -> None:
     result = render_config(config, ctx)
     assert result.value == {"lat": 48.85, "items": [1, 2], "flag": False, "none": None, "text": "at 48.85", "gone": ""}
     assert result.missing_paths == ("nope",)
+
+
+@pytest.mark.parametrize(
+    ("template", "expected"),
+    [
+        ('{{"{{"}}name}}', "{{name}}"),
+        ("{{'{{'}}name}}", "{{name}}"),
+        ('{{ "{{" }}user.name}} is {{user.name}}', "{{user.name}} is Alex"),
+        ('Handlebars: {{"{{"}}#each items}}{{"{{"}}this}}{{"{{"}}/each}}', "Handlebars: {{#each items}}{{this}}{{/each}}"),
+        ('{{"{{"}}', "{{"),
+        ("}} alone is text", "}} alone is text"),
+    ],
+)
+def test_a_literal_double_brace_is_written_as_a_quoted_template(template: str, expected: str) -> None:
+    """A Slack message that must show `{{name}}`, or a Handlebars snippet for an upstream:
+    before, every `{{` opened a template, and the text could not be sent at all."""
+    result = render(template, CTX)
+    assert (result.value, result.missing_paths) == (expected, ())
+    assert render_config({"text": template}, CTX).value == {"text": expected}  # the engine's and dry run's way
+    assert validate_template(template) == []
+
+
+def test_an_escape_alone_is_text_not_a_value() -> None:
+    from ipaas.templates import step_references, template_paths
+
+    assert render_config({"a": '{{"{{"}}', "b": "{{'{{'}}x{{'{{'}}"}, CTX).value == {"a": "{{", "b": "{{x{{"}
+    assert template_paths('{{"{{"}}steps.x.y}}') == [] and step_references('{{"{{"}}steps.x.y}}') == []
+
+
+@pytest.mark.parametrize(
+    ("number", "text"),
+    [
+        (0.1 + 0.2, "0.30000000000000004"),
+        (1e-7, "1e-7"),
+        (1.5e-7, "1.5e-7"),
+        (0.000001, "0.000001"),
+        (1e16, "10000000000000000"),
+        (1e20, "100000000000000000000"),
+        (1e21, "1e+21"),
+        (-1e21, "-1e+21"),
+        (1.2345678901234569e23, "1.2345678901234569e+23"),
+        (2.0, "2"),
+        (-2.0, "-2"),
+        (-0.0, "0"),
+        (float("inf"), "Infinity"),  # not from a JSON payload, but never Python's "inf"
+        (19.9, "19.9"),
+        (42.5, "42.5"),
+        (5e-324, "5e-324"),
+        (1.7976931348623157e308, "1.7976931348623157e+308"),
+        (float(2**60), "1152921504606847000"),
+        (12345678901234567890, "12345678901234567890"),  # an int (a webhook's body): every digit
+        (-(2**63), "-9223372036854775808"),
+        (True, "true"),
+    ],
+)
+def test_numbers_render_as_javascript_writes_them(number: object, text: str) -> None:
+    """Values checked against node's Number.prototype.toString. Before, str() wrote
+    "1e-07", "1e+16" and "2.0" (a whole number the REST API gives as 2)."""
+    ctx = RenderContext(trigger={"order": {"total": number}})
+    assert render("total: {{order.total}}", ctx).value == f"total: {text}"
+    assert render_config({"total": "{{order.total}}"}, ctx).value == {"total": number}  # one template: the value itself
+
+
+def test_numbers_from_a_json_body_render_without_losing_precision() -> None:
+    import orjson
+    from hypothesis import given, settings, strategies as st
+
+    from ipaas.templates import as_text
+
+    payload = orjson.loads(b'{"a": 19.90, "b": 1.10, "c": 2.0, "d": 12345678901234567890, "e": 1E-7}')
+    assert render("{{a}} {{b}} {{c}} {{d}} {{e}}", RenderContext(trigger=payload)).value == "19.9 1.1 2 12345678901234567890 1e-7"
+
+    @settings(max_examples=2000, deadline=None, database=None)
+    @given(st.floats(allow_nan=False, allow_infinity=False))
+    def round_trips(number: float) -> None:
+        text = as_text(number)
+        assert float(text) == number and float(orjson.loads(text)) == number  # the same double, as JSON too
+        assert "e-0" not in text and "e+0" not in text and not text.endswith(".0")
+
+    round_trips()
