@@ -39,12 +39,15 @@ def next_fire(trigger: dict, after: datetime, anchor: datetime = EPOCH) -> datet
     # "0-23" are every hour too, and an hourly job must run in the repeated hour as well.
     hours = it.expanded[1]
     fixed_hour = hours != ["*"] and len(set(hours)) < 24
-    for _ in range(4):
-        candidate = it.get_next(datetime)
-        # On the fall-back night a fixed-hour job's wall time happens twice: run it once,
-        # at the first occurrence (as vixie cron does). Spring-forward gaps run right after.
-        if not (fixed_hour and _second_occurrence(candidate, zone)):
-            break
+    candidate = it.get_next(datetime)
+    # On the fall-back night a fixed-hour job's wall time happens twice: run it once, at the
+    # first occurrence (as vixie cron does). Every candidate inside the repeated hour is a
+    # second occurrence, so start again past it rather than stepping through it one
+    # candidate at a time ("* 1 * * *" has 60 there). Spring-forward gaps run right after.
+    if fixed_hour and _second_occurrence(candidate, zone):
+        past_fold = _end_of_fold(candidate, zone)
+        # croniter's next is strictly after its start: a fire exactly at the fold's end counts.
+        candidate = croniter(trigger["cron"], (past_fold - timedelta(seconds=1)).astimezone(zone)).get_next(datetime)
     return candidate.astimezone(timezone.utc)
 
 
@@ -53,6 +56,24 @@ def _second_occurrence(moment: datetime, zone: ZoneInfo) -> bool:
     first, second = naive.replace(tzinfo=zone, fold=0), naive.replace(tzinfo=zone, fold=1)
     # Compare in UTC: same-zone comparisons ignore `fold`.
     return first.utcoffset() != second.utcoffset() and moment.astimezone(timezone.utc) == second.astimezone(timezone.utc)
+
+
+def _end_of_fold(moment: datetime, zone: ZoneInfo) -> datetime:
+    """The first instant after the repeated wall-clock span that `moment` (a second
+    occurrence) lies in. The span is as long as the clocks went back (an hour, 30 minutes on
+    Lord Howe), so its end is within that much after `moment`: found by bisection to the
+    second, since zoneinfo does not expose its transitions."""
+    naive = moment.astimezone(zone).replace(tzinfo=None)
+    shift = naive.replace(tzinfo=zone, fold=0).utcoffset() - naive.replace(tzinfo=zone, fold=1).utcoffset()
+    start = moment.astimezone(timezone.utc)
+    inside, outside = 0, int(shift.total_seconds())  # seconds after `moment`
+    while outside - inside > 1:
+        middle = (inside + outside) // 2
+        if _second_occurrence(start + timedelta(seconds=middle), zone):
+            inside = middle
+        else:
+            outside = middle
+    return start + timedelta(seconds=outside)
 
 
 def latest_fire(trigger: dict, at_or_before: datetime, anchor: datetime = EPOCH) -> datetime:
