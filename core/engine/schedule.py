@@ -92,13 +92,15 @@ def due_fire(
     planned: datetime | None,
     now: datetime,
     catch_up: str = "collapse",
-    grace: timedelta = DEFAULT_GRACE,
+    missed_before: datetime | None = None,
 ) -> tuple[datetime | None, datetime]:
     """(fire time to enqueue now or None, next planned fire time to store).
 
-    A new schedule (planned None) plans its first fire after now. After downtime the missed
-    fires collapse into one, the latest (catch_up="collapse"), or are skipped ("skip"); a
-    fire within `grace` of now is on time and fires either way.
+    A new schedule (planned None) plans its first fire after now. A fire due at or after
+    `missed_before` is on time and fires in either mode. Older ones were missed (nobody was
+    ticking): they collapse into one, the latest (catch_up="collapse"), or are skipped
+    ("skip"). The scheduler passes its previous tick; without one, fires older than
+    DEFAULT_GRACE are missed.
     """
     if planned is None:
         return None, next_fire(trigger, now)
@@ -106,7 +108,7 @@ def due_fire(
         return None, planned
     latest = max(latest_fire(trigger, now), planned)
     upcoming = next_fire(trigger, now)
-    on_time = now - latest <= grace
+    on_time = latest >= (now - DEFAULT_GRACE if missed_before is None else missed_before)
     if on_time or catch_up == "collapse":
         return latest, upcoming
     return None, upcoming

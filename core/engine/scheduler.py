@@ -10,6 +10,7 @@ tick: one tenant's bad row must not stop every other tenant's schedules."""
 from __future__ import annotations
 
 import logging
+import time
 from datetime import datetime, timedelta
 from typing import Callable
 
@@ -19,7 +20,7 @@ from ipaas.definitions import max_attempts
 from ipaas.engine.enqueuer import Enqueuer
 from ipaas.engine.outbox import NewExecution
 from ipaas.engine.periodic import Periodic
-from ipaas.engine.schedule import due_fire
+from ipaas.engine.schedule import DEFAULT_GRACE, due_fire
 from ipaas.storage.db import Database
 from ipaas.storage.tables import Schedule, Workflow, WorkflowVersion, utcnow
 
@@ -44,11 +45,17 @@ class Scheduler:
         self.clock = clock
         self.interval = interval
         self.catch_up = catch_up
+        # The `now` of the last tick that ran to its end, and how long it took: fires due
+        # since then are on time however long the interval (it may be an hour) or the tick.
+        self._last_tick: datetime | None = None
+        self._last_tick_took = 0.0
         self._runner = Periodic("scheduler", self.tick, interval, log)
 
     async def tick(self) -> int:
         """Enqueue every due fire; returns how many executions were newly created."""
         now = self.clock()
+        started = time.monotonic()
+        missed_before = self._missed_before(now)
         q = (
             select(Schedule.workflow_id, Schedule.next_fire_at, Workflow.tenant_id, WorkflowVersion.version, WorkflowVersion.definition)
             .join(Workflow, Workflow.id == Schedule.workflow_id)
@@ -66,7 +73,7 @@ class Scheduler:
         fired = 0
         for row in rows:
             try:
-                fire_at, planned = due_fire(row.definition["trigger"], row.next_fire_at, now, catch_up=self.catch_up)
+                fire_at, planned = due_fire(row.definition["trigger"], row.next_fire_at, now, catch_up=self.catch_up, missed_before=missed_before)
                 attempts = max_attempts(row.definition)
             except Exception as exc:
                 # Only this row's definition is at fault (the database answered): park it.
@@ -90,7 +97,22 @@ class Scheduler:
             async with self.db.session() as s, s.begin():
                 current = Schedule.next_fire_at.is_(None) if row.next_fire_at is None else Schedule.next_fire_at == row.next_fire_at
                 await s.execute(update(Schedule).where(Schedule.workflow_id == row.workflow_id, current).values(next_fire_at=planned, last_fire_at=fire_at or Schedule.last_fire_at))
+        self._last_tick, self._last_tick_took = now, time.monotonic() - started
         return fired
+
+    def _missed_before(self, now: datetime) -> datetime:
+        """Fires due before this were missed: skip mode drops them, collapse fires the latest.
+
+        Missed means nobody was ticking when it fell due: before this process's first tick,
+        or before its last completed one. A minute's slack covers a plan saved while that
+        tick read, and replicas' clocks that differ by seconds. A fire more than two
+        intervals (plus a tick's length) late was missed too: the process was alive but
+        not ticking (its database down for hours, a suspended VM), and skip mode exists so
+        that a 09:00 report does not go out at 15:00."""
+        if self._last_tick is None:
+            return now - DEFAULT_GRACE
+        late = max(DEFAULT_GRACE, timedelta(seconds=2 * self.interval + self._last_tick_took))
+        return max(min(self._last_tick, now) - DEFAULT_GRACE, now - late)
 
     def start(self) -> None:
         self._runner.start()

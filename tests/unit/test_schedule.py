@@ -125,3 +125,10 @@ def test_a_half_hour_fall_back_repeats_no_fixed_hour_fire() -> None:
     local = [t.astimezone(ZoneInfo("Australia/Lord_Howe")).strftime("%H:%M%z") for t in fires(trigger, utc(2026, 4, 4, 13), utc(2026, 4, 4, 16))]
     assert local == ["01:00+1100", "01:10+1100", "01:20+1100", "01:30+1100", "01:40+1100", "01:50+1100"]
 
+
+def test_skip_mode_fires_what_fell_due_since_the_last_tick_however_late() -> None:
+    """A 120 s tick finds the 09:05 fire at 09:06:30: not missed, though over a minute late."""
+    trigger = {"type": "schedule", "cron": "*/5 * * * *"}
+    last_tick = utc(2026, 1, 1, 9, 4, 30)
+    assert due_fire(trigger, utc(2026, 1, 1, 9, 5), utc(2026, 1, 1, 9, 6, 30), "skip", missed_before=last_tick - timedelta(minutes=1)) == (utc(2026, 1, 1, 9, 5), utc(2026, 1, 1, 9, 10))
+    assert due_fire(trigger, utc(2026, 1, 1, 9, 5), utc(2026, 1, 1, 9, 6, 30), "skip", missed_before=utc(2026, 1, 1, 9, 5, 1)) == (None, utc(2026, 1, 1, 9, 10))
