@@ -3,12 +3,15 @@ due at once, a full queue, and schedules stored before validation refused them."
 
 from __future__ import annotations
 
+import logging
+import time
 from datetime import datetime, timedelta, timezone
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 
+from ipaas.engine.enqueuer import Enqueuer
 from ipaas.engine.scheduler import Scheduler
-from ipaas.storage.tables import Execution, Schedule, WorkflowVersion
+from ipaas.storage.tables import Execution, Schedule, Workflow, WorkflowVersion
 from tests.conftest import core_with
 from tests.fakes.slack import FakeSlack
 from tests.integration.helpers import Api, slack_step
@@ -59,6 +62,75 @@ async def test_skip_mode_runs_every_fire_of_a_slow_tick_and_drops_only_those_mis
         clock.now = datetime(2026, 1, 1, 4, 49, 30, tzinfo=U)
         assert await restarted.tick() == 0
         assert (await _scheduled_at(core, wf.id))[-1] == "2026-01-01T04:05:00Z"
+
+
+async def test_schedules_due_at_once_all_fire_in_one_tick(tmp_path, database_url, monkeypatch) -> None:
+    """More schedules due at 09:00 than a batch: one tick fires them all, each once, and
+    plans each one's next fire. A tick used to stop at 500 and wait for the next."""
+    n = 1200  # more than two of the scheduler's 500-row batches
+    async with FakeSlack() as slack, core_with(tmp_path, database_url, IPAAS_DISABLE_ENGINE="1") as core:
+        api = Api(core.channel, (await core.new_tenant()).md)
+        cred = await api.credential("slack", {"webhook_url": slack.url})
+        clock = Clock(datetime(2026, 1, 1, 8, 59, tzinfo=U))
+        monkeypatch.setattr("ipaas.workflow_store.utcnow", clock)
+        first = (await api.create({"name": "daily", "trigger": {"type": "schedule", "cron": "0 9 * * *"}, "steps": [slack_step(cred, "hi")]})).workflow
+        await _clone(core, first.id, n - 1)
+        clock.now = datetime(2026, 1, 1, 9, 0, 0, 500000, tzinfo=U)
+        scheduler = Scheduler(core.server.db, core.server.enqueuer, clock=clock, catch_up="skip")
+        started = time.perf_counter()
+        assert await scheduler.tick() == n
+        print(f"\n{n} schedules due at once: one tick, {time.perf_counter() - started:.2f} s")
+        assert await _scheduled_at(core) == ["2026-01-01T09:00:00Z"] * n
+        async with core.server.db.session() as s:
+            plans = (await s.execute(select(Schedule.next_fire_at, func.count()).group_by(Schedule.next_fire_at))).all()
+        assert plans == [(datetime(2026, 1, 2, 9, tzinfo=U), n)]
+        assert await scheduler.tick() == 0
+
+
+async def _clone(core, workflow_id: str, copies: int) -> None:  # type: ignore[no-untyped-def]
+    """Copies of a saved scheduled workflow with its plan, written directly: saving a
+    thousand through the API would take most of the test's time."""
+    async with core.server.db.session() as s, s.begin():
+        wf, version, plan = await s.get(Workflow, workflow_id), await s.get(WorkflowVersion, (workflow_id, 1)), await s.get(Schedule, workflow_id)
+        ids = [f"{workflow_id}-{i}" for i in range(copies)]
+        s.add_all(Workflow(id=w, tenant_id=wf.tenant_id, name=w, current_version=1, active=True, trigger_type="schedule", created_at=wf.created_at, updated_at=wf.updated_at) for w in ids)
+        await s.flush()  # the versions and plans refer to the workflows
+        s.add_all(WorkflowVersion(workflow_id=w, version=1, tenant_id=wf.tenant_id, definition=version.definition, created_at=version.created_at) for w in ids)
+        s.add_all(Schedule(workflow_id=w, tenant_id=wf.tenant_id, next_fire_at=plan.next_fire_at) for w in ids)
+
+
+async def test_a_full_queue_defers_fires_without_failing_the_tick(tmp_path, database_url, monkeypatch, caplog) -> None:
+    """enqueuer.submit refuses with ResourceExhausted while the queue is full. That used to
+    end the tick (the rest of its schedules neither fired nor planned) with a traceback
+    every second. Now the fires wait, one warning a minute says so, and the rest of the tick
+    goes on."""
+    async with FakeSlack() as slack, core_with(tmp_path, database_url, IPAAS_DISABLE_ENGINE="1") as core:
+        api = Api(core.channel, (await core.new_tenant()).md)
+        cred = await api.credential("slack", {"webhook_url": slack.url})
+        clock = Clock(datetime(2026, 1, 1, 0, 0, 30, tzinfo=U))
+        monkeypatch.setattr("ipaas.workflow_store.utcnow", clock)
+        due = [(await api.create({"name": f"tick-{i}", "trigger": {"type": "schedule", "interval_seconds": 60}, "steps": [slack_step(cred, "x")]})).workflow for i in range(3)]
+        unplanned = (await api.create({"name": "new", "trigger": {"type": "schedule", "interval_seconds": 3600}, "steps": [slack_step(cred, "x")]})).workflow
+        async with core.server.db.session() as s, s.begin():
+            (await s.get(Schedule, unplanned.id)).next_fire_at = None
+        full = Enqueuer(core.server.db, max_depth=0)
+        scheduler = Scheduler(core.server.db, full, clock=clock)
+        clock.now = datetime(2026, 1, 1, 0, 1, 0, 500000, tzinfo=U)
+        with caplog.at_level(logging.INFO, logger="ipaas.scheduler"):
+            assert await scheduler.tick() == 0
+            clock.now += timedelta(seconds=1)
+            assert await scheduler.tick() == 0
+        warnings = [r for r in caplog.records if r.name == "ipaas.scheduler" and r.levelno >= logging.WARNING]
+        assert [(r.msg, r.deferred, r.exc_info) for r in warnings] == [("schedule.queue_full", 3, None)], "one line, no traceback"
+        async with core.server.db.session() as s:
+            assert (await s.get(Schedule, due[0].id)).next_fire_at == datetime(2026, 1, 1, 0, 1, tzinfo=U), "the refused fire is still planned"
+            assert (await s.get(Schedule, unplanned.id)).next_fire_at == datetime(2026, 1, 1, 1, tzinfo=U), "the rest of the tick ran"
+
+        full.max_depth = 100  # the queue drained
+        clock.now += timedelta(seconds=1)
+        assert await scheduler.tick() == 3
+        assert await _scheduled_at(core) == ["2026-01-01T00:01:00Z"] * 3
+        await full.close()
 
 
 async def test_schedules_stored_before_validation_refused_them_do_not_stop_the_tick(tmp_path, database_url, monkeypatch) -> None:
