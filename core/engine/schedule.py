@@ -35,20 +35,23 @@ def next_fire(trigger: dict, after: datetime, anchor: datetime = EPOCH) -> datet
         return anchor + timedelta(seconds=k * interval)
     zone = _zone(trigger)
     it = croniter(trigger["cron"], after.astimezone(zone))
-    # Whether the hour is fixed is read from the expanded field, not the text: "*/1" and
-    # "0-23" are every hour too, and an hourly job must run in the repeated hour as well.
-    hours = it.expanded[1]
-    fixed_hour = hours != ["*"] and len(set(hours)) < 24
     candidate = it.get_next(datetime)
     # On the fall-back night a fixed-hour job's wall time happens twice: run it once, at the
     # first occurrence (as vixie cron does). Every candidate inside the repeated hour is a
     # second occurrence, so start again past it rather than stepping through it one
     # candidate at a time ("* 1 * * *" has 60 there). Spring-forward gaps run right after.
-    if fixed_hour and _second_occurrence(candidate, zone):
-        past_fold = _end_of_fold(candidate, zone)
+    if _fixed_hour(it) and _second_occurrence(candidate, zone):
+        _, past_fold = _fold(candidate, zone)
         # croniter's next is strictly after its start: a fire exactly at the fold's end counts.
         candidate = croniter(trigger["cron"], (past_fold - timedelta(seconds=1)).astimezone(zone)).get_next(datetime)
     return candidate.astimezone(timezone.utc)
+
+
+def _fixed_hour(it: croniter) -> bool:
+    # Whether the hour is fixed is read from the expanded field, not the text: "*/1" and
+    # "0-23" are every hour too, and an hourly job must run in the repeated hour as well.
+    hours = it.expanded[1]
+    return hours != ["*"] and len(set(hours)) < 24
 
 
 def _second_occurrence(moment: datetime, zone: ZoneInfo) -> bool:
@@ -58,11 +61,11 @@ def _second_occurrence(moment: datetime, zone: ZoneInfo) -> bool:
     return first.utcoffset() != second.utcoffset() and moment.astimezone(timezone.utc) == second.astimezone(timezone.utc)
 
 
-def _end_of_fold(moment: datetime, zone: ZoneInfo) -> datetime:
-    """The first instant after the repeated wall-clock span that `moment` (a second
-    occurrence) lies in. The span is as long as the clocks went back (an hour, 30 minutes on
-    Lord Howe), so its end is within that much after `moment`: found by bisection to the
-    second, since zoneinfo does not expose its transitions."""
+def _fold(moment: datetime, zone: ZoneInfo) -> tuple[datetime, datetime]:
+    """Where the repeated wall-clock span that `moment` (a second occurrence) lies in starts
+    and ends, in UTC. It is as long as the clocks went back (an hour, 30 minutes on Lord
+    Howe), so its end is within that much after `moment`: found by bisection to the second,
+    since zoneinfo does not expose its transitions."""
     naive = moment.astimezone(zone).replace(tzinfo=None)
     shift = naive.replace(tzinfo=zone, fold=0).utcoffset() - naive.replace(tzinfo=zone, fold=1).utcoffset()
     start = moment.astimezone(timezone.utc)
@@ -73,7 +76,8 @@ def _end_of_fold(moment: datetime, zone: ZoneInfo) -> datetime:
             inside = middle
         else:
             outside = middle
-    return start + timedelta(seconds=outside)
+    end = start + timedelta(seconds=outside)
+    return end - shift, end
 
 
 def latest_fire(trigger: dict, at_or_before: datetime, anchor: datetime = EPOCH) -> datetime:
@@ -84,7 +88,14 @@ def latest_fire(trigger: dict, at_or_before: datetime, anchor: datetime = EPOCH)
         return anchor + timedelta(seconds=k * interval)
     zone = _zone(trigger)
     it = croniter(trigger["cron"], (at_or_before + timedelta(seconds=1)).astimezone(zone))
-    return it.get_prev(datetime).astimezone(timezone.utc)
+    candidate = it.get_prev(datetime)
+    # As next_fire: a fixed-hour job did not fire in the repeated hour, so its latest fire
+    # is before it. Else catching up across the fold would fire a second time, under a key
+    # (the fire time) of its own.
+    if _fixed_hour(it) and _second_occurrence(candidate, zone):
+        fold_start, _ = _fold(candidate, zone)
+        candidate = croniter(trigger["cron"], (fold_start - timedelta(seconds=1)).astimezone(zone)).get_prev(datetime)
+    return candidate.astimezone(timezone.utc)
 
 
 def due_fire(

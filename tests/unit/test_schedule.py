@@ -132,3 +132,13 @@ def test_skip_mode_fires_what_fell_due_since_the_last_tick_however_late() -> Non
     last_tick = utc(2026, 1, 1, 9, 4, 30)
     assert due_fire(trigger, utc(2026, 1, 1, 9, 5), utc(2026, 1, 1, 9, 6, 30), "skip", missed_before=last_tick - timedelta(minutes=1)) == (utc(2026, 1, 1, 9, 5), utc(2026, 1, 1, 9, 10))
     assert due_fire(trigger, utc(2026, 1, 1, 9, 5), utc(2026, 1, 1, 9, 6, 30), "skip", missed_before=utc(2026, 1, 1, 9, 5, 1)) == (None, utc(2026, 1, 1, 9, 10))
+
+
+@pytest.mark.parametrize("cron,expected", [("0 1 * * *", utc(2026, 11, 1, 5)), ("*/15 1 * * *", utc(2026, 11, 1, 5, 45)), ("* 1 * * *", utc(2026, 11, 1, 5, 59))])
+def test_catching_up_in_the_repeated_hour_fires_the_first_hours_fire_not_a_repeat(cron: str, expected: datetime) -> None:
+    """Down from 00:50 EDT to 01:20 EST (06:20 UTC): the missed fire is the first 1 AM hour's
+    last, not a 'repeat' at 01:xx EST that would be a second fire under a key of its own."""
+    trigger = {"type": "schedule", "cron": cron, "timezone": "America/New_York"}
+    fire, planned = due_fire(trigger, utc(2026, 11, 1, 5), utc(2026, 11, 1, 6, 20))
+    assert fire == expected
+    assert planned == next_fire(trigger, utc(2026, 11, 1, 6, 20)) == utc(2026, 11, 2, 6)
