@@ -32,6 +32,29 @@ MAX_STEP_TIMEOUT = 300
 MAX_DEFINITION_BYTES = 512 * 1024
 
 
+def _cron_field(names: str = "") -> re.Pattern[str]:
+    value = r"\d+" + (f"|{names}" if names else "")
+    item = rf"(?:\*|(?:{value})(?:-(?:{value}))?)(?:/\d+)?"
+    return re.compile(rf"{item}(?:,{item})*\Z", re.IGNORECASE)
+
+
+# The five-field cron the API promises: numbers, month and weekday names, *, ranges, lists
+# and steps. croniter also takes R (a new random value each time it is built: replicas,
+# and every re-plan, would disagree on fire times and so fire twice), H (needs a hash id),
+# and Quartz's L, # and ?, which vixie cron does not know: a schedule using them could not
+# move to another scheduler. croniter still checks the values (minute 60, month 13).
+CRON_FIELDS = (
+    _cron_field(),
+    _cron_field(),
+    _cron_field(),
+    _cron_field("jan|feb|mar|apr|may|jun|jul|aug|sep|oct|nov|dec"),
+    _cron_field("sun|mon|tue|wed|thu|fri|sat"),
+)
+# Names in the zone database that are not a place: "localtime" is each host's own zone (so
+# replicas on different hosts would disagree), "Factory" a placeholder with no offset rules.
+HOST_ZONES = frozenset({"localtime", "Factory"})
+
+
 class Catalog(Protocol):
     """What validation needs to know about installed connectors."""
 
@@ -150,7 +173,10 @@ def _validate_trigger(trigger: dict[str, Any], bad: Any) -> None:
         return
     if bool(cron) == bool(interval):
         bad("trigger", "a schedule needs exactly one of cron or interval_seconds")
-    if cron and (len(cron.split()) != 5 or not croniter.is_valid(cron)):
+    fields = cron.split()
+    if cron and len(fields) == 5 and not all(pattern.match(field) for pattern, field in zip(CRON_FIELDS, fields)):
+        bad("trigger.cron", "uses syntax beyond five-field cron (such as R, H, L, # or ?): use numbers, names, *, ranges (1-5), lists (1,15) and steps (*/10)")
+    elif cron and (len(fields) != 5 or not croniter.is_valid(cron)):
         bad("trigger.cron", "is not a valid five-field cron expression")
     elif cron and not _fires(cron):
         bad("trigger.cron", "never fires: no date matches it (e.g. 30 February)")
@@ -159,6 +185,8 @@ def _validate_trigger(trigger: dict[str, Any], bad: Any) -> None:
     if tz:
         if interval:
             bad("trigger.timezone", "only applies to cron schedules")
+        elif tz in HOST_ZONES:
+            bad("trigger.timezone", f"{tz!r} names no place (the host's own zone, or a placeholder): use an IANA name such as Europe/Paris")
         elif not _valid_zone(tz):
             bad("trigger.timezone", f"unknown time zone {tz!r}: use an IANA name such as Europe/Paris")
 

@@ -459,3 +459,32 @@ async def test_an_update_changes_the_options_it_sets_and_keeps_the_others(api: A
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await update(7, {}, ["options.retries"])
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "options.max_attempts" in violations(err.value)["update_mask"]
+
+
+@pytest.mark.parametrize(
+    "trigger,field",
+    [
+        ({"cron": "R R * * *"}, "trigger.cron"),  # croniter: a new random time at every computation
+        ({"cron": "H 9 * * *"}, "trigger.cron"),
+        ({"cron": "0 0 L * *"}, "trigger.cron"),  # Quartz extensions, not five-field cron
+        ({"cron": "0 9 * * mon#2"}, "trigger.cron"),
+        ({"cron": "0 9 ? * *"}, "trigger.cron"),
+        ({"cron": "0 9 * * *", "timezone": "localtime"}, "trigger.timezone"),  # each host's own zone
+        ({"cron": "0 9 * * *", "timezone": "Factory"}, "trigger.timezone"),
+    ],
+)
+async def test_a_schedule_that_replicas_could_compute_differently_is_refused(api: Api, trigger: dict, field: str) -> None:
+    cred = await api.credential("slack", {"webhook_url": SLACK_URL})
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await api.create({"name": "odd", "trigger": {"type": "schedule", **trigger}, "steps": [slack_step(cred)]})
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    found = violations(err.value)
+    assert list(found) == [field]
+    assert "beyond five-field cron" in found[field] or "names no place" in found[field]  # H was "never fires"
+
+
+@pytest.mark.parametrize("cron", ["*/15 9-17 * * mon-fri", "0 0 1 jan,JUL *", "5,35 */2 1-15/2 * 0", "0 0 * * 7"])
+async def test_five_field_cron_with_names_ranges_lists_and_steps_is_accepted(api: Api, cron: str) -> None:
+    cred = await api.credential("slack", {"webhook_url": SLACK_URL})
+    created = await api.create({"name": "ok", "trigger": {"type": "schedule", "cron": cron, "timezone": "Europe/Paris"}, "steps": [slack_step(cred)]})
+    assert created.workflow.trigger.cron == cron

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime, timedelta, timezone
+from zoneinfo import ZoneInfo
 
 import pytest
 
@@ -101,3 +102,43 @@ def test_cron_catch_up_in_a_zone() -> None:
     fire, planned = due_fire(trigger, utc(2026, 1, 5, 6), utc(2026, 1, 8, 9))
     assert fire == utc(2026, 1, 8, 6)
     assert planned == utc(2026, 1, 9, 6)
+
+
+@pytest.mark.parametrize(
+    "cron,hours",
+    [
+        # every candidate of the repeated 1 AM hour (06:00-06:59 UTC) is skipped, not just 4
+        ("*/15 1 * * *", [(5, 0), (5, 15), (5, 30), (5, 45)]),
+        ("0,5,10,15,20 1 * * *", [(5, 0), (5, 5), (5, 10), (5, 15), (5, 20)]),
+        ("*/30 1-2 * * *", [(5, 0), (5, 30), (7, 0), (7, 30)]),  # 02:00 EST, right at the fold's end
+        ("* 1 * * *", [(5, m) for m in range(60)]),
+    ],
+)
+def test_a_fixed_hour_cron_runs_only_in_the_first_of_the_repeated_hours(cron: str, hours: list[tuple[int, int]]) -> None:
+    trigger = {"cron": cron, "timezone": "America/New_York"}  # falls back on 2026-11-01
+    assert fires(trigger, utc(2026, 11, 1, 4), utc(2026, 11, 1, 8)) == [utc(2026, 11, 1, h, m) for h, m in hours]
+
+
+def test_a_half_hour_fall_back_repeats_no_fixed_hour_fire() -> None:
+    # Lord Howe falls back 30 minutes on 2026-04-05: 01:30-02:00 local happens twice.
+    trigger = {"cron": "*/10 1 * * *", "timezone": "Australia/Lord_Howe"}
+    local = [t.astimezone(ZoneInfo("Australia/Lord_Howe")).strftime("%H:%M%z") for t in fires(trigger, utc(2026, 4, 4, 13), utc(2026, 4, 4, 16))]
+    assert local == ["01:00+1100", "01:10+1100", "01:20+1100", "01:30+1100", "01:40+1100", "01:50+1100"]
+
+
+def test_skip_mode_fires_what_fell_due_since_the_last_tick_however_late() -> None:
+    """A 120 s tick finds the 09:05 fire at 09:06:30: not missed, though over a minute late."""
+    trigger = {"type": "schedule", "cron": "*/5 * * * *"}
+    last_tick = utc(2026, 1, 1, 9, 4, 30)
+    assert due_fire(trigger, utc(2026, 1, 1, 9, 5), utc(2026, 1, 1, 9, 6, 30), "skip", missed_before=last_tick - timedelta(minutes=1)) == (utc(2026, 1, 1, 9, 5), utc(2026, 1, 1, 9, 10))
+    assert due_fire(trigger, utc(2026, 1, 1, 9, 5), utc(2026, 1, 1, 9, 6, 30), "skip", missed_before=utc(2026, 1, 1, 9, 5, 1)) == (None, utc(2026, 1, 1, 9, 10))
+
+
+@pytest.mark.parametrize("cron,expected", [("0 1 * * *", utc(2026, 11, 1, 5)), ("*/15 1 * * *", utc(2026, 11, 1, 5, 45)), ("* 1 * * *", utc(2026, 11, 1, 5, 59))])
+def test_catching_up_in_the_repeated_hour_fires_the_first_hours_fire_not_a_repeat(cron: str, expected: datetime) -> None:
+    """Down from 00:50 EDT to 01:20 EST (06:20 UTC): the missed fire is the first 1 AM hour's
+    last, not a 'repeat' at 01:xx EST that would be a second fire under a key of its own."""
+    trigger = {"type": "schedule", "cron": cron, "timezone": "America/New_York"}
+    fire, planned = due_fire(trigger, utc(2026, 11, 1, 5), utc(2026, 11, 1, 6, 20))
+    assert fire == expected
+    assert planned == next_fire(trigger, utc(2026, 11, 1, 6, 20)) == utc(2026, 11, 2, 6)

@@ -1,0 +1,158 @@
+"""The scheduler's tick on a real core (SQLite and PostgreSQL): slow ticks, many schedules
+due at once, a full queue, and schedules stored before validation refused them."""
+
+from __future__ import annotations
+
+import logging
+import time
+from datetime import datetime, timedelta, timezone
+
+from sqlalchemy import func, select
+
+from ipaas.engine.enqueuer import Enqueuer
+from ipaas.engine.scheduler import Scheduler
+from ipaas.storage.tables import Execution, Schedule, Workflow, WorkflowVersion
+from tests.conftest import core_with
+from tests.fakes.slack import FakeSlack
+from tests.integration.helpers import Api, slack_step
+
+U = timezone.utc
+
+
+class Clock:
+    def __init__(self, now: datetime) -> None:
+        self.now = now
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+async def _scheduled_at(core, workflow_id: str | None = None) -> list[str]:  # type: ignore[no-untyped-def]
+    q = select(Execution.payload)
+    if workflow_id:
+        q = q.where(Execution.workflow_id == workflow_id)
+    async with core.server.db.session() as s:
+        return sorted(p["scheduled_at"] for p in (await s.scalars(q)).all())
+
+
+async def test_skip_mode_runs_every_fire_of_a_slow_tick_and_drops_only_those_missed_in_downtime(tmp_path, database_url, monkeypatch) -> None:
+    """IPAAS_SCHEDULER_INTERVAL=120 with IPAAS_SCHEDULE_CATCH_UP=skip: each */5 fire is
+    found 90 s late with no downtime at all. A fixed 60 s grace dropped every one."""
+    async with FakeSlack() as slack, core_with(tmp_path, database_url, IPAAS_DISABLE_ENGINE="1") as core:
+        api = Api(core.channel, (await core.new_tenant()).md)
+        cred = await api.credential("slack", {"webhook_url": slack.url})
+        clock = Clock(datetime(2026, 1, 1, 0, 0, 30, tzinfo=U))
+        monkeypatch.setattr("ipaas.workflow_store.utcnow", clock)
+        wf = (await api.create({"name": "every-5-min", "trigger": {"type": "schedule", "cron": "*/5 * * * *"}, "steps": [slack_step(cred, "hi")]})).workflow
+        scheduler = Scheduler(core.server.db, core.server.enqueuer, clock=clock, interval=120, catch_up="skip")
+        fired = 0
+        for _ in range(30):  # an hour of 120 s ticks, at 00:02:30, 00:04:30, ...
+            clock.now += timedelta(seconds=120)
+            fired += await scheduler.tick()
+        assert fired == 12
+        assert await _scheduled_at(core, wf.id) == [f"2026-01-01T00:{m:02}:00Z" for m in range(5, 60, 5)] + ["2026-01-01T01:00:00Z"]
+
+        # A restart after downtime: the 04:00 fire fell before this process's first tick.
+        restarted = Scheduler(core.server.db, core.server.enqueuer, clock=clock, interval=120, catch_up="skip")
+        clock.now = datetime(2026, 1, 1, 4, 2, 30, tzinfo=U)
+        assert await restarted.tick() == 0, "skip mode still drops what fell due while nobody ticked"
+        assert [await restarted.tick() for clock.now in (clock.now + timedelta(seconds=120), clock.now + timedelta(seconds=240))] == [0, 1], "on time again from then on"
+        # Alive but not ticking for 43 minutes (its database down): 04:45 found at 04:49:30,
+        # more than two 120 s intervals late, is stale.
+        clock.now = datetime(2026, 1, 1, 4, 49, 30, tzinfo=U)
+        assert await restarted.tick() == 0
+        assert (await _scheduled_at(core, wf.id))[-1] == "2026-01-01T04:05:00Z"
+
+
+async def test_schedules_due_at_once_all_fire_in_one_tick(tmp_path, database_url, monkeypatch) -> None:
+    """More schedules due at 09:00 than a batch: one tick fires them all, each once, and
+    plans each one's next fire. A tick used to stop at 500 and wait for the next."""
+    n = 1200  # more than two of the scheduler's 500-row batches
+    async with FakeSlack() as slack, core_with(tmp_path, database_url, IPAAS_DISABLE_ENGINE="1") as core:
+        api = Api(core.channel, (await core.new_tenant()).md)
+        cred = await api.credential("slack", {"webhook_url": slack.url})
+        clock = Clock(datetime(2026, 1, 1, 8, 59, tzinfo=U))
+        monkeypatch.setattr("ipaas.workflow_store.utcnow", clock)
+        first = (await api.create({"name": "daily", "trigger": {"type": "schedule", "cron": "0 9 * * *"}, "steps": [slack_step(cred, "hi")]})).workflow
+        await _clone(core, first.id, n - 1)
+        clock.now = datetime(2026, 1, 1, 9, 0, 0, 500000, tzinfo=U)
+        scheduler = Scheduler(core.server.db, core.server.enqueuer, clock=clock, catch_up="skip")
+        started = time.perf_counter()
+        assert await scheduler.tick() == n
+        print(f"\n{n} schedules due at once: one tick, {time.perf_counter() - started:.2f} s")
+        assert await _scheduled_at(core) == ["2026-01-01T09:00:00Z"] * n
+        async with core.server.db.session() as s:
+            plans = (await s.execute(select(Schedule.next_fire_at, func.count()).group_by(Schedule.next_fire_at))).all()
+        assert plans == [(datetime(2026, 1, 2, 9, tzinfo=U), n)]
+        assert await scheduler.tick() == 0
+
+
+async def _clone(core, workflow_id: str, copies: int) -> None:  # type: ignore[no-untyped-def]
+    """Copies of a saved scheduled workflow with its plan, written directly: saving a
+    thousand through the API would take most of the test's time."""
+    async with core.server.db.session() as s, s.begin():
+        wf, version, plan = await s.get(Workflow, workflow_id), await s.get(WorkflowVersion, (workflow_id, 1)), await s.get(Schedule, workflow_id)
+        ids = [f"{workflow_id}-{i}" for i in range(copies)]
+        s.add_all(Workflow(id=w, tenant_id=wf.tenant_id, name=w, current_version=1, active=True, trigger_type="schedule", created_at=wf.created_at, updated_at=wf.updated_at) for w in ids)
+        await s.flush()  # the versions and plans refer to the workflows
+        s.add_all(WorkflowVersion(workflow_id=w, version=1, tenant_id=wf.tenant_id, definition=version.definition, created_at=version.created_at) for w in ids)
+        s.add_all(Schedule(workflow_id=w, tenant_id=wf.tenant_id, next_fire_at=plan.next_fire_at) for w in ids)
+
+
+async def test_a_full_queue_defers_fires_without_failing_the_tick(tmp_path, database_url, monkeypatch, caplog) -> None:
+    """enqueuer.submit refuses with ResourceExhausted while the queue is full. That used to
+    end the tick (the rest of its schedules neither fired nor planned) with a traceback
+    every second. Now the fires wait, one warning a minute says so, and the rest of the tick
+    goes on."""
+    async with FakeSlack() as slack, core_with(tmp_path, database_url, IPAAS_DISABLE_ENGINE="1") as core:
+        api = Api(core.channel, (await core.new_tenant()).md)
+        cred = await api.credential("slack", {"webhook_url": slack.url})
+        clock = Clock(datetime(2026, 1, 1, 0, 0, 30, tzinfo=U))
+        monkeypatch.setattr("ipaas.workflow_store.utcnow", clock)
+        due = [(await api.create({"name": f"tick-{i}", "trigger": {"type": "schedule", "interval_seconds": 60}, "steps": [slack_step(cred, "x")]})).workflow for i in range(3)]
+        unplanned = (await api.create({"name": "new", "trigger": {"type": "schedule", "interval_seconds": 3600}, "steps": [slack_step(cred, "x")]})).workflow
+        async with core.server.db.session() as s, s.begin():
+            (await s.get(Schedule, unplanned.id)).next_fire_at = None
+        full = Enqueuer(core.server.db, max_depth=0)
+        scheduler = Scheduler(core.server.db, full, clock=clock)
+        clock.now = datetime(2026, 1, 1, 0, 1, 0, 500000, tzinfo=U)
+        with caplog.at_level(logging.INFO, logger="ipaas.scheduler"):
+            assert await scheduler.tick() == 0
+            clock.now += timedelta(seconds=1)
+            assert await scheduler.tick() == 0
+        warnings = [r for r in caplog.records if r.name == "ipaas.scheduler" and r.levelno >= logging.WARNING]
+        assert [(r.msg, r.deferred, r.exc_info) for r in warnings] == [("schedule.queue_full", 3, None)], "one line, no traceback"
+        async with core.server.db.session() as s:
+            assert (await s.get(Schedule, due[0].id)).next_fire_at == datetime(2026, 1, 1, 0, 1, tzinfo=U), "the refused fire is still planned"
+            assert (await s.get(Schedule, unplanned.id)).next_fire_at == datetime(2026, 1, 1, 1, tzinfo=U), "the rest of the tick ran"
+
+        full.max_depth = 100  # the queue drained
+        clock.now += timedelta(seconds=1)
+        assert await scheduler.tick() == 3
+        assert await _scheduled_at(core) == ["2026-01-01T00:01:00Z"] * 3
+        await full.close()
+
+
+async def test_schedules_stored_before_validation_refused_them_do_not_stop_the_tick(tmp_path, database_url, monkeypatch) -> None:
+    """Saving now refuses croniter's R and H and the zones localtime and Factory; rows stored
+    earlier keep firing (R, localtime) or are parked (H needs a hash id), and the other
+    tenants' schedules fire."""
+    async with FakeSlack() as slack, core_with(tmp_path, database_url, IPAAS_DISABLE_ENGINE="1") as core:
+        api = Api(core.channel, (await core.new_tenant()).md)
+        cred = await api.credential("slack", {"webhook_url": slack.url})
+        clock = Clock(datetime(2026, 1, 1, 0, 0, 30, tzinfo=U))
+        monkeypatch.setattr("ipaas.workflow_store.utcnow", clock)
+        stored = {}
+        for trigger in ({"cron": "R * * * *", "timezone": "UTC"}, {"cron": "H * * * *", "timezone": "UTC"}, {"cron": "* * * * *", "timezone": "localtime"}, {"cron": "* * * * *", "timezone": "Factory"}):
+            wf = (await api.create({"name": "old", "trigger": {"type": "schedule", "cron": "* * * * *"}, "steps": [slack_step(cred, "x")]})).workflow
+            async with core.server.db.session() as s, s.begin():
+                row = await s.get(WorkflowVersion, (wf.id, 1))
+                row.definition = {**row.definition, "trigger": {"type": "schedule", **trigger}}
+                (await s.get(Schedule, wf.id)).next_fire_at = None
+            stored[wf.id] = trigger
+        good = (await api.create({"name": "good", "trigger": {"type": "schedule", "interval_seconds": 60}, "steps": [slack_step(cred, "x")]})).workflow
+        scheduler = Scheduler(core.server.db, core.server.enqueuer, clock=clock)
+        assert await scheduler.tick() == 0
+        clock.now += timedelta(hours=2)
+        assert await scheduler.tick() >= 1
+        assert await _scheduled_at(core, good.id) == ["2026-01-01T02:00:00Z"]
