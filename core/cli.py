@@ -417,7 +417,7 @@ def cmd_secrets_reencrypt(settings: Settings, args: argparse.Namespace) -> int:
         return await reencrypt_secrets(db, crypto.SecretBox(keys), args.batch_size)
 
     done = _run_database(settings, reencrypt)
-    data = {"reencrypted": done.rewritten, "already_newest": done.current, "changed_meanwhile": done.changed, "unreadable": done.unreadable}
+    data = {"reencrypted": done.rewritten, "already_newest": done.current, "changed_meanwhile": done.changed, "unreadable": done.unreadable, "key_check": done.key_check}
     lines = [f"re-encrypted {_count(done.rewritten, 'secret')} with the newest key ({done.current} already used it)"]
     if done.changed:
         lines.append(f"{_count(done.changed, 'secret')} changed by a core meanwhile kept the core's value; run this again to check them")
@@ -427,6 +427,9 @@ def cmd_secrets_reencrypt(settings: Settings, args: argparse.Namespace) -> int:
         shown = ", ".join(ids[:10]) + (f" and {len(ids) - 10} more" if len(ids) > 10 else "")
         where = "IPAAS_SECRET_KEYS" if settings.secret_keys else f"the key file {key_file}"
         raise CliError(f"no key in {where} decrypts {_count(len(ids), 'stored secret')} ({shown}), left as stored: add the key that encrypted them to IPAAS_SECRET_KEYS and run this again; without it they cannot be read")
+    if done.key_check == "unreadable":
+        where = "IPAAS_SECRET_KEYS" if settings.secret_keys else f"the key file {key_file}"
+        raise CliError(f"no key in {where} decrypts the database's key check: these are not the keys the database was set up with, and cores with them refuse to start; add that key to IPAAS_SECRET_KEYS and run this again")
     return 0
 
 

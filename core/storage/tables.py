@@ -209,3 +209,14 @@ class Schedule(Base):
     tenant_id: Mapped[str] = mapped_column(String(40))
     next_fire_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True, index=True)
     last_fire_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+
+
+class SecretKeyCheck(Base):
+    """One row: a known value encrypted with the key the database was set up with. A core
+    that cannot decrypt it would read none of the secrets either, so it refuses to start
+    (ipaas.key_check). The primary key makes the first writer the only one."""
+
+    __tablename__ = "secret_key_check"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    ciphertext: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())

@@ -94,6 +94,8 @@ async def test_a_replica_left_behind_by_a_key_rotation_retries_instead_of_failin
     old, new = Fernet.generate_key().decode(), Fernet.generate_key().decode()
     fast = {"IPAAS_RETRY_BASE_DELAY": "0.05", "IPAAS_POLL_INTERVAL": "0.05"}
     async with FakeSlack() as slack:
+        async with core_with(tmp_path, IPAAS_SECRET_KEYS=old, **fast):
+            pass  # the database was set up with the old key (a core with only the new one would not start)
         async with core_with(tmp_path, IPAAS_SECRET_KEYS=f"{new},{old}", **fast) as updated:
             tenant = await updated.new_tenant()
             api = Api(updated.channel, tenant.md)

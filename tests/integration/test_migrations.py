@@ -50,3 +50,13 @@ def test_a_database_from_a_newer_release_is_refused_in_one_line(tmp_path) -> Non
         assert done.returncode == failed and len(said) == 1 and "newer release" in said[0], (command, done.returncode, done.stderr[-2000:])
     with create_engine(sync_url(url)).begin() as conn:
         assert conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalar() == "0099_from_the_future"
+
+
+def test_migrations_go_down_to_the_first_revision_and_up_again(database_url: str) -> None:
+    from alembic import command
+
+    migrate.upgrade(database_url)
+    command.downgrade(migrate.alembic_config(database_url), "0001")
+    assert migrate.current_revision(database_url) == "0001"
+    migrate.upgrade(database_url)
+    assert migrate.current_revision(database_url) == migrate.head_revision()
