@@ -282,7 +282,14 @@ async def run_engine(settings: Settings) -> None:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        if fds:
+            # A core's engine stops when its core stops it (closes the pipe, as the core's
+            # death does too). Ctrl-C reaches every process of the terminal's group, and
+            # systemd's default stop every process of the unit: stopped by that, the engines
+            # ended while their core drained, and the core started them again.
+            loop.add_signal_handler(sig, lambda: None)
+        else:
+            loop.add_signal_handler(sig, stop.set)
     reporter: asyncio.Task[None] | None = None
     if fds:
         wake_fd, status_fd = (int(fd) for fd in fds.split(","))

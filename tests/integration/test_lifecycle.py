@@ -45,9 +45,11 @@ class Platform:
         self.logs = tmp_path
         self.procs: list[subprocess.Popen[bytes]] = []
 
-    def spawn(self, command: str, **env: str) -> subprocess.Popen[bytes]:
+    def spawn(self, command: str, own_group: bool = False, **env: str) -> subprocess.Popen[bytes]:
+        """own_group: in a process group of its own, which a test may signal as a terminal's
+        Ctrl-C or systemd's stop signals every process of a unit."""
         out = open(self.logs / f"{command}-{len(self.procs)}.log", "wb")
-        proc = subprocess.Popen([sys.executable, "-m", "ipaas", command], env={**self.env, **env}, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen([sys.executable, "-m", "ipaas", command], env={**self.env, **env}, stdout=out, stderr=subprocess.STDOUT, start_new_session=own_group)
         self.procs.append(proc)
         return proc
 
@@ -137,6 +139,26 @@ async def test_a_stop_signal_delivered_twice_at_once_still_drains(platform: Plat
     assert set(during) == ({503} if name == "gateway" else {"NOT_SERVING"}), during
     assert await exit_code(proc, 20) == 0, platform.output(proc)[-2000:]
     assert "stopped at once" not in platform.output(proc)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+async def test_a_signal_to_the_whole_group_stops_engine_processes_with_their_core(platform: Platform, sig: signal.Signals) -> None:
+    """Ctrl-C reaches every process of the terminal's group, and systemd's default stop every
+    process of the unit. The engine processes stopped at once while their core drained; the
+    core logged each as exited (an error) and started them again, to stop them a second time.
+    A core's engines stop when their core stops them."""
+    core = platform.spawn("core", own_group=True, IPAAS_ENGINE_PROCESSES="2", IPAAS_SHUTDOWN_DRAIN_SECONDS="2")
+    await platform.wait_for(platform.health, "SERVING")
+    for _ in range(100):
+        if platform.output(core).count('"event":"engine.started"') == 2:
+            break
+        await asyncio.sleep(0.1)
+    os.killpg(core.pid, sig)
+    assert await exit_code(core, 30) == 0, platform.output(core)[-3000:]
+    output = platform.output(core)
+    assert '"event":"engine.process_exited"' not in output, output[-3000:]
+    assert output.count('"event":"engine.process_started"') == 2, "no engine was started again"
+    assert output.count('"event":"dispatcher.stopped"') == 2, "each engine stopped once, with its core"
 
 
 async def test_core_on_sigterm_reports_not_serving_while_draining_then_exits_0(platform: Platform) -> None:
