@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import signal
 import subprocess
 import sys
 import venv
@@ -62,12 +63,28 @@ def main(argv: list[str]) -> int:
     py = str(BIN / "python")
     os.chdir(ROOT)
     if command == "run":
-        return subprocess.call([py, "-m", "ipaas", "serve", *rest])
+        return _run([py, "-m", "ipaas", "serve", *rest])
     if command == "test":
-        return subprocess.call([py, "-m", "pytest", *rest])
+        return _run([py, "-m", "pytest", *rest])
     if command == "protos":
-        return subprocess.call([py, "scripts/gen_protos.py", *rest])
-    return subprocess.call([py, "-m", "bench", *rest])
+        return _run([py, "scripts/gen_protos.py", *rest])
+    return _run([py, "-m", "bench", *rest])
+
+
+def _run(cmd: list[str]) -> int:
+    """Run cmd and answer with its exit code. Ctrl-C reaches the child from the terminal
+    itself, so this process ignores it and waits for the child's own stop, as a shell does
+    (subprocess.call printed a KeyboardInterrupt traceback and killed the platform mid-drain);
+    a SIGTERM sent to this process alone is passed on."""
+    proc = subprocess.Popen(cmd)
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, lambda sig, _frame: proc.send_signal(sig))
+    try:
+        return proc.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 if __name__ == "__main__":
