@@ -98,20 +98,26 @@ async def bounded(step: str, work: Awaitable[object], limit: float) -> None:
         log.warning("stop.step_failed", extra={"step": step, "error": _one_line(exc)})
 
 
+def innermost_frames(frame: object, limit: int) -> str:
+    """A thread's stack, as `function (file:line) > ...`, its `limit` innermost frames."""
+    import traceback
+
+    return " > ".join(f"{f.name} ({f.filename.rsplit('/', 1)[-1]}:{f.lineno})" for f in traceback.extract_stack(frame)[-limit:])  # type: ignore[arg-type]
+
+
 def stuck_report(loop: asyncio.AbstractEventLoop | None, frames: int = 6) -> dict[str, list[str]]:
     """What a stop that overran its watchdog is waiting for: each thread's innermost frames
     and what each unfinished task of the loop awaits (outer > inner). Read from the watchdog's thread while the loop may
     still be running, so it is best effort (a set changing underneath is skipped)."""
     import sys
     import threading
-    import traceback
 
     names = {t.ident: t.name for t in threading.enumerate()}
     threads = []
     for ident, frame in sys._current_frames().items():
         if ident == threading.get_ident():
             continue  # the watchdog itself
-        where = " > ".join(f"{f.name} ({f.filename.rsplit('/', 1)[-1]}:{f.lineno})" for f in traceback.extract_stack(frame)[-frames:])
+        where = innermost_frames(frame, frames)
         threads.append(f"{names.get(ident, ident)}: {where}")
     waiting: dict[str, int] = {}
     if loop is not None:

@@ -11,9 +11,9 @@ import logging
 import sys
 import threading
 import time
-import traceback
 from typing import Any
 
+from ipaas.lifecycle import innermost_frames
 from ipaas.plugin_host import RUNNING_ACTIONS
 
 log = logging.getLogger("ipaas.loop")
@@ -67,7 +67,7 @@ class LoopWatch:
         found: dict[str, Any] = {}
         frame = sys._current_frames().get(self._loop_thread)
         if frame is not None:
-            found["where"] = " > ".join(f"{f.name} ({f.filename.rsplit('/', 1)[-1]}:{f.lineno})" for f in traceback.extract_stack(frame)[-_FRAMES:])
+            found["where"] = innermost_frames(frame, _FRAMES)
         try:
             task = asyncio.current_task(self.loop)
             if task is not None:
