@@ -1,15 +1,17 @@
-"""Opaque page tokens over time-ordered ids (newest first), each bound to the request that
-made it (AIP-158): replayed with other filters, by another list or another caller, a token
-is refused instead of silently mixing pages of different listings."""
+"""Opaque page tokens over time-ordered ids (newest first) or, for what the core holds in
+memory, names in order, each bound to the request that made it (AIP-158): replayed with
+other filters, by another list or another caller, a token is refused instead of silently
+mixing pages of different listings."""
 
 from __future__ import annotations
 
 import base64
 import binascii
+import bisect
 import hashlib
 import hmac
 from dataclasses import dataclass
-from typing import Callable, Generic, TypeVar
+from typing import Callable, Generic, Sequence, TypeVar
 
 from google.protobuf.message import Message
 
@@ -118,6 +120,14 @@ class Page(Generic[T]):
             rows = rows[: request.size]
             return cls(rows, request.token_after(key(rows[-1])), request)
         return cls(rows, "", request)
+
+
+def page_in_memory(items: Sequence[T], request: PageRequest, key: Callable[[T], str]) -> Page[T]:
+    """A page of a listing the core holds in memory (connectors, breakers), sorted by key with
+    no two items alike. It continues after the last key shown, not at an offset: an item that
+    comes or goes between two calls neither repeats nor hides a neighbour."""
+    start = bisect.bisect_right(items, request.after, key=key) if request.after else 0
+    return Page.of(list(items[start : start + request.size + 1]), request, key)
 
 
 def within_bytes(messages: list[M], page: Page[T], key: Callable[[T], str], budget: int = REPLY_ITEMS_BYTES) -> tuple[list[M], str]:

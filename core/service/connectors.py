@@ -6,6 +6,7 @@ import grpc
 
 from ipaas.auth import current_tenant
 from ipaas.engine.breakers import BreakerRegistry
+from ipaas.pagination import PageRequest, page_in_memory, within_bytes
 from ipaas.plugin_host import ConnectorRegistry
 from ipaas.service import convert
 from ipaas.v1 import breakers_pb2, breakers_pb2_grpc, connectors_pb2, connectors_pb2_grpc
@@ -16,24 +17,10 @@ class ConnectorServicer(connectors_pb2_grpc.ConnectorServiceServicer):
         self.registry = registry
 
     async def ListConnectors(self, request: connectors_pb2.ListConnectorsRequest, context: grpc.aio.ServicerContext) -> connectors_pb2.ListConnectorsResponse:
-        return connectors_pb2.ListConnectorsResponse(
-            connectors=[
-                connectors_pb2.Connector(
-                    name=c["name"],
-                    version=c["version"],
-                    description=c["description"],
-                    distribution=c["distribution"],
-                    credential_schema=convert.to_struct(c["credential_schema"]),
-                    actions=[
-                        connectors_pb2.ConnectorAction(
-                            name=a["name"], description=a["description"], config_schema=convert.to_struct(a["config_schema"]), secret_fields=a["secret_fields"]
-                        )
-                        for a in c["actions"]
-                    ],
-                )
-                for c in self.registry.describe()
-            ]
-        )
+        page = page_in_memory(self.registry.describe(), PageRequest.of(request, current_tenant()), key=lambda c: c["name"])
+        # A connector's JSON Schemas are a plugin's to size: a page of large ones ends early.
+        items, token = within_bytes([convert.connector(c) for c in page.items], page, key=lambda c: c["name"])
+        return connectors_pb2.ListConnectorsResponse(connectors=items, next_page_token=token)
 
 
 class BreakerServicer(breakers_pb2_grpc.BreakerServiceServicer):
@@ -41,16 +28,7 @@ class BreakerServicer(breakers_pb2_grpc.BreakerServiceServicer):
         self.breakers = breakers
 
     async def ListBreakers(self, request: breakers_pb2.ListBreakersRequest, context: grpc.aio.ServicerContext) -> breakers_pb2.ListBreakersResponse:
-        return breakers_pb2.ListBreakersResponse(
-            breakers=[
-                breakers_pb2.Breaker(
-                    connector=s.connector,
-                    state=s.state,
-                    failure_count=s.failure_count,
-                    success_count=s.success_count,
-                    opened_at=convert.timestamp(s.opened_at),
-                    half_open_at=convert.timestamp(s.half_open_at),
-                )
-                for s in self.breakers.snapshot(current_tenant())
-            ]
-        )
+        tenant = current_tenant()
+        # A tenant has one breaker per connector, so the connector's name is a stable key.
+        page = page_in_memory(self.breakers.snapshot(tenant), PageRequest.of(request, tenant), key=lambda s: s.connector)
+        return breakers_pb2.ListBreakersResponse(breakers=[convert.breaker(s) for s in page.items], next_page_token=page.next_token)

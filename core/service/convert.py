@@ -9,7 +9,7 @@ from google.protobuf import json_format, struct_pb2, timestamp_pb2
 
 from ipaas.errors import InvalidArgument
 from ipaas.json_numbers import integral
-from ipaas.v1 import tenants_pb2, workflows_pb2
+from ipaas.v1 import breakers_pb2, connectors_pb2, tenants_pb2, workflows_pb2
 from ipaas.wire import MAX_JSON_DEPTH, nested_deeper_than
 
 
@@ -76,6 +76,32 @@ def api_key(row: Any) -> tenants_pb2.ApiKey:
         prefix=row.prefix,
         created_at=timestamp(row.created_at),
         revoked_at=timestamp(row.revoked_at),
+    )
+
+
+def connector(described: dict[str, Any]) -> connectors_pb2.Connector:
+    """From one item of ConnectorRegistry.describe()."""
+    return connectors_pb2.Connector(
+        name=described["name"],
+        version=described["version"],
+        description=described["description"],
+        distribution=described["distribution"],
+        credential_schema=to_struct(described["credential_schema"]),
+        actions=[
+            connectors_pb2.ConnectorAction(name=a["name"], description=a["description"], config_schema=to_struct(a["config_schema"]), secret_fields=a["secret_fields"])
+            for a in described["actions"]
+        ],
+    )
+
+
+def breaker(state: Any) -> breakers_pb2.Breaker:
+    return breakers_pb2.Breaker(
+        connector=state.connector,
+        state=state.state,
+        failure_count=state.failure_count,
+        success_count=state.success_count,
+        opened_at=timestamp(state.opened_at),
+        half_open_at=timestamp(state.half_open_at),
     )
 
 

@@ -13,7 +13,7 @@ import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from ipaas.v1 import credentials_pb2, executions_pb2, tenants_pb2, tenants_pb2_grpc, workflows_pb2
+from ipaas.v1 import breakers_pb2, breakers_pb2_grpc, connectors_pb2, connectors_pb2_grpc, credentials_pb2, executions_pb2, tenants_pb2, tenants_pb2_grpc, workflows_pb2
 from tests.conftest import ADMIN_KEY, core_with, gateway_for
 from tests.fakes.slack import FakeSlack
 from tests.integration.helpers import Api, slack_step
@@ -60,12 +60,12 @@ async def walk(call: Callable[..., Any], request: Any, items: str, md: Any, key:
         request.page_token = page.next_page_token
 
 
-async def walk_http(http: httpx.AsyncClient, path: str, params: dict[str, Any], items: str, headers: dict[str, str] | None = None) -> tuple[list[str], list[str]]:
+async def walk_http(http: httpx.AsyncClient, path: str, params: dict[str, Any], items: str, headers: dict[str, str] | None = None, key: str = "id") -> tuple[list[str], list[str]]:
     listed, tokens, token = [], [], ""
     while True:
         page = await http.get(path, params={**params, "page_token": token}, headers=headers)
         assert page.status_code == 200, page.text
-        listed += [m["id"] for m in page.json()["data"][items]]
+        listed += [m[key] for m in page.json()["data"][items]]
         if not (token := page.json()["meta"]["pagination"]["next_page_token"]):
             return listed, tokens
         tokens.append(token)
@@ -179,4 +179,68 @@ async def test_api_keys_page_over_grpc_and_rest(env) -> None:
     assert listed == keys[::-1] and len(tokens) == 2
     refused_over_http(await http.get(f"/api/tenants/{other.tenant_id}/keys", params={"page_token": tokens[0]}, headers=ADMIN))
     operation = (await http.get("/openapi.json")).json()["paths"]["/api/tenants/{tenant_id}/keys"]["get"]
+    assert {"page_size", "page_token"} <= {p["name"] for p in operation["parameters"] if p["in"] == "query"}
+
+
+async def test_connectors_page_by_name_over_grpc_and_rest(env) -> None:
+    """Before, ListConnectors answered every installed connector at once, each with its JSON
+    Schemas, and ignored page_size: the one List RPC a client could not page."""
+    core, api, tenant, http, slack = env
+    stub = connectors_pb2_grpc.ConnectorServiceStub(core.channel)
+    # An empty request is what a client built before paging sends: the first page, by name.
+    whole = await stub.ListConnectors(connectors_pb2.ListConnectorsRequest(), metadata=api.md)
+    names = [c.name for c in whole.connectors]
+    assert names == sorted(names) and {"slack", "discord", "openweather"} <= set(names) and not whole.next_page_token
+
+    listed, tokens = await walk(stub.ListConnectors, connectors_pb2.ListConnectorsRequest(page_size=1), "connectors", api.md, key=lambda c: c.name)
+    assert listed == names and len(tokens) == len(names) - 1
+    other = await core.new_tenant(name="other")
+    await refused_token(stub.ListConnectors(connectors_pb2.ListConnectorsRequest(page_token=tokens[0]), metadata=other.md))
+    breakers = breakers_pb2_grpc.BreakerServiceStub(core.channel)
+    await refused_token(breakers.ListBreakers(breakers_pb2.ListBreakersRequest(page_token=tokens[0]), metadata=api.md))
+
+    listed, tokens = await walk_http(http, "/api/connectors", {"page_size": 2}, "connectors", key="name")
+    assert listed == names and len(tokens) == (len(names) - 1) // 2
+    refused_over_http(await http.get("/api/breakers", params={"page_token": tokens[0]}))
+    operation = (await http.get("/openapi.json")).json()["paths"]["/api/connectors"]["get"]
+    assert {"page_size", "page_token"} <= {p["name"] for p in operation["parameters"] if p["in"] == "query"}
+
+
+async def test_breakers_page_by_connector_over_grpc_and_rest(env) -> None:
+    """Before, ListBreakers answered all of a tenant's breakers at once and ignored page_size."""
+    core, api, tenant, http, slack = env
+    other = await core.new_tenant(name="other")
+    # One breaker per (tenant, connector); the engine makes them as steps run. Made here
+    # directly so a tenant has more than a page of them.
+    mine = [f"conn_{i:02d}" for i in range(25)]
+    for name in mine:
+        core.server.breakers.get(tenant.tenant_id, name)
+    for name in ("conn_00", "theirs"):
+        core.server.breakers.get(other.tenant_id, name)
+    stub = breakers_pb2_grpc.BreakerServiceStub(core.channel)
+
+    first = await stub.ListBreakers(breakers_pb2.ListBreakersRequest(), metadata=api.md)
+    assert [b.connector for b in first.breakers] == mine[:20] and first.next_page_token  # the default page
+    rest = await stub.ListBreakers(breakers_pb2.ListBreakersRequest(page_token=first.next_page_token), metadata=api.md)
+    assert [b.connector for b in rest.breakers] == mine[20:] and not rest.next_page_token
+
+    page = await stub.ListBreakers(breakers_pb2.ListBreakersRequest(page_size=2), metadata=api.md)
+    assert [b.connector for b in page.breakers] == mine[:2]
+    # A breaker made between two pages, before the cursor: the walk goes on after the last
+    # connector shown, neither repeating one nor skipping one.
+    core.server.breakers.get(tenant.tenant_id, "aaa")
+    after = await stub.ListBreakers(breakers_pb2.ListBreakersRequest(page_size=2, page_token=page.next_page_token), metadata=api.md)
+    assert [b.connector for b in after.breakers] == mine[2:4]
+
+    await refused_token(stub.ListBreakers(breakers_pb2.ListBreakersRequest(page_token=page.next_page_token), metadata=other.md))
+    theirs = await stub.ListBreakers(breakers_pb2.ListBreakersRequest(page_size=1), metadata=other.md)
+    assert [b.connector for b in theirs.breakers] == ["conn_00"] and theirs.next_page_token
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stub.ListBreakers(breakers_pb2.ListBreakersRequest(page_size=-1), metadata=api.md)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+    listed, tokens = await walk_http(http, "/api/breakers", {"page_size": 10}, "breakers", key="connector")
+    assert listed == ["aaa", *mine] and len(tokens) == 2  # 10 + 10 + 6
+    refused_over_http(await http.get("/api/connectors", params={"page_token": tokens[0]}))
+    operation = (await http.get("/openapi.json")).json()["paths"]["/api/breakers"]["get"]
     assert {"page_size", "page_token"} <= {p["name"] for p in operation["parameters"] if p["in"] == "query"}

@@ -26,7 +26,7 @@ from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17ipaas/v1/breakers.proto\x12\x08ipaas.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xba\x01\n\x07\x42reaker\x12\x11\n\tconnector\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\x12\x15\n\rfailure_count\x18\x03 \x01(\x05\x12\x15\n\rsuccess_count\x18\x04 \x01(\x05\x12-\n\topened_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x0chalf_open_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x15\n\x13ListBreakersRequest\";\n\x14ListBreakersResponse\x12#\n\x08\x62reakers\x18\x01 \x03(\x0b\x32\x11.ipaas.v1.Breaker2v\n\x0e\x42reakerService\x12\x64\n\x0cListBreakers\x12\x1d.ipaas.v1.ListBreakersRequest\x1a\x1e.ipaas.v1.ListBreakersResponse\"\x15\x82\xd3\xe4\x93\x02\x0f\x12\r/api/breakersb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17ipaas/v1/breakers.proto\x12\x08ipaas.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xba\x01\n\x07\x42reaker\x12\x11\n\tconnector\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\x12\x15\n\rfailure_count\x18\x03 \x01(\x05\x12\x15\n\rsuccess_count\x18\x04 \x01(\x05\x12-\n\topened_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x0chalf_open_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"<\n\x13ListBreakersRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"T\n\x14ListBreakersResponse\x12#\n\x08\x62reakers\x18\x01 \x03(\x0b\x32\x11.ipaas.v1.Breaker\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t2v\n\x0e\x42reakerService\x12\x64\n\x0cListBreakers\x12\x1d.ipaas.v1.ListBreakersRequest\x1a\x1e.ipaas.v1.ListBreakersResponse\"\x15\x82\xd3\xe4\x93\x02\x0f\x12\r/api/breakersb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,9 +38,9 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_BREAKER']._serialized_start=101
   _globals['_BREAKER']._serialized_end=287
   _globals['_LISTBREAKERSREQUEST']._serialized_start=289
-  _globals['_LISTBREAKERSREQUEST']._serialized_end=310
-  _globals['_LISTBREAKERSRESPONSE']._serialized_start=312
-  _globals['_LISTBREAKERSRESPONSE']._serialized_end=371
-  _globals['_BREAKERSERVICE']._serialized_start=373
-  _globals['_BREAKERSERVICE']._serialized_end=491
+  _globals['_LISTBREAKERSREQUEST']._serialized_end=349
+  _globals['_LISTBREAKERSRESPONSE']._serialized_start=351
+  _globals['_LISTBREAKERSRESPONSE']._serialized_end=435
+  _globals['_BREAKERSERVICE']._serialized_start=437
+  _globals['_BREAKERSERVICE']._serialized_end=555
 # @@protoc_insertion_point(module_scope)

@@ -26,7 +26,7 @@ from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19ipaas/v1/connectors.proto\x12\x08ipaas.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1cgoogle/protobuf/struct.proto\"{\n\x0f\x43onnectorAction\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12.\n\rconfig_schema\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x15\n\rsecret_fields\x18\x04 \x03(\t\"\xb5\x01\n\tConnector\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12\x14\n\x0c\x64istribution\x18\x04 \x01(\t\x12*\n\x07\x61\x63tions\x18\x05 \x03(\x0b\x32\x19.ipaas.v1.ConnectorAction\x12\x32\n\x11\x63redential_schema\x18\x06 \x01(\x0b\x32\x17.google.protobuf.Struct\"\x17\n\x15ListConnectorsRequest\"A\n\x16ListConnectorsResponse\x12\'\n\nconnectors\x18\x01 \x03(\x0b\x32\x13.ipaas.v1.Connector2\x80\x01\n\x10\x43onnectorService\x12l\n\x0eListConnectors\x12\x1f.ipaas.v1.ListConnectorsRequest\x1a .ipaas.v1.ListConnectorsResponse\"\x17\x82\xd3\xe4\x93\x02\x11\x12\x0f/api/connectorsb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19ipaas/v1/connectors.proto\x12\x08ipaas.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1cgoogle/protobuf/struct.proto\"{\n\x0f\x43onnectorAction\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12.\n\rconfig_schema\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x15\n\rsecret_fields\x18\x04 \x03(\t\"\xb5\x01\n\tConnector\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12\x14\n\x0c\x64istribution\x18\x04 \x01(\t\x12*\n\x07\x61\x63tions\x18\x05 \x03(\x0b\x32\x19.ipaas.v1.ConnectorAction\x12\x32\n\x11\x63redential_schema\x18\x06 \x01(\x0b\x32\x17.google.protobuf.Struct\">\n\x15ListConnectorsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"Z\n\x16ListConnectorsResponse\x12\'\n\nconnectors\x18\x01 \x03(\x0b\x32\x13.ipaas.v1.Connector\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t2\x80\x01\n\x10\x43onnectorService\x12l\n\x0eListConnectors\x12\x1f.ipaas.v1.ListConnectorsRequest\x1a .ipaas.v1.ListConnectorsResponse\"\x17\x82\xd3\xe4\x93\x02\x11\x12\x0f/api/connectorsb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,9 +40,9 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CONNECTOR']._serialized_start=225
   _globals['_CONNECTOR']._serialized_end=406
   _globals['_LISTCONNECTORSREQUEST']._serialized_start=408
-  _globals['_LISTCONNECTORSREQUEST']._serialized_end=431
-  _globals['_LISTCONNECTORSRESPONSE']._serialized_start=433
-  _globals['_LISTCONNECTORSRESPONSE']._serialized_end=498
-  _globals['_CONNECTORSERVICE']._serialized_start=501
-  _globals['_CONNECTORSERVICE']._serialized_end=629
+  _globals['_LISTCONNECTORSREQUEST']._serialized_end=470
+  _globals['_LISTCONNECTORSRESPONSE']._serialized_start=472
+  _globals['_LISTCONNECTORSRESPONSE']._serialized_end=562
+  _globals['_CONNECTORSERVICE']._serialized_start=565
+  _globals['_CONNECTORSERVICE']._serialized_end=693
 # @@protoc_insertion_point(module_scope)
