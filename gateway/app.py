@@ -124,7 +124,7 @@ class Gateway:
         self.store: Any = None
         self._db: Any = None
         self._callers: dict[str, tuple[float, str, str]] = {}
-        self._refused: dict[str, tuple[float, str, str]] = {}  # key digest -> (until, the core's message and reason)
+        self._refused: dict[str, tuple[float, HttpError]] = {}  # key digest -> (until, the core's answer)
         self._checks: SingleFlight[str, tuple[str, str]] = SingleFlight()
         self._owners: dict[str, tuple[float, str, str]] = {}
         self._started = time.monotonic()
@@ -432,7 +432,8 @@ class Gateway:
             return cached[1], cached[2]
         refused = self._refused.get(digest)
         if refused and refused[0] > now:
-            raise HttpError(401, refused[1], "unauthenticated", reason=refused[2])
+            kept = refused[1]
+            raise HttpError(401, kept.message, kept.code, reason=kept.reason, metadata=kept.metadata)
 
         async def ask_core() -> tuple[str, str]:
             if cached is None:
@@ -452,7 +453,7 @@ class Gateway:
                 if exc.code() == grpc.StatusCode.UNAUTHENTICATED and error.status == 401:
                     if len(self._refused) > MAX_CACHED_KEYS:
                         self._refused.clear()
-                    self._refused[digest] = (time.monotonic() + REFUSED_TTL, error.message, error.reason)
+                    self._refused[digest] = (time.monotonic() + REFUSED_TTL, error)
                     self._callers.pop(digest, None)  # revoked: re-checked as an unknown key
                 raise error from None
             tenant = reply.tenant_id or "admin"
@@ -532,18 +533,19 @@ class Gateway:
     @staticmethod
     def _error(code: grpc.StatusCode, details: str | None, status: status_pb2.Status | None, from_core: bool = False) -> HttpError:
         violations: list[dict[str, str]] = []
-        reason = None
+        reason: str | None = None
+        metadata: dict[str, str] | None = None
         with contextlib.suppress(Exception):
             for detail in status.details if status else []:
                 bad, info = error_details_pb2.BadRequest(), error_details_pb2.ErrorInfo()
                 if detail.Unpack(bad):
                     violations += [{"field": v.field, "description": v.description} for v in bad.field_violations]
                 elif detail.Unpack(info) and info.domain == reasons.DOMAIN:
-                    reason = info.reason
+                    reason, metadata = info.reason, dict(info.metadata)
         message = details or code.name.lower()
         if code == grpc.StatusCode.UNAVAILABLE and not from_core:  # the channel's words, not the core's
             message = "the core is unavailable: retry shortly"
-        return HttpError.from_grpc(code, message, violations, reason)
+        return HttpError.from_grpc(code, message, violations, reason, metadata)
 
     # -- local endpoints -----------------------------------------------------------------------
     async def _local(self, request: Request, meta: dict[str, Any], headers: dict[str, str]) -> Response:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Mapping
 
 import grpc
 import orjson
@@ -79,25 +79,43 @@ GRPC_REASONS = {
 
 
 class HttpError(Exception):
-    """The one error type of the gateway: status, code, reason, message, details."""
+    """The one error type of the gateway: status, code, reason (with its domain and
+    metadata, as google.rpc.ErrorInfo has them), message, details."""
 
-    def __init__(self, status: int, message: str, code: str | None = None, details: list[dict[str, Any]] | None = None, headers: dict[str, str] | None = None, reason: Reason | str | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        code: str | None = None,
+        details: list[dict[str, Any]] | None = None,
+        headers: dict[str, str] | None = None,
+        reason: Reason | str | None = None,
+        metadata: Mapping[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.code = code or HTTP_CODE_NAMES.get(status, "error")
         self.reason = str(reason or HTTP_REASONS.get(status, reasons.INTERNAL_ERROR))
+        # Every reason sent, the core's or the gateway's own, is one of ipaas.reasons: the
+        # domain is that set's, whoever answered.
+        self.domain = reasons.DOMAIN
+        if metadata is None:
+            metadata = reason.error_metadata() if isinstance(reason, Reason) else {}
+        self.metadata = dict(metadata)
         self.message = message
         self.details = details or []
         self.headers = headers or {}
 
     @classmethod
-    def from_grpc(cls, code: grpc.StatusCode, message: str, violations: list[dict[str, str]], reason: str | None = None) -> "HttpError":
-        """`reason`: the core's ErrorInfo.reason, if it sent one."""
+    def from_grpc(cls, code: grpc.StatusCode, message: str, violations: list[dict[str, str]], reason: str | None = None, metadata: Mapping[str, str] | None = None) -> "HttpError":
+        """`reason` and `metadata`: the core's ErrorInfo's, if it sent one. The metadata is
+        passed on as the core chose it (ids, never a secret: ipaas.reasons), nothing added."""
         status = HTTP_STATUS.get(code, 500)
         if code == grpc.StatusCode.INVALID_ARGUMENT and violations:
             status = 422
         retry = RETRY_AFTER.get(code)
-        return cls(status, message, code.name.lower(), violations, {"Retry-After": str(retry)} if retry else None, reason or GRPC_REASONS.get(code, reasons.INTERNAL_ERROR))
+        headers = {"Retry-After": str(retry)} if retry else None
+        return cls(status, message, code.name.lower(), violations, headers, reason or GRPC_REASONS.get(code, reasons.INTERNAL_ERROR), metadata if reason else None)
 
 
 def body(data: Any, meta: dict[str, Any]) -> bytes:
@@ -105,7 +123,8 @@ def body(data: Any, meta: dict[str, Any]) -> bytes:
 
 
 def error_body(error: HttpError, meta: dict[str, Any]) -> bytes:
-    return orjson.dumps({"success": False, "error": {"code": error.code, "reason": error.reason, "message": error.message, "details": error.details}, "meta": meta})
+    fields = {"code": error.code, "reason": error.reason, "domain": error.domain, "metadata": error.metadata, "message": error.message, "details": error.details}
+    return orjson.dumps({"success": False, "error": fields, "meta": meta})
 
 
 def with_meta(content: bytes, meta: dict[str, Any]) -> bytes:

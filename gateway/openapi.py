@@ -178,6 +178,13 @@ def build_openapi(routes: list[Route]) -> dict[str, Any]:
                         "enum": sorted(reasons.ALL),
                         "description": f"Why, as a stable constant (google.rpc.ErrorInfo.reason of domain {reasons.DOMAIN}); the table is in docs/errors.md.",
                     },
+                    # Not required either, for the same kept answers.
+                    "domain": {"const": reasons.DOMAIN, "description": "google.rpc.ErrorInfo.domain: the domain the reason belongs to."},
+                    "metadata": {
+                        "type": "object",
+                        "additionalProperties": {"type": "string"},
+                        "description": "google.rpc.ErrorInfo.metadata: the ids of the resource concerned (resourceType and its id, lowerCamelCase keys), never a secret; empty when the reason names none. docs/errors.md lists each reason's.",
+                    },
                     "message": {"type": "string"},
                     "details": {"type": "array"},
                 },

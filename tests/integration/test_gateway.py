@@ -6,14 +6,18 @@ import asyncio
 import logging
 import re
 
+import grpc
 import httpx
 import orjson
 import pytest
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 
 from ipaas import reasons
+from ipaas.v1 import workflows_pb2
 from tests.conftest import ADMIN_KEY, core_with, free_port, gateway_for
 from tests.fakes.slack import FakeSlack
-from tests.integration.helpers import signed_webhook
+from tests.integration.helpers import Api, signed_webhook
 
 FAST = {"IPAAS_RETRY_BASE_DELAY": "0.01", "IPAAS_POLL_INTERVAL": "0.05"}
 
@@ -30,8 +34,9 @@ def assert_envelope(response: httpx.Response, success: bool) -> dict:
     body = response.json()
     assert body["success"] is success
     assert body["meta"]["request_id"] == response.headers["x-request-id"]
-    assert ("data" in body) if success else ("error" in body and {"code", "reason", "message", "details"} <= set(body["error"]))
+    assert ("data" in body) if success else ("error" in body and {"code", "reason", "domain", "metadata", "message", "details"} <= set(body["error"]))
     assert success or body["error"]["reason"] in reasons.ALL, body
+    assert success or (body["error"]["domain"] == reasons.DOMAIN and all(isinstance(v, str) for v in body["error"]["metadata"].values())), body
     return body
 
 
@@ -157,6 +162,45 @@ async def test_each_error_over_rest_names_its_reason(stack) -> None:
     ]
     for response, status, reason in cases:
         assert (response.status_code, assert_envelope(response, False)["error"]["reason"]) == (status, reason), (response.request.url, response.text)
+
+
+async def test_error_domain_and_metadata_over_rest_are_the_cores_error_info(stack) -> None:
+    """error.domain and error.metadata pass on google.rpc.ErrorInfo as the core sent it, so a
+    REST client learns which resource an error is about (and the current version of a stale
+    one) without parsing English. Before, the envelope carried the reason alone."""
+    core, http, slack = stack
+    wf = (await create_workflow(http, slack))["workflow"]
+    hook = (await create_workflow(http, slack, trigger="webhook"))["workflow"]
+    long_id = "wf_" + "x" * 200  # under the gateway's 256, over the core's 128 for metadata
+    cases = [
+        (await http.get("/api/workflows/wf_missing"), 404, "WORKFLOW_NOT_FOUND", {"resourceType": "workflow", "workflowId": "wf_missing"}),
+        (await http.get(f"/api/workflows/{wf['id']}/versions/9"), 404, "WORKFLOW_VERSION_NOT_FOUND", {"resourceType": "workflow_version", "workflowId": wf["id"], "version": "9"}),
+        (await http.patch(f"/api/workflows/{wf['id']}", json={"name": "z"}, headers={"If-Match": '"7"'}), 409, "STALE_VERSION", {"resourceType": "workflow", "workflowId": wf["id"], "currentVersion": "1"}),
+        (await http.get(f"/api/workflows/{long_id}"), 404, "WORKFLOW_NOT_FOUND", {"resourceType": "workflow", "workflowId": long_id[: reasons.MAX_METADATA_CHARS - 1] + "…"}),
+        # An item of the core's webhook batch fails with its own google.rpc.Status.
+        (await http.post(f"/api/webhooks/{hook['id']}", json={"order": {"id": 1}}), 401, "WEBHOOK_SIGNATURE_INVALID", {"resourceType": "workflow", "workflowId": hook["id"]}),
+        (await http.get("/api/tenants"), 403, "ADMIN_KEY_REQUIRED", {}),
+        (await http.get("/api/workflows", headers={"authorization": "Bearer ipk_wrong"}), 401, "API_KEY_INVALID", {}),
+        (await http.get("/api/workflows", headers={"authorization": "Bearer ipk_wrong"}), 401, "API_KEY_INVALID", {}),  # from the gateway's cache
+        (await http.get("/api/nowhere"), 404, "ROUTE_NOT_FOUND", {}),  # the gateway's own
+    ]
+    for response, status, reason, metadata in cases:
+        error = assert_envelope(response, False)["error"]
+        assert (response.status_code, error["reason"], error["domain"], error["metadata"]) == (status, reason, "ipaas.v1", metadata), (response.request.url, response.text)
+
+    # The same error over gRPC and over REST: one ErrorInfo, nothing added on the way.
+    api = Api(core.channel, (("authorization", http.headers["authorization"]),))
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await api.workflows.GetWorkflow(workflows_pb2.GetWorkflowRequest(id="wf_missing"), metadata=api.md)
+    info = error_details_pb2.ErrorInfo()
+    assert [d for d in rpc_status.from_call(caught.value).details if d.Unpack(info)]
+    assert (info.reason, info.domain, dict(info.metadata)) == ("WORKFLOW_NOT_FOUND", cases[0][0].json()["error"]["domain"], cases[0][0].json()["error"]["metadata"])
+
+    # Metadata is ids the core chose: a refused credential names its kind, never its secrets.
+    again = await http.post("/api/credentials", json={"connector": "slack", "name": "team-manual", "secrets": {"webhook_url": slack.url}})
+    error = assert_envelope(again, False)["error"]
+    assert (again.status_code, error["reason"], error["metadata"]) == (409, "CREDENTIAL_ALREADY_EXISTS", {"resourceType": "credential"})
+    assert slack.url not in again.text and slack.token not in again.text
 
 
 async def test_idempotent_replay_conflict_and_changed_body(stack) -> None:
@@ -417,6 +461,8 @@ async def test_openapi_describes_the_answers_and_headers_the_gateway_uses(stack)
     assert not [name for name, schema in schemas.items() if "next_page_token" in schema.get("properties", {})]
     reason = schemas["ErrorEnvelope"]["properties"]["error"]["properties"]["reason"]
     assert set(reason["enum"]) == set(reasons.ALL) and "docs/errors.md" in reason["description"]
+    error = schemas["ErrorEnvelope"]["properties"]["error"]["properties"]
+    assert error["domain"]["const"] == reasons.DOMAIN and error["metadata"]["additionalProperties"] == {"type": "string"}
 
     def headers(path: str, verb: str) -> dict[str, dict]:
         return {p["name"]: p for p in doc["paths"][path][verb]["parameters"] if p["in"] == "header"}
@@ -709,7 +755,9 @@ async def test_oversized_input_gets_a_plain_answer_not_transport_text(stack) -> 
     many = await http.post("/api/workflows", json={"name": "n", "trigger": {"type": "manual"}, "steps": steps})
     for response, status, code in [(long_id, 404, "not_found"), (long_query, 400, "bad_request"), (long_key, 401, "unauthenticated"), (echoed, 422, "invalid_argument"), (many, 422, "invalid_argument")]:
         assert (response.status_code, assert_envelope(response, False)["error"]["code"]) == (status, code), response.text[:300]
-        assert "metadata" not in response.text and "Stream removed" not in response.text and "x" * 1100 not in response.text
+        # The transport's words ("... metadata size exceeds ..."), not the envelope's error.metadata.
+        words = response.text.replace('"metadata":', "")
+        assert "metadata" not in words and "Stream removed" not in words and "x" * 1100 not in words
     assert 1 <= len(many.json()["error"]["details"]) < 50, "as many violations as fit the answer"
     assert long_query.json()["error"]["details"] == [{"field": "workflow_id", "description": "at most 256 characters"}]
     # Within the bounds nothing changes, and the core's own 429 (queue full) stays a 429: see above.
