@@ -351,6 +351,12 @@ class ConnectorRegistry:
             async with asyncio.timeout(ctx.timeout):
                 result = await act.run(ctx)
         except TimeoutError:
+            # A call whose latest answer was a 429 (a request still in flight at the
+            # timeout is cut and counts as no answer) timed out waiting out the rate limit
+            # itself, as client libraries do: the upstream answered, so not a failure.
+            limited, wait = _limited_answer(answers.last)
+            if limited:
+                raise RateLimited(f"{connector}.{action} timed out after {ctx.timeout:g}s, waiting out a rate limit (429)", wait) from None
             raise RetryableError(f"{connector}.{action} timed out after {ctx.timeout:g}s") from None
         except RetryableError as exc:
             # A rate limit stays one, or becomes one (see _rate_limit): the engine keeps it
@@ -490,6 +496,10 @@ def _rate_limit(exc: BaseException, last: httpx.Response | None) -> tuple[bool, 
         if isinstance(cause, httpx.HTTPError):
             return False, None
         cause = cause.__cause__
+    return _limited_answer(last)
+
+
+def _limited_answer(last: httpx.Response | None) -> tuple[bool, float | None]:
     if last is not None and last.status_code == 429:
         return True, _answer_retry_after(last)
     return False, None

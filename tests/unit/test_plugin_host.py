@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import sys
 import textwrap
 import types
@@ -728,3 +729,43 @@ async def test_a_rate_limit_is_recognised_without_the_plugin_saying_so(run, answ
             await registry.aclose()
     assert type(caught.value) is raised and caught.value.retry_after == retry_after, caught.value
     assert upstream.token not in str(caught.value)
+
+
+async def _wait_out_then_ask(ctx):  # type: ignore[no-untyped-def]
+    # A client library's habit: wait out a 429's Retry-After within the call, then ask again.
+    response = await ctx.http.post(ctx.config["urls"][0], json={"text": "x"})
+    await asyncio.sleep(float(response.headers.get("retry-after", "0")))
+    for url in ctx.config["urls"][1:]:
+        await ctx.http.post(url, json={"text": "x"})
+    return ActionResult()
+
+
+@pytest.mark.parametrize(
+    "then,raised,retry_after",
+    [
+        pytest.param([], RateLimited, 7.0, id="timed out waiting out a 429"),
+        pytest.param(["black hole"], RetryableError, None, id="timed out on a request after a 429"),
+    ],
+)
+async def test_a_call_that_times_out_waiting_out_a_rate_limit_is_rate_limited(then: list, raised: type, retry_after: float | None) -> None:
+    """A plugin that honours Retry-After itself, sleeping within the call, ran into the
+    call's timeout: a breaker failure, although the upstream had answered. A request still
+    unanswered at the timeout is a failure, whatever came before it."""
+    from tests.fakes.slack import FakeSlack
+
+    async def never_answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()
+
+    black_hole = await asyncio.start_server(never_answer, "127.0.0.1", 0)
+    registry = ConnectorRegistry(allow_insecure=True)
+    registry.add(Connector("thirdparty", "1.0", "d", [Action("post", "Post.", _wait_out_then_ask)]), "ipaas-thirdparty")
+    async with FakeSlack() as upstream:
+        upstream.fail_next(429, retry_after=7 if not then else 0)
+        urls = [upstream.url] + [f"http://127.0.0.1:{black_hole.sockets[0].getsockname()[1]}/" for _ in then]
+        try:
+            with pytest.raises(RetryableError, match="timed out after 0.5s") as caught:
+                await registry.invoke("thirdparty", "post", registry.context("thirdparty", {"urls": urls}, {}, 0.5))
+        finally:
+            await registry.aclose()
+            black_hole.close()
+    assert type(caught.value) is raised and caught.value.retry_after == retry_after, caught.value
