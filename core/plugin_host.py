@@ -9,6 +9,7 @@ with its distribution and the reason, logged, and left out; loading never raises
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import inspect
 import os
 import logging
@@ -29,10 +30,11 @@ from httpx_aiohttp import AiohttpTransport
 from jsonschema import Draft202012Validator, FormatChecker
 
 from ipaas import hookspecs
+from ipaas.engine.retry import parse_retry_after
 from ipaas.masking import SecretMasker
 from ipaas.netguard import GuardedResolver, GuardedTransport, check_url
 from ipaas.settings import HTTP_TRANSPORTS, choice
-from ipaas.sdk import NAME, Action, ActionResult, Connector, ConnectorError, ExecutionContext, MaskingAdapter, PermanentError, RateLimited, RetryableError
+from ipaas.sdk import NAME, Action, ActionResult, Connector, ConnectorError, ExecutionContext, MaskingAdapter, PermanentError, RateLimited, RetryableError, _retry_after
 from ipaas.wire import MAX_JSON_DEPTH, nested_deeper_than
 
 log = logging.getLogger("ipaas.plugins")
@@ -343,15 +345,32 @@ class ConnectorRegistry:
         started = time.perf_counter()
         task = asyncio.current_task()
         RUNNING_ACTIONS[task] = {"connector": connector, "action": action, "tenant_id": ctx.tenant_id, "execution_id": ctx.execution_id, "step_id": ctx.step_id}
+        answers = _CallAnswers()
+        watching = _CALL_ANSWERS.set(answers)
         try:
             async with asyncio.timeout(ctx.timeout):
                 result = await act.run(ctx)
         except TimeoutError:
+            # A call whose latest answer was a 429 (a request still in flight at the
+            # timeout is cut and counts as no answer) timed out waiting out the rate limit
+            # itself, as client libraries do: the upstream answered, so not a failure.
+            limited, wait = _limited_answer(answers.last)
+            if limited:
+                raise RateLimited(f"{connector}.{action} timed out after {ctx.timeout:g}s, waiting out a rate limit (429)", wait) from None
             raise RetryableError(f"{connector}.{action} timed out after {ctx.timeout:g}s") from None
         except RetryableError as exc:
-            # A rate limit stays one: the engine keeps it out of the connector's breaker.
-            kind = RateLimited if isinstance(exc, RateLimited) else RetryableError
-            raise kind(masker.text(str(exc)), exc.retry_after) from None
+            # A rate limit stays one, or becomes one (see _rate_limit): the engine keeps it
+            # out of the connector's breaker.
+            limited, wait = _rate_limit(exc, answers.last)
+            kind = RateLimited if limited else RetryableError
+            raise kind(masker.text(str(exc)), exc.retry_after if exc.retry_after is not None else wait) from None
+        except httpx.HTTPStatusError as exc:
+            # httpx's response.raise_for_status(), let through: a 429 is the upstream's
+            # answer, not a plugin bug to fail for good. Only the host is named: a webhook
+            # URL's path is its secret.
+            if exc.response.status_code != 429:
+                raise _crashed(connector, action, exc, masker) from None
+            raise RateLimited(f"{connector}.{action}: {exc.request.method} {exc.request.url.host} answered 429", _answer_retry_after(exc.response)) from None
         except PermanentError as exc:
             raise PermanentError(masker.text(str(exc))) from None
         except (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError) as exc:
@@ -361,10 +380,9 @@ class ConnectorRegistry:
         except asyncio.CancelledError:
             raise
         except PLUGIN_FAILURES as exc:
-            # A plugin bug: retrying will not fix it, and it must not crash the engine.
-            log.warning("plugin.crashed", extra={"connector": connector, "action": action, "error": masker.text(repr(exc))})
-            raise PermanentError(f"{connector}.{action} failed: {type(exc).__name__}: {masker.text(str(exc))}") from None
+            raise _crashed(connector, action, exc, masker) from None
         finally:
+            _CALL_ANSWERS.reset(watching)
             RUNNING_ACTIONS.pop(task, None)
         if not isinstance(result, ActionResult):
             raise PermanentError(f"{connector}.{action} returned {type(result).__name__}, not an ActionResult")
@@ -377,6 +395,12 @@ class ConnectorRegistry:
         for client in self._clients.values():
             await client.aclose()
         self._clients.clear()
+
+
+def _crashed(connector: str, action: str, exc: BaseException, masker: SecretMasker) -> PermanentError:
+    # A plugin bug: retrying will not fix it, and it must not crash the engine.
+    log.warning("plugin.crashed", extra={"connector": connector, "action": action, "error": masker.text(repr(exc))})
+    return PermanentError(f"{connector}.{action} failed: {type(exc).__name__}: {masker.text(str(exc))}")
 
 
 def _checked(name: str, result: ActionResult) -> tuple[str, dict[str, Any]]:
@@ -434,6 +458,60 @@ class _NeverKept(httpx.Cookies):
         return None
 
 
+class _CallAnswers:
+    """What the latest request one action call sent through its connector client came to:
+    the response (read or not), or None when it got none (a connection error, a timeout)."""
+
+    __slots__ = ("last",)
+
+    def __init__(self) -> None:
+        self.last: httpx.Response | None = None
+
+
+# The _CallAnswers of the action call running in this task (set by ConnectorRegistry.invoke;
+# a task the action starts inherits it). The client is shared by every call of a connector,
+# so what one call received can only be told apart through the call's context.
+_CALL_ANSWERS: contextvars.ContextVar[_CallAnswers | None] = contextvars.ContextVar("ipaas_call_answers", default=None)
+
+
+def _rate_limit(exc: BaseException, last: httpx.Response | None) -> tuple[bool, float | None]:
+    """Whether a call that failed with `exc` was rate limited, and the wait the upstream
+    asked for. A plugin need not say so with RateLimited: a plain RetryableError for a 429
+    was a breaker failure, and five of them, from one busy target, blocked every target of
+    the tenant's connector.
+
+    The error's own cause chain decides when it names an HTTP outcome (RateLimited, httpx's
+    HTTPStatusError, or a request that got no answer); otherwise the latest answer the call
+    received does. Not any 429 the call received: a 429 followed by a 500, or by a
+    connection error, failed on the second, which says the upstream is unwell."""
+    cause: BaseException | None = exc
+    for _ in range(32):  # a chain is short; this bounds a cyclic one
+        if cause is None:
+            break
+        if isinstance(cause, RateLimited):
+            return True, cause.retry_after
+        if isinstance(cause, httpx.HTTPStatusError):
+            limited = cause.response.status_code == 429
+            return limited, _answer_retry_after(cause.response) if limited else None
+        if isinstance(cause, httpx.HTTPError):
+            return False, None
+        cause = cause.__cause__
+    return _limited_answer(last)
+
+
+def _limited_answer(last: httpx.Response | None) -> tuple[bool, float | None]:
+    if last is not None and last.status_code == 429:
+        return True, _answer_retry_after(last)
+    return False, None
+
+
+def _answer_retry_after(response: httpx.Response) -> float | None:
+    try:
+        return _retry_after(response)  # the header, or a JSON body's retry_after
+    except httpx.ResponseNotRead:  # streamed, and not read (or not to the end)
+        return parse_retry_after(response.headers.get("retry-after"))
+
+
 class ConnectorClient(httpx.AsyncClient):
     """httpx's AsyncClient, as connectors see it, with cookies never kept (see NoCookies),
     the URLs it is given parsed once (see _merge_url) and read responses freed at once (see
@@ -461,7 +539,15 @@ class ConnectorClient(httpx.AsyncClient):
         return parsed
 
     async def send(self, request: httpx.Request, *, stream: bool = False, **kwargs: Any) -> httpx.Response:
-        response = await super().send(request, stream=True, **kwargs)
+        answers = _CALL_ANSWERS.get()
+        try:
+            response = await super().send(request, stream=True, **kwargs)
+        except BaseException:
+            if answers is not None:
+                answers.last = None
+            raise
+        if answers is not None:
+            answers.last = response
         if stream:
             return response
         try:

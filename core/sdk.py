@@ -49,7 +49,9 @@ class ConnectorError(Exception):
 
 class RetryableError(ConnectorError):
     """A failure that may pass if tried again later: timeouts, connection errors, 5xx (for
-    429 raise its subclass RateLimited). It counts against the connector's circuit breaker.
+    429 raise its subclass RateLimited). It counts against the connector's circuit breaker,
+    unless the host sees it was a 429 (its cause, or else the call's latest answer through
+    ctx.http: see docs/writing-a-connector.md).
 
     Args:
         message: what went wrong, without secrets.

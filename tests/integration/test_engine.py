@@ -394,6 +394,66 @@ async def test_a_rate_limit_in_half_open_gives_its_trial_back(env) -> None:
     assert ex.status == "succeeded", ex
 
 
+def _plain_retryable_plugin(core) -> None:  # type: ignore[no-untyped-def]
+    """A third-party connector that checks the status itself and raises a plain
+    RetryableError, without RateLimited or the SDK's raise_for_status."""
+    from ipaas.sdk import Action, ActionResult, Connector, RetryableError
+
+    async def post(ctx):  # type: ignore[no-untyped-def]
+        response = await ctx.http.post(ctx.config["url"], json={"text": "hi"})
+        if response.status_code >= 400:
+            raise RetryableError(f"chat answered {response.status_code}")
+        return ActionResult(message="posted")
+
+    core.server.registry.add(Connector("chat", "1", "d", [Action("post", "Post.", post)]), "ipaas-chat")
+
+
+async def test_a_plain_retryable_error_for_a_429_does_not_open_the_breaker(env) -> None:
+    # Only RateLimited was kept out of the breaker: a plugin raising a plain RetryableError
+    # for a 429 had five of them, from one busy target, open the tenant's breaker for every
+    # target of the connector. 5xx still open it.
+    from ipaas.v1 import breakers_pb2, breakers_pb2_grpc
+
+    core, api, healthy, _ = env
+    _plain_retryable_plugin(core)
+    breakers = breakers_pb2_grpc.BreakerServiceStub(core.channel)
+    async with FakeSlack() as busy:
+        to_busy, to_healthy = [
+            (await api.create({"name": f"w{i}", "trigger": {"type": "manual"}, "options": {"max_attempts": 1}, "steps": [{"id": "s", "connector": "chat", "action": "post", "config": {"url": upstream.url}}]})).workflow
+            for i, upstream in enumerate((busy, healthy))
+        ]
+        busy.fail_next(429, times=5, retry_after=0)
+        for _ in range(5):
+            ex = await api.wait((await api.run(to_busy.id)).execution.id)
+            assert ex.status == "dead" and "429" in ex.error, ex
+        listed = (await breakers.ListBreakers(breakers_pb2.ListBreakersRequest(), metadata=api.md)).breakers
+        assert [(b.state, b.failure_count) for b in listed] in ([], [("closed", 0)]), listed
+        ex = await api.wait((await api.run(to_healthy.id)).execution.id, timeout=3)
+        assert ex.status == "succeeded" and healthy.received == [{"text": "hi"}], ex
+        busy.fail_next(500, times=5)
+        for _ in range(5):
+            ex = await api.wait((await api.run(to_busy.id)).execution.id)
+            assert ex.status == "dead" and "500" in ex.error, ex
+        listed = (await breakers.ListBreakers(breakers_pb2.ListBreakersRequest(), metadata=api.md)).breakers
+        assert [(b.connector, b.state) for b in listed] == [("chat", "open")], listed
+
+
+async def test_the_retry_after_of_a_429_is_honoured_when_the_plugin_gives_none(env) -> None:
+    core, api, slack, _ = env
+    _plain_retryable_plugin(core)
+    wf = (await api.create({"name": "w", "trigger": {"type": "manual"}, "options": {"max_attempts": 3}, "steps": [{"id": "s", "connector": "chat", "action": "post", "config": {"url": slack.url}}]})).workflow
+    slack.fail_next(429, retry_after=30)
+    ex_id = (await api.run(wf.id)).execution.id
+    for _ in range(150):
+        ex = await api.execution(ex_id)
+        if ex.HasField("next_attempt_at"):
+            break
+        await asyncio.sleep(0.02)
+    assert ex.status == "queued" and "429" in ex.error, ex
+    wait = ex.next_attempt_at.ToDatetime(tzinfo=timezone.utc) - datetime.now(timezone.utc)
+    assert timedelta(seconds=25) < wait <= timedelta(seconds=30) and slack.requests == 1, wait
+
+
 async def test_a_half_open_breaker_defers_its_backlog_once_per_trial_period(tmp_path, caplog) -> None:
     # With its 3 trials in flight, a half-open breaker told every other task to come back
     # in a second: 200 queued tasks were claimed and requeued ~1,000 times in 5 s (two

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import sys
 import textwrap
 import types
 from pathlib import Path
 
+import httpx
 import orjson
 import pytest
 
 from ipaas.plugin_host import ConnectorRegistry, load_registry, schema_problems
-from ipaas.sdk import Action, ActionResult, Connector, hookimpl
+from ipaas.sdk import Action, ActionResult, Connector, RateLimited, RetryableError, hookimpl
 
 
 async def _ok(ctx):  # type: ignore[no-untyped-def]
@@ -644,3 +646,126 @@ async def test_only_httpx_selects_the_transport_with_a_dns_rebinding_window(tran
     monkeypatch.setenv("IPAAS_HTTP_TRANSPORT", "httpxx")
     with pytest.raises(SystemExit, match="IPAAS_HTTP_TRANSPORT must be aiohttp or httpx"):
         make_http_client(5.0, allow_insecure=False)
+
+
+async def _status_then_raise_plain(ctx):  # type: ignore[no-untyped-def]
+    # A third-party habit: its own status check and a plain RetryableError, no RateLimited.
+    for url in ctx.config["urls"]:
+        response = await ctx.http.post(url, json={"text": "x"})
+    raise RetryableError(f"upstream answered {response.status_code}")
+
+
+async def _own_retry_after(ctx):  # type: ignore[no-untyped-def]
+    await ctx.http.post(ctx.config["urls"][0], json={"text": "x"})
+    raise RetryableError("busy", retry_after=3)
+
+
+async def _httpx_raise_for_status(ctx):  # type: ignore[no-untyped-def]
+    (await ctx.http.post(ctx.config["urls"][0], json={"text": "x"})).raise_for_status()
+
+
+async def _wrapped_from_httpx(ctx):  # type: ignore[no-untyped-def]
+    try:
+        (await ctx.http.post(ctx.config["urls"][0], json={"text": "x"})).raise_for_status()
+    except httpx.HTTPStatusError as exc:
+        raise RetryableError("upstream refused") from exc
+
+
+async def _cause_is_the_first_answer(ctx):  # type: ignore[no-untyped-def]
+    # Gives up on the first request's error after a later request was limited.
+    first = await ctx.http.post(ctx.config["urls"][0], json={"text": "x"})
+    await ctx.http.post(ctx.config["urls"][1], json={"text": "x"})
+    try:
+        first.raise_for_status()
+    except httpx.HTTPStatusError as exc:
+        raise RetryableError("first delivery failed") from exc
+
+
+async def _then_no_answer(ctx):  # type: ignore[no-untyped-def]
+    await ctx.http.post(ctx.config["urls"][0], json={"text": "x"})
+    try:
+        await ctx.http.post(ctx.config["urls"][1], json={"text": "x"})
+    except httpx.ConnectError:
+        raise RetryableError("upstream is down")  # no cause given: the latest request decides
+
+
+@pytest.mark.parametrize(
+    "run,answers,raised,retry_after",
+    [
+        pytest.param(_status_then_raise_plain, [429], RateLimited, 7.0, id="plain RetryableError after a 429"),
+        pytest.param(_own_retry_after, [429], RateLimited, 3.0, id="its own retry_after wins"),
+        pytest.param(_httpx_raise_for_status, [429], RateLimited, 7.0, id="httpx raise_for_status let through"),
+        pytest.param(_wrapped_from_httpx, [429], RateLimited, 7.0, id="RetryableError from an HTTPStatusError"),
+        pytest.param(_status_then_raise_plain, [500], RetryableError, None, id="a 500"),
+        pytest.param(_status_then_raise_plain, [429, 500], RetryableError, None, id="a 429 then a 500"),
+        pytest.param(_wrapped_from_httpx, [500], RetryableError, None, id="RetryableError from a 500"),
+        pytest.param(_cause_is_the_first_answer, [500, 429], RetryableError, None, id="the cause, a 500, before a 429"),
+        pytest.param(_then_no_answer, [429, None], RetryableError, None, id="a 429 then no answer"),
+    ],
+)
+async def test_a_rate_limit_is_recognised_without_the_plugin_saying_so(run, answers: list, raised: type, retry_after: float | None) -> None:  # type: ignore[no-untyped-def]
+    """A plugin that raised a plain RetryableError for a 429 (or let httpx's HTTPStatusError
+    through) had it counted as a breaker failure, or failed for good: five, from one busy
+    target, opened the breaker for every target of the tenant's connector. What the call's
+    requests got decides, through the error's cause first, else the latest answer."""
+    import socket
+
+    from tests.fakes.slack import FakeSlack
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{s.getsockname()[1]}/"  # nothing listens once it is closed
+    registry = ConnectorRegistry(allow_insecure=True)
+    registry.add(Connector("thirdparty", "1.0", "d", [Action("post", "Post.", run)]), "ipaas-thirdparty")
+    async with FakeSlack() as upstream:
+        for status in answers:
+            if status is not None:
+                upstream.fail_next(status, retry_after=7 if status == 429 else None)
+        urls = [upstream.url if status is not None else closed for status in answers]
+        try:
+            with pytest.raises(RetryableError) as caught:
+                await registry.invoke("thirdparty", "post", registry.context("thirdparty", {"urls": urls}, {"webhook_url": upstream.url}, 5))
+        finally:
+            await registry.aclose()
+    assert type(caught.value) is raised and caught.value.retry_after == retry_after, caught.value
+    assert upstream.token not in str(caught.value)
+
+
+async def _wait_out_then_ask(ctx):  # type: ignore[no-untyped-def]
+    # A client library's habit: wait out a 429's Retry-After within the call, then ask again.
+    response = await ctx.http.post(ctx.config["urls"][0], json={"text": "x"})
+    await asyncio.sleep(float(response.headers.get("retry-after", "0")))
+    for url in ctx.config["urls"][1:]:
+        await ctx.http.post(url, json={"text": "x"})
+    return ActionResult()
+
+
+@pytest.mark.parametrize(
+    "then,raised,retry_after",
+    [
+        pytest.param([], RateLimited, 7.0, id="timed out waiting out a 429"),
+        pytest.param(["black hole"], RetryableError, None, id="timed out on a request after a 429"),
+    ],
+)
+async def test_a_call_that_times_out_waiting_out_a_rate_limit_is_rate_limited(then: list, raised: type, retry_after: float | None) -> None:
+    """A plugin that honours Retry-After itself, sleeping within the call, ran into the
+    call's timeout: a breaker failure, although the upstream had answered. A request still
+    unanswered at the timeout is a failure, whatever came before it."""
+    from tests.fakes.slack import FakeSlack
+
+    async def never_answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()
+
+    black_hole = await asyncio.start_server(never_answer, "127.0.0.1", 0)
+    registry = ConnectorRegistry(allow_insecure=True)
+    registry.add(Connector("thirdparty", "1.0", "d", [Action("post", "Post.", _wait_out_then_ask)]), "ipaas-thirdparty")
+    async with FakeSlack() as upstream:
+        upstream.fail_next(429, retry_after=7 if not then else 0)
+        urls = [upstream.url] + [f"http://127.0.0.1:{black_hole.sockets[0].getsockname()[1]}/" for _ in then]
+        try:
+            with pytest.raises(RetryableError, match="timed out after 0.5s") as caught:
+                await registry.invoke("thirdparty", "post", registry.context("thirdparty", {"urls": urls}, {}, 0.5))
+        finally:
+            await registry.aclose()
+            black_hole.close()
+    assert type(caught.value) is raised and caught.value.retry_after == retry_after, caught.value
