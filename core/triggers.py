@@ -114,7 +114,10 @@ class TriggerService:
             # was wrong, which sends it looking in the wrong place.
             raise InvalidArgument.field("http_body.data", "the body is not valid JSON: it is not UTF-8") from None
         unsigned_ok = bool(target.definition.get("options", {}).get("allow_unsigned_webhooks"))
-        if not unsigned_ok and not verify_signature(target.secrets, body, headers):
+        # Where unsigned webhooks are allowed, a signature sent is still checked: what it
+        # proves decides the key space the delivery dedupes in (below).
+        verified = verify_signature(target.secrets, body, headers) if not unsigned_ok or "webhook-signature" in headers else False
+        if not unsigned_ok and not verified:
             log.warning("webhook.rejected", extra={"workflow_id": workflow_id, "tenant_id": target.tenant_id})
             raise Unauthenticated("missing or invalid webhook signature (Standard Webhooks: webhook-id, webhook-timestamp, webhook-signature)", reasons.WEBHOOK_SIGNATURE_INVALID(workflowId=workflow_id))
         try:
@@ -131,8 +134,12 @@ class TriggerService:
         key = _key(idempotency_key, "idempotency-key")
         # Keys dedupe per workflow: one key sent to two workflows starts both. A webhook's
         # key has a space of its own: where unsigned webhooks are allowed, anyone could send
-        # one, and must not be answered with a run the owner started with the same key.
-        dedup = f"wh:{workflow_id}:{webhook_id}" if webhook_id else (f"whkey:{workflow_id}:{key}" if key else None)
+        # one, and must not be answered with a run the owner started with the same key. For
+        # the same reason an unverified delivery dedupes apart from verified ones: sent first
+        # with a genuine sender's webhook-id (often guessable), it made the signed delivery
+        # a "duplicate" of the sender's own forgery, and its payload never ran.
+        space = "wh" if verified else "whu"
+        dedup = f"{space}:{workflow_id}:{webhook_id}" if webhook_id else (f"{space}key:{workflow_id}:{key}" if key else None)
         accepted = await self.enqueuer.submit(
             NewExecution(
                 tenant_id=target.tenant_id,

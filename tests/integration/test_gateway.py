@@ -662,6 +662,39 @@ async def test_webhook_idempotency_keys_are_the_cores_not_the_gateways(stack) ->
     assert sorted(m["text"] for m in slack.received) == ["Order P", "Order R", "Order U", "Order V"]
 
 
+async def test_an_unsigned_delivery_cannot_take_a_signed_senders_webhook_id(stack) -> None:
+    """Where unsigned webhooks are allowed, anyone may send one, with any webhook-id. Sent
+    first with the id a genuine sender will use (Svix's ids are often guessable), it used to
+    make the signed delivery a "duplicate" of the forgery: its own payload never ran. Signed
+    deliveries now dedupe apart from unverified ones, and each still dedupes its retries."""
+    core, http, slack = stack
+    created = await create_workflow(http, slack, trigger="webhook")
+    wf_id, secret = created["workflow"]["id"], created["webhook_secret"]
+    opened = await http.patch(f"/api/workflows/{wf_id}", json={"options": {"allow_unsigned_webhooks": True}}, headers={"If-Match": '"1"'})
+    assert opened.status_code == 200, opened.text
+    hook = f"/api/webhooks/{wf_id}"
+    async with httpx.AsyncClient(base_url=str(http.base_url), timeout=10) as anonymous:
+        forged_raw = b'{"order":{"id":"FORGED"}}'
+        forged = {"content-type": "application/json", "webhook-id": "evt_42"}
+        first = await anonymous.post(hook, content=forged_raw, headers=forged)
+        raw, signed = signed_webhook(secret, {"order": {"id": "GENUINE"}}, "evt_42")
+        genuine = await anonymous.post(hook, content=raw, headers=signed)
+        assert first.status_code == 202 and genuine.status_code == 202, genuine.text
+        assert genuine.json()["data"]["duplicate"] is False
+        assert genuine.json()["data"]["execution_id"] != first.json()["data"]["execution_id"]
+        # A signature that does not verify proves nothing: that delivery is an unsigned one.
+        bad = {**signed, "webhook-signature": "v1," + "A" * 44}
+        retried = [await anonymous.post(hook, content=raw, headers=signed), await anonymous.post(hook, content=forged_raw, headers=bad)]
+        assert [r.json()["data"]["execution_id"] for r in retried] == [genuine.json()["data"]["execution_id"], first.json()["data"]["execution_id"]]
+        assert all(r.json()["data"]["duplicate"] for r in retried)
+    for _ in range(200):
+        if len(slack.received) >= 2:
+            break
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(0.2)
+    assert sorted(m["text"] for m in slack.received) == ["Order FORGED", "Order GENUINE"]
+
+
 async def test_only_accepted_webhooks_spend_the_owners_rate_limit(tmp_path) -> None:
     """Anyone who knows a workflow id can post to its webhook: requests the core refuses
     (unsigned) must not use up the owner's budget and rate-limit its own API calls. Accepted
