@@ -127,6 +127,19 @@ def _redis_url(env: Mapping[str, str]) -> str | None:
     return raw or None
 
 
+MIN_ADMIN_KEY_LENGTH = 32
+
+
+def _admin_key(env: Mapping[str, str]) -> str | None:
+    """A chosen admin key is at least as hard to guess as it is long: `IPAAS_ADMIN_KEY=a`
+    made `Bearer a` the platform's admin (security audit F8). The generated key has 256
+    random bits. The key is not repeated: it is a secret."""
+    key = env.get("IPAAS_ADMIN_KEY") or None
+    if key is not None and (len(key) < MIN_ADMIN_KEY_LENGTH or not key.isascii() or not key.isprintable() or " " in key):
+        raise SystemExit(f"IPAAS_ADMIN_KEY must be at least {MIN_ADMIN_KEY_LENGTH} printable ASCII characters without spaces (leave it unset to have one generated)")
+    return key
+
+
 def _log_level(env: Mapping[str, str]) -> str:
     level = (env.get("IPAAS_LOG_LEVEL") or "").strip().upper() or "INFO"
     # WARN and FATAL too: logging takes them, and a platform running with them kept working.
@@ -163,7 +176,7 @@ class Settings:
             grpc_listen=grpc_listen,
             http_listen=listen_address(env, "IPAAS_HTTP_LISTEN", "127.0.0.1:8080"),
             core_target=core_target(env, grpc_listen),
-            admin_key=env.get("IPAAS_ADMIN_KEY") or None,
+            admin_key=_admin_key(env),
             redis_url=_redis_url(env),
             secret_keys=tuple(k.strip() for k in (env.get("IPAAS_SECRET_KEYS") or "").split(",") if k.strip()),
             plugins=None if plugins is None else frozenset(p.strip() for p in plugins.split(",") if p.strip()),

@@ -103,6 +103,9 @@ def test_the_grpc_listen_address_may_ask_for_any_free_port() -> None:
         ("IPAAS_HTTP_LISTEN", "127.0.0.1:notaport", "IPAAS_HTTP_LISTEN must be host:port"),
         ("IPAAS_ALLOW_INSECURE_TARGETS", "ture", "IPAAS_ALLOW_INSECURE_TARGETS must be 1 or 0"),
         ("IPAAS_REDIS_URL", "localhost:6379", "IPAAS_REDIS_URL must be a redis://, rediss:// or unix:// URL"),
+        ("IPAAS_ADMIN_KEY", "a", "IPAAS_ADMIN_KEY must be at least 32 printable ASCII characters"),
+        ("IPAAS_ADMIN_KEY", "x" * 31, "IPAAS_ADMIN_KEY must be at least 32"),
+        ("IPAAS_ADMIN_KEY", "x" * 31 + " ", "IPAAS_ADMIN_KEY must be at least 32"),
     ],
 )
 def test_bad_platform_settings_are_refused_in_one_line(setting: str, value: str, expected: str) -> None:
@@ -110,6 +113,13 @@ def test_bad_platform_settings_are_refused_in_one_line(setting: str, value: str,
         Settings.from_env({setting: value})
     message = str(refused.value.code)
     assert expected in message and "\n" not in message, message
+
+
+def test_a_refused_admin_key_is_not_repeated_and_a_long_one_is_taken() -> None:
+    with pytest.raises(SystemExit) as refused:
+        Settings.from_env({"IPAAS_ADMIN_KEY": "hunter2"})
+    assert "hunter2" not in str(refused.value.code)
+    assert Settings.from_env({"IPAAS_ADMIN_KEY": "k" * 32}).admin_key == "k" * 32
 
 
 def test_a_refused_redis_url_is_not_repeated_it_may_hold_a_password() -> None:
