@@ -128,3 +128,5 @@ async def test_rest_runs_a_named_version_and_the_key_covers_it(tmp_path) -> None
             error = crossed.json()["error"]
             assert (crossed.status_code, error["reason"], [d["field"] for d in error["details"]]) == (422, "IDEMPOTENCY_KEY_REUSED", ["version"])
             assert await received(slack, 2) == ["v1 A", "v2 B"]
+            schema = (await http.get("/openapi.json")).json()["components"]["schemas"]["RunWorkflowRequest"]
+            assert schema["properties"]["version"] == {"type": "integer", "format": "int32"}
