@@ -16,7 +16,7 @@ from ipaas import reasons
 from ipaas.definitions import max_attempts
 from ipaas.engine.enqueuer import Enqueuer
 from ipaas.engine.outbox import Accepted, NewExecution
-from ipaas.errors import FailedPrecondition, InvalidArgument, NotFound, Unauthenticated
+from ipaas.errors import FailedPrecondition, FieldViolation, InvalidArgument, NotFound, Unauthenticated
 from ipaas.wire import MAX_JSON_DEPTH, nested_deeper_than
 from ipaas.workflow_store import WebhookTarget, WorkflowStore
 
@@ -78,9 +78,14 @@ class TriggerService:
         self.workflows = workflows
         self.enqueuer = enqueuer
 
-    async def run_manual(self, tenant_id: str, workflow_id: str, payload: Any, idempotency_key: str | None) -> tuple[Accepted, int]:
-        """The accepted execution and the workflow version it runs."""
-        view = await self.workflows.get(tenant_id, workflow_id)
+    async def run_manual(self, tenant_id: str, workflow_id: str, payload: Any, idempotency_key: str | None, version: int = 0) -> tuple[Accepted, int]:
+        """The accepted execution and the workflow version it runs: `version`, or the
+        current one when 0."""
+        # The store reads any other number as a version's own: a negative one would be
+        # NOT_FOUND, as if the caller had named a version that was deleted.
+        if version < 0:
+            raise InvalidArgument.field("version", "must be 1 or more, or 0 for the current version")
+        view = await self.workflows.get(tenant_id, workflow_id, version)
         if not view.workflow.active:
             raise FailedPrecondition(f"workflow {workflow_id} is inactive: activate it first", reasons.WORKFLOW_INACTIVE(workflowId=workflow_id))
         key = _key(idempotency_key, "idempotency-key")
@@ -95,6 +100,17 @@ class TriggerService:
                 dedup_key=f"idem:{workflow_id}:{key}" if key else None,
             )
         )
+        # The dedup key stays the workflow's and the key's alone, so a key never starts two
+        # runs. A repeat naming another version than the key's run is another request: it
+        # gets what the gateway answers for one (422 over REST), not a run of the wrong
+        # version reported as done. A repeat naming none stays a plain retry (what every
+        # request was before versions could be named).
+        if accepted.duplicate and version and accepted.workflow_version != version:
+            raise InvalidArgument(
+                f"idempotency-key already started a run of version {accepted.workflow_version} of workflow {workflow_id}: use a new key for version {version}",
+                [FieldViolation("version", f"the idempotency-key's run is of version {accepted.workflow_version}")],
+                reasons.IDEMPOTENCY_KEY_REUSED,
+            )
         return accepted, view.version
 
     async def receive_webhook(self, workflow_id: str, body: bytes, headers: dict[str, str], idempotency_key: str | None) -> tuple[WebhookTarget, Accepted]:

@@ -52,6 +52,9 @@ class Accepted:
     status: str
     duplicate: bool
     created_at: datetime | None = None  # set for a new execution (a duplicate's is stored)
+    # The version the execution pinned: a manual run's duplicate is compared with the
+    # version its repeat asked for.
+    workflow_version: int = 0
 
 
 @dataclass(frozen=True)
@@ -110,12 +113,12 @@ async def enqueue_many(db: Database, items: list[NewExecution]) -> list[Accepted
             if db.is_postgres:
                 conn.execute(text("SELECT pg_notify(:channel, '')"), {"channel": NOTIFY_CHANNEL})
         for r in new_rows:
-            results[r["_index"]] = Accepted(r["id"], "queued", False, now)
+            results[r["_index"]] = Accepted(r["id"], "queued", False, now, r["workflow_version"])
         missing = [i for i, res in enumerate(results) if res is None]
         if missing:
             wanted = {(items[i].tenant_id, items[i].dedup_key) for i in missing}
             found = conn.execute(
-                select(EXECUTIONS.c.id, EXECUTIONS.c.status, EXECUTIONS.c.tenant_id, EXECUTIONS.c.dedup_key).where(
+                select(EXECUTIONS.c.id, EXECUTIONS.c.status, EXECUTIONS.c.tenant_id, EXECUTIONS.c.dedup_key, EXECUTIONS.c.workflow_version).where(
                     or_(*(and_(EXECUTIONS.c.tenant_id == t, EXECUTIONS.c.dedup_key == k) for t, k in wanted))
                 )
             )
@@ -123,7 +126,7 @@ async def enqueue_many(db: Database, items: list[NewExecution]) -> list[Accepted
             for i in missing:
                 r = existing[(items[i].tenant_id, items[i].dedup_key)]
                 # A repeat within the batch of an execution inserted now is a duplicate too.
-                results[i] = Accepted(r.id, r.status, True)
+                results[i] = Accepted(r.id, r.status, True, workflow_version=r.workflow_version)
         return [r for r in results if r is not None]
 
     return await db.transaction(write)

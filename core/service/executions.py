@@ -135,7 +135,7 @@ class ExecutionServicer(executions_pb2_grpc.ExecutionServiceServicer):
     async def RunWorkflow(self, request: pb.RunWorkflowRequest, context: grpc.aio.ServicerContext) -> pb.RunWorkflowResponse:
         tenant = _tenant()
         payload = convert.from_value(request.payload, "payload") if request.HasField("payload") else None
-        accepted, version = await self.triggers.run_manual(tenant, request.workflow_id, payload, _idempotency_key(context))
+        accepted, version = await self.triggers.run_manual(tenant, request.workflow_id, payload, _idempotency_key(context), request.version)
         if accepted.duplicate:  # the earlier run, as it is now
             return pb.RunWorkflowResponse(execution=_view(await self.store.get(tenant, accepted.execution_id)), duplicate=True)
         # A new run is answered as it was accepted, without reading back what was just
