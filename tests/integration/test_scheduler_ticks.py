@@ -138,16 +138,16 @@ async def test_a_full_queue_defers_fires_without_failing_the_tick(tmp_path, data
 
 
 async def test_schedules_stored_before_validation_refused_them_do_not_stop_the_tick(tmp_path, database_url, monkeypatch) -> None:
-    """Saving now refuses croniter's R and H and the zones localtime and Factory; rows stored
-    earlier keep firing (R, localtime) or are parked (H needs a hash id), and the other
-    tenants' schedules fire."""
+    """Saving now refuses croniter's R and H, steps larger than their field (*/61) and the
+    zones localtime and Factory; rows stored earlier keep firing (R, */61, localtime) or are
+    parked (H needs a hash id), and the other tenants' schedules fire."""
     async with FakeSlack() as slack, core_with(tmp_path, database_url, IPAAS_DISABLE_ENGINE="1") as core:
         api = Api(core.channel, (await core.new_tenant()).md)
         cred = await api.credential("slack", {"webhook_url": slack.url})
         clock = Clock(datetime(2026, 1, 1, 0, 0, 30, tzinfo=U))
         monkeypatch.setattr("ipaas.workflow_store.utcnow", clock)
         stored = {}
-        for trigger in ({"cron": "R * * * *", "timezone": "UTC"}, {"cron": "H * * * *", "timezone": "UTC"}, {"cron": "* * * * *", "timezone": "localtime"}, {"cron": "* * * * *", "timezone": "Factory"}):
+        for trigger in ({"cron": "R * * * *", "timezone": "UTC"}, {"cron": "H * * * *", "timezone": "UTC"}, {"cron": "* * * * *", "timezone": "localtime"}, {"cron": "* * * * *", "timezone": "Factory"}, {"cron": "*/61 * * * *", "timezone": "UTC"}):
             wf = (await api.create({"name": "old", "trigger": {"type": "schedule", "cron": "* * * * *"}, "steps": [slack_step(cred, "x")]})).workflow
             async with core.server.db.session() as s, s.begin():
                 row = await s.get(WorkflowVersion, (wf.id, 1))
@@ -160,6 +160,8 @@ async def test_schedules_stored_before_validation_refused_them_do_not_stop_the_t
         clock.now += timedelta(hours=2)
         assert await scheduler.tick() >= 1
         assert await _scheduled_at(core, good.id) == ["2026-01-01T02:00:00Z"]
+        (step_61,) = [w for w, trigger in stored.items() if trigger["cron"] == "*/61 * * * *"]
+        assert await _scheduled_at(core, step_61) == ["2026-01-01T02:00:00Z"], "at minute 0, as croniter reads it"
 
 
 class _ChangeAfterRead:
