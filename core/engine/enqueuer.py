@@ -35,16 +35,25 @@ class Enqueuer:
         return self._depth
 
     async def submit(self, item: NewExecution) -> Accepted:
+        await self.ensure_room()
+        return await self._commits.submit(item)
+
+    async def ensure_room(self) -> None:
+        """Raises ResourceExhausted while the queue is full."""
         if time.monotonic() - self._depth_checked > 1.0:
             await self._depth_loads.do(None, self.refresh_depth)
         if self._depth >= self.max_depth:
             raise ResourceExhausted(f"the execution queue is full ({self._depth} waiting): retry later", reasons.QUEUE_FULL)
-        return await self._commits.submit(item)
+
+    def enqueued(self, results: list[Accepted]) -> None:
+        """Count executions a caller wrote in its own transaction (outbox.enqueue_in), after
+        it committed, and wake the workers for them."""
+        self._depth += sum(1 for r in results if not r.duplicate)
+        self.on_enqueued()
 
     async def _write(self, items: list[NewExecution]) -> list[Accepted]:
         results = await outbox.enqueue_many(self.db, items)
-        self._depth += sum(1 for r in results if not r.duplicate)
-        self.on_enqueued()
+        self.enqueued(results)
         return results
 
     async def close(self) -> None:

@@ -3,18 +3,22 @@ due at once, a full queue, and schedules stored before validation refused them."
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from datetime import datetime, timedelta, timezone
 
-from sqlalchemy import func, select
+import pytest
+from sqlalchemy import func, select, text, update
 
 from ipaas.engine.enqueuer import Enqueuer
 from ipaas.engine.scheduler import Scheduler
+from ipaas.storage.db import Database
 from ipaas.storage.tables import Execution, Schedule, Workflow, WorkflowVersion
+from ipaas.v1 import workflows_pb2
 from tests.conftest import core_with
 from tests.fakes.slack import FakeSlack
-from tests.integration.helpers import Api, slack_step
+from tests.integration.helpers import Api, slack_step, workflow
 
 U = timezone.utc
 
@@ -134,16 +138,16 @@ async def test_a_full_queue_defers_fires_without_failing_the_tick(tmp_path, data
 
 
 async def test_schedules_stored_before_validation_refused_them_do_not_stop_the_tick(tmp_path, database_url, monkeypatch) -> None:
-    """Saving now refuses croniter's R and H and the zones localtime and Factory; rows stored
-    earlier keep firing (R, localtime) or are parked (H needs a hash id), and the other
-    tenants' schedules fire."""
+    """Saving now refuses croniter's R and H, steps larger than their field (*/61) and the
+    zones localtime and Factory; rows stored earlier keep firing (R, */61, localtime) or are
+    parked (H needs a hash id), and the other tenants' schedules fire."""
     async with FakeSlack() as slack, core_with(tmp_path, database_url, IPAAS_DISABLE_ENGINE="1") as core:
         api = Api(core.channel, (await core.new_tenant()).md)
         cred = await api.credential("slack", {"webhook_url": slack.url})
         clock = Clock(datetime(2026, 1, 1, 0, 0, 30, tzinfo=U))
         monkeypatch.setattr("ipaas.workflow_store.utcnow", clock)
         stored = {}
-        for trigger in ({"cron": "R * * * *", "timezone": "UTC"}, {"cron": "H * * * *", "timezone": "UTC"}, {"cron": "* * * * *", "timezone": "localtime"}, {"cron": "* * * * *", "timezone": "Factory"}):
+        for trigger in ({"cron": "R * * * *", "timezone": "UTC"}, {"cron": "H * * * *", "timezone": "UTC"}, {"cron": "* * * * *", "timezone": "localtime"}, {"cron": "* * * * *", "timezone": "Factory"}, {"cron": "*/61 * * * *", "timezone": "UTC"}):
             wf = (await api.create({"name": "old", "trigger": {"type": "schedule", "cron": "* * * * *"}, "steps": [slack_step(cred, "x")]})).workflow
             async with core.server.db.session() as s, s.begin():
                 row = await s.get(WorkflowVersion, (wf.id, 1))
@@ -156,3 +160,113 @@ async def test_schedules_stored_before_validation_refused_them_do_not_stop_the_t
         clock.now += timedelta(hours=2)
         assert await scheduler.tick() >= 1
         assert await _scheduled_at(core, good.id) == ["2026-01-01T02:00:00Z"]
+        (step_61,) = [w for w, trigger in stored.items() if trigger["cron"] == "*/61 * * * *"]
+        assert await _scheduled_at(core, step_61) == ["2026-01-01T02:00:00Z"], "at minute 0, as croniter reads it"
+
+
+class _ChangeAfterRead:
+    """The scheduler's database, running `change` once right after the tick has read its due
+    schedules: what the change commits lands between that read and the fire."""
+
+    def __init__(self, db, change) -> None:  # type: ignore[no-untyped-def]
+        self._db, self._change = db, change
+
+    async def read(self, fn):  # type: ignore[no-untyped-def]
+        rows = await self._db.read(fn)
+        if self._change is not None:
+            change, self._change = self._change, None
+            await change()
+        return rows
+
+    def __getattr__(self, name: str):  # type: ignore[no-untyped-def]
+        return getattr(self._db, name)
+
+
+CHANGES = {
+    "deleted": lambda api, wf: api.workflows.DeleteWorkflow(workflows_pb2.DeleteWorkflowRequest(id=wf.id), metadata=api.md),
+    "deactivated": lambda api, wf: api.workflows.SetWorkflowActive(workflows_pb2.SetWorkflowActiveRequest(id=wf.id, active=False), metadata=api.md),
+    "schedule removed": lambda api, wf: api.workflows.UpdateWorkflow(
+        workflows_pb2.UpdateWorkflowRequest(id=wf.id, expected_version=1, workflow=workflow({"trigger": {"type": "manual"}})), metadata=api.md
+    ),
+    "replanned": lambda api, wf: api.workflows.UpdateWorkflow(
+        workflows_pb2.UpdateWorkflowRequest(id=wf.id, expected_version=1, workflow=workflow({"trigger": {"type": "schedule", "cron": "30 9 * * *"}})), metadata=api.md
+    ),
+}
+
+
+# The changed workflow's plan after the tick: the change's own (a deactivated workflow keeps
+# its plan until reactivated, which plans anew).
+PLAN_AFTER = {"deleted": None, "deactivated": datetime(2026, 1, 1, 9, tzinfo=U), "schedule removed": None, "replanned": datetime(2026, 1, 1, 9, 30, tzinfo=U)}
+
+
+@pytest.mark.parametrize("change", CHANGES)
+async def test_a_change_committed_between_the_read_and_the_fire_is_seen(tmp_path, database_url, monkeypatch, change) -> None:
+    """A tick reads its due schedules, then fires them. A workflow deleted, deactivated,
+    made manual or given another time in between still got the fire it no longer has; the
+    other fires of the batch go out as before."""
+    async with FakeSlack() as slack, core_with(tmp_path, database_url, IPAAS_DISABLE_ENGINE="1") as core:
+        api = Api(core.channel, (await core.new_tenant()).md)
+        cred = await api.credential("slack", {"webhook_url": slack.url})
+        clock = Clock(datetime(2026, 1, 1, 8, 59, tzinfo=U))
+        monkeypatch.setattr("ipaas.workflow_store.utcnow", clock)
+        changed, kept = [(await api.create({"name": name, "trigger": {"type": "schedule", "cron": "0 9 * * *"}, "steps": [slack_step(cred, "x")]})).workflow for name in ("changed", "kept")]
+        clock.now = datetime(2026, 1, 1, 9, 0, 0, 500000, tzinfo=U)
+        scheduler = Scheduler(_ChangeAfterRead(core.server.db, lambda: CHANGES[change](api, changed)), core.server.enqueuer, clock=clock)
+
+        assert await scheduler.tick() == 1
+        assert await _scheduled_at(core, kept.id) == ["2026-01-01T09:00:00Z"]
+        assert await _scheduled_at(core, changed.id) == []
+        async with core.server.db.session() as s:
+            plan = await s.get(Schedule, changed.id)
+        assert (plan.next_fire_at if plan else None) == PLAN_AFTER[change]
+
+
+async def test_a_change_in_progress_when_the_fire_starts_is_waited_for_on_postgresql(tmp_path, postgres_url, monkeypatch) -> None:
+    """Another replica deactivates the workflow while this one fires it: the fire waits for
+    that transaction and, once it commits, does not fire. Without the wait the fire read the
+    workflow as it was and committed after the deactivation had."""
+    async with FakeSlack() as slack, core_with(tmp_path, postgres_url, IPAAS_DISABLE_ENGINE="1") as core:
+        api = Api(core.channel, (await core.new_tenant()).md)
+        cred = await api.credential("slack", {"webhook_url": slack.url})
+        clock = Clock(datetime(2026, 1, 1, 8, 59, tzinfo=U))
+        monkeypatch.setattr("ipaas.workflow_store.utcnow", clock)
+        wf = (await api.create({"name": "daily", "trigger": {"type": "schedule", "cron": "0 9 * * *"}, "steps": [slack_step(cred, "x")]})).workflow
+        clock.now = datetime(2026, 1, 1, 9, 0, 0, 500000, tzinfo=U)
+        scheduler = Scheduler(core.server.db, core.server.enqueuer, clock=clock)
+        async with core.server.db.engine.connect() as other, core.server.db.engine.connect() as watch:
+            await other.execute(update(Workflow).where(Workflow.id == wf.id).values(active=False))
+            tick = asyncio.create_task(scheduler.tick())
+            waiting = text("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND datname = current_database()")
+            for _ in range(200):  # until the tick waits for the deactivation, or is done without
+                if tick.done() or (await watch.execute(waiting)).scalar():
+                    break
+                await watch.rollback()
+                await asyncio.sleep(0.025)
+            await other.commit()
+            assert await tick == 0
+        assert await _scheduled_at(core, wf.id) == []
+
+
+async def test_replicas_ticking_at_once_fire_each_schedule_once_on_postgresql(tmp_path, postgres_url, monkeypatch) -> None:
+    """Two replicas (each its own connections) tick at the same moment over more due
+    schedules than a batch: the claims of one wait for the other's, none deadlocks, and
+    every schedule fires once. (SQLite has one core per database.)"""
+    n = 1200
+    async with FakeSlack() as slack, core_with(tmp_path, postgres_url, IPAAS_DISABLE_ENGINE="1") as core:
+        api = Api(core.channel, (await core.new_tenant()).md)
+        cred = await api.credential("slack", {"webhook_url": slack.url})
+        clock = Clock(datetime(2026, 1, 1, 8, 59, tzinfo=U))
+        monkeypatch.setattr("ipaas.workflow_store.utcnow", clock)
+        first = (await api.create({"name": "daily", "trigger": {"type": "schedule", "cron": "0 9 * * *"}, "steps": [slack_step(cred, "hi")]})).workflow
+        await _clone(core, first.id, n - 1)
+        clock.now = datetime(2026, 1, 1, 9, 0, 0, 500000, tzinfo=U)
+        other_db = Database(core.server.db.url)
+        other_enqueuer = Enqueuer(other_db)
+        try:
+            replicas = [Scheduler(core.server.db, core.server.enqueuer, clock=clock, catch_up="skip"), Scheduler(other_db, other_enqueuer, clock=clock, catch_up="skip")]
+            fired = await asyncio.wait_for(asyncio.gather(*(r.tick() for r in replicas)), 60)
+        finally:
+            await other_enqueuer.close()
+            await other_db.dispose()
+        assert sum(fired) == n
+        assert await _scheduled_at(core) == ["2026-01-01T09:00:00Z"] * n

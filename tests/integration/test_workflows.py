@@ -483,7 +483,29 @@ async def test_a_schedule_that_replicas_could_compute_differently_is_refused(api
     assert "beyond five-field cron" in found[field] or "names no place" in found[field]  # H was "never fires"
 
 
-@pytest.mark.parametrize("cron", ["*/15 9-17 * * mon-fri", "0 0 1 jan,JUL *", "5,35 */2 1-15/2 * 0", "0 0 * * 7"])
+@pytest.mark.parametrize(
+    "cron,step,field",
+    [
+        ("*/61 * * * *", "/61", "minute"),  # croniter fires it at :00 only, not every 61 minutes
+        ("5/61 * * * *", "/61", "minute"),
+        ("0,10-59/100 * * * *", "/100", "minute"),
+        ("0 */25 * * *", "/25", "hour"),
+        ("0 0 */32 * *", "/32", "day of month"),
+        ("0 0 1 jan-dec/13 *", "/13", "month"),
+        ("0 9 * * */8", "/8", "day of week"),
+    ],
+)
+async def test_a_cron_step_larger_than_its_field_is_refused(api: Api, cron: str, step: str, field: str) -> None:
+    cred = await api.credential("slack", {"webhook_url": SLACK_URL})
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await api.create({"name": "odd", "trigger": {"type": "schedule", "cron": cron}, "steps": [slack_step(cred)]})
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    found = violations(err.value)
+    assert list(found) == ["trigger.cron"]
+    assert f"step {step} in the {field} field is larger than its" in found["trigger.cron"]
+
+
+@pytest.mark.parametrize("cron", ["*/15 9-17 * * mon-fri", "0 0 1 jan,JUL *", "5,35 */2 1-15/2 * 0", "0 0 * * 7", "*/60 */24 */31 */12 *"])
 async def test_five_field_cron_with_names_ranges_lists_and_steps_is_accepted(api: Api, cron: str) -> None:
     cred = await api.credential("slack", {"webhook_url": SLACK_URL})
     created = await api.create({"name": "ok", "trigger": {"type": "schedule", "cron": cron, "timezone": "Europe/Paris"}, "steps": [slack_step(cred)]})
