@@ -405,6 +405,11 @@ class Gateway:
             except (ValueError, TypeError):
                 raise HttpError(400, f"query parameter {field.name} is not valid", details=[{"field": field.name, "description": "invalid value"}], reason=reasons.INVALID_FIELD) from None
         if "expected_version" in fields and not message.expected_version and h.get("if-match"):
+            if sum(1 for name, _ in request.scope["headers"] if name.lower() == b"if-match") > 1:
+                # Two If-Match lines are one list (RFC 9110), refused as `"1", "2"` in one
+                # line is: taking the first would check the change against a version the
+                # client may not have meant.
+                raise HttpError(400, 'If-Match must be one version number, e.g. If-Match: "3"', reason=reasons.INVALID_HEADER)
             version = h["if-match"].removeprefix("W/").strip().strip('"')
             # isdigit alone takes "²" and other Unicode digits; a version is an int32.
             if not (version.isascii() and version.isdigit() and len(version) <= 10 and int(version) <= MAX_VERSION):
@@ -421,6 +426,11 @@ class Gateway:
             owner = self._owners.get(match.params.get("workflow_id", ""))
             return (owner[1], owner[2]) if owner and owner[0] > now else (None, None)
         auth = h.get("authorization")
+        if auth is not None and sum(1 for name, _ in request.scope["headers"] if name.lower() == b"authorization") > 1:
+            # Only the first value went on to the core, so which key a request ran as was
+            # left to the order in which a client or proxy wrote the headers. The core
+            # refuses the same over gRPC.
+            raise HttpError(401, "send one Authorization header", reason=reasons.AUTHORIZATION_AMBIGUOUS)
         if not auth:
             await self._limit_anonymous(request, headers)  # the core would refuse it, at a cost
             return None, None

@@ -251,6 +251,42 @@ async def test_two_different_idempotency_keys_in_one_request_are_refused(stack) 
     assert len(slack.received) == 1, "only the request with one key ran"
 
 
+async def test_two_authorization_headers_are_refused_not_the_first_taken(stack) -> None:
+    """Before, the gateway sent the core only the first value, so a request carrying two
+    tenants' keys ran as whichever a client or proxy wrote first; the core refuses the same
+    over gRPC (AUTHORIZATION_AMBIGUOUS)."""
+    core, http, slack = stack
+    other = await core.new_tenant(tier="paid", name="other")
+    mine = http.headers["authorization"]
+    one = await http.get("/api/caller")
+    assert one.status_code == 200, one.text
+    for values in ([mine, f"Bearer {other.key}"], [f"Bearer {other.key}", mine], [mine, mine], ["", mine]):
+        for response in (
+            await http.get("/api/caller", headers=[("authorization", v) for v in values]),
+            await http.post("/api/workflows", json={"name": "x"}, headers=[("authorization", v) for v in values]),
+        ):
+            assert response.status_code == 401, (values, response.text)
+            error = assert_envelope(response, False)["error"]
+            assert (error["reason"], error["code"]) == ("AUTHORIZATION_AMBIGUOUS", "unauthenticated"), error
+    listed = assert_envelope(await http.get("/api/workflows"), True)["data"]["workflows"]
+    assert listed == [], "a refused create wrote nothing"
+
+
+async def test_two_if_match_headers_are_refused_not_the_first_taken(stack) -> None:
+    """Two If-Match lines are one list, as `"1", "2"` in one line is, which was refused
+    already: taking the first checked the change against a version the client may not have
+    meant."""
+    core, http, slack = stack
+    wf = (await create_workflow(http, slack))["workflow"]
+    for values in (['"1"', '"2"'], ['"2"', '"1"'], ['"1"', '"1"']):
+        answer = await http.patch(f"/api/workflows/{wf['id']}", json={"name": "two"}, headers=[("If-Match", v) for v in values])
+        assert answer.status_code == 400, (values, answer.text)
+        assert assert_envelope(answer, False)["error"]["reason"] == "INVALID_HEADER"
+    assert (await http.get(f"/api/workflows/{wf['id']}")).json()["data"]["version"] == 1
+    one = await http.patch(f"/api/workflows/{wf['id']}", json={"name": "one"}, headers={"If-Match": '"1"'})
+    assert one.status_code == 200 and one.json()["data"]["version"] == 2, one.text
+
+
 async def test_in_flight_repeat_is_a_conflict(stack) -> None:
     core, http, slack = stack
     slack.delay = 1.0
