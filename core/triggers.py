@@ -26,6 +26,13 @@ MAX_BODY_BYTES = 1024 * 1024
 MAX_KEY_LENGTH = 255
 
 
+def _unparsable(message: str) -> InvalidArgument:
+    """A webhook body that is no JSON at all: the request cannot be read, as a REST body
+    that is not JSON cannot (400 over REST, REQUEST_UNPARSABLE), rather than a field whose
+    value is refused (BadRequest, 422). Issue 4's contract: not JSON → 400."""
+    return InvalidArgument(message, reason=reasons.REQUEST_UNPARSABLE)
+
+
 def _key(value: str | None, field: str) -> str | None:
     if not value:
         return None
@@ -112,7 +119,7 @@ class TriggerService:
             # JSON is UTF-8 (RFC 8259). Checked before the signature: the package decodes
             # the body to verify it, and a correctly signed sender was told its signature
             # was wrong, which sends it looking in the wrong place.
-            raise InvalidArgument.field("http_body.data", "the body is not valid JSON: it is not UTF-8") from None
+            raise _unparsable("the body is not valid JSON: it is not UTF-8") from None
         unsigned_ok = bool(target.definition.get("options", {}).get("allow_unsigned_webhooks"))
         if not unsigned_ok and not verify_signature(target.secrets, body, headers):
             log.warning("webhook.rejected", extra={"workflow_id": workflow_id, "tenant_id": target.tenant_id})
@@ -120,7 +127,7 @@ class TriggerService:
         try:
             payload = orjson.loads(body) if body else None
         except orjson.JSONDecodeError:
-            raise InvalidArgument.field("http_body.data", "the body is not valid JSON") from None
+            raise _unparsable("the body is not valid JSON") from None
         # orjson reads 1,024 levels of nesting, but an execution's reply carries MAX_JSON_DEPTH
         # (and the database's encoder writes 254): a deeper body was stored, then broke every
         # read of its execution and every page listing it. A body with fewer brackets than

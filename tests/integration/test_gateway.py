@@ -10,6 +10,7 @@ import grpc
 import httpx
 import orjson
 import pytest
+from google.api import httpbody_pb2
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
@@ -17,7 +18,7 @@ from ipaas import reasons
 from ipaas.v1 import workflows_pb2
 from tests.conftest import ADMIN_KEY, core_with, free_port, gateway_for
 from tests.fakes.slack import FakeSlack
-from tests.integration.helpers import Api, signed_webhook
+from tests.integration.helpers import Api, signed_headers, signed_webhook
 
 FAST = {"IPAAS_RETRY_BASE_DELAY": "0.01", "IPAAS_POLL_INTERVAL": "0.05"}
 
@@ -315,6 +316,38 @@ async def test_signed_webhook_through_the_gateway(stack) -> None:
         assert big.status_code == 413
         missing = await anonymous.post("/api/webhooks/wf_nope", content=raw, headers=headers)
         assert missing.status_code == 404
+
+
+async def test_a_webhook_body_that_is_not_json_is_400_as_issue_4_says(stack) -> None:
+    """Answered 422 INVALID_FIELD naming http_body.data before, as if a field's value were
+    refused; issue 4 says not JSON → 400, which REST bodies that are not JSON get too
+    (REQUEST_UNPARSABLE). A webhook's Content-Type is not looked at."""
+    from ipaas.v1 import executions_pb2, executions_pb2_grpc
+
+    core, http, slack = stack
+    created = await create_workflow(http, slack, trigger="webhook")
+    wf_id, secret = created["workflow"]["id"], created["webhook_secret"]
+    async with httpx.AsyncClient(base_url=str(http.base_url)) as anonymous:
+        for n, (raw, content_type) in enumerate([(b"hello", "text/plain"), (b"hello", "application/json"), (b"a=1&b=2", "application/x-www-form-urlencoded"), (b'{"order": ', "application/json"), (b'{"a": "\xff"}', "application/json")]):
+            # Not UTF-8 is refused before the signature is checked (the signer cannot sign it).
+            headers = {**(signed_headers(secret, raw, f"evt_nj_{n}") if raw.isascii() else {}), "content-type": content_type}
+            answer = await anonymous.post(f"/api/webhooks/{wf_id}", content=raw, headers=headers)
+            assert answer.status_code == 400, (raw, answer.text)
+            error = assert_envelope(answer, False)["error"]
+            assert (error["reason"], error["details"]) == ("REQUEST_UNPARSABLE", []) and "not valid JSON" in error["message"], error
+        unsigned = await anonymous.post(f"/api/webhooks/{wf_id}", content=b"hello", headers={"content-type": "text/plain"})
+        assert unsigned.status_code == 401, "the signature is checked before the JSON"
+        raw = b'{"order": {"id": "T-1"}}'
+        as_text = await anonymous.post(f"/api/webhooks/{wf_id}", content=raw, headers={**signed_headers(secret, raw, "evt_text"), "content-type": "text/plain"})
+        assert as_text.status_code == 202, as_text.text
+    # The same over gRPC: REQUEST_UNPARSABLE, and no BadRequest, as for a request that did not parse.
+    hook = executions_pb2.ReceiveWebhookRequest(workflow_id=wf_id, http_body=httpbody_pb2.HttpBody(data=b"hello"), headers=signed_headers(secret, b"hello", "evt_grpc"))
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await executions_pb2_grpc.ExecutionServiceStub(core.channel).ReceiveWebhook(hook)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    details = rpc_status.from_call(refused.value).details
+    info = error_details_pb2.ErrorInfo()
+    assert len(details) == 1 and details[0].Unpack(info) and info.reason == "REQUEST_UNPARSABLE", details
 
 
 async def test_concurrent_webhooks_each_get_their_own_answer(stack) -> None:
