@@ -33,6 +33,10 @@ def _unparsable(message: str) -> InvalidArgument:
     return InvalidArgument(message, reason=reasons.REQUEST_UNPARSABLE)
 
 
+def _nested_too_deeply() -> InvalidArgument:
+    return InvalidArgument.field("http_body.data", f"the body is nested too deeply (at most {MAX_JSON_DEPTH} levels of objects and arrays)")
+
+
 def _key(value: str | None, field: str) -> str | None:
     if not value:
         return None
@@ -126,14 +130,16 @@ class TriggerService:
             raise Unauthenticated("missing or invalid webhook signature (Standard Webhooks: webhook-id, webhook-timestamp, webhook-signature)", reasons.WEBHOOK_SIGNATURE_INVALID(workflowId=workflow_id))
         try:
             payload = orjson.loads(body) if body else None
-        except orjson.JSONDecodeError:
+        except orjson.JSONDecodeError as exc:
+            if str(exc).startswith("depth limit exceeded"):  # valid JSON past orjson's 1,024 levels: too deep, as below
+                raise _nested_too_deeply() from None
             raise _unparsable("the body is not valid JSON") from None
         # orjson reads 1,024 levels of nesting, but an execution's reply carries MAX_JSON_DEPTH
         # (and the database's encoder writes 254): a deeper body was stored, then broke every
         # read of its execution and every page listing it. A body with fewer brackets than
         # the limit cannot nest past it, so the usual small one is not walked.
         if body.count(b"{") + body.count(b"[") > MAX_JSON_DEPTH and nested_deeper_than(payload, MAX_JSON_DEPTH):
-            raise InvalidArgument.field("http_body.data", f"the body is nested too deeply (at most {MAX_JSON_DEPTH} levels of objects and arrays)")
+            raise _nested_too_deeply()
         webhook_id = _key(headers.get("webhook-id"), "webhook-id")
         key = _key(idempotency_key, "idempotency-key")
         # Keys dedupe per workflow: one key sent to two workflows starts both. A webhook's

@@ -39,6 +39,7 @@ from ipaas.pagination import MAX_VERSION
 from ipaas.settings import Settings, boolean
 from ipaas.singleflight import SingleFlight
 from ipaas.v1 import executions_pb2
+from ipaas.wire import MAX_JSON_DEPTH
 
 log = logging.getLogger("ipaas.gateway")
 
@@ -91,6 +92,19 @@ def _header_map(scope: dict[str, Any]) -> dict[str, str]:
         if key not in found:
             found[key] = value.decode("latin-1")
     return found
+
+
+_ORJSON_TOO_DEEP = "depth limit exceeded"
+
+
+def _nested_too_deeply(field: str) -> HttpError:
+    """The core's own answer to free-form JSON nested past MAX_JSON_DEPTH (ipaas.wire),
+    given in its place. The core could give it only one level past the limit: any deeper
+    and protobuf failed to parse the whole request (400 REQUEST_UNPARSABLE), and deeper
+    still protobuf's JSON parser here gave up (400 INVALID_FIELD), three answers to one
+    mistake. body: nested past what orjson reads, where no field can be named."""
+    problem = f"is nested too deeply (at most {MAX_JSON_DEPTH} levels of objects and arrays)"
+    return HttpError.from_grpc(grpc.StatusCode.INVALID_ARGUMENT, f"{field}: {problem}", [{"field": field, "description": problem}], reasons.INVALID_FIELD)
 
 
 _KEY_HEADERS = (b"idempotency-key", b"x-idempotency-key")
@@ -370,10 +384,18 @@ class Gateway:
             if body:
                 try:
                     data = orjson.loads(body)
-                except orjson.JSONDecodeError:
+                except orjson.JSONDecodeError as exc:
+                    if str(exc).startswith(_ORJSON_TOO_DEEP):  # valid JSON, past orjson's 1,024 levels
+                        raise _nested_too_deeply("body") from None
                     raise HttpError(400, "the body is not valid JSON", reason=reasons.REQUEST_UNPARSABLE) from None
                 if not isinstance(data, dict):
                     raise HttpError(400, "the body must be a JSON object", reason=reasons.REQUEST_UNPARSABLE)
+                # A body with fewer brackets than the limit cannot nest past it: the usual
+                # small one is not walked.
+                if body.count(b"{") + body.count(b"[") > MAX_JSON_DEPTH:
+                    described = route.method.input_type if route.body == "*" else route.method.input_type.fields_by_name[route.body].message_type
+                    if (deep := parse_errors.nested_too_deeply(described, data, MAX_JSON_DEPTH)) is not None:
+                        raise _nested_too_deeply(deep)
                 if (where := inexact_integer(data)) is not None:
                     where = where if len(where) <= MAX_PARAM_LENGTH else where[:MAX_PARAM_LENGTH] + "…"
                     raise HttpError(400, f"{where} is an integer past ±2^53, which the API cannot carry exactly: send it as a string", details=[{"field": where, "description": f"integers must lie within ±{EXACT}"}], reason=reasons.INVALID_FIELD)
