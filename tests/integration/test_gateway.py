@@ -536,16 +536,28 @@ async def test_openapi_describes_the_answers_and_headers_the_gateway_uses(stack)
     def headers(path: str, verb: str) -> dict[str, dict]:
         return {p["name"]: p for p in doc["paths"][path][verb]["parameters"] if p["in"] == "header"}
 
+    # If-Match was marked required, so generated clients forced it, though the
+    # expected_version query parameter does the same: one of the two is needed.
     patch = headers("/api/workflows/{id}", "patch")
-    assert patch["If-Match"]["required"] is True
+    assert patch["If-Match"]["required"] is False and "expected_version" in patch["If-Match"]["description"]
     unversioned = await http.patch(f"/api/workflows/{workflow['id']}", json={"name": "n"})
     versioned = await http.patch(f"/api/workflows/{workflow['id']}", json={"name": "n"}, headers={"If-Match": '"1"'})
-    assert (unversioned.status_code, versioned.status_code) == (422, 200), (unversioned.text, versioned.text)
+    by_query = await http.patch(f"/api/workflows/{workflow['id']}", json={"name": "q"}, params={"expected_version": 2})
+    assert (unversioned.status_code, versioned.status_code, by_query.status_code) == (422, 200, 200), (unversioned.text, versioned.text, by_query.text)
     assert headers("/api/workflows/{id}/rollback", "post")["If-Match"]["required"] is False
     writes = [(path, verb) for path, item in doc["paths"].items() for verb in item if verb in ("post", "patch")]
     assert writes and all("Idempotency-Key" in headers(path, verb) for path, verb in writes)
     assert not [(path, verb) for path, item in doc["paths"].items() for verb in item if verb not in ("post", "patch") and "Idempotency-Key" in headers(path, verb)]
     assert {"webhook-id", "webhook-timestamp", "webhook-signature"} <= set(headers("/api/webhooks/{workflow_id}", "post"))
+
+    # The health probes were missing from the document.
+    for path in ("/health", "/health/live", "/health/ready"):
+        probe = doc["paths"][path]["get"]
+        assert probe["security"] == [] and {"200", "503"} <= set(probe["responses"]), probe
+        described = probe["responses"]["200"]["content"]["application/json"]["schema"]["properties"]["data"]["properties"]
+        async with httpx.AsyncClient(base_url=str(http.base_url)) as anonymous:
+            answer = await anonymous.get(path)
+        assert answer.status_code == 200 and set(assert_envelope(answer, True)["data"]) <= set(described), (path, answer.text)
 
 
 async def test_connectors_breakers_and_caller_over_rest(stack) -> None:
