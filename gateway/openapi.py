@@ -201,7 +201,7 @@ def build_openapi(routes: list[Route]) -> dict[str, Any]:
                 "type": "object",
                 "required": ["code", "message"],
                 "properties": {
-                    "code": {"type": "string"},
+                    "code": {"type": "string", "description": "The status in the terms of whoever answered: a gRPC status name in lower case (invalid_argument) when the core or the channel to it did, the HTTP status's name (bad_request, rate_limited) when the gateway did; docs/errors.md defines it. Switch on reason, not on code."},
                     # Not required: an answer kept for an Idempotency-Key by a gateway older
                     # than reasons replays without one.
                     "reason": {

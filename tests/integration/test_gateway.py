@@ -532,6 +532,7 @@ async def test_openapi_describes_the_answers_and_headers_the_gateway_uses(stack)
     assert set(reason["enum"]) == set(reasons.ALL) and "docs/errors.md" in reason["description"]
     error = schemas["ErrorEnvelope"]["properties"]["error"]["properties"]
     assert error["domain"]["const"] == reasons.DOMAIN and error["metadata"]["additionalProperties"] == {"type": "string"}
+    assert "docs/errors.md" in error["code"]["description"], "code is not the HTTP status lower-cased: say where it is defined"
 
     def headers(path: str, verb: str) -> dict[str, dict]:
         return {p["name"]: p for p in doc["paths"][path][verb]["parameters"] if p["in"] == "header"}
