@@ -572,6 +572,25 @@ async def test_connectors_breakers_and_caller_over_rest(stack) -> None:
     assert assert_envelope(await http.get("/api/caller"), True)["data"]["tier"] == "paid"
 
 
+async def test_revoking_a_key_answers_200_with_the_key_not_204(stack) -> None:
+    """DELETE /api/keys/{key_id} is RevokeApiKey, not a Delete RPC: the key is kept, listed
+    with revoked_at, so the answer is the key (as docs/architecture.md says), and revoking
+    it again answers the same."""
+    core, http, slack = stack
+    async with httpx.AsyncClient(base_url=http.base_url, headers={"authorization": f"Bearer {ADMIN_KEY}"}, timeout=10) as admin:
+        tenant = assert_envelope(await admin.post("/api/tenants", json={"name": "revoked", "tier": "free"}), True)["data"]
+        key = assert_envelope(await admin.post(f"/api/tenants/{tenant['id']}/keys", json={"name": "k"}), True)["data"]
+        revoked = await admin.delete(f"/api/keys/{key['api_key']['id']}")
+        again = await admin.delete(f"/api/keys/{key['api_key']['id']}")
+        listed = assert_envelope(await admin.get(f"/api/tenants/{tenant['id']}/keys"), True)["data"]["api_keys"]
+    assert revoked.status_code == again.status_code == 200, (revoked.text, again.text)
+    first, second = assert_envelope(revoked, True)["data"]["api_key"], assert_envelope(again, True)["data"]["api_key"]
+    assert first["id"] == key["api_key"]["id"] and first["revoked_at"] and second["revoked_at"] == first["revoked_at"]
+    assert [(k["id"], k["revoked_at"]) for k in listed] == [(first["id"], first["revoked_at"])]
+    async with httpx.AsyncClient(base_url=http.base_url, headers={"authorization": f"Bearer {key['secret']}"}, timeout=10) as holder:
+        assert (await holder.get("/api/caller")).status_code == 401
+
+
 async def test_slow_or_silent_clients_lose_their_connection(tmp_path) -> None:
     """A client that never finishes its request head, or sends its body too slowly, must not
     hold a connection forever (slowloris): the head is due within IPAAS_HTTP_HEAD_TIMEOUT of
