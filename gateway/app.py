@@ -99,10 +99,10 @@ _ORJSON_TOO_DEEP = "depth limit exceeded"
 
 def _nested_too_deeply(field: str) -> HttpError:
     """The core's own answer to free-form JSON nested past MAX_JSON_DEPTH (ipaas.wire),
-    given in its place. The core could give it only one level past the limit: any deeper
-    and protobuf failed to parse the whole request (400 REQUEST_UNPARSABLE), and deeper
-    still protobuf's JSON parser here gave up (400 INVALID_FIELD), three answers to one
-    mistake. body: nested past what orjson reads, where no field can be named."""
+    given in its place so that every depth gets it: the core can give it only one level
+    past the limit (deeper, protobuf cannot parse the request it is sent), and protobuf's
+    JSON parser here gives up deeper still. `body`: past what orjson reads, no field can
+    be named."""
     problem = f"is nested too deeply (at most {MAX_JSON_DEPTH} levels of objects and arrays)"
     return HttpError.from_grpc(grpc.StatusCode.INVALID_ARGUMENT, f"{field}: {problem}", [{"field": field, "description": problem}], reasons.INVALID_FIELD)
 
