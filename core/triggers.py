@@ -26,6 +26,17 @@ MAX_BODY_BYTES = 1024 * 1024
 MAX_KEY_LENGTH = 255
 
 
+def _unparsable(message: str) -> InvalidArgument:
+    """A webhook body that is no JSON at all: the request cannot be read, as a REST body
+    that is not JSON cannot (400 over REST, REQUEST_UNPARSABLE), rather than a field whose
+    value is refused (BadRequest, 422). Issue 4's contract: not JSON → 400."""
+    return InvalidArgument(message, reason=reasons.REQUEST_UNPARSABLE)
+
+
+def _nested_too_deeply() -> InvalidArgument:
+    return InvalidArgument.field("http_body.data", f"the body is nested too deeply (at most {MAX_JSON_DEPTH} levels of objects and arrays)")
+
+
 def _key(value: str | None, field: str) -> str | None:
     if not value:
         return None
@@ -128,7 +139,7 @@ class TriggerService:
             # JSON is UTF-8 (RFC 8259). Checked before the signature: the package decodes
             # the body to verify it, and a correctly signed sender was told its signature
             # was wrong, which sends it looking in the wrong place.
-            raise InvalidArgument.field("http_body.data", "the body is not valid JSON: it is not UTF-8") from None
+            raise _unparsable("the body is not valid JSON: it is not UTF-8") from None
         unsigned_ok = bool(target.definition.get("options", {}).get("allow_unsigned_webhooks"))
         # Where unsigned webhooks are allowed, a signature sent is still checked: what it
         # proves decides the key space the delivery dedupes in (below).
@@ -138,14 +149,16 @@ class TriggerService:
             raise Unauthenticated("missing or invalid webhook signature (Standard Webhooks: webhook-id, webhook-timestamp, webhook-signature)", reasons.WEBHOOK_SIGNATURE_INVALID(workflowId=workflow_id))
         try:
             payload = orjson.loads(body) if body else None
-        except orjson.JSONDecodeError:
-            raise InvalidArgument.field("http_body.data", "the body is not valid JSON") from None
+        except orjson.JSONDecodeError as exc:
+            if str(exc).startswith("depth limit exceeded"):  # valid JSON past orjson's 1,024 levels: too deep, as below
+                raise _nested_too_deeply() from None
+            raise _unparsable("the body is not valid JSON") from None
         # orjson reads 1,024 levels of nesting, but an execution's reply carries MAX_JSON_DEPTH
         # (and the database's encoder writes 254): a deeper body was stored, then broke every
         # read of its execution and every page listing it. A body with fewer brackets than
         # the limit cannot nest past it, so the usual small one is not walked.
         if body.count(b"{") + body.count(b"[") > MAX_JSON_DEPTH and nested_deeper_than(payload, MAX_JSON_DEPTH):
-            raise InvalidArgument.field("http_body.data", f"the body is nested too deeply (at most {MAX_JSON_DEPTH} levels of objects and arrays)")
+            raise _nested_too_deeply()
         webhook_id = _key(headers.get("webhook-id"), "webhook-id")
         key = _key(idempotency_key, "idempotency-key")
         # Keys dedupe per workflow: one key sent to two workflows starts both. A webhook's

@@ -39,6 +39,7 @@ from ipaas.pagination import MAX_VERSION
 from ipaas.settings import Settings, boolean
 from ipaas.singleflight import SingleFlight
 from ipaas.v1 import executions_pb2
+from ipaas.wire import MAX_JSON_DEPTH
 
 log = logging.getLogger("ipaas.gateway")
 
@@ -91,6 +92,19 @@ def _header_map(scope: dict[str, Any]) -> dict[str, str]:
         if key not in found:
             found[key] = value.decode("latin-1")
     return found
+
+
+_ORJSON_TOO_DEEP = "depth limit exceeded"
+
+
+def _nested_too_deeply(field: str) -> HttpError:
+    """The core's own answer to free-form JSON nested past MAX_JSON_DEPTH (ipaas.wire),
+    given in its place so that every depth gets it: the core can give it only one level
+    past the limit (deeper, protobuf cannot parse the request it is sent), and protobuf's
+    JSON parser here gives up deeper still. `body`: past what orjson reads, no field can
+    be named."""
+    problem = f"is nested too deeply (at most {MAX_JSON_DEPTH} levels of objects and arrays)"
+    return HttpError.from_grpc(grpc.StatusCode.INVALID_ARGUMENT, f"{field}: {problem}", [{"field": field, "description": problem}], reasons.INVALID_FIELD)
 
 
 _KEY_HEADERS = (b"idempotency-key", b"x-idempotency-key")
@@ -370,10 +384,18 @@ class Gateway:
             if body:
                 try:
                     data = orjson.loads(body)
-                except orjson.JSONDecodeError:
+                except orjson.JSONDecodeError as exc:
+                    if str(exc).startswith(_ORJSON_TOO_DEEP):  # valid JSON, past orjson's 1,024 levels
+                        raise _nested_too_deeply("body") from None
                     raise HttpError(400, "the body is not valid JSON", reason=reasons.REQUEST_UNPARSABLE) from None
                 if not isinstance(data, dict):
                     raise HttpError(400, "the body must be a JSON object", reason=reasons.REQUEST_UNPARSABLE)
+                # A body with fewer brackets than the limit cannot nest past it: the usual
+                # small one is not walked.
+                if body.count(b"{") + body.count(b"[") > MAX_JSON_DEPTH:
+                    described = route.method.input_type if route.body == "*" else route.method.input_type.fields_by_name[route.body].message_type
+                    if (deep := parse_errors.nested_too_deeply(described, data, MAX_JSON_DEPTH)) is not None:
+                        raise _nested_too_deeply(deep)
                 if (where := inexact_integer(data)) is not None:
                     where = where if len(where) <= MAX_PARAM_LENGTH else where[:MAX_PARAM_LENGTH] + "…"
                     raise HttpError(400, f"{where} is an integer past ±2^53, which the API cannot carry exactly: send it as a string", details=[{"field": where, "description": f"integers must lie within ±{EXACT}"}], reason=reasons.INVALID_FIELD)
@@ -405,6 +427,11 @@ class Gateway:
             except (ValueError, TypeError):
                 raise HttpError(400, f"query parameter {field.name} is not valid", details=[{"field": field.name, "description": "invalid value"}], reason=reasons.INVALID_FIELD) from None
         if "expected_version" in fields and not message.expected_version and h.get("if-match"):
+            if sum(1 for name, _ in request.scope["headers"] if name.lower() == b"if-match") > 1:
+                # Two If-Match lines are one list (RFC 9110), refused as `"1", "2"` in one
+                # line is: taking the first would check the change against a version the
+                # client may not have meant.
+                raise HttpError(400, 'If-Match must be one version number, e.g. If-Match: "3"', reason=reasons.INVALID_HEADER)
             version = h["if-match"].removeprefix("W/").strip().strip('"')
             # isdigit alone takes "²" and other Unicode digits; a version is an int32.
             if not (version.isascii() and version.isdigit() and len(version) <= 10 and int(version) <= MAX_VERSION):
@@ -421,6 +448,11 @@ class Gateway:
             owner = self._owners.get(match.params.get("workflow_id", ""))
             return (owner[1], owner[2]) if owner and owner[0] > now else (None, None)
         auth = h.get("authorization")
+        if auth is not None and sum(1 for name, _ in request.scope["headers"] if name.lower() == b"authorization") > 1:
+            # Only the first value went on to the core, so which key a request ran as was
+            # left to the order in which a client or proxy wrote the headers. The core
+            # refuses the same over gRPC.
+            raise HttpError(401, "send one Authorization header", reason=reasons.AUTHORIZATION_AMBIGUOUS)
         if not auth:
             await self._limit_anonymous(request, headers)  # the core would refuse it, at a cost
             return None, None

@@ -10,6 +10,7 @@ import grpc
 import httpx
 import orjson
 import pytest
+from google.api import httpbody_pb2
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
@@ -17,7 +18,7 @@ from ipaas import reasons
 from ipaas.v1 import workflows_pb2
 from tests.conftest import ADMIN_KEY, core_with, free_port, gateway_for
 from tests.fakes.slack import FakeSlack
-from tests.integration.helpers import Api, signed_webhook
+from tests.integration.helpers import Api, signed_headers, signed_webhook
 
 FAST = {"IPAAS_RETRY_BASE_DELAY": "0.01", "IPAAS_POLL_INTERVAL": "0.05"}
 
@@ -251,6 +252,42 @@ async def test_two_different_idempotency_keys_in_one_request_are_refused(stack) 
     assert len(slack.received) == 1, "only the request with one key ran"
 
 
+async def test_two_authorization_headers_are_refused_not_the_first_taken(stack) -> None:
+    """Before, the gateway sent the core only the first value, so a request carrying two
+    tenants' keys ran as whichever a client or proxy wrote first; the core refuses the same
+    over gRPC (AUTHORIZATION_AMBIGUOUS)."""
+    core, http, slack = stack
+    other = await core.new_tenant(tier="paid", name="other")
+    mine = http.headers["authorization"]
+    one = await http.get("/api/caller")
+    assert one.status_code == 200, one.text
+    for values in ([mine, f"Bearer {other.key}"], [f"Bearer {other.key}", mine], [mine, mine], ["", mine]):
+        for response in (
+            await http.get("/api/caller", headers=[("authorization", v) for v in values]),
+            await http.post("/api/workflows", json={"name": "x"}, headers=[("authorization", v) for v in values]),
+        ):
+            assert response.status_code == 401, (values, response.text)
+            error = assert_envelope(response, False)["error"]
+            assert (error["reason"], error["code"]) == ("AUTHORIZATION_AMBIGUOUS", "unauthenticated"), error
+    listed = assert_envelope(await http.get("/api/workflows"), True)["data"]["workflows"]
+    assert listed == [], "a refused create wrote nothing"
+
+
+async def test_two_if_match_headers_are_refused_not_the_first_taken(stack) -> None:
+    """Two If-Match lines are one list, as `"1", "2"` in one line is, which was refused
+    already: taking the first checked the change against a version the client may not have
+    meant."""
+    core, http, slack = stack
+    wf = (await create_workflow(http, slack))["workflow"]
+    for values in (['"1"', '"2"'], ['"2"', '"1"'], ['"1"', '"1"']):
+        answer = await http.patch(f"/api/workflows/{wf['id']}", json={"name": "two"}, headers=[("If-Match", v) for v in values])
+        assert answer.status_code == 400, (values, answer.text)
+        assert assert_envelope(answer, False)["error"]["reason"] == "INVALID_HEADER"
+    assert (await http.get(f"/api/workflows/{wf['id']}")).json()["data"]["version"] == 1
+    one = await http.patch(f"/api/workflows/{wf['id']}", json={"name": "one"}, headers={"If-Match": '"1"'})
+    assert one.status_code == 200 and one.json()["data"]["version"] == 2, one.text
+
+
 async def test_in_flight_repeat_is_a_conflict(stack) -> None:
     core, http, slack = stack
     slack.delay = 1.0
@@ -279,6 +316,38 @@ async def test_signed_webhook_through_the_gateway(stack) -> None:
         assert big.status_code == 413
         missing = await anonymous.post("/api/webhooks/wf_nope", content=raw, headers=headers)
         assert missing.status_code == 404
+
+
+async def test_a_webhook_body_that_is_not_json_is_400_as_issue_4_says(stack) -> None:
+    """Answered 422 INVALID_FIELD naming http_body.data before, as if a field's value were
+    refused; issue 4 says not JSON → 400, which REST bodies that are not JSON get too
+    (REQUEST_UNPARSABLE). A webhook's Content-Type is not looked at."""
+    from ipaas.v1 import executions_pb2, executions_pb2_grpc
+
+    core, http, slack = stack
+    created = await create_workflow(http, slack, trigger="webhook")
+    wf_id, secret = created["workflow"]["id"], created["webhook_secret"]
+    async with httpx.AsyncClient(base_url=str(http.base_url)) as anonymous:
+        for n, (raw, content_type) in enumerate([(b"hello", "text/plain"), (b"hello", "application/json"), (b"a=1&b=2", "application/x-www-form-urlencoded"), (b'{"order": ', "application/json"), (b'{"a": "\xff"}', "application/json")]):
+            # Not UTF-8 is refused before the signature is checked (the signer cannot sign it).
+            headers = {**(signed_headers(secret, raw, f"evt_nj_{n}") if raw.isascii() else {}), "content-type": content_type}
+            answer = await anonymous.post(f"/api/webhooks/{wf_id}", content=raw, headers=headers)
+            assert answer.status_code == 400, (raw, answer.text)
+            error = assert_envelope(answer, False)["error"]
+            assert (error["reason"], error["details"]) == ("REQUEST_UNPARSABLE", []) and "not valid JSON" in error["message"], error
+        unsigned = await anonymous.post(f"/api/webhooks/{wf_id}", content=b"hello", headers={"content-type": "text/plain"})
+        assert unsigned.status_code == 401, "the signature is checked before the JSON"
+        raw = b'{"order": {"id": "T-1"}}'
+        as_text = await anonymous.post(f"/api/webhooks/{wf_id}", content=raw, headers={**signed_headers(secret, raw, "evt_text"), "content-type": "text/plain"})
+        assert as_text.status_code == 202, as_text.text
+    # The same over gRPC: REQUEST_UNPARSABLE, and no BadRequest, as for a request that did not parse.
+    hook = executions_pb2.ReceiveWebhookRequest(workflow_id=wf_id, http_body=httpbody_pb2.HttpBody(data=b"hello"), headers=signed_headers(secret, b"hello", "evt_grpc"))
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await executions_pb2_grpc.ExecutionServiceStub(core.channel).ReceiveWebhook(hook)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    details = rpc_status.from_call(refused.value).details
+    info = error_details_pb2.ErrorInfo()
+    assert len(details) == 1 and details[0].Unpack(info) and info.reason == "REQUEST_UNPARSABLE", details
 
 
 async def test_concurrent_webhooks_each_get_their_own_answer(stack) -> None:
@@ -463,20 +532,33 @@ async def test_openapi_describes_the_answers_and_headers_the_gateway_uses(stack)
     assert set(reason["enum"]) == set(reasons.ALL) and "docs/errors.md" in reason["description"]
     error = schemas["ErrorEnvelope"]["properties"]["error"]["properties"]
     assert error["domain"]["const"] == reasons.DOMAIN and error["metadata"]["additionalProperties"] == {"type": "string"}
+    assert "docs/errors.md" in error["code"]["description"], "code is not the HTTP status lower-cased: say where it is defined"
 
     def headers(path: str, verb: str) -> dict[str, dict]:
         return {p["name"]: p for p in doc["paths"][path][verb]["parameters"] if p["in"] == "header"}
 
+    # If-Match was marked required, so generated clients forced it, though the
+    # expected_version query parameter does the same: one of the two is needed.
     patch = headers("/api/workflows/{id}", "patch")
-    assert patch["If-Match"]["required"] is True
+    assert patch["If-Match"]["required"] is False and "expected_version" in patch["If-Match"]["description"]
     unversioned = await http.patch(f"/api/workflows/{workflow['id']}", json={"name": "n"})
     versioned = await http.patch(f"/api/workflows/{workflow['id']}", json={"name": "n"}, headers={"If-Match": '"1"'})
-    assert (unversioned.status_code, versioned.status_code) == (422, 200), (unversioned.text, versioned.text)
+    by_query = await http.patch(f"/api/workflows/{workflow['id']}", json={"name": "q"}, params={"expected_version": 2})
+    assert (unversioned.status_code, versioned.status_code, by_query.status_code) == (422, 200, 200), (unversioned.text, versioned.text, by_query.text)
     assert headers("/api/workflows/{id}/rollback", "post")["If-Match"]["required"] is False
     writes = [(path, verb) for path, item in doc["paths"].items() for verb in item if verb in ("post", "patch")]
     assert writes and all("Idempotency-Key" in headers(path, verb) for path, verb in writes)
     assert not [(path, verb) for path, item in doc["paths"].items() for verb in item if verb not in ("post", "patch") and "Idempotency-Key" in headers(path, verb)]
     assert {"webhook-id", "webhook-timestamp", "webhook-signature"} <= set(headers("/api/webhooks/{workflow_id}", "post"))
+
+    # The health probes were missing from the document.
+    for path in ("/health", "/health/live", "/health/ready"):
+        probe = doc["paths"][path]["get"]
+        assert probe["security"] == [] and {"200", "503"} <= set(probe["responses"]), probe
+        described = probe["responses"]["200"]["content"]["application/json"]["schema"]["properties"]["data"]["properties"]
+        async with httpx.AsyncClient(base_url=str(http.base_url)) as anonymous:
+            answer = await anonymous.get(path)
+        assert answer.status_code == 200 and set(assert_envelope(answer, True)["data"]) <= set(described), (path, answer.text)
 
 
 async def test_connectors_breakers_and_caller_over_rest(stack) -> None:
@@ -488,6 +570,25 @@ async def test_connectors_breakers_and_caller_over_rest(stack) -> None:
     assert by_name["discord"]["distribution"] == "ipaas-discord"
     assert assert_envelope(await http.get("/api/breakers"), True)["data"] == {"breakers": []}
     assert assert_envelope(await http.get("/api/caller"), True)["data"]["tier"] == "paid"
+
+
+async def test_revoking_a_key_answers_200_with_the_key_not_204(stack) -> None:
+    """DELETE /api/keys/{key_id} is RevokeApiKey, not a Delete RPC: the key is kept, listed
+    with revoked_at, so the answer is the key (as docs/architecture.md says), and revoking
+    it again answers the same."""
+    core, http, slack = stack
+    async with httpx.AsyncClient(base_url=http.base_url, headers={"authorization": f"Bearer {ADMIN_KEY}"}, timeout=10) as admin:
+        tenant = assert_envelope(await admin.post("/api/tenants", json={"name": "revoked", "tier": "free"}), True)["data"]
+        key = assert_envelope(await admin.post(f"/api/tenants/{tenant['id']}/keys", json={"name": "k"}), True)["data"]
+        revoked = await admin.delete(f"/api/keys/{key['api_key']['id']}")
+        again = await admin.delete(f"/api/keys/{key['api_key']['id']}")
+        listed = assert_envelope(await admin.get(f"/api/tenants/{tenant['id']}/keys"), True)["data"]["api_keys"]
+    assert revoked.status_code == again.status_code == 200, (revoked.text, again.text)
+    first, second = assert_envelope(revoked, True)["data"]["api_key"], assert_envelope(again, True)["data"]["api_key"]
+    assert first["id"] == key["api_key"]["id"] and first["revoked_at"] and second["revoked_at"] == first["revoked_at"]
+    assert [(k["id"], k["revoked_at"]) for k in listed] == [(first["id"], first["revoked_at"])]
+    async with httpx.AsyncClient(base_url=http.base_url, headers={"authorization": f"Bearer {key['secret']}"}, timeout=10) as holder:
+        assert (await holder.get("/api/caller")).status_code == 401
 
 
 async def test_slow_or_silent_clients_lose_their_connection(tmp_path) -> None:
