@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -72,6 +73,7 @@ class Executor:
             await self._run(task, owner)
 
     async def _run(self, task: outbox.ClaimedTask, owner: str) -> None:
+        started = time.perf_counter()
         # The claim brought the execution (as it was before the claim, which also marked it
         # running) and its stored steps: no read before the first step runs.
         execution = task.execution
@@ -127,13 +129,13 @@ class Executor:
                         trial.release()
                     outputs[step["id"]] = output
         except StepFailure as failure:
-            await self._failed(execution, task, owner, attempt, failure)
+            await self._failed(execution, task, owner, attempt, failure, started)
             return
         except TimeoutError:
-            await self._failed(execution, task, owner, attempt, StepFailure("execution deadline exceeded", retryable=True))
+            await self._failed(execution, task, owner, attempt, StepFailure("execution deadline exceeded", retryable=True), started)
             return
         await self.outcomes.record(Outcome(execution.id, task.task_id, owner, "succeeded", None, pending))
-        log.info("execution.finished", extra={"execution_id": execution.id, "status": "succeeded", "attempt": attempt})
+        log.info("execution.finished", extra={"execution_id": execution.id, "status": "succeeded", "attempt": attempt, "duration_ms": _ms_since(started)})
 
     async def _cancelled(self, execution_id: str) -> bool:
         """A running step finishes; no further step starts once the execution is cancelled."""
@@ -235,20 +237,26 @@ class Executor:
         await self.outcomes.requeue(task, owner, run_at, error=f"circuit open for {step['connector']}", attempts=execution.attempts, started_at=execution.started_at)
         log.info("execution.deferred", extra={"execution_id": execution.id, "connector": step["connector"], "seconds": round(wait, 3)})
 
-    async def _failed(self, execution: Execution, task: outbox.ClaimedTask, owner: str, attempt: int, failure: StepFailure) -> None:
+    async def _failed(self, execution: Execution, task: outbox.ClaimedTask, owner: str, attempt: int, failure: StepFailure, started: float) -> None:
         if not failure.retryable:
             await self._finish(execution, task, owner, "failed", str(failure))
-            log.warning("execution.failed", extra={"execution_id": execution.id, "error": str(failure)})
+            log.warning("execution.failed", extra={"execution_id": execution.id, "error": str(failure), "duration_ms": _ms_since(started)})
             return
         policy = RetryPolicy(base_delay=self.limits.base_delay, max_delay=self.limits.max_delay, max_attempts=execution.max_attempts)
         delay = next_delay(policy, attempt, failure.retry_after)
         if delay is None:
             await self._finish(execution, task, owner, "dead", str(failure))
-            log.warning("execution.dead", extra={"execution_id": execution.id, "attempts": attempt, "error": str(failure)})
+            log.warning("execution.dead", extra={"execution_id": execution.id, "attempts": attempt, "error": str(failure), "duration_ms": _ms_since(started)})
             return
         run_at = utcnow() + timedelta(seconds=delay)
         await self.outcomes.requeue(task, owner, run_at, error=mask_value(str(failure)))
-        log.info("execution.retry_scheduled", extra={"execution_id": execution.id, "attempt": attempt, "delay_s": round(delay, 3)})
+        log.info("execution.retry_scheduled", extra={"execution_id": execution.id, "attempt": attempt, "delay_s": round(delay, 3), "duration_ms": _ms_since(started)})
 
     async def _finish(self, execution: Execution, task: outbox.ClaimedTask, owner: str, status: str, error: str | None) -> None:
         await self.outcomes.record(Outcome(execution.id, task.task_id, owner, status, mask_value(error) if error else None))
+
+
+def _ms_since(started: float) -> float:
+    """This attempt's time in the engine, from its claim to its outcome's commit: the
+    `duration_ms` of the execution's last line (the seed's structured log field)."""
+    return round((time.perf_counter() - started) * 1000, 1)

@@ -122,6 +122,7 @@ async def test_an_executions_log_lines_name_its_tenant_and_workflow(env) -> None
     lines = [json.loads(line) for line in stream.getvalue().splitlines()]
     finished = [line for line in lines if line["event"] == "execution.finished" and line.get("execution_id") == done.id]
     assert len(finished) == 1 and finished[0]["workflow_id"] == wf.id and finished[0]["tenant_id"].startswith("tn_"), lines
+    assert 0 < finished[0]["duration_ms"] < 30_000, finished
 
 
 async def test_signed_webhooks_are_accepted_and_bad_ones_refused(env) -> None:
