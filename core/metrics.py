@@ -95,9 +95,10 @@ class MetricsListener:
         host = host.strip("[]")
         try:
             sock = socket.create_server((host, int(port)), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
-        except OSError as exc:
+        except OSError:
             await self._runner.cleanup()
-            raise SystemExit(f"cannot listen on {self.address} (IPAAS_CORE_METRICS_LISTEN): {exc.strerror}") from None
+            # Worded as the gRPC listener's: create_server's own text repeats the address.
+            raise SystemExit(f"cannot listen on {self.address} (IPAAS_CORE_METRICS_LISTEN): the address is in use or not available here; stop what holds it or set IPAAS_CORE_METRICS_LISTEN") from None
         self.port = sock.getsockname()[1]
         await web.SockSite(self._runner, sock).start()
         log.info("core.metrics_listening", extra={"listen": self.address, "port": self.port})
