@@ -26,7 +26,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
 
 from ipaas import __version__, heap, lifecycle, logs, reasons
-from ipaas.gateway import envelope, idempotency, kept_answers, parse_errors, request_deadlines
+from ipaas.gateway import envelope, idempotency, kept_answers, metrics, parse_errors, request_deadlines
 from ipaas.gateway.core_client import CALL_TIMEOUT, CoreClient
 from ipaas.gateway.envelope import HttpError
 from ipaas.gateway.openapi import DOCS_PAGE, build_openapi
@@ -56,6 +56,9 @@ MAX_AUTHORIZATION_LENGTH = 1024  # API keys are ~50 characters
 MAX_HEADER_BYTES = 64 * 1024
 # Failures of the call itself rather than answers of the core's handlers.
 CHANNEL_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED}
+# Answers of the core that say it failed, not that the request was wrong (a database outage,
+# a bug): counted with the channel's failures in ipaas_gateway_core_call_failures.
+CORE_FAILURE_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN, grpc.StatusCode.DATA_LOSS}
 CALLER_TTL = 10.0
 # A key the core refused is answered 401 here for this long: a client retrying a bad key in
 # a loop then costs no core call. Short, so a key refused during a core hiccup (an admin
@@ -64,7 +67,7 @@ REFUSED_TTL = 5.0
 MAX_CACHED_KEYS = 10_000
 READY_TIMEOUT = 1.0  # seconds Redis has to answer /health/ready's ping
 OWNER_TTL = 60.0
-UNLIMITED_PATHS = {"/health", "/health/live", "/health/ready", "/openapi.json", "/docs"}
+UNLIMITED_PATHS = {"/health", "/health/live", "/health/ready", "/openapi.json", "/docs", "/metrics"}
 HOP_BY_HOP = {"connection", "keep-alive", "proxy-authorization", "proxy-authenticate", "te", "trailer", "transfer-encoding", "upgrade", "authorization", "cookie"}
 IDEMPOTENT_VERBS = {"POST", "PATCH"}
 STATUS_CODES = {code.value[0]: code for code in grpc.StatusCode}
@@ -132,7 +135,11 @@ class Gateway:
         unlimited = frozenset(t.strip() for t in env.get("IPAAS_RATE_UNLIMITED_TENANTS", "").split(",") if t.strip())
         self.rate_limits_off = boolean(env, "IPAAS_RATE_LIMITS_OFF", False)
         self.body_timeout = request_deadlines.body_timeout(env)
-        self.limiter = RateLimiter(parse_tiers(env), settings.redis_url, unlimited)
+        tiers = parse_tiers(env)
+        self.limiter = RateLimiter(tiers, settings.redis_url, unlimited)
+        self.metrics: metrics.GatewayMetrics | metrics.NoMetrics = (
+            metrics.GatewayMetrics([r.template for r in self.router.routes], UNLIMITED_PATHS, tiers, [c.name for c in grpc.StatusCode]) if metrics.enabled(env) else metrics.NoMetrics()
+        )
         self.client: CoreClient | None = None
         self.webhooks: WebhookBatcher | None = None
         self.store: Any = None
@@ -219,9 +226,12 @@ class Gateway:
                     return
         if scope["type"] != "http":
             return
-        request = Request(scope, receive)
-        response = await self.handle(request)
-        await response(scope, receive, send)
+        started = time.perf_counter()
+        response = await self.handle(Request(scope, receive))
+        try:
+            await response(scope, receive, send)
+        finally:
+            self.metrics.observe(scope, response.status_code, time.perf_counter() - started)
 
     # -- one request -------------------------------------------------------------------------
     async def handle(self, request: Request) -> Response:
@@ -253,6 +263,7 @@ class Gateway:
                 raise HttpError(405, f"{request.method} is not allowed here", headers={"Allow": ", ".join(sorted(allowed))}, reason=reasons.METHOD_NOT_ALLOWED)
             raise HttpError(404, f"no route for {path}", reason=reasons.ROUTE_NOT_FOUND)
         route = match.route
+        request.scope[metrics.ROUTE] = route.template
         body = await self._read_body(request, h, WEBHOOK_BODY_LIMIT if route.raw_body else BODY_LIMIT)
         if body and not route.raw_body:
             ctype = h.get("content-type", "").split(";")[0].strip().lower()
@@ -302,6 +313,7 @@ class Gateway:
             if answer is None:
                 raise HttpError(422, "this Idempotency-Key was used by another API key: only the key that made the request can read its answer", reason=reasons.IDEMPOTENCY_KEY_REUSED)
             replay = {**headers, **(record.headers or {}), "X-Idempotency-Replay": "true"}
+            self.metrics.replayed()
             return envelope.json_response(record.status, envelope.with_meta(answer, meta), replay)
         try:
             status, content = await self._call(route, message, h, meta, key)
@@ -341,6 +353,7 @@ class Gateway:
             return
         headers.update(decision.headers)
         if not decision.allowed:
+            self.metrics.rate_limited(tier)
             raise HttpError(429, "rate limit exceeded: slow down and retry after the time in Retry-After", headers={"Retry-After": str(decision.retry_after)}, reason=reasons.RATE_LIMITED)
 
     async def _spend(self, tenant: str, tier: str, headers: dict[str, str]) -> None:
@@ -548,9 +561,10 @@ class Gateway:
         self._owners[message.workflow_id] = (time.monotonic() + OWNER_TTL, result.tenant_id, result.tier or "free")
         return result.accepted
 
-    @classmethod
-    def _rpc_error(cls, exc: grpc.aio.AioRpcError) -> HttpError:
+    def _rpc_error(self, exc: grpc.aio.AioRpcError) -> HttpError:
         from_core = any(k == "x-request-id" for k, _ in exc.trailing_metadata() or ())
+        if not from_core or exc.code() in CORE_FAILURE_CODES:
+            self.metrics.core_call_failed(exc.code().name)
         if exc.code() not in CHANNEL_CODES and not from_core:
             # The core's handlers answer every call with x-request-id in the trailers: an
             # error without it is the channel's own (an answer over gRPC's metadata limit,
@@ -560,7 +574,7 @@ class Gateway:
         status = None
         with contextlib.suppress(Exception):  # a status that does not match the call's
             status = rpc_status.from_call(exc)
-        return cls._error(exc.code(), exc.details(), status, from_core=from_core)
+        return self._error(exc.code(), exc.details(), status, from_core=from_core)
 
     @staticmethod
     def _error(code: grpc.StatusCode, details: str | None, status: status_pb2.Status | None, from_core: bool = False) -> HttpError:
@@ -584,6 +598,11 @@ class Gateway:
         path = request.url.path
         if request.method not in ("GET", "HEAD"):
             raise HttpError(405, f"{request.method} is not allowed here", headers={"Allow": "GET, HEAD"}, reason=reasons.METHOD_NOT_ALLOWED)
+        if path == "/metrics":
+            if not isinstance(self.metrics, metrics.GatewayMetrics):  # IPAAS_METRICS=0
+                raise HttpError(404, f"no route for {path}", reason=reasons.ROUTE_NOT_FOUND)
+            body, content_type = self.metrics.exposition(request.headers.get("accept"))
+            return Response(body, headers={**headers, "Content-Type": content_type})
         if path == "/openapi.json":
             return Response(self.openapi, media_type="application/json", headers=headers)
         if path == "/docs":

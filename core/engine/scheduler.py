@@ -127,6 +127,7 @@ class Scheduler:
         self._last_tick_took = 0.0
         self._queue_full = ThrottledWarning(log, "schedule.queue_full")
         self._runner = Periodic("scheduler", self.tick, interval, log)
+        self.fired_total = 0  # executions created by fires, committed (ipaas_core_schedules_fired_total)
 
     async def tick(self) -> int:
         """Enqueue every due fire; returns how many executions were newly created."""
@@ -138,6 +139,7 @@ class Scheduler:
             rows = await self.db.read(lambda conn: conn.execute(due).all())
             batch = await self._fire(rows, now, missed_before)
             fired += batch.fired
+            self.fired_total += batch.fired
             # A full queue refused fires: their plans stay, and the next batch would be them.
             if len(rows) < BATCH or batch.queue_full:
                 break

@@ -214,6 +214,8 @@ class CoreServer:
     retention: Any = None
     core_lock: Any = None
     processes: Any = None
+    executions: Any = None
+    metrics: Any = None  # the opt-in Prometheus listener (ipaas.metrics)
     _server: grpc.aio.Server | None = None
     _health: HealthServicer | None = None
 
@@ -240,8 +242,11 @@ class CoreServer:
         from ipaas.service.workflows import WorkflowServicer
         from ipaas.triggers import TriggerService
 
+        from ipaas import metrics
+
         s = self.settings
         engine = EngineSettings.from_settings(s)
+        metrics_listen = metrics.listen(s.extra)
         keep = retention_window(s.extra)
         # A database still starting (the machine booting) is waited for, not a failure.
         await wait_for_database(s.database_url, database_wait_seconds(s.extra))
@@ -280,9 +285,8 @@ class CoreServer:
         )
         tenants_pb2_grpc.add_TenantServiceServicer_to_server(TenantServicer(tenants), server)
         workflows_pb2_grpc.add_WorkflowServiceServicer_to_server(WorkflowServicer(workflows), server)
-        executions_pb2_grpc.add_ExecutionServiceServicer_to_server(
-            ExecutionServicer(TriggerService(workflows, self.enqueuer), executions, DryRunner(workflows, steps), work), server
-        )
+        self.executions = ExecutionServicer(TriggerService(workflows, self.enqueuer), executions, DryRunner(workflows, steps), work)
+        executions_pb2_grpc.add_ExecutionServiceServicer_to_server(self.executions, server)
         connectors_pb2_grpc.add_ConnectorServiceServicer_to_server(ConnectorServicer(self.registry), server)
         credentials_pb2_grpc.add_CredentialServiceServicer_to_server(CredentialServicer(credentials), server)
         breakers_pb2_grpc.add_BreakerServiceServicer_to_server(BreakerServicer(self.processes or self.breakers), server)
@@ -296,6 +300,9 @@ class CoreServer:
         self.port = server.add_insecure_port(s.grpc_listen)
         if self.port == 0:
             raise SystemExit(f"cannot listen on {s.grpc_listen}")
+        if metrics_listen:
+            self.metrics = metrics.MetricsListener(self, metrics_listen)
+            await self.metrics.start()
         await server.start()
         self._server = server
         if self.processes is not None:
@@ -343,6 +350,8 @@ class CoreServer:
             await bounded("dispatcher", self.dispatcher.stop(deadline=grace), within(grace + STOP_STEP_SECONDS))
         if self.enqueuer is not None:
             await bounded("enqueuer", self.enqueuer.close(), within(STOP_STEP_SECONDS))
+        if self.metrics is not None:  # served while draining, as the probes are
+            await bounded("metrics", self.metrics.stop(), within(STOP_STEP_SECONDS))
         if self.registry is not None:
             await bounded("connectors", self.registry.aclose(), within(STOP_STEP_SECONDS))
         if self.db is not None:
