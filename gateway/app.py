@@ -374,7 +374,7 @@ class Gateway:
                     raise HttpError(400, "the body is not valid JSON", reason=reasons.REQUEST_UNPARSABLE) from None
                 if not isinstance(data, dict):
                     raise HttpError(400, "the body must be a JSON object", reason=reasons.REQUEST_UNPARSABLE)
-                if (where := inexact_integer(data)) is not None:
+                if (where := inexact_integer(data, body)) is not None:
                     where = where if len(where) <= MAX_PARAM_LENGTH else where[:MAX_PARAM_LENGTH] + "…"
                     raise HttpError(400, f"{where} is an integer past ±2^53, which the API cannot carry exactly: send it as a string", details=[{"field": where, "description": f"integers must lie within ±{EXACT}"}], reason=reasons.INVALID_FIELD)
             target = message if route.body == "*" else getattr(message, route.body)
