@@ -218,6 +218,10 @@ class Gateway:
         headers = {"X-Request-ID": rid}
         with logs.bind(request_id=rid):
             try:
+                if request.scope.get("extensions", {}).get(request_deadlines.OVER_CAPACITY) and path != "/health/live":
+                    # Alive all the same: a probe that failed here would have the process
+                    # restarted for being busy, which drops every connection it serves.
+                    raise HttpError(503, "the gateway has too many connections open: retry shortly", headers={"Retry-After": "1", "Connection": "close"}, reason=reasons.SERVICE_UNAVAILABLE)
                 if _header_bytes(request.scope) > MAX_HEADER_BYTES:
                     raise HttpError(431, f"the request headers exceed {MAX_HEADER_BYTES} bytes", headers={"Connection": "close"}, reason=reasons.HEADERS_TOO_LARGE)
                 if path in UNLIMITED_PATHS:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 
@@ -792,6 +793,74 @@ async def test_request_headers_past_64_kib_get_431_on_every_route(stack) -> None
     # Within the limit a webhook's headers still reach the core.
     padded = await http.post(hook, content=raw, headers={**signed, "x-pad": "a" * 60_000})
     assert padded.status_code == 202, padded.text
+
+
+async def test_a_request_head_past_its_limit_is_cut_off_while_it_arrives(stack) -> None:
+    """The 431 came only once the whole head had been read and parsed: 4 connections sending
+    100 MiB of header lines took the gateway from 92 MB to 504 MB. A head still unfinished
+    past 64 KiB of headers (plus a request line) is answered 431 and closed as it arrives;
+    each request head on a kept-alive or pipelined connection has that much, not the
+    connection."""
+    core, http, slack = stack
+    host, port = str(http.base_url).removeprefix("http://").rstrip("/").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    reading = asyncio.create_task(reader.read())  # until the gateway closes
+    writer.write(b"POST /api/webhooks/wf_x HTTP/1.1\r\nHost: x\r\n")
+    line, sent = b"x-pad: " + b"a" * 16_000 + b"\r\n", 0
+    with contextlib.suppress(ConnectionError):
+        while sent < 10 * 1024 * 1024 and not reading.done():
+            writer.write(line)
+            sent += len(line)
+            await writer.drain()
+            await asyncio.sleep(0.002)  # the gateway, in this event loop, reads it
+    answer = await asyncio.wait_for(reading, 5)
+    writer.close()
+    status_line, _, rest = answer.partition(b"\r\n")
+    assert status_line == b"HTTP/1.1 431 Request Header Fields Too Large", (sent, answer[:200])
+    assert sent < 1024 * 1024, f"the gateway read {sent} bytes of head before answering"
+    error = orjson.loads(rest.partition(b"\r\n\r\n")[2])["error"]
+    assert error["reason"] == "HEADERS_TOO_LARGE" and b"connection: close" in rest.lower()
+
+    # 50 KiB of headers per request, three times on one kept-alive connection, then once
+    # more pipelined behind a fourth whose head arrives in two parts: all are served.
+    def request(n: int) -> bytes:
+        return b"GET /health/live HTTP/1.1\r\nHost: x\r\nx-pad: " + b"a" * 50_000 + b"\r\nx-n: %d\r\n\r\n" % n
+
+    reader, writer = await asyncio.open_connection(host, int(port))
+    answers = []
+    for n in range(3):
+        writer.write(request(n))
+        answers.append(await asyncio.wait_for(reader.readuntil(b"}}"), 5))
+    writer.write(request(3) + request(4)[:40_000])
+    await writer.drain()
+    await asyncio.sleep(0.1)
+    writer.write(request(4)[40_000:])
+    answers += [await asyncio.wait_for(reader.readuntil(b"}}"), 5) for _ in range(2)]
+    writer.close()
+    assert [a.split(b"\r\n")[0] for a in answers] == [b"HTTP/1.1 200 OK"] * 5, answers
+
+
+async def test_past_the_connection_limit_requests_get_503_but_liveness_stays_200(tmp_path) -> None:
+    """Nothing bounded the gateway's connections, each of which may hold a head and a body
+    in memory. Past IPAAS_HTTP_MAX_CONNECTIONS, requests are answered 503 with Retry-After
+    and their connection closed; /health/live still answers 200, so a busy gateway is not
+    restarted for it."""
+    async with core_with(tmp_path) as core, gateway_for(core.target, tmp_path, IPAAS_HTTP_MAX_CONNECTIONS="3") as url:
+        port = int(url.rsplit(":", 1)[1])
+        idle = [await asyncio.open_connection("127.0.0.1", port) for _ in range(3)]
+        await asyncio.sleep(0.05)
+        async with httpx.AsyncClient(base_url=url, timeout=5) as http:
+            busy = await http.get("/api/workflows")
+            live = await http.get("/health/live")
+        for _, writer in idle:
+            writer.close()
+        await asyncio.sleep(0.1)
+        async with httpx.AsyncClient(base_url=url, timeout=5) as http:
+            later = await http.get("/api/workflows")
+    assert busy.status_code == 503 and assert_envelope(busy, False)["error"]["reason"] == "SERVICE_UNAVAILABLE", busy.text
+    assert busy.headers["retry-after"] == "1" and busy.headers["connection"] == "close"
+    assert live.status_code == 200, live.text
+    assert later.status_code == 401, "below the limit again, requests are served"
 
 
 async def test_header_values_that_cannot_be_passed_on_get_4xx(stack) -> None:
