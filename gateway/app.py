@@ -30,7 +30,7 @@ from ipaas.gateway import envelope, idempotency, kept_answers, parse_errors, req
 from ipaas.gateway.core_client import CALL_TIMEOUT, CoreClient
 from ipaas.gateway.envelope import HttpError
 from ipaas.gateway.openapi import DOCS_PAGE, build_openapi
-from ipaas.gateway.ratelimit import ANONYMOUS, RateLimiter, parse_tiers
+from ipaas.gateway.ratelimit import ANONYMOUS, ANONYMOUS_WEBHOOKS, RateLimiter, parse_tiers
 from ipaas.gateway.routes import MAX_PARAM_LENGTH, Match, Route, Router, field_value
 from ipaas.gateway.throttled_log import ThrottledWarning
 from ipaas.gateway.webhook_batch import OversizedDelivery, WebhookBatcher
@@ -76,6 +76,13 @@ def _request_id(given: str | None) -> str:
 def _ascii_text(value: str) -> bool:
     """What a gRPC metadata value may hold."""
     return value.isascii() and value.isprintable()
+
+
+def _client_address(request: Request) -> str:
+    """The client's address: the proxy's forwarded one when uvicorn trusts that proxy
+    (FORWARDED_ALLOW_IPS), else the peer's."""
+    client = request.scope.get("client")
+    return client[0] if client else "-"
 
 
 def _header_bytes(scope: dict[str, Any]) -> int:
@@ -255,6 +262,10 @@ class Gateway:
         # the call the owner's budget is only looked at, and spent once the core accepted it
         # (below), so requests it refuses cannot keep the owner's own API rate-limited.
         await self._limit(tenant, tier, headers, spend=not route.raw_body)
+        if route.raw_body:
+            # Only looked at here (an address's accepted webhooks never spend it): spent
+            # below when the core refuses the webhook.
+            await self._limit(f"{ANONYMOUS_WEBHOOKS}:{_client_address(request)}", ANONYMOUS_WEBHOOKS, {}, spend=False)
 
         key = _idempotency_key(request.scope, h)
         if request.method not in IDEMPOTENT_VERBS:
@@ -266,7 +277,12 @@ class Gateway:
         # signature, so an unsigned sender could answer the genuine delivery's key or read
         # its answer. The core dedupes what it accepted, by webhook-id or by the key.
         if key is None or route.raw_body:
-            status, content = await self._call(route, message, h, meta, key)
+            try:
+                status, content = await self._call(route, message, h, meta, key)
+            except HttpError as err:
+                if route.raw_body and 400 <= err.status < 500 and err.status != 429:  # refused, not "not now"
+                    await self._spend(f"{ANONYMOUS_WEBHOOKS}:{_client_address(request)}", ANONYMOUS_WEBHOOKS, headers)
+                raise
             if route.raw_body and (owner := self._owners.get(match.params.get("workflow_id", ""))):
                 await self._spend(owner[1], owner[2], headers)
             return envelope.json_response(status, content, headers)
@@ -475,8 +491,7 @@ class Gateway:
     async def _limit_anonymous(self, request: Request, headers: dict[str, str]) -> None:
         """The budget of requests with no known caller, per client address; checked before
         the core is asked, and apart from every tenant's budget."""
-        client = request.scope.get("client")
-        await self._limit(f"{ANONYMOUS}:{client[0] if client else '-'}", ANONYMOUS, headers, spend=True)
+        await self._limit(f"{ANONYMOUS}:{_client_address(request)}", ANONYMOUS, headers, spend=True)
 
     async def _call(self, route: Route, message: Any, h: dict[str, str], meta: dict[str, Any], key: str | None) -> tuple[int, bytes]:
         assert self.client is not None

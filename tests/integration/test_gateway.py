@@ -688,6 +688,36 @@ async def test_only_accepted_webhooks_spend_the_owners_rate_limit(tmp_path) -> N
     assert answers[0].headers["x-ratelimit-remaining"] == "5" and "retry-after" not in answers[5].headers
 
 
+async def test_webhooks_the_core_refuses_spend_their_addresss_budget(tmp_path) -> None:
+    """Refused webhooks (bad signature, unknown workflow) spent nobody's budget: 2,000 from
+    one address all reached the core, each unknown id a database read. Each refusal now
+    spends its address's anonymous-webhook budget, and past it that address waits (429,
+    Retry-After) without the core being asked; other addresses (here through the trusted
+    local proxy's X-Forwarded-For) are unaffected, and accepted webhooks never spend it."""
+    async with FakeSlack() as slack, core_with(tmp_path, **FAST) as core, gateway_for(core.target, tmp_path, IPAAS_RATE_ANONYMOUS_WEBHOOKS="0.5/4") as url:
+        owner = await core.new_tenant(tier="paid")
+        async with httpx.AsyncClient(base_url=url, headers={"authorization": f"Bearer {owner.key}"}, timeout=10) as http, httpx.AsyncClient(base_url=url, timeout=10) as anonymous:
+            created = await create_workflow(http, slack, trigger="webhook")
+            hook, secret = f"/api/webhooks/{created['workflow']['id']}", created["webhook_secret"]
+            forged = {"content-type": "application/json", "webhook-id": "evt_x", "webhook-timestamp": "1", "webhook-signature": "v1,AAAA"}
+            elsewhere = {"x-forwarded-for": "203.0.113.9"}
+            refused = [await anonymous.post(path, content=b"{}", headers=forged) for path in (hook, hook, "/api/webhooks/wf_nope1", "/api/webhooks/wf_nope2")]
+            limited = [await anonymous.post(path, content=b"{}", headers=forged) for path in (hook, "/api/webhooks/wf_nope3")]
+            raw, signed = signed_webhook(secret, {"order": {"id": 1}}, "evt_1")
+            waits_too = await anonymous.post(hook, content=raw, headers=signed)
+            accepted = []
+            for i in range(6):  # more than the budget's 4, from another address
+                raw, signed = signed_webhook(secret, {"order": {"id": i}}, f"evt_other_{i}")
+                accepted.append(await anonymous.post(hook, content=raw, headers={**signed, **elsewhere}))
+            other_refused = await anonymous.post(hook, content=b"{}", headers={**forged, **elsewhere})
+    assert [r.status_code for r in refused] == [401, 401, 404, 404], [r.text for r in refused]
+    assert refused[-1].headers["ratelimit-policy"] == '"anonymous_webhooks";q=4;w=8' and refused[-1].headers["x-ratelimit-remaining"] == "0"
+    assert [r.status_code for r in limited] == [429, 429] and waits_too.status_code == 429, [r.text for r in limited]
+    assert assert_envelope(limited[1], False)["error"]["reason"] == "RATE_LIMITED" and int(limited[1].headers["retry-after"]) >= 1
+    assert [r.status_code for r in accepted] == [202] * 6, [r.text for r in accepted]
+    assert other_refused.status_code == 401 and other_refused.headers["x-ratelimit-remaining"] == "3", "accepted webhooks spent none of it"
+
+
 async def test_requests_with_no_known_caller_have_a_budget_per_address(tmp_path, monkeypatch) -> None:
     """Requests with no API key or a made-up one were never limited: each cost a core call
     and a database read. They now spend their address's anonymous budget before the core is
