@@ -532,6 +532,8 @@ class Gateway:
             error = result.error
             raise self._error(STATUS_CODES.get(error.code, grpc.StatusCode.UNKNOWN), error.message, error, from_core=True)
         # The webhook counts against its owner's rate limit from now on.
+        if len(self._owners) > MAX_CACHED_KEYS:  # one entry per workflow ever accepted, else
+            self._owners.clear()
         self._owners[message.workflow_id] = (time.monotonic() + OWNER_TTL, result.tenant_id, result.tier or "free")
         return result.accepted
 

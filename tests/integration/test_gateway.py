@@ -718,6 +718,29 @@ async def test_webhooks_the_core_refuses_spend_their_addresss_budget(tmp_path) -
     assert other_refused.status_code == 401 and other_refused.headers["x-ratelimit-remaining"] == "3", "accepted webhooks spent none of it"
 
 
+async def test_the_webhook_owner_cache_is_bounded(tmp_path, monkeypatch) -> None:
+    """The gateway kept the owner of every webhook workflow it ever accepted a webhook for,
+    for good, unlike its other caches: bounded now like them (cleared when full)."""
+    from ipaas.gateway import app as gateway_app
+
+    made = []
+    create = gateway_app.create_app
+    monkeypatch.setattr(gateway_app, "create_app", lambda *a, **k: made.append(create(*a, **k)) or made[-1])
+    monkeypatch.setattr(gateway_app, "MAX_CACHED_KEYS", 2)
+    async with FakeSlack() as slack, core_with(tmp_path, **FAST) as core, gateway_for(core.target, tmp_path) as url:
+        owner = await core.new_tenant(tier="paid")
+        async with httpx.AsyncClient(base_url=url, headers={"authorization": f"Bearer {owner.key}"}, timeout=10) as http:
+            first = (await create_workflow(http, slack, trigger="webhook"))["workflow"]
+            definition = {"name": "hook", "trigger": {"type": "webhook"}, "steps": first["steps"]}
+            answers, sizes = [], []
+            for i in range(5):
+                created = (await http.post("/api/workflows", json=definition)).json()["data"]
+                raw, signed = signed_webhook(created["webhook_secret"], {"order": {"id": i}}, f"evt_{i}")
+                answers.append((await http.post(f"/api/webhooks/{created['workflow']['id']}", content=raw, headers=signed)).status_code)
+                sizes.append(len(made[0]._owners))
+    assert answers == [202] * 5 and max(sizes) <= 3, (answers, sizes)
+
+
 async def test_requests_with_no_known_caller_have_a_budget_per_address(tmp_path, monkeypatch) -> None:
     """Requests with no API key or a made-up one were never limited: each cost a core call
     and a database read. They now spend their address's anonymous budget before the core is
