@@ -30,7 +30,7 @@ from ipaas.gateway import envelope, idempotency, kept_answers, metrics, parse_er
 from ipaas.gateway.core_client import CALL_TIMEOUT, CoreClient
 from ipaas.gateway.envelope import HttpError
 from ipaas.gateway.openapi import DOCS_PAGE, build_openapi
-from ipaas.gateway.ratelimit import ANONYMOUS, RateLimiter, parse_tiers
+from ipaas.gateway.ratelimit import ANONYMOUS, ANONYMOUS_WEBHOOKS, RateLimiter, parse_tiers
 from ipaas.gateway.routes import MAX_PARAM_LENGTH, Match, Route, Router, field_value
 from ipaas.gateway.throttled_log import ThrottledWarning
 from ipaas.gateway.webhook_batch import OversizedDelivery, WebhookBatcher
@@ -80,6 +80,13 @@ def _request_id(given: str | None) -> str:
 def _ascii_text(value: str) -> bool:
     """What a gRPC metadata value may hold."""
     return value.isascii() and value.isprintable()
+
+
+def _client_address(request: Request) -> str:
+    """The client's address: the proxy's forwarded one when uvicorn trusts that proxy
+    (FORWARDED_ALLOW_IPS), else the peer's."""
+    client = request.scope.get("client")
+    return client[0] if client else "-"
 
 
 def _header_bytes(scope: dict[str, Any]) -> int:
@@ -242,6 +249,10 @@ class Gateway:
         headers = {"X-Request-ID": rid}
         with logs.bind(request_id=rid):
             try:
+                if request.scope.get("extensions", {}).get(request_deadlines.OVER_CAPACITY) and path != "/health/live":
+                    # Alive all the same: a probe that failed here would have the process
+                    # restarted for being busy, which drops every connection it serves.
+                    raise HttpError(503, "the gateway has too many connections open: retry shortly", headers={"Retry-After": "1", "Connection": "close"}, reason=reasons.SERVICE_UNAVAILABLE)
                 if _header_bytes(request.scope) > MAX_HEADER_BYTES:
                     raise HttpError(431, f"the request headers exceed {MAX_HEADER_BYTES} bytes", headers={"Connection": "close"}, reason=reasons.HEADERS_TOO_LARGE)
                 if path in UNLIMITED_PATHS:
@@ -276,6 +287,10 @@ class Gateway:
         # the call the owner's budget is only looked at, and spent once the core accepted it
         # (below), so requests it refuses cannot keep the owner's own API rate-limited.
         await self._limit(tenant, tier, headers, spend=not route.raw_body)
+        if route.raw_body:
+            # Only looked at here (an address's accepted webhooks never spend it): spent
+            # below when the core refuses the webhook.
+            await self._limit(f"{ANONYMOUS_WEBHOOKS}:{_client_address(request)}", ANONYMOUS_WEBHOOKS, {}, spend=False)
 
         key = _idempotency_key(request.scope, h)
         if request.method not in IDEMPOTENT_VERBS:
@@ -287,7 +302,12 @@ class Gateway:
         # signature, so an unsigned sender could answer the genuine delivery's key or read
         # its answer. The core dedupes what it accepted, by webhook-id or by the key.
         if key is None or route.raw_body:
-            status, content = await self._call(route, message, h, meta, key)
+            try:
+                status, content = await self._call(route, message, h, meta, key)
+            except HttpError as err:
+                if route.raw_body and 400 <= err.status < 500 and err.status != 429:  # refused, not "not now"
+                    await self._spend(f"{ANONYMOUS_WEBHOOKS}:{_client_address(request)}", ANONYMOUS_WEBHOOKS, headers)
+                raise
             if route.raw_body and (owner := self._owners.get(match.params.get("workflow_id", ""))):
                 await self._spend(owner[1], owner[2], headers)
             return envelope.json_response(status, content, headers)
@@ -409,7 +429,7 @@ class Gateway:
                     described = route.method.input_type if route.body == "*" else route.method.input_type.fields_by_name[route.body].message_type
                     if (deep := parse_errors.nested_too_deeply(described, data, MAX_JSON_DEPTH)) is not None:
                         raise _nested_too_deeply(deep)
-                if (where := inexact_integer(data)) is not None:
+                if (where := inexact_integer(data, body)) is not None:
                     where = where if len(where) <= MAX_PARAM_LENGTH else where[:MAX_PARAM_LENGTH] + "…"
                     raise HttpError(400, f"{where} is an integer past ±2^53, which the API cannot carry exactly: send it as a string", details=[{"field": where, "description": f"integers must lie within ±{EXACT}"}], reason=reasons.INVALID_FIELD)
             target = message if route.body == "*" else getattr(message, route.body)
@@ -516,8 +536,7 @@ class Gateway:
     async def _limit_anonymous(self, request: Request, headers: dict[str, str]) -> None:
         """The budget of requests with no known caller, per client address; checked before
         the core is asked, and apart from every tenant's budget."""
-        client = request.scope.get("client")
-        await self._limit(f"{ANONYMOUS}:{client[0] if client else '-'}", ANONYMOUS, headers, spend=True)
+        await self._limit(f"{ANONYMOUS}:{_client_address(request)}", ANONYMOUS, headers, spend=True)
 
     async def _call(self, route: Route, message: Any, h: dict[str, str], meta: dict[str, Any], key: str | None) -> tuple[int, bytes]:
         assert self.client is not None
@@ -558,6 +577,8 @@ class Gateway:
             error = result.error
             raise self._error(STATUS_CODES.get(error.code, grpc.StatusCode.UNKNOWN), error.message, error, from_core=True)
         # The webhook counts against its owner's rate limit from now on.
+        if len(self._owners) > MAX_CACHED_KEYS:  # one entry per workflow ever accepted, else
+            self._owners.clear()
         self._owners[message.workflow_id] = (time.monotonic() + OWNER_TTL, result.tenant_id, result.tier or "free")
         return result.accepted
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 
@@ -821,6 +822,59 @@ async def test_only_accepted_webhooks_spend_the_owners_rate_limit(tmp_path) -> N
     assert answers[0].headers["x-ratelimit-remaining"] == "5" and "retry-after" not in answers[5].headers
 
 
+async def test_webhooks_the_core_refuses_spend_their_addresss_budget(tmp_path) -> None:
+    """Refused webhooks (bad signature, unknown workflow) spent nobody's budget: 2,000 from
+    one address all reached the core, each unknown id a database read. Each refusal now
+    spends its address's anonymous-webhook budget, and past it that address waits (429,
+    Retry-After) without the core being asked; other addresses (here through the trusted
+    local proxy's X-Forwarded-For) are unaffected, and accepted webhooks never spend it."""
+    async with FakeSlack() as slack, core_with(tmp_path, **FAST) as core, gateway_for(core.target, tmp_path, IPAAS_RATE_ANONYMOUS_WEBHOOKS="0.5/4") as url:
+        owner = await core.new_tenant(tier="paid")
+        async with httpx.AsyncClient(base_url=url, headers={"authorization": f"Bearer {owner.key}"}, timeout=10) as http, httpx.AsyncClient(base_url=url, timeout=10) as anonymous:
+            created = await create_workflow(http, slack, trigger="webhook")
+            hook, secret = f"/api/webhooks/{created['workflow']['id']}", created["webhook_secret"]
+            forged = {"content-type": "application/json", "webhook-id": "evt_x", "webhook-timestamp": "1", "webhook-signature": "v1,AAAA"}
+            elsewhere = {"x-forwarded-for": "203.0.113.9"}
+            refused = [await anonymous.post(path, content=b"{}", headers=forged) for path in (hook, hook, "/api/webhooks/wf_nope1", "/api/webhooks/wf_nope2")]
+            limited = [await anonymous.post(path, content=b"{}", headers=forged) for path in (hook, "/api/webhooks/wf_nope3")]
+            raw, signed = signed_webhook(secret, {"order": {"id": 1}}, "evt_1")
+            waits_too = await anonymous.post(hook, content=raw, headers=signed)
+            accepted = []
+            for i in range(6):  # more than the budget's 4, from another address
+                raw, signed = signed_webhook(secret, {"order": {"id": i}}, f"evt_other_{i}")
+                accepted.append(await anonymous.post(hook, content=raw, headers={**signed, **elsewhere}))
+            other_refused = await anonymous.post(hook, content=b"{}", headers={**forged, **elsewhere})
+    assert [r.status_code for r in refused] == [401, 401, 404, 404], [r.text for r in refused]
+    assert refused[-1].headers["ratelimit-policy"] == '"anonymous_webhooks";q=4;w=8' and refused[-1].headers["x-ratelimit-remaining"] == "0"
+    assert [r.status_code for r in limited] == [429, 429] and waits_too.status_code == 429, [r.text for r in limited]
+    assert assert_envelope(limited[1], False)["error"]["reason"] == "RATE_LIMITED" and int(limited[1].headers["retry-after"]) >= 1
+    assert [r.status_code for r in accepted] == [202] * 6, [r.text for r in accepted]
+    assert other_refused.status_code == 401 and other_refused.headers["x-ratelimit-remaining"] == "3", "accepted webhooks spent none of it"
+
+
+async def test_the_webhook_owner_cache_is_bounded(tmp_path, monkeypatch) -> None:
+    """The gateway kept the owner of every webhook workflow it ever accepted a webhook for,
+    for good, unlike its other caches: bounded now like them (cleared when full)."""
+    from ipaas.gateway import app as gateway_app
+
+    made = []
+    create = gateway_app.create_app
+    monkeypatch.setattr(gateway_app, "create_app", lambda *a, **k: made.append(create(*a, **k)) or made[-1])
+    monkeypatch.setattr(gateway_app, "MAX_CACHED_KEYS", 2)
+    async with FakeSlack() as slack, core_with(tmp_path, **FAST) as core, gateway_for(core.target, tmp_path) as url:
+        owner = await core.new_tenant(tier="paid")
+        async with httpx.AsyncClient(base_url=url, headers={"authorization": f"Bearer {owner.key}"}, timeout=10) as http:
+            first = (await create_workflow(http, slack, trigger="webhook"))["workflow"]
+            definition = {"name": "hook", "trigger": {"type": "webhook"}, "steps": first["steps"]}
+            answers, sizes = [], []
+            for i in range(5):
+                created = (await http.post("/api/workflows", json=definition)).json()["data"]
+                raw, signed = signed_webhook(created["webhook_secret"], {"order": {"id": i}}, f"evt_{i}")
+                answers.append((await http.post(f"/api/webhooks/{created['workflow']['id']}", content=raw, headers=signed)).status_code)
+                sizes.append(len(made[0]._owners))
+    assert answers == [202] * 5 and max(sizes) <= 3, (answers, sizes)
+
+
 async def test_requests_with_no_known_caller_have_a_budget_per_address(tmp_path, monkeypatch) -> None:
     """Requests with no API key or a made-up one were never limited: each cost a core call
     and a database read. They now spend their address's anonymous budget before the core is
@@ -928,6 +982,74 @@ async def test_request_headers_past_64_kib_get_431_on_every_route(stack) -> None
     assert padded.status_code == 202, padded.text
 
 
+async def test_a_request_head_past_its_limit_is_cut_off_while_it_arrives(stack) -> None:
+    """The 431 came only once the whole head had been read and parsed: 4 connections sending
+    100 MiB of header lines took the gateway from 92 MB to 504 MB. A head still unfinished
+    past 64 KiB of headers (plus a request line) is answered 431 and closed as it arrives;
+    each request head on a kept-alive or pipelined connection has that much, not the
+    connection."""
+    core, http, slack = stack
+    host, port = str(http.base_url).removeprefix("http://").rstrip("/").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    reading = asyncio.create_task(reader.read())  # until the gateway closes
+    writer.write(b"POST /api/webhooks/wf_x HTTP/1.1\r\nHost: x\r\n")
+    line, sent = b"x-pad: " + b"a" * 16_000 + b"\r\n", 0
+    with contextlib.suppress(ConnectionError):
+        while sent < 10 * 1024 * 1024 and not reading.done():
+            writer.write(line)
+            sent += len(line)
+            await writer.drain()
+            await asyncio.sleep(0.002)  # the gateway, in this event loop, reads it
+    answer = await asyncio.wait_for(reading, 5)
+    writer.close()
+    status_line, _, rest = answer.partition(b"\r\n")
+    assert status_line == b"HTTP/1.1 431 Request Header Fields Too Large", (sent, answer[:200])
+    assert sent < 1024 * 1024, f"the gateway read {sent} bytes of head before answering"
+    error = orjson.loads(rest.partition(b"\r\n\r\n")[2])["error"]
+    assert error["reason"] == "HEADERS_TOO_LARGE" and b"connection: close" in rest.lower()
+
+    # 50 KiB of headers per request, three times on one kept-alive connection, then once
+    # more pipelined behind a fourth whose head arrives in two parts: all are served.
+    def request(n: int) -> bytes:
+        return b"GET /health/live HTTP/1.1\r\nHost: x\r\nx-pad: " + b"a" * 50_000 + b"\r\nx-n: %d\r\n\r\n" % n
+
+    reader, writer = await asyncio.open_connection(host, int(port))
+    answers = []
+    for n in range(3):
+        writer.write(request(n))
+        answers.append(await asyncio.wait_for(reader.readuntil(b"}}"), 5))
+    writer.write(request(3) + request(4)[:40_000])
+    await writer.drain()
+    await asyncio.sleep(0.1)
+    writer.write(request(4)[40_000:])
+    answers += [await asyncio.wait_for(reader.readuntil(b"}}"), 5) for _ in range(2)]
+    writer.close()
+    assert [a.split(b"\r\n")[0] for a in answers] == [b"HTTP/1.1 200 OK"] * 5, answers
+
+
+async def test_past_the_connection_limit_requests_get_503_but_liveness_stays_200(tmp_path) -> None:
+    """Nothing bounded the gateway's connections, each of which may hold a head and a body
+    in memory. Past IPAAS_HTTP_MAX_CONNECTIONS, requests are answered 503 with Retry-After
+    and their connection closed; /health/live still answers 200, so a busy gateway is not
+    restarted for it."""
+    async with core_with(tmp_path) as core, gateway_for(core.target, tmp_path, IPAAS_HTTP_MAX_CONNECTIONS="3") as url:
+        port = int(url.rsplit(":", 1)[1])
+        idle = [await asyncio.open_connection("127.0.0.1", port) for _ in range(3)]
+        await asyncio.sleep(0.05)
+        async with httpx.AsyncClient(base_url=url, timeout=5) as http:
+            busy = await http.get("/api/workflows")
+            live = await http.get("/health/live")
+        for _, writer in idle:
+            writer.close()
+        await asyncio.sleep(0.1)
+        async with httpx.AsyncClient(base_url=url, timeout=5) as http:
+            later = await http.get("/api/workflows")
+    assert busy.status_code == 503 and assert_envelope(busy, False)["error"]["reason"] == "SERVICE_UNAVAILABLE", busy.text
+    assert busy.headers["retry-after"] == "1" and busy.headers["connection"] == "close"
+    assert live.status_code == 200, live.text
+    assert later.status_code == 401, "below the limit again, requests are served"
+
+
 async def test_header_values_that_cannot_be_passed_on_get_4xx(stack) -> None:
     """If-Match past int32 or with a non-ASCII digit, and non-ASCII Authorization or
     Idempotency-Key (gRPC metadata is ASCII) were 500s; they are the caller's mistakes."""
@@ -997,6 +1119,13 @@ async def test_integers_a_double_cannot_hold_are_refused_not_rounded(stack) -> N
     assert error["details"] == [{"field": "payload.order.ids[1]", "description": "integers must lie within ±9007199254740991"}]
     for edge in (2**53 - 1, -(2**53 - 1), 2.0**60):  # a float was a double already
         assert (await http.post(f"/api/workflows/{wf['id']}/run", json={"payload": {"n": edge}})).status_code == 202
+    # Past 64 bits orjson reads an integer as a float: it was let through, rounded.
+    for raw, field in [(b"123456789012345678901234567890", "payload.n"), (b"-18446744073709551617", "payload.n")]:
+        big = await http.post(f"/api/workflows/{wf['id']}/run", content=b'{"payload":{"s":"1e30","n":' + raw + b"}}", headers={"content-type": "application/json"})
+        assert big.status_code == 400 and assert_envelope(big, False)["error"]["details"][0]["field"] == field, big.text
+    for written in (b"1e30", b"1.5e25", b'"123456789012345678901234567890"'):  # floats and text stay as they are
+        kept = await http.post(f"/api/workflows/{wf['id']}/run", content=b'{"payload":{"n":' + written + b"}}", headers={"content-type": "application/json"})
+        assert kept.status_code == 202, kept.text
 
 
 async def test_an_error_the_cores_handlers_did_not_send_is_a_generic_502(tmp_path) -> None:

@@ -197,6 +197,8 @@ def test_a_rate_tier_must_have_a_positive_rate_and_burst(raw: str) -> None:
 def test_rate_tiers_read_as_documented() -> None:
     tiers = parse_tiers({"IPAAS_RATE_FREE": "0.5/4", "IPAAS_RATE_PAID": ""})
     assert (tiers["free"].rate, tiers["free"].burst, tiers["paid"].rate, tiers["paid"].burst) == (0.5, 4, 50.0, 100)
+    assert (tiers["anonymous_webhooks"].rate, tiers["anonymous_webhooks"].burst) == (10.0, 100)
+    assert parse_tiers({"IPAAS_RATE_ANONYMOUS_WEBHOOKS": "2/30"})["anonymous_webhooks"].burst == 30
 
 
 def test_rate_limits_off_takes_the_usual_words() -> None:
