@@ -10,6 +10,14 @@ Paths:
   saved. Python's `re` backtracks, so a pattern like `(a+)+b` against a crafted payload runs
   for seconds to hours on the engine's event loop, where no timeout can interrupt it.
 
+JSONPath costs are bounded the same way, for any payload. A filter may only read the item it
+tests by name or index (`@.qty`, `@['a b'][0]`, `#`), compare with literals, combine with
+`&&`, `||`, `!` and call functions on such values (`length(@.name) > 3`). A query from the
+root (`$`), a descendant (`@..x`) or a list of nodes (`@.*`) inside a filter runs once per
+item it tests: `{{$..[?count($..*) > 0]}}` was quadratic in the payload, and nested, cubic
+(a 1.8 KB payload held an engine for 21 s). A query as a selector (`$.a[$.b]`) runs once per
+node too, and `&` compares its two sides' results pairwise: both are refused as well.
+
 Rendering only looks up dict keys and list indexes: it never evaluates code nor touches
 Python attributes, so `{{__class__}}` is just a key that is not there. Strings stay strings:
 scalars render as text, objects and lists as JSON, null as empty. A missing path renders
@@ -39,7 +47,19 @@ from typing import Any
 import orjson
 from jsonpath import JSONPathEnvironment
 from jsonpath.exceptions import JSONPathNameError, JSONPathSyntaxError
+from jsonpath.filter import (
+    CurrentKey,
+    FilterExpressionLiteral,
+    FunctionExtension,
+    InfixExpression,
+    ListLiteral,
+    Nil,
+    PrefixExpression,
+    RelativeFilterQuery,
+    Undefined,
+)
 from jsonpath.parse import Parser
+from jsonpath.path import CompoundJSONPath
 
 _TEMPLATE = re.compile(r"\{\{\s*(.*?)\s*\}\}", re.DOTALL)
 _LITERAL_BRACES = ('"{{"', "'{{'")  # {{"{{"}}: the one escape, a literal "{{"
@@ -82,9 +102,40 @@ class _Path:
 _NO_REGEX = "regular expressions (match, search, =~) are not allowed in templates"
 
 
+_FILTER_READS = "a filter may only read the item it tests by name or index (@.a, @[0], #) and compare it with literals"
+
+
+def _filter_cost(expr: Any, token: Any) -> int:
+    """What testing one item costs; raises on anything but the whitelist (see the module's
+    docstring): each part here costs at most its length, whatever the payload."""
+    if isinstance(expr, InfixExpression):
+        return 1 + _filter_cost(expr.left, token) + _filter_cost(expr.right, token)
+    if isinstance(expr, PrefixExpression):
+        return 1 + _filter_cost(expr.right, token)
+    if isinstance(expr, FunctionExtension):
+        return 1 + sum(_filter_cost(arg, token) for arg in expr.args)
+    if isinstance(expr, RelativeFilterQuery) and expr.path.singular_query():
+        return 1 + len(expr.path.segments)
+    if isinstance(expr, ListLiteral):  # its items are literals (the parser's list_item_map)
+        return 1 + len(expr.items)
+    if isinstance(expr, (FilterExpressionLiteral, Nil, Undefined, CurrentKey)):
+        return 1
+    # $..x, $.a, @..x, @.*, @[?...], _.x: each runs a query once per item the filter tests.
+    raise JSONPathSyntaxError(f"{_FILTER_READS}; {expr} would run once per item tested", token=token)
+
+
 class _ParserWithoutRegex(Parser):
     def parse_regex(self, stream: Any) -> Any:  # a `/pattern/` literal, the operand of =~
         raise JSONPathSyntaxError(_NO_REGEX, token=stream.current())
+
+    def parse_filter_selector(self, stream: Any, *, keys: bool = False) -> Any:
+        token = stream.current()
+        selector = super().parse_filter_selector(stream, keys=keys)
+        _filter_cost(selector.expression.expression, token)
+        return selector
+
+    def parse_singular_query_selector(self, stream: Any) -> Any:  # $.a[$.b]: a query per node
+        raise JSONPathSyntaxError("a query inside a selector ($.a[$.b]) is not allowed in templates", token=stream.current())
 
 
 class _Environment(JSONPathEnvironment):
@@ -114,12 +165,16 @@ def _compile_path(text: str) -> _Path:
         raise TemplateError(f"template path longer than {MAX_PATH_LENGTH} characters")
     if text.startswith("$"):
         try:
-            return _Path(text, "trigger", (), _JSONPATH.compile(text))
+            compiled = _JSONPATH.compile(text)
         except Exception as exc:  # python-jsonpath raises several syntax error types
             # Its text goes on with a drawing of the path under a caret: the first line is
             # the reason, and the path is quoted already.
             reason = str(exc).split("\n", 1)[0]
             raise TemplateError(f"invalid JSONPath {text!r}: {reason}") from None
+        if isinstance(compiled, CompoundJSONPath) and any(op != _JSONPATH.union_token for op, _ in compiled.paths):
+            # An intersection compares every result of one side with every one of the other.
+            raise TemplateError(f"invalid JSONPath {text!r}: the intersection operator & is not allowed in templates")
+        return _Path(text, "trigger", (), compiled)
     segments = tuple(text.split("."))
     if any(s == "" for s in segments):
         raise TemplateError(f"invalid path {text!r}: empty segment")

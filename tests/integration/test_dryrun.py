@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import grpc
 import pytest
 
 from ipaas.v1 import executions_pb2 as pb
-from tests.integration.helpers import Api, slack_step, value
+from tests.integration.helpers import Api, slack_step, value, workflow
 
 
 async def test_a_dry_run_of_a_negative_version_is_bad_input(core) -> None:
@@ -20,3 +22,22 @@ async def test_a_dry_run_of_a_negative_version_is_bad_input(core) -> None:
     assert caught.value.details() == "version: must be 1 or more, or 0 for the current version"
     current = await api.executions.DryRun(pb.DryRunRequest(workflow_id=wf.id, version=0, payload=value({"order": {"id": 1}})), metadata=api.md)
     assert current.ok, current
+
+
+def _items(n: int) -> dict:
+    return {"items": [{"a": i} for i in range(n)]}
+
+
+async def test_a_dry_run_with_a_query_per_item_in_a_filter_is_refused_at_once(core) -> None:
+    """The audit's preview: this template and a 26 KB payload held the core's event loop for
+    30 s and more, every tenant's calls timing out meanwhile."""
+    api = Api(core.channel, (await core.new_tenant()).md)
+    cred = await api.credential("slack", {"webhook_url": "http://127.0.0.1:9/unreachable"})
+    definition = {"name": "dos", "trigger": {"type": "manual"}, "steps": [slack_step(cred, "{{$..[?count($..*) > 0]}}")]}
+    request = pb.DryRunRequest(workflow=workflow(definition), payload=value(_items(2500)), mode="preview")
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await asyncio.wait_for(api.executions.DryRun(request, metadata=api.md), 5)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "a filter may only read the item it tests" in caught.value.details()
+    assert (await api.executions.DryRun(pb.DryRunRequest(workflow=workflow({**definition, "steps": [slack_step(cred)]})), metadata=api.md)).ok
+

@@ -262,3 +262,58 @@ def test_numbers_from_a_json_body_render_without_losing_precision() -> None:
         assert "e-0" not in text and "e+0" not in text and not text.endswith(".0")
 
     round_trips()
+
+
+@pytest.mark.parametrize(
+    "template",
+    [
+        # The audit's: quadratic, and cubic nested (a 1.8 KB payload held an engine for 21 s).
+        "{{$..[?count($..*) > 0]}}",
+        "{{$..[?count($..[?count($..*) > 0]) > 0]}}",
+        "{{$.order.items[?@.qty > $.order.total]}}",  # a query from the root, per item tested
+        "{{$.order.items[?@..name]}}",  # descendants of each item tested
+        "{{$.order.items[?@.*]}}",  # a node list
+        "{{$.order.items[?count(@.*) > 1]}}",
+        "{{$.order.items[?count(@..x) == 0]}}",
+        "{{$.order.items[?@[?@ == 1]]}}",
+        "{{$.order.items[?_.x == 1]}}",  # python-jsonpath's filter context
+    ],
+)
+def test_filters_that_run_a_query_per_item_are_refused(template: str) -> None:
+    problems = validate_template(template)
+    assert problems and "a filter may only read the item it tests" in problems[0], problems
+    with pytest.raises(TemplateError, match="a filter may only read"):  # stored before: fails, does not run
+        render(template, CTX)
+
+
+@pytest.mark.parametrize(
+    "template,problem",
+    [
+        ("{{$.order[$.user.name]}}", "a query inside a selector"),
+        ("{{$.order.items & $.order.items}}", "the intersection operator &"),
+    ],
+)
+def test_other_queries_with_a_cost_per_node_are_refused(template: str, problem: str) -> None:
+    problems = validate_template(template)
+    assert problems and problem in problems[0], problems
+
+
+@pytest.mark.parametrize(
+    "template,expected",
+    [
+        ("{{$.order.items[?@.qty > 1 && !(@.sku == 'X')].name}}", "Pen"),
+        ("{{$.order.items[?@.qty == 1 || @['sku'] == 'P9'].sku}}", '["B1","P9"]'),
+        ("{{$.order.items[?@.sku in ['P9', 'Q1']].name}}", "Pen"),
+        ("{{$.user[?@ contains 'b']}}", '["a","b"]'),
+        ("{{$.order.items[?# == 1].name}}", "Pen"),
+        ("{{$.order.items[?count(@.sku) == 1 && value(@.qty) == 3].name}}", "Pen"),
+        ("{{$..[?@.qty > 2].sku}}", "P9"),
+        ("{{$..sku}}", '["B1","P9"]'),
+        ("{{$.order.items[::-1].sku}}", '["P9","B1"]'),
+        ("{{$.user.name | $.order.id}}", '["Alex","12345"]'),
+    ],
+)
+def test_filters_on_the_item_itself_still_work(template: str, expected: str) -> None:
+    assert validate_template(template) == []
+    assert render(template, CTX).value == expected
+
