@@ -41,3 +41,14 @@ async def test_a_dry_run_with_a_query_per_item_in_a_filter_is_refused_at_once(co
     assert "a filter may only read the item it tests" in caught.value.details()
     assert (await api.executions.DryRun(pb.DryRunRequest(workflow=workflow({**definition, "steps": [slack_step(cred)]})), metadata=api.md)).ok
 
+
+async def test_a_dry_run_past_the_template_work_budget_fails_its_step_quickly(core) -> None:
+    """Linear paths, but many: 200 `{{$..zz}}` over 2,500 items rendered for seconds."""
+    api = Api(core.channel, (await core.new_tenant()).md)
+    cred = await api.credential("slack", {"webhook_url": "http://127.0.0.1:9/unreachable"})
+    definition = {"name": "wide", "trigger": {"type": "manual"}, "steps": [slack_step(cred, "{{$..zz}}" * 200)]}
+    request = pb.DryRunRequest(workflow=workflow(definition), payload=value(_items(2500)), mode="preview")
+    answer = await asyncio.wait_for(api.executions.DryRun(request, metadata=api.md), 5)
+    assert (answer.ok, answer.steps[0].status) == (False, "failed")
+    assert "templates visit too much of the payload" in answer.steps[0].message
+

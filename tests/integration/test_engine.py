@@ -829,3 +829,15 @@ async def test_a_stored_template_with_a_query_per_item_fails_its_step_at_once(en
     ex = await api.wait((await api.run(fine.id, {"order": {"id": 7}, "user": {"name": "Ann"}})).execution.id, timeout=5)
     assert ex.status == "succeeded" and [m["text"] for m in slack.received] == ["Order 7 for Ann"]
 
+
+async def test_a_step_whose_templates_visit_too_much_of_the_payload_fails_for_good(env) -> None:
+    """Allowed paths, but 200 scans of 2,500 items: seconds of the engine's event loop on
+    every run. The work budget fails the step at once, without retries."""
+    core, api, slack, _ = env
+    cred = await api.credential("slack", {"webhook_url": slack.url})
+    wf = (await api.create({"name": "wide", "trigger": {"type": "manual"}, "options": {"max_attempts": 3}, "steps": [slack_step(cred, "{{$..zz}}" * 200 + "!")]})).workflow
+    ex = await api.wait((await api.run(wf.id, {"items": [{"a": i} for i in range(2500)]})).execution.id, timeout=5)
+    assert (ex.status, ex.attempts) == ("failed", 1)
+    assert "templates visit too much of the payload" in ex.error and slack.received == []
+    ex = await api.wait((await api.run(wf.id, {"items": [{"a": 1}]})).execution.id, timeout=5)
+    assert ex.status == "succeeded" and [m["text"] for m in slack.received] == ["!"]

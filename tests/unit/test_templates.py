@@ -3,6 +3,7 @@ paths, lists, unicode and hostile input."""
 
 from __future__ import annotations
 
+import orjson
 import pytest
 
 from ipaas.templates import RenderContext, TemplateError, compile_template, render, render_config, validate_template
@@ -317,3 +318,60 @@ def test_filters_on_the_item_itself_still_work(template: str, expected: str) -> 
     assert validate_template(template) == []
     assert render(template, CTX).value == expected
 
+
+def _orders(n: int) -> dict:
+    return {"orders": [{"id": f"o{i}", "paid": i % 2 == 0, "customer": {"email": f"c{i}@example.com"}, "items": [{"sku": "A", "qty": 1}]} for i in range(n)]}
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"text": "{{$..zz}} " * 100},  # the audit's other case: many linear paths that match nothing
+        {"text": "{{$.orders[?@.paid == 'never' && @.id == 'x'].id}}"},  # tests every item, makes no node
+        {"text": "{{$..*..*..*}}"},
+        {"many": ["{{$.orders[0].id}}"] * 3000},  # cheap paths cost something too
+    ],
+)
+def test_templates_that_would_visit_too_much_of_the_payload_fail_the_render(config: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("ipaas.templates.MAX_TEMPLATE_WORK", 5_000)
+    with pytest.raises(TemplateError, match="templates visit too much of the payload: more than 5000 nodes"):
+        render_config(config, RenderContext(trigger=_orders(1000)))
+
+
+def test_a_large_webhook_with_ordinary_templates_is_far_below_the_work_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    """1 MiB of orders: 50 paths by name and index render with a hundredth of the budget,
+    and a descendant scan and a filter over every order together with all of it."""
+    from ipaas import templates
+
+    payload = _orders(11_000)
+    assert len(orjson.dumps(payload)) > 1024 * 1024
+    scans = {"emails": "{{$..email}}", "paid": "{{$.orders[?@.paid == true].id}}"}
+    rendered = render_config(scans, RenderContext(trigger=payload)).value
+    assert (len(rendered["emails"]), len(rendered["paid"]), rendered["paid"][1]) == (11_000, 5_500, "o2")
+    monkeypatch.setattr("ipaas.templates.MAX_TEMPLATE_WORK", templates.MAX_TEMPLATE_WORK // 100)
+    config = {f"f{i}": f"{{{{$.orders[{i}].customer.email}}}} {{{{orders.{i}.id}}}}" for i in range(50)}
+    assert render_config(config, RenderContext(trigger=payload)).value["f49"] == "c49@example.com o49"
+
+
+def test_a_descendant_search_does_not_copy_every_ancestors_key_for_each_node() -> None:
+    """python-jsonpath keeps a path string per node, every ancestor's key again: long keys
+    above a wide list made 200 MB from a 100 KB payload (gigabytes from 1 MiB)."""
+    import tracemalloc
+
+    payload: dict = {"bottom": [[0]] * 2000}
+    for level in range(20):
+        payload = {f"{level}" + "k" * 5000: payload}
+    tracemalloc.start()
+    try:
+        assert render("{{$..*[0]}}", RenderContext(trigger=payload)).value.startswith("[[0],0,0,")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 20 * 1024 * 1024, peak
+
+
+def test_a_payload_that_is_a_string_is_not_parsed_again_for_each_jsonpath() -> None:
+    # findall parsed a string as JSON, once per template: 1,000 templates over a 1 MiB string
+    # parsed a gigabyte. Dotted paths always read a string as a string.
+    ctx = RenderContext(trigger='{"a": 1}')
+    assert render("{{$.a}}|{{a}}|{{$}}", ctx).value == '||{"a": 1}'
