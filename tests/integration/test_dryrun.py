@@ -8,6 +8,7 @@ import grpc
 import pytest
 
 from ipaas.v1 import executions_pb2 as pb
+from ipaas.v1 import workflows_pb2
 from tests.integration.helpers import Api, slack_step, value, workflow
 
 
@@ -52,3 +53,21 @@ async def test_a_dry_run_past_the_template_work_budget_fails_its_step_quickly(co
     assert (answer.ok, answer.steps[0].status) == (False, "failed")
     assert "templates visit too much of the payload" in answer.steps[0].message
 
+
+async def test_a_long_preview_render_leaves_the_core_serving_other_calls(core, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A render runs off the core's event loop: another tenant's call is answered while it
+    goes on (before, it waited for the render to end)."""
+    monkeypatch.setattr("ipaas.templates.MAX_TEMPLATE_WORK", 10**9)  # a render of seconds, allowed
+    attacker = Api(core.channel, (await core.new_tenant(name="a")).md)
+    other = Api(core.channel, (await core.new_tenant(name="b")).md)
+    cred = await attacker.credential("slack", {"webhook_url": "http://127.0.0.1:9/unreachable"})
+    definition = {"name": "slow", "trigger": {"type": "manual"}, "steps": [slack_step(cred, "{{$..zz}}" * 100 + "done")]}
+    preview = asyncio.ensure_future(
+        attacker.executions.DryRun(pb.DryRunRequest(workflow=workflow(definition), payload=value(_items(5000))), metadata=attacker.md)
+    )
+    await asyncio.sleep(0.3)  # the render has started
+    assert not preview.done()
+    await other.workflows.ListWorkflows(workflows_pb2.ListWorkflowsRequest(), metadata=other.md)
+    assert not preview.done(), "the other call waited for the preview to render"
+    answer = await asyncio.wait_for(preview, 60)
+    assert answer.ok and answer.steps[0].rendered_config["text"] == "done"
