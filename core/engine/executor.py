@@ -193,7 +193,8 @@ class Executor:
         try:
             rendered = self.steps.render(step, templates.RenderContext(trigger=execution.payload, steps=outputs))
         except templates.TemplateError as exc:
-            # This payload will not render on any attempt (too large, nested too deeply).
+            # This payload will not render on any attempt (too large, nested too deeply, too
+            # much work for its templates, a template refused since it was saved).
             await self._store_step(record, "failed", error=str(exc), retryable=False)
             raise StepFailure(f"step {step['id']}: {exc}", retryable=False) from None
         record["rendered_config"] = self.steps.masked_config(step, rendered.value)
