@@ -454,13 +454,17 @@ def cmd_connectors_list(settings: Settings, args: argparse.Namespace) -> int:
     registry = load_registry(settings)
     data = {"connectors": registry.describe(), "problems": [{"distribution": d, "reason": r} for d, r in registry.problems]}
     rows = [(c["name"], c["version"], c["distribution"], ", ".join(a["name"] for a in c["actions"])) for c in data["connectors"]]
-    lines = []
     if rows:
         rows.insert(0, ("CONNECTOR", "VERSION", "DISTRIBUTION", "ACTIONS"))
         widths = [max(len(row[i]) for row in rows) for i in range(3)]
         lines = [" ".join(cell.ljust(width) for cell, width in zip(row, widths)) + " " + row[3] for row in rows]
+    elif settings.plugins is None:
+        lines = ["no connectors installed"]
+    else:
+        # Installed ones may be left out by the allow-list, not missing: say which it is.
+        lines = [f"no connectors loaded: IPAAS_PLUGINS allows only {', '.join(sorted(settings.plugins))}"]
     lines += [f"not loaded: {p['distribution']}: {p['reason']}" for p in data["problems"]]
-    _print(data, args.json, lines or ["no connectors installed"])
+    _print(data, args.json, lines)
     return 0
 
 

@@ -241,6 +241,24 @@ def test_connectors_list_shows_distributions_and_reports_a_broken_plugin_once(tm
     assert done.stderr == "", "the problem is printed once, as a line of the listing"
 
 
+@pytest.mark.parametrize(
+    ("allowed", "expected"),
+    [
+        ("", ["CONNECTOR", "discord", "openweather", "slack"]),
+        (" ", ["CONNECTOR", "discord", "openweather", "slack"]),
+        ("slack", ["CONNECTOR", "slack"]),
+        ("nope", ["no connectors loaded: IPAAS_PLUGINS allows only nope", "not loaded: IPAAS_PLUGINS: 'nope' matches no installed plugin (no entry point or connector of that name)"]),
+    ],
+)
+def test_connectors_list_reads_an_empty_allow_list_as_every_installed_connector(tmp_path: Path, allowed: str, expected: list[str]) -> None:
+    """IPAAS_PLUGINS= listed "no connectors installed" with three installed, as the core
+    loaded none of them."""
+    done = run_cli("connectors", "list", cwd=tmp_path, IPAAS_PLUGINS=allowed)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert [line if line.startswith(("no ", "not ")) else line.split()[0] for line in lines] == expected, done.stdout
+
+
 def start_core_process(cwd: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
     """`ipaas core` in the background, returned once it listens."""
     port = free_port()
