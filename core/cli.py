@@ -16,7 +16,7 @@ import threading
 import time
 import traceback
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 from ipaas.settings import Settings
 
@@ -174,6 +174,15 @@ def explain(exc: BaseException, settings: Settings) -> str | None:
     return None
 
 
+@contextlib.contextmanager
+def _starting(what: str) -> Iterator[None]:
+    """A server's settings read before it serves: a bad one is a failed start (exit 3)."""
+    try:
+        yield
+    except (Exception, SystemExit) as exc:
+        raise StartupFailed(what) from exc
+
+
 def _report(exc: BaseException, message: str, debug: bool) -> None:
     if debug:
         traceback.print_exception(exc)
@@ -201,7 +210,8 @@ def cmd_core(settings: Settings, _args: argparse.Namespace) -> int:
     configure_logging(settings.log_level)
     sys.setswitchinterval(GIL_SWITCH_INTERVAL)
 
-    drain = drain_seconds(settings.extra)
+    with _starting("the core failed to start"):
+        drain = drain_seconds(settings.extra)
 
     def give_up(reason: str) -> None:
         print(f"error: {reason}", file=sys.stderr, flush=True)
@@ -296,6 +306,10 @@ def cmd_engine(settings: Settings, _args: argparse.Namespace) -> int:
 def cmd_gateway(settings: Settings, _args: argparse.Namespace) -> int:
     from ipaas.gateway.__main__ import StartFailed, run
 
+    if settings.redis_url is None:
+        with _starting("the gateway failed to start"):
+            # Its idempotency store is then in the database; another URL was a driver's traceback.
+            check_database_url(settings.database_url)
     try:
         return run(settings)
     except StartFailed as exc:
@@ -479,6 +493,9 @@ def _database_help(settings: Settings | None) -> str:
 
 
 SERVERS = (cmd_serve, cmd_core, cmd_engine, cmd_gateway)
+# Those that exit EXIT_START_FAILED for a bad setting, as for any other failed start: the docs'
+# unit files stop restarting on it. (serve says a failed start with 1, as for its processes.)
+STARTING = (cmd_core, cmd_gateway)
 
 
 def build_parser(settings: Settings | None = None) -> argparse.ArgumentParser:
@@ -540,7 +557,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser(settings).parse_args(argv)
     if settings is None:
         print(f"error: {unreadable.code if unreadable else 'unreadable settings'}", file=sys.stderr)
-        return EXIT_ERROR
+        return EXIT_START_FAILED if args.func in STARTING else EXIT_ERROR
     debug = settings.log_level == "DEBUG"
     # Everything the platform writes (the SQLite files with payloads, step outputs and key
     # hashes, their -wal and -shm, key files, lock files) is for its own user only: with the

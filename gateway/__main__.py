@@ -13,7 +13,8 @@ class StartFailed(Exception):
 
 def run(settings: Settings) -> int:
     """Serve until SIGTERM or SIGINT: 0 once stopped (after the drain), 3 if it could not
-    start (port in use: uvicorn has said why; StartFailed from the application's start)."""
+    start (port in use: uvicorn has said why); StartFailed for a bad setting or from the
+    application's start."""
     from ipaas import lifecycle
     from ipaas.gateway.app import create_app
     from ipaas.gateway.server import GatewayServer, uvicorn_config
@@ -21,8 +22,14 @@ def run(settings: Settings) -> int:
 
     configure_logging(settings.log_level)
     host, _, port = settings.http_listen.rpartition(":")
-    app = create_app(settings, freeze_heap=True)
-    server = GatewayServer(uvicorn_config(settings, app, host.strip("[]") or "127.0.0.1", int(port)), app, lifecycle.drain_seconds(settings.extra))
+    try:
+        app = create_app(settings, freeze_heap=True)
+        server = GatewayServer(uvicorn_config(settings, app, host.strip("[]") or "127.0.0.1", int(port)), app, lifecycle.drain_seconds(settings.extra))
+        # Read again in the application's start, inside uvicorn's lifespan, where a bad value
+        # came out as uvicorn's traceback; read here it is one line like every other setting.
+        lifecycle.database_wait_seconds(settings.extra)
+    except (Exception, SystemExit) as exc:
+        raise StartFailed("the gateway failed to start") from exc
     # Why the start failed is said in one `error:` line (ipaas.cli); uvicorn's own line
     # after it would say less, and make two.
     logging.getLogger("uvicorn.error").addFilter(lambda record: app.startup_error is None or record.getMessage() != "Application startup failed. Exiting.")
