@@ -155,8 +155,9 @@ def explain(exc: BaseException, settings: Settings) -> str | None:
     from sqlalchemy.exc import InterfaceError, OperationalError
 
     from ipaas.errors import IpaasError
+    from ipaas.lifecycle import CannotListen
 
-    if isinstance(exc, (CliError, IpaasError)):
+    if isinstance(exc, (CliError, IpaasError, CannotListen)):
         return str(exc)
     if isinstance(exc, SystemExit):
         # Settings and migrations stop with a message already meant for the operator.
@@ -169,8 +170,6 @@ def explain(exc: BaseException, settings: Settings) -> str | None:
         return f"cannot connect to the database {where}: {reason}; check IPAAS_DATABASE_URL and that the server is up"
     if isinstance(exc, OSError) and exc.filename is not None:
         return f"cannot use {exc.filename}: {exc.strerror or exc}; check IPAAS_DATA_DIR (now {settings.data_dir.resolve()}) names a directory this user can create and write"
-    if isinstance(exc, RuntimeError) and "Failed to bind to address" in str(exc):
-        return f"cannot listen on {settings.grpc_listen} (IPAAS_GRPC_LISTEN): the address is in use or not available here; stop what holds it or set IPAAS_GRPC_LISTEN"
     return None
 
 
