@@ -416,6 +416,14 @@ def cmd_keys_revoke(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+KEY_CHECK_LINES = {
+    "reencrypted": "re-encrypted with the newest key",
+    "current": "already uses the newest key",
+    "changed": "rewritten by another run meanwhile; run this again to check it",
+    "absent": "none yet: the next core to start records it with its newest key",
+}
+
+
 def cmd_secrets_reencrypt(settings: Settings, args: argparse.Namespace) -> int:
     from ipaas import crypto
     from ipaas.reencrypt import reencrypt_secrets
@@ -434,6 +442,10 @@ def cmd_secrets_reencrypt(settings: Settings, args: argparse.Namespace) -> int:
     lines = [f"re-encrypted {_count(done.rewritten, 'secret')} with the newest key ({done.current} already used it)"]
     if done.changed:
         lines.append(f"{_count(done.changed, 'secret')} changed by a core meanwhile kept the core's value; run this again to check them")
+    if done.key_check in KEY_CHECK_LINES:  # unreadable: the error below says it
+        # The check is what a core without the newest key is refused by: whether it moved
+        # tells the operator whether the old key can go yet.
+        lines.append(f"key check: {KEY_CHECK_LINES[done.key_check]}")
     _print(data, args.json, lines)
     if done.unreadable:
         ids = [i for table in done.unreadable.values() for i in table]
