@@ -32,7 +32,7 @@ EXIT_CODES = """exit codes:
   1  error, said in one line on stderr (a traceback too with IPAAS_LOG_LEVEL=DEBUG);
      serve: a process failed to start, or kept exiting
   2  bad command line
-  3  core or gateway: failed to start (port in use, database unreachable, ...)"""
+  3  core or gateway: failed to start (a bad setting, port in use, database unreachable, ...)"""
 
 
 class CliError(Exception):
@@ -514,9 +514,9 @@ def build_parser(settings: Settings | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ipaas", description="simple-ipaas: a small, self-hosted integration platform", epilog=EXIT_CODES, formatter_class=raw)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("serve", help="run the whole platform (core and gateway)", epilog="A process that fails to start stops serve (exit 1); one that exits later is restarted, at most five times a minute.").set_defaults(func=cmd_serve)
-    sub.add_parser("core", help="run the gRPC core", epilog="Exits 3 if it fails to start (port in use, database unreachable, ...).").set_defaults(func=cmd_core)
+    sub.add_parser("core", help="run the gRPC core", epilog="Exits 3 if it fails to start (a bad setting, port in use, database unreachable, ...).").set_defaults(func=cmd_core)
     sub.add_parser("engine", help="run only the delivery engine (the core starts these itself with IPAAS_ENGINE_PROCESSES)").set_defaults(func=cmd_engine)
-    sub.add_parser("gateway", help="run the REST gateway", epilog="Exits 3 if it fails to start (port in use, ...).").set_defaults(func=cmd_gateway)
+    sub.add_parser("gateway", help="run the REST gateway", epilog="Exits 3 if it fails to start (a bad setting, port in use, ...).").set_defaults(func=cmd_gateway)
     sub.add_parser("migrate", help="apply database migrations (creates the database if needed)").set_defaults(func=cmd_migrate)
 
     managed = {"epilog": _database_help(settings)}
