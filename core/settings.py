@@ -169,7 +169,10 @@ class Settings:
         env = os.environ if env is None else env
         data_dir = Path(env.get("IPAAS_DATA_DIR") or ".ipaas")
         grpc_listen = listen_address(env, "IPAAS_GRPC_LISTEN", "127.0.0.1:50051", any_port=True)
-        plugins = env.get("IPAAS_PLUGINS")
+        # No name (empty, blanks, commas) is the default, every installed connector, as for
+        # every setting: a unit file passing IPAAS_PLUGINS=${IPAAS_PLUGINS} through unset made
+        # an allow-list of nothing.
+        plugins = frozenset(p.strip() for p in (env.get("IPAAS_PLUGINS") or "").split(",") if p.strip()) or None
         return cls(
             data_dir=data_dir,
             database_url=env.get("IPAAS_DATABASE_URL") or f"sqlite:///{data_dir / 'ipaas.db'}",
@@ -179,7 +182,7 @@ class Settings:
             admin_key=_admin_key(env),
             redis_url=_redis_url(env),
             secret_keys=tuple(k.strip() for k in (env.get("IPAAS_SECRET_KEYS") or "").split(",") if k.strip()),
-            plugins=None if plugins is None else frozenset(p.strip() for p in plugins.split(",") if p.strip()),
+            plugins=plugins,
             allow_insecure_targets=boolean(env, "IPAAS_ALLOW_INSECURE_TARGETS", False),
             # 0: the dispatcher's default, 16 per CPU. More than this is a typo, not a load one
             # process can drive; below 0 the dispatcher never claimed a task.

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from datetime import timedelta
@@ -16,7 +18,7 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from ipaas import auth, crypto
-from ipaas.lifecycle import bounded, database_wait_seconds, wait_for_database
+from ipaas.lifecycle import bounded, cannot_listen, database_wait_seconds, wait_for_database
 from ipaas.settings import HTTP_TRANSPORTS, Settings, boolean, choice, flag, seconds, whole_number
 from ipaas.storage import migrate
 from ipaas.storage.core_lock import CoreLock
@@ -84,6 +86,30 @@ def connection_age_options(value: str | None) -> list[tuple[str, int]]:
     if seconds == 0:
         return []
     return [("grpc.max_connection_age_ms", max(1, int(seconds * 1000))), ("grpc.max_connection_age_grace_ms", CONNECTION_AGE_GRACE_MS)]
+
+
+def add_port(server: grpc.aio.Server, address: str, keep_grpc_log: bool = False) -> int:
+    """server.add_insecure_port, a failure raised as CannotListen. gRPC's C core writes its
+    own line about the failure straight to stderr (fd 2) before it raises; the operator was
+    promised one `error:` line, so what it writes meanwhile is held back and passed on only
+    if the port was added (or with keep_grpc_log, IPAAS_LOG_LEVEL=DEBUG)."""
+    sys.stderr.flush()
+    with tempfile.TemporaryFile() as held:
+        saved = os.dup(2)
+        os.dup2(held.fileno(), 2)
+        try:
+            port = server.add_insecure_port(address)
+        except RuntimeError:  # grpc's "Failed to bind to address": the reason is in its log line
+            port = 0
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        if port or keep_grpc_log:
+            held.seek(0)
+            os.write(2, held.read())
+    if not port:
+        raise cannot_listen(address, "IPAAS_GRPC_LISTEN", "the address is in use or not available here")
+    return port
 
 
 @dataclass(frozen=True)
@@ -297,9 +323,7 @@ class CoreServer:
         health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
         reflection.enable_server_reflection([*names, health_name, reflection.SERVICE_NAME], server)
 
-        self.port = server.add_insecure_port(s.grpc_listen)
-        if self.port == 0:
-            raise SystemExit(f"cannot listen on {s.grpc_listen}")
+        self.port = add_port(server, s.grpc_listen, keep_grpc_log=s.log_level == "DEBUG")
         if metrics_listen:
             self.metrics = metrics.MetricsListener(self, metrics_listen)
             await self.metrics.start()

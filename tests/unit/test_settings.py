@@ -136,6 +136,13 @@ def test_platform_settings_read_as_documented() -> None:
     assert Settings.from_env({"IPAAS_LOG_LEVEL": " "}).log_level == "INFO"
 
 
+@pytest.mark.parametrize(("raw", "expected"), [(None, None), ("", None), ("  ", None), (" , ", None), ("slack, discord ", frozenset({"slack", "discord"}))])
+def test_an_empty_plugin_allow_list_is_the_default_every_installed_connector(raw: str | None, expected: frozenset[str] | None) -> None:
+    """IPAAS_PLUGINS= (a unit file passing an unset variable through) allowed no connector,
+    so every step failed with nothing logged."""
+    assert Settings.from_env({} if raw is None else {"IPAAS_PLUGINS": raw}).plugins == expected
+
+
 ENGINE_REFUSED = [
     ("IPAAS_MAX_QUEUE_DEPTH", "-1", "IPAAS_MAX_QUEUE_DEPTH must be a whole number of 0 or more"),
     ("IPAAS_MAX_QUEUE_DEPTH", "nan", "IPAAS_MAX_QUEUE_DEPTH must be a whole number"),
