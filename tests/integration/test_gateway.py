@@ -852,6 +852,40 @@ async def test_webhooks_the_core_refuses_spend_their_addresss_budget(tmp_path) -
     assert other_refused.status_code == 401 and other_refused.headers["x-ratelimit-remaining"] == "3", "accepted webhooks spent none of it"
 
 
+async def test_an_address_never_refused_does_not_look_at_its_webhook_budget(tmp_path, monkeypatch) -> None:
+    """Looking at the anonymous-webhook budget before each webhook cost ~5 us, 5 % of the
+    gateway's CPU for a webhook, for every sender, though only a refused one has anything
+    spent. An address's webhooks look at it only after the core has refused one of them."""
+    from ipaas.gateway import app as gateway_app
+
+    made = []
+    create = gateway_app.create_app
+    monkeypatch.setattr(gateway_app, "create_app", lambda *a, **k: made.append(create(*a, **k)) or made[-1])
+    async with FakeSlack() as slack, core_with(tmp_path, **FAST) as core, gateway_for(core.target, tmp_path) as url:
+        owner = await core.new_tenant(tier="paid")
+        looks: list[str] = []
+        limiter = made[0].limiter
+        check = limiter.check
+
+        async def counted(tenant_id: str, tier_name: str, spend: bool = True):
+            if tier_name == "anonymous_webhooks":
+                looks.append("spend" if spend else "look")
+            return await check(tenant_id, tier_name, spend=spend)
+
+        monkeypatch.setattr(limiter, "check", counted)
+        async with httpx.AsyncClient(base_url=url, headers={"authorization": f"Bearer {owner.key}"}, timeout=10) as http, httpx.AsyncClient(base_url=url, timeout=10) as anonymous:
+            created = await create_workflow(http, slack, trigger="webhook")
+            hook, secret = f"/api/webhooks/{created['workflow']['id']}", created["webhook_secret"]
+            for i in range(3):
+                raw, signed = signed_webhook(secret, {"order": {"id": i}}, f"evt_{i}")
+                assert (await anonymous.post(hook, content=raw, headers=signed)).status_code == 202
+            assert looks == []
+            assert (await anonymous.post(hook, content=b"{}", headers={"content-type": "application/json"})).status_code == 401
+            raw, signed = signed_webhook(secret, {"order": {"id": 9}}, "evt_9")
+            assert (await anonymous.post(hook, content=raw, headers=signed)).status_code == 202
+    assert looks == ["spend", "look"]
+
+
 async def test_the_webhook_owner_cache_is_bounded(tmp_path, monkeypatch) -> None:
     """The gateway kept the owner of every webhook workflow it ever accepted a webhook for,
     for good, unlike its other caches: bounded now like them (cleared when full)."""
