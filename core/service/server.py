@@ -5,8 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import sys
-import tempfile
+import socket
 import time
 from dataclasses import dataclass
 from datetime import timedelta
@@ -88,28 +87,42 @@ def connection_age_options(value: str | None) -> list[tuple[str, int]]:
     return [("grpc.max_connection_age_ms", max(1, int(seconds * 1000))), ("grpc.max_connection_age_grace_ms", CONNECTION_AGE_GRACE_MS)]
 
 
-def add_port(server: grpc.aio.Server, address: str, keep_grpc_log: bool = False) -> int:
+def add_port(server: grpc.aio.Server, address: str) -> int:
     """server.add_insecure_port, a failure raised as CannotListen. gRPC's C core writes its
-    own line about the failure straight to stderr (fd 2) before it raises; the operator was
-    promised one `error:` line, so what it writes meanwhile is held back and passed on only
-    if the port was added (or with keep_grpc_log, IPAAS_LOG_LEVEL=DEBUG)."""
-    sys.stderr.flush()
-    with tempfile.TemporaryFile() as held:
-        saved = os.dup(2)
-        os.dup2(held.fileno(), 2)
-        try:
-            port = server.add_insecure_port(address)
-        except RuntimeError:  # grpc's "Failed to bind to address": the reason is in its log line
-            port = 0
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-        if port or keep_grpc_log:
-            held.seek(0)
-            os.write(2, held.read())
+    own line about a failed bind straight to stderr before it raises; the operator was
+    promised one `error:` line. So the address is first bound by a plain socket, as gRPC
+    binds it (SO_REUSEADDR, no SO_REUSEPORT: see the server's options): a taken or foreign
+    address is refused before gRPC tries it. (Pointing fd 2 elsewhere while gRPC bound lost
+    what other threads wrote meanwhile.)"""
+    if (problem := _cannot_bind(address)) is not None:
+        raise cannot_listen(address, "IPAAS_GRPC_LISTEN", problem)
+    try:
+        port = server.add_insecure_port(address)
+    except RuntimeError:  # grpc's "Failed to bind to address": the reason is in its log line
+        port = 0
     if not port:
         raise cannot_listen(address, "IPAAS_GRPC_LISTEN", "the address is in use or not available here")
     return port
+
+
+def _cannot_bind(address: str) -> str | None:
+    """Why a listener cannot bind `address` (host:port, [v6]:port), or None when it can or
+    this cannot tell (a port gRPC picks, a name that does not resolve: gRPC says why)."""
+    host, _, port = address.rpartition(":")
+    if not port.isdigit() or int(port) == 0:
+        return None
+    try:
+        found = socket.getaddrinfo(host.strip("[]") or None, int(port), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except OSError:
+        return None
+    for family, kind, proto, _, sockaddr in found:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(sockaddr)
+            except OSError as exc:
+                return (exc.strerror or str(exc)).lower()  # as the gateway's line says it: "address already in use"
+    return None
 
 
 @dataclass(frozen=True)
@@ -323,7 +336,7 @@ class CoreServer:
         health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
         reflection.enable_server_reflection([*names, health_name, reflection.SERVICE_NAME], server)
 
-        self.port = add_port(server, s.grpc_listen, keep_grpc_log=s.log_level == "DEBUG")
+        self.port = add_port(server, s.grpc_listen)
         if metrics_listen:
             self.metrics = metrics.MetricsListener(self, metrics_listen)
             await self.metrics.start()

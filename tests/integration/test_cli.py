@@ -213,7 +213,7 @@ def test_core_on_a_busy_port_fails_to_start_in_one_line(tmp_path: Path) -> None:
     with busy_port() as taken:
         listen = "127.0.0.1:%d" % taken.getsockname()[1]
         done = run_cli("core", cwd=tmp_path, IPAAS_DATA_DIR=str(tmp_path / "data"), IPAAS_GRPC_LISTEN=listen, IPAAS_ENGINE_PROCESSES="0")
-    assert told(done.stderr) == [f"error: cannot listen on {listen} (IPAAS_GRPC_LISTEN): the address is in use or not available here; stop what holds it or set IPAAS_GRPC_LISTEN"], done.stderr[-3000:]
+    assert told(done.stderr) == [f"error: cannot listen on {listen} (IPAAS_GRPC_LISTEN): address already in use; stop what holds it or set IPAAS_GRPC_LISTEN"], done.stderr[-3000:]
     assert done.returncode == 3, done.returncode
 
 
@@ -246,7 +246,7 @@ def test_serve_does_not_restart_a_process_that_fails_to_start(tmp_path: Path, bl
     assert done.returncode == 1, done.stderr[-3000:]
     assert "restarting" not in done.stderr and "Traceback" not in done.stderr, done.stderr[-3000:]
     if blocked == "core":
-        assert told(done.stderr) == [f"error: cannot listen on 127.0.0.1:{ports['core']} (IPAAS_GRPC_LISTEN): the address is in use or not available here; stop what holds it or set IPAAS_GRPC_LISTEN"], done.stderr[-3000:]
+        assert told(done.stderr) == [f"error: cannot listen on 127.0.0.1:{ports['core']} (IPAAS_GRPC_LISTEN): address already in use; stop what holds it or set IPAAS_GRPC_LISTEN"], done.stderr[-3000:]
     else:
         assert told(done.stderr) == [f"error: cannot listen on 127.0.0.1:{ports['gateway']} (IPAAS_HTTP_LISTEN): address already in use; stop what holds it or set IPAAS_HTTP_LISTEN"], done.stderr[-3000:]
 
