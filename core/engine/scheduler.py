@@ -19,12 +19,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Callable
 
 from sqlalchemy import and_, bindparam, func, or_, select, update
 
+from ipaas import reasons
 from ipaas.definitions import max_attempts
 from ipaas.engine.enqueuer import Enqueuer
 from ipaas.engine.outbox import Accepted, NewExecution
@@ -61,8 +62,8 @@ _REPLAN = (
 )
 
 
-def _due(now: datetime) -> Any:
-    return (
+def _due(now: datetime, skip_tenants: frozenset[str] = frozenset()) -> Any:
+    query = (
         select(Schedule.workflow_id, Schedule.next_fire_at, Workflow.tenant_id, WorkflowVersion.version, WorkflowVersion.definition)
         .join(Workflow, Workflow.id == Schedule.workflow_id)
         .join(WorkflowVersion, and_(WorkflowVersion.workflow_id == Workflow.id, WorkflowVersion.version == Workflow.current_version))
@@ -75,12 +76,14 @@ def _due(now: datetime) -> Any:
         .order_by(Schedule.next_fire_at.asc().nulls_first())
         .limit(BATCH)
     )
+    return query.where(Workflow.tenant_id.not_in(skip_tenants)) if skip_tenants else query
 
 
 @dataclass
 class _Batch:
     fired: int = 0
     queue_full: bool = False
+    over_share: set[str] = field(default_factory=set)  # tenants whose share of the queue refused fires
 
 
 class Scheduler:
@@ -102,6 +105,7 @@ class Scheduler:
         self._last_tick: datetime | None = None
         self._last_tick_took = 0.0
         self._queue_full = ThrottledWarning(log, "schedule.queue_full")
+        self._tenant_queue_full = ThrottledWarning(log, "schedule.tenant_queue_full")
         self._runner = Periodic("scheduler", self.tick, interval, log)
 
     async def tick(self) -> int:
@@ -110,6 +114,7 @@ class Scheduler:
         started = time.monotonic()
         missed_before = self._missed_before(now)
         fired, due = 0, _due(now)
+        over_share: frozenset[str] = frozenset()
         while True:
             rows = await self.db.read(lambda conn: conn.execute(due).all())
             batch = await self._fire(rows, now, missed_before)
@@ -117,6 +122,11 @@ class Scheduler:
             # A full queue refused fires: their plans stay, and the next batch would be them.
             if len(rows) < BATCH or batch.queue_full:
                 break
+            if batch.over_share:
+                # So would the refused fires of tenants over their share: the next batches
+                # leave those tenants out, and the other tenants' schedules still fire.
+                over_share |= batch.over_share
+                due = _due(now, over_share)
         self._last_tick, self._last_tick_took = now, time.monotonic() - started
         return fired
 
@@ -160,7 +170,7 @@ class Scheduler:
                 fires.append((row, fire_at, execution))
         # Submitted together, so the enqueuer's group commit writes them in one transaction.
         results = await asyncio.gather(*(self.enqueuer.submit(execution) for _, _, execution in fires), return_exceptions=True)
-        batch, failure, refused = _Batch(), None, None
+        batch, failure, refused, over_share = _Batch(), None, None, None
         for (row, fire_at, _), result in zip(fires, results):
             if isinstance(result, Accepted):
                 batch.fired += 0 if result.duplicate else 1
@@ -169,7 +179,10 @@ class Scheduler:
             # Not enqueued: the plan stays, so the next tick tries this fire again (skip mode
             # drops it then, as missed). The other fires of the batch still count.
             del plans[row.workflow_id]
-            if isinstance(result, ResourceExhausted):
+            if isinstance(result, ResourceExhausted) and result.reason == reasons.TENANT_QUEUE_FULL:
+                batch.over_share.add(row.tenant_id)
+                over_share = result
+            elif isinstance(result, ResourceExhausted):
                 refused = result
             elif isinstance(result, BaseException):
                 failure = failure or result
@@ -178,7 +191,11 @@ class Scheduler:
         if refused is not None:
             # Backpressure, not a bug: one line a minute while it lasts, no traceback.
             batch.queue_full = True
-            self._queue_full(refused, deferred=sum(1 for r in results if isinstance(r, ResourceExhausted)), depth=self.enqueuer.depth)
+            self._queue_full(refused, deferred=sum(1 for r in results if isinstance(r, ResourceExhausted) and r.reason != reasons.TENANT_QUEUE_FULL), depth=self.enqueuer.depth)
+        if over_share is not None:
+            # As with a full queue: the fires keep their plans and are tried at each tick.
+            deferred = sum(1 for r in results if isinstance(r, ResourceExhausted) and r.reason == reasons.TENANT_QUEUE_FULL)
+            self._tenant_queue_full(over_share, deferred=deferred, tenant_ids=sorted(batch.over_share)[:10])
         if failure is not None:
             raise failure
         return batch

@@ -92,6 +92,7 @@ class EngineSettings:
 
     workers: int
     max_queue_depth: int
+    max_tenant_queue_depth: int
     step_timeout: float
     execution_deadline: float
     base_delay: float
@@ -116,10 +117,15 @@ class EngineSettings:
         env = settings.extra
         # Read here though CoreServer.start reads it too, so a typo stops start-up with the rest.
         boolean(env, "IPAAS_DISABLE_ENGINE", False)
+        max_depth = whole_number(env, "IPAAS_MAX_QUEUE_DEPTH", 100_000)
         return cls(
             workers=settings.workers,
             # 0 refuses every trigger (429), as a full queue does.
-            max_queue_depth=whole_number(env, "IPAAS_MAX_QUEUE_DEPTH", 100_000),
+            max_queue_depth=max_depth,
+            # Half by default: one tenant can never fill the queue, so the others always
+            # have half of it. A single-tenant install sets it to IPAAS_MAX_QUEUE_DEPTH (at
+            # or above which there is no share).
+            max_tenant_queue_depth=whole_number(env, "IPAAS_MAX_TENANT_QUEUE_DEPTH", (max_depth + 1) // 2),
             step_timeout=seconds(env, "IPAAS_STEP_TIMEOUT", 30),
             execution_deadline=seconds(env, "IPAAS_EXECUTION_DEADLINE", 900),
             base_delay=seconds(env, "IPAAS_RETRY_BASE_DELAY", 1.0),
@@ -261,7 +267,7 @@ class CoreServer:
             self.processes = EngineProcesses(s, db, engine.processes, workers_each=self.dispatcher.workers)
             credentials.on_deleted = self.processes.forget_credential
         work = self.processes or self.dispatcher
-        self.enqueuer = Enqueuer(db, on_enqueued=work.notify, max_depth=engine.max_queue_depth)
+        self.enqueuer = Enqueuer(db, on_enqueued=work.notify, max_depth=engine.max_queue_depth, max_tenant_depth=engine.max_tenant_queue_depth)
         self.scheduler = Scheduler(db, self.enqueuer, interval=engine.scheduler_interval, catch_up=engine.catch_up)
         executions = ExecutionStore(db, on_enqueued=work.notify)
         if keep is not None:

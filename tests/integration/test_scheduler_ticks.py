@@ -7,11 +7,11 @@ import logging
 import time
 from datetime import datetime, timedelta, timezone
 
-from sqlalchemy import func, select
+from sqlalchemy import delete, func, select
 
 from ipaas.engine.enqueuer import Enqueuer
 from ipaas.engine.scheduler import Scheduler
-from ipaas.storage.tables import Execution, Schedule, Workflow, WorkflowVersion
+from ipaas.storage.tables import Execution, OutboxTask, Schedule, Workflow, WorkflowVersion
 from tests.conftest import core_with
 from tests.fakes.slack import FakeSlack
 from tests.integration.helpers import Api, slack_step
@@ -131,6 +131,49 @@ async def test_a_full_queue_defers_fires_without_failing_the_tick(tmp_path, data
         assert await scheduler.tick() == 3
         assert await _scheduled_at(core) == ["2026-01-01T00:01:00Z"] * 3
         await full.close()
+
+
+async def test_fires_of_a_tenant_over_its_share_wait_and_the_other_tenants_fire(tmp_path, database_url, monkeypatch, caplog) -> None:
+    """A tenant whose backlog holds its share of the queue: its fires keep their plans, as
+    in a full queue, one warning a minute, and they do not stop the tick. Its refused fires,
+    the earliest due, filled the tick's batches: the other tenants' schedules never fired."""
+    monkeypatch.setattr("ipaas.engine.scheduler.BATCH", 2)
+    async with FakeSlack() as slack, core_with(tmp_path, database_url, IPAAS_DISABLE_ENGINE="1") as core:
+        heavy, light = Api(core.channel, (await core.new_tenant(name="heavy")).md), Api(core.channel, (await core.new_tenant(name="light")).md)
+        clock = Clock(datetime(2026, 1, 1, 0, 0, 30, tzinfo=U))
+        monkeypatch.setattr("ipaas.workflow_store.utcnow", clock)
+        every_minute = {"trigger": {"type": "schedule", "interval_seconds": 60}}
+        cred = await heavy.credential("slack", {"webhook_url": slack.url})
+        heavy_ids = [(await heavy.create({"name": f"h{i}", **every_minute, "steps": [slack_step(cred, "x")]})).workflow.id for i in range(2)]
+        manual = (await heavy.create({"name": "backlog", "trigger": {"type": "manual"}, "steps": [slack_step(cred, "x")]})).workflow.id
+        for _ in range(2):
+            await heavy.run(manual)
+        light_cred = await light.credential("slack", {"webhook_url": slack.url})
+        light_id = (await light.create({"name": "l", **every_minute, "steps": [slack_step(light_cred, "x")]})).workflow.id
+        async with core.server.db.session() as s, s.begin():
+            for workflow_id in heavy_ids:  # due first: the first batch is the heavy tenant's
+                (await s.get(Schedule, workflow_id)).next_fire_at = datetime(2026, 1, 1, 0, 0, 50, tzinfo=U)
+        shared = Enqueuer(core.server.db, max_depth=100, max_tenant_depth=2)
+        scheduler = Scheduler(core.server.db, shared, clock=clock)
+        clock.now = datetime(2026, 1, 1, 0, 1, 0, 500000, tzinfo=U)
+        with caplog.at_level(logging.INFO, logger="ipaas.scheduler"):
+            assert await scheduler.tick() == 1
+            clock.now += timedelta(seconds=1)
+            assert await scheduler.tick() == 0
+        assert await _scheduled_at(core, light_id) == ["2026-01-01T00:01:00Z"]
+        warnings = [r for r in caplog.records if r.name == "ipaas.scheduler" and r.levelno >= logging.WARNING]
+        heavy_tenant = (await core.server.db.read(lambda conn: conn.execute(select(Workflow.tenant_id).where(Workflow.id == manual)).scalar()))
+        assert [(r.msg, r.deferred, r.tenant_ids, r.exc_info) for r in warnings] == [("schedule.tenant_queue_full", 2, [heavy_tenant], None)]
+        async with core.server.db.session() as s:
+            assert (await s.get(Schedule, heavy_ids[0])).next_fire_at == datetime(2026, 1, 1, 0, 0, 50, tzinfo=U), "the refused fire is still planned"
+
+        async with core.server.db.session() as s, s.begin():  # the backlog drained
+            await s.execute(delete(OutboxTask))
+        await shared.refresh_depth()
+        clock.now += timedelta(seconds=1)
+        assert await scheduler.tick() == 2
+        assert [await _scheduled_at(core, w) for w in heavy_ids] == [["2026-01-01T00:01:00Z"]] * 2, "collapsed into one fire each"
+        await shared.close()
 
 
 async def test_schedules_stored_before_validation_refused_them_do_not_stop_the_tick(tmp_path, database_url, monkeypatch) -> None:
