@@ -17,6 +17,7 @@ from grpc_reflection.v1alpha import reflection
 
 from ipaas import auth, crypto
 from ipaas.lifecycle import bounded, database_wait_seconds, wait_for_database
+from ipaas.ratelimit import RateLimiter, parse_tiers
 from ipaas.settings import HTTP_TRANSPORTS, Settings, boolean, choice, flag, seconds, whole_number
 from ipaas.storage import migrate
 from ipaas.storage.core_lock import CoreLock
@@ -171,6 +172,17 @@ def default_engine_processes() -> int:
     return 0 if cpus < 2 or os.name != "posix" else min(cpus, 4)
 
 
+def rate_limiter(settings: Settings) -> RateLimiter | None:
+    """The tier rate limits of tenants' gRPC calls (docs/operating.md), with the gateway's
+    settings; in Redis under a prefix of their own, apart from the gateway's budget."""
+    env = settings.extra
+    tiers = parse_tiers(env)  # read even when off, so a typo stops start-up
+    if boolean(env, "IPAAS_RATE_LIMITS_OFF", False):
+        return None
+    unlimited = frozenset(t.strip() for t in env.get("IPAAS_RATE_UNLIMITED_TENANTS", "").split(",") if t.strip())
+    return RateLimiter(tiers, settings.redis_url, unlimited, key_prefix="ipaas-rl-core")
+
+
 @dataclass
 class EngineParts:
     registry: Any
@@ -274,7 +286,7 @@ class CoreServer:
             self.retention = Retention(db, keep)
 
         server = grpc.aio.server(
-            interceptors=[CoreInterceptor(tenants)],
+            interceptors=[CoreInterceptor(tenants, rate_limiter(s))],
             options=[
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
