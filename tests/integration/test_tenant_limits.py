@@ -105,3 +105,14 @@ async def test_a_rest_caller_gets_its_whole_budget_with_both_layers_limiting(tmp
         direct = await refused(Api(core.channel, free.md).run(wf["id"]))
         assert (direct.code(), error_info(direct).reason) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "RATE_LIMITED")
 
+
+async def test_a_rest_caller_that_spent_the_cores_budget_directly_gets_429_with_the_cores_wait(tmp_path) -> None:
+    async with FakeSlack() as slack, core_with(tmp_path, IPAAS_DISABLE_ENGINE="1", **SLOW_FREE_TIER) as core, gateway_for(core.target, tmp_path, **SLOW_FREE_TIER) as url:
+        free = await core.new_tenant(tier="free")
+        api = Api(core.channel, free.md)
+        manual = (await api.create({"name": "m", "trigger": {"type": "manual"}, "steps": [slack_step(await api.credential("slack", {"webhook_url": slack.url}))]})).workflow
+        await asyncio.gather(*(api.run(manual.id) for _ in range(10)), return_exceptions=True)
+        async with httpx.AsyncClient(base_url=url, headers={"authorization": f"Bearer {free.key}"}, timeout=10) as http:
+            run = await http.post(f"/api/workflows/{manual.id}/run", json={})
+    assert run.status_code == 429 and run.json()["error"]["reason"] == "RATE_LIMITED", run.text
+    assert 10 <= int(run.headers["retry-after"]) <= 20, "the core's RetryInfo: the window's 20 s, less the time the test took"
