@@ -261,6 +261,7 @@ class CoreServer:
         s = self.settings
         engine = EngineSettings.from_settings(s)
         keep = retention_window(s.extra)
+        limiter = rate_limiter(s)  # before the database: a bad setting stops start-up at once
         # A database still starting (the machine booting) is waited for, not a failure.
         await wait_for_database(s.database_url, database_wait_seconds(s.extra))
         await asyncio.to_thread(migrate.upgrade, s.database_url)
@@ -286,7 +287,7 @@ class CoreServer:
             self.retention = Retention(db, keep)
 
         server = grpc.aio.server(
-            interceptors=[CoreInterceptor(tenants, rate_limiter(s))],
+            interceptors=[CoreInterceptor(tenants, limiter)],
             options=[
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
