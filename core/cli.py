@@ -16,7 +16,7 @@ import threading
 import time
 import traceback
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 from ipaas.settings import Settings
 
@@ -32,7 +32,7 @@ EXIT_CODES = """exit codes:
   1  error, said in one line on stderr (a traceback too with IPAAS_LOG_LEVEL=DEBUG);
      serve: a process failed to start, or kept exiting
   2  bad command line
-  3  core or gateway: failed to start (port in use, database unreachable, ...)"""
+  3  core or gateway: failed to start (a bad setting, port in use, database unreachable, ...)"""
 
 
 class CliError(Exception):
@@ -155,8 +155,9 @@ def explain(exc: BaseException, settings: Settings) -> str | None:
     from sqlalchemy.exc import InterfaceError, OperationalError
 
     from ipaas.errors import IpaasError
+    from ipaas.lifecycle import CannotListen
 
-    if isinstance(exc, (CliError, IpaasError)):
+    if isinstance(exc, (CliError, IpaasError, CannotListen)):
         return str(exc)
     if isinstance(exc, SystemExit):
         # Settings and migrations stop with a message already meant for the operator.
@@ -169,9 +170,16 @@ def explain(exc: BaseException, settings: Settings) -> str | None:
         return f"cannot connect to the database {where}: {reason}; check IPAAS_DATABASE_URL and that the server is up"
     if isinstance(exc, OSError) and exc.filename is not None:
         return f"cannot use {exc.filename}: {exc.strerror or exc}; check IPAAS_DATA_DIR (now {settings.data_dir.resolve()}) names a directory this user can create and write"
-    if isinstance(exc, RuntimeError) and "Failed to bind to address" in str(exc):
-        return f"cannot listen on {settings.grpc_listen} (IPAAS_GRPC_LISTEN): the address is in use or not available here; stop what holds it or set IPAAS_GRPC_LISTEN"
     return None
+
+
+@contextlib.contextmanager
+def _starting(what: str) -> Iterator[None]:
+    """A server's settings read before it serves: a bad one is a failed start (exit 3)."""
+    try:
+        yield
+    except (Exception, SystemExit) as exc:
+        raise StartupFailed(what) from exc
 
 
 def _report(exc: BaseException, message: str, debug: bool) -> None:
@@ -201,7 +209,8 @@ def cmd_core(settings: Settings, _args: argparse.Namespace) -> int:
     configure_logging(settings.log_level)
     sys.setswitchinterval(GIL_SWITCH_INTERVAL)
 
-    drain = drain_seconds(settings.extra)
+    with _starting("the core failed to start"):
+        drain = drain_seconds(settings.extra)
 
     def give_up(reason: str) -> None:
         print(f"error: {reason}", file=sys.stderr, flush=True)
@@ -296,6 +305,10 @@ def cmd_engine(settings: Settings, _args: argparse.Namespace) -> int:
 def cmd_gateway(settings: Settings, _args: argparse.Namespace) -> int:
     from ipaas.gateway.__main__ import StartFailed, run
 
+    if settings.redis_url is None:
+        with _starting("the gateway failed to start"):
+            # Its idempotency store is then in the database; another URL was a driver's traceback.
+            check_database_url(settings.database_url)
     try:
         return run(settings)
     except StartFailed as exc:
@@ -403,6 +416,14 @@ def cmd_keys_revoke(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+KEY_CHECK_LINES = {
+    "reencrypted": "re-encrypted with the newest key",
+    "current": "already uses the newest key",
+    "changed": "rewritten by another run meanwhile; run this again to check it",
+    "absent": "none yet: the next core to start records it with its newest key",
+}
+
+
 def cmd_secrets_reencrypt(settings: Settings, args: argparse.Namespace) -> int:
     from ipaas import crypto
     from ipaas.reencrypt import reencrypt_secrets
@@ -421,6 +442,10 @@ def cmd_secrets_reencrypt(settings: Settings, args: argparse.Namespace) -> int:
     lines = [f"re-encrypted {_count(done.rewritten, 'secret')} with the newest key ({done.current} already used it)"]
     if done.changed:
         lines.append(f"{_count(done.changed, 'secret')} changed by a core meanwhile kept the core's value; run this again to check them")
+    if done.key_check in KEY_CHECK_LINES:  # unreadable: the error below says it
+        # The check is what a core without the newest key is refused by: whether it moved
+        # tells the operator whether the old key can go yet.
+        lines.append(f"key check: {KEY_CHECK_LINES[done.key_check]}")
     _print(data, args.json, lines)
     if done.unreadable:
         ids = [i for table in done.unreadable.values() for i in table]
@@ -454,13 +479,17 @@ def cmd_connectors_list(settings: Settings, args: argparse.Namespace) -> int:
     registry = load_registry(settings)
     data = {"connectors": registry.describe(), "problems": [{"distribution": d, "reason": r} for d, r in registry.problems]}
     rows = [(c["name"], c["version"], c["distribution"], ", ".join(a["name"] for a in c["actions"])) for c in data["connectors"]]
-    lines = []
     if rows:
         rows.insert(0, ("CONNECTOR", "VERSION", "DISTRIBUTION", "ACTIONS"))
         widths = [max(len(row[i]) for row in rows) for i in range(3)]
         lines = [" ".join(cell.ljust(width) for cell, width in zip(row, widths)) + " " + row[3] for row in rows]
+    elif settings.plugins is None:
+        lines = ["no connectors installed"]
+    else:
+        # Installed ones may be left out by the allow-list, not missing: say which it is.
+        lines = [f"no connectors loaded: IPAAS_PLUGINS allows only {', '.join(sorted(settings.plugins))}"]
     lines += [f"not loaded: {p['distribution']}: {p['reason']}" for p in data["problems"]]
-    _print(data, args.json, lines or ["no connectors installed"])
+    _print(data, args.json, lines)
     return 0
 
 
@@ -475,6 +504,9 @@ def _database_help(settings: Settings | None) -> str:
 
 
 SERVERS = (cmd_serve, cmd_core, cmd_engine, cmd_gateway)
+# Those that exit EXIT_START_FAILED for a bad setting, as for any other failed start: the docs'
+# unit files stop restarting on it. (serve says a failed start with 1, as for its processes.)
+STARTING = (cmd_core, cmd_gateway)
 
 
 def build_parser(settings: Settings | None = None) -> argparse.ArgumentParser:
@@ -482,9 +514,9 @@ def build_parser(settings: Settings | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ipaas", description="simple-ipaas: a small, self-hosted integration platform", epilog=EXIT_CODES, formatter_class=raw)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("serve", help="run the whole platform (core and gateway)", epilog="A process that fails to start stops serve (exit 1); one that exits later is restarted, at most five times a minute.").set_defaults(func=cmd_serve)
-    sub.add_parser("core", help="run the gRPC core", epilog="Exits 3 if it fails to start (port in use, database unreachable, ...).").set_defaults(func=cmd_core)
+    sub.add_parser("core", help="run the gRPC core", epilog="Exits 3 if it fails to start (a bad setting, port in use, database unreachable, ...).").set_defaults(func=cmd_core)
     sub.add_parser("engine", help="run only the delivery engine (the core starts these itself with IPAAS_ENGINE_PROCESSES)").set_defaults(func=cmd_engine)
-    sub.add_parser("gateway", help="run the REST gateway", epilog="Exits 3 if it fails to start (port in use, ...).").set_defaults(func=cmd_gateway)
+    sub.add_parser("gateway", help="run the REST gateway", epilog="Exits 3 if it fails to start (a bad setting, port in use, ...).").set_defaults(func=cmd_gateway)
     sub.add_parser("migrate", help="apply database migrations (creates the database if needed)").set_defaults(func=cmd_migrate)
 
     managed = {"epilog": _database_help(settings)}
@@ -536,7 +568,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser(settings).parse_args(argv)
     if settings is None:
         print(f"error: {unreadable.code if unreadable else 'unreadable settings'}", file=sys.stderr)
-        return EXIT_ERROR
+        return EXIT_START_FAILED if args.func in STARTING else EXIT_ERROR
     debug = settings.log_level == "DEBUG"
     # Everything the platform writes (the SQLite files with payloads, step outputs and key
     # hashes, their -wal and -shm, key files, lock files) is for its own user only: with the

@@ -50,6 +50,12 @@ CRON_FIELDS = (
     _cron_field("jan|feb|mar|apr|may|jun|jul|aug|sep|oct|nov|dec"),
     _cron_field("sun|mon|tue|wed|thu|fri|sat"),
 )
+# Each field's name and how many values it has (minute 0-59, hour 0-23, day 1-31, month 1-12,
+# weekday 0-6): the largest step that can mean "every N". croniter takes any step, and a
+# larger one (*/61, "every 61 minutes") fires only at the start of its range, which is not
+# what it says. OpenBSD's cron likewise caps a step at its field's count of values. No
+# seconds field: a cron has five.
+CRON_STEP_LIMITS = (("minute", 60), ("hour", 24), ("day of month", 31), ("month", 12), ("day of week", 7))
 # Names in the zone database that are not a place: "localtime" is each host's own zone (so
 # replicas on different hosts would disagree), "Factory" a placeholder with no offset rules.
 HOST_ZONES = frozenset({"localtime", "Factory"})
@@ -178,6 +184,9 @@ def _validate_trigger(trigger: dict[str, Any], bad: Any) -> None:
         bad("trigger.cron", "uses syntax beyond five-field cron (such as R, H, L, # or ?): use numbers, names, *, ranges (1-5), lists (1,15) and steps (*/10)")
     elif cron and (len(fields) != 5 or not croniter.is_valid(cron)):
         bad("trigger.cron", "is not a valid five-field cron expression")
+    elif cron and (too_large := _step_too_large(fields)):
+        (name, values), step = too_large
+        bad("trigger.cron", f"step /{step} in the {name} field is larger than its {values} values: it would fire only at the start of its range; use at most /{values}")
     elif cron and not _fires(cron):
         bad("trigger.cron", "never fires: no date matches it (e.g. 30 February)")
     if interval < 0 or (interval and not 1 <= interval <= 366 * 86400):
@@ -189,6 +198,17 @@ def _validate_trigger(trigger: dict[str, Any], bad: Any) -> None:
             bad("trigger.timezone", f"{tz!r} names no place (the host's own zone, or a placeholder): use an IANA name such as Europe/Paris")
         elif not _valid_zone(tz):
             bad("trigger.timezone", f"unknown time zone {tz!r}: use an IANA name such as Europe/Paris")
+
+
+def _step_too_large(fields: list[str]) -> tuple[tuple[str, int], str] | None:
+    """The first step larger than its field's count of values, with that field."""
+    for field, limit in zip(fields, CRON_STEP_LIMITS):
+        for item in field.split(","):
+            step = item.partition("/")[2].lstrip("0")
+            # By length first: int() refuses a string of more than 4,300 digits.
+            if step and (len(step) > 3 or int(step) > limit[1]):
+                return limit, step
+    return None
 
 
 def _fires(cron: str) -> bool:

@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from ipaas import templates
@@ -21,6 +23,11 @@ class DryRunner:
     def __init__(self, workflows: WorkflowStore, steps: StepRunner) -> None:
         self.workflows = workflows
         self.steps = steps
+        # Renders run here, off the event loop that serves every tenant: one may take about
+        # a second before templates.MAX_TEMPLATE_WORK refuses it. A pool of their own, so
+        # previews cannot take the default executor's threads (DNS lookups), and small: each
+        # busy thread takes a share of the GIL from the loop.
+        self._renders = ThreadPoolExecutor(max_workers=2, thread_name_prefix="ipaas-dryrun-render")
 
     async def _definition(self, tenant_id: str, request: pb.DryRunRequest) -> dict[str, Any]:
         if request.workflow_id and request.HasField("workflow"):
@@ -63,7 +70,8 @@ class DryRunner:
         started = time.perf_counter()
         out = pb.DryRunStep(step_id=step["id"])
         try:
-            rendered = self.steps.render(step, templates.RenderContext(trigger=payload, steps=outputs))
+            context = templates.RenderContext(trigger=payload, steps=outputs)
+            rendered = await asyncio.get_running_loop().run_in_executor(self._renders, self.steps.render, step, context)
         except templates.TemplateError as exc:
             out.status, out.message = "failed", str(exc)
             return out

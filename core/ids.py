@@ -2,8 +2,9 @@
 base32).
 
 Time-ordered ids keep B-tree inserts at the right edge and let listings page by id. Within
-one millisecond the random part is incremented, so ids made by one process sort in creation
-order (the monotonic ULID rule).
+one millisecond the random part grows, so ids made by one process sort in creation order (the
+monotonic ULID rule); it grows by a random step, not by 1 as the ULID spec has it, so an id
+does not give away its neighbours' (a workflow id is a webhook's URL).
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ def new_id(prefix: str) -> str:
     with _lock:
         ms = int(time.time() * 1000)
         if ms <= _last_ms:
-            ms, rand = _last_ms, (_last_rand + 1) & ((1 << 80) - 1)
+            # 48 random bits a step: at 2^79 headroom, 2^31 ids in one millisecond fit.
+            ms, rand = _last_ms, (_last_rand + 1 + int.from_bytes(os.urandom(6), "big")) & ((1 << 80) - 1)
         else:
             rand = int.from_bytes(os.urandom(10), "big") >> 1  # headroom for increments
         _last_ms, _last_rand = ms, rand

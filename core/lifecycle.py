@@ -18,6 +18,14 @@ _ATTEMPT_TIMEOUT = 5  # seconds one connection attempt may take (a partitioned s
 _MAX_BACKOFF = 5.0
 
 
+class CannotListen(Exception):
+    """A server could not take its listen address; the message names the setting, in one line."""
+
+
+def cannot_listen(address: str, setting: str, reason: str) -> CannotListen:
+    return CannotListen(f"cannot listen on {address} ({setting}): {reason}; stop what holds it or set {setting}")
+
+
 # One stop request often arrives twice at once: Ctrl-C reaches the whole process group and
 # `ipaas serve` passes it on to its children, and systemd signals every process of a unit.
 # Only a signal this long after the first means "stop now".

@@ -38,7 +38,10 @@ def is_secret_key(key: str) -> bool:
     return any(hint in norm for hint in _SECRET_KEY_HINTS)
 
 
-_KEY_WORDS = r"(?:api[_-]?key|apikey|x-api-key|access[_-]?token|refresh[_-]?token|auth[_-]?token|token|client[_-]?secret|secret[_-]?key|secret|password|passwd|pwd|private[_-]?key|appid|webhook[_-]?url)"
+# `pass` is a key (pass=, db_pass:) only as a word of its own or after a separator: after a
+# letter or digit it ends another word (bypass=1, compass: north), and a key must end with
+# its keyword, so "passed:", "passenger:" and "pass through" are not keys either.
+_KEY_WORDS = r"(?:api[_-]?key|apikey|x-api-key|access[_-]?token|refresh[_-]?token|auth[_-]?token|token|client[_-]?secret|secret[_-]?key|secret|password|passwd|pwd|private[_-]?key|appid|webhook[_-]?url|(?<![^\W_])pass)"
 
 _TOKEN_CHAR = r"[A-Za-z0-9._~+/=-]"  # base64, base64url and the RFC 6750 token68 characters
 _PROSE_WORD = rf"[A-Za-z][a-z]*(?:-[a-z]+)*\.{{0,3}}(?!{_TOKEN_CHAR})"
@@ -89,7 +92,7 @@ def _active(text: str) -> tuple[str, ...]:
     Unicode)."""
     low = text.casefold().replace("\u0131", "i")
     found: list[str] = []
-    if ("=" in text or ":" in text) and ("key" in low or "token" in low or "secret" in low or "passw" in low or "pwd" in low or "appid" in low or "url" in low):
+    if ("=" in text or ":" in text) and ("key" in low or "token" in low or "secret" in low or "pass" in low or "pwd" in low or "appid" in low or "url" in low):
         found.append("kv")
     if "bearer" in low or "basic" in low or "token" in low:
         found.append("bearer")

@@ -30,11 +30,16 @@ from ipaas.throttled_log import ThrottledWarning
 
 log = logging.getLogger("ipaas.ratelimit")
 
-DEFAULT_TIERS = {"free": (5.0, 10), "paid": (50.0, 100), "anonymous": (5.0, 20)}
+DEFAULT_TIERS = {"free": (5.0, 10), "paid": (50.0, 100), "anonymous": (5.0, 20), "anonymous_webhooks": (10.0, 100)}
 # Requests with no known caller (no API key, or one this gateway has never seen accepted),
 # per client address: each costs the core a call and a database read before it is refused.
 # No tenant has this tier (the core's tiers are free and paid).
 ANONYMOUS = "anonymous"
+# Webhooks the core refused (bad signature, unknown workflow, bad body), per client
+# address: until accepted a webhook has no owner to charge, and each refusal cost the core a
+# call (an unknown id a database read). Larger than ANONYMOUS: a busy sender's address (a
+# SaaS's egress) delivers to many workflows and may get some wrong. The gateway's only.
+ANONYMOUS_WEBHOOKS = "anonymous_webhooks"
 STORAGE_TIMEOUT = 1.0  # seconds a Redis call may take before the request goes through unlimited
 RETRY_STORAGE_AFTER = 5.0  # after a failure, so an outage does not cost every request a timeout
 
@@ -74,7 +79,7 @@ class Decision:
 
 def parse_tiers(env: Mapping[str, str]) -> dict[str, Tier]:
     """IPAAS_RATE_FREE="5/10" (rate per second / burst), IPAAS_RATE_PAID="50/100",
-    IPAAS_RATE_ANONYMOUS="5/20"."""
+    IPAAS_RATE_ANONYMOUS="5/20", IPAAS_RATE_ANONYMOUS_WEBHOOKS="10/100"."""
     tiers = {}
     for name, (rate, burst) in DEFAULT_TIERS.items():
         setting = f"IPAAS_RATE_{name.upper()}"

@@ -127,6 +127,19 @@ def _redis_url(env: Mapping[str, str]) -> str | None:
     return raw or None
 
 
+MIN_ADMIN_KEY_LENGTH = 32
+
+
+def _admin_key(env: Mapping[str, str]) -> str | None:
+    """A chosen admin key is at least as hard to guess as it is long: `IPAAS_ADMIN_KEY=a`
+    made `Bearer a` the platform's admin (security audit F8). The generated key has 256
+    random bits. The key is not repeated: it is a secret."""
+    key = env.get("IPAAS_ADMIN_KEY") or None
+    if key is not None and (len(key) < MIN_ADMIN_KEY_LENGTH or not key.isascii() or not key.isprintable() or " " in key):
+        raise SystemExit(f"IPAAS_ADMIN_KEY must be at least {MIN_ADMIN_KEY_LENGTH} printable ASCII characters without spaces (leave it unset to have one generated)")
+    return key
+
+
 def _log_level(env: Mapping[str, str]) -> str:
     level = (env.get("IPAAS_LOG_LEVEL") or "").strip().upper() or "INFO"
     # WARN and FATAL too: logging takes them, and a platform running with them kept working.
@@ -156,17 +169,20 @@ class Settings:
         env = os.environ if env is None else env
         data_dir = Path(env.get("IPAAS_DATA_DIR") or ".ipaas")
         grpc_listen = listen_address(env, "IPAAS_GRPC_LISTEN", "127.0.0.1:50051", any_port=True)
-        plugins = env.get("IPAAS_PLUGINS")
+        # No name (empty, blanks, commas) is the default, every installed connector, as for
+        # every setting: a unit file passing IPAAS_PLUGINS=${IPAAS_PLUGINS} through unset made
+        # an allow-list of nothing.
+        plugins = frozenset(p.strip() for p in (env.get("IPAAS_PLUGINS") or "").split(",") if p.strip()) or None
         return cls(
             data_dir=data_dir,
             database_url=env.get("IPAAS_DATABASE_URL") or f"sqlite:///{data_dir / 'ipaas.db'}",
             grpc_listen=grpc_listen,
             http_listen=listen_address(env, "IPAAS_HTTP_LISTEN", "127.0.0.1:8080"),
             core_target=core_target(env, grpc_listen),
-            admin_key=env.get("IPAAS_ADMIN_KEY") or None,
+            admin_key=_admin_key(env),
             redis_url=_redis_url(env),
             secret_keys=tuple(k.strip() for k in (env.get("IPAAS_SECRET_KEYS") or "").split(",") if k.strip()),
-            plugins=None if plugins is None else frozenset(p.strip() for p in plugins.split(",") if p.strip()),
+            plugins=plugins,
             allow_insecure_targets=boolean(env, "IPAAS_ALLOW_INSECURE_TARGETS", False),
             # 0: the dispatcher's default, 16 per CPU. More than this is a typo, not a load one
             # process can drive; below 0 the dispatcher never claimed a task.

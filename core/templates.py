@@ -10,6 +10,18 @@ Paths:
   saved. Python's `re` backtracks, so a pattern like `(a+)+b` against a crafted payload runs
   for seconds to hours on the engine's event loop, where no timeout can interrupt it.
 
+JSONPath costs are bounded the same way, for any payload. A filter may only read the item it
+tests by name or index (`@.qty`, `@['a b'][0]`, `#`), compare with literals, combine with
+`&&`, `||`, `!` and call functions on such values (`length(@.name) > 3`). A query from the
+root (`$`), a descendant (`@..x`) or a list of nodes (`@.*`) inside a filter runs once per
+item it tests: `{{$..[?count($..*) > 0]}}` was quadratic in the payload, and nested, cubic
+(a 1.8 KB payload held an engine for 21 s). A query as a selector (`$.a[$.b]`) runs once per
+node too, and `&` compares its two sides' results pairwise: both are refused as well.
+What stays (`$..name`, `[*]`, slices, filters) is linear in the payload per segment, but
+segments and templates multiply, so a render also has a work budget: MAX_TEMPLATE_WORK
+nodes made or tested by all of one config's JSONPaths together, past which the step fails
+for good (TemplateError).
+
 Rendering only looks up dict keys and list indexes: it never evaluates code nor touches
 Python attributes, so `{{__class__}}` is just a key that is not there. Strings stay strings:
 scalars render as text, objects and lists as JSON, null as empty. A missing path renders
@@ -37,9 +49,22 @@ from functools import lru_cache
 from typing import Any
 
 import orjson
-from jsonpath import JSONPathEnvironment
+from jsonpath import JSONPathEnvironment, JSONPathMatch
 from jsonpath.exceptions import JSONPathNameError, JSONPathSyntaxError
+from jsonpath.filter import (
+    CurrentKey,
+    FilterExpression,
+    FilterExpressionLiteral,
+    FunctionExtension,
+    InfixExpression,
+    ListLiteral,
+    Nil,
+    PrefixExpression,
+    RelativeFilterQuery,
+    Undefined,
+)
 from jsonpath.parse import Parser
+from jsonpath.path import CompoundJSONPath, JSONPath
 
 _TEMPLATE = re.compile(r"\{\{\s*(.*?)\s*\}\}", re.DOTALL)
 _LITERAL_BRACES = ('"{{"', "'{{'")  # {{"{{"}}: the one escape, a literal "{{"
@@ -50,6 +75,15 @@ MAX_CONFIG_DEPTH = 32
 # string would otherwise be built in the engine's memory.
 MAX_RENDERED_CHARS = 1024 * 1024
 _MISSING = object()
+# Nodes all of one config's JSONPaths may make or test: 0.4 to 1.2 s of python-jsonpath on
+# our 2-core machines (2 to 6 µs a node). A webhook of 1 MiB has 60,000 to 80,000
+# containers, so a step can still scan it twice with `$..name` or filter all its items; a
+# path that reads by name and index costs about ten (_PATH_COST).
+MAX_TEMPLATE_WORK = 200_000
+# What one JSONPath evaluation costs before it visits a node (~20 µs), so 10,000 cheap
+# `{{$.a}}` in one config count too.
+_PATH_COST = 10
+_WORK = "ipaas.work"  # where a render's _Budget rides in python-jsonpath's filter context
 # A list index: ASCII digits only. str.isdigit() also takes "²" (which int() refuses) and
 # "٣" (which int() reads as 3).
 _INDEX = re.compile(r"-?[0-9]+")
@@ -82,9 +116,78 @@ class _Path:
 _NO_REGEX = "regular expressions (match, search, =~) are not allowed in templates"
 
 
+class _WorkExceeded(Exception):
+    """A render spent MAX_TEMPLATE_WORK (see _Budget.spend_work)."""
+
+
+_FILTER_READS = "a filter may only read the item it tests by name or index (@.a, @[0], #) and compare it with literals"
+
+
+class _CostedFilter(FilterExpression):
+    """A filter expression that spends the render's work budget each time it tests an item:
+    a filter that matches nothing makes no node, yet it costs its size for every item."""
+
+    __slots__ = ("cost",)
+
+    def __init__(self, expression: Any, cost: int) -> None:
+        super().__init__(expression)
+        self.cost = cost
+
+    def evaluate(self, context: Any) -> bool:
+        context.extra_context[_WORK].spend_work(self.cost)
+        return super().evaluate(context)
+
+
+def _filter_cost(expr: Any, token: Any) -> int:
+    """What testing one item costs; raises on anything but the whitelist (see the module's
+    docstring): each part here costs at most its length, whatever the payload."""
+    if isinstance(expr, InfixExpression):
+        return 1 + _filter_cost(expr.left, token) + _filter_cost(expr.right, token)
+    if isinstance(expr, PrefixExpression):
+        return 1 + _filter_cost(expr.right, token)
+    if isinstance(expr, FunctionExtension):
+        return 1 + sum(_filter_cost(arg, token) for arg in expr.args)
+    if isinstance(expr, RelativeFilterQuery) and expr.path.singular_query():
+        return 1 + len(expr.path.segments)
+    if isinstance(expr, ListLiteral):  # its items are literals (the parser's list_item_map)
+        return 1 + len(expr.items)
+    if isinstance(expr, (FilterExpressionLiteral, Nil, Undefined, CurrentKey)):
+        return 1
+    # $..x, $.a, @..x, @.*, @[?...], _.x: each runs a query once per item the filter tests.
+    raise JSONPathSyntaxError(f"{_FILTER_READS}; {expr} would run once per item tested", token=token)
+
+
 class _ParserWithoutRegex(Parser):
     def parse_regex(self, stream: Any) -> Any:  # a `/pattern/` literal, the operand of =~
         raise JSONPathSyntaxError(_NO_REGEX, token=stream.current())
+
+    def parse_filter_selector(self, stream: Any, *, keys: bool = False) -> Any:
+        token = stream.current()
+        selector = super().parse_filter_selector(stream, keys=keys)
+        inner = selector.expression.expression
+        selector.expression = _CostedFilter(inner, _filter_cost(inner, token))
+        return selector
+
+    def parse_singular_query_selector(self, stream: Any) -> Any:  # $.a[$.b]: a query per node
+        raise JSONPathSyntaxError("a query inside a selector ($.a[$.b]) is not allowed in templates", token=stream.current())
+
+
+class _Match(JSONPathMatch):
+    """A match that spends the render's work budget for each node it makes. It leaves out
+    the normalized path and the children python-jsonpath keeps for each node: findall reads
+    neither, and the path is every ancestor's key again, so long keys above a wide list made
+    gigabytes of strings from a 1 MiB payload."""
+
+    __slots__ = ()
+
+    def new_child(self, obj: object, key: int | str) -> JSONPathMatch:
+        # A node found by `..` is yielded up through one generator per level above it: 90
+        # levels down, a node costs about twice what it does near the top.
+        self._filter_context[_WORK].spend_work(1 + len(self.parts) // 50)
+        return _Match(filter_context=self._filter_context, obj=obj, parent=self, path="", parts=self.parts + (key,), root=self.root)
+
+    def add_child(self, *children: JSONPathMatch) -> None:
+        pass
 
 
 class _Environment(JSONPathEnvironment):
@@ -92,6 +195,7 @@ class _Environment(JSONPathEnvironment):
     docstring): the functions are not registered and a regex literal does not parse."""
 
     parser_class = _ParserWithoutRegex
+    match_class = _Match
 
     def setup_function_extensions(self) -> None:
         super().setup_function_extensions()
@@ -104,7 +208,26 @@ class _Environment(JSONPathEnvironment):
         return super().validate_function_extension_signature(token, args)
 
 
-_JSONPATH = _Environment()
+# Without caching: it only helps queries from the root, which filters may not hold, and its
+# per-node copy of the expression would run around _CostedFilter.
+_JSONPATH = _Environment(filter_caching=False)
+
+
+def _find(compiled: JSONPath | CompoundJSONPath, data: Any, budget: _Budget) -> list[Any]:
+    """compiled.findall(data), spending budget. JSONPath.finditer makes its first node a plain
+    JSONPathMatch whatever the environment's match_class, so the segments run from here. A
+    payload that is a string stays one: findall parsed it as JSON again for every template
+    (as dotted paths never did)."""
+    budget.spend_work(_PATH_COST)
+    paths = [compiled] if isinstance(compiled, JSONPath) else [compiled.path, *(p for _, p in compiled.paths)]
+    context = {_WORK: budget}
+    found: list[Any] = []
+    for path in paths:
+        matches: Any = [_Match(filter_context=context, obj=[data] if path.pseudo_root else data, parent=None, path="$", parts=(), root=data)]
+        for segment in path.segments:
+            matches = segment.resolve(matches)
+        found.extend(match.obj for match in matches)
+    return found
 
 
 def _compile_path(text: str) -> _Path:
@@ -114,12 +237,16 @@ def _compile_path(text: str) -> _Path:
         raise TemplateError(f"template path longer than {MAX_PATH_LENGTH} characters")
     if text.startswith("$"):
         try:
-            return _Path(text, "trigger", (), _JSONPATH.compile(text))
+            compiled = _JSONPATH.compile(text)
         except Exception as exc:  # python-jsonpath raises several syntax error types
             # Its text goes on with a drawing of the path under a caret: the first line is
             # the reason, and the path is quoted already.
             reason = str(exc).split("\n", 1)[0]
             raise TemplateError(f"invalid JSONPath {text!r}: {reason}") from None
+        if isinstance(compiled, CompoundJSONPath) and any(op != _JSONPATH.union_token for op, _ in compiled.paths):
+            # An intersection compares every result of one side with every one of the other.
+            raise TemplateError(f"invalid JSONPath {text!r}: the intersection operator & is not allowed in templates")
+        return _Path(text, "trigger", (), compiled)
     segments = tuple(text.split("."))
     if any(s == "" for s in segments):
         raise TemplateError(f"invalid path {text!r}: empty segment")
@@ -194,10 +321,15 @@ def _walk(value: Any, segments: tuple[str, ...]) -> Any:
     return value
 
 
-def _resolve(path: _Path, ctx: RenderContext) -> Any:
+def _resolve(path: _Path, ctx: RenderContext, budget: _Budget) -> Any:
     if path.compiled is not None:
         try:
-            found = path.compiled.findall(ctx.trigger)
+            found = _find(path.compiled, ctx.trigger, budget)
+        except _WorkExceeded:
+            raise TemplateError(
+                f"templates visit too much of the payload: more than {MAX_TEMPLATE_WORK} nodes by {{{{{path.text}}}}}"
+                " (use fewer `..` and filters, or a smaller payload)"
+            ) from None
         except Exception:
             return _MISSING
         if not found:
@@ -260,12 +392,18 @@ def number_text(value: float) -> str:
 
 
 class _Budget:
-    """Characters a render may still produce."""
+    """Characters a render may still produce, and JSONPath work it may still do."""
 
-    __slots__ = ("left",)
+    __slots__ = ("left", "work")
 
     def __init__(self, chars: int) -> None:
         self.left = chars
+        self.work = MAX_TEMPLATE_WORK
+
+    def spend_work(self, nodes: int) -> None:
+        self.work -= nodes
+        if self.work < 0:
+            raise _WorkExceeded
 
     def spend(self, chars: int) -> None:
         self.left -= chars
@@ -284,7 +422,7 @@ def render(template: str, ctx: RenderContext, budget: _Budget | None = None) -> 
             text = part
         else:
             try:
-                value = _resolve(part, ctx)
+                value = _resolve(part, ctx, budget)
                 if value is _MISSING:
                     missing.append(part.text)
                     continue
@@ -333,7 +471,7 @@ def _render_whole(path: _Path, ctx: RenderContext, missing: list[str], budget: _
     asks for a string, the step runner turns it back into text (StepRunner.render). A path
     that finds nothing gives "", as inside text."""
     try:
-        value = _resolve(path, ctx)
+        value = _resolve(path, ctx, budget)
     except TemplateError:
         raise
     except Exception as exc:

@@ -37,6 +37,10 @@ log = logging.getLogger("ipaas.workflows")
 DEFAULT_SECRET_GRACE = timedelta(hours=24)
 UPDATABLE = ("name", "trigger", "steps", "options")
 TARGET_TTL = 1.0
+# An id with no workflow, or a deleted one, never takes a webhook (ids are the core's own,
+# never reused, and nothing is undeleted): kept longer than TARGET_TTL, so a sender retrying
+# a deleted workflow's webhook, or made-up ids sent again, cost no database read each.
+MISSING_TTL = 60.0
 
 
 @dataclass(frozen=True)
@@ -61,6 +65,7 @@ class WorkflowStore:
         self.credentials = credentials
         self._targets: TTLCache[str, WebhookTarget | None] = TTLCache(maxsize=10_000, ttl=TARGET_TTL)
         self._target_loads: SingleFlight[str, WebhookTarget | None] = SingleFlight()
+        self._missing: TTLCache[str, bool] = TTLCache(maxsize=10_000, ttl=MISSING_TTL)
         self._generation = 0
         self._versions: LRUCache[tuple[str, int], dict[str, Any]] = LRUCache(maxsize=5_000)
         self._version_rows: LRUCache[tuple[str, int], Any] = LRUCache(maxsize=5_000)  # (definition, created_at)
@@ -308,6 +313,8 @@ class WorkflowStore:
             return self._targets[workflow_id]
         except KeyError:
             pass
+        if workflow_id in self._missing:
+            return None
 
         async def load() -> WebhookTarget | None:
             generation = self._generation
@@ -321,6 +328,7 @@ class WorkflowStore:
     def forget(self, workflow_id: str) -> None:
         self._generation += 1
         self._targets.pop(workflow_id, None)
+        self._missing.pop(workflow_id, None)
 
     async def _load_webhook_target(self, workflow_id: str) -> "WebhookTarget | None":
         """What a webhook needs in one round of reads: owner, tier, current version and the
@@ -330,18 +338,17 @@ class WorkflowStore:
         async with self.db.session() as s:
             row = (
                 await s.execute(
-                    select(Workflow.tenant_id, Workflow.current_version, WorkflowVersion.definition, Tenant.tier)
+                    # Inactive and deleted ones too, in the same read: only those can come back.
+                    select(Workflow.tenant_id, Workflow.current_version, Workflow.deleted_at, Workflow.active, Workflow.trigger_type, WorkflowVersion.definition, Tenant.tier)
                     .join(WorkflowVersion, (WorkflowVersion.workflow_id == Workflow.id) & (WorkflowVersion.version == Workflow.current_version))
                     .join(Tenant, Tenant.id == Workflow.tenant_id)
-                    .where(
-                        Workflow.id == workflow_id,
-                        Workflow.deleted_at.is_(None),
-                        Workflow.active.is_(True),
-                        Workflow.trigger_type == "webhook",
-                    )
+                    .where(Workflow.id == workflow_id)
                 )
             ).first()
-            if row is None:
+            if row is None or row.deleted_at is not None:
+                self._missing[workflow_id] = True
+                return None
+            if not row.active or row.trigger_type != "webhook":
                 return None
             ciphertexts = (
                 await s.scalars(

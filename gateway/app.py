@@ -27,11 +27,11 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
 
 from ipaas import __version__, heap, lifecycle, logs, reasons
-from ipaas.gateway import envelope, idempotency, kept_answers, parse_errors, request_deadlines
+from ipaas.gateway import envelope, idempotency, kept_answers, metrics, parse_errors, request_deadlines
 from ipaas.gateway.core_client import CALL_TIMEOUT, CoreClient
 from ipaas.gateway.envelope import HttpError
 from ipaas.gateway.openapi import DOCS_PAGE, build_openapi
-from ipaas.gateway.ratelimit import ANONYMOUS, RateLimiter, parse_tiers
+from ipaas.gateway.ratelimit import ANONYMOUS, ANONYMOUS_WEBHOOKS, RateLimiter, parse_tiers
 from ipaas.gateway.routes import MAX_PARAM_LENGTH, Match, Route, Router, field_value
 from ipaas.gateway.throttled_log import ThrottledWarning
 from ipaas.gateway.webhook_batch import OversizedDelivery, WebhookBatcher
@@ -40,6 +40,7 @@ from ipaas.pagination import MAX_VERSION
 from ipaas.settings import Settings, boolean
 from ipaas.singleflight import SingleFlight
 from ipaas.v1 import executions_pb2
+from ipaas.wire import MAX_JSON_DEPTH
 
 log = logging.getLogger("ipaas.gateway")
 
@@ -56,6 +57,9 @@ MAX_AUTHORIZATION_LENGTH = 1024  # API keys are ~50 characters
 MAX_HEADER_BYTES = 64 * 1024
 # Failures of the call itself rather than answers of the core's handlers.
 CHANNEL_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED}
+# Answers of the core that say it failed, not that the request was wrong (a database outage,
+# a bug): counted with the channel's failures in ipaas_gateway_core_call_failures.
+CORE_FAILURE_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN, grpc.StatusCode.DATA_LOSS}
 CALLER_TTL = 10.0
 # A key the core refused is answered 401 here for this long: a client retrying a bad key in
 # a loop then costs no core call. Short, so a key refused during a core hiccup (an admin
@@ -64,7 +68,10 @@ REFUSED_TTL = 5.0
 MAX_CACHED_KEYS = 10_000
 READY_TIMEOUT = 1.0  # seconds Redis has to answer /health/ready's ping
 OWNER_TTL = 60.0
-UNLIMITED_PATHS = {"/health", "/health/live", "/health/ready", "/openapi.json", "/docs"}
+# How long after its last refused webhook an address's webhooks look at its budget first:
+# longer than the default budget takes to refill (100 at 10/s).
+REFUSED_SENDER_TTL = 60.0
+UNLIMITED_PATHS = {"/health", "/health/live", "/health/ready", "/openapi.json", "/docs", "/metrics"}
 HOP_BY_HOP = {"connection", "keep-alive", "proxy-authorization", "proxy-authenticate", "te", "trailer", "transfer-encoding", "upgrade", "authorization", "cookie"}
 IDEMPOTENT_VERBS = {"POST", "PATCH"}
 STATUS_CODES = {code.value[0]: code for code in grpc.StatusCode}
@@ -77,6 +84,13 @@ def _request_id(given: str | None) -> str:
 def _ascii_text(value: str) -> bool:
     """What a gRPC metadata value may hold."""
     return value.isascii() and value.isprintable()
+
+
+def _client_address(request: Request) -> str:
+    """The client's address: the proxy's forwarded one when uvicorn trusts that proxy
+    (FORWARDED_ALLOW_IPS), else the peer's."""
+    client = request.scope.get("client")
+    return client[0] if client else "-"
 
 
 def _header_bytes(scope: dict[str, Any]) -> int:
@@ -92,6 +106,19 @@ def _header_map(scope: dict[str, Any]) -> dict[str, str]:
         if key not in found:
             found[key] = value.decode("latin-1")
     return found
+
+
+_ORJSON_TOO_DEEP = "depth limit exceeded"
+
+
+def _nested_too_deeply(field: str) -> HttpError:
+    """The core's own answer to free-form JSON nested past MAX_JSON_DEPTH (ipaas.wire),
+    given in its place so that every depth gets it: the core can give it only one level
+    past the limit (deeper, protobuf cannot parse the request it is sent), and protobuf's
+    JSON parser here gives up deeper still. `body`: past what orjson reads, no field can
+    be named."""
+    problem = f"is nested too deeply (at most {MAX_JSON_DEPTH} levels of objects and arrays)"
+    return HttpError.from_grpc(grpc.StatusCode.INVALID_ARGUMENT, f"{field}: {problem}", [{"field": field, "description": problem}], reasons.INVALID_FIELD)
 
 
 _KEY_HEADERS = (b"idempotency-key", b"x-idempotency-key")
@@ -119,7 +146,11 @@ class Gateway:
         unlimited = frozenset(t.strip() for t in env.get("IPAAS_RATE_UNLIMITED_TENANTS", "").split(",") if t.strip())
         self.rate_limits_off = boolean(env, "IPAAS_RATE_LIMITS_OFF", False)
         self.body_timeout = request_deadlines.body_timeout(env)
-        self.limiter = RateLimiter(parse_tiers(env), settings.redis_url, unlimited)
+        tiers = parse_tiers(env)
+        self.limiter = RateLimiter(tiers, settings.redis_url, unlimited)
+        self.metrics: metrics.GatewayMetrics | metrics.NoMetrics = (
+            metrics.GatewayMetrics([r.template for r in self.router.routes], UNLIMITED_PATHS, tiers, [c.name for c in grpc.StatusCode]) if metrics.enabled(env) else metrics.NoMetrics()
+        )
         self.client: CoreClient | None = None
         self.webhooks: WebhookBatcher | None = None
         self.store: Any = None
@@ -128,6 +159,12 @@ class Gateway:
         self._refused: dict[str, tuple[float, HttpError]] = {}  # key digest -> (until, the core's answer)
         self._checks: SingleFlight[str, tuple[str, str]] = SingleFlight()
         self._owners: dict[str, tuple[float, str, str]] = {}
+        # Client address -> when the core last refused one of its webhooks here. Only those
+        # addresses' webhooks look at the anonymous-webhook budget first: the look cost ~5 us
+        # a webhook (5 % of the gateway's CPU for one), and an address never refused has
+        # nothing spent to look at, on this replica. Another replica's refusals (shared
+        # through Redis) are seen here after this one refuses that address once.
+        self._refused_senders: dict[str, float] = {}
         self._started = time.monotonic()
         self._draining = False
         self._stopping = False
@@ -206,9 +243,12 @@ class Gateway:
                     return
         if scope["type"] != "http":
             return
-        request = Request(scope, receive)
-        response = await self.handle(request)
-        await response(scope, receive, send)
+        started = time.perf_counter()
+        response = await self.handle(Request(scope, receive))
+        try:
+            await response(scope, receive, send)
+        finally:
+            self.metrics.observe(scope, response.status_code, time.perf_counter() - started)
 
     # -- one request -------------------------------------------------------------------------
     async def handle(self, request: Request) -> Response:
@@ -219,6 +259,10 @@ class Gateway:
         headers = {"X-Request-ID": rid}
         with logs.bind(request_id=rid):
             try:
+                if request.scope.get("extensions", {}).get(request_deadlines.OVER_CAPACITY) and path != "/health/live":
+                    # Alive all the same: a probe that failed here would have the process
+                    # restarted for being busy, which drops every connection it serves.
+                    raise HttpError(503, "the gateway has too many connections open: retry shortly", headers={"Retry-After": "1", "Connection": "close"}, reason=reasons.SERVICE_UNAVAILABLE)
                 if _header_bytes(request.scope) > MAX_HEADER_BYTES:
                     raise HttpError(431, f"the request headers exceed {MAX_HEADER_BYTES} bytes", headers={"Connection": "close"}, reason=reasons.HEADERS_TOO_LARGE)
                 if path in UNLIMITED_PATHS:
@@ -240,6 +284,7 @@ class Gateway:
                 raise HttpError(405, f"{request.method} is not allowed here", headers={"Allow": ", ".join(sorted(allowed))}, reason=reasons.METHOD_NOT_ALLOWED)
             raise HttpError(404, f"no route for {path}", reason=reasons.ROUTE_NOT_FOUND)
         route = match.route
+        request.scope[metrics.ROUTE] = route.template
         body = await self._read_body(request, h, WEBHOOK_BODY_LIMIT if route.raw_body else BODY_LIMIT)
         if body and not route.raw_body:
             ctype = h.get("content-type", "").split(";")[0].strip().lower()
@@ -252,6 +297,13 @@ class Gateway:
         # the call the owner's budget is only looked at, and spent once the core accepted it
         # (below), so requests it refuses cannot keep the owner's own API rate-limited.
         await self._limit(tenant, tier, headers, spend=not route.raw_body)
+        if route.raw_body and self._refused_senders:
+            # Only looked at here (an address's accepted webhooks never spend it): spent
+            # below when the core refuses the webhook.
+            sender = _client_address(request)
+            refused_at = self._refused_senders.get(sender)
+            if refused_at is not None and time.monotonic() - refused_at < REFUSED_SENDER_TTL:
+                await self._limit(f"{ANONYMOUS_WEBHOOKS}:{sender}", ANONYMOUS_WEBHOOKS, {}, spend=False)
 
         key = _idempotency_key(request.scope, h)
         if request.method not in IDEMPOTENT_VERBS:
@@ -263,7 +315,16 @@ class Gateway:
         # signature, so an unsigned sender could answer the genuine delivery's key or read
         # its answer. The core dedupes what it accepted, by webhook-id or by the key.
         if key is None or route.raw_body:
-            status, content = await self._call(route, message, h, meta, key)
+            try:
+                status, content = await self._call(route, message, h, meta, key)
+            except HttpError as err:
+                if route.raw_body and 400 <= err.status < 500 and err.status != 429:  # refused, not "not now"
+                    sender = _client_address(request)
+                    if len(self._refused_senders) > MAX_CACHED_KEYS:
+                        self._refused_senders.clear()
+                    self._refused_senders[sender] = time.monotonic()
+                    await self._spend(f"{ANONYMOUS_WEBHOOKS}:{sender}", ANONYMOUS_WEBHOOKS, headers)
+                raise
             if route.raw_body and (owner := self._owners.get(match.params.get("workflow_id", ""))):
                 await self._spend(owner[1], owner[2], headers)
             return envelope.json_response(status, content, headers)
@@ -289,6 +350,7 @@ class Gateway:
             if answer is None:
                 raise HttpError(422, "this Idempotency-Key was used by another API key: only the key that made the request can read its answer", reason=reasons.IDEMPOTENCY_KEY_REUSED)
             replay = {**headers, **(record.headers or {}), "X-Idempotency-Replay": "true"}
+            self.metrics.replayed()
             return envelope.json_response(record.status, envelope.with_meta(answer, meta), replay)
         try:
             status, content = await self._call(route, message, h, meta, key)
@@ -328,6 +390,7 @@ class Gateway:
             return
         headers.update(decision.headers)
         if not decision.allowed:
+            self.metrics.rate_limited(tier)
             raise HttpError(429, "rate limit exceeded: slow down and retry after the time in Retry-After", headers={"Retry-After": str(decision.retry_after)}, reason=reasons.RATE_LIMITED)
 
     async def _spend(self, tenant: str, tier: str, headers: dict[str, str]) -> None:
@@ -371,11 +434,19 @@ class Gateway:
             if body:
                 try:
                     data = orjson.loads(body)
-                except orjson.JSONDecodeError:
+                except orjson.JSONDecodeError as exc:
+                    if str(exc).startswith(_ORJSON_TOO_DEEP):  # valid JSON, past orjson's 1,024 levels
+                        raise _nested_too_deeply("body") from None
                     raise HttpError(400, "the body is not valid JSON", reason=reasons.REQUEST_UNPARSABLE) from None
                 if not isinstance(data, dict):
                     raise HttpError(400, "the body must be a JSON object", reason=reasons.REQUEST_UNPARSABLE)
-                if (where := inexact_integer(data)) is not None:
+                # A body with fewer brackets than the limit cannot nest past it: the usual
+                # small one is not walked.
+                if body.count(b"{") + body.count(b"[") > MAX_JSON_DEPTH:
+                    described = route.method.input_type if route.body == "*" else route.method.input_type.fields_by_name[route.body].message_type
+                    if (deep := parse_errors.nested_too_deeply(described, data, MAX_JSON_DEPTH)) is not None:
+                        raise _nested_too_deeply(deep)
+                if (where := inexact_integer(data, body)) is not None:
                     where = where if len(where) <= MAX_PARAM_LENGTH else where[:MAX_PARAM_LENGTH] + "…"
                     raise HttpError(400, f"{where} is an integer past ±2^53, which the API cannot carry exactly: send it as a string", details=[{"field": where, "description": f"integers must lie within ±{EXACT}"}], reason=reasons.INVALID_FIELD)
             target = message if route.body == "*" else getattr(message, route.body)
@@ -406,6 +477,11 @@ class Gateway:
             except (ValueError, TypeError):
                 raise HttpError(400, f"query parameter {field.name} is not valid", details=[{"field": field.name, "description": "invalid value"}], reason=reasons.INVALID_FIELD) from None
         if "expected_version" in fields and not message.expected_version and h.get("if-match"):
+            if sum(1 for name, _ in request.scope["headers"] if name.lower() == b"if-match") > 1:
+                # Two If-Match lines are one list (RFC 9110), refused as `"1", "2"` in one
+                # line is: taking the first would check the change against a version the
+                # client may not have meant.
+                raise HttpError(400, 'If-Match must be one version number, e.g. If-Match: "3"', reason=reasons.INVALID_HEADER)
             version = h["if-match"].removeprefix("W/").strip().strip('"')
             # isdigit alone takes "²" and other Unicode digits; a version is an int32.
             if not (version.isascii() and version.isdigit() and len(version) <= 10 and int(version) <= MAX_VERSION):
@@ -422,6 +498,11 @@ class Gateway:
             owner = self._owners.get(match.params.get("workflow_id", ""))
             return (owner[1], owner[2]) if owner and owner[0] > now else (None, None)
         auth = h.get("authorization")
+        if auth is not None and sum(1 for name, _ in request.scope["headers"] if name.lower() == b"authorization") > 1:
+            # Only the first value went on to the core, so which key a request ran as was
+            # left to the order in which a client or proxy wrote the headers. The core
+            # refuses the same over gRPC.
+            raise HttpError(401, "send one Authorization header", reason=reasons.AUTHORIZATION_AMBIGUOUS)
         if not auth:
             await self._limit_anonymous(request, headers)  # the core would refuse it, at a cost
             return None, None
@@ -472,8 +553,7 @@ class Gateway:
     async def _limit_anonymous(self, request: Request, headers: dict[str, str]) -> None:
         """The budget of requests with no known caller, per client address; checked before
         the core is asked, and apart from every tenant's budget."""
-        client = request.scope.get("client")
-        await self._limit(f"{ANONYMOUS}:{client[0] if client else '-'}", ANONYMOUS, headers, spend=True)
+        await self._limit(f"{ANONYMOUS}:{_client_address(request)}", ANONYMOUS, headers, spend=True)
 
     async def _call(self, route: Route, message: Any, h: dict[str, str], meta: dict[str, Any], key: str | None) -> tuple[int, bytes]:
         assert self.client is not None
@@ -514,12 +594,15 @@ class Gateway:
             error = result.error
             raise self._error(STATUS_CODES.get(error.code, grpc.StatusCode.UNKNOWN), error.message, error, from_core=True)
         # The webhook counts against its owner's rate limit from now on.
+        if len(self._owners) > MAX_CACHED_KEYS:  # one entry per workflow ever accepted, else
+            self._owners.clear()
         self._owners[message.workflow_id] = (time.monotonic() + OWNER_TTL, result.tenant_id, result.tier or "free")
         return result.accepted
 
-    @classmethod
-    def _rpc_error(cls, exc: grpc.aio.AioRpcError) -> HttpError:
+    def _rpc_error(self, exc: grpc.aio.AioRpcError) -> HttpError:
         from_core = any(k == "x-request-id" for k, _ in exc.trailing_metadata() or ())
+        if not from_core or exc.code() in CORE_FAILURE_CODES:
+            self.metrics.core_call_failed(exc.code().name)
         if exc.code() not in CHANNEL_CODES and not from_core:
             # The core's handlers answer every call with x-request-id in the trailers: an
             # error without it is the channel's own (an answer over gRPC's metadata limit,
@@ -529,7 +612,7 @@ class Gateway:
         status = None
         with contextlib.suppress(Exception):  # a status that does not match the call's
             status = rpc_status.from_call(exc)
-        return cls._error(exc.code(), exc.details(), status, from_core=from_core)
+        return self._error(exc.code(), exc.details(), status, from_core=from_core)
 
     @staticmethod
     def _error(code: grpc.StatusCode, details: str | None, status: status_pb2.Status | None, from_core: bool = False) -> HttpError:
@@ -559,6 +642,11 @@ class Gateway:
         path = request.url.path
         if request.method not in ("GET", "HEAD"):
             raise HttpError(405, f"{request.method} is not allowed here", headers={"Allow": "GET, HEAD"}, reason=reasons.METHOD_NOT_ALLOWED)
+        if path == "/metrics":
+            if not isinstance(self.metrics, metrics.GatewayMetrics):  # IPAAS_METRICS=0
+                raise HttpError(404, f"no route for {path}", reason=reasons.ROUTE_NOT_FOUND)
+            body, content_type = self.metrics.exposition(request.headers.get("accept"))
+            return Response(body, headers={**headers, "Content-Type": content_type})
         if path == "/openapi.json":
             return Response(self.openapi, media_type="application/json", headers=headers)
         if path == "/docs":

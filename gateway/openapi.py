@@ -46,20 +46,50 @@ _WEBHOOK_HEADERS = [
         ("webhook-signature", "Space-separated v1,<base64 HMAC-SHA256 of id.timestamp.body>", {"type": "string"}),
     ]
 ]
-# Routes whose core refuses a change without the version it is based on.
+# Routes whose core refuses a change without the version it is based on, sent as If-Match
+# or as expected_version: neither parameter is required alone (OpenAPI cannot say "one of").
 _VERSION_REQUIRED = {"UpdateWorkflow"}
 # The gateway moves a list's next_page_token from the answer's data to meta.pagination.
 _MOVED_TO_META = "next_page_token"
 
 
-def _if_match(required: bool) -> dict[str, Any]:
+def _if_match(version_required: bool) -> dict[str, Any]:
+    either = " This header or the expected_version query parameter is required (422 without either)." if version_required else ""
     return {
         "name": "If-Match",
         "in": "header",
-        "required": required,
-        "description": 'The version the change is based on, e.g. "3"; a stale one is 409. Sent as the expected_version query parameter instead, this header is not needed.',
+        "required": False,
+        "description": 'The version the change is based on, e.g. "3"; a stale one is 409. Sent as the expected_version query parameter instead, this header is not needed.' + either,
         "schema": {"type": "string", "pattern": '^(W/)?"?[0-9]{1,10}"?$'},
     }
+
+
+def _health_paths() -> dict[str, Any]:
+    """The gateway's own probes, which no proto describes: GET (or HEAD), no key, not rate
+    limited; 503 NOT_READY in the error envelope when failing."""
+    report = {
+        "type": "object",
+        "properties": {
+            "status": {"type": "string"},
+            "version": {"type": "string"},
+            "uptime": {"type": "string"},
+            "uptime_seconds": {"type": "number"},
+            "timestamp": {"type": "string", "format": "date-time"},
+            "checks": {"type": "object", "additionalProperties": {"type": "string", "enum": ["ok", "failing"]}},
+        },
+    }
+    probes = [
+        ("/health", "Health", "Every check: core, database, runtime, and redis where it is used. 503 when one fails, with this report in details.", report),
+        ("/health/live", "HealthLive", "The process answers; nothing else is checked.", {"type": "object", "properties": {"status": {"const": "alive"}}}),
+        ("/health/ready", "HealthReady", "The core is reachable and the gateway is not draining; else 503.", {"type": "object", "properties": {"status": {"const": "ready"}}}),
+    ]
+    error = {"description": "not ready (NOT_READY)", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorEnvelope"}}}}
+    paths: dict[str, Any] = {}
+    for path, operation_id, description, data in probes:
+        responses = {"200": {"description": "success", "content": {"application/json": {"schema": _envelope(data)}}}, "503": error, "default": {**error, "description": "error"}}
+        operation = {"operationId": operation_id, "tags": ["Health"], "summary": operation_id, "description": description, "security": [], "parameters": [], "responses": responses}
+        paths[path] = {"get": operation}
+    return paths
 
 
 class _Schemas:
@@ -149,6 +179,7 @@ def build_openapi(routes: list[Route]) -> dict[str, Any]:
         if route.name == "ReceiveWebhook":
             operation["security"] = []
         paths.setdefault(route.template, {})[route.verb.lower()] = operation
+    paths.update(_health_paths())
     schemas.components["Meta"] = {
         "type": "object",
         "required": ["request_id"],
@@ -170,7 +201,7 @@ def build_openapi(routes: list[Route]) -> dict[str, Any]:
                 "type": "object",
                 "required": ["code", "message"],
                 "properties": {
-                    "code": {"type": "string"},
+                    "code": {"type": "string", "description": "The status in the terms of whoever answered: a gRPC status name in lower case (invalid_argument) when the core or the channel to it did, the HTTP status's name (bad_request, rate_limited) when the gateway did; docs/errors.md defines it. Switch on reason, not on code."},
                     # Not required: an answer kept for an Idempotency-Key by a gateway older
                     # than reasons replays without one.
                     "reason": {

@@ -9,6 +9,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from ipaas.wire import nested_deeper_than
+
 _NESTED = re.compile(r"Failed to parse (\w+) field: ")
 # "... at Workflow.options.max_attempts.": the path after the parsed message's type.
 _AT = re.compile(r" at \w+\.([\w.]+?)\.?$")
@@ -62,5 +64,29 @@ def shape_problem(descriptor: Any, data: Any, prefix: str = "") -> tuple[str, st
             if not isinstance(item, dict):
                 return where, "must be a JSON object"
             if (found := shape_problem(field.message_type, item, f"{where}.")) is not None:
+                return found
+    return None
+
+
+# Free-form JSON: where a body's nesting is the caller's to choose.
+_FREE_FORM = {"google.protobuf.Struct", "google.protobuf.Value", "google.protobuf.ListValue"}
+
+
+def nested_too_deeply(descriptor: Any, data: Any, levels: int, prefix: str = "") -> str | None:
+    """The path (steps[0].config) of the first free-form JSON field of data nested more
+    than `levels` deep, or None. Maps are not walked: no request has a map of messages."""
+    if not isinstance(data, dict):
+        return None
+    for key, value in data.items():
+        field = descriptor.fields_by_name.get(key) or descriptor.fields_by_camelcase_name.get(key)
+        if field is None or field.message_type is None or field.message_type.GetOptions().map_entry:
+            continue
+        where = f"{prefix}{field.name}"
+        items = [(f"{where}[{i}]", item) for i, item in enumerate(value)] if field.is_repeated and isinstance(value, list) else [(where, value)]
+        for path, item in items:
+            if field.message_type.full_name in _FREE_FORM:
+                if nested_deeper_than(item, levels):
+                    return path
+            elif (found := nested_too_deeply(field.message_type, item, levels, f"{path}.")) is not None:
                 return found
     return None

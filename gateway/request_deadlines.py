@@ -6,22 +6,37 @@ so far) for as long as it likes, and enough of them take all the gateway's conne
 (slowloris). The head must arrive within IPAAS_HTTP_HEAD_TIMEOUT seconds of the connection
 opening or the previous response ending (else the connection is closed), the body within
 IPAAS_HTTP_BODY_TIMEOUT seconds of the head (else 408, see Gateway._read_body).
+
+A deadline bounds a head's time, not its size: on a fast link a head of gigabytes arrives
+well within it, and uvicorn's httptools parser keeps it all (no header limit of its own).
+So a head still unfinished past max_head bytes is answered 431 and its connection closed;
+and past IPAAS_HTTP_MAX_CONNECTIONS open connections, requests are answered 503.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 from typing import Any, Mapping
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from ipaas.settings import seconds
+from ipaas import reasons
+from ipaas.gateway import envelope
+from ipaas.settings import seconds, whole_number
 
 HEAD_TIMEOUT = 10.0
 BODY_TIMEOUT = 30.0
 # How long a connection being closed keeps reading, and dropping, what the client still
 # sends (see LingeringClose).
 LINGER = 2.0
+# Room for the request line (method, path and query) beside the headers' own limit.
+REQUEST_LINE_BYTES = 16 * 1024
+# Each connection may hold a head (~80 KiB) and a webhook's body (1 MiB) in memory: 1,000
+# bounds that near 1 GiB, as nginx's and gunicorn's ~1,000 connections per worker do.
+MAX_CONNECTIONS = 1000
+# Set in a request's scope["extensions"] when it arrived past the connection limit.
+OVER_CAPACITY = "ipaas.over_capacity"
 
 
 def head_timeout(env: Mapping[str, str]) -> float:
@@ -30,6 +45,19 @@ def head_timeout(env: Mapping[str, str]) -> float:
 
 def body_timeout(env: Mapping[str, str]) -> float:
     return seconds(env, "IPAAS_HTTP_BODY_TIMEOUT", BODY_TIMEOUT)
+
+
+def max_connections(env: Mapping[str, str]) -> int:
+    return whole_number(env, "IPAAS_HTTP_MAX_CONNECTIONS", MAX_CONNECTIONS, minimum=1)
+
+
+def _head_too_large(max_head: int) -> bytes:
+    """The 431 for a head cut off while it was read: the envelope, as the app answers."""
+    rid = os.urandom(16).hex()
+    error = envelope.HttpError(431, f"the request head (request line and headers) exceeds {max_head} bytes", reason=reasons.HEADERS_TOO_LARGE)
+    content = envelope.error_body(error, {"request_id": rid})
+    head = f"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: application/json\r\ncontent-length: {len(content)}\r\nx-request-id: {rid}\r\nconnection: close\r\n\r\n"
+    return head.encode() + content
 
 
 class LingeringClose:
@@ -72,13 +100,19 @@ class LingeringClose:
         return getattr(self._transport, name)
 
 
-def protocol(timeout: float) -> type[HttpToolsProtocol]:
-    """uvicorn's httptools protocol, closing a connection whose request head is overdue, and
-    closing every connection in stages (LingeringClose)."""
+def protocol(timeout: float, max_head: int, connections: int = MAX_CONNECTIONS) -> type[HttpToolsProtocol]:
+    """uvicorn's httptools protocol, closing a connection whose request head is overdue or
+    past max_head bytes, marking requests past `connections` open connections, and closing
+    every connection in stages (LingeringClose)."""
 
     class HeadDeadline(HttpToolsProtocol):
         _head_deadline: asyncio.TimerHandle | None = None
         lingering = False
+        # Bytes of the request head being read, counted per head (a kept-alive or pipelined
+        # connection starts again at each), and how many heads have completed.
+        _head_open = True
+        _head_bytes = 0
+        _heads = 0
 
         def connection_made(self, transport: Any) -> None:
             super().connection_made(transport)
@@ -86,12 +120,31 @@ def protocol(timeout: float) -> type[HttpToolsProtocol]:
             self._arm()
 
         def data_received(self, data: bytes) -> None:
-            if not self.lingering:  # once closing, the rest of the request is dropped
-                super().data_received(data)
+            if self.lingering:  # once closing, the rest of the request is dropped
+                return
+            open_before, heads_before = self._head_open, self._heads
+            super().data_received(data)
+            # Only data that is all head is counted: a head that began inside this data,
+            # after a previous request, is counted from the next data on (at most one read
+            # more is let in, never a legitimate head refused for its neighbour's bytes).
+            if self._head_open and open_before and self._heads == heads_before:
+                self._head_bytes += len(data)
+                if self._head_bytes > max_head and not self.transport.is_closing():
+                    self.transport.write(_head_too_large(max_head))
+                    self.transport.close()
 
         def on_headers_complete(self) -> None:
             self._disarm()
+            self._head_open = False
+            self._heads += 1
             super().on_headers_complete()
+            # After uvicorn's own bookkeeping: this connection and its task are counted.
+            if len(self.connections) > connections or len(self.tasks) > connections:
+                self.scope.setdefault("extensions", {})[OVER_CAPACITY] = True  # type: ignore[typeddict-item]
+
+        def on_message_complete(self) -> None:
+            super().on_message_complete()
+            self._head_open, self._head_bytes = True, 0
 
         def on_response_complete(self) -> None:
             # A pipelined request already queued has its head; otherwise the next is awaited.

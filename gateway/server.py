@@ -11,6 +11,7 @@ from typing import Any
 import uvicorn
 
 from ipaas.gateway import request_deadlines
+from ipaas.gateway.app import MAX_HEADER_BYTES
 from ipaas.lifecycle import insists
 from ipaas.settings import Settings
 
@@ -22,7 +23,11 @@ def uvicorn_config(settings: Settings, app: Any, host: str, port: int) -> uvicor
         app,
         host=host,
         port=port,
-        http=request_deadlines.protocol(request_deadlines.head_timeout(settings.extra)),
+        http=request_deadlines.protocol(
+            request_deadlines.head_timeout(settings.extra),
+            max_head=MAX_HEADER_BYTES + request_deadlines.REQUEST_LINE_BYTES,
+            connections=request_deadlines.max_connections(settings.extra),
+        ),
         log_level="warning",
         access_log=False,
         server_header=False,

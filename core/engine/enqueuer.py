@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
-from typing import Callable
+from collections import Counter
+from typing import AsyncIterator, Callable, Mapping, Sequence
 
 from ipaas import reasons
 from ipaas.engine import outbox
@@ -88,35 +90,81 @@ class Enqueuer:
         return base + self._since.get(tenant, 0) + self._in_flight.get(tenant, 0)
 
     async def submit(self, item: NewExecution) -> Accepted:
-        if time.monotonic() - self._depth_checked > 1.0:
-            await self.refresh_depth()
-        if self._depth >= self.max_depth:
-            raise ResourceExhausted(f"the execution queue is full ({self._depth} waiting): retry later", reasons.QUEUE_FULL)
+        await self.ensure_room()
         share = self._share()
         if share is None:
             return await self._commits.submit(item)
         tenant = item.tenant_id
+        await self._count_if_near(tenant, 1, share)
         if self._held(tenant) >= share:
-            # The bound was the whole queue's size: count per tenant (twice if the first
-            # joined a count begun before this one was wanted).
-            for _ in range(2):
-                if self._counted is None:
-                    await self.refresh_depth(by_tenant=True)
-            if self._held(tenant) >= share:
-                # No count in the message: a webhook's sender would learn the owner's backlog.
-                raise ResourceExhausted("this tenant's share of the execution queue is full: retry later", reasons.TENANT_QUEUE_FULL)
-        in_flight = self._in_flight
-        in_flight[tenant] = in_flight.get(tenant, 0) + 1
+            # No count in the message: a webhook's sender would learn the owner's backlog.
+            raise ResourceExhausted("this tenant's share of the execution queue is full: retry later", reasons.TENANT_QUEUE_FULL)
+        self._hold({tenant: 1})
         try:
             return await self._commits.submit(item)
         finally:
-            if in_flight[tenant] > 1:
-                in_flight[tenant] -= 1
+            self._release({tenant: 1})
+
+    async def ensure_room(self) -> None:
+        """Raises ResourceExhausted while the queue is full."""
+        if time.monotonic() - self._depth_checked > 1.0:
+            await self.refresh_depth()
+        if self._depth >= self.max_depth:
+            raise ResourceExhausted(f"the execution queue is full ({self._depth} waiting): retry later", reasons.QUEUE_FULL)
+
+    @contextlib.asynccontextmanager
+    async def within_shares(self, items: Sequence[NewExecution]) -> AsyncIterator[list[bool]]:
+        """For a caller that writes executions in its own transaction (outbox.enqueue_in),
+        after ensure_room(): whether each of `items` fits in its tenant's share, a tenant's
+        first items first. Those that fit are held as in flight until the block ends, so a
+        concurrent submit of their tenant counts them; call enqueued() in the block with
+        what committed."""
+        share = self._share()
+        if share is None:
+            yield [True] * len(items)
+            return
+        wanted = Counter(item.tenant_id for item in items)
+        for tenant, n in wanted.items():
+            await self._count_if_near(tenant, n, share)
+        # No await from here to the hold: a concurrent submit cannot take the same room.
+        room = {tenant: share - self._held(tenant) for tenant in wanted}
+        fits = []
+        for item in items:
+            fits.append(room[item.tenant_id] > 0)
+            room[item.tenant_id] -= 1
+        held = Counter(item.tenant_id for item, fit in zip(items, fits) if fit)
+        self._hold(held)
+        try:
+            yield fits
+        finally:
+            self._release(held)
+
+    async def _count_if_near(self, tenant: str, wanted: int, share: int) -> None:
+        """Count per tenant if `wanted` more would take `tenant` past its share by the bound
+        at hand, which may be the whole queue's size (then not counted per tenant)."""
+        if self._held(tenant) + wanted > share:
+            # Twice if the first joined a count begun before this one was wanted.
+            for _ in range(2):
+                if self._counted is None:
+                    await self.refresh_depth(by_tenant=True)
+
+    def _hold(self, counts: Mapping[str, int]) -> None:
+        in_flight = self._in_flight
+        for tenant, n in counts.items():
+            in_flight[tenant] = in_flight.get(tenant, 0) + n
+
+    def _release(self, counts: Mapping[str, int]) -> None:
+        in_flight = self._in_flight
+        for tenant, n in counts.items():
+            if in_flight[tenant] > n:
+                in_flight[tenant] -= n
             else:
                 del in_flight[tenant]
 
-    async def _write(self, items: list[NewExecution]) -> list[Accepted]:
-        results = await outbox.enqueue_many(self.db, items)
+    def enqueued(self, items: Sequence[NewExecution], results: Sequence[Accepted]) -> None:
+        """Count executions written (results in the items' order), after they committed, and
+        wake the workers for them: this enqueuer's own, and a caller's that wrote them in its
+        own transaction (outbox.enqueue_in)."""
         since, new = self._since, 0
         for item, result in zip(items, results):
             if not result.duplicate:
@@ -124,6 +172,10 @@ class Enqueuer:
                 since[item.tenant_id] = since.get(item.tenant_id, 0) + 1
         self._depth += new
         self.on_enqueued()
+
+    async def _write(self, items: list[NewExecution]) -> list[Accepted]:
+        results = await outbox.enqueue_many(self.db, items)
+        self.enqueued(items, results)
         return results
 
     async def close(self) -> None:

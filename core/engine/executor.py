@@ -4,7 +4,9 @@ retried execution resumes after its last succeeded step instead of repeating it.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -29,6 +31,7 @@ from ipaas.workflow_store import WorkflowStore
 log = logging.getLogger("ipaas.engine")
 
 FINAL = {"succeeded", "failed", "dead", "cancelled"}
+NO_CONNECTOR = "none"  # an execution that ended before any step ran
 
 
 @dataclass(frozen=True)
@@ -63,6 +66,10 @@ class Executor:
         self.breakers = breakers
         self.limits = limits
         self.outcomes = OutcomeWriter(db)
+        # Executions this process ended, by final status and the connector of the step they
+        # ended on (the last for a success, the failing one otherwise), counted once the
+        # outcome is committed: ipaas_core_executions_finished_total.
+        self.finished: collections.Counter[tuple[str, str]] = collections.Counter()
 
     async def run(self, task: outbox.ClaimedTask, owner: str) -> None:
         # Every line about this execution, the connector's own included, says whose it is:
@@ -72,6 +79,7 @@ class Executor:
             await self._run(task, owner)
 
     async def _run(self, task: outbox.ClaimedTask, owner: str) -> None:
+        started = time.perf_counter()
         # The claim brought the execution (as it was before the claim, which also marked it
         # running) and its stored steps: no read before the first step runs.
         execution = task.execution
@@ -86,6 +94,7 @@ class Executor:
             # attempt either retries below max_attempts or ends the execution.
             error = f"gave up: attempt {execution.attempts} of {execution.max_attempts} never finished"
             await self.outcomes.give_up(task, owner, error=error, attempts=execution.attempts)
+            self.finished["dead", NO_CONNECTOR] += 1  # its workflow is not read to run nothing
             log.warning("execution.dead", extra={"execution_id": execution.id, "attempts": execution.attempts, "error": error})
             return
         definition = await self.workflows.get_pinned(execution.workflow_id, execution.workflow_version)
@@ -100,6 +109,7 @@ class Executor:
         attempt = execution.attempts + 1
         outputs = {row.step_id: row.output or {} for row in done_steps.values() if row.status == "succeeded"}
         strict = bool(definition.get("options", {}).get("strict_templates"))
+        connector = NO_CONNECTOR
         try:
             async with asyncio.timeout(self.limits.execution_deadline):
                 last = len(definition["steps"]) - 1
@@ -112,7 +122,8 @@ class Executor:
                         await self.outcomes.record(Outcome(execution.id, task.task_id, owner, status=""))
                         log.info("execution.cancelled", extra={"execution_id": execution.id, "before_step": step["id"]})
                         return
-                    breaker = self.breakers.get(execution.tenant_id, step["connector"])
+                    connector = step["connector"]
+                    breaker = self.breakers.get(execution.tenant_id, connector)
                     wait = breaker.allow(step.get("timeout_seconds") or self.limits.step_timeout)
                     if wait is not None:
                         await self._defer_for_breaker(execution, task, owner, wait, step)
@@ -127,13 +138,14 @@ class Executor:
                         trial.release()
                     outputs[step["id"]] = output
         except StepFailure as failure:
-            await self._failed(execution, task, owner, attempt, failure)
+            await self._failed(execution, task, owner, attempt, failure, started, connector)
             return
         except TimeoutError:
-            await self._failed(execution, task, owner, attempt, StepFailure("execution deadline exceeded", retryable=True))
+            await self._failed(execution, task, owner, attempt, StepFailure("execution deadline exceeded", retryable=True), started, connector)
             return
         await self.outcomes.record(Outcome(execution.id, task.task_id, owner, "succeeded", None, pending))
-        log.info("execution.finished", extra={"execution_id": execution.id, "status": "succeeded", "attempt": attempt})
+        self.finished["succeeded", connector] += 1
+        log.info("execution.finished", extra={"execution_id": execution.id, "status": "succeeded", "attempt": attempt, "duration_ms": _ms_since(started)})
 
     async def _cancelled(self, execution_id: str) -> bool:
         """A running step finishes; no further step starts once the execution is cancelled."""
@@ -181,7 +193,8 @@ class Executor:
         try:
             rendered = self.steps.render(step, templates.RenderContext(trigger=execution.payload, steps=outputs))
         except templates.TemplateError as exc:
-            # This payload will not render on any attempt (too large, nested too deeply).
+            # This payload will not render on any attempt (too large, nested too deeply, too
+            # much work for its templates, a template refused since it was saved).
             await self._store_step(record, "failed", error=str(exc), retryable=False)
             raise StepFailure(f"step {step['id']}: {exc}", retryable=False) from None
         record["rendered_config"] = self.steps.masked_config(step, rendered.value)
@@ -235,20 +248,27 @@ class Executor:
         await self.outcomes.requeue(task, owner, run_at, error=f"circuit open for {step['connector']}", attempts=execution.attempts, started_at=execution.started_at)
         log.info("execution.deferred", extra={"execution_id": execution.id, "connector": step["connector"], "seconds": round(wait, 3)})
 
-    async def _failed(self, execution: Execution, task: outbox.ClaimedTask, owner: str, attempt: int, failure: StepFailure) -> None:
+    async def _failed(self, execution: Execution, task: outbox.ClaimedTask, owner: str, attempt: int, failure: StepFailure, started: float, connector: str) -> None:
         if not failure.retryable:
-            await self._finish(execution, task, owner, "failed", str(failure))
-            log.warning("execution.failed", extra={"execution_id": execution.id, "error": str(failure)})
+            await self._finish(execution, task, owner, "failed", str(failure), connector)
+            log.warning("execution.failed", extra={"execution_id": execution.id, "error": str(failure), "duration_ms": _ms_since(started)})
             return
         policy = RetryPolicy(base_delay=self.limits.base_delay, max_delay=self.limits.max_delay, max_attempts=execution.max_attempts)
         delay = next_delay(policy, attempt, failure.retry_after)
         if delay is None:
-            await self._finish(execution, task, owner, "dead", str(failure))
-            log.warning("execution.dead", extra={"execution_id": execution.id, "attempts": attempt, "error": str(failure)})
+            await self._finish(execution, task, owner, "dead", str(failure), connector)
+            log.warning("execution.dead", extra={"execution_id": execution.id, "attempts": attempt, "error": str(failure), "duration_ms": _ms_since(started)})
             return
         run_at = utcnow() + timedelta(seconds=delay)
         await self.outcomes.requeue(task, owner, run_at, error=mask_value(str(failure)))
-        log.info("execution.retry_scheduled", extra={"execution_id": execution.id, "attempt": attempt, "delay_s": round(delay, 3)})
+        log.info("execution.retry_scheduled", extra={"execution_id": execution.id, "attempt": attempt, "delay_s": round(delay, 3), "duration_ms": _ms_since(started)})
 
-    async def _finish(self, execution: Execution, task: outbox.ClaimedTask, owner: str, status: str, error: str | None) -> None:
+    async def _finish(self, execution: Execution, task: outbox.ClaimedTask, owner: str, status: str, error: str | None, connector: str) -> None:
         await self.outcomes.record(Outcome(execution.id, task.task_id, owner, status, mask_value(error) if error else None))
+        self.finished[status, connector] += 1
+
+
+def _ms_since(started: float) -> float:
+    """This attempt's time in the engine, from its claim to its outcome's commit: the
+    `duration_ms` of the execution's last line (the seed's structured log field)."""
+    return round((time.perf_counter() - started) * 1000, 1)

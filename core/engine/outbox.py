@@ -52,6 +52,9 @@ class Accepted:
     status: str
     duplicate: bool
     created_at: datetime | None = None  # set for a new execution (a duplicate's is stored)
+    # The version the execution pinned: a manual run's duplicate is compared with the
+    # version its repeat asked for.
+    workflow_version: int = 0
 
 
 @dataclass(frozen=True)
@@ -72,15 +75,26 @@ async def enqueue_many(db: Database, items: list[NewExecution]) -> list[Accepted
     """Enqueue a batch in one transaction (group commit). Duplicates (same tenant and
     dedup key, earlier or within the batch) return the existing execution."""
     now = utcnow()
+    rows = _execution_rows(items, now)  # built before the transaction: the writer waits less
+    return await db.transaction(lambda conn: _write(conn, items, rows, now))
+
+
+def enqueue_in(conn: Connection, items: list[NewExecution]) -> list[Accepted]:
+    """enqueue_many within the caller's transaction: for executions that must commit with
+    the caller's other writes or not at all (a schedule's fire and its claim)."""
+    now = utcnow()
+    return _write(conn, items, _execution_rows(items, now), now)
+
+
+def _execution_rows(items: list[NewExecution], now: datetime) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
-    by_key: dict[tuple[str, str], int] = {}
-    results: list[Accepted | None] = [None] * len(items)
+    by_key: set[tuple[str, str]] = set()
     for i, item in enumerate(items):
         if item.dedup_key is not None:
             key = (item.tenant_id, item.dedup_key)
             if key in by_key:  # a repeat inside the same batch
                 continue
-            by_key[key] = i
+            by_key.add(key)
         rows.append(
             {
                 "id": new_id("ex"),
@@ -97,36 +111,37 @@ async def enqueue_many(db: Database, items: list[NewExecution]) -> list[Accepted
                 "_index": i,
             }
         )
-    insert_executions = _INSERT_EXECUTION_PG if db.is_postgres else _INSERT_EXECUTION_SQLITE
+    return rows
 
-    def write(conn: Connection) -> list[Accepted]:
-        inserted: set[str] = set()
-        if rows:
-            result = conn.execute(insert_executions, [{k: v for k, v in r.items() if k != "_index"} for r in rows])
-            inserted = {row[0] for row in result}
-        new_rows = [r for r in rows if r["id"] in inserted]
-        if new_rows:
-            conn.execute(_INSERT_TASK, [{"execution_id": r["id"], "tenant_id": r["tenant_id"], "run_at": now, "created_at": now} for r in new_rows])
-            if db.is_postgres:
-                conn.execute(text("SELECT pg_notify(:channel, '')"), {"channel": NOTIFY_CHANNEL})
-        for r in new_rows:
-            results[r["_index"]] = Accepted(r["id"], "queued", False, now)
-        missing = [i for i, res in enumerate(results) if res is None]
-        if missing:
-            wanted = {(items[i].tenant_id, items[i].dedup_key) for i in missing}
-            found = conn.execute(
-                select(EXECUTIONS.c.id, EXECUTIONS.c.status, EXECUTIONS.c.tenant_id, EXECUTIONS.c.dedup_key).where(
-                    or_(*(and_(EXECUTIONS.c.tenant_id == t, EXECUTIONS.c.dedup_key == k) for t, k in wanted))
-                )
+
+def _write(conn: Connection, items: list[NewExecution], rows: list[dict[str, Any]], now: datetime) -> list[Accepted]:
+    postgres = conn.dialect.name == "postgresql"
+    results: list[Accepted | None] = [None] * len(items)
+    inserted: set[str] = set()
+    if rows:
+        result = conn.execute(_INSERT_EXECUTION_PG if postgres else _INSERT_EXECUTION_SQLITE, [{k: v for k, v in r.items() if k != "_index"} for r in rows])
+        inserted = {row[0] for row in result}
+    new_rows = [r for r in rows if r["id"] in inserted]
+    if new_rows:
+        conn.execute(_INSERT_TASK, [{"execution_id": r["id"], "tenant_id": r["tenant_id"], "run_at": now, "created_at": now} for r in new_rows])
+        if postgres:
+            conn.execute(text("SELECT pg_notify(:channel, '')"), {"channel": NOTIFY_CHANNEL})
+    for r in new_rows:
+        results[r["_index"]] = Accepted(r["id"], "queued", False, now, r["workflow_version"])
+    missing = [i for i, res in enumerate(results) if res is None]
+    if missing:
+        wanted = {(items[i].tenant_id, items[i].dedup_key) for i in missing}
+        found = conn.execute(
+            select(EXECUTIONS.c.id, EXECUTIONS.c.status, EXECUTIONS.c.tenant_id, EXECUTIONS.c.dedup_key, EXECUTIONS.c.workflow_version).where(
+                or_(*(and_(EXECUTIONS.c.tenant_id == t, EXECUTIONS.c.dedup_key == k) for t, k in wanted))
             )
-            existing = {(r.tenant_id, r.dedup_key): r for r in found}
-            for i in missing:
-                r = existing[(items[i].tenant_id, items[i].dedup_key)]
-                # A repeat within the batch of an execution inserted now is a duplicate too.
-                results[i] = Accepted(r.id, r.status, True)
-        return [r for r in results if r is not None]
-
-    return await db.transaction(write)
+        )
+        existing = {(r.tenant_id, r.dedup_key): r for r in found}
+        for i in missing:
+            r = existing[(items[i].tenant_id, items[i].dedup_key)]
+            # A repeat within the batch of an execution inserted now is a duplicate too.
+            results[i] = Accepted(r.id, r.status, True, workflow_version=r.workflow_version)
+    return [r for r in results if r is not None]
 
 
 async def queue_depth(db: Database, tenant_id: str | None = None) -> int:

@@ -10,13 +10,15 @@ Two pipes per child:
 - core → child: "w" after new work is committed (a wake-up instead of polling), "c <id>"
   after a credential is deleted (the child drops its cached row at once). End of file means
   the core is gone: the child finishes what it holds and exits, so no child outlives it.
-- child → core: a JSON status line each second (its lease owner, work in flight, breakers),
-  which the core answers GetQueueStats and ListBreakers from.
+- child → core: a JSON status line each second (its lease owner, work in flight, breakers,
+  executions it finished since its last line), which the core answers GetQueueStats and
+  ListBreakers from and counts in its metrics.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import os
@@ -104,6 +106,11 @@ class EngineProcesses:
         self._children: dict[int, _Child] = {}
         self._supervisors: list[asyncio.Task[None]] = []
         self._stopping = False
+        # Executions the children finished, by (status, connector). Children send what they
+        # finished since their last line, not their totals: a restarted child starts again
+        # from 0, and these stay monotonic across its restarts (a child that dies loses at
+        # most its last second's count).
+        self.finished: collections.Counter[tuple[str, str]] = collections.Counter()
 
     @property
     def inflight(self) -> int:
@@ -115,6 +122,27 @@ class EngineProcesses:
 
     def pids(self) -> list[int]:
         return [c.proc.pid for c in self._children.values()]
+
+    def alive(self) -> int:
+        return sum(1 for c in self._children.values() if c.proc.returncode is None)
+
+    def troubled_breakers(self) -> list[tuple[str, str, str]]:
+        """(tenant, connector, state) of every breaker a child reported, the most open
+        state where children disagree."""
+        merged: dict[tuple[str, str], str] = {}
+        for child in self._children.values():
+            for tenant, connector, state, *_ in child.status.get("breakers", ()):
+                seen = merged.get((tenant, connector))
+                if seen is None or _RANK.get(state, 0) > _RANK.get(seen, 0):
+                    merged[tenant, connector] = state
+        return [(tenant, connector, state) for (tenant, connector), state in merged.items()]
+
+    def _count_finished(self, rows: Any) -> None:
+        for row in rows if isinstance(rows, list) else ():
+            with contextlib.suppress(ValueError, TypeError):
+                status, connector, count = row
+                if isinstance(status, str) and isinstance(connector, str) and isinstance(count, int) and count > 0:
+                    self.finished[status, connector] += count
 
     def notify(self) -> None:
         for child in self._children.values():
@@ -186,6 +214,7 @@ class EngineProcesses:
                     status = orjson.loads(line)
                     if isinstance(status, dict):
                         child.status = status
+                        self._count_finished(status.pop("finished", None))
         finally:
             transport.close()
 
@@ -317,11 +346,17 @@ async def run_engine(settings: Settings) -> None:
         loop.add_reader(wake_fd, on_wake)
         transport, _ = await loop.connect_write_pipe(asyncio.Protocol, os.fdopen(status_fd, "wb", 0))
 
+        finished = parts.dispatcher.executor.finished
+        sent: collections.Counter[tuple[str, str]] = collections.Counter()
+
         async def report() -> None:
             while True:
-                status = {"owner": dispatcher.owner, "pid": os.getpid(), "inflight": dispatcher.inflight, "workers": dispatcher.workers, "processed": dispatcher.processed, "breakers": _breakers(parts.breakers)}
+                # Since the last line written: a skipped beat sends its count with the next.
+                new = [[status, connector, count - sent[status, connector]] for (status, connector), count in finished.items() if count != sent[status, connector]]
+                status = {"owner": dispatcher.owner, "pid": os.getpid(), "inflight": dispatcher.inflight, "workers": dispatcher.workers, "processed": dispatcher.processed, "breakers": _breakers(parts.breakers), "finished": new}
                 if transport.get_write_buffer_size() < MAX_STATUS_LINE:  # the core reads slowly: skip a beat
                     transport.write(orjson.dumps(status) + b"\n")
+                    sent.update({(row[0], row[1]): row[2] for row in new})
                 await asyncio.sleep(STATUS_INTERVAL)
 
         reporter = asyncio.create_task(report())

@@ -1,32 +1,40 @@
-"""Fires scheduled workflows. Each fire is enqueued under the key (workflow, fire time), so
-any number of replicas ticking at once still start one execution per fire. The fire is
-enqueued before the next fire time is stored: a crash in between re-enqueues the same key,
-which the outbox ignores.
+"""Fires scheduled workflows. A tick reads its due schedules, then fires them in a transaction
+that first claims each schedule: it must still be the plan read, of a workflow still active,
+not deleted and still scheduled. A fire is written in the same transaction as its claim and
+its next fire time, so a delete, deactivation or new timing that commits after the read is
+seen: that workflow does not fire. Replicas ticking at once claim in turn; the one that comes
+second finds the plan moved on and fires nothing. Each fire is also enqueued under the key
+(workflow, fire time), which the outbox never enqueues twice.
 
 A schedule whose fire times cannot be computed (a definition stored before validation
 refused it, a cron croniter cannot satisfy) is parked for PARKED_FOR instead of failing the
 tick: one tenant's bad row must not stop every other tenant's schedules.
 
-A tick fires its due schedules a batch at a time, earliest first: a batch's fires are
-submitted together (the enqueuer's group commit writes them in one transaction) and their
-next fire times are stored in one more. A full batch means more are due: the next batch
+A tick fires its due schedules a batch at a time, earliest first: a batch's claims, fires
+and next fire times are one transaction. A full batch means more are due: the next batch
 follows at once, not a tick later. Fired one at a time, 500 a tick, 1,500 schedules due at
 once took 2.6 s (SQLite) to 7.3 s (PostgreSQL) of work over three ticks a second apart, and
-~13,000 would have run past the minute; now 0.5 s in one tick on either."""
+~13,000 would have run past the minute; now 0.5 s in one tick on either.
+
+Fires of a tenant that holds its share of the queue (IPAAS_MAX_TENANT_QUEUE_DEPTH) are left
+out of their batch's transaction and keep their plans, as all fires do while the queue is
+full; the other tenants' fires of the batch go in, and the tick's later batches leave that
+tenant out, so its refused fires, the earliest due, cannot fill every batch."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Callable
 
-from sqlalchemy import and_, bindparam, func, or_, select, update
+from sqlalchemy import and_, bindparam, exists, func, or_, select, update
+from sqlalchemy.engine import Connection
 
 from ipaas import reasons
 from ipaas.definitions import max_attempts
+from ipaas.engine import outbox
 from ipaas.engine.enqueuer import Enqueuer
 from ipaas.engine.outbox import Accepted, NewExecution
 from ipaas.engine.periodic import Periodic
@@ -46,9 +54,30 @@ PARKED_FOR = timedelta(hours=1)
 BATCH = 500
 
 _SCHEDULES = Schedule.__table__
-# Compare-and-set on the plan read: a replica that stored it first wins, the fire is
-# enqueued either way under the same key. `IS NOT DISTINCT FROM` (SQLite: `IS`) matches a
-# NULL plan too.
+_WORKFLOWS = Workflow.__table__
+_IDS = bindparam("ids", expanding=True)
+# What _due reads as a workflow to fire; a claim checks it again.
+_LIVE = and_(_WORKFLOWS.c.active.is_(True), _WORKFLOWS.c.deleted_at.is_(None), _WORKFLOWS.c.trigger_type == "schedule")
+# PostgreSQL claims with row locks, workflows before plans as every writer of both takes
+# them (deleting, deactivating or editing a workflow updates its row, then its plan), in id
+# order, so claims never deadlock with those or with other replicas' claims. FOR SHARE: a
+# change to a claimed workflow waits for the fire's commit, and a claim that waited for a
+# change re-reads the row it committed.
+_LOCK_LIVE_WORKFLOWS = select(_WORKFLOWS.c.id).where(_WORKFLOWS.c.id.in_(_IDS), _LIVE).order_by(_WORKFLOWS.c.id).with_for_update(read=True)
+_LOCK_PLANS = select(_SCHEDULES.c.workflow_id, _SCHEDULES.c.next_fire_at).where(_SCHEDULES.c.workflow_id.in_(_IDS)).order_by(_SCHEDULES.c.workflow_id).with_for_update(key_share=True)
+# SQLite has no row locks: this UPDATE (it changes nothing) takes the database's write lock
+# before it reads, so no change can commit between the claim and the fires. A SELECT would
+# not do: pysqlite begins the transaction at its first write, so a SELECT first reads
+# outside it.
+_TOUCH_LIVE_PLANS = (
+    update(_SCHEDULES)
+    .where(_SCHEDULES.c.workflow_id.in_(_IDS), exists().where(_WORKFLOWS.c.id == _SCHEDULES.c.workflow_id, _LIVE))
+    .values(next_fire_at=_SCHEDULES.c.next_fire_at)
+    .returning(_SCHEDULES.c.workflow_id, _SCHEDULES.c.next_fire_at)
+)
+# Runs on claimed rows only, so its compare-and-set on the plan read always matches; it stays
+# as the guard that a plan it did not read is never overwritten. `IS NOT DISTINCT FROM`
+# (SQLite: `IS`) matches a NULL plan too.
 _REPLAN = (
     update(_SCHEDULES)
     .where(
@@ -107,6 +136,7 @@ class Scheduler:
         self._queue_full = ThrottledWarning(log, "schedule.queue_full")
         self._tenant_queue_full = ThrottledWarning(log, "schedule.tenant_queue_full")
         self._runner = Periodic("scheduler", self.tick, interval, log)
+        self.fired_total = 0  # executions created by fires, committed (ipaas_core_schedules_fired_total)
 
     async def tick(self) -> int:
         """Enqueue every due fire; returns how many executions were newly created."""
@@ -119,6 +149,7 @@ class Scheduler:
             rows = await self.db.read(lambda conn: conn.execute(due).all())
             batch = await self._fire(rows, now, missed_before)
             fired += batch.fired
+            self.fired_total += batch.fired
             # A full queue refused fires: their plans stay, and the next batch would be them.
             if len(rows) < BATCH or batch.queue_full:
                 break
@@ -145,6 +176,7 @@ class Scheduler:
         return max(min(self._last_tick, now) - DEFAULT_GRACE, now - late)
 
     async def _fire(self, rows: list[Any], now: datetime, missed_before: datetime) -> _Batch:
+        batch = _Batch()
         plans: dict[str, dict[str, Any]] = {}
         fires: list[tuple[Any, datetime, NewExecution]] = []
         for row in rows:
@@ -168,36 +200,49 @@ class Scheduler:
                     dedup_key=f"sched:{row.workflow_id}:{fire_at.isoformat()}",
                 )
                 fires.append((row, fire_at, execution))
-        # Submitted together, so the enqueuer's group commit writes them in one transaction.
-        results = await asyncio.gather(*(self.enqueuer.submit(execution) for _, _, execution in fires), return_exceptions=True)
-        batch, failure, refused, over_share = _Batch(), None, None, None
-        for (row, fire_at, _), result in zip(fires, results):
-            if isinstance(result, Accepted):
-                batch.fired += 0 if result.duplicate else 1
-                log.info("schedule.fired", extra={"workflow_id": row.workflow_id, "fire_at": fire_at.isoformat(), "duplicate": result.duplicate})
-                continue
-            # Not enqueued: the plan stays, so the next tick tries this fire again (skip mode
-            # drops it then, as missed). The other fires of the batch still count.
-            del plans[row.workflow_id]
-            if isinstance(result, ResourceExhausted) and result.reason == reasons.TENANT_QUEUE_FULL:
-                batch.over_share.add(row.tenant_id)
-                over_share = result
-            elif isinstance(result, ResourceExhausted):
-                refused = result
-            elif isinstance(result, BaseException):
-                failure = failure or result
-        if plans:
-            await self.db.transaction(lambda conn: conn.execute(_REPLAN, list(plans.values())))
-        if refused is not None:
-            # Backpressure, not a bug: one line a minute while it lasts, no traceback.
-            batch.queue_full = True
-            self._queue_full(refused, deferred=sum(1 for r in results if isinstance(r, ResourceExhausted) and r.reason != reasons.TENANT_QUEUE_FULL), depth=self.enqueuer.depth)
-        if over_share is not None:
-            # As with a full queue: the fires keep their plans and are tried at each tick.
-            deferred = sum(1 for r in results if isinstance(r, ResourceExhausted) and r.reason == reasons.TENANT_QUEUE_FULL)
-            self._tenant_queue_full(over_share, deferred=deferred, tenant_ids=sorted(batch.over_share)[:10])
-        if failure is not None:
-            raise failure
+        if fires:
+            try:
+                await self.enqueuer.ensure_room()
+            except ResourceExhausted as exc:
+                # Backpressure, not a bug: one line a minute while it lasts, no traceback.
+                # The fires keep their plans, so the next tick tries them again (skip mode
+                # drops them then, as missed); the rest of the batch is planned as usual.
+                batch.queue_full = True
+                self._queue_full(exc, deferred=len(fires), depth=self.enqueuer.depth)
+                for row, _, _ in fires:
+                    del plans[row.workflow_id]
+                fires = []
+        async with self.enqueuer.within_shares([execution for _, _, execution in fires]) as fits:
+            refused = [row for (row, _, _), fit in zip(fires, fits) if not fit]
+            if refused:
+                # A tenant holding its share of the queue: its fires are left out of the
+                # transaction and keep their plans, as in a full queue; the other tenants'
+                # fires of the batch go in, and the tick's next batches leave it out.
+                fires = [fire for fire, fit in zip(fires, fits) if fit]
+                for row in refused:
+                    del plans[row.workflow_id]
+                batch.over_share = {row.tenant_id for row in refused}
+                self._tenant_queue_full(
+                    ResourceExhausted("a tenant's share of the execution queue is full", reasons.TENANT_QUEUE_FULL),
+                    deferred=len(refused),
+                    tenant_ids=sorted(batch.over_share)[:10],
+                )
+            if not plans:
+                return batch
+            read = {workflow_id: plan["was"] for workflow_id, plan in plans.items()}
+
+            def claim_and_fire(conn: Connection) -> tuple[list[tuple[Any, datetime, NewExecution]], list[Accepted]]:
+                claimed = _claim(conn, read)
+                if claimed:
+                    conn.execute(_REPLAN, [plans[workflow_id] for workflow_id in sorted(claimed)])
+                fired = [fire for fire in fires if fire[0].workflow_id in claimed]
+                return fired, outbox.enqueue_in(conn, [execution for _, _, execution in fired])
+
+            fired, results = await self.db.transaction(claim_and_fire)
+            self.enqueuer.enqueued([execution for _, _, execution in fired], results)
+        for (row, fire_at, _), result in zip(fired, results):
+            batch.fired += 0 if result.duplicate else 1
+            log.info("schedule.fired", extra={"workflow_id": row.workflow_id, "fire_at": fire_at.isoformat(), "duplicate": result.duplicate})
         return batch
 
     def start(self) -> None:
@@ -205,3 +250,15 @@ class Scheduler:
 
     async def stop(self) -> None:
         await self._runner.stop()
+
+
+def _claim(conn: Connection, read: dict[str, datetime | None]) -> set[str]:
+    """The schedules, of those read, whose plan is still the one read and whose workflow is
+    still live; held (locked) until the caller's transaction ends."""
+    ids = sorted(read)
+    if conn.dialect.name == "postgresql":
+        live = conn.execute(_LOCK_LIVE_WORKFLOWS, {"ids": ids}).scalars().all()
+        current = conn.execute(_LOCK_PLANS, {"ids": live}).all() if live else []
+    else:
+        current = conn.execute(_TOUCH_LIVE_PLANS, {"ids": ids}).all()
+    return {row.workflow_id for row in current if row.next_fire_at == read[row.workflow_id]}

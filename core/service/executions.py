@@ -121,6 +121,9 @@ class ExecutionServicer(executions_pb2_grpc.ExecutionServiceServicer):
         self.store = store
         self.dry_runner = dry_runner
         self.dispatcher = dispatcher
+        # Webhooks accepted (committed, or recognised as a repeat), counted per webhook:
+        # ipaas_core_webhooks_accepted_total.
+        self.webhooks_accepted = 0
 
     async def GetQueueStats(self, request: pb.GetQueueStatsRequest, context: grpc.aio.ServicerContext) -> pb.GetQueueStatsResponse:
         enqueuer = self.triggers.enqueuer
@@ -135,7 +138,7 @@ class ExecutionServicer(executions_pb2_grpc.ExecutionServiceServicer):
     async def RunWorkflow(self, request: pb.RunWorkflowRequest, context: grpc.aio.ServicerContext) -> pb.RunWorkflowResponse:
         tenant = _tenant()
         payload = convert.from_value(request.payload, "payload") if request.HasField("payload") else None
-        accepted, version = await self.triggers.run_manual(tenant, request.workflow_id, payload, _idempotency_key(context))
+        accepted, version = await self.triggers.run_manual(tenant, request.workflow_id, payload, _idempotency_key(context), request.version)
         if accepted.duplicate:  # the earlier run, as it is now
             return pb.RunWorkflowResponse(execution=_view(await self.store.get(tenant, accepted.execution_id)), duplicate=True)
         # A new run is answered as it was accepted, without reading back what was just
@@ -155,6 +158,7 @@ class ExecutionServicer(executions_pb2_grpc.ExecutionServiceServicer):
         # The gateway charges the webhook to the owner's rate limit with this.
         add_trailing_metadata(context, ("x-ipaas-tenant", target.tenant_id), ("x-ipaas-tier", target.tier))
         _log_accepted([logs.current_context().get("request_id", "")], [accepted.execution_id])
+        self.webhooks_accepted += 1
         return pb.ReceiveWebhookResponse(execution_id=accepted.execution_id, status=accepted.status, duplicate=accepted.duplicate)
 
     async def ReceiveWebhooks(self, request: pb.ReceiveWebhooksRequest, context: grpc.aio.ServicerContext) -> pb.ReceiveWebhooksResponse:
@@ -165,6 +169,7 @@ class ExecutionServicer(executions_pb2_grpc.ExecutionServiceServicer):
         results = await asyncio.gather(*(self._one_webhook(item, rid) for item, rid in zip(request.webhooks, request_ids)))
         accepted = [(rid, result.accepted.execution_id) for rid, result in zip(request_ids, results) if result.HasField("accepted")]
         _log_accepted([rid for rid, _ in accepted], [eid for _, eid in accepted])
+        self.webhooks_accepted += len(accepted)
         return pb.ReceiveWebhooksResponse(results=results)
 
     async def _one_webhook(self, item: pb.WebhookDelivery, request_id: str) -> pb.WebhookResult:

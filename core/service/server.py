@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from datetime import timedelta
@@ -16,7 +18,7 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from ipaas import auth, crypto
-from ipaas.lifecycle import bounded, database_wait_seconds, wait_for_database
+from ipaas.lifecycle import bounded, cannot_listen, database_wait_seconds, wait_for_database
 from ipaas.ratelimit import RateLimiter, parse_tiers
 from ipaas.settings import HTTP_TRANSPORTS, Settings, boolean, choice, flag, seconds, whole_number
 from ipaas.storage import migrate
@@ -85,6 +87,30 @@ def connection_age_options(value: str | None) -> list[tuple[str, int]]:
     if seconds == 0:
         return []
     return [("grpc.max_connection_age_ms", max(1, int(seconds * 1000))), ("grpc.max_connection_age_grace_ms", CONNECTION_AGE_GRACE_MS)]
+
+
+def add_port(server: grpc.aio.Server, address: str, keep_grpc_log: bool = False) -> int:
+    """server.add_insecure_port, a failure raised as CannotListen. gRPC's C core writes its
+    own line about the failure straight to stderr (fd 2) before it raises; the operator was
+    promised one `error:` line, so what it writes meanwhile is held back and passed on only
+    if the port was added (or with keep_grpc_log, IPAAS_LOG_LEVEL=DEBUG)."""
+    sys.stderr.flush()
+    with tempfile.TemporaryFile() as held:
+        saved = os.dup(2)
+        os.dup2(held.fileno(), 2)
+        try:
+            port = server.add_insecure_port(address)
+        except RuntimeError:  # grpc's "Failed to bind to address": the reason is in its log line
+            port = 0
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        if port or keep_grpc_log:
+            held.seek(0)
+            os.write(2, held.read())
+    if not port:
+        raise cannot_listen(address, "IPAAS_GRPC_LISTEN", "the address is in use or not available here")
+    return port
 
 
 @dataclass(frozen=True)
@@ -232,6 +258,8 @@ class CoreServer:
     retention: Any = None
     core_lock: Any = None
     processes: Any = None
+    executions: Any = None
+    metrics: Any = None  # the opt-in Prometheus listener (ipaas.metrics)
     _server: grpc.aio.Server | None = None
     _health: HealthServicer | None = None
 
@@ -258,8 +286,11 @@ class CoreServer:
         from ipaas.service.workflows import WorkflowServicer
         from ipaas.triggers import TriggerService
 
+        from ipaas import metrics
+
         s = self.settings
         engine = EngineSettings.from_settings(s)
+        metrics_listen = metrics.listen(s.extra)
         keep = retention_window(s.extra)
         limiter = rate_limiter(s)  # before the database: a bad setting stops start-up at once
         # A database still starting (the machine booting) is waited for, not a failure.
@@ -299,9 +330,8 @@ class CoreServer:
         )
         tenants_pb2_grpc.add_TenantServiceServicer_to_server(TenantServicer(tenants), server)
         workflows_pb2_grpc.add_WorkflowServiceServicer_to_server(WorkflowServicer(workflows), server)
-        executions_pb2_grpc.add_ExecutionServiceServicer_to_server(
-            ExecutionServicer(TriggerService(workflows, self.enqueuer), executions, DryRunner(workflows, steps), work), server
-        )
+        self.executions = ExecutionServicer(TriggerService(workflows, self.enqueuer), executions, DryRunner(workflows, steps), work)
+        executions_pb2_grpc.add_ExecutionServiceServicer_to_server(self.executions, server)
         connectors_pb2_grpc.add_ConnectorServiceServicer_to_server(ConnectorServicer(self.registry), server)
         credentials_pb2_grpc.add_CredentialServiceServicer_to_server(CredentialServicer(credentials), server)
         breakers_pb2_grpc.add_BreakerServiceServicer_to_server(BreakerServicer(self.processes or self.breakers), server)
@@ -312,9 +342,10 @@ class CoreServer:
         health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
         reflection.enable_server_reflection([*names, health_name, reflection.SERVICE_NAME], server)
 
-        self.port = server.add_insecure_port(s.grpc_listen)
-        if self.port == 0:
-            raise SystemExit(f"cannot listen on {s.grpc_listen}")
+        self.port = add_port(server, s.grpc_listen, keep_grpc_log=s.log_level == "DEBUG")
+        if metrics_listen:
+            self.metrics = metrics.MetricsListener(self, metrics_listen)
+            await self.metrics.start()
         await server.start()
         self._server = server
         if self.processes is not None:
@@ -362,6 +393,8 @@ class CoreServer:
             await bounded("dispatcher", self.dispatcher.stop(deadline=grace), within(grace + STOP_STEP_SECONDS))
         if self.enqueuer is not None:
             await bounded("enqueuer", self.enqueuer.close(), within(STOP_STEP_SECONDS))
+        if self.metrics is not None:  # served while draining, as the probes are
+            await bounded("metrics", self.metrics.stop(), within(STOP_STEP_SECONDS))
         if self.registry is not None:
             await bounded("connectors", self.registry.aclose(), within(STOP_STEP_SECONDS))
         if self.db is not None:

@@ -57,9 +57,9 @@ class Api:
     async def create(self, definition: dict[str, Any]) -> workflows_pb2.CreateWorkflowResponse:
         return await self.workflows.CreateWorkflow(workflows_pb2.CreateWorkflowRequest(workflow=workflow(definition)), metadata=self.md)
 
-    async def run(self, workflow_id: str, payload: Any = None, key: str | None = None) -> executions_pb2.RunWorkflowResponse:
+    async def run(self, workflow_id: str, payload: Any = None, key: str | None = None, version: int = 0) -> executions_pb2.RunWorkflowResponse:
         md = (*self.md, ("idempotency-key", key)) if key else self.md
-        request = executions_pb2.RunWorkflowRequest(workflow_id=workflow_id)
+        request = executions_pb2.RunWorkflowRequest(workflow_id=workflow_id, version=version)
         if payload is not None:
             request.payload.CopyFrom(value(payload))
         return await self.executions.RunWorkflow(request, metadata=md)

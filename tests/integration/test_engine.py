@@ -15,7 +15,7 @@ import pytest
 from google.api import httpbody_pb2
 from sqlalchemy import func, select
 
-from ipaas.storage.tables import Execution, OutboxTask
+from ipaas.storage.tables import Execution, OutboxTask, WorkflowVersion
 from ipaas.v1 import executions_pb2, tenants_pb2, workflows_pb2
 from ipaas.v1.tenants_pb2_grpc import TenantServiceStub
 from tests.conftest import core_with
@@ -122,6 +122,7 @@ async def test_an_executions_log_lines_name_its_tenant_and_workflow(env) -> None
     lines = [json.loads(line) for line in stream.getvalue().splitlines()]
     finished = [line for line in lines if line["event"] == "execution.finished" and line.get("execution_id") == done.id]
     assert len(finished) == 1 and finished[0]["workflow_id"] == wf.id and finished[0]["tenant_id"].startswith("tn_"), lines
+    assert 0 < finished[0]["duration_ms"] < 30_000, finished
 
 
 async def test_signed_webhooks_are_accepted_and_bad_ones_refused(env) -> None:
@@ -810,3 +811,34 @@ async def test_the_core_deletes_finished_executions_past_the_retention_window(en
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await api.executions.GetExecution(executions_pb2.GetExecutionRequest(id=done.id), metadata=api.md)
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_a_stored_template_with_a_query_per_item_fails_its_step_at_once(env) -> None:
+    """A workflow saved before filters were restricted: the audit's cubic template held an
+    engine for 21 s with a 1.8 KB payload. Now its step fails for good, at once, and other
+    executions run."""
+    core, api, slack, _ = env
+    cred = await api.credential("slack", {"webhook_url": slack.url})
+    wf = (await api.create({"name": "old", "trigger": {"type": "manual"}, "options": {"max_attempts": 3}, "steps": [slack_step(cred, "saved")]})).workflow
+    async with core.server.db.session() as s, s.begin():
+        row = await s.get(WorkflowVersion, (wf.id, 1))
+        row.definition = {**row.definition, "steps": [slack_step(cred, "{{$..[?count($..[?count($..*) > 0]) > 0]}}")]}
+    ex = await api.wait((await api.run(wf.id, {"items": [{"a": i} for i in range(130)]})).execution.id, timeout=5)
+    assert (ex.status, ex.attempts) == ("failed", 1)
+    assert "a filter may only read the item it tests" in ex.error and slack.received == []
+    fine = (await api.create({"name": "fine", "trigger": {"type": "manual"}, "steps": [slack_step(cred)]})).workflow
+    ex = await api.wait((await api.run(fine.id, {"order": {"id": 7}, "user": {"name": "Ann"}})).execution.id, timeout=5)
+    assert ex.status == "succeeded" and [m["text"] for m in slack.received] == ["Order 7 for Ann"]
+
+
+async def test_a_step_whose_templates_visit_too_much_of_the_payload_fails_for_good(env) -> None:
+    """Allowed paths, but 200 scans of 2,500 items: seconds of the engine's event loop on
+    every run. The work budget fails the step at once, without retries."""
+    core, api, slack, _ = env
+    cred = await api.credential("slack", {"webhook_url": slack.url})
+    wf = (await api.create({"name": "wide", "trigger": {"type": "manual"}, "options": {"max_attempts": 3}, "steps": [slack_step(cred, "{{$..zz}}" * 200 + "!")]})).workflow
+    ex = await api.wait((await api.run(wf.id, {"items": [{"a": i} for i in range(2500)]})).execution.id, timeout=5)
+    assert (ex.status, ex.attempts) == ("failed", 1)
+    assert "templates visit too much of the payload" in ex.error and slack.received == []
+    ex = await api.wait((await api.run(wf.id, {"items": [{"a": 1}]})).execution.id, timeout=5)
+    assert ex.status == "succeeded" and [m["text"] for m in slack.received] == ["!"]

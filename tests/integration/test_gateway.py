@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 
@@ -10,6 +11,7 @@ import grpc
 import httpx
 import orjson
 import pytest
+from google.api import httpbody_pb2
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
@@ -17,7 +19,7 @@ from ipaas import reasons
 from ipaas.v1 import workflows_pb2
 from tests.conftest import ADMIN_KEY, core_with, free_port, gateway_for
 from tests.fakes.slack import FakeSlack
-from tests.integration.helpers import Api, signed_webhook
+from tests.integration.helpers import Api, signed_headers, signed_webhook
 
 FAST = {"IPAAS_RETRY_BASE_DELAY": "0.01", "IPAAS_POLL_INTERVAL": "0.05"}
 
@@ -251,6 +253,42 @@ async def test_two_different_idempotency_keys_in_one_request_are_refused(stack) 
     assert len(slack.received) == 1, "only the request with one key ran"
 
 
+async def test_two_authorization_headers_are_refused_not_the_first_taken(stack) -> None:
+    """Before, the gateway sent the core only the first value, so a request carrying two
+    tenants' keys ran as whichever a client or proxy wrote first; the core refuses the same
+    over gRPC (AUTHORIZATION_AMBIGUOUS)."""
+    core, http, slack = stack
+    other = await core.new_tenant(tier="paid", name="other")
+    mine = http.headers["authorization"]
+    one = await http.get("/api/caller")
+    assert one.status_code == 200, one.text
+    for values in ([mine, f"Bearer {other.key}"], [f"Bearer {other.key}", mine], [mine, mine], ["", mine]):
+        for response in (
+            await http.get("/api/caller", headers=[("authorization", v) for v in values]),
+            await http.post("/api/workflows", json={"name": "x"}, headers=[("authorization", v) for v in values]),
+        ):
+            assert response.status_code == 401, (values, response.text)
+            error = assert_envelope(response, False)["error"]
+            assert (error["reason"], error["code"]) == ("AUTHORIZATION_AMBIGUOUS", "unauthenticated"), error
+    listed = assert_envelope(await http.get("/api/workflows"), True)["data"]["workflows"]
+    assert listed == [], "a refused create wrote nothing"
+
+
+async def test_two_if_match_headers_are_refused_not_the_first_taken(stack) -> None:
+    """Two If-Match lines are one list, as `"1", "2"` in one line is, which was refused
+    already: taking the first checked the change against a version the client may not have
+    meant."""
+    core, http, slack = stack
+    wf = (await create_workflow(http, slack))["workflow"]
+    for values in (['"1"', '"2"'], ['"2"', '"1"'], ['"1"', '"1"']):
+        answer = await http.patch(f"/api/workflows/{wf['id']}", json={"name": "two"}, headers=[("If-Match", v) for v in values])
+        assert answer.status_code == 400, (values, answer.text)
+        assert assert_envelope(answer, False)["error"]["reason"] == "INVALID_HEADER"
+    assert (await http.get(f"/api/workflows/{wf['id']}")).json()["data"]["version"] == 1
+    one = await http.patch(f"/api/workflows/{wf['id']}", json={"name": "one"}, headers={"If-Match": '"1"'})
+    assert one.status_code == 200 and one.json()["data"]["version"] == 2, one.text
+
+
 async def test_in_flight_repeat_is_a_conflict(stack) -> None:
     core, http, slack = stack
     slack.delay = 1.0
@@ -279,6 +317,38 @@ async def test_signed_webhook_through_the_gateway(stack) -> None:
         assert big.status_code == 413
         missing = await anonymous.post("/api/webhooks/wf_nope", content=raw, headers=headers)
         assert missing.status_code == 404
+
+
+async def test_a_webhook_body_that_is_not_json_is_400_as_issue_4_says(stack) -> None:
+    """Answered 422 INVALID_FIELD naming http_body.data before, as if a field's value were
+    refused; issue 4 says not JSON → 400, which REST bodies that are not JSON get too
+    (REQUEST_UNPARSABLE). A webhook's Content-Type is not looked at."""
+    from ipaas.v1 import executions_pb2, executions_pb2_grpc
+
+    core, http, slack = stack
+    created = await create_workflow(http, slack, trigger="webhook")
+    wf_id, secret = created["workflow"]["id"], created["webhook_secret"]
+    async with httpx.AsyncClient(base_url=str(http.base_url)) as anonymous:
+        for n, (raw, content_type) in enumerate([(b"hello", "text/plain"), (b"hello", "application/json"), (b"a=1&b=2", "application/x-www-form-urlencoded"), (b'{"order": ', "application/json"), (b'{"a": "\xff"}', "application/json")]):
+            # Not UTF-8 is refused before the signature is checked (the signer cannot sign it).
+            headers = {**(signed_headers(secret, raw, f"evt_nj_{n}") if raw.isascii() else {}), "content-type": content_type}
+            answer = await anonymous.post(f"/api/webhooks/{wf_id}", content=raw, headers=headers)
+            assert answer.status_code == 400, (raw, answer.text)
+            error = assert_envelope(answer, False)["error"]
+            assert (error["reason"], error["details"]) == ("REQUEST_UNPARSABLE", []) and "not valid JSON" in error["message"], error
+        unsigned = await anonymous.post(f"/api/webhooks/{wf_id}", content=b"hello", headers={"content-type": "text/plain"})
+        assert unsigned.status_code == 401, "the signature is checked before the JSON"
+        raw = b'{"order": {"id": "T-1"}}'
+        as_text = await anonymous.post(f"/api/webhooks/{wf_id}", content=raw, headers={**signed_headers(secret, raw, "evt_text"), "content-type": "text/plain"})
+        assert as_text.status_code == 202, as_text.text
+    # The same over gRPC: REQUEST_UNPARSABLE, and no BadRequest, as for a request that did not parse.
+    hook = executions_pb2.ReceiveWebhookRequest(workflow_id=wf_id, http_body=httpbody_pb2.HttpBody(data=b"hello"), headers=signed_headers(secret, b"hello", "evt_grpc"))
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await executions_pb2_grpc.ExecutionServiceStub(core.channel).ReceiveWebhook(hook)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    details = rpc_status.from_call(refused.value).details
+    info = error_details_pb2.ErrorInfo()
+    assert len(details) == 1 and details[0].Unpack(info) and info.reason == "REQUEST_UNPARSABLE", details
 
 
 async def test_concurrent_webhooks_each_get_their_own_answer(stack) -> None:
@@ -463,20 +533,33 @@ async def test_openapi_describes_the_answers_and_headers_the_gateway_uses(stack)
     assert set(reason["enum"]) == set(reasons.ALL) and "docs/errors.md" in reason["description"]
     error = schemas["ErrorEnvelope"]["properties"]["error"]["properties"]
     assert error["domain"]["const"] == reasons.DOMAIN and error["metadata"]["additionalProperties"] == {"type": "string"}
+    assert "docs/errors.md" in error["code"]["description"], "code is not the HTTP status lower-cased: say where it is defined"
 
     def headers(path: str, verb: str) -> dict[str, dict]:
         return {p["name"]: p for p in doc["paths"][path][verb]["parameters"] if p["in"] == "header"}
 
+    # If-Match was marked required, so generated clients forced it, though the
+    # expected_version query parameter does the same: one of the two is needed.
     patch = headers("/api/workflows/{id}", "patch")
-    assert patch["If-Match"]["required"] is True
+    assert patch["If-Match"]["required"] is False and "expected_version" in patch["If-Match"]["description"]
     unversioned = await http.patch(f"/api/workflows/{workflow['id']}", json={"name": "n"})
     versioned = await http.patch(f"/api/workflows/{workflow['id']}", json={"name": "n"}, headers={"If-Match": '"1"'})
-    assert (unversioned.status_code, versioned.status_code) == (422, 200), (unversioned.text, versioned.text)
+    by_query = await http.patch(f"/api/workflows/{workflow['id']}", json={"name": "q"}, params={"expected_version": 2})
+    assert (unversioned.status_code, versioned.status_code, by_query.status_code) == (422, 200, 200), (unversioned.text, versioned.text, by_query.text)
     assert headers("/api/workflows/{id}/rollback", "post")["If-Match"]["required"] is False
     writes = [(path, verb) for path, item in doc["paths"].items() for verb in item if verb in ("post", "patch")]
     assert writes and all("Idempotency-Key" in headers(path, verb) for path, verb in writes)
     assert not [(path, verb) for path, item in doc["paths"].items() for verb in item if verb not in ("post", "patch") and "Idempotency-Key" in headers(path, verb)]
     assert {"webhook-id", "webhook-timestamp", "webhook-signature"} <= set(headers("/api/webhooks/{workflow_id}", "post"))
+
+    # The health probes were missing from the document.
+    for path in ("/health", "/health/live", "/health/ready"):
+        probe = doc["paths"][path]["get"]
+        assert probe["security"] == [] and {"200", "503"} <= set(probe["responses"]), probe
+        described = probe["responses"]["200"]["content"]["application/json"]["schema"]["properties"]["data"]["properties"]
+        async with httpx.AsyncClient(base_url=str(http.base_url)) as anonymous:
+            answer = await anonymous.get(path)
+        assert answer.status_code == 200 and set(assert_envelope(answer, True)["data"]) <= set(described), (path, answer.text)
 
 
 async def test_connectors_breakers_and_caller_over_rest(stack) -> None:
@@ -488,6 +571,25 @@ async def test_connectors_breakers_and_caller_over_rest(stack) -> None:
     assert by_name["discord"]["distribution"] == "ipaas-discord"
     assert assert_envelope(await http.get("/api/breakers"), True)["data"] == {"breakers": []}
     assert assert_envelope(await http.get("/api/caller"), True)["data"]["tier"] == "paid"
+
+
+async def test_revoking_a_key_answers_200_with_the_key_not_204(stack) -> None:
+    """DELETE /api/keys/{key_id} is RevokeApiKey, not a Delete RPC: the key is kept, listed
+    with revoked_at, so the answer is the key (as docs/architecture.md says), and revoking
+    it again answers the same."""
+    core, http, slack = stack
+    async with httpx.AsyncClient(base_url=http.base_url, headers={"authorization": f"Bearer {ADMIN_KEY}"}, timeout=10) as admin:
+        tenant = assert_envelope(await admin.post("/api/tenants", json={"name": "revoked", "tier": "free"}), True)["data"]
+        key = assert_envelope(await admin.post(f"/api/tenants/{tenant['id']}/keys", json={"name": "k"}), True)["data"]
+        revoked = await admin.delete(f"/api/keys/{key['api_key']['id']}")
+        again = await admin.delete(f"/api/keys/{key['api_key']['id']}")
+        listed = assert_envelope(await admin.get(f"/api/tenants/{tenant['id']}/keys"), True)["data"]["api_keys"]
+    assert revoked.status_code == again.status_code == 200, (revoked.text, again.text)
+    first, second = assert_envelope(revoked, True)["data"]["api_key"], assert_envelope(again, True)["data"]["api_key"]
+    assert first["id"] == key["api_key"]["id"] and first["revoked_at"] and second["revoked_at"] == first["revoked_at"]
+    assert [(k["id"], k["revoked_at"]) for k in listed] == [(first["id"], first["revoked_at"])]
+    async with httpx.AsyncClient(base_url=http.base_url, headers={"authorization": f"Bearer {key['secret']}"}, timeout=10) as holder:
+        assert (await holder.get("/api/caller")).status_code == 401
 
 
 async def test_slow_or_silent_clients_lose_their_connection(tmp_path) -> None:
@@ -662,6 +764,39 @@ async def test_webhook_idempotency_keys_are_the_cores_not_the_gateways(stack) ->
     assert sorted(m["text"] for m in slack.received) == ["Order P", "Order R", "Order U", "Order V"]
 
 
+async def test_an_unsigned_delivery_cannot_take_a_signed_senders_webhook_id(stack) -> None:
+    """Where unsigned webhooks are allowed, anyone may send one, with any webhook-id. Sent
+    first with the id a genuine sender will use (Svix's ids are often guessable), it used to
+    make the signed delivery a "duplicate" of the forgery: its own payload never ran. Signed
+    deliveries now dedupe apart from unverified ones, and each still dedupes its retries."""
+    core, http, slack = stack
+    created = await create_workflow(http, slack, trigger="webhook")
+    wf_id, secret = created["workflow"]["id"], created["webhook_secret"]
+    opened = await http.patch(f"/api/workflows/{wf_id}", json={"options": {"allow_unsigned_webhooks": True}}, headers={"If-Match": '"1"'})
+    assert opened.status_code == 200, opened.text
+    hook = f"/api/webhooks/{wf_id}"
+    async with httpx.AsyncClient(base_url=str(http.base_url), timeout=10) as anonymous:
+        forged_raw = b'{"order":{"id":"FORGED"}}'
+        forged = {"content-type": "application/json", "webhook-id": "evt_42"}
+        first = await anonymous.post(hook, content=forged_raw, headers=forged)
+        raw, signed = signed_webhook(secret, {"order": {"id": "GENUINE"}}, "evt_42")
+        genuine = await anonymous.post(hook, content=raw, headers=signed)
+        assert first.status_code == 202 and genuine.status_code == 202, genuine.text
+        assert genuine.json()["data"]["duplicate"] is False
+        assert genuine.json()["data"]["execution_id"] != first.json()["data"]["execution_id"]
+        # A signature that does not verify proves nothing: that delivery is an unsigned one.
+        bad = {**signed, "webhook-signature": "v1," + "A" * 44}
+        retried = [await anonymous.post(hook, content=raw, headers=signed), await anonymous.post(hook, content=forged_raw, headers=bad)]
+        assert [r.json()["data"]["execution_id"] for r in retried] == [genuine.json()["data"]["execution_id"], first.json()["data"]["execution_id"]]
+        assert all(r.json()["data"]["duplicate"] for r in retried)
+    for _ in range(200):
+        if len(slack.received) >= 2:
+            break
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(0.2)
+    assert sorted(m["text"] for m in slack.received) == ["Order FORGED", "Order GENUINE"]
+
+
 async def test_only_accepted_webhooks_spend_the_owners_rate_limit(tmp_path) -> None:
     """Anyone who knows a workflow id can post to its webhook: requests the core refuses
     (unsigned) must not use up the owner's budget and rate-limit its own API calls. Accepted
@@ -685,6 +820,93 @@ async def test_only_accepted_webhooks_spend_the_owners_rate_limit(tmp_path) -> N
     assert [r.status_code for r in answers] == [202] * 6 + [429], [r.status_code for r in answers]
     assert answers[-1].json()["error"]["code"] == "rate_limited" and int(answers[-1].headers["retry-after"]) >= 1
     assert answers[0].headers["x-ratelimit-remaining"] == "5" and "retry-after" not in answers[5].headers
+
+
+async def test_webhooks_the_core_refuses_spend_their_addresss_budget(tmp_path) -> None:
+    """Refused webhooks (bad signature, unknown workflow) spent nobody's budget: 2,000 from
+    one address all reached the core, each unknown id a database read. Each refusal now
+    spends its address's anonymous-webhook budget, and past it that address waits (429,
+    Retry-After) without the core being asked; other addresses (here through the trusted
+    local proxy's X-Forwarded-For) are unaffected, and accepted webhooks never spend it."""
+    async with FakeSlack() as slack, core_with(tmp_path, **FAST) as core, gateway_for(core.target, tmp_path, IPAAS_RATE_ANONYMOUS_WEBHOOKS="0.5/4") as url:
+        owner = await core.new_tenant(tier="paid")
+        async with httpx.AsyncClient(base_url=url, headers={"authorization": f"Bearer {owner.key}"}, timeout=10) as http, httpx.AsyncClient(base_url=url, timeout=10) as anonymous:
+            created = await create_workflow(http, slack, trigger="webhook")
+            hook, secret = f"/api/webhooks/{created['workflow']['id']}", created["webhook_secret"]
+            forged = {"content-type": "application/json", "webhook-id": "evt_x", "webhook-timestamp": "1", "webhook-signature": "v1,AAAA"}
+            elsewhere = {"x-forwarded-for": "203.0.113.9"}
+            refused = [await anonymous.post(path, content=b"{}", headers=forged) for path in (hook, hook, "/api/webhooks/wf_nope1", "/api/webhooks/wf_nope2")]
+            limited = [await anonymous.post(path, content=b"{}", headers=forged) for path in (hook, "/api/webhooks/wf_nope3")]
+            raw, signed = signed_webhook(secret, {"order": {"id": 1}}, "evt_1")
+            waits_too = await anonymous.post(hook, content=raw, headers=signed)
+            accepted = []
+            for i in range(6):  # more than the budget's 4, from another address
+                raw, signed = signed_webhook(secret, {"order": {"id": i}}, f"evt_other_{i}")
+                accepted.append(await anonymous.post(hook, content=raw, headers={**signed, **elsewhere}))
+            other_refused = await anonymous.post(hook, content=b"{}", headers={**forged, **elsewhere})
+    assert [r.status_code for r in refused] == [401, 401, 404, 404], [r.text for r in refused]
+    assert refused[-1].headers["ratelimit-policy"] == '"anonymous_webhooks";q=4;w=8' and refused[-1].headers["x-ratelimit-remaining"] == "0"
+    assert [r.status_code for r in limited] == [429, 429] and waits_too.status_code == 429, [r.text for r in limited]
+    assert assert_envelope(limited[1], False)["error"]["reason"] == "RATE_LIMITED" and int(limited[1].headers["retry-after"]) >= 1
+    assert [r.status_code for r in accepted] == [202] * 6, [r.text for r in accepted]
+    assert other_refused.status_code == 401 and other_refused.headers["x-ratelimit-remaining"] == "3", "accepted webhooks spent none of it"
+
+
+async def test_an_address_never_refused_does_not_look_at_its_webhook_budget(tmp_path, monkeypatch) -> None:
+    """Looking at the anonymous-webhook budget before each webhook cost ~5 us, 5 % of the
+    gateway's CPU for a webhook, for every sender, though only a refused one has anything
+    spent. An address's webhooks look at it only after the core has refused one of them."""
+    from ipaas.gateway import app as gateway_app
+
+    made = []
+    create = gateway_app.create_app
+    monkeypatch.setattr(gateway_app, "create_app", lambda *a, **k: made.append(create(*a, **k)) or made[-1])
+    async with FakeSlack() as slack, core_with(tmp_path, **FAST) as core, gateway_for(core.target, tmp_path) as url:
+        owner = await core.new_tenant(tier="paid")
+        looks: list[str] = []
+        limiter = made[0].limiter
+        check = limiter.check
+
+        async def counted(tenant_id: str, tier_name: str, spend: bool = True):
+            if tier_name == "anonymous_webhooks":
+                looks.append("spend" if spend else "look")
+            return await check(tenant_id, tier_name, spend=spend)
+
+        monkeypatch.setattr(limiter, "check", counted)
+        async with httpx.AsyncClient(base_url=url, headers={"authorization": f"Bearer {owner.key}"}, timeout=10) as http, httpx.AsyncClient(base_url=url, timeout=10) as anonymous:
+            created = await create_workflow(http, slack, trigger="webhook")
+            hook, secret = f"/api/webhooks/{created['workflow']['id']}", created["webhook_secret"]
+            for i in range(3):
+                raw, signed = signed_webhook(secret, {"order": {"id": i}}, f"evt_{i}")
+                assert (await anonymous.post(hook, content=raw, headers=signed)).status_code == 202
+            assert looks == []
+            assert (await anonymous.post(hook, content=b"{}", headers={"content-type": "application/json"})).status_code == 401
+            raw, signed = signed_webhook(secret, {"order": {"id": 9}}, "evt_9")
+            assert (await anonymous.post(hook, content=raw, headers=signed)).status_code == 202
+    assert looks == ["spend", "look"]
+
+
+async def test_the_webhook_owner_cache_is_bounded(tmp_path, monkeypatch) -> None:
+    """The gateway kept the owner of every webhook workflow it ever accepted a webhook for,
+    for good, unlike its other caches: bounded now like them (cleared when full)."""
+    from ipaas.gateway import app as gateway_app
+
+    made = []
+    create = gateway_app.create_app
+    monkeypatch.setattr(gateway_app, "create_app", lambda *a, **k: made.append(create(*a, **k)) or made[-1])
+    monkeypatch.setattr(gateway_app, "MAX_CACHED_KEYS", 2)
+    async with FakeSlack() as slack, core_with(tmp_path, **FAST) as core, gateway_for(core.target, tmp_path) as url:
+        owner = await core.new_tenant(tier="paid")
+        async with httpx.AsyncClient(base_url=url, headers={"authorization": f"Bearer {owner.key}"}, timeout=10) as http:
+            first = (await create_workflow(http, slack, trigger="webhook"))["workflow"]
+            definition = {"name": "hook", "trigger": {"type": "webhook"}, "steps": first["steps"]}
+            answers, sizes = [], []
+            for i in range(5):
+                created = (await http.post("/api/workflows", json=definition)).json()["data"]
+                raw, signed = signed_webhook(created["webhook_secret"], {"order": {"id": i}}, f"evt_{i}")
+                answers.append((await http.post(f"/api/webhooks/{created['workflow']['id']}", content=raw, headers=signed)).status_code)
+                sizes.append(len(made[0]._owners))
+    assert answers == [202] * 5 and max(sizes) <= 3, (answers, sizes)
 
 
 async def test_requests_with_no_known_caller_have_a_budget_per_address(tmp_path, monkeypatch) -> None:
@@ -794,6 +1016,74 @@ async def test_request_headers_past_64_kib_get_431_on_every_route(stack) -> None
     assert padded.status_code == 202, padded.text
 
 
+async def test_a_request_head_past_its_limit_is_cut_off_while_it_arrives(stack) -> None:
+    """The 431 came only once the whole head had been read and parsed: 4 connections sending
+    100 MiB of header lines took the gateway from 92 MB to 504 MB. A head still unfinished
+    past 64 KiB of headers (plus a request line) is answered 431 and closed as it arrives;
+    each request head on a kept-alive or pipelined connection has that much, not the
+    connection."""
+    core, http, slack = stack
+    host, port = str(http.base_url).removeprefix("http://").rstrip("/").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    reading = asyncio.create_task(reader.read())  # until the gateway closes
+    writer.write(b"POST /api/webhooks/wf_x HTTP/1.1\r\nHost: x\r\n")
+    line, sent = b"x-pad: " + b"a" * 16_000 + b"\r\n", 0
+    with contextlib.suppress(ConnectionError):
+        while sent < 10 * 1024 * 1024 and not reading.done():
+            writer.write(line)
+            sent += len(line)
+            await writer.drain()
+            await asyncio.sleep(0.002)  # the gateway, in this event loop, reads it
+    answer = await asyncio.wait_for(reading, 5)
+    writer.close()
+    status_line, _, rest = answer.partition(b"\r\n")
+    assert status_line == b"HTTP/1.1 431 Request Header Fields Too Large", (sent, answer[:200])
+    assert sent < 1024 * 1024, f"the gateway read {sent} bytes of head before answering"
+    error = orjson.loads(rest.partition(b"\r\n\r\n")[2])["error"]
+    assert error["reason"] == "HEADERS_TOO_LARGE" and b"connection: close" in rest.lower()
+
+    # 50 KiB of headers per request, three times on one kept-alive connection, then once
+    # more pipelined behind a fourth whose head arrives in two parts: all are served.
+    def request(n: int) -> bytes:
+        return b"GET /health/live HTTP/1.1\r\nHost: x\r\nx-pad: " + b"a" * 50_000 + b"\r\nx-n: %d\r\n\r\n" % n
+
+    reader, writer = await asyncio.open_connection(host, int(port))
+    answers = []
+    for n in range(3):
+        writer.write(request(n))
+        answers.append(await asyncio.wait_for(reader.readuntil(b"}}"), 5))
+    writer.write(request(3) + request(4)[:40_000])
+    await writer.drain()
+    await asyncio.sleep(0.1)
+    writer.write(request(4)[40_000:])
+    answers += [await asyncio.wait_for(reader.readuntil(b"}}"), 5) for _ in range(2)]
+    writer.close()
+    assert [a.split(b"\r\n")[0] for a in answers] == [b"HTTP/1.1 200 OK"] * 5, answers
+
+
+async def test_past_the_connection_limit_requests_get_503_but_liveness_stays_200(tmp_path) -> None:
+    """Nothing bounded the gateway's connections, each of which may hold a head and a body
+    in memory. Past IPAAS_HTTP_MAX_CONNECTIONS, requests are answered 503 with Retry-After
+    and their connection closed; /health/live still answers 200, so a busy gateway is not
+    restarted for it."""
+    async with core_with(tmp_path) as core, gateway_for(core.target, tmp_path, IPAAS_HTTP_MAX_CONNECTIONS="3") as url:
+        port = int(url.rsplit(":", 1)[1])
+        idle = [await asyncio.open_connection("127.0.0.1", port) for _ in range(3)]
+        await asyncio.sleep(0.05)
+        async with httpx.AsyncClient(base_url=url, timeout=5) as http:
+            busy = await http.get("/api/workflows")
+            live = await http.get("/health/live")
+        for _, writer in idle:
+            writer.close()
+        await asyncio.sleep(0.1)
+        async with httpx.AsyncClient(base_url=url, timeout=5) as http:
+            later = await http.get("/api/workflows")
+    assert busy.status_code == 503 and assert_envelope(busy, False)["error"]["reason"] == "SERVICE_UNAVAILABLE", busy.text
+    assert busy.headers["retry-after"] == "1" and busy.headers["connection"] == "close"
+    assert live.status_code == 200, live.text
+    assert later.status_code == 401, "below the limit again, requests are served"
+
+
 async def test_header_values_that_cannot_be_passed_on_get_4xx(stack) -> None:
     """If-Match past int32 or with a non-ASCII digit, and non-ASCII Authorization or
     Idempotency-Key (gRPC metadata is ASCII) were 500s; they are the caller's mistakes."""
@@ -863,6 +1153,13 @@ async def test_integers_a_double_cannot_hold_are_refused_not_rounded(stack) -> N
     assert error["details"] == [{"field": "payload.order.ids[1]", "description": "integers must lie within ±9007199254740991"}]
     for edge in (2**53 - 1, -(2**53 - 1), 2.0**60):  # a float was a double already
         assert (await http.post(f"/api/workflows/{wf['id']}/run", json={"payload": {"n": edge}})).status_code == 202
+    # Past 64 bits orjson reads an integer as a float: it was let through, rounded.
+    for raw, field in [(b"123456789012345678901234567890", "payload.n"), (b"-18446744073709551617", "payload.n")]:
+        big = await http.post(f"/api/workflows/{wf['id']}/run", content=b'{"payload":{"s":"1e30","n":' + raw + b"}}", headers={"content-type": "application/json"})
+        assert big.status_code == 400 and assert_envelope(big, False)["error"]["details"][0]["field"] == field, big.text
+    for written in (b"1e30", b"1.5e25", b'"123456789012345678901234567890"'):  # floats and text stay as they are
+        kept = await http.post(f"/api/workflows/{wf['id']}/run", content=b'{"payload":{"n":' + written + b"}}", headers={"content-type": "application/json"})
+        assert kept.status_code == 202, kept.text
 
 
 async def test_an_error_the_cores_handlers_did_not_send_is_a_generic_502(tmp_path) -> None:

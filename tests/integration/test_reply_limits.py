@@ -91,6 +91,58 @@ async def test_a_webhook_nested_too_deeply_is_refused_over_rest(tmp_path) -> Non
     assert "nested too deeply" in answer.json()["error"]["message"]
 
 
+def nested_bytes(levels: int) -> bytes:
+    """JSON nested `levels` objects deep, past what orjson (255) or Python's recursion writes."""
+    return b'{"a":' * levels + b'"leaf"' + b"}" * levels
+
+
+async def test_json_nested_past_the_limit_gets_one_answer_over_rest_however_deep(tmp_path) -> None:
+    """Exactly one level too deep was 422 INVALID_FIELD (the core's check); two or more were
+    400 REQUEST_UNPARSABLE (protobuf could not parse the request the gateway sent), ~100 or
+    more 400 "payload is not valid" (protobuf's JSON parser in the gateway gave up), and past
+    1,024 a webhook or body was "not valid JSON". Now every depth past the limit is the
+    core's 422, naming the field, on every route that takes free-form JSON."""
+    too_deep = f"is nested too deeply (at most {MAX_JSON_DEPTH} levels of objects and arrays)"
+    async with core_with(tmp_path) as core, gateway_for(core.target, tmp_path) as url:
+        tenant = await core.new_tenant(tier="paid")
+        api = Api(core.channel, tenant.md)
+        cred = await api.credential("slack", {"webhook_url": "http://127.0.0.1:9/unreachable"})
+        manual = (await api.create({"name": "man", "trigger": {"type": "manual"}, "steps": [slack_step(cred)]})).workflow
+        hook = (await api.create({"name": "hook", "trigger": {"type": "webhook"}, "options": {"allow_unsigned_webhooks": True}, "steps": [slack_step(cred)]})).workflow
+        step = orjson.dumps(slack_step(cred))[:-1]  # a step whose config gains a deep key
+        async with httpx.AsyncClient(base_url=url, timeout=20, headers={"authorization": f"Bearer {tenant.key}", "content-type": "application/json"}) as http:
+
+            async def post(path: str, body: bytes) -> httpx.Response:
+                return await http.post(path, content=body)
+
+            def run(levels: int) -> bytes:
+                return b'{"payload":' + nested_bytes(levels) + b"}"
+
+            def dry_run(levels: int) -> bytes:
+                return b'{"mode":"preview","workflow_id":"' + manual.id.encode() + b'","payload":' + nested_bytes(levels) + b"}"
+
+            def create(levels: int) -> bytes:  # the config object itself is one level
+                return b'{"name":"deep","trigger":{"type":"manual"},"steps":[' + step.replace(b'"config":{', b'"config":{"deep":' + nested_bytes(levels - 1) + b",") + b"}]}"
+
+            deepest = [await post(f"/api/workflows/{manual.id}/run", run(MAX_JSON_DEPTH)), await post("/api/workflows/dry-run", dry_run(MAX_JSON_DEPTH))]
+            assert [a.status_code for a in deepest] == [202, 200], [a.text[:300] for a in deepest]
+            for levels in (MAX_JSON_DEPTH + 1, MAX_JSON_DEPTH + 2, 40, 200, 1000, 1100):
+                for path, body, field in [
+                    (f"/api/workflows/{manual.id}/run", run(levels), "payload"),
+                    ("/api/workflows/dry-run", dry_run(levels), "payload"),
+                    ("/api/workflows", create(levels), "steps[0].config"),
+                    (f"/api/webhooks/{hook.id}", nested_bytes(levels), "http_body.data"),
+                ]:
+                    answer = await post(path, body)
+                    error = answer.json().get("error", {})
+                    where = (levels, path, answer.status_code, answer.text[:300])
+                    assert (answer.status_code, error.get("code"), error.get("reason")) == (422, "invalid_argument", "INVALID_FIELD"), where
+                    if levels <= 1000:  # past orjson's 1,024 levels (the body's own included), no field can be named
+                        assert error["details"] == [{"field": field, "description": too_deep if field != "http_body.data" else f"the body {too_deep}"}], where
+                    else:
+                        assert error["details"][0]["field"] in ("body", "http_body.data") and too_deep in error["message"], where
+
+
 async def test_an_output_nested_deeper_than_a_reply_carries_fails_its_step(env) -> None:
     """A connector passing on an upstream's deep JSON made the execution unreadable once its
     output was stored; the step fails for good instead, and the execution reads."""

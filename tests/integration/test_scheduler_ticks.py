@@ -1,20 +1,26 @@
 """The scheduler's tick on a real core (SQLite and PostgreSQL): slow ticks, many schedules
-due at once, a full queue, and schedules stored before validation refused them."""
+due at once, a full queue, tenants over their share of it, and schedules stored before
+validation refused them."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from datetime import datetime, timedelta, timezone
 
-from sqlalchemy import delete, func, select
+import pytest
+from sqlalchemy import delete, func, select, text, update
 
 from ipaas.engine.enqueuer import Enqueuer
 from ipaas.engine.scheduler import Scheduler
+from ipaas.storage.db import Database
 from ipaas.storage.tables import Execution, OutboxTask, Schedule, Workflow, WorkflowVersion
+from ipaas.v1 import workflows_pb2
 from tests.conftest import core_with
 from tests.fakes.slack import FakeSlack
-from tests.integration.helpers import Api, slack_step
+from tests.integration.helpers import Api, slack_step, workflow
+from tests.integration.test_error_info import error_info, refused
 
 U = timezone.utc
 
@@ -176,17 +182,59 @@ async def test_fires_of_a_tenant_over_its_share_wait_and_the_other_tenants_fire(
         await shared.close()
 
 
+async def test_a_batch_leaves_out_the_fires_past_a_tenants_share_and_commits_the_others(tmp_path, database_url, monkeypatch, caplog) -> None:
+    """A batch's fires commit in one transaction with their claims, so the share is checked
+    for the whole batch before it: the fires of a tenant past its share are left out and keep
+    their plans, while its earliest fire that fits and the other tenant's fire of the same
+    batch commit. The fires count towards the share at once: the tenant's next run is refused."""
+    settings = {"IPAAS_DISABLE_ENGINE": "1", "IPAAS_MAX_QUEUE_DEPTH": "10", "IPAAS_MAX_TENANT_QUEUE_DEPTH": "2"}
+    async with FakeSlack() as slack, core_with(tmp_path, database_url, **settings) as core:
+        heavy_tenant, light_tenant = await core.new_tenant(name="heavy"), await core.new_tenant(name="light")
+        heavy, light = Api(core.channel, heavy_tenant.md), Api(core.channel, light_tenant.md)
+        clock = Clock(datetime(2026, 1, 1, 0, 0, 30, tzinfo=U))
+        monkeypatch.setattr("ipaas.workflow_store.utcnow", clock)
+        every_minute = {"trigger": {"type": "schedule", "interval_seconds": 60}}
+        cred = await heavy.credential("slack", {"webhook_url": slack.url})
+        heavy_ids = [(await heavy.create({"name": f"h{i}", **every_minute, "steps": [slack_step(cred, "x")]})).workflow.id for i in range(3)]
+        manual = (await heavy.create({"name": "backlog", "trigger": {"type": "manual"}, "steps": [slack_step(cred, "x")]})).workflow.id
+        await heavy.run(manual)  # one of its two
+        light_id = (await light.create({"name": "l", **every_minute, "steps": [slack_step(await light.credential("slack", {"webhook_url": slack.url}), "x")]})).workflow.id
+        kept = [datetime(2026, 1, 1, 0, 0, s, tzinfo=U) for s in (40, 45, 50)]
+        async with core.server.db.session() as s, s.begin():
+            for workflow_id, plan in zip(heavy_ids, kept):  # the heavy tenant's are due first
+                (await s.get(Schedule, workflow_id)).next_fire_at = plan
+        scheduler = Scheduler(core.server.db, core.server.enqueuer, clock=clock)
+        clock.now = datetime(2026, 1, 1, 0, 1, 0, 500000, tzinfo=U)
+        with caplog.at_level(logging.INFO, logger="ipaas.scheduler"):
+            assert await scheduler.tick() == 2, "one batch: the heavy tenant's earliest fire and the light tenant's"
+        assert [await _scheduled_at(core, w) for w in [*heavy_ids, light_id]] == [["2026-01-01T00:01:00Z"], [], [], ["2026-01-01T00:01:00Z"]]
+        async with core.server.db.session() as s:
+            plans = [(await s.get(Schedule, w)).next_fire_at for w in [*heavy_ids, light_id]]
+        assert plans == [datetime(2026, 1, 1, 0, 2, tzinfo=U), *kept[1:], datetime(2026, 1, 1, 0, 2, tzinfo=U)], "the refused fires are still planned"
+        warnings = [r for r in caplog.records if r.name == "ipaas.scheduler" and r.levelno >= logging.WARNING]
+        assert [(r.msg, r.deferred, r.tenant_ids, r.exc_info) for r in warnings] == [("schedule.tenant_queue_full", 2, [heavy_tenant.tenant_id], None)]
+        over = await refused(heavy.run(manual))
+        assert error_info(over).reason == "TENANT_QUEUE_FULL", "the fire that got in counts towards the share"
+
+        async with core.server.db.session() as s, s.begin():  # the backlog drained
+            await s.execute(delete(OutboxTask))
+        await core.server.enqueuer.refresh_depth()
+        clock.now += timedelta(seconds=1)
+        assert await scheduler.tick() == 2
+        assert [await _scheduled_at(core, w) for w in heavy_ids[1:]] == [["2026-01-01T00:01:00Z"]] * 2
+
+
 async def test_schedules_stored_before_validation_refused_them_do_not_stop_the_tick(tmp_path, database_url, monkeypatch) -> None:
-    """Saving now refuses croniter's R and H and the zones localtime and Factory; rows stored
-    earlier keep firing (R, localtime) or are parked (H needs a hash id), and the other
-    tenants' schedules fire."""
+    """Saving now refuses croniter's R and H, steps larger than their field (*/61) and the
+    zones localtime and Factory; rows stored earlier keep firing (R, */61, localtime) or are
+    parked (H needs a hash id), and the other tenants' schedules fire."""
     async with FakeSlack() as slack, core_with(tmp_path, database_url, IPAAS_DISABLE_ENGINE="1") as core:
         api = Api(core.channel, (await core.new_tenant()).md)
         cred = await api.credential("slack", {"webhook_url": slack.url})
         clock = Clock(datetime(2026, 1, 1, 0, 0, 30, tzinfo=U))
         monkeypatch.setattr("ipaas.workflow_store.utcnow", clock)
         stored = {}
-        for trigger in ({"cron": "R * * * *", "timezone": "UTC"}, {"cron": "H * * * *", "timezone": "UTC"}, {"cron": "* * * * *", "timezone": "localtime"}, {"cron": "* * * * *", "timezone": "Factory"}):
+        for trigger in ({"cron": "R * * * *", "timezone": "UTC"}, {"cron": "H * * * *", "timezone": "UTC"}, {"cron": "* * * * *", "timezone": "localtime"}, {"cron": "* * * * *", "timezone": "Factory"}, {"cron": "*/61 * * * *", "timezone": "UTC"}):
             wf = (await api.create({"name": "old", "trigger": {"type": "schedule", "cron": "* * * * *"}, "steps": [slack_step(cred, "x")]})).workflow
             async with core.server.db.session() as s, s.begin():
                 row = await s.get(WorkflowVersion, (wf.id, 1))
@@ -199,3 +247,113 @@ async def test_schedules_stored_before_validation_refused_them_do_not_stop_the_t
         clock.now += timedelta(hours=2)
         assert await scheduler.tick() >= 1
         assert await _scheduled_at(core, good.id) == ["2026-01-01T02:00:00Z"]
+        (step_61,) = [w for w, trigger in stored.items() if trigger["cron"] == "*/61 * * * *"]
+        assert await _scheduled_at(core, step_61) == ["2026-01-01T02:00:00Z"], "at minute 0, as croniter reads it"
+
+
+class _ChangeAfterRead:
+    """The scheduler's database, running `change` once right after the tick has read its due
+    schedules: what the change commits lands between that read and the fire."""
+
+    def __init__(self, db, change) -> None:  # type: ignore[no-untyped-def]
+        self._db, self._change = db, change
+
+    async def read(self, fn):  # type: ignore[no-untyped-def]
+        rows = await self._db.read(fn)
+        if self._change is not None:
+            change, self._change = self._change, None
+            await change()
+        return rows
+
+    def __getattr__(self, name: str):  # type: ignore[no-untyped-def]
+        return getattr(self._db, name)
+
+
+CHANGES = {
+    "deleted": lambda api, wf: api.workflows.DeleteWorkflow(workflows_pb2.DeleteWorkflowRequest(id=wf.id), metadata=api.md),
+    "deactivated": lambda api, wf: api.workflows.SetWorkflowActive(workflows_pb2.SetWorkflowActiveRequest(id=wf.id, active=False), metadata=api.md),
+    "schedule removed": lambda api, wf: api.workflows.UpdateWorkflow(
+        workflows_pb2.UpdateWorkflowRequest(id=wf.id, expected_version=1, workflow=workflow({"trigger": {"type": "manual"}})), metadata=api.md
+    ),
+    "replanned": lambda api, wf: api.workflows.UpdateWorkflow(
+        workflows_pb2.UpdateWorkflowRequest(id=wf.id, expected_version=1, workflow=workflow({"trigger": {"type": "schedule", "cron": "30 9 * * *"}})), metadata=api.md
+    ),
+}
+
+
+# The changed workflow's plan after the tick: the change's own (a deactivated workflow keeps
+# its plan until reactivated, which plans anew).
+PLAN_AFTER = {"deleted": None, "deactivated": datetime(2026, 1, 1, 9, tzinfo=U), "schedule removed": None, "replanned": datetime(2026, 1, 1, 9, 30, tzinfo=U)}
+
+
+@pytest.mark.parametrize("change", CHANGES)
+async def test_a_change_committed_between_the_read_and_the_fire_is_seen(tmp_path, database_url, monkeypatch, change) -> None:
+    """A tick reads its due schedules, then fires them. A workflow deleted, deactivated,
+    made manual or given another time in between still got the fire it no longer has; the
+    other fires of the batch go out as before."""
+    async with FakeSlack() as slack, core_with(tmp_path, database_url, IPAAS_DISABLE_ENGINE="1") as core:
+        api = Api(core.channel, (await core.new_tenant()).md)
+        cred = await api.credential("slack", {"webhook_url": slack.url})
+        clock = Clock(datetime(2026, 1, 1, 8, 59, tzinfo=U))
+        monkeypatch.setattr("ipaas.workflow_store.utcnow", clock)
+        changed, kept = [(await api.create({"name": name, "trigger": {"type": "schedule", "cron": "0 9 * * *"}, "steps": [slack_step(cred, "x")]})).workflow for name in ("changed", "kept")]
+        clock.now = datetime(2026, 1, 1, 9, 0, 0, 500000, tzinfo=U)
+        scheduler = Scheduler(_ChangeAfterRead(core.server.db, lambda: CHANGES[change](api, changed)), core.server.enqueuer, clock=clock)
+
+        assert await scheduler.tick() == 1
+        assert await _scheduled_at(core, kept.id) == ["2026-01-01T09:00:00Z"]
+        assert await _scheduled_at(core, changed.id) == []
+        async with core.server.db.session() as s:
+            plan = await s.get(Schedule, changed.id)
+        assert (plan.next_fire_at if plan else None) == PLAN_AFTER[change]
+
+
+async def test_a_change_in_progress_when_the_fire_starts_is_waited_for_on_postgresql(tmp_path, postgres_url, monkeypatch) -> None:
+    """Another replica deactivates the workflow while this one fires it: the fire waits for
+    that transaction and, once it commits, does not fire. Without the wait the fire read the
+    workflow as it was and committed after the deactivation had."""
+    async with FakeSlack() as slack, core_with(tmp_path, postgres_url, IPAAS_DISABLE_ENGINE="1") as core:
+        api = Api(core.channel, (await core.new_tenant()).md)
+        cred = await api.credential("slack", {"webhook_url": slack.url})
+        clock = Clock(datetime(2026, 1, 1, 8, 59, tzinfo=U))
+        monkeypatch.setattr("ipaas.workflow_store.utcnow", clock)
+        wf = (await api.create({"name": "daily", "trigger": {"type": "schedule", "cron": "0 9 * * *"}, "steps": [slack_step(cred, "x")]})).workflow
+        clock.now = datetime(2026, 1, 1, 9, 0, 0, 500000, tzinfo=U)
+        scheduler = Scheduler(core.server.db, core.server.enqueuer, clock=clock)
+        async with core.server.db.engine.connect() as other, core.server.db.engine.connect() as watch:
+            await other.execute(update(Workflow).where(Workflow.id == wf.id).values(active=False))
+            tick = asyncio.create_task(scheduler.tick())
+            waiting = text("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND datname = current_database()")
+            for _ in range(200):  # until the tick waits for the deactivation, or is done without
+                if tick.done() or (await watch.execute(waiting)).scalar():
+                    break
+                await watch.rollback()
+                await asyncio.sleep(0.025)
+            await other.commit()
+            assert await tick == 0
+        assert await _scheduled_at(core, wf.id) == []
+
+
+async def test_replicas_ticking_at_once_fire_each_schedule_once_on_postgresql(tmp_path, postgres_url, monkeypatch) -> None:
+    """Two replicas (each its own connections) tick at the same moment over more due
+    schedules than a batch: the claims of one wait for the other's, none deadlocks, and
+    every schedule fires once. (SQLite has one core per database.)"""
+    n = 1200
+    async with FakeSlack() as slack, core_with(tmp_path, postgres_url, IPAAS_DISABLE_ENGINE="1") as core:
+        api = Api(core.channel, (await core.new_tenant()).md)
+        cred = await api.credential("slack", {"webhook_url": slack.url})
+        clock = Clock(datetime(2026, 1, 1, 8, 59, tzinfo=U))
+        monkeypatch.setattr("ipaas.workflow_store.utcnow", clock)
+        first = (await api.create({"name": "daily", "trigger": {"type": "schedule", "cron": "0 9 * * *"}, "steps": [slack_step(cred, "hi")]})).workflow
+        await _clone(core, first.id, n - 1)
+        clock.now = datetime(2026, 1, 1, 9, 0, 0, 500000, tzinfo=U)
+        other_db = Database(core.server.db.url)
+        other_enqueuer = Enqueuer(other_db)
+        try:
+            replicas = [Scheduler(core.server.db, core.server.enqueuer, clock=clock, catch_up="skip"), Scheduler(other_db, other_enqueuer, clock=clock, catch_up="skip")]
+            fired = await asyncio.wait_for(asyncio.gather(*(r.tick() for r in replicas)), 60)
+        finally:
+            await other_enqueuer.close()
+            await other_db.dispose()
+        assert sum(fired) == n
+        assert await _scheduled_at(core) == ["2026-01-01T09:00:00Z"] * n

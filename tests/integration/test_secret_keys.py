@@ -89,7 +89,9 @@ async def test_secrets_reencrypt_moves_every_secret_to_the_newest_key_so_the_old
             # Beside the running core, once every core has the new key first.
             done = await asyncio.to_thread(reencrypt, tmp_path, database_url, f"{new},{old}", "--batch-size", "1")
             assert (done.returncode, done.stderr) == (0, ""), done.stderr
-            assert done.stdout == "re-encrypted 2 secrets with the newest key (0 already used it)\n"
+            # operating.md: "prints how many it re-encrypted, then the key check" (it printed only the count)
+            assert done.stdout == "re-encrypted 2 secrets with the newest key (0 already used it)\nkey check: re-encrypted with the newest key\n"
+            assert (await asyncio.to_thread(reencrypt, tmp_path, database_url, f"{new},{old}")).stdout == "re-encrypted 0 secrets with the newest key (2 already used it)\nkey check: already uses the newest key\n"
             again = await asyncio.to_thread(reencrypt, tmp_path, database_url, f"{new},{old}", "--json")
             assert json.loads(again.stdout) == {"reencrypted": 0, "already_newest": 2, "changed_meanwhile": 0, "unreadable": {}, "key_check": "current"}, again.stderr
 
@@ -116,7 +118,7 @@ async def test_secrets_reencrypt_names_in_one_line_the_secrets_no_key_decrypts(t
     line = one_error_line(done)
     assert done.returncode == 1, done.returncode
     assert f"no key in IPAAS_SECRET_KEYS decrypts 1 stored secret ({ids[lost]})" in line, line
-    assert done.stdout == "re-encrypted 1 secret with the newest key (0 already used it)\n"
+    assert done.stdout == "re-encrypted 1 secret with the newest key (0 already used it)\nkey check: re-encrypted with the newest key\n"
     after = await stored_credentials(database_url)
     assert SecretBox([new]).decrypt(after[ids[old]]) == {"webhook_url": "http://127.0.0.1:9/services/T/B/x"}
     assert after[ids[lost]] == before[ids[lost]]
@@ -162,6 +164,14 @@ def test_secrets_reencrypt_without_keys_says_so_and_makes_none(tmp_path: Path) -
     line = one_error_line(done)
     assert done.returncode == 1 and f"no encryption key in IPAAS_SECRET_KEYS nor in {data / 'secret.key'}" in line, line
     assert not (data / "secret.key").exists()
+
+
+def test_secrets_reencrypt_on_a_database_no_core_has_started_on_says_there_is_no_key_check_yet(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    migrate.upgrade(f"sqlite:///{data / 'ipaas.db'}")
+    done = run_cli("secrets", "reencrypt", cwd=tmp_path, IPAAS_DATA_DIR=str(data), IPAAS_SECRET_KEYS=Fernet.generate_key().decode())
+    assert (done.returncode, done.stderr) == (0, ""), done.stderr
+    assert done.stdout == "re-encrypted 0 secrets with the newest key (0 already used it)\nkey check: none yet: the next core to start records it with its newest key\n"
 
 
 # The database's key check: cores racing on an empty database, cores with other keys,

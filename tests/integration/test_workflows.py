@@ -3,15 +3,19 @@ rollback, tenant isolation and credentials that never come back out."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import grpc
 import pytest
 from google.rpc import error_details_pb2
+from google.api import httpbody_pb2
 from grpc_status import rpc_status
 from sqlalchemy import text
 
-from ipaas.v1 import credentials_pb2, workflows_pb2
+from ipaas.v1 import credentials_pb2, executions_pb2, workflows_pb2
+from ipaas.workflow_store import WorkflowStore
+from tests.conftest import core_with
 from tests.integration.helpers import Api, signed_headers, slack_step, struct, value, workflow
 
 SLACK_URL = "http://127.0.0.1:9/services/T1/B1/supersecretslacktoken"
@@ -483,8 +487,61 @@ async def test_a_schedule_that_replicas_could_compute_differently_is_refused(api
     assert "beyond five-field cron" in found[field] or "names no place" in found[field]  # H was "never fires"
 
 
-@pytest.mark.parametrize("cron", ["*/15 9-17 * * mon-fri", "0 0 1 jan,JUL *", "5,35 */2 1-15/2 * 0", "0 0 * * 7"])
+@pytest.mark.parametrize(
+    "cron,step,field",
+    [
+        ("*/61 * * * *", "/61", "minute"),  # croniter fires it at :00 only, not every 61 minutes
+        ("5/61 * * * *", "/61", "minute"),
+        ("0,10-59/100 * * * *", "/100", "minute"),
+        ("0 */25 * * *", "/25", "hour"),
+        ("0 0 */32 * *", "/32", "day of month"),
+        ("0 0 1 jan-dec/13 *", "/13", "month"),
+        ("0 9 * * */8", "/8", "day of week"),
+    ],
+)
+async def test_a_cron_step_larger_than_its_field_is_refused(api: Api, cron: str, step: str, field: str) -> None:
+    cred = await api.credential("slack", {"webhook_url": SLACK_URL})
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await api.create({"name": "odd", "trigger": {"type": "schedule", "cron": cron}, "steps": [slack_step(cred)]})
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    found = violations(err.value)
+    assert list(found) == ["trigger.cron"]
+    assert f"step {step} in the {field} field is larger than its" in found["trigger.cron"]
+
+
+@pytest.mark.parametrize("cron", ["*/15 9-17 * * mon-fri", "0 0 1 jan,JUL *", "5,35 */2 1-15/2 * 0", "0 0 * * 7", "*/60 */24 */31 */12 *"])
 async def test_five_field_cron_with_names_ranges_lists_and_steps_is_accepted(api: Api, cron: str) -> None:
     cred = await api.credential("slack", {"webhook_url": SLACK_URL})
     created = await api.create({"name": "ok", "trigger": {"type": "schedule", "cron": cron, "timezone": "Europe/Paris"}, "steps": [slack_step(cred)]})
     assert created.workflow.trigger.cron == cron
+
+
+async def test_webhooks_to_ids_with_no_workflow_are_answered_from_memory(tmp_path, monkeypatch) -> None:
+    """A webhook to a made-up id, or a deleted workflow's, cost a database read each time
+    the 1 s target cache had expired (made-up ids sent again, a sender retrying a deleted
+    workflow's webhook). Neither can ever be accepted, so the answer is kept a minute; an
+    inactive workflow is still read again (another replica may activate it)."""
+    monkeypatch.setattr("ipaas.workflow_store.TARGET_TTL", 0.05)
+    loads: list[str] = []
+    load = WorkflowStore._load_webhook_target
+
+    async def counted(self: WorkflowStore, workflow_id: str) -> Any:
+        loads.append(workflow_id)
+        return await load(self, workflow_id)
+
+    monkeypatch.setattr(WorkflowStore, "_load_webhook_target", counted)
+    async with core_with(tmp_path) as core:
+        api = Api(core.channel, (await core.new_tenant()).md)
+        cred = await api.credential("slack", {"webhook_url": SLACK_URL})
+        hook = {"name": "hook", "trigger": {"type": "webhook"}, "steps": [slack_step(cred)]}
+        deleted, inactive = (await api.create(hook)).workflow.id, (await api.create(hook)).workflow.id
+        await api.workflows.DeleteWorkflow(workflows_pb2.DeleteWorkflowRequest(id=deleted), metadata=api.md)
+        await api.workflows.SetWorkflowActive(workflows_pb2.SetWorkflowActiveRequest(id=inactive, active=False), metadata=api.md)
+        for _ in range(3):
+            for workflow_id in ("wf_made_up", deleted, inactive):
+                request = executions_pb2.ReceiveWebhookRequest(workflow_id=workflow_id, http_body=httpbody_pb2.HttpBody(data=b"{}"))
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    await api.executions.ReceiveWebhook(request)
+                assert err.value.code() == grpc.StatusCode.NOT_FOUND
+            await asyncio.sleep(0.1)  # past TARGET_TTL
+    assert (loads.count("wf_made_up"), loads.count(deleted), loads.count(inactive)) == (1, 1, 3), loads

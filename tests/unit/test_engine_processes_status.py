@@ -98,3 +98,21 @@ def _timed(work) -> float:  # type: ignore[no-untyped-def]
     started = time.perf_counter()
     work()
     return time.perf_counter() - started
+
+
+def test_finished_counts_add_up_and_malformed_rows_are_skipped() -> None:
+    """A child's line carries what it finished since its last line; the core adds them up.
+    A row it cannot read is skipped, the rest of the line still counts."""
+    processes = _with_reports({})
+    processes._count_finished([["succeeded", "slack", 3], ["dead", "slack", 1]])
+    processes._count_finished([["succeeded", "slack", 2], ["succeeded", "slack"], ["x", 1, 1], ["failed", "discord", -4], "junk", ["failed", "discord", "2"]])
+    processes._count_finished({"not": "a list"})
+    assert dict(processes.finished) == {("succeeded", "slack"): 5, ("dead", "slack"): 1}
+
+
+def test_troubled_breakers_merge_children_per_tenant_and_connector() -> None:
+    processes = _with_reports(
+        {"breakers": [["t1", "slack", "half_open", 0, 1, None, None], ["t2", "slack", "closed", 2, 0, None, None]]},
+        {"breakers": [["t1", "slack", "open", 5, 0, None, None], ["t2", "discord", "half_open", 0, 0, None, None]]},
+    )
+    assert sorted(processes.troubled_breakers()) == [("t1", "slack", "open"), ("t2", "discord", "half_open"), ("t2", "slack", "closed")]

@@ -117,7 +117,7 @@ def test_known_secret_values_are_masked_even_without_a_pattern() -> None:
 # Texts built from the pieces secrets and near-misses are made of, case variants and the
 # Unicode letters re's IGNORECASE equates with ASCII ones (ı, ſ, K) included.
 _PIECES = [
-    "api_key", "apiKey", "X-Api-Key", "token", "TOKEN", "secret", "passWord", "paſſword", "pwd", "appıd", "webhook_url",
+    "api_key", "apiKey", "X-Api-Key", "token", "TOKEN", "secret", "passWord", "paſſword", "pass", "PaSS", "paſſ", "bypass", "db_pass", "pwd", "appıd", "webhook_url",
     "Kelvin-\u212aey", "bearer ", "Basic ", "Authorization: ", "subscription", "Credentials.", "re-issued", "eyJhbGciOiJIUzI1NiJ9", ".eyJzdWIiOiIx", "hooks.slack.com/services/T0/B0/x",
     "discord.com/api/webhooks/1/ab", "xoxb-12345678", "AKIAIOSFODNN7EXAMPLE", "sk_live_abcdefghij12", "whsec_abcdefghij12",
     "ipk_abcdefghijklmnopqrstu", "ghp_" + "a" * 36, "https://", "user:pw@", "alex@example.com", "4111 1111 1111 1111",
@@ -168,8 +168,8 @@ def test_secret_masker_builds_its_pattern_once_from_any_iterable() -> None:
 
 @pytest.mark.parametrize(
     "text",
-    ["key-" * 25_000 + "=", "@" + "a." * 50_000, "://@" + "a." * 50_000, "password" + " " * 100_000 + "=x"],
-    ids=["kv-prefix", "email", "url-credentials", "spaces"],
+    ["key-" * 25_000 + "=", "pass-" * 20_000 + "=", "@" + "a." * 50_000, "://@" + "a." * 50_000, "password" + " " * 100_000 + "=x"],
+    ids=["kv-prefix", "pass-prefix", "email", "url-credentials", "spaces"],
 )
 def test_masking_takes_linear_time_on_hostile_text(text: str) -> None:
     """The engine masks every rendered config and error on its event loop: an unbounded
@@ -204,4 +204,29 @@ def test_prose_after_bearer_basic_or_token_is_not_masked(text: str) -> None:
     """An upstream's error ("Basic subscription exceeded") lost its words: any 8 letters
     after "Bearer", "Basic" or "token" were taken for a credential. A credential has a
     digit, a symbol or a capital inside; a word of prose has none."""
+    assert mask_text(text) == text
+
+
+@pytest.mark.parametrize(
+    ("text", "masked"),
+    [
+        ("pass=hunter2", f"pass={REDACTED}"),
+        ("login user=bob pass: s3cr3t-value", f"login user=bob pass: {REDACTED}"),
+        ('{"pass": "correct horse"}', f'{{"pass": "{REDACTED}"}}'),
+        ("PASS = Zz9top", f"PASS = {REDACTED}"),
+        ("smtp_pass=letmein123 db-pass:opensesame", f"smtp_pass={REDACTED} db-pass:{REDACTED}"),
+        ("--pass=hunter22", f"--pass={REDACTED}"),
+    ],
+)
+def test_pass_as_a_key_in_text_is_masked_like_password(text: str, masked: str) -> None:
+    """The `pass` dict key was masked but `pass=...` in a log line or an error was not: the
+    text patterns knew password, passwd and pwd only."""
+    assert mask_text(text) == masked
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["pass through the proxy", "all checks passed: 12 of 12", "passes: 3", "passenger: Alex", "bypass=1", "compass: north", "surpass=yes", "a passage: read it"],
+)
+def test_words_holding_pass_are_not_taken_for_the_key(text: str) -> None:
     assert mask_text(text) == text

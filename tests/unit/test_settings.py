@@ -103,6 +103,9 @@ def test_the_grpc_listen_address_may_ask_for_any_free_port() -> None:
         ("IPAAS_HTTP_LISTEN", "127.0.0.1:notaport", "IPAAS_HTTP_LISTEN must be host:port"),
         ("IPAAS_ALLOW_INSECURE_TARGETS", "ture", "IPAAS_ALLOW_INSECURE_TARGETS must be 1 or 0"),
         ("IPAAS_REDIS_URL", "localhost:6379", "IPAAS_REDIS_URL must be a redis://, rediss:// or unix:// URL"),
+        ("IPAAS_ADMIN_KEY", "a", "IPAAS_ADMIN_KEY must be at least 32 printable ASCII characters"),
+        ("IPAAS_ADMIN_KEY", "x" * 31, "IPAAS_ADMIN_KEY must be at least 32"),
+        ("IPAAS_ADMIN_KEY", "x" * 31 + " ", "IPAAS_ADMIN_KEY must be at least 32"),
     ],
 )
 def test_bad_platform_settings_are_refused_in_one_line(setting: str, value: str, expected: str) -> None:
@@ -110,6 +113,13 @@ def test_bad_platform_settings_are_refused_in_one_line(setting: str, value: str,
         Settings.from_env({setting: value})
     message = str(refused.value.code)
     assert expected in message and "\n" not in message, message
+
+
+def test_a_refused_admin_key_is_not_repeated_and_a_long_one_is_taken() -> None:
+    with pytest.raises(SystemExit) as refused:
+        Settings.from_env({"IPAAS_ADMIN_KEY": "hunter2"})
+    assert "hunter2" not in str(refused.value.code)
+    assert Settings.from_env({"IPAAS_ADMIN_KEY": "k" * 32}).admin_key == "k" * 32
 
 
 def test_a_refused_redis_url_is_not_repeated_it_may_hold_a_password() -> None:
@@ -124,6 +134,13 @@ def test_platform_settings_read_as_documented() -> None:
     )
     assert (settings.log_level, settings.workers, settings.allow_insecure_targets, settings.redis_url, settings.http_listen) == ("WARN", 0, True, "rediss://cache:6380/0", "[::1]:8080")
     assert Settings.from_env({"IPAAS_LOG_LEVEL": " "}).log_level == "INFO"
+
+
+@pytest.mark.parametrize(("raw", "expected"), [(None, None), ("", None), ("  ", None), (" , ", None), ("slack, discord ", frozenset({"slack", "discord"}))])
+def test_an_empty_plugin_allow_list_is_the_default_every_installed_connector(raw: str | None, expected: frozenset[str] | None) -> None:
+    """IPAAS_PLUGINS= (a unit file passing an unset variable through) allowed no connector,
+    so every step failed with nothing logged."""
+    assert Settings.from_env({} if raw is None else {"IPAAS_PLUGINS": raw}).plugins == expected
 
 
 ENGINE_REFUSED = [
@@ -195,6 +212,8 @@ def test_a_rate_tier_must_have_a_positive_rate_and_burst(raw: str) -> None:
 def test_rate_tiers_read_as_documented() -> None:
     tiers = parse_tiers({"IPAAS_RATE_FREE": "0.5/4", "IPAAS_RATE_PAID": ""})
     assert (tiers["free"].rate, tiers["free"].burst, tiers["paid"].rate, tiers["paid"].burst) == (0.5, 4, 50.0, 100)
+    assert (tiers["anonymous_webhooks"].rate, tiers["anonymous_webhooks"].burst) == (10.0, 100)
+    assert parse_tiers({"IPAAS_RATE_ANONYMOUS_WEBHOOKS": "2/30"})["anonymous_webhooks"].burst == 30
 
 
 def test_rate_limits_off_takes_the_usual_words() -> None:

@@ -3,6 +3,7 @@ paths, lists, unicode and hostile input."""
 
 from __future__ import annotations
 
+import orjson
 import pytest
 
 from ipaas.templates import RenderContext, TemplateError, compile_template, render, render_config, validate_template
@@ -262,3 +263,115 @@ def test_numbers_from_a_json_body_render_without_losing_precision() -> None:
         assert "e-0" not in text and "e+0" not in text and not text.endswith(".0")
 
     round_trips()
+
+
+@pytest.mark.parametrize(
+    "template",
+    [
+        # The audit's: quadratic, and cubic nested (a 1.8 KB payload held an engine for 21 s).
+        "{{$..[?count($..*) > 0]}}",
+        "{{$..[?count($..[?count($..*) > 0]) > 0]}}",
+        "{{$.order.items[?@.qty > $.order.total]}}",  # a query from the root, per item tested
+        "{{$.order.items[?@..name]}}",  # descendants of each item tested
+        "{{$.order.items[?@.*]}}",  # a node list
+        "{{$.order.items[?count(@.*) > 1]}}",
+        "{{$.order.items[?count(@..x) == 0]}}",
+        "{{$.order.items[?@[?@ == 1]]}}",
+        "{{$.order.items[?_.x == 1]}}",  # python-jsonpath's filter context
+    ],
+)
+def test_filters_that_run_a_query_per_item_are_refused(template: str) -> None:
+    problems = validate_template(template)
+    assert problems and "a filter may only read the item it tests" in problems[0], problems
+    with pytest.raises(TemplateError, match="a filter may only read"):  # stored before: fails, does not run
+        render(template, CTX)
+
+
+@pytest.mark.parametrize(
+    "template,problem",
+    [
+        ("{{$.order[$.user.name]}}", "a query inside a selector"),
+        ("{{$.order.items & $.order.items}}", "the intersection operator &"),
+    ],
+)
+def test_other_queries_with_a_cost_per_node_are_refused(template: str, problem: str) -> None:
+    problems = validate_template(template)
+    assert problems and problem in problems[0], problems
+
+
+@pytest.mark.parametrize(
+    "template,expected",
+    [
+        ("{{$.order.items[?@.qty > 1 && !(@.sku == 'X')].name}}", "Pen"),
+        ("{{$.order.items[?@.qty == 1 || @['sku'] == 'P9'].sku}}", '["B1","P9"]'),
+        ("{{$.order.items[?@.sku in ['P9', 'Q1']].name}}", "Pen"),
+        ("{{$.user[?@ contains 'b']}}", '["a","b"]'),
+        ("{{$.order.items[?# == 1].name}}", "Pen"),
+        ("{{$.order.items[?count(@.sku) == 1 && value(@.qty) == 3].name}}", "Pen"),
+        ("{{$..[?@.qty > 2].sku}}", "P9"),
+        ("{{$..sku}}", '["B1","P9"]'),
+        ("{{$.order.items[::-1].sku}}", '["P9","B1"]'),
+        ("{{$.user.name | $.order.id}}", '["Alex","12345"]'),
+    ],
+)
+def test_filters_on_the_item_itself_still_work(template: str, expected: str) -> None:
+    assert validate_template(template) == []
+    assert render(template, CTX).value == expected
+
+
+def _orders(n: int) -> dict:
+    return {"orders": [{"id": f"o{i}", "paid": i % 2 == 0, "customer": {"email": f"c{i}@example.com"}, "items": [{"sku": "A", "qty": 1}]} for i in range(n)]}
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"text": "{{$..zz}} " * 100},  # the audit's other case: many linear paths that match nothing
+        {"text": "{{$.orders[?@.paid == 'never' && @.id == 'x'].id}}"},  # tests every item, makes no node
+        {"text": "{{$..*..*..*}}"},
+        {"many": ["{{$.orders[0].id}}"] * 3000},  # cheap paths cost something too
+    ],
+)
+def test_templates_that_would_visit_too_much_of_the_payload_fail_the_render(config: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("ipaas.templates.MAX_TEMPLATE_WORK", 5_000)
+    with pytest.raises(TemplateError, match="templates visit too much of the payload: more than 5000 nodes"):
+        render_config(config, RenderContext(trigger=_orders(1000)))
+
+
+def test_a_large_webhook_with_ordinary_templates_is_far_below_the_work_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    """1 MiB of orders: 50 paths by name and index render with a hundredth of the budget,
+    and a descendant scan and a filter over every order together with all of it."""
+    from ipaas import templates
+
+    payload = _orders(11_000)
+    assert len(orjson.dumps(payload)) > 1024 * 1024
+    scans = {"emails": "{{$..email}}", "paid": "{{$.orders[?@.paid == true].id}}"}
+    rendered = render_config(scans, RenderContext(trigger=payload)).value
+    assert (len(rendered["emails"]), len(rendered["paid"]), rendered["paid"][1]) == (11_000, 5_500, "o2")
+    monkeypatch.setattr("ipaas.templates.MAX_TEMPLATE_WORK", templates.MAX_TEMPLATE_WORK // 100)
+    config = {f"f{i}": f"{{{{$.orders[{i}].customer.email}}}} {{{{orders.{i}.id}}}}" for i in range(50)}
+    assert render_config(config, RenderContext(trigger=payload)).value["f49"] == "c49@example.com o49"
+
+
+def test_a_descendant_search_does_not_copy_every_ancestors_key_for_each_node() -> None:
+    """python-jsonpath keeps a path string per node, every ancestor's key again: long keys
+    above a wide list made 200 MB from a 100 KB payload (gigabytes from 1 MiB)."""
+    import tracemalloc
+
+    payload: dict = {"bottom": [[0]] * 2000}
+    for level in range(20):
+        payload = {f"{level}" + "k" * 5000: payload}
+    tracemalloc.start()
+    try:
+        assert render("{{$..*[0]}}", RenderContext(trigger=payload)).value.startswith("[[0],0,0,")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 20 * 1024 * 1024, peak
+
+
+def test_a_payload_that_is_a_string_is_not_parsed_again_for_each_jsonpath() -> None:
+    # findall parsed a string as JSON, once per template: 1,000 templates over a 1 MiB string
+    # parsed a gigabyte. Dotted paths always read a string as a string.
+    ctx = RenderContext(trigger='{"a": 1}')
+    assert render("{{$.a}}|{{a}}|{{$}}", ctx).value == '||{"a": 1}'

@@ -30,7 +30,7 @@ from google.rpc import status_pb2 as google_dot_rpc_dot_status__pb2
 from ipaas.v1 import workflows_pb2 as ipaas_dot_v1_dot_workflows__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19ipaas/v1/executions.proto\x12\x08ipaas.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x19google/api/httpbody.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17google/rpc/status.proto\x1a\x18ipaas/v1/workflows.proto\"\xc0\x02\n\x07StepRun\x12\x0f\n\x07step_id\x18\x01 \x01(\t\x12\x0e\n\x06status\x18\x02 \x01(\t\x12\x10\n\x08\x61ttempts\x18\x03 \x01(\x05\x12\x30\n\x0frendered_config\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\'\n\x06output\x18\x05 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\r\n\x05\x65rror\x18\x06 \x01(\t\x12\x11\n\tretryable\x18\x07 \x01(\x08\x12.\n\nstarted_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0b\x64uration_ms\x18\n \x01(\x03\x12\x0f\n\x07message\x18\x0b \x01(\t\"\x99\x03\n\tExecution\x12\n\n\x02id\x18\x01 \x01(\t\x12\x13\n\x0bworkflow_id\x18\x02 \x01(\t\x12\x18\n\x10workflow_version\x18\x03 \x01(\x05\x12\x0e\n\x06status\x18\x04 \x01(\t\x12\x0f\n\x07trigger\x18\x05 \x01(\t\x12\'\n\x07payload\x18\x06 \x01(\x0b\x32\x16.google.protobuf.Value\x12\x10\n\x08\x61ttempts\x18\x07 \x01(\x05\x12\r\n\x05\x65rror\x18\x08 \x01(\t\x12 \n\x05steps\x18\t \x03(\x0b\x32\x11.ipaas.v1.StepRun\x12.\n\ncreated_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstarted_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x33\n\x0fnext_attempt_at\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"R\n\x12RunWorkflowRequest\x12\x13\n\x0bworkflow_id\x18\x01 \x01(\t\x12\'\n\x07payload\x18\x02 \x01(\x0b\x32\x16.google.protobuf.Value\"P\n\x13RunWorkflowResponse\x12&\n\texecution\x18\x01 \x01(\x0b\x32\x13.ipaas.v1.Execution\x12\x11\n\tduplicate\x18\x02 \x01(\x08\"\xc4\x01\n\x15ReceiveWebhookRequest\x12\x13\n\x0bworkflow_id\x18\x01 \x01(\t\x12\'\n\thttp_body\x18\x02 \x01(\x0b\x32\x14.google.api.HttpBody\x12=\n\x07headers\x18\x03 \x03(\x0b\x32,.ipaas.v1.ReceiveWebhookRequest.HeadersEntry\x1a.\n\x0cHeadersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"Q\n\x16ReceiveWebhookResponse\x12\x14\n\x0c\x65xecution_id\x18\x01 \x01(\t\x12\x0e\n\x06status\x18\x02 \x01(\t\x12\x11\n\tduplicate\x18\x03 \x01(\x08\"E\n\x16ReceiveWebhooksRequest\x12+\n\x08webhooks\x18\x01 \x03(\x0b\x32\x19.ipaas.v1.WebhookDelivery\"p\n\x0fWebhookDelivery\x12\x30\n\x07webhook\x18\x01 \x01(\x0b\x32\x1f.ipaas.v1.ReceiveWebhookRequest\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x03 \x01(\t\"C\n\x17ReceiveWebhooksResponse\x12(\n\x07results\x18\x01 \x03(\x0b\x32\x17.ipaas.v1.WebhookResult\"\x95\x01\n\rWebhookResult\x12\x34\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x0b\x32 .ipaas.v1.ReceiveWebhookResponseH\x00\x12#\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x12.google.rpc.StatusH\x00\x12\x11\n\ttenant_id\x18\x03 \x01(\t\x12\x0c\n\x04tier\x18\x04 \x01(\tB\x08\n\x06result\"\x92\x01\n\rDryRunRequest\x12$\n\x08workflow\x18\x01 \x01(\x0b\x32\x12.ipaas.v1.Workflow\x12\x13\n\x0bworkflow_id\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x05\x12\'\n\x07payload\x18\x04 \x01(\x0b\x32\x16.google.protobuf.Value\x12\x0c\n\x04mode\x18\x05 \x01(\t\"\xd8\x01\n\nDryRunStep\x12\x0f\n\x07step_id\x18\x01 \x01(\t\x12\x30\n\x0frendered_config\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x15\n\rmissing_paths\x18\x03 \x03(\t\x12\x0e\n\x06status\x18\x04 \x01(\t\x12\x0f\n\x07message\x18\x05 \x01(\t\x12\'\n\x06output\x18\x06 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x13\n\x0b\x64uration_ms\x18\x07 \x01(\x03\x12\x11\n\tretryable\x18\x08 \x01(\x08\"O\n\x0e\x44ryRunResponse\x12\n\n\x02ok\x18\x01 \x01(\x08\x12#\n\x05steps\x18\x02 \x03(\x0b\x32\x14.ipaas.v1.DryRunStep\x12\x0c\n\x04mode\x18\x03 \x01(\t\"!\n\x13GetExecutionRequest\x12\n\n\x02id\x18\x01 \x01(\t\">\n\x14GetExecutionResponse\x12&\n\texecution\x18\x01 \x01(\x0b\x32\x13.ipaas.v1.Execution\"c\n\x15ListExecutionsRequest\x12\x13\n\x0bworkflow_id\x18\x01 \x01(\t\x12\x0e\n\x06status\x18\x02 \x01(\t\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\"Z\n\x16ListExecutionsResponse\x12\'\n\nexecutions\x18\x01 \x03(\x0b\x32\x13.ipaas.v1.Execution\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"$\n\x16ReplayExecutionRequest\x12\n\n\x02id\x18\x01 \x01(\t\"A\n\x17ReplayExecutionResponse\x12&\n\texecution\x18\x01 \x01(\x0b\x32\x13.ipaas.v1.Execution\"$\n\x16\x43\x61ncelExecutionRequest\x12\n\n\x02id\x18\x01 \x01(\t\"A\n\x17\x43\x61ncelExecutionResponse\x12&\n\texecution\x18\x01 \x01(\x0b\x32\x13.ipaas.v1.Execution\"\x16\n\x14GetQueueStatsRequest\"s\n\x15GetQueueStatsResponse\x12\r\n\x05\x64\x65pth\x18\x01 \x01(\x03\x12\x11\n\tmax_depth\x18\x02 \x01(\x03\x12\x14\n\x0ctenant_depth\x18\x03 \x01(\x03\x12\x11\n\tin_flight\x18\x04 \x01(\x05\x12\x0f\n\x07workers\x18\x05 \x01(\x05\x32\xad\x08\n\x10\x45xecutionService\x12w\n\x0bRunWorkflow\x12\x1c.ipaas.v1.RunWorkflowRequest\x1a\x1d.ipaas.v1.RunWorkflowResponse\"+\x82\xd3\xe4\x93\x02%\" /api/workflows/{workflow_id}/run:\x01*\x12\x83\x01\n\x0eReceiveWebhook\x12\x1f.ipaas.v1.ReceiveWebhookRequest\x1a .ipaas.v1.ReceiveWebhookResponse\".\x82\xd3\xe4\x93\x02(\"\x1b/api/webhooks/{workflow_id}:\thttp_body\x12V\n\x0fReceiveWebhooks\x12 .ipaas.v1.ReceiveWebhooksRequest\x1a!.ipaas.v1.ReceiveWebhooksResponse\x12^\n\x06\x44ryRun\x12\x17.ipaas.v1.DryRunRequest\x1a\x18.ipaas.v1.DryRunResponse\"!\x82\xd3\xe4\x93\x02\x1b\"\x16/api/workflows/dry-run:\x01*\x12v\n\x0cGetExecution\x12\x1d.ipaas.v1.GetExecutionRequest\x1a\x1e.ipaas.v1.GetExecutionResponse\"\'\x82\xd3\xe4\x93\x02!\x12\x14/api/executions/{id}b\texecution\x12l\n\x0eListExecutions\x12\x1f.ipaas.v1.ListExecutionsRequest\x1a .ipaas.v1.ListExecutionsResponse\"\x17\x82\xd3\xe4\x93\x02\x11\x12\x0f/api/executions\x12\x89\x01\n\x0fReplayExecution\x12 .ipaas.v1.ReplayExecutionRequest\x1a!.ipaas.v1.ReplayExecutionResponse\"1\x82\xd3\xe4\x93\x02+\"\x1b/api/executions/{id}/replay:\x01*b\texecution\x12\x64\n\rGetQueueStats\x12\x1e.ipaas.v1.GetQueueStatsRequest\x1a\x1f.ipaas.v1.GetQueueStatsResponse\"\x12\x82\xd3\xe4\x93\x02\x0c\x12\n/api/queue\x12\x89\x01\n\x0f\x43\x61ncelExecution\x12 .ipaas.v1.CancelExecutionRequest\x1a!.ipaas.v1.CancelExecutionResponse\"1\x82\xd3\xe4\x93\x02+\"\x1b/api/executions/{id}/cancel:\x01*b\texecutionb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19ipaas/v1/executions.proto\x12\x08ipaas.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x19google/api/httpbody.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17google/rpc/status.proto\x1a\x18ipaas/v1/workflows.proto\"\xc0\x02\n\x07StepRun\x12\x0f\n\x07step_id\x18\x01 \x01(\t\x12\x0e\n\x06status\x18\x02 \x01(\t\x12\x10\n\x08\x61ttempts\x18\x03 \x01(\x05\x12\x30\n\x0frendered_config\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\'\n\x06output\x18\x05 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\r\n\x05\x65rror\x18\x06 \x01(\t\x12\x11\n\tretryable\x18\x07 \x01(\x08\x12.\n\nstarted_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0b\x64uration_ms\x18\n \x01(\x03\x12\x0f\n\x07message\x18\x0b \x01(\t\"\x99\x03\n\tExecution\x12\n\n\x02id\x18\x01 \x01(\t\x12\x13\n\x0bworkflow_id\x18\x02 \x01(\t\x12\x18\n\x10workflow_version\x18\x03 \x01(\x05\x12\x0e\n\x06status\x18\x04 \x01(\t\x12\x0f\n\x07trigger\x18\x05 \x01(\t\x12\'\n\x07payload\x18\x06 \x01(\x0b\x32\x16.google.protobuf.Value\x12\x10\n\x08\x61ttempts\x18\x07 \x01(\x05\x12\r\n\x05\x65rror\x18\x08 \x01(\t\x12 \n\x05steps\x18\t \x03(\x0b\x32\x11.ipaas.v1.StepRun\x12.\n\ncreated_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstarted_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x33\n\x0fnext_attempt_at\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"c\n\x12RunWorkflowRequest\x12\x13\n\x0bworkflow_id\x18\x01 \x01(\t\x12\'\n\x07payload\x18\x02 \x01(\x0b\x32\x16.google.protobuf.Value\x12\x0f\n\x07version\x18\x03 \x01(\x05\"P\n\x13RunWorkflowResponse\x12&\n\texecution\x18\x01 \x01(\x0b\x32\x13.ipaas.v1.Execution\x12\x11\n\tduplicate\x18\x02 \x01(\x08\"\xc4\x01\n\x15ReceiveWebhookRequest\x12\x13\n\x0bworkflow_id\x18\x01 \x01(\t\x12\'\n\thttp_body\x18\x02 \x01(\x0b\x32\x14.google.api.HttpBody\x12=\n\x07headers\x18\x03 \x03(\x0b\x32,.ipaas.v1.ReceiveWebhookRequest.HeadersEntry\x1a.\n\x0cHeadersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"Q\n\x16ReceiveWebhookResponse\x12\x14\n\x0c\x65xecution_id\x18\x01 \x01(\t\x12\x0e\n\x06status\x18\x02 \x01(\t\x12\x11\n\tduplicate\x18\x03 \x01(\x08\"E\n\x16ReceiveWebhooksRequest\x12+\n\x08webhooks\x18\x01 \x03(\x0b\x32\x19.ipaas.v1.WebhookDelivery\"p\n\x0fWebhookDelivery\x12\x30\n\x07webhook\x18\x01 \x01(\x0b\x32\x1f.ipaas.v1.ReceiveWebhookRequest\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x03 \x01(\t\"C\n\x17ReceiveWebhooksResponse\x12(\n\x07results\x18\x01 \x03(\x0b\x32\x17.ipaas.v1.WebhookResult\"\x95\x01\n\rWebhookResult\x12\x34\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x0b\x32 .ipaas.v1.ReceiveWebhookResponseH\x00\x12#\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x12.google.rpc.StatusH\x00\x12\x11\n\ttenant_id\x18\x03 \x01(\t\x12\x0c\n\x04tier\x18\x04 \x01(\tB\x08\n\x06result\"\x92\x01\n\rDryRunRequest\x12$\n\x08workflow\x18\x01 \x01(\x0b\x32\x12.ipaas.v1.Workflow\x12\x13\n\x0bworkflow_id\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x05\x12\'\n\x07payload\x18\x04 \x01(\x0b\x32\x16.google.protobuf.Value\x12\x0c\n\x04mode\x18\x05 \x01(\t\"\xd8\x01\n\nDryRunStep\x12\x0f\n\x07step_id\x18\x01 \x01(\t\x12\x30\n\x0frendered_config\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x15\n\rmissing_paths\x18\x03 \x03(\t\x12\x0e\n\x06status\x18\x04 \x01(\t\x12\x0f\n\x07message\x18\x05 \x01(\t\x12\'\n\x06output\x18\x06 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x13\n\x0b\x64uration_ms\x18\x07 \x01(\x03\x12\x11\n\tretryable\x18\x08 \x01(\x08\"O\n\x0e\x44ryRunResponse\x12\n\n\x02ok\x18\x01 \x01(\x08\x12#\n\x05steps\x18\x02 \x03(\x0b\x32\x14.ipaas.v1.DryRunStep\x12\x0c\n\x04mode\x18\x03 \x01(\t\"!\n\x13GetExecutionRequest\x12\n\n\x02id\x18\x01 \x01(\t\">\n\x14GetExecutionResponse\x12&\n\texecution\x18\x01 \x01(\x0b\x32\x13.ipaas.v1.Execution\"c\n\x15ListExecutionsRequest\x12\x13\n\x0bworkflow_id\x18\x01 \x01(\t\x12\x0e\n\x06status\x18\x02 \x01(\t\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\"Z\n\x16ListExecutionsResponse\x12\'\n\nexecutions\x18\x01 \x03(\x0b\x32\x13.ipaas.v1.Execution\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"$\n\x16ReplayExecutionRequest\x12\n\n\x02id\x18\x01 \x01(\t\"A\n\x17ReplayExecutionResponse\x12&\n\texecution\x18\x01 \x01(\x0b\x32\x13.ipaas.v1.Execution\"$\n\x16\x43\x61ncelExecutionRequest\x12\n\n\x02id\x18\x01 \x01(\t\"A\n\x17\x43\x61ncelExecutionResponse\x12&\n\texecution\x18\x01 \x01(\x0b\x32\x13.ipaas.v1.Execution\"\x16\n\x14GetQueueStatsRequest\"s\n\x15GetQueueStatsResponse\x12\r\n\x05\x64\x65pth\x18\x01 \x01(\x03\x12\x11\n\tmax_depth\x18\x02 \x01(\x03\x12\x14\n\x0ctenant_depth\x18\x03 \x01(\x03\x12\x11\n\tin_flight\x18\x04 \x01(\x05\x12\x0f\n\x07workers\x18\x05 \x01(\x05\x32\xad\x08\n\x10\x45xecutionService\x12w\n\x0bRunWorkflow\x12\x1c.ipaas.v1.RunWorkflowRequest\x1a\x1d.ipaas.v1.RunWorkflowResponse\"+\x82\xd3\xe4\x93\x02%\" /api/workflows/{workflow_id}/run:\x01*\x12\x83\x01\n\x0eReceiveWebhook\x12\x1f.ipaas.v1.ReceiveWebhookRequest\x1a .ipaas.v1.ReceiveWebhookResponse\".\x82\xd3\xe4\x93\x02(\"\x1b/api/webhooks/{workflow_id}:\thttp_body\x12V\n\x0fReceiveWebhooks\x12 .ipaas.v1.ReceiveWebhooksRequest\x1a!.ipaas.v1.ReceiveWebhooksResponse\x12^\n\x06\x44ryRun\x12\x17.ipaas.v1.DryRunRequest\x1a\x18.ipaas.v1.DryRunResponse\"!\x82\xd3\xe4\x93\x02\x1b\"\x16/api/workflows/dry-run:\x01*\x12v\n\x0cGetExecution\x12\x1d.ipaas.v1.GetExecutionRequest\x1a\x1e.ipaas.v1.GetExecutionResponse\"\'\x82\xd3\xe4\x93\x02!\x12\x14/api/executions/{id}b\texecution\x12l\n\x0eListExecutions\x12\x1f.ipaas.v1.ListExecutionsRequest\x1a .ipaas.v1.ListExecutionsResponse\"\x17\x82\xd3\xe4\x93\x02\x11\x12\x0f/api/executions\x12\x89\x01\n\x0fReplayExecution\x12 .ipaas.v1.ReplayExecutionRequest\x1a!.ipaas.v1.ReplayExecutionResponse\"1\x82\xd3\xe4\x93\x02+\"\x1b/api/executions/{id}/replay:\x01*b\texecution\x12\x64\n\rGetQueueStats\x12\x1e.ipaas.v1.GetQueueStatsRequest\x1a\x1f.ipaas.v1.GetQueueStatsResponse\"\x12\x82\xd3\xe4\x93\x02\x0c\x12\n/api/queue\x12\x89\x01\n\x0f\x43\x61ncelExecution\x12 .ipaas.v1.CancelExecutionRequest\x1a!.ipaas.v1.CancelExecutionResponse\"1\x82\xd3\xe4\x93\x02+\"\x1b/api/executions/{id}/cancel:\x01*b\texecutionb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -60,49 +60,49 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_EXECUTION']._serialized_start=534
   _globals['_EXECUTION']._serialized_end=943
   _globals['_RUNWORKFLOWREQUEST']._serialized_start=945
-  _globals['_RUNWORKFLOWREQUEST']._serialized_end=1027
-  _globals['_RUNWORKFLOWRESPONSE']._serialized_start=1029
-  _globals['_RUNWORKFLOWRESPONSE']._serialized_end=1109
-  _globals['_RECEIVEWEBHOOKREQUEST']._serialized_start=1112
-  _globals['_RECEIVEWEBHOOKREQUEST']._serialized_end=1308
-  _globals['_RECEIVEWEBHOOKREQUEST_HEADERSENTRY']._serialized_start=1262
-  _globals['_RECEIVEWEBHOOKREQUEST_HEADERSENTRY']._serialized_end=1308
-  _globals['_RECEIVEWEBHOOKRESPONSE']._serialized_start=1310
-  _globals['_RECEIVEWEBHOOKRESPONSE']._serialized_end=1391
-  _globals['_RECEIVEWEBHOOKSREQUEST']._serialized_start=1393
-  _globals['_RECEIVEWEBHOOKSREQUEST']._serialized_end=1462
-  _globals['_WEBHOOKDELIVERY']._serialized_start=1464
-  _globals['_WEBHOOKDELIVERY']._serialized_end=1576
-  _globals['_RECEIVEWEBHOOKSRESPONSE']._serialized_start=1578
-  _globals['_RECEIVEWEBHOOKSRESPONSE']._serialized_end=1645
-  _globals['_WEBHOOKRESULT']._serialized_start=1648
-  _globals['_WEBHOOKRESULT']._serialized_end=1797
-  _globals['_DRYRUNREQUEST']._serialized_start=1800
-  _globals['_DRYRUNREQUEST']._serialized_end=1946
-  _globals['_DRYRUNSTEP']._serialized_start=1949
-  _globals['_DRYRUNSTEP']._serialized_end=2165
-  _globals['_DRYRUNRESPONSE']._serialized_start=2167
-  _globals['_DRYRUNRESPONSE']._serialized_end=2246
-  _globals['_GETEXECUTIONREQUEST']._serialized_start=2248
-  _globals['_GETEXECUTIONREQUEST']._serialized_end=2281
-  _globals['_GETEXECUTIONRESPONSE']._serialized_start=2283
-  _globals['_GETEXECUTIONRESPONSE']._serialized_end=2345
-  _globals['_LISTEXECUTIONSREQUEST']._serialized_start=2347
-  _globals['_LISTEXECUTIONSREQUEST']._serialized_end=2446
-  _globals['_LISTEXECUTIONSRESPONSE']._serialized_start=2448
-  _globals['_LISTEXECUTIONSRESPONSE']._serialized_end=2538
-  _globals['_REPLAYEXECUTIONREQUEST']._serialized_start=2540
-  _globals['_REPLAYEXECUTIONREQUEST']._serialized_end=2576
-  _globals['_REPLAYEXECUTIONRESPONSE']._serialized_start=2578
-  _globals['_REPLAYEXECUTIONRESPONSE']._serialized_end=2643
-  _globals['_CANCELEXECUTIONREQUEST']._serialized_start=2645
-  _globals['_CANCELEXECUTIONREQUEST']._serialized_end=2681
-  _globals['_CANCELEXECUTIONRESPONSE']._serialized_start=2683
-  _globals['_CANCELEXECUTIONRESPONSE']._serialized_end=2748
-  _globals['_GETQUEUESTATSREQUEST']._serialized_start=2750
-  _globals['_GETQUEUESTATSREQUEST']._serialized_end=2772
-  _globals['_GETQUEUESTATSRESPONSE']._serialized_start=2774
-  _globals['_GETQUEUESTATSRESPONSE']._serialized_end=2889
-  _globals['_EXECUTIONSERVICE']._serialized_start=2892
-  _globals['_EXECUTIONSERVICE']._serialized_end=3961
+  _globals['_RUNWORKFLOWREQUEST']._serialized_end=1044
+  _globals['_RUNWORKFLOWRESPONSE']._serialized_start=1046
+  _globals['_RUNWORKFLOWRESPONSE']._serialized_end=1126
+  _globals['_RECEIVEWEBHOOKREQUEST']._serialized_start=1129
+  _globals['_RECEIVEWEBHOOKREQUEST']._serialized_end=1325
+  _globals['_RECEIVEWEBHOOKREQUEST_HEADERSENTRY']._serialized_start=1279
+  _globals['_RECEIVEWEBHOOKREQUEST_HEADERSENTRY']._serialized_end=1325
+  _globals['_RECEIVEWEBHOOKRESPONSE']._serialized_start=1327
+  _globals['_RECEIVEWEBHOOKRESPONSE']._serialized_end=1408
+  _globals['_RECEIVEWEBHOOKSREQUEST']._serialized_start=1410
+  _globals['_RECEIVEWEBHOOKSREQUEST']._serialized_end=1479
+  _globals['_WEBHOOKDELIVERY']._serialized_start=1481
+  _globals['_WEBHOOKDELIVERY']._serialized_end=1593
+  _globals['_RECEIVEWEBHOOKSRESPONSE']._serialized_start=1595
+  _globals['_RECEIVEWEBHOOKSRESPONSE']._serialized_end=1662
+  _globals['_WEBHOOKRESULT']._serialized_start=1665
+  _globals['_WEBHOOKRESULT']._serialized_end=1814
+  _globals['_DRYRUNREQUEST']._serialized_start=1817
+  _globals['_DRYRUNREQUEST']._serialized_end=1963
+  _globals['_DRYRUNSTEP']._serialized_start=1966
+  _globals['_DRYRUNSTEP']._serialized_end=2182
+  _globals['_DRYRUNRESPONSE']._serialized_start=2184
+  _globals['_DRYRUNRESPONSE']._serialized_end=2263
+  _globals['_GETEXECUTIONREQUEST']._serialized_start=2265
+  _globals['_GETEXECUTIONREQUEST']._serialized_end=2298
+  _globals['_GETEXECUTIONRESPONSE']._serialized_start=2300
+  _globals['_GETEXECUTIONRESPONSE']._serialized_end=2362
+  _globals['_LISTEXECUTIONSREQUEST']._serialized_start=2364
+  _globals['_LISTEXECUTIONSREQUEST']._serialized_end=2463
+  _globals['_LISTEXECUTIONSRESPONSE']._serialized_start=2465
+  _globals['_LISTEXECUTIONSRESPONSE']._serialized_end=2555
+  _globals['_REPLAYEXECUTIONREQUEST']._serialized_start=2557
+  _globals['_REPLAYEXECUTIONREQUEST']._serialized_end=2593
+  _globals['_REPLAYEXECUTIONRESPONSE']._serialized_start=2595
+  _globals['_REPLAYEXECUTIONRESPONSE']._serialized_end=2660
+  _globals['_CANCELEXECUTIONREQUEST']._serialized_start=2662
+  _globals['_CANCELEXECUTIONREQUEST']._serialized_end=2698
+  _globals['_CANCELEXECUTIONRESPONSE']._serialized_start=2700
+  _globals['_CANCELEXECUTIONRESPONSE']._serialized_end=2765
+  _globals['_GETQUEUESTATSREQUEST']._serialized_start=2767
+  _globals['_GETQUEUESTATSREQUEST']._serialized_end=2789
+  _globals['_GETQUEUESTATSRESPONSE']._serialized_start=2791
+  _globals['_GETQUEUESTATSRESPONSE']._serialized_end=2906
+  _globals['_EXECUTIONSERVICE']._serialized_start=2909
+  _globals['_EXECUTIONSERVICE']._serialized_end=3978
 # @@protoc_insertion_point(module_scope)

@@ -101,7 +101,7 @@ class ExecutionServiceServicer:
     """
 
     def RunWorkflow(self, request, context):
-        """Starts a workflow now with an optional payload.
+        """Starts a workflow now with an optional payload, on its current version or the one named.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
