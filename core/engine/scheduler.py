@@ -49,8 +49,7 @@ log = logging.getLogger("ipaas.scheduler")
 # How long a schedule that cannot be computed waits before it is tried again. Changing the
 # workflow's schedule re-plans it at once (the store plans its next fire).
 PARKED_FOR = timedelta(hours=1)
-# Rows read, fired and re-planned together; under the enqueuer's group commit batch (512),
-# so one batch's fires are usually one transaction.
+# Rows read, then claimed, fired and re-planned in one transaction.
 BATCH = 500
 
 _SCHEDULES = Schedule.__table__
