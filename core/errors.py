@@ -76,6 +76,10 @@ class PermissionDenied(IpaasError):
 class ResourceExhausted(IpaasError):
     reason = reasons.QUEUE_FULL
 
+    def __init__(self, message: str, reason: Reason | None = None, retry_after: float | None = None) -> None:
+        super().__init__(message, reason)
+        self.retry_after = retry_after  # seconds, when known: sent as google.rpc.RetryInfo
+
 
 class Unavailable(IpaasError):
     reason = reasons.SERVICE_UNAVAILABLE

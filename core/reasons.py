@@ -103,6 +103,7 @@ EXECUTION_STATUS_CONFLICT = _reason("EXECUTION_STATUS_CONFLICT", "execution")
 
 # -- capacity and availability ----------------------------------------------------------------
 QUEUE_FULL = _reason("QUEUE_FULL")
+TENANT_QUEUE_FULL = _reason("TENANT_QUEUE_FULL")
 RATE_LIMITED = _reason("RATE_LIMITED")
 IDEMPOTENCY_KEY_IN_USE = _reason("IDEMPOTENCY_KEY_IN_USE")
 IDEMPOTENCY_KEY_REUSED = _reason("IDEMPOTENCY_KEY_REUSED")

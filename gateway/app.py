@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import math
 import os
 import re
 import time
@@ -618,17 +619,23 @@ class Gateway:
         violations: list[dict[str, str]] = []
         reason: str | None = None
         metadata: dict[str, str] | None = None
+        retry_after: float | None = None
         with contextlib.suppress(Exception):
             for detail in status.details if status else []:
-                bad, info = error_details_pb2.BadRequest(), error_details_pb2.ErrorInfo()
+                bad, info, retry = error_details_pb2.BadRequest(), error_details_pb2.ErrorInfo(), error_details_pb2.RetryInfo()
                 if detail.Unpack(bad):
                     violations += [{"field": v.field, "description": v.description} for v in bad.field_violations]
                 elif detail.Unpack(info) and info.domain == reasons.DOMAIN:
                     reason, metadata = info.reason, dict(info.metadata)
+                elif detail.Unpack(retry):
+                    retry_after = retry.retry_delay.ToTimedelta().total_seconds()
         message = details or code.name.lower()
         if code == grpc.StatusCode.UNAVAILABLE and not from_core:  # the channel's words, not the core's
             message = "the core is unavailable: retry shortly"
-        return HttpError.from_grpc(code, message, violations, reason, metadata)
+        error = HttpError.from_grpc(code, message, violations, reason, metadata)
+        if retry_after is not None:  # the core's rate limit says when: the status's default (1 s) would be retried too soon
+            error.headers["Retry-After"] = str(max(1, math.ceil(retry_after)))
+        return error
 
     # -- local endpoints -----------------------------------------------------------------------
     async def _local(self, request: Request, meta: dict[str, Any], headers: dict[str, str]) -> Response:

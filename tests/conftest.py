@@ -90,6 +90,10 @@ def make_settings(tmp_path: Path, database_url: str | None = None, **env: str) -
         # In process, so tests can look at the dispatcher and breakers; engine processes
         # have tests of their own (test_engine_processes.py).
         "IPAAS_ENGINE_PROCESSES": "0",
+        # The core limits tenants' calls by tier (free: 10 per 2 s), which most tests spend
+        # in their set-up; tests of the limit turn it on (test_tenant_limits.py). A gateway
+        # from gateway_for has its own settings, and limits as it always did.
+        "IPAAS_RATE_LIMITS_OFF": "1",
         **env,
     }
     return Settings.from_env(values)

@@ -152,6 +152,15 @@ async def queue_depth(db: Database, tenant_id: str | None = None) -> int:
         return int((await conn.execute(q)).scalar() or 0)
 
 
+_TENANT_DEPTHS = select(TASKS.c.tenant_id, func.count()).group_by(TASKS.c.tenant_id)
+
+
+async def tenant_depths(db: Database) -> dict[str, int]:
+    """Outbox tasks waiting, per tenant that has any."""
+    async with db.engine.connect() as conn:
+        return {tenant: int(n) for tenant, n in await conn.execute(_TENANT_DEPTHS)}
+
+
 _NOW = bindparam("now", type_=TASKS.c.run_at.type)
 _IDS = bindparam("ids", expanding=True)
 # Claims run for every few finished executions: their statements are built once.

@@ -14,19 +14,25 @@ A tick fires its due schedules a batch at a time, earliest first: a batch's clai
 and next fire times are one transaction. A full batch means more are due: the next batch
 follows at once, not a tick later. Fired one at a time, 500 a tick, 1,500 schedules due at
 once took 2.6 s (SQLite) to 7.3 s (PostgreSQL) of work over three ticks a second apart, and
-~13,000 would have run past the minute; now 0.5 s in one tick on either."""
+~13,000 would have run past the minute; now 0.5 s in one tick on either.
+
+Fires of a tenant that holds its share of the queue (IPAAS_MAX_TENANT_QUEUE_DEPTH) are left
+out of their batch's transaction and keep their plans, as all fires do while the queue is
+full; the other tenants' fires of the batch go in, and the tick's later batches leave that
+tenant out, so its refused fires, the earliest due, cannot fill every batch."""
 
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Callable
 
 from sqlalchemy import and_, bindparam, exists, func, or_, select, update
 from sqlalchemy.engine import Connection
 
+from ipaas import reasons
 from ipaas.definitions import max_attempts
 from ipaas.engine import outbox
 from ipaas.engine.enqueuer import Enqueuer
@@ -43,8 +49,7 @@ log = logging.getLogger("ipaas.scheduler")
 # How long a schedule that cannot be computed waits before it is tried again. Changing the
 # workflow's schedule re-plans it at once (the store plans its next fire).
 PARKED_FOR = timedelta(hours=1)
-# Rows read, fired and re-planned together; under the enqueuer's group commit batch (512),
-# so one batch's fires are usually one transaction.
+# Rows read, then claimed, fired and re-planned in one transaction.
 BATCH = 500
 
 _SCHEDULES = Schedule.__table__
@@ -85,8 +90,8 @@ _REPLAN = (
 )
 
 
-def _due(now: datetime) -> Any:
-    return (
+def _due(now: datetime, skip_tenants: frozenset[str] = frozenset()) -> Any:
+    query = (
         select(Schedule.workflow_id, Schedule.next_fire_at, Workflow.tenant_id, WorkflowVersion.version, WorkflowVersion.definition)
         .join(Workflow, Workflow.id == Schedule.workflow_id)
         .join(WorkflowVersion, and_(WorkflowVersion.workflow_id == Workflow.id, WorkflowVersion.version == Workflow.current_version))
@@ -99,12 +104,14 @@ def _due(now: datetime) -> Any:
         .order_by(Schedule.next_fire_at.asc().nulls_first())
         .limit(BATCH)
     )
+    return query.where(Workflow.tenant_id.not_in(skip_tenants)) if skip_tenants else query
 
 
 @dataclass
 class _Batch:
     fired: int = 0
     queue_full: bool = False
+    over_share: set[str] = field(default_factory=set)  # tenants whose share of the queue refused fires
 
 
 class Scheduler:
@@ -126,6 +133,7 @@ class Scheduler:
         self._last_tick: datetime | None = None
         self._last_tick_took = 0.0
         self._queue_full = ThrottledWarning(log, "schedule.queue_full")
+        self._tenant_queue_full = ThrottledWarning(log, "schedule.tenant_queue_full")
         self._runner = Periodic("scheduler", self.tick, interval, log)
         self.fired_total = 0  # executions created by fires, committed (ipaas_core_schedules_fired_total)
 
@@ -135,6 +143,7 @@ class Scheduler:
         started = time.monotonic()
         missed_before = self._missed_before(now)
         fired, due = 0, _due(now)
+        over_share: frozenset[str] = frozenset()
         while True:
             rows = await self.db.read(lambda conn: conn.execute(due).all())
             batch = await self._fire(rows, now, missed_before)
@@ -143,6 +152,11 @@ class Scheduler:
             # A full queue refused fires: their plans stay, and the next batch would be them.
             if len(rows) < BATCH or batch.queue_full:
                 break
+            if batch.over_share:
+                # So would the refused fires of tenants over their share: the next batches
+                # leave those tenants out, and the other tenants' schedules still fire.
+                over_share |= batch.over_share
+                due = _due(now, over_share)
         self._last_tick, self._last_tick_took = now, time.monotonic() - started
         return fired
 
@@ -197,19 +211,34 @@ class Scheduler:
                 for row, _, _ in fires:
                     del plans[row.workflow_id]
                 fires = []
-        if not plans:
-            return batch
-        read = {workflow_id: plan["was"] for workflow_id, plan in plans.items()}
+        async with self.enqueuer.within_shares([execution for _, _, execution in fires]) as fits:
+            refused = [row for (row, _, _), fit in zip(fires, fits) if not fit]
+            if refused:
+                # A tenant holding its share of the queue: its fires are left out of the
+                # transaction and keep their plans, as in a full queue; the other tenants'
+                # fires of the batch go in, and the tick's next batches leave it out.
+                fires = [fire for fire, fit in zip(fires, fits) if fit]
+                for row in refused:
+                    del plans[row.workflow_id]
+                batch.over_share = {row.tenant_id for row in refused}
+                self._tenant_queue_full(
+                    ResourceExhausted("a tenant's share of the execution queue is full", reasons.TENANT_QUEUE_FULL),
+                    deferred=len(refused),
+                    tenant_ids=sorted(batch.over_share)[:10],
+                )
+            if not plans:
+                return batch
+            read = {workflow_id: plan["was"] for workflow_id, plan in plans.items()}
 
-        def claim_and_fire(conn: Connection) -> tuple[list[tuple[Any, datetime, NewExecution]], list[Accepted]]:
-            claimed = _claim(conn, read)
-            if claimed:
-                conn.execute(_REPLAN, [plans[workflow_id] for workflow_id in sorted(claimed)])
-            fired = [fire for fire in fires if fire[0].workflow_id in claimed]
-            return fired, outbox.enqueue_in(conn, [execution for _, _, execution in fired])
+            def claim_and_fire(conn: Connection) -> tuple[list[tuple[Any, datetime, NewExecution]], list[Accepted]]:
+                claimed = _claim(conn, read)
+                if claimed:
+                    conn.execute(_REPLAN, [plans[workflow_id] for workflow_id in sorted(claimed)])
+                fired = [fire for fire in fires if fire[0].workflow_id in claimed]
+                return fired, outbox.enqueue_in(conn, [execution for _, _, execution in fired])
 
-        fired, results = await self.db.transaction(claim_and_fire)
-        self.enqueuer.enqueued(results)
+            fired, results = await self.db.transaction(claim_and_fire)
+            self.enqueuer.enqueued([execution for _, _, execution in fired], results)
         for (row, fire_at, _), result in zip(fired, results):
             batch.fired += 0 if result.duplicate else 1
             log.info("schedule.fired", extra={"workflow_id": row.workflow_id, "fire_at": fire_at.isoformat(), "duplicate": result.duplicate})

@@ -18,7 +18,8 @@ from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import DecodeError
 
 from ipaas import auth, logs, reasons
-from ipaas.errors import InvalidArgument, IpaasError, PermissionDenied, Unauthenticated, Unavailable
+from ipaas.errors import InvalidArgument, IpaasError, PermissionDenied, ResourceExhausted, Unauthenticated, Unavailable
+from ipaas.ratelimit import RateLimiter
 from ipaas.service import storable_text
 from ipaas.service.status import internal_status_proto, to_grpc_status
 from ipaas.storage.outage import OutageLog
@@ -118,8 +119,9 @@ def _check_required(request: Any, method: _Method | None) -> None:
 
 
 class CoreInterceptor(grpc.aio.ServerInterceptor):
-    def __init__(self, tenants: TenantStore) -> None:
+    def __init__(self, tenants: TenantStore, limiter: RateLimiter | None = None) -> None:
         self._tenants = tenants
+        self._limiter = limiter
 
     async def intercept_service(
         self,
@@ -145,6 +147,8 @@ class CoreInterceptor(grpc.aio.ServerInterceptor):
                 token = None
                 try:
                     caller = await self._authorize(method, metadata, pairs)
+                    if self._limiter is not None and caller is not None and caller.tenant_id and method not in ANY_CALLER:
+                        await self._limit(caller)
                     if request is _UNPARSABLE:
                         type_name = described.request_type if described else "the method's request"
                         raise InvalidArgument(f"the request could not be parsed as {type_name}", reason=reasons.REQUEST_UNPARSABLE(requestType=type_name))
@@ -177,6 +181,16 @@ class CoreInterceptor(grpc.aio.ServerInterceptor):
             request_deserializer=_tolerant(handler.request_deserializer),
             response_serializer=handler.response_serializer,
         )
+
+    async def _limit(self, caller: auth.Caller) -> None:
+        """The tenant's tier rate limit, for gRPC clients that call the core directly as the
+        gateway's limit does for REST callers. A budget of its own (not the gateway's), so a
+        REST caller, whose calls pass both, gets its whole budget from each. GetCaller is
+        left out: the gateway asks it for every new key, and it only reads the key."""
+        assert self._limiter is not None and caller.tenant_id is not None
+        wait = await self._limiter.acquire(caller.tenant_id, caller.tier)
+        if wait is not None:
+            raise ResourceExhausted(f"rate limit exceeded: slow down and retry in {wait:.3f} s (google.rpc.RetryInfo)", reasons.RATE_LIMITED, retry_after=wait)
 
     async def _authorize(self, method: str, metadata: dict[str, str], pairs: Any) -> auth.Caller | None:
         if method in PUBLIC:

@@ -18,6 +18,7 @@ from grpc_reflection.v1alpha import reflection
 
 from ipaas import auth, crypto
 from ipaas.lifecycle import bounded, cannot_listen, database_wait_seconds, wait_for_database
+from ipaas.ratelimit import RateLimiter, parse_tiers
 from ipaas.settings import HTTP_TRANSPORTS, Settings, boolean, choice, flag, seconds, whole_number
 from ipaas.storage import migrate
 from ipaas.storage.core_lock import CoreLock
@@ -131,6 +132,7 @@ class EngineSettings:
 
     workers: int
     max_queue_depth: int
+    max_tenant_queue_depth: int
     step_timeout: float
     execution_deadline: float
     base_delay: float
@@ -155,10 +157,15 @@ class EngineSettings:
         env = settings.extra
         # Read here though CoreServer.start reads it too, so a typo stops start-up with the rest.
         boolean(env, "IPAAS_DISABLE_ENGINE", False)
+        max_depth = whole_number(env, "IPAAS_MAX_QUEUE_DEPTH", 100_000)
         return cls(
             workers=settings.workers,
             # 0 refuses every trigger (429), as a full queue does.
-            max_queue_depth=whole_number(env, "IPAAS_MAX_QUEUE_DEPTH", 100_000),
+            max_queue_depth=max_depth,
+            # Half by default: one tenant can never fill the queue, so the others always
+            # have half of it. A single-tenant install sets it to IPAAS_MAX_QUEUE_DEPTH (at
+            # or above which there is no share).
+            max_tenant_queue_depth=whole_number(env, "IPAAS_MAX_TENANT_QUEUE_DEPTH", (max_depth + 1) // 2),
             step_timeout=seconds(env, "IPAAS_STEP_TIMEOUT", 30),
             execution_deadline=seconds(env, "IPAAS_EXECUTION_DEADLINE", 900),
             base_delay=seconds(env, "IPAAS_RETRY_BASE_DELAY", 1.0),
@@ -202,6 +209,17 @@ def default_engine_processes() -> int:
     # More than 4 writers to one SQLite file mostly wait for each other.
     cpus = os.cpu_count() or 1
     return 0 if cpus < 2 or os.name != "posix" else min(cpus, 4)
+
+
+def rate_limiter(settings: Settings) -> RateLimiter | None:
+    """The tier rate limits of tenants' gRPC calls (docs/operating.md), with the gateway's
+    settings; in Redis under a prefix of their own, apart from the gateway's budget."""
+    env = settings.extra
+    tiers = parse_tiers(env)  # read even when off, so a typo stops start-up
+    if boolean(env, "IPAAS_RATE_LIMITS_OFF", False):
+        return None
+    unlimited = frozenset(t.strip() for t in env.get("IPAAS_RATE_UNLIMITED_TENANTS", "").split(",") if t.strip())
+    return RateLimiter(tiers, settings.redis_url, unlimited, key_prefix="ipaas-rl-core")
 
 
 @dataclass
@@ -287,6 +305,7 @@ class CoreServer:
         engine = EngineSettings.from_settings(s)
         metrics_listen = metrics.listen(s.extra)
         keep = retention_window(s.extra)
+        limiter = rate_limiter(s)  # before the database: a bad setting stops start-up at once
         # A database still starting (the machine booting) is waited for, not a failure.
         await wait_for_database(s.database_url, database_wait_seconds(s.extra))
         await asyncio.to_thread(migrate.upgrade, s.database_url)
@@ -305,14 +324,14 @@ class CoreServer:
             self.processes = EngineProcesses(s, db, engine.processes, workers_each=self.dispatcher.workers)
             credentials.on_deleted = self.processes.forget_credential
         work = self.processes or self.dispatcher
-        self.enqueuer = Enqueuer(db, on_enqueued=work.notify, max_depth=engine.max_queue_depth)
+        self.enqueuer = Enqueuer(db, on_enqueued=work.notify, max_depth=engine.max_queue_depth, max_tenant_depth=engine.max_tenant_queue_depth)
         self.scheduler = Scheduler(db, self.enqueuer, interval=engine.scheduler_interval, catch_up=engine.catch_up)
         executions = ExecutionStore(db, on_enqueued=work.notify)
         if keep is not None:
             self.retention = Retention(db, keep)
 
         server = grpc.aio.server(
-            interceptors=[CoreInterceptor(tenants)],
+            interceptors=[CoreInterceptor(tenants, limiter)],
             options=[
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),

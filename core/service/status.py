@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 import grpc
-from google.protobuf import any_pb2
+from google.protobuf import any_pb2, duration_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
@@ -79,6 +79,10 @@ def to_status_proto(exc: errors.IpaasError) -> status_pb2.Status:
         st.details.append(_packed(error_details_pb2.BadRequest(field_violations=_within_budget(exc.violations))))
     # After BadRequest: clients written before ErrorInfo read the violations at details[0].
     st.details.append(_packed(error_info(exc.reason)))
+    if isinstance(exc, errors.ResourceExhausted) and exc.retry_after is not None:
+        delay = duration_pb2.Duration()
+        delay.FromNanoseconds(max(0, round(exc.retry_after * 1e9)))
+        st.details.append(_packed(error_details_pb2.RetryInfo(retry_delay=delay)))
     return st
 
 

@@ -40,6 +40,7 @@ def start_core(tmp_path: Path, port: int, engine_processes: int = 0) -> subproce
         "IPAAS_POLL_INTERVAL": "0.1",
         "IPAAS_RETRY_BASE_DELAY": "0.05",
         "IPAAS_LOG_LEVEL": "WARNING",
+        "IPAAS_RATE_LIMITS_OFF": "1",  # hundreds of runs from one free-tier tenant
         "IPAAS_ENGINE_PROCESSES": str(engine_processes),
     }
     # A session of its own, so a crash can take the core and its engine processes together.

@@ -17,7 +17,7 @@ from tests.integration.helpers import Api, slack_step
 
 
 async def test_queue_depth_is_exposed_over_grpc_and_rest(tmp_path) -> None:
-    async with FakeSlack() as slack, core_with(tmp_path, IPAAS_DISABLE_ENGINE="1", IPAAS_MAX_QUEUE_DEPTH="3") as core, gateway_for(core.target, tmp_path) as url:
+    async with FakeSlack() as slack, core_with(tmp_path, IPAAS_DISABLE_ENGINE="1", IPAAS_MAX_QUEUE_DEPTH="3", IPAAS_MAX_TENANT_QUEUE_DEPTH="3") as core, gateway_for(core.target, tmp_path) as url:
         tenant = await core.new_tenant(tier="paid")
         api = Api(core.channel, tenant.md)
         cred = await api.credential("slack", {"webhook_url": slack.url})

@@ -7,7 +7,7 @@ import asyncio
 from datetime import timedelta
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import delete, func, select
 
 from ipaas.engine import outbox
 from ipaas.engine.enqueuer import Enqueuer
@@ -67,6 +67,36 @@ async def test_backpressure_refuses_when_the_queue_is_full(db: Database) -> None
     with pytest.raises(ResourceExhausted):
         await enqueuer.submit(item("bp-over"))
     assert await count(db, Execution) == 3
+
+
+async def test_a_tenant_is_refused_past_its_share_while_the_others_still_enqueue(db: Database) -> None:
+    """One tenant's backlog filled the whole queue and every other tenant got QUEUE_FULL."""
+    enqueuer = Enqueuer(db, max_depth=10, max_tenant_depth=4)
+    # A burst is checked before any of it commits: only the share gets in.
+    burst = await asyncio.gather(*(enqueuer.submit(item(f"a{i}", tenant="tn_a")) for i in range(6)), return_exceptions=True)
+    outcomes = [r.reason.name if isinstance(r, ResourceExhausted) else type(r).__name__ for r in burst]
+    assert outcomes == ["Accepted"] * 4 + ["TENANT_QUEUE_FULL"] * 2, burst
+    with pytest.raises(ResourceExhausted) as one_by_one:
+        await enqueuer.submit(item("a-over", tenant="tn_a"))
+    assert one_by_one.value.reason.name == "TENANT_QUEUE_FULL" and "4" not in str(one_by_one.value)
+    for i in range(4):
+        await enqueuer.submit(item(f"b{i}", tenant="tn_b"))
+    assert await count(db, OutboxTask) == 8
+
+    # Counted anew (a second later, or at GetQueueStats): finished work makes room.
+    async with db.session() as s, s.begin():
+        await s.execute(delete(OutboxTask).where(OutboxTask.tenant_id == "tn_a"))
+    await enqueuer.refresh_depth()
+    assert not (await enqueuer.submit(item("a-after", tenant="tn_a"))).duplicate
+
+
+async def test_without_a_share_one_tenant_may_fill_the_queue(db: Database) -> None:
+    enqueuer = Enqueuer(db, max_depth=3, max_tenant_depth=3)  # a single-tenant install
+    for i in range(3):
+        await enqueuer.submit(item(f"s{i}"))
+    with pytest.raises(ResourceExhausted) as full:
+        await enqueuer.submit(item("s-over"))
+    assert full.value.reason.name == "QUEUE_FULL"
 
 
 async def test_claims_take_leases_and_expired_leases_are_reclaimed(db: Database) -> None:

@@ -1,5 +1,6 @@
 """The scheduler's tick on a real core (SQLite and PostgreSQL): slow ticks, many schedules
-due at once, a full queue, and schedules stored before validation refused them."""
+due at once, a full queue, tenants over their share of it, and schedules stored before
+validation refused them."""
 
 from __future__ import annotations
 
@@ -9,16 +10,17 @@ import time
 from datetime import datetime, timedelta, timezone
 
 import pytest
-from sqlalchemy import func, select, text, update
+from sqlalchemy import delete, func, select, text, update
 
 from ipaas.engine.enqueuer import Enqueuer
 from ipaas.engine.scheduler import Scheduler
 from ipaas.storage.db import Database
-from ipaas.storage.tables import Execution, Schedule, Workflow, WorkflowVersion
+from ipaas.storage.tables import Execution, OutboxTask, Schedule, Workflow, WorkflowVersion
 from ipaas.v1 import workflows_pb2
 from tests.conftest import core_with
 from tests.fakes.slack import FakeSlack
 from tests.integration.helpers import Api, slack_step, workflow
+from tests.integration.test_error_info import error_info, refused
 
 U = timezone.utc
 
@@ -135,6 +137,91 @@ async def test_a_full_queue_defers_fires_without_failing_the_tick(tmp_path, data
         assert await scheduler.tick() == 3
         assert await _scheduled_at(core) == ["2026-01-01T00:01:00Z"] * 3
         await full.close()
+
+
+async def test_fires_of_a_tenant_over_its_share_wait_and_the_other_tenants_fire(tmp_path, database_url, monkeypatch, caplog) -> None:
+    """A tenant whose backlog holds its share of the queue: its fires keep their plans, as
+    in a full queue, one warning a minute, and they do not stop the tick. Its refused fires,
+    the earliest due, filled the tick's batches: the other tenants' schedules never fired."""
+    monkeypatch.setattr("ipaas.engine.scheduler.BATCH", 2)
+    async with FakeSlack() as slack, core_with(tmp_path, database_url, IPAAS_DISABLE_ENGINE="1") as core:
+        heavy, light = Api(core.channel, (await core.new_tenant(name="heavy")).md), Api(core.channel, (await core.new_tenant(name="light")).md)
+        clock = Clock(datetime(2026, 1, 1, 0, 0, 30, tzinfo=U))
+        monkeypatch.setattr("ipaas.workflow_store.utcnow", clock)
+        every_minute = {"trigger": {"type": "schedule", "interval_seconds": 60}}
+        cred = await heavy.credential("slack", {"webhook_url": slack.url})
+        heavy_ids = [(await heavy.create({"name": f"h{i}", **every_minute, "steps": [slack_step(cred, "x")]})).workflow.id for i in range(2)]
+        manual = (await heavy.create({"name": "backlog", "trigger": {"type": "manual"}, "steps": [slack_step(cred, "x")]})).workflow.id
+        for _ in range(2):
+            await heavy.run(manual)
+        light_cred = await light.credential("slack", {"webhook_url": slack.url})
+        light_id = (await light.create({"name": "l", **every_minute, "steps": [slack_step(light_cred, "x")]})).workflow.id
+        async with core.server.db.session() as s, s.begin():
+            for workflow_id in heavy_ids:  # due first: the first batch is the heavy tenant's
+                (await s.get(Schedule, workflow_id)).next_fire_at = datetime(2026, 1, 1, 0, 0, 50, tzinfo=U)
+        shared = Enqueuer(core.server.db, max_depth=100, max_tenant_depth=2)
+        scheduler = Scheduler(core.server.db, shared, clock=clock)
+        clock.now = datetime(2026, 1, 1, 0, 1, 0, 500000, tzinfo=U)
+        with caplog.at_level(logging.INFO, logger="ipaas.scheduler"):
+            assert await scheduler.tick() == 1
+            clock.now += timedelta(seconds=1)
+            assert await scheduler.tick() == 0
+        assert await _scheduled_at(core, light_id) == ["2026-01-01T00:01:00Z"]
+        warnings = [r for r in caplog.records if r.name == "ipaas.scheduler" and r.levelno >= logging.WARNING]
+        heavy_tenant = (await core.server.db.read(lambda conn: conn.execute(select(Workflow.tenant_id).where(Workflow.id == manual)).scalar()))
+        assert [(r.msg, r.deferred, r.tenant_ids, r.exc_info) for r in warnings] == [("schedule.tenant_queue_full", 2, [heavy_tenant], None)]
+        async with core.server.db.session() as s:
+            assert (await s.get(Schedule, heavy_ids[0])).next_fire_at == datetime(2026, 1, 1, 0, 0, 50, tzinfo=U), "the refused fire is still planned"
+
+        async with core.server.db.session() as s, s.begin():  # the backlog drained
+            await s.execute(delete(OutboxTask))
+        await shared.refresh_depth()
+        clock.now += timedelta(seconds=1)
+        assert await scheduler.tick() == 2
+        assert [await _scheduled_at(core, w) for w in heavy_ids] == [["2026-01-01T00:01:00Z"]] * 2, "collapsed into one fire each"
+        await shared.close()
+
+
+async def test_a_batch_leaves_out_the_fires_past_a_tenants_share_and_commits_the_others(tmp_path, database_url, monkeypatch, caplog) -> None:
+    """A batch's fires commit in one transaction with their claims, so the share is checked
+    for the whole batch before it: the fires of a tenant past its share are left out and keep
+    their plans, while its earliest fire that fits and the other tenant's fire of the same
+    batch commit. The fires count towards the share at once: the tenant's next run is refused."""
+    settings = {"IPAAS_DISABLE_ENGINE": "1", "IPAAS_MAX_QUEUE_DEPTH": "10", "IPAAS_MAX_TENANT_QUEUE_DEPTH": "2"}
+    async with FakeSlack() as slack, core_with(tmp_path, database_url, **settings) as core:
+        heavy_tenant, light_tenant = await core.new_tenant(name="heavy"), await core.new_tenant(name="light")
+        heavy, light = Api(core.channel, heavy_tenant.md), Api(core.channel, light_tenant.md)
+        clock = Clock(datetime(2026, 1, 1, 0, 0, 30, tzinfo=U))
+        monkeypatch.setattr("ipaas.workflow_store.utcnow", clock)
+        every_minute = {"trigger": {"type": "schedule", "interval_seconds": 60}}
+        cred = await heavy.credential("slack", {"webhook_url": slack.url})
+        heavy_ids = [(await heavy.create({"name": f"h{i}", **every_minute, "steps": [slack_step(cred, "x")]})).workflow.id for i in range(3)]
+        manual = (await heavy.create({"name": "backlog", "trigger": {"type": "manual"}, "steps": [slack_step(cred, "x")]})).workflow.id
+        await heavy.run(manual)  # one of its two
+        light_id = (await light.create({"name": "l", **every_minute, "steps": [slack_step(await light.credential("slack", {"webhook_url": slack.url}), "x")]})).workflow.id
+        kept = [datetime(2026, 1, 1, 0, 0, s, tzinfo=U) for s in (40, 45, 50)]
+        async with core.server.db.session() as s, s.begin():
+            for workflow_id, plan in zip(heavy_ids, kept):  # the heavy tenant's are due first
+                (await s.get(Schedule, workflow_id)).next_fire_at = plan
+        scheduler = Scheduler(core.server.db, core.server.enqueuer, clock=clock)
+        clock.now = datetime(2026, 1, 1, 0, 1, 0, 500000, tzinfo=U)
+        with caplog.at_level(logging.INFO, logger="ipaas.scheduler"):
+            assert await scheduler.tick() == 2, "one batch: the heavy tenant's earliest fire and the light tenant's"
+        assert [await _scheduled_at(core, w) for w in [*heavy_ids, light_id]] == [["2026-01-01T00:01:00Z"], [], [], ["2026-01-01T00:01:00Z"]]
+        async with core.server.db.session() as s:
+            plans = [(await s.get(Schedule, w)).next_fire_at for w in [*heavy_ids, light_id]]
+        assert plans == [datetime(2026, 1, 1, 0, 2, tzinfo=U), *kept[1:], datetime(2026, 1, 1, 0, 2, tzinfo=U)], "the refused fires are still planned"
+        warnings = [r for r in caplog.records if r.name == "ipaas.scheduler" and r.levelno >= logging.WARNING]
+        assert [(r.msg, r.deferred, r.tenant_ids, r.exc_info) for r in warnings] == [("schedule.tenant_queue_full", 2, [heavy_tenant.tenant_id], None)]
+        over = await refused(heavy.run(manual))
+        assert error_info(over).reason == "TENANT_QUEUE_FULL", "the fire that got in counts towards the share"
+
+        async with core.server.db.session() as s, s.begin():  # the backlog drained
+            await s.execute(delete(OutboxTask))
+        await core.server.enqueuer.refresh_depth()
+        clock.now += timedelta(seconds=1)
+        assert await scheduler.tick() == 2
+        assert [await _scheduled_at(core, w) for w in heavy_ids[1:]] == [["2026-01-01T00:01:00Z"]] * 2
 
 
 async def test_schedules_stored_before_validation_refused_them_do_not_stop_the_tick(tmp_path, database_url, monkeypatch) -> None:

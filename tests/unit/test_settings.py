@@ -147,6 +147,8 @@ ENGINE_REFUSED = [
     ("IPAAS_MAX_QUEUE_DEPTH", "-1", "IPAAS_MAX_QUEUE_DEPTH must be a whole number of 0 or more"),
     ("IPAAS_MAX_QUEUE_DEPTH", "nan", "IPAAS_MAX_QUEUE_DEPTH must be a whole number"),
     ("IPAAS_MAX_QUEUE_DEPTH", "1e3x", "IPAAS_MAX_QUEUE_DEPTH must be a whole number"),
+    ("IPAAS_MAX_TENANT_QUEUE_DEPTH", "-1", "IPAAS_MAX_TENANT_QUEUE_DEPTH must be a whole number of 0 or more"),
+    ("IPAAS_MAX_TENANT_QUEUE_DEPTH", "half", "IPAAS_MAX_TENANT_QUEUE_DEPTH must be a whole number"),
     ("IPAAS_STEP_TIMEOUT", "-5", "IPAAS_STEP_TIMEOUT must be more than 0 seconds"),
     ("IPAAS_STEP_TIMEOUT", "nan", "IPAAS_STEP_TIMEOUT must be more than 0 seconds"),
     ("IPAAS_EXECUTION_DEADLINE", "0", "IPAAS_EXECUTION_DEADLINE must be more than 0 seconds"),
@@ -187,6 +189,12 @@ def test_engine_settings_read_as_documented() -> None:
         Settings(extra={"IPAAS_MAX_QUEUE_DEPTH": "0", "IPAAS_SCHEDULE_CATCH_UP": "Skip", "IPAAS_ENGINE_PROCESSES": "0", "IPAAS_LEASE_SECONDS": "0.6", "IPAAS_HTTP_TRANSPORT": "httpx"})
     )
     assert (engine.max_queue_depth, engine.catch_up, engine.processes, engine.lease_seconds, engine.http_transport) == (0, "skip", 0, 0.6, "httpx")
+
+
+@pytest.mark.parametrize(("queue", "share", "expected"), [("", "", 50_000), ("41", "", 21), ("1", "", 1), ("0", "", 0), ("100", "100", 100), ("100", "7", 7)])
+def test_a_tenant_may_hold_half_the_queue_unless_told_otherwise(queue: str, share: str, expected: int) -> None:
+    engine = EngineSettings.from_settings(Settings(extra={"IPAAS_MAX_QUEUE_DEPTH": queue, "IPAAS_MAX_TENANT_QUEUE_DEPTH": share}))
+    assert engine.max_tenant_queue_depth == expected
 
 
 @pytest.mark.parametrize("raw", ["inf", "-3", "nan", "1e10"])
