@@ -1,4 +1,4 @@
-"""The `ipaas` command line: run the platform, migrate, manage tenants, keys and stored secrets, list connectors."""
+"""The `ipaas` command line: run the platform, migrate, manage tenants, keys and stored secrets, check workflows, list connectors."""
 
 from __future__ import annotations
 
@@ -458,6 +458,29 @@ def cmd_secrets_reencrypt(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_workflows_check(settings: Settings, args: argparse.Namespace) -> int:
+    from ipaas.template_check import affected_workflows
+
+    async def check(db):  # type: ignore[no-untyped-def]
+        found = []
+        async for workflow in affected_workflows(db, args.batch_size):
+            found.append(workflow)
+            if not args.json:  # as found: a large platform's first lines come at once
+                problems = "; ".join(f"step {t.step_id} {t.where}: {t.reason}" for t in workflow.refused)
+                print(f"tenant {workflow.tenant_id} workflow {workflow.workflow_id} version {workflow.version}: {problems}", flush=True)
+        return found
+
+    found = _run_database(settings, check)
+    if args.json:
+        print(json.dumps([{"tenant_id": w.tenant_id, "workflow_id": w.workflow_id, "version": w.version, "refused": [vars(t) for t in w.refused]} for w in found], indent=2))
+    elif not found:
+        print("no workflow's current version holds a template this release refuses")
+    if found:
+        # Not a failure of the command, but what a deploy script should stop on.
+        raise CliError(f"{_count(len(found), 'workflow')} would fail every execution: rewrite the templates named above (docs/operating.md, Upgrading)")
+    return 0
+
+
 def _count(n: int, noun: str) -> str:
     return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
@@ -551,6 +574,16 @@ def build_parser(settings: Settings | None = None) -> argparse.ArgumentParser:
     reencrypt.add_argument("--batch-size", type=_positive, default=500, help="secrets per transaction (default 500)")
     reencrypt.add_argument("--json", action="store_true")
     reencrypt.set_defaults(func=cmd_secrets_reencrypt)
+
+    workflows = sub.add_parser("workflows", help="check stored workflows", **managed).add_subparsers(dest="workflows_command", required=True)
+    wcheck = workflows.add_parser(
+        "check",
+        help="name every live workflow whose current version holds a template this release refuses (one line each), so it can be rewritten before its executions fail",
+        epilog="Only reads, in batches; safe while cores run. Exits 1 when it names any. " + managed["epilog"],
+    )
+    wcheck.add_argument("--batch-size", type=_positive, default=200, help="workflows read at a time (default 200)")
+    wcheck.add_argument("--json", action="store_true")
+    wcheck.set_defaults(func=cmd_workflows_check)
 
     connectors = sub.add_parser("connectors", help="installed connectors").add_subparsers(dest="connectors_command", required=True)
     clist = connectors.add_parser("list", help="list installed connectors, with the distribution providing each, and plugins that failed to load")

@@ -29,6 +29,11 @@ class DryRunner:
         # busy thread takes a share of the GIL from the loop.
         self._renders = ThreadPoolExecutor(max_workers=2, thread_name_prefix="ipaas-dryrun-render")
 
+    def close(self) -> None:
+        """Stop the render threads when the core stops: renders still queued are dropped, and
+        one under way is not waited for (it ends within the work budget, about a second)."""
+        self._renders.shutdown(wait=False, cancel_futures=True)
+
     async def _definition(self, tenant_id: str, request: pb.DryRunRequest) -> dict[str, Any]:
         if request.workflow_id and request.HasField("workflow"):
             raise InvalidArgument.field("workflow", "give either workflow or workflow_id, not both")

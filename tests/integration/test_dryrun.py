@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
 
 import grpc
 import pytest
 
 from ipaas.v1 import executions_pb2 as pb
 from ipaas.v1 import workflows_pb2
+from tests.conftest import make_settings, start_core
 from tests.integration.helpers import Api, slack_step, value, workflow
 
 
@@ -71,3 +74,25 @@ async def test_a_long_preview_render_leaves_the_core_serving_other_calls(core, m
     assert not preview.done(), "the other call waited for the preview to render"
     answer = await asyncio.wait_for(preview, 60)
     assert answer.ok and answer.steps[0].rendered_config["text"] == "done"
+
+
+def _render_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("ipaas-dryrun-render")]
+
+
+async def test_a_stopped_core_leaves_no_dry_run_render_threads(tmp_path) -> None:
+    """Before, the render pool outlived the core: its idle threads stayed (one set per core
+    started in a process) and the interpreter waited for them at exit."""
+    async for running in start_core(make_settings(tmp_path)):
+        api = Api(running.channel, (await running.new_tenant()).md)
+        cred = await api.credential("slack", {"webhook_url": "http://127.0.0.1:9/unreachable"})
+        definition = {"name": "man", "trigger": {"type": "manual"}, "steps": [slack_step(cred)]}
+        request = pb.DryRunRequest(workflow=workflow(definition), payload=value({"order": {"id": 1}}))
+        await asyncio.gather(*(api.executions.DryRun(request, metadata=api.md) for _ in range(4)))
+        pool = running.server.executions.dry_runner._renders
+        ours = [t for t in _render_threads() if t in pool._threads]
+        assert ours, "the previews rendered on the pool's threads"
+    deadline = time.monotonic() + 5
+    while any(t.is_alive() for t in ours) and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    assert not any(t.is_alive() for t in ours), "the render threads stopped with the core"
