@@ -1108,13 +1108,15 @@ async def test_a_request_head_past_its_limit_is_cut_off_while_it_arrives(stack) 
 
 
 async def test_past_the_connection_limit_requests_get_503_but_liveness_stays_200(tmp_path) -> None:
-    """Nothing bounded the gateway's connections, each of which may hold a head and a body
-    in memory. Past IPAAS_HTTP_MAX_CONNECTIONS, requests are answered 503 with Retry-After
-    and their connection closed; /health/live still answers 200, so a busy gateway is not
-    restarted for it."""
+    """Nothing bounded the requests in progress, each of which may hold a head and a body
+    in memory. Past IPAAS_HTTP_MAX_CONNECTIONS of them (here: heads being read), requests are
+    answered 503 with Retry-After and their connection closed; /health/live still answers
+    200, so a busy gateway is not restarted for it."""
     async with core_with(tmp_path) as core, gateway_for(core.target, tmp_path, IPAAS_HTTP_MAX_CONNECTIONS="3") as url:
         port = int(url.rsplit(":", 1)[1])
         idle = [await asyncio.open_connection("127.0.0.1", port) for _ in range(3)]
+        for _, writer in idle:
+            writer.write(b"GET /api/workflows HTTP/1.1\r\nhost: x\r\n")  # a head not finished yet
         await asyncio.sleep(0.05)
         async with httpx.AsyncClient(base_url=url, timeout=5) as http:
             busy = await http.get("/api/workflows")
@@ -1128,6 +1130,33 @@ async def test_past_the_connection_limit_requests_get_503_but_liveness_stays_200
     assert busy.headers["retry-after"] == "1" and busy.headers["connection"] == "close"
     assert live.status_code == 200, live.text
     assert later.status_code == 401, "below the limit again, requests are served"
+
+
+async def test_idle_connections_do_not_count_toward_the_connection_limit(tmp_path) -> None:
+    """Idle keep-alive connections counted toward IPAAS_HTTP_MAX_CONNECTIONS: a client
+    holding that many idle sockets had every other request answered 503. They hold no head
+    or body; only requests in progress count, and the idle ones are served when they speak."""
+    async with core_with(tmp_path) as core, gateway_for(core.target, tmp_path, IPAAS_HTTP_MAX_CONNECTIONS="3") as url:
+        port = int(url.rsplit(":", 1)[1])
+        held = []
+        for _ in range(3):  # one request each, then the connection sits idle, kept alive
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"GET /health/live HTTP/1.1\r\nhost: x\r\n\r\n")
+            assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 200")
+            held.append((reader, writer))
+        held.append(await asyncio.open_connection("127.0.0.1", port))  # and one that sends nothing
+        await asyncio.sleep(0.05)
+        async with httpx.AsyncClient(base_url=url, timeout=5) as http:
+            fresh = [(await http.get("/openapi.json")).status_code for _ in range(3)]
+            live = await http.get("/health/live")
+        reader, writer = held[0]
+        await reader.readuntil(b"}}")  # the rest of the first answer's body
+        writer.write(b"GET /openapi.json HTTP/1.1\r\nhost: x\r\n\r\n")
+        again = await reader.readuntil(b"\r\n")
+        for _, writer in held:
+            writer.close()
+    assert fresh == [200] * 3 and live.status_code == 200, fresh
+    assert again.startswith(b"HTTP/1.1 200"), again
 
 
 async def test_header_values_that_cannot_be_passed_on_get_4xx(stack) -> None:
