@@ -31,7 +31,7 @@ from ipaas.gateway import envelope, idempotency, kept_answers, metrics, parse_er
 from ipaas.gateway.core_client import CALL_TIMEOUT, CoreClient
 from ipaas.gateway.envelope import HttpError
 from ipaas.gateway.openapi import DOCS_PAGE, build_openapi
-from ipaas.gateway.ratelimit import ANONYMOUS, ANONYMOUS_WEBHOOKS, RateLimiter, parse_tiers
+from ipaas.gateway.ratelimit import ANONYMOUS, ANONYMOUS_WEBHOOKS, RateLimiter, Tier, parse_tiers
 from ipaas.gateway.routes import MAX_PARAM_LENGTH, Match, Route, Router, field_value
 from ipaas.gateway.throttled_log import ThrottledWarning
 from ipaas.gateway.webhook_batch import OversizedDelivery, WebhookBatcher
@@ -68,9 +68,13 @@ REFUSED_TTL = 5.0
 MAX_CACHED_KEYS = 10_000
 READY_TIMEOUT = 1.0  # seconds Redis has to answer /health/ready's ping
 OWNER_TTL = 60.0
-# How long after its last refused webhook an address's webhooks look at its budget first:
-# longer than the default budget takes to refill (100 at 10/s).
+# How long after its last refused webhook a (sender address, workflow) pair's webhooks look
+# at its budget first: longer than the default budget takes to refill (100 at 10/s).
 REFUSED_SENDER_TTL = 60.0
+# The budget of an address's webhooks to workflow ids the core did not know (404), counted
+# once per id a minute: ten times IPAAS_RATE_ANONYMOUS_WEBHOOKS (default 100/s, burst 1,000).
+UNKNOWN_WEBHOOK_IDS = "anonymous_webhook_ids"
+UNKNOWN_IDS_FACTOR = 10
 UNLIMITED_PATHS = {"/health", "/health/live", "/health/ready", "/openapi.json", "/docs", "/metrics"}
 HOP_BY_HOP = {"connection", "keep-alive", "proxy-authorization", "proxy-authenticate", "te", "trailer", "transfer-encoding", "upgrade", "authorization", "cookie"}
 IDEMPOTENT_VERBS = {"POST", "PATCH"}
@@ -147,6 +151,8 @@ class Gateway:
         self.rate_limits_off = boolean(env, "IPAAS_RATE_LIMITS_OFF", False)
         self.body_timeout = request_deadlines.body_timeout(env)
         tiers = parse_tiers(env)
+        webhooks = tiers[ANONYMOUS_WEBHOOKS]
+        tiers[UNKNOWN_WEBHOOK_IDS] = Tier(UNKNOWN_WEBHOOK_IDS, webhooks.rate * UNKNOWN_IDS_FACTOR, webhooks.burst * UNKNOWN_IDS_FACTOR)
         self.limiter = RateLimiter(tiers, settings.redis_url, unlimited)
         self.metrics: metrics.GatewayMetrics | metrics.NoMetrics = (
             metrics.GatewayMetrics([r.template for r in self.router.routes], UNLIMITED_PATHS, tiers, [c.name for c in grpc.StatusCode]) if metrics.enabled(env) else metrics.NoMetrics()
@@ -159,12 +165,18 @@ class Gateway:
         self._refused: dict[str, tuple[float, HttpError]] = {}  # key digest -> (until, the core's answer)
         self._checks: SingleFlight[str, tuple[str, str]] = SingleFlight()
         self._owners: dict[str, tuple[float, str, str]] = {}
-        # Client address -> when the core last refused one of its webhooks here. Only those
-        # addresses' webhooks look at the anonymous-webhook budget first: the look cost ~5 us
-        # a webhook (5 % of the gateway's CPU for one), and an address never refused has
-        # nothing spent to look at, on this replica. Another replica's refusals (shared
-        # through Redis) are seen here after this one refuses that address once.
-        self._refused_senders: dict[str, float] = {}
+        # (client address, workflow id) -> when the core last refused a webhook of that
+        # address to that workflow here. Keyed by both, not the address alone: senders are
+        # shared SaaS egress, and one tenant's dead or misconfigured hook had every other
+        # tenant's webhooks from that SaaS answered 429. Only those pairs' webhooks look at
+        # their budget first: the look costs ~5 us a webhook (5 % of the gateway's CPU for
+        # one), and a pair never refused has nothing spent to look at, on this replica.
+        # Another replica's refusals (shared through Redis) are seen here after this one
+        # refuses that pair once.
+        self._refused_senders: dict[tuple[str, str], float] = {}
+        # Client address -> when the core last answered one of its webhooks 404 here: its
+        # webhooks to workflows not known live here look at its unknown-ids budget first.
+        self._unknown_id_senders: dict[str, float] = {}
         self._started = time.monotonic()
         self._draining = False
         self._stopping = False
@@ -297,13 +309,8 @@ class Gateway:
         # the call the owner's budget is only looked at, and spent once the core accepted it
         # (below), so requests it refuses cannot keep the owner's own API rate-limited.
         await self._limit(tenant, tier, headers, spend=not route.raw_body)
-        if route.raw_body and self._refused_senders:
-            # Only looked at here (an address's accepted webhooks never spend it): spent
-            # below when the core refuses the webhook.
-            sender = _client_address(request)
-            refused_at = self._refused_senders.get(sender)
-            if refused_at is not None and time.monotonic() - refused_at < REFUSED_SENDER_TTL:
-                await self._limit(f"{ANONYMOUS_WEBHOOKS}:{sender}", ANONYMOUS_WEBHOOKS, {}, spend=False)
+        if route.raw_body and (self._refused_senders or self._unknown_id_senders):
+            await self._limit_refused_webhooks(_client_address(request), match.params.get("workflow_id", ""))
 
         key = _idempotency_key(request.scope, h)
         if request.method not in IDEMPOTENT_VERBS:
@@ -319,11 +326,7 @@ class Gateway:
                 status, content = await self._call(route, message, h, meta, key)
             except HttpError as err:
                 if route.raw_body and 400 <= err.status < 500 and err.status != 429:  # refused, not "not now"
-                    sender = _client_address(request)
-                    if len(self._refused_senders) > MAX_CACHED_KEYS:
-                        self._refused_senders.clear()
-                    self._refused_senders[sender] = time.monotonic()
-                    await self._spend(f"{ANONYMOUS_WEBHOOKS}:{sender}", ANONYMOUS_WEBHOOKS, headers)
+                    await self._spend_refused_webhook(_client_address(request), match.params.get("workflow_id", ""), err.status, headers)
                 raise
             if route.raw_body and (owner := self._owners.get(match.params.get("workflow_id", ""))):
                 await self._spend(owner[1], owner[2], headers)
@@ -380,6 +383,37 @@ class Gateway:
             await self.store.abandon(scope)
         except Exception as exc:
             self._store_down(exc)
+
+    async def _limit_refused_webhooks(self, sender: str, workflow_id: str) -> None:
+        """Before a webhook reaches the core: the budgets its sender spent on refusals, only
+        looked at (spent in _spend_refused_webhook). A pair never refused, to a workflow known
+        live here, looks at nothing."""
+        now = time.monotonic()
+        refused_at = self._refused_senders.get((sender, workflow_id))
+        if refused_at is not None and now - refused_at < REFUSED_SENDER_TTL:
+            await self._limit(f"{ANONYMOUS_WEBHOOKS}:{sender}:{workflow_id}", ANONYMOUS_WEBHOOKS, {}, spend=False)
+        unknown_at = self._unknown_id_senders.get(sender)
+        if unknown_at is not None and now - unknown_at < REFUSED_SENDER_TTL:
+            owner = self._owners.get(workflow_id)
+            if owner is None or owner[0] <= now:  # a workflow accepted here lately never waits on it
+                await self._limit(f"{UNKNOWN_WEBHOOK_IDS}:{sender}", UNKNOWN_WEBHOOK_IDS, {}, spend=False)
+
+    async def _spend_refused_webhook(self, sender: str, workflow_id: str, status: int, headers: dict[str, str]) -> None:
+        """The core refused a webhook: spend the (address, workflow) budget, and for an id the
+        core does not know (404) the address's unknown-ids budget, once per id a minute, so
+        a flood of made-up ids from one address waits while a dead hook retried for days
+        costs its address's other webhooks nothing."""
+        if len(self._refused_senders) > MAX_CACHED_KEYS:
+            self._refused_senders.clear()
+        if len(self._unknown_id_senders) > MAX_CACHED_KEYS:
+            self._unknown_id_senders.clear()
+        now = time.monotonic()
+        refused_at = self._refused_senders.get((sender, workflow_id))
+        self._refused_senders[(sender, workflow_id)] = now
+        await self._spend(f"{ANONYMOUS_WEBHOOKS}:{sender}:{workflow_id}", ANONYMOUS_WEBHOOKS, headers)
+        if status == 404 and (refused_at is None or now - refused_at >= REFUSED_SENDER_TTL):
+            self._unknown_id_senders[sender] = now
+            await self._spend(f"{UNKNOWN_WEBHOOK_IDS}:{sender}", UNKNOWN_WEBHOOK_IDS, {})
 
     async def _limit(self, tenant: str | None, tier: str | None, headers: dict[str, str], *, spend: bool) -> None:
         """The caller's rate limit: its headers on the answer, 429 when over the budget."""

@@ -12,6 +12,7 @@ several in one process, and nothing else in the process registers there by accid
 
 from __future__ import annotations
 
+import time
 from typing import Any, Iterable, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, PlatformCollector, ProcessCollector, disable_created_metrics
@@ -26,6 +27,11 @@ METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"}
 OTHER = "other"
 # From a cached read (~1 ms) to the gateway's 30 s call timeout.
 BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+# Seconds an exposition is served again to other scrapes. /metrics needs no key and is
+# outside the rate limits (scrapers call it that way), and one rendering costs ~3.5 ms of CPU
+# (about 29 ordinary requests): rendered at most once a second per format, a loop of scrapes
+# costs a copy of bytes each. Prometheus scrapes every 10 s or more, so no scraper sees it.
+EXPOSITION_TTL = 1.0
 
 
 def enabled(env: Mapping[str, str]) -> bool:
@@ -65,6 +71,7 @@ class GatewayMetrics:
         self._counts: dict[tuple[str, str, int], Any] = {}
         self._rate_limited = {tier: rate_limited.labels(tier) for tier in (*tiers, OTHER)}
         self._failures = {code: failures.labels(code) for code in (*failure_codes, OTHER)}
+        self._expositions: dict[str, tuple[float, bytes]] = {}  # content type -> (rendered at, body)
 
     def observe(self, scope: dict[str, Any], status: int, seconds: float) -> None:
         """One answered request."""
@@ -93,9 +100,15 @@ class GatewayMetrics:
 
     def exposition(self, accept: str | None) -> tuple[bytes, str]:
         """The body and content type a scraper asked for (Prometheus text, or OpenMetrics
-        when its Accept header prefers it)."""
+        when its Accept header prefers it), rendered at most once per EXPOSITION_TTL."""
         encode, content_type = choose_encoder(accept or "")
-        return encode(self.registry), content_type
+        now = time.monotonic()
+        kept = self._expositions.get(content_type)
+        if kept is not None and now - kept[0] < EXPOSITION_TTL:
+            return kept[1], content_type
+        body = encode(self.registry)
+        self._expositions[content_type] = (now, body)
+        return body, content_type
 
 
 class NoMetrics:

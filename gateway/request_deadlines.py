@@ -10,7 +10,11 @@ IPAAS_HTTP_BODY_TIMEOUT seconds of the head (else 408, see Gateway._read_body).
 A deadline bounds a head's time, not its size: on a fast link a head of gigabytes arrives
 well within it, and uvicorn's httptools parser keeps it all (no header limit of its own).
 So a head still unfinished past max_head bytes is answered 431 and its connection closed;
-and past IPAAS_HTTP_MAX_CONNECTIONS open connections, requests are answered 503.
+and past IPAAS_HTTP_MAX_CONNECTIONS connections with a request in progress (its head being
+read, its body, or its answer not yet sent), requests are answered 503. Idle connections
+(kept alive between requests, or opened with nothing sent yet) hold no head or body and are
+not counted: counted, a client holding idle sockets had every other request answered 503.
+They last until the head deadline at most.
 """
 
 from __future__ import annotations
@@ -32,10 +36,10 @@ BODY_TIMEOUT = 30.0
 LINGER = 2.0
 # Room for the request line (method, path and query) beside the headers' own limit.
 REQUEST_LINE_BYTES = 16 * 1024
-# Each connection may hold a head (~80 KiB) and a webhook's body (1 MiB) in memory: 1,000
-# bounds that near 1 GiB, as nginx's and gunicorn's ~1,000 connections per worker do.
+# Each request in progress may hold a head (~80 KiB) and a webhook's body (1 MiB) in memory:
+# 1,000 bounds that near 1 GiB, as nginx's and gunicorn's ~1,000 connections per worker do.
 MAX_CONNECTIONS = 1000
-# Set in a request's scope["extensions"] when it arrived past the connection limit.
+# Set in a request's scope["extensions"] when it arrived past the limit of requests in progress.
 OVER_CAPACITY = "ipaas.over_capacity"
 
 
@@ -102,8 +106,10 @@ class LingeringClose:
 
 def protocol(timeout: float, max_head: int, connections: int = MAX_CONNECTIONS) -> type[HttpToolsProtocol]:
     """uvicorn's httptools protocol, closing a connection whose request head is overdue or
-    past max_head bytes, marking requests past `connections` open connections, and closing
-    every connection in stages (LingeringClose)."""
+    past max_head bytes, marking requests past `connections` connections with a request in
+    progress, and closing every connection in stages (LingeringClose)."""
+    # This server's connections with a request begun and not yet answered.
+    busy: set[HttpToolsProtocol] = set()
 
     class HeadDeadline(HttpToolsProtocol):
         _head_deadline: asyncio.TimerHandle | None = None
@@ -113,6 +119,7 @@ def protocol(timeout: float, max_head: int, connections: int = MAX_CONNECTIONS) 
         _head_open = True
         _head_bytes = 0
         _heads = 0
+        _unanswered = 0  # requests begun (their first byte parsed) and not yet answered
 
         def connection_made(self, transport: Any) -> None:
             super().connection_made(transport)
@@ -133,13 +140,18 @@ def protocol(timeout: float, max_head: int, connections: int = MAX_CONNECTIONS) 
                     self.transport.write(_head_too_large(max_head))
                     self.transport.close()
 
+        def on_message_begin(self) -> None:
+            super().on_message_begin()
+            self._unanswered += 1
+            busy.add(self)
+
         def on_headers_complete(self) -> None:
             self._disarm()
             self._head_open = False
             self._heads += 1
             super().on_headers_complete()
-            # After uvicorn's own bookkeeping: this connection and its task are counted.
-            if len(self.connections) > connections or len(self.tasks) > connections:
+            # After uvicorn's own bookkeeping: this request and its task are counted.
+            if len(busy) > connections or len(self.tasks) > connections:
                 self.scope.setdefault("extensions", {})[OVER_CAPACITY] = True  # type: ignore[typeddict-item]
 
         def on_message_complete(self) -> None:
@@ -149,12 +161,16 @@ def protocol(timeout: float, max_head: int, connections: int = MAX_CONNECTIONS) 
         def on_response_complete(self) -> None:
             # A pipelined request already queued has its head; otherwise the next is awaited.
             awaiting_head = not self.pipeline
+            self._unanswered = max(0, self._unanswered - 1)
+            if not self._unanswered:
+                busy.discard(self)
             super().on_response_complete()
             if awaiting_head and not self.transport.is_closing():
                 self._arm()
 
         def connection_lost(self, exc: Exception | None) -> None:
             self._disarm()
+            busy.discard(self)
             self.transport.lost()  # type: ignore[attr-defined]
             super().connection_lost(exc)
 

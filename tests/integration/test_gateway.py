@@ -822,12 +822,13 @@ async def test_only_accepted_webhooks_spend_the_owners_rate_limit(tmp_path) -> N
     assert answers[0].headers["x-ratelimit-remaining"] == "5" and "retry-after" not in answers[5].headers
 
 
-async def test_webhooks_the_core_refuses_spend_their_addresss_budget(tmp_path) -> None:
+async def test_webhooks_the_core_refuses_spend_their_addresss_budget_for_that_workflow(tmp_path) -> None:
     """Refused webhooks (bad signature, unknown workflow) spent nobody's budget: 2,000 from
     one address all reached the core, each unknown id a database read. Each refusal now
-    spends its address's anonymous-webhook budget, and past it that address waits (429,
-    Retry-After) without the core being asked; other addresses (here through the trusted
-    local proxy's X-Forwarded-For) are unaffected, and accepted webhooks never spend it."""
+    spends the budget of its (address, workflow): past it, that address's webhooks to that
+    workflow wait (429, Retry-After) without the core being asked; the same address's
+    webhooks to other workflows, and other addresses (here through the trusted local
+    proxy's X-Forwarded-For), are unaffected, and accepted webhooks never spend it."""
     async with FakeSlack() as slack, core_with(tmp_path, **FAST) as core, gateway_for(core.target, tmp_path, IPAAS_RATE_ANONYMOUS_WEBHOOKS="0.5/4") as url:
         owner = await core.new_tenant(tier="paid")
         async with httpx.AsyncClient(base_url=url, headers={"authorization": f"Bearer {owner.key}"}, timeout=10) as http, httpx.AsyncClient(base_url=url, timeout=10) as anonymous:
@@ -835,21 +836,66 @@ async def test_webhooks_the_core_refuses_spend_their_addresss_budget(tmp_path) -
             hook, secret = f"/api/webhooks/{created['workflow']['id']}", created["webhook_secret"]
             forged = {"content-type": "application/json", "webhook-id": "evt_x", "webhook-timestamp": "1", "webhook-signature": "v1,AAAA"}
             elsewhere = {"x-forwarded-for": "203.0.113.9"}
-            refused = [await anonymous.post(path, content=b"{}", headers=forged) for path in (hook, hook, "/api/webhooks/wf_nope1", "/api/webhooks/wf_nope2")]
-            limited = [await anonymous.post(path, content=b"{}", headers=forged) for path in (hook, "/api/webhooks/wf_nope3")]
+            refused = [await anonymous.post(hook, content=b"{}", headers=forged) for _ in range(4)]
+            limited = await anonymous.post(hook, content=b"{}", headers=forged)
             raw, signed = signed_webhook(secret, {"order": {"id": 1}}, "evt_1")
             waits_too = await anonymous.post(hook, content=raw, headers=signed)
+            unknown = await anonymous.post("/api/webhooks/wf_nope1", content=b"{}", headers=forged)
             accepted = []
             for i in range(6):  # more than the budget's 4, from another address
                 raw, signed = signed_webhook(secret, {"order": {"id": i}}, f"evt_other_{i}")
                 accepted.append(await anonymous.post(hook, content=raw, headers={**signed, **elsewhere}))
             other_refused = await anonymous.post(hook, content=b"{}", headers={**forged, **elsewhere})
-    assert [r.status_code for r in refused] == [401, 401, 404, 404], [r.text for r in refused]
+    assert [r.status_code for r in refused] == [401] * 4, [r.text for r in refused]
     assert refused[-1].headers["ratelimit-policy"] == '"anonymous_webhooks";q=4;w=8' and refused[-1].headers["x-ratelimit-remaining"] == "0"
-    assert [r.status_code for r in limited] == [429, 429] and waits_too.status_code == 429, [r.text for r in limited]
-    assert assert_envelope(limited[1], False)["error"]["reason"] == "RATE_LIMITED" and int(limited[1].headers["retry-after"]) >= 1
+    assert limited.status_code == 429 and waits_too.status_code == 429, limited.text
+    assert assert_envelope(limited, False)["error"]["reason"] == "RATE_LIMITED" and int(limited.headers["retry-after"]) >= 1
+    assert unknown.status_code == 404 and unknown.headers["x-ratelimit-remaining"] == "3", "another workflow's budget"
     assert [r.status_code for r in accepted] == [202] * 6, [r.text for r in accepted]
     assert other_refused.status_code == 401 and other_refused.headers["x-ratelimit-remaining"] == "3", "accepted webhooks spent none of it"
+
+
+async def test_one_tenants_refused_webhooks_never_hold_up_another_tenants(tmp_path) -> None:
+    """SaaS senders deliver for every tenant from a few addresses. Tenant A's deleted
+    workflow, still wired into the SaaS, was refused from that address until the address's
+    budget ran out, and then tenant B's signed webhooks from the same address got 429."""
+    async with FakeSlack() as slack, core_with(tmp_path, **FAST) as core, gateway_for(core.target, tmp_path, IPAAS_RATE_ANONYMOUS_WEBHOOKS="0.5/4") as url:
+        a, b = await core.new_tenant(tier="paid", name="a"), await core.new_tenant(tier="paid", name="b")
+        async with (
+            httpx.AsyncClient(base_url=url, headers={"authorization": f"Bearer {a.key}"}, timeout=10) as tenant_a,
+            httpx.AsyncClient(base_url=url, headers={"authorization": f"Bearer {b.key}"}, timeout=10) as tenant_b,
+            httpx.AsyncClient(base_url=url, timeout=10) as saas,
+        ):
+            dead = (await create_workflow(tenant_a, slack, trigger="webhook"))["workflow"]["id"]
+            live = await create_workflow(tenant_b, slack, trigger="webhook")
+            assert (await tenant_a.delete(f"/api/workflows/{dead}")).status_code in (200, 204)
+            retries = [(await saas.post(f"/api/webhooks/{dead}", content=b"{}", headers={"content-type": "application/json"})).status_code for _ in range(10)]
+            answers = []
+            for i in range(5):
+                raw, signed = signed_webhook(live["webhook_secret"], {"order": {"id": i}}, f"evt_b{i}")
+                answers.append(await saas.post(f"/api/webhooks/{live['workflow']['id']}", content=raw, headers=signed))
+    assert retries[:4] == [404] * 4 and 429 in retries, retries
+    assert [r.status_code for r in answers] == [202] * 5, [r.text for r in answers]
+
+
+async def test_a_flood_of_unknown_workflow_ids_waits_but_live_workflows_do_not(tmp_path) -> None:
+    """Made-up workflow ids each cost the core a call and a database read. An address's 404s
+    for distinct ids spend a budget of their own (ten times IPAAS_RATE_ANONYMOUS_WEBHOOKS),
+    and past it its webhooks to ids not known live wait; a workflow this gateway accepted a
+    webhook for lately does not."""
+    async with FakeSlack() as slack, core_with(tmp_path, **FAST) as core, gateway_for(core.target, tmp_path, IPAAS_RATE_ANONYMOUS_WEBHOOKS="0.1/1") as url:
+        owner = await core.new_tenant(tier="paid")
+        async with httpx.AsyncClient(base_url=url, headers={"authorization": f"Bearer {owner.key}"}, timeout=10) as http, httpx.AsyncClient(base_url=url, timeout=10) as flood:
+            created = await create_workflow(http, slack, trigger="webhook")
+            hook, secret = f"/api/webhooks/{created['workflow']['id']}", created["webhook_secret"]
+            raw, signed = signed_webhook(secret, {"order": {"id": 0}}, "evt_0")
+            assert (await flood.post(hook, content=raw, headers=signed)).status_code == 202
+            made_up = [(await flood.post(f"/api/webhooks/wf_made_up_{i}", content=b"{}", headers={"content-type": "application/json"})).status_code for i in range(12)]
+            raw, signed = signed_webhook(secret, {"order": {"id": 1}}, "evt_1")
+            live = await flood.post(hook, content=raw, headers=signed)
+            elsewhere = await flood.post("/api/webhooks/wf_made_up_x", content=b"{}", headers={"content-type": "application/json", "x-forwarded-for": "203.0.113.9"})
+    assert made_up[:10] == [404] * 10 and made_up[10:] == [429, 429], made_up
+    assert live.status_code == 202 and elsewhere.status_code == 404, (live.text, elsewhere.text)
 
 
 async def test_an_address_never_refused_does_not_look_at_its_webhook_budget(tmp_path, monkeypatch) -> None:
@@ -1062,13 +1108,15 @@ async def test_a_request_head_past_its_limit_is_cut_off_while_it_arrives(stack) 
 
 
 async def test_past_the_connection_limit_requests_get_503_but_liveness_stays_200(tmp_path) -> None:
-    """Nothing bounded the gateway's connections, each of which may hold a head and a body
-    in memory. Past IPAAS_HTTP_MAX_CONNECTIONS, requests are answered 503 with Retry-After
-    and their connection closed; /health/live still answers 200, so a busy gateway is not
-    restarted for it."""
+    """Nothing bounded the requests in progress, each of which may hold a head and a body
+    in memory. Past IPAAS_HTTP_MAX_CONNECTIONS of them (here: heads being read), requests are
+    answered 503 with Retry-After and their connection closed; /health/live still answers
+    200, so a busy gateway is not restarted for it."""
     async with core_with(tmp_path) as core, gateway_for(core.target, tmp_path, IPAAS_HTTP_MAX_CONNECTIONS="3") as url:
         port = int(url.rsplit(":", 1)[1])
         idle = [await asyncio.open_connection("127.0.0.1", port) for _ in range(3)]
+        for _, writer in idle:
+            writer.write(b"GET /api/workflows HTTP/1.1\r\nhost: x\r\n")  # a head not finished yet
         await asyncio.sleep(0.05)
         async with httpx.AsyncClient(base_url=url, timeout=5) as http:
             busy = await http.get("/api/workflows")
@@ -1082,6 +1130,33 @@ async def test_past_the_connection_limit_requests_get_503_but_liveness_stays_200
     assert busy.headers["retry-after"] == "1" and busy.headers["connection"] == "close"
     assert live.status_code == 200, live.text
     assert later.status_code == 401, "below the limit again, requests are served"
+
+
+async def test_idle_connections_do_not_count_toward_the_connection_limit(tmp_path) -> None:
+    """Idle keep-alive connections counted toward IPAAS_HTTP_MAX_CONNECTIONS: a client
+    holding that many idle sockets had every other request answered 503. They hold no head
+    or body; only requests in progress count, and the idle ones are served when they speak."""
+    async with core_with(tmp_path) as core, gateway_for(core.target, tmp_path, IPAAS_HTTP_MAX_CONNECTIONS="3") as url:
+        port = int(url.rsplit(":", 1)[1])
+        held = []
+        for _ in range(3):  # one request each, then the connection sits idle, kept alive
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"GET /health/live HTTP/1.1\r\nhost: x\r\n\r\n")
+            assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 200")
+            held.append((reader, writer))
+        held.append(await asyncio.open_connection("127.0.0.1", port))  # and one that sends nothing
+        await asyncio.sleep(0.05)
+        async with httpx.AsyncClient(base_url=url, timeout=5) as http:
+            fresh = [(await http.get("/openapi.json")).status_code for _ in range(3)]
+            live = await http.get("/health/live")
+        reader, writer = held[0]
+        await reader.readuntil(b"}}")  # the rest of the first answer's body
+        writer.write(b"GET /openapi.json HTTP/1.1\r\nhost: x\r\n\r\n")
+        again = await reader.readuntil(b"\r\n")
+        for _, writer in held:
+            writer.close()
+    assert fresh == [200] * 3 and live.status_code == 200, fresh
+    assert again.startswith(b"HTTP/1.1 200"), again
 
 
 async def test_header_values_that_cannot_be_passed_on_get_4xx(stack) -> None:

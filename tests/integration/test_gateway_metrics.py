@@ -3,6 +3,8 @@ prometheus_client's own parser (what Prometheus reads)."""
 
 from __future__ import annotations
 
+import asyncio
+
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -25,6 +27,13 @@ async def scrape(http: httpx.AsyncClient) -> dict[tuple[str, frozenset[tuple[str
 
 def value(samples: dict, name: str, **labels: str) -> float:
     return samples.get((name, frozenset(labels.items())), 0.0)
+
+
+@pytest.fixture(autouse=True)
+def fresh_expositions(monkeypatch):
+    """These tests scrape before and after a few requests, within a second: rendered anew
+    each time (the once-a-second rendering has a test of its own)."""
+    monkeypatch.setattr("ipaas.gateway.metrics.EXPOSITION_TTL", 0.0)
 
 
 @pytest.fixture
@@ -115,6 +124,34 @@ async def test_metrics_answer_get_and_head_only_raw_and_without_a_key(stack) -> 
         # OpenMetrics for a scraper that prefers it (Prometheus does).
         om = await anonymous.get("/metrics", headers={"accept": "application/openmetrics-text; version=1.0.0"})
         assert om.headers["content-type"].startswith("application/openmetrics-text") and om.text.endswith("# EOF\n")
+
+
+async def test_many_scrapes_in_a_second_render_the_metrics_once(stack, monkeypatch) -> None:
+    """/metrics needs no key and no rate limit applies, and each rendering cost ~3.5 ms of
+    CPU (about 29 ordinary requests): a loop of anonymous scrapes was an amplifier. Within a
+    second, scrapes get the same rendered bytes (per format); after it, a fresh one."""
+    from ipaas.gateway import metrics
+
+    monkeypatch.setattr(metrics, "EXPOSITION_TTL", 1.0)
+    renders: list[str] = []
+    choose = metrics.choose_encoder
+
+    def counted(accept: str):
+        encode, content_type = choose(accept)
+        return (lambda registry: renders.append(content_type) or encode(registry)), content_type
+
+    monkeypatch.setattr(metrics, "choose_encoder", counted)
+    http, paid, free = stack
+    async with httpx.AsyncClient(base_url=http.base_url, timeout=10) as anonymous:
+        first = await anonymous.get("/metrics")
+        others = [await anonymous.get("/metrics") for _ in range(50)]
+        om = [await anonymous.get("/metrics", headers={"accept": "application/openmetrics-text; version=1.0.0"}) for _ in range(5)]
+        assert len(renders) == 2, len(renders)  # one per format
+        await asyncio.sleep(1.05)
+        later = await anonymous.get("/metrics")
+    assert all(r.status_code == 200 and r.content == first.content for r in others)
+    assert all(r.text.endswith("# EOF\n") for r in om)
+    assert len(renders) == 3 and later.content != first.content, "a second later, rendered anew (the 51 scrapes counted)"
 
 
 async def test_core_call_failures_are_counted(tmp_path) -> None:
