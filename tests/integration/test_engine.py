@@ -42,6 +42,17 @@ async def env(tmp_path, monkeypatch):
             yield core, api, slack, weather
 
 
+async def _put_back(api, execution_id: str):  # type: ignore[no-untyped-def]
+    """The execution once the engine has put it back in the queue (next_attempt_at set),
+    or as it is after 3 s."""
+    for _ in range(150):
+        ex = await api.execution(execution_id)
+        if ex.HasField("next_attempt_at"):
+            break
+        await asyncio.sleep(0.02)
+    return ex
+
+
 async def test_two_step_workflow_maps_weather_into_slack(env) -> None:
     core, api, slack, weather = env
     wcred = await api.credential("openweather", {"api_key": API_KEY})
@@ -308,11 +319,7 @@ async def test_breaker_opens_fails_fast_and_recovers(env) -> None:
 
     calls_while_open = slack.requests
     deferred = (await api.run(wf.id)).execution.id
-    for _ in range(100):
-        ex = await api.execution(deferred)
-        if ex.HasField("next_attempt_at"):
-            break
-        await asyncio.sleep(0.02)
+    ex = await _put_back(api, deferred)
     assert ex.status == "queued" and "circuit open" in ex.error
     assert ex.attempts == 0, "deferral spends no attempt"
     assert slack.requests == calls_while_open, "no request reaches the upstream while the breaker is open"
@@ -445,11 +452,7 @@ async def test_the_retry_after_of_a_429_is_honoured_when_the_plugin_gives_none(e
     wf = (await api.create({"name": "w", "trigger": {"type": "manual"}, "options": {"max_attempts": 3}, "steps": [{"id": "s", "connector": "chat", "action": "post", "config": {"url": slack.url}}]})).workflow
     slack.fail_next(429, retry_after=30)
     ex_id = (await api.run(wf.id)).execution.id
-    for _ in range(150):
-        ex = await api.execution(ex_id)
-        if ex.HasField("next_attempt_at"):
-            break
-        await asyncio.sleep(0.02)
+    ex = await _put_back(api, ex_id)
     assert ex.status == "queued" and "429" in ex.error, ex
     wait = ex.next_attempt_at.ToDatetime(tzinfo=timezone.utc) - datetime.now(timezone.utc)
     assert timedelta(seconds=25) < wait <= timedelta(seconds=30) and slack.requests == 1, wait
@@ -731,11 +734,7 @@ async def test_a_retry_after_given_as_text_is_honoured(env) -> None:
     core.server.registry.add(Connector("limited", "1", "d", [Action("post", "Post.", run)]), "ipaas-limited")
     wf = (await api.create({"name": "w", "trigger": {"type": "manual"}, "options": {"max_attempts": 3}, "steps": [{"id": "s", "connector": "limited", "action": "post", "config": {}}]})).workflow
     ex_id = (await api.run(wf.id)).execution.id
-    for _ in range(150):
-        ex = await api.execution(ex_id)
-        if ex.HasField("next_attempt_at"):
-            break
-        await asyncio.sleep(0.02)
+    ex = await _put_back(api, ex_id)
     assert ex.status == "queued" and "rate limited" in ex.error, ex
     wait = ex.next_attempt_at.ToDatetime(tzinfo=timezone.utc) - datetime.now(timezone.utc)
     assert timedelta(seconds=25) < wait <= timedelta(seconds=30) and calls == [1]

@@ -75,13 +75,8 @@ async def test_schedules_due_at_once_all_fire_in_one_tick(tmp_path, database_url
     plans each one's next fire. A tick used to stop at 500 and wait for the next."""
     n = 1200  # more than two of the scheduler's 500-row batches
     async with FakeSlack() as slack, core_with(tmp_path, database_url, IPAAS_DISABLE_ENGINE="1") as core:
-        api = Api(core.channel, (await core.new_tenant()).md)
-        cred = await api.credential("slack", {"webhook_url": slack.url})
-        clock = Clock(datetime(2026, 1, 1, 8, 59, tzinfo=U))
-        monkeypatch.setattr("ipaas.workflow_store.utcnow", clock)
-        first = (await api.create({"name": "daily", "trigger": {"type": "schedule", "cron": "0 9 * * *"}, "steps": [slack_step(cred, "hi")]})).workflow
+        api, clock, (first,) = await _due_at_nine(core, slack, monkeypatch)
         await _clone(core, first.id, n - 1)
-        clock.now = datetime(2026, 1, 1, 9, 0, 0, 500000, tzinfo=U)
         scheduler = Scheduler(core.server.db, core.server.enqueuer, clock=clock, catch_up="skip")
         started = time.perf_counter()
         assert await scheduler.tick() == n
@@ -91,6 +86,18 @@ async def test_schedules_due_at_once_all_fire_in_one_tick(tmp_path, database_url
             plans = (await s.execute(select(Schedule.next_fire_at, func.count()).group_by(Schedule.next_fire_at))).all()
         assert plans == [(datetime(2026, 1, 2, 9, tzinfo=U), n)]
         assert await scheduler.tick() == 0
+
+
+async def _due_at_nine(core, slack, monkeypatch, names: tuple[str, ...] = ("daily",), text: str = "hi"):  # type: ignore[no-untyped-def]
+    """A new tenant's workflows on `0 9 * * *`, saved at 08:59 (so each is planned for
+    09:00), and the clock moved just past 09:00: every one is due."""
+    api = Api(core.channel, (await core.new_tenant()).md)
+    cred = await api.credential("slack", {"webhook_url": slack.url})
+    clock = Clock(datetime(2026, 1, 1, 8, 59, tzinfo=U))
+    monkeypatch.setattr("ipaas.workflow_store.utcnow", clock)
+    made = [(await api.create({"name": name, "trigger": {"type": "schedule", "cron": "0 9 * * *"}, "steps": [slack_step(cred, text)]})).workflow for name in names]
+    clock.now = datetime(2026, 1, 1, 9, 0, 0, 500000, tzinfo=U)
+    return api, clock, made
 
 
 async def _clone(core, workflow_id: str, copies: int) -> None:  # type: ignore[no-untyped-def]
@@ -292,12 +299,7 @@ async def test_a_change_committed_between_the_read_and_the_fire_is_seen(tmp_path
     made manual or given another time in between still got the fire it no longer has; the
     other fires of the batch go out as before."""
     async with FakeSlack() as slack, core_with(tmp_path, database_url, IPAAS_DISABLE_ENGINE="1") as core:
-        api = Api(core.channel, (await core.new_tenant()).md)
-        cred = await api.credential("slack", {"webhook_url": slack.url})
-        clock = Clock(datetime(2026, 1, 1, 8, 59, tzinfo=U))
-        monkeypatch.setattr("ipaas.workflow_store.utcnow", clock)
-        changed, kept = [(await api.create({"name": name, "trigger": {"type": "schedule", "cron": "0 9 * * *"}, "steps": [slack_step(cred, "x")]})).workflow for name in ("changed", "kept")]
-        clock.now = datetime(2026, 1, 1, 9, 0, 0, 500000, tzinfo=U)
+        api, clock, (changed, kept) = await _due_at_nine(core, slack, monkeypatch, ("changed", "kept"), "x")
         scheduler = Scheduler(_ChangeAfterRead(core.server.db, lambda: CHANGES[change](api, changed)), core.server.enqueuer, clock=clock)
 
         assert await scheduler.tick() == 1
@@ -313,12 +315,7 @@ async def test_a_change_in_progress_when_the_fire_starts_is_waited_for_on_postgr
     that transaction and, once it commits, does not fire. Without the wait the fire read the
     workflow as it was and committed after the deactivation had."""
     async with FakeSlack() as slack, core_with(tmp_path, postgres_url, IPAAS_DISABLE_ENGINE="1") as core:
-        api = Api(core.channel, (await core.new_tenant()).md)
-        cred = await api.credential("slack", {"webhook_url": slack.url})
-        clock = Clock(datetime(2026, 1, 1, 8, 59, tzinfo=U))
-        monkeypatch.setattr("ipaas.workflow_store.utcnow", clock)
-        wf = (await api.create({"name": "daily", "trigger": {"type": "schedule", "cron": "0 9 * * *"}, "steps": [slack_step(cred, "x")]})).workflow
-        clock.now = datetime(2026, 1, 1, 9, 0, 0, 500000, tzinfo=U)
+        api, clock, (wf,) = await _due_at_nine(core, slack, monkeypatch, text="x")
         scheduler = Scheduler(core.server.db, core.server.enqueuer, clock=clock)
         async with core.server.db.engine.connect() as other, core.server.db.engine.connect() as watch:
             await other.execute(update(Workflow).where(Workflow.id == wf.id).values(active=False))
@@ -340,13 +337,8 @@ async def test_replicas_ticking_at_once_fire_each_schedule_once_on_postgresql(tm
     every schedule fires once. (SQLite has one core per database.)"""
     n = 1200
     async with FakeSlack() as slack, core_with(tmp_path, postgres_url, IPAAS_DISABLE_ENGINE="1") as core:
-        api = Api(core.channel, (await core.new_tenant()).md)
-        cred = await api.credential("slack", {"webhook_url": slack.url})
-        clock = Clock(datetime(2026, 1, 1, 8, 59, tzinfo=U))
-        monkeypatch.setattr("ipaas.workflow_store.utcnow", clock)
-        first = (await api.create({"name": "daily", "trigger": {"type": "schedule", "cron": "0 9 * * *"}, "steps": [slack_step(cred, "hi")]})).workflow
+        api, clock, (first,) = await _due_at_nine(core, slack, monkeypatch)
         await _clone(core, first.id, n - 1)
-        clock.now = datetime(2026, 1, 1, 9, 0, 0, 500000, tzinfo=U)
         other_db = Database(core.server.db.url)
         other_enqueuer = Enqueuer(other_db)
         try:
