@@ -32,7 +32,7 @@ EXIT_CODES = """exit codes:
   1  error, said in one line on stderr (a traceback too with IPAAS_LOG_LEVEL=DEBUG);
      serve: a process failed to start, or kept exiting
   2  bad command line
-  3  core or gateway: failed to start (a bad setting, port in use, database unreachable, ...)"""
+  3  core, gateway or engine: failed to start (a bad setting, port in use, database unreachable, ...)"""
 
 
 class CliError(Exception):
@@ -290,7 +290,9 @@ def cmd_engine(settings: Settings, _args: argparse.Namespace) -> int:
     # An engine process runs no gRPC server (grpc.aio does not support uvloop), only asyncio
     # HTTP clients and database drivers: uvloop's loop costs ~9 % less CPU per delivery (bench).
     loop_factory = None
-    if EngineSettings.from_settings(settings).loop == "uvloop":
+    with _starting("the engine failed to start"):
+        engine = EngineSettings.from_settings(settings)
+    if engine.loop == "uvloop":
         try:
             import uvloop
 
@@ -529,7 +531,7 @@ def _database_help(settings: Settings | None) -> str:
 SERVERS = (cmd_serve, cmd_core, cmd_engine, cmd_gateway)
 # Those that exit EXIT_START_FAILED for a bad setting, as for any other failed start: the docs'
 # unit files stop restarting on it. (serve says a failed start with 1, as for its processes.)
-STARTING = (cmd_core, cmd_gateway)
+STARTING = (cmd_core, cmd_engine, cmd_gateway)
 
 
 def build_parser(settings: Settings | None = None) -> argparse.ArgumentParser:

@@ -172,6 +172,8 @@ def test_database_problems_are_one_line_errors(tmp_path: Path, command: list[str
         ("core", "IPAAS_GRPC_LISTEN", "127.0.0.1:99999", "IPAAS_GRPC_LISTEN must be host:port with a port from 0 to 65535"),
         ("core", "IPAAS_ALLOW_INSECURE_TARGETS", "ture", "IPAAS_ALLOW_INSECURE_TARGETS must be 1 or 0"),
         ("engine", "IPAAS_ENGINE_LOOP", "uvlop", "IPAAS_ENGINE_LOOP must be uvloop or asyncio"),
+        ("engine", "IPAAS_LOG_LEVEL", "VERBOSE", "IPAAS_LOG_LEVEL must be"),
+        ("engine", "IPAAS_STEP_TIMEOUT", "nan", "IPAAS_STEP_TIMEOUT must be more than 0 seconds"),
         ("gateway", "IPAAS_HTTP_LISTEN", "127.0.0.1:notaport", "IPAAS_HTTP_LISTEN must be host:port with a port from 1 to 65535"),
         ("gateway", "IPAAS_HTTP_LISTEN", "127.0.0.1", "IPAAS_HTTP_LISTEN must be host:port"),
         ("gateway", "IPAAS_RATE_FREE", "0/10", "IPAAS_RATE_FREE must look like 5/10: a rate per second above 0, then a burst of 1 or more"),
@@ -194,15 +196,15 @@ def test_database_problems_are_one_line_errors(tmp_path: Path, command: list[str
 )
 def test_a_bad_setting_stops_start_up_in_one_line_naming_it(tmp_path: Path, command: str, setting: str, value: str, expected: str) -> None:
     """Each was taken before (a core that delivered nothing, spun a CPU, answered every
-    trigger 429, or used another port), or stopped with a traceback. A core or gateway
-    exits 3, the failed start systemd is told not to restart (RestartPreventExitStatus=3):
+    trigger 429, or used another port), or stopped with a traceback. A core, gateway or
+    engine exits 3, the failed start systemd is told not to restart (RestartPreventExitStatus=3):
     settings read first exited 1, and under that unit a typo was restarted for ever. serve
     says a process's failed start with 1, as it says any."""
     env = {"IPAAS_DATA_DIR": str(tmp_path / "data"), "IPAAS_GRPC_LISTEN": f"127.0.0.1:{free_port()}", "IPAAS_HTTP_LISTEN": f"127.0.0.1:{free_port()}", "IPAAS_ENGINE_PROCESSES": "0"}
     done = run_cli(command, cwd=tmp_path, timeout=30, **{**env, setting: value})
     line = one_error_line(done)
     assert line.startswith(f"error: {expected}"), line
-    assert done.returncode == {"core": 3, "gateway": 3}.get(command, 1), (done.returncode, line)
+    assert done.returncode == {"core": 3, "gateway": 3, "engine": 3}.get(command, 1), (done.returncode, line)
 
 
 def busy_port() -> socket.socket:
