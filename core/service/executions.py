@@ -133,6 +133,7 @@ class ExecutionServicer(executions_pb2_grpc.ExecutionServiceServicer):
             tenant_depth=await queue_depth(enqueuer.db, _tenant()),
             in_flight=self.dispatcher.inflight if self.dispatcher else 0,
             workers=self.dispatcher.workers if self.dispatcher else 0,
+            tenant_max_depth=min(enqueuer.max_depth, enqueuer.max_tenant_depth or enqueuer.max_depth),
         )
 
     async def RunWorkflow(self, request: pb.RunWorkflowRequest, context: grpc.aio.ServicerContext) -> pb.RunWorkflowResponse:

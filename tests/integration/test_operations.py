@@ -25,7 +25,7 @@ async def test_queue_depth_is_exposed_over_grpc_and_rest(tmp_path) -> None:
         for _ in range(3):
             await api.run(wf.id)
         stats = await api.executions.GetQueueStats(executions_pb2.GetQueueStatsRequest(), metadata=api.md)
-        assert (stats.depth, stats.tenant_depth, stats.max_depth) == (3, 3, 3)
+        assert (stats.depth, stats.tenant_depth, stats.max_depth, stats.tenant_max_depth) == (3, 3, 3, 3)
         async with httpx.AsyncClient(base_url=url, headers={"authorization": f"Bearer {tenant.key}"}) as http:
             assert (await http.get("/api/queue")).json()["data"]["depth"] == "3"  # int64 is a JSON string
             refused = await http.post(f"/api/workflows/{wf.id}/run", json={})

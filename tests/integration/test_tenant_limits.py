@@ -33,6 +33,9 @@ async def test_a_tenant_over_its_share_is_refused_and_the_others_webhooks_still_
             await heavy.run(manual.id)
         over = await refused(heavy.run(manual.id))
         assert over.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and error_info(over).reason == "TENANT_QUEUE_FULL", over
+        # The tenant can see why: its share beside what it holds (the answer had no share).
+        stats = await heavy.executions.GetQueueStats(executions_pb2.GetQueueStatsRequest(), metadata=heavy.md)
+        assert (stats.tenant_depth, stats.tenant_max_depth, stats.max_depth) == (2, 2, 4)
         async with httpx.AsyncClient(base_url=url, timeout=10) as http:
             run = await http.post(f"/api/workflows/{manual.id}/run", json={}, headers={"authorization": f"Bearer {heavy_tenant.key}"})
             body, headers = signed_webhook(hooked.webhook_secret, {"n": 1})

@@ -254,15 +254,17 @@ class GetQueueStatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetQueueStatsResponse(_message.Message):
-    __slots__ = ("depth", "max_depth", "tenant_depth", "in_flight", "workers")
+    __slots__ = ("depth", "max_depth", "tenant_depth", "in_flight", "workers", "tenant_max_depth")
     DEPTH_FIELD_NUMBER: _ClassVar[int]
     MAX_DEPTH_FIELD_NUMBER: _ClassVar[int]
     TENANT_DEPTH_FIELD_NUMBER: _ClassVar[int]
     IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
     WORKERS_FIELD_NUMBER: _ClassVar[int]
+    TENANT_MAX_DEPTH_FIELD_NUMBER: _ClassVar[int]
     depth: int
     max_depth: int
     tenant_depth: int
     in_flight: int
     workers: int
-    def __init__(self, depth: _Optional[int] = ..., max_depth: _Optional[int] = ..., tenant_depth: _Optional[int] = ..., in_flight: _Optional[int] = ..., workers: _Optional[int] = ...) -> None: ...
+    tenant_max_depth: int
+    def __init__(self, depth: _Optional[int] = ..., max_depth: _Optional[int] = ..., tenant_depth: _Optional[int] = ..., in_flight: _Optional[int] = ..., workers: _Optional[int] = ..., tenant_max_depth: _Optional[int] = ...) -> None: ...
