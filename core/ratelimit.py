@@ -1,5 +1,6 @@
 """Per-tenant rate limits by tier, with the `limits` package: the gateway's for REST callers,
-the core's for gRPC calls (ipaas.service.interceptors), each with a budget of its own.
+the core's for gRPC calls (ipaas.service.interceptors) and for scheduled fires
+(ipaas.engine.scheduler), each with a budget of its own.
 
 A tier "r requests/s, burst b" becomes a moving window of b requests per b/r seconds: an
 idle tenant may send b at once, and over time it averages r/s (free: 10 per 2 s; paid: 100
@@ -157,6 +158,28 @@ class RateLimiter:
             return None
         # When the oldest request in the window leaves it (moving window: one more fits then).
         return max(0.001, stats.reset_time - time.time())
+
+    async def take(self, tenant_id: str, tier_name: str, wanted: int) -> int:
+        """Spend up to `wanted` requests at once: how many fit (all of them when the caller is
+        not limited). For the scheduler, which charges a tenant's due fires together: a few
+        storage calls per tenant and batch, not one per fire (1,500 fires a tick)."""
+        tier = self.tiers.get(tier_name)
+        if wanted <= 0 or tier is None or tenant_id in self.unlimited or time.monotonic() < self._down_until:
+            return max(0, wanted)
+        item = self._items[tier.name]
+        try:
+            # A moving window spends a cost all or nothing: look at what is left, spend that.
+            # Another replica may spend in between; then look again (a few times at most).
+            for _ in range(3):
+                stats = await self.limiter.get_window_stats(item, tenant_id)
+                fits = min(wanted, max(0, stats.remaining))
+                if fits == 0 or await self.limiter.hit(item, tenant_id, cost=fits):
+                    return fits
+            return 0
+        except Exception as exc:  # the driver's errors: connection refused, timeout, ...
+            self._down_until = time.monotonic() + RETRY_STORAGE_AFTER
+            self._warn(exc)
+            return wanted
 
     async def ping(self) -> bool:
         return bool(await self.storage.check())

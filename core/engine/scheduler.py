@@ -19,15 +19,27 @@ once took 2.6 s (SQLite) to 7.3 s (PostgreSQL) of work over three ticks a second
 Fires of a tenant that holds its share of the queue (IPAAS_MAX_TENANT_QUEUE_DEPTH) are left
 out of their batch's transaction and keep their plans, as all fires do while the queue is
 full; the other tenants' fires of the batch go in, and the tick's later batches leave that
-tenant out, so its refused fires, the earliest due, cannot fill every batch."""
+tenant out, so its refused fires, the earliest due, cannot fill every batch.
+
+Fires are charged to their tenant's tier rate (IPAAS_RATE_FREE, ...), in a budget of their
+own (not the tenant's API budget): without it a free tenant could save 200 workflows every
+second and start 200 executions a second, 40x its tier. A fire over budget is skipped as a
+missed one is: its plan moves on to its next fire time and nothing is enqueued, so it
+neither piles up nor is tried again every tick (`schedule.rate_limited`, one warning a
+minute per tenant). The budget is spent after the queue and the tenant's share accept the
+fires, so fires that keep their plans for those are not charged; a fire charged and then not
+claimed (another replica's claim came first, a change committed after the read) is charged
+all the same: with replicas ticking at once on one Redis, a tenant may get less than its
+rate, never more."""
 
 from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from sqlalchemy import and_, bindparam, exists, func, or_, select, update
 from sqlalchemy.engine import Connection
@@ -41,8 +53,11 @@ from ipaas.engine.periodic import Periodic
 from ipaas.engine.schedule import DEFAULT_GRACE, due_fire
 from ipaas.errors import ResourceExhausted
 from ipaas.storage.db import Database
-from ipaas.storage.tables import Schedule, Workflow, WorkflowVersion, utcnow
-from ipaas.throttled_log import ThrottledWarning
+from ipaas.storage.tables import Schedule, Tenant, Workflow, WorkflowVersion, utcnow
+from ipaas.throttled_log import ThrottledCounts, ThrottledWarning
+
+if TYPE_CHECKING:
+    from ipaas.ratelimit import RateLimiter
 
 log = logging.getLogger("ipaas.scheduler")
 
@@ -92,8 +107,9 @@ _REPLAN = (
 
 def _due(now: datetime, skip_tenants: frozenset[str] = frozenset()) -> Any:
     query = (
-        select(Schedule.workflow_id, Schedule.next_fire_at, Workflow.tenant_id, WorkflowVersion.version, WorkflowVersion.definition)
+        select(Schedule.workflow_id, Schedule.next_fire_at, Workflow.tenant_id, Tenant.tier, WorkflowVersion.version, WorkflowVersion.definition)
         .join(Workflow, Workflow.id == Schedule.workflow_id)
+        .join(Tenant, Tenant.id == Workflow.tenant_id)
         .join(WorkflowVersion, and_(WorkflowVersion.workflow_id == Workflow.id, WorkflowVersion.version == Workflow.current_version))
         .where(
             Workflow.active.is_(True),
@@ -122,20 +138,24 @@ class Scheduler:
         clock: Callable[[], datetime] = utcnow,
         interval: float = 1.0,
         catch_up: str = "collapse",
+        limiter: RateLimiter | None = None,
     ) -> None:
         self.db = db
         self.enqueuer = enqueuer
         self.clock = clock
         self.interval = interval
         self.catch_up = catch_up
+        self.limiter = limiter  # the tenants' tier rates, for fires; None: not limited
         # The `now` of the last tick that ran to its end, and how long it took: fires due
         # since then are on time however long the interval (it may be an hour) or the tick.
         self._last_tick: datetime | None = None
         self._last_tick_took = 0.0
         self._queue_full = ThrottledWarning(log, "schedule.queue_full")
         self._tenant_queue_full = ThrottledWarning(log, "schedule.tenant_queue_full")
+        self._rate_limited = ThrottledCounts(log, "schedule.rate_limited", "tenant_id", "skipped")
         self._runner = Periodic("scheduler", self.tick, interval, log)
         self.fired_total = 0  # executions created by fires, committed (ipaas_core_schedules_fired_total)
+        self.rate_limited_total = 0  # fires skipped over their tenant's rate (ipaas_core_schedules_rate_limited_total)
 
     async def tick(self) -> int:
         """Enqueue every due fire; returns how many executions were newly created."""
@@ -226,6 +246,10 @@ class Scheduler:
                     deferred=len(refused),
                     tenant_ids=sorted(batch.over_share)[:10],
                 )
+            # Last, so that only fires the queue took are charged: those refused above keep
+            # their plans and are tried (and charged) again later. A fire skipped here was
+            # held in its tenant's share until the block ends, which only errs on the safe side.
+            fires = await self._charge(fires, plans)
             if not plans:
                 return batch
             read = {workflow_id: plan["was"] for workflow_id, plan in plans.items()}
@@ -243,6 +267,28 @@ class Scheduler:
             batch.fired += 0 if result.duplicate else 1
             log.info("schedule.fired", extra={"workflow_id": row.workflow_id, "fire_at": fire_at.isoformat(), "duplicate": result.duplicate})
         return batch
+
+    async def _charge(self, fires: list[tuple[Any, datetime, NewExecution]], plans: dict[str, dict[str, Any]]) -> list[tuple[Any, datetime, NewExecution]]:
+        """The fires their tenants' rates have room for, earliest due first; the others are
+        skipped: planned on to their next fire time, as a missed fire is."""
+        if self.limiter is None or not fires:
+            return fires
+        wanted = Counter(row.tenant_id for row, _, _ in fires)
+        tiers = {row.tenant_id: row.tier for row, _, _ in fires}
+        granted = {tenant: await self.limiter.take(tenant, tiers[tenant], n) for tenant, n in wanted.items()}
+        for tenant, n in wanted.items():
+            if n > granted[tenant]:
+                self.rate_limited_total += n - granted[tenant]
+                self._rate_limited(tenant, n - granted[tenant], tier=tiers[tenant])
+        kept = []
+        for fire in fires:
+            row = fire[0]
+            if granted[row.tenant_id] > 0:
+                granted[row.tenant_id] -= 1
+                kept.append(fire)
+            else:
+                plans[row.workflow_id]["fired"] = None
+        return kept
 
     def start(self) -> None:
         self._runner.start()

@@ -211,15 +211,22 @@ def default_engine_processes() -> int:
     return 0 if cpus < 2 or os.name != "posix" else min(cpus, 4)
 
 
-def rate_limiter(settings: Settings) -> RateLimiter | None:
+def rate_limiter(settings: Settings, key_prefix: str = "ipaas-rl-core") -> RateLimiter | None:
     """The tier rate limits of tenants' gRPC calls (docs/operating.md), with the gateway's
-    settings; in Redis under a prefix of their own, apart from the gateway's budget."""
+    settings; in Redis under a prefix of their own, apart from the gateway's budget. The
+    scheduler's fires get one of their own too (SCHEDULE_BUDGET)."""
     env = settings.extra
     tiers = parse_tiers(env)  # read even when off, so a typo stops start-up
     if boolean(env, "IPAAS_RATE_LIMITS_OFF", False):
         return None
     unlimited = frozenset(t.strip() for t in env.get("IPAAS_RATE_UNLIMITED_TENANTS", "").split(",") if t.strip())
-    return RateLimiter(tiers, settings.redis_url, unlimited, key_prefix="ipaas-rl-core")
+    return RateLimiter(tiers, settings.redis_url, unlimited, key_prefix=key_prefix)
+
+
+# Scheduled fires are charged at the tenant's tier rate in a budget apart from its API calls':
+# a tenant's schedules cannot get its calls refused, nor its calls its schedules, and each
+# entry point is held to the tier rate (the gateway's, the core's and this one).
+SCHEDULE_BUDGET = "ipaas-rl-sched"
 
 
 @dataclass
@@ -306,6 +313,7 @@ class CoreServer:
         metrics_listen = metrics.listen(s.extra)
         keep = retention_window(s.extra)
         limiter = rate_limiter(s)  # before the database: a bad setting stops start-up at once
+        schedule_limiter = rate_limiter(s, SCHEDULE_BUDGET)
         # A database still starting (the machine booting) is waited for, not a failure.
         await wait_for_database(s.database_url, database_wait_seconds(s.extra))
         await asyncio.to_thread(migrate.upgrade, s.database_url)
@@ -325,7 +333,7 @@ class CoreServer:
             credentials.on_deleted = self.processes.forget_credential
         work = self.processes or self.dispatcher
         self.enqueuer = Enqueuer(db, on_enqueued=work.notify, max_depth=engine.max_queue_depth, max_tenant_depth=engine.max_tenant_queue_depth)
-        self.scheduler = Scheduler(db, self.enqueuer, interval=engine.scheduler_interval, catch_up=engine.catch_up)
+        self.scheduler = Scheduler(db, self.enqueuer, interval=engine.scheduler_interval, catch_up=engine.catch_up, limiter=schedule_limiter)
         executions = ExecutionStore(db, on_enqueued=work.notify)
         if keep is not None:
             self.retention = Retention(db, keep)

@@ -349,3 +349,109 @@ async def test_replicas_ticking_at_once_fire_each_schedule_once_on_postgresql(tm
             await other_db.dispose()
         assert sum(fired) == n
         assert await _scheduled_at(core) == ["2026-01-01T09:00:00Z"] * n
+
+
+# Tier rates for the tests of schedules' rate: the free tier's window is 20 s (burst 10 at
+# 0.5/s), so every tick of a test falls in one window however slow the machine, and the
+# counts below are exact. The paid tier keeps its default (50/s, burst 100).
+SLOW_FREE_TIER = {"IPAAS_DISABLE_ENGINE": "1", "IPAAS_RATE_LIMITS_OFF": "0", "IPAAS_RATE_FREE": "0.5/10"}
+
+
+async def _every_second(core, slack, clock, tier: str, n: int):  # type: ignore[no-untyped-def]
+    """A new tenant of `tier` with n workflows on `interval_seconds: 1`: one saved through
+    the API (two calls of its budget), the others cloned."""
+    tenant = await core.new_tenant(tier=tier, name=tier)
+    api = Api(core.channel, tenant.md)
+    cred = await api.credential("slack", {"webhook_url": slack.url})
+    first = (await api.create({"name": "every-second", "trigger": {"type": "schedule", "interval_seconds": 1}, "steps": [slack_step(cred, "x")]})).workflow
+    await _clone(core, first.id, n - 1)
+    return tenant, api, [first.id, *(f"{first.id}-{i}" for i in range(n - 1))]
+
+
+async def _executions_of(core, tenant_id: str) -> int:  # type: ignore[no-untyped-def]
+    async with core.server.db.session() as s:
+        return (await s.execute(select(func.count()).select_from(Execution).where(Execution.tenant_id == tenant_id))).scalar()
+
+
+async def _plans(core, workflow_ids: list[str]) -> list[datetime]:  # type: ignore[no-untyped-def]
+    async with core.server.db.session() as s:
+        return [(await s.get(Schedule, w)).next_fire_at for w in workflow_ids]
+
+
+@pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.redis)])
+def budget_storage(request: pytest.FixtureRequest) -> dict[str, str]:
+    return {"IPAAS_REDIS_URL": request.getfixturevalue("redis_url")} if request.param == "redis" else {}
+
+
+async def test_a_free_tenants_schedules_are_held_to_its_tier_rate_and_a_paid_tenants_all_fire(tmp_path, database_url, budget_storage, monkeypatch, caplog) -> None:
+    """30 workflows every second: a free tenant (burst 10) started 30 executions a tick for
+    ever, whatever its tier. Now it gets its burst over three ticks; its other fires are
+    skipped and planned on, one warning says so, and its API budget (in Redis: another
+    key prefix) is untouched. A paid tenant's 90 fires are within its burst of 100: all fire."""
+    async with FakeSlack() as slack, core_with(tmp_path, database_url, **SLOW_FREE_TIER, **budget_storage) as core:
+        clock = Clock(datetime(2026, 1, 1, 0, 0, 30, tzinfo=U))
+        monkeypatch.setattr("ipaas.workflow_store.utcnow", clock)
+        free, free_api, free_ids = await _every_second(core, slack, clock, "free", 30)
+        paid, _, paid_ids = await _every_second(core, slack, clock, "paid", 30)
+        scheduler = core.server.scheduler  # as the core built it (not started: IPAAS_DISABLE_ENGINE)
+        scheduler.clock = clock
+        clock.now = datetime(2026, 1, 1, 0, 1, 0, 500000, tzinfo=U)
+        with caplog.at_level(logging.INFO, logger="ipaas.scheduler"):
+            fired = []
+            for _ in range(3):
+                fired.append(await scheduler.tick())
+                clock.now += timedelta(seconds=1)
+        assert fired == [40, 30, 30]
+        assert (await _executions_of(core, free.tenant_id), await _executions_of(core, paid.tenant_id)) == (10, 90)
+        assert scheduler.rate_limited_total == 20 + 30 + 30
+        warnings = [r for r in caplog.records if r.name == "ipaas.scheduler" and r.levelno >= logging.WARNING]
+        assert [(r.msg, r.tenant_id, r.skipped, r.tier) for r in warnings] == [("schedule.rate_limited", free.tenant_id, 20, "free")], "one line a minute per tenant"
+        # Skipped like missed fires: planned on to the next second, not left due to be
+        # tried (and counted) again every tick.
+        assert set(await _plans(core, free_ids)) == {datetime(2026, 1, 1, 0, 1, 3, tzinfo=U)}
+        # A budget of its own: the schedules did not spend the tenant's API calls.
+        assert (await free_api.run(free_ids[0])).execution.id
+
+
+async def test_with_limits_off_every_fire_of_a_free_tenant_goes_out(tmp_path, monkeypatch) -> None:
+    """IPAAS_RATE_LIMITS_OFF=1 (the tests' default): schedules fire as they always did."""
+    async with FakeSlack() as slack, core_with(tmp_path, IPAAS_DISABLE_ENGINE="1", IPAAS_RATE_FREE="0.5/10") as core:
+        clock = Clock(datetime(2026, 1, 1, 0, 0, 30, tzinfo=U))
+        monkeypatch.setattr("ipaas.workflow_store.utcnow", clock)
+        free, _, _ = await _every_second(core, slack, clock, "free", 30)
+        scheduler = core.server.scheduler
+        scheduler.clock = clock
+        clock.now = datetime(2026, 1, 1, 0, 1, 0, 500000, tzinfo=U)
+        fired = []
+        for _ in range(3):
+            fired.append(await scheduler.tick())
+            clock.now += timedelta(seconds=1)
+        assert fired == [30, 30, 30]
+        assert await _executions_of(core, free.tenant_id) == 90
+
+
+async def test_fires_a_full_queue_or_a_tenants_share_defers_are_not_charged_to_its_rate(tmp_path, database_url, monkeypatch) -> None:
+    """A fire the queue refuses keeps its plan and is tried again each tick: charged each
+    time, a tenant whose fires waited out a full queue would find its budget spent on fires
+    that never went out. They are charged when they go in: the burst (10) of 12, then the
+    other 2 skipped."""
+    async with FakeSlack() as slack, core_with(tmp_path, database_url, **SLOW_FREE_TIER) as core:
+        clock = Clock(datetime(2026, 1, 1, 0, 0, 30, tzinfo=U))
+        monkeypatch.setattr("ipaas.workflow_store.utcnow", clock)
+        free, _, ids = await _every_second(core, slack, clock, "free", 12)
+        full = Enqueuer(core.server.db, max_depth=0)
+        scheduler = core.server.scheduler
+        scheduler.clock, scheduler.enqueuer = clock, full
+        clock.now = datetime(2026, 1, 1, 0, 1, 0, 500000, tzinfo=U)
+        for _ in range(3):
+            assert await scheduler.tick() == 0
+            clock.now += timedelta(seconds=1)
+        full.max_depth, full.max_tenant_depth = 100, 0  # the queue drained; the tenant has no share left
+        assert await scheduler.tick() == 0
+        clock.now += timedelta(seconds=1)
+        full.max_tenant_depth = None
+        assert await scheduler.tick() == 10
+        assert scheduler.rate_limited_total == 2
+        assert await _executions_of(core, free.tenant_id) == 10
+        assert set(await _plans(core, ids)) == {clock.now.replace(microsecond=0) + timedelta(seconds=1)}
+        await full.close()
