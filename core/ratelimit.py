@@ -168,13 +168,17 @@ class RateLimiter:
             return max(0, wanted)
         item = self._items[tier.name]
         try:
-            # A moving window spends a cost all or nothing: look at what is left, spend that.
-            # Another replica may spend in between; then look again (a few times at most).
+            # A moving window spends a cost all or nothing: try all (one call when it fits, as
+            # it mostly does), else look at what is left and spend that. Another replica may
+            # spend in between; then look again (a few times at most).
+            fits = min(wanted, tier.burst)
             for _ in range(3):
+                if await self.limiter.hit(item, tenant_id, cost=fits):
+                    return fits
                 stats = await self.limiter.get_window_stats(item, tenant_id)
                 fits = min(wanted, max(0, stats.remaining))
-                if fits == 0 or await self.limiter.hit(item, tenant_id, cost=fits):
-                    return fits
+                if fits == 0:
+                    return 0
             return 0
         except Exception as exc:  # the driver's errors: connection refused, timeout, ...
             self._down_until = time.monotonic() + RETRY_STORAGE_AFTER
