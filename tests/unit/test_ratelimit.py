@@ -41,3 +41,45 @@ async def test_old_entries_are_trimmed_at_most_once_a_second(monkeypatch: pytest
         assert await limiter.acquire("tn_a", "paid") is None
         await asyncio.sleep(0.001)  # as between the calls of a server: a trim may run
     assert len(trims) == 1, len(trims)
+
+
+async def test_take_spends_what_fits_of_a_tenants_fires_at_once() -> None:
+    """The scheduler charges a tenant's due fires of a batch together: all when they fit,
+    what is left of the burst when they do not, nothing once it is spent."""
+    limiter = RateLimiter(TIERS)
+    assert await limiter.take("tn_a", "free", 3) == 3
+    assert await limiter.take("tn_a", "free", 30) == 7
+    assert await limiter.take("tn_a", "free", 1) == 0
+    assert await limiter.acquire("tn_a", "free") is not None, "one budget: what take spent is spent"
+    assert await limiter.take("tn_b", "free", 30) == 10, "capped at the burst, not refused for asking more"
+
+
+@pytest.mark.parametrize(("tenant", "tier"), [("tn_exempt", "free"), ("tn_a", "admin"), ("tn_a", "no-such-tier")])
+async def test_take_gives_all_to_who_is_not_limited(tenant: str, tier: str) -> None:
+    limiter = RateLimiter(TIERS, unlimited=frozenset({"tn_exempt"}))
+    assert [await limiter.take(tenant, tier, 30) for _ in range(3)] == [30] * 3
+
+
+def test_throttled_counts_log_each_key_once_an_interval_with_what_it_counted_since() -> None:
+    """schedule.rate_limited: one line a minute per tenant, so one tenant's lines neither
+    flood the log nor hide another's."""
+    import logging
+
+    from ipaas.throttled_log import ThrottledCounts
+
+    lines: list[tuple[str, int]] = []
+
+    class Capture(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append((record.tenant_id, record.skipped))  # type: ignore[attr-defined]
+
+    logger = logging.getLogger("test.throttled_counts")
+    logger.addHandler(Capture())
+    warn = ThrottledCounts(logger, "schedule.rate_limited", "tenant_id", "skipped", every=60.0)
+    warn("tn_a", 20)
+    warn("tn_a", 30)
+    warn("tn_b", 5)
+    assert lines == [("tn_a", 20), ("tn_b", 5)]
+    warn.every, warn._next = 0.0, {}  # the minute passed
+    warn("tn_a", 1)
+    assert lines[-1] == ("tn_a", 31), "what it counted since its last line"
