@@ -32,7 +32,7 @@ claimed (another replica's claim came first, a change committed after the read) 
 all the same: with replicas ticking at once on one Redis, a tenant may get less than its
 rate, never more. The charge is one limiter call per tenant and batch: 1,500 schedules of
 1,500 tenants due at once tick in the time they take with limits off with the budget in
-memory (~20 ms of spends), ~0.4 s more with it in Redis (measured; a round trip per tenant,
+memory (~50 ms of spends), ~0.4 s more with it in Redis (measured; a round trip per tenant,
 16 at a time)."""
 
 from __future__ import annotations
