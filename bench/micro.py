@@ -40,6 +40,7 @@ def run_all() -> dict[str, float]:
         return (time.perf_counter() - started) / n * 1e6
 
     results["plugin dispatch (context + invoke)"] = asyncio.run(dispatch(5000))
+    results["step render (StepRunner.render_fairly, cheap: on the loop)"] = asyncio.run(step_render(registry, config, ctx, 20000))
     record = logging.LogRecord("ipaas.engine", logging.INFO, __file__, 1, "execution.finished", None, None)
     record.__dict__.update({"execution_id": "ex_01jd3k4m5n6p7q8r9s0t1v2w3x", "workflow_id": "wf_01jd3k4m5n6p7q8r9s0t1v2w3x", "status": "succeeded", "duration_ms": 123, "config": {"webhook_url": "https://hooks.slack.com/services/T0/B0/XYZ", "text": "Order 42 for alex@example.com"}})
     formatter = JsonFormatter()
@@ -47,6 +48,21 @@ def run_all() -> dict[str, float]:
     results["rate limit check (memory, moving window, ~500 in window)"] = asyncio.run(limiter_check(5000))
     results["gateway metrics per request (route, count, duration)"] = gateway_metrics(100_000)
     return results
+
+
+async def step_render(registry: ConnectorRegistry, config: dict, ctx: RenderContext, n: int) -> float:
+    """What the executor does to render a cheap step: within INLINE_TEMPLATE_WORK it stays on
+    the loop (no thread hop), so it should cost what render_config does plus the schema."""
+    from ipaas.engine.steps import RenderThreads, StepRunner
+
+    steps, threads = StepRunner(registry, None), RenderThreads("ipaas-bench-render")  # type: ignore[arg-type]
+    step = {"id": "s", "connector": "echo", "action": "echo", "config": config}
+    await steps.render_fairly(step, ctx, threads, "tn_bench")
+    started = time.perf_counter()
+    for _ in range(n):
+        await steps.render_fairly(step, ctx, threads, "tn_bench")
+    threads.close()
+    return (time.perf_counter() - started) / n * 1e6
 
 
 def gateway_metrics(n: int) -> float:

@@ -3,13 +3,11 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from ipaas import templates
-from ipaas.engine.steps import StepRunner
+from ipaas.engine.steps import RenderThreads, StepRunner
 from ipaas.errors import InvalidArgument, IpaasError
 from ipaas.sdk import PermanentError, RetryableError
 from ipaas.service.convert import from_value
@@ -23,16 +21,14 @@ class DryRunner:
     def __init__(self, workflows: WorkflowStore, steps: StepRunner) -> None:
         self.workflows = workflows
         self.steps = steps
-        # Renders run here, off the event loop that serves every tenant: one may take about
-        # a second before templates.MAX_TEMPLATE_WORK refuses it. A pool of their own, so
-        # previews cannot take the default executor's threads (DNS lookups), and small: each
-        # busy thread takes a share of the GIL from the loop.
-        self._renders = ThreadPoolExecutor(max_workers=2, thread_name_prefix="ipaas-dryrun-render")
+        # Heavy renders run here, off the event loop that serves every tenant: one may take
+        # about a second before templates.MAX_TEMPLATE_WORK refuses it. Not the engine's:
+        # a preview's caller waits for its answer, so it queues instead of being deferred.
+        self._renders = RenderThreads("ipaas-dryrun-render")
 
     def close(self) -> None:
-        """Stop the render threads when the core stops: renders still queued are dropped, and
-        one under way is not waited for (it ends within the work budget, about a second)."""
-        self._renders.shutdown(wait=False, cancel_futures=True)
+        """Stop the render threads when the core stops (RenderThreads.close)."""
+        self._renders.close()
 
     async def _definition(self, tenant_id: str, request: pb.DryRunRequest) -> dict[str, Any]:
         if request.workflow_id and request.HasField("workflow"):
@@ -76,7 +72,7 @@ class DryRunner:
         out = pb.DryRunStep(step_id=step["id"])
         try:
             context = templates.RenderContext(trigger=payload, steps=outputs)
-            rendered = await asyncio.get_running_loop().run_in_executor(self._renders, self.steps.render, step, context)
+            rendered = await self.steps.render_fairly(step, context, self._renders)
         except templates.TemplateError as exc:
             out.status, out.message = "failed", str(exc)
             return out

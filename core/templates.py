@@ -83,6 +83,11 @@ MAX_TEMPLATE_WORK = 200_000
 # What one JSONPath evaluation costs before it visits a node (~20 µs), so 10,000 cheap
 # `{{$.a}}` in one config count too.
 _PATH_COST = 10
+# What a render may spend on the engine's event loop, which every tenant's executions share:
+# 1,000 nodes are 2 to 10 ms. A render that needs more stops there (RenderTooHeavy) and the
+# engine renders it again, with MAX_TEMPLATE_WORK, in a thread (engine/steps.py). Nearly
+# every config spends under a hundred.
+INLINE_TEMPLATE_WORK = 1_000
 _WORK = "ipaas.work"  # where a render's _Budget rides in python-jsonpath's filter context
 # A list index: ASCII digits only. str.isdigit() also takes "²" (which int() refuses) and
 # "٣" (which int() reads as 3).
@@ -117,7 +122,12 @@ _NO_REGEX = "regular expressions (match, search, =~) are not allowed in template
 
 
 class _WorkExceeded(Exception):
-    """A render spent MAX_TEMPLATE_WORK (see _Budget.spend_work)."""
+    """A render spent its work budget (see _Budget.spend_work)."""
+
+
+class RenderTooHeavy(Exception):
+    """A render spent the smaller work budget it was given (render_config's `work`): not a
+    TemplateError, since with the full budget it may well succeed."""
 
 
 _FILTER_READS = "a filter may only read the item it tests by name or index (@.a, @[0], #) and compare it with literals"
@@ -326,6 +336,8 @@ def _resolve(path: _Path, ctx: RenderContext, budget: _Budget) -> Any:
         try:
             found = _find(path.compiled, ctx.trigger, budget)
         except _WorkExceeded:
+            if budget.work_limit < MAX_TEMPLATE_WORK:
+                raise RenderTooHeavy from None
             raise TemplateError(
                 f"templates visit too much of the payload: more than {MAX_TEMPLATE_WORK} nodes by {{{{{path.text}}}}}"
                 " (use fewer `..` and filters, or a smaller payload)"
@@ -394,11 +406,12 @@ def number_text(value: float) -> str:
 class _Budget:
     """Characters a render may still produce, and JSONPath work it may still do."""
 
-    __slots__ = ("left", "work")
+    __slots__ = ("left", "work", "work_limit")
 
-    def __init__(self, chars: int) -> None:
+    def __init__(self, chars: int, work: int | None = None) -> None:
         self.left = chars
-        self.work = MAX_TEMPLATE_WORK
+        # Read at each render, not bound at import: tests lower or raise it.
+        self.work = self.work_limit = MAX_TEMPLATE_WORK if work is None else min(work, MAX_TEMPLATE_WORK)
 
     def spend_work(self, nodes: int) -> None:
         self.work -= nodes
@@ -427,7 +440,7 @@ def render(template: str, ctx: RenderContext, budget: _Budget | None = None) -> 
                     missing.append(part.text)
                     continue
                 text = as_text(value)
-            except TemplateError:
+            except (TemplateError, RenderTooHeavy):
                 raise
             except Exception as exc:
                 # A bug here must fail the step for good (the executor's answer to a
@@ -438,11 +451,12 @@ def render(template: str, ctx: RenderContext, budget: _Budget | None = None) -> 
     return RenderResult("".join(out), tuple(missing))
 
 
-def render_config(config: Any, ctx: RenderContext) -> RenderResult:
+def render_config(config: Any, ctx: RenderContext, work: int | None = None) -> RenderResult:
     """Render every string in a nested config (keys are left alone); returns a new structure.
-    Raises TemplateError when the strings rendered would exceed MAX_RENDERED_CHARS."""
+    Raises TemplateError when the strings rendered would exceed MAX_RENDERED_CHARS or their
+    JSONPaths MAX_TEMPLATE_WORK; RenderTooHeavy when `work`, a smaller budget, runs out."""
     missing: list[str] = []
-    rendered = _render_nested(config, ctx, missing, 0, _Budget(MAX_RENDERED_CHARS))
+    rendered = _render_nested(config, ctx, missing, 0, _Budget(MAX_RENDERED_CHARS, work))
     return RenderResult(rendered, tuple(dict.fromkeys(missing)))
 
 
@@ -472,7 +486,7 @@ def _render_whole(path: _Path, ctx: RenderContext, missing: list[str], budget: _
     that finds nothing gives "", as inside text."""
     try:
         value = _resolve(path, ctx, budget)
-    except TemplateError:
+    except (TemplateError, RenderTooHeavy):
         raise
     except Exception as exc:
         raise TemplateError(f"template {{{{{path.text}}}}} could not be rendered ({type(exc).__name__})") from None

@@ -20,7 +20,7 @@ from ipaas.engine import outbox
 from ipaas.engine.breakers import BreakerRegistry, Trial, spread
 from ipaas.engine.outcomes import Outcome, OutcomeWriter
 from ipaas.engine.retry import RetryPolicy, next_delay
-from ipaas.engine.steps import CredentialUnreadable, StepRunner
+from ipaas.engine.steps import CredentialUnreadable, RendersBusy, RenderThreads, StepRunner
 from ipaas.errors import IpaasError
 from ipaas.masking import mask_value
 from ipaas.sdk import ActionResult, PermanentError, RateLimited, RetryableError
@@ -70,6 +70,12 @@ class Executor:
         # ended on (the last for a success, the failing one otherwise), counted once the
         # outcome is committed: ipaas_core_executions_finished_total.
         self.finished: collections.Counter[tuple[str, str]] = collections.Counter()
+        # Renders too heavy for the event loop, which every tenant's executions share.
+        self.renders = RenderThreads("ipaas-render")
+
+    def close(self) -> None:
+        """Once the dispatcher has stopped: the render threads go."""
+        self.renders.close()
 
     async def run(self, task: outbox.ClaimedTask, owner: str) -> None:
         # Every line about this execution, the connector's own included, says whose it is:
@@ -140,6 +146,11 @@ class Executor:
         except StepFailure as failure:
             await self._failed(execution, task, owner, attempt, failure, started, connector)
             return
+        except RendersBusy as busy:
+            # Its tenant's heavy render (or too many) under way here: back to the queue
+            # without spending an attempt, rather than holding a worker slot to wait.
+            await self._defer(execution, task, owner, busy.wait, str(busy), {"connector": connector})
+            return
         except TimeoutError:
             await self._failed(execution, task, owner, attempt, StepFailure("execution deadline exceeded", retryable=True), started, connector)
             return
@@ -167,7 +178,7 @@ class Executor:
         }
         try:
             result = await self._invoke_step(execution, step, record, outputs, strict, trial)
-        except (StepFailure, SQLAlchemyError):
+        except (StepFailure, SQLAlchemyError, RendersBusy):
             # A database error is left to the lease, as before: the write that would record
             # this failure needs the database too.
             raise
@@ -191,7 +202,7 @@ class Executor:
         """Render the step's config and invoke its action; a failure is stored and raised as
         StepFailure."""
         try:
-            rendered = self.steps.render(step, templates.RenderContext(trigger=execution.payload, steps=outputs))
+            rendered = await self.steps.render_fairly(step, templates.RenderContext(trigger=execution.payload, steps=outputs), self.renders, execution.tenant_id)
         except templates.TemplateError as exc:
             # This payload will not render on any attempt (too large, nested too deeply, too
             # much work for its templates, a template refused since it was saved).
@@ -242,11 +253,15 @@ class Executor:
 
     async def _defer_for_breaker(self, execution: Execution, task: outbox.ClaimedTask, owner: str, wait: float, step: dict[str, Any]) -> None:
         """An open breaker defers the task without spending an attempt or calling upstream."""
+        await self._defer(execution, task, owner, wait, f"circuit open for {step['connector']}", {"connector": step["connector"]})
+
+    async def _defer(self, execution: Execution, task: outbox.ClaimedTask, owner: str, wait: float, error: str, extra: dict[str, Any]) -> None:
+        """Back to the queue in `wait` seconds, as if this attempt had never started."""
         wait = spread(wait)  # a backlog deferred together comes back spread out, not at once
         run_at = utcnow() + timedelta(seconds=wait)
         # Undo what the claim set: this attempt never started.
-        await self.outcomes.requeue(task, owner, run_at, error=f"circuit open for {step['connector']}", attempts=execution.attempts, started_at=execution.started_at)
-        log.info("execution.deferred", extra={"execution_id": execution.id, "connector": step["connector"], "seconds": round(wait, 3)})
+        await self.outcomes.requeue(task, owner, run_at, error=error, attempts=execution.attempts, started_at=execution.started_at)
+        log.info("execution.deferred", extra={"execution_id": execution.id, **extra, "seconds": round(wait, 3)})
 
     async def _failed(self, execution: Execution, task: outbox.ClaimedTask, owner: str, attempt: int, failure: StepFailure, started: float, connector: str) -> None:
         if not failure.retryable:

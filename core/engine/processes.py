@@ -366,6 +366,7 @@ async def run_engine(settings: Settings) -> None:
     log.info("engine.started", extra={"pid": os.getpid(), "workers": dispatcher.workers, "database": db.dialect})
     await stop.wait()
     await dispatcher.stop(deadline=STOP_GRACE)
+    dispatcher.executor.close()
     if reporter is not None:
         reporter.cancel()
     await parts.registry.aclose()

@@ -412,6 +412,8 @@ class CoreServer:
             await bounded("engine_processes", self.processes.stop(deadline=grace), within(grace + STOP_STEP_SECONDS))
         elif self.dispatcher is not None:
             await bounded("dispatcher", self.dispatcher.stop(deadline=grace), within(grace + STOP_STEP_SECONDS))
+        if self.dispatcher is not None:  # built (for its parts) even where engine processes run
+            self.dispatcher.executor.close()
         if self.executions is not None:  # after the server: no DryRun is still being answered
             self.executions.dry_runner.close()
         if self.enqueuer is not None:

@@ -86,10 +86,11 @@ async def test_a_stopped_core_leaves_no_dry_run_render_threads(tmp_path) -> None
     async for running in start_core(make_settings(tmp_path)):
         api = Api(running.channel, (await running.new_tenant()).md)
         cred = await api.credential("slack", {"webhook_url": "http://127.0.0.1:9/unreachable"})
-        definition = {"name": "man", "trigger": {"type": "manual"}, "steps": [slack_step(cred)]}
-        request = pb.DryRunRequest(workflow=workflow(definition), payload=value({"order": {"id": 1}}))
+        # Past the work a render may do on the loop (a cheap one never reaches the threads).
+        definition = {"name": "man", "trigger": {"type": "manual"}, "steps": [slack_step(cred, "{{$..zz}} done")]}
+        request = pb.DryRunRequest(workflow=workflow(definition), payload=value(_items(1000)))
         await asyncio.gather(*(api.executions.DryRun(request, metadata=api.md) for _ in range(4)))
-        pool = running.server.executions.dry_runner._renders
+        pool = running.server.executions.dry_runner._renders._pool
         ours = [t for t in _render_threads() if t in pool._threads]
         assert ours, "the previews rendered on the pool's threads"
     deadline = time.monotonic() + 5

@@ -841,3 +841,93 @@ async def test_a_step_whose_templates_visit_too_much_of_the_payload_fails_for_go
     assert "templates visit too much of the payload" in ex.error and slack.received == []
     ex = await api.wait((await api.run(wf.id, {"items": [{"a": 1}]})).execution.id, timeout=5)
     assert ex.status == "succeeded" and [m["text"] for m in slack.received] == ["!"]
+
+
+def _scans(items: int) -> dict:
+    return {"items": [{"a": i} for i in range(items)]}
+
+
+HEAVY = "{{$..zz}}" * 99 + "{{$.items[-1].a}} done"  # 100 scans of the payload, all allowed
+
+
+@pytest.mark.parametrize("budget,outcome", [(10**9, "succeeded"), (400_000, "failed")])
+async def test_another_tenants_execution_runs_while_a_heavy_render_goes_on(env, monkeypatch, budget: int, outcome: str) -> None:
+    """A render of seconds (500,000 nodes; allowed here by a larger budget) held the engine's
+    event loop: every other tenant's execution waited for it to end. It renders in a thread
+    now; its result is the same as rendered on the loop, and past the budget the step still
+    fails for good."""
+    from ipaas import templates
+
+    monkeypatch.setattr("ipaas.templates.MAX_TEMPLATE_WORK", budget)
+    core, api, slack, _ = env
+    other = Api(core.channel, (await core.new_tenant(name="other")).md)
+    hcred = await api.credential("slack", {"webhook_url": slack.url})
+    ocred = await other.credential("slack", {"webhook_url": slack.url})
+    heavy = (await api.create({"name": "heavy", "trigger": {"type": "manual"}, "options": {"max_attempts": 3}, "steps": [slack_step(hcred, HEAVY)]})).workflow
+    cheap = (await other.create({"name": "cheap", "trigger": {"type": "manual"}, "steps": [slack_step(ocred)]})).workflow
+    heavy_id = (await api.run(heavy.id, _scans(5000))).execution.id
+    await api.wait(heavy_id, statuses=("running", "succeeded", "failed", "dead"))
+    started = time.monotonic()
+    ex = await other.wait((await other.run(cheap.id, {"order": {"id": 7}, "user": {"name": "Ann"}})).execution.id, timeout=10)
+    took = time.monotonic() - started
+    assert ex.status == "succeeded", ex
+    assert (await api.execution(heavy_id)).status == "running", "the heavy render was over before the other tenant's execution ran"
+    assert took < 1.0, f"the other tenant's execution took {took:.2f} s"
+    ex = await api.wait(heavy_id, timeout=60)
+    assert (ex.status, ex.attempts) == (outcome, 1), ex
+    if outcome == "succeeded":
+        expected = templates.render_config({"text": HEAVY}, templates.RenderContext(trigger=_scans(5000))).value["text"]
+        assert expected == "4999 done" and [m["text"] for m in slack.received] == ["Order 7 for Ann", expected]
+    else:
+        assert f"templates visit too much of the payload: more than {budget} nodes" in ex.error, ex
+        assert [m["text"] for m in slack.received] == ["Order 7 for Ann"]
+
+
+async def test_a_tenant_has_one_heavy_render_at_a_time_and_the_rest_wait_in_the_queue(env, caplog) -> None:
+    """Three heavy executions at once: one renders, the others are put back in the queue
+    (no attempt spent: max_attempts is 1) instead of holding worker slots, and all succeed."""
+    import threading
+
+    caplog.set_level(logging.INFO, logger="ipaas.engine")
+    core, api, slack, _ = env
+    steps = core.server.dispatcher.executor.steps
+    render, spans = steps.render, []
+
+    def timed(*args, **kwargs):  # type: ignore[no-untyped-def]
+        started = time.monotonic()
+        try:
+            return render(*args, **kwargs)
+        finally:
+            if threading.current_thread() is not threading.main_thread():
+                spans.append((started, time.monotonic()))
+
+    steps.render = timed
+    cred = await api.credential("slack", {"webhook_url": slack.url})
+    text = "{{$..zz}}" * 19 + "{{$.items[-1].a}}"
+    wf = (await api.create({"name": "heavy", "trigger": {"type": "manual"}, "options": {"max_attempts": 1}, "steps": [slack_step(cred, text)]})).workflow
+    ids = [(await api.run(wf.id, _scans(2000))).execution.id for _ in range(3)]
+    for ex_id in ids:
+        ex = await api.wait(ex_id, timeout=30)
+        assert (ex.status, ex.attempts) == ("succeeded", 1), ex
+    assert [m["text"] for m in slack.received] == ["1999"] * 3
+    deferred = [r for r in caplog.records if r.getMessage() == "execution.deferred"]
+    assert deferred and all(r.connector == "slack" for r in deferred), "none was put back"
+    spans.sort()
+    assert len(spans) == 3 and all(a[1] <= b[0] for a, b in zip(spans, spans[1:])), f"two heavy renders of one tenant overlapped: {spans}"
+
+
+async def test_a_stopped_engine_leaves_no_render_threads(tmp_path) -> None:
+    import threading
+
+    async with FakeSlack() as slack, core_with(tmp_path, **FAST) as core:
+        api = Api(core.channel, (await core.new_tenant()).md)
+        cred = await api.credential("slack", {"webhook_url": slack.url})
+        wf = (await api.create({"name": "heavy", "trigger": {"type": "manual"}, "steps": [slack_step(cred, "{{$..zz}}!")]})).workflow
+        assert (await api.wait((await api.run(wf.id, _scans(1000))).execution.id)).status == "succeeded"
+        pool = core.server.dispatcher.executor.renders._pool
+        ours = [t for t in threading.enumerate() if t.name.startswith("ipaas-render") and t in pool._threads]
+        assert ours, "the render ran on the engine's render threads"
+    deadline = time.monotonic() + 5
+    while any(t.is_alive() for t in ours) and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    assert not any(t.is_alive() for t in ours), "the render threads stopped with the engine"

@@ -353,6 +353,44 @@ def test_a_large_webhook_with_ordinary_templates_is_far_below_the_work_budget(mo
     assert render_config(config, RenderContext(trigger=payload)).value["f49"] == "c49@example.com o49"
 
 
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"text": "{{$..zz}} " * 5},
+        {"text": "{{$.orders[?@.paid == 'never' && @.id == 'x'].id}}"},
+        {"many": ["{{$.orders[0].id}}"] * 150},
+    ],
+)
+def test_a_render_past_a_smaller_work_budget_stops_to_be_rendered_again_with_the_full_one(config: dict) -> None:
+    """The engine renders on its event loop with INLINE_TEMPLATE_WORK first: running out of
+    it is not the step's failure (RenderTooHeavy, not a TemplateError), and the same config
+    renders in full with the whole budget."""
+    from ipaas.templates import INLINE_TEMPLATE_WORK, RenderTooHeavy
+
+    ctx = RenderContext(trigger=_orders(1000))
+    with pytest.raises(RenderTooHeavy):
+        render_config(config, ctx, work=INLINE_TEMPLATE_WORK)
+    assert not issubclass(RenderTooHeavy, TemplateError)
+    assert render_config(config, ctx) == render_config(config, ctx, work=None)
+
+
+def test_a_cheap_render_is_the_same_within_the_inline_budget() -> None:
+    from ipaas.templates import INLINE_TEMPLATE_WORK
+
+    config = {"text": "Hi {{user.name}} {{$.order.items[*].sku}} {{$..city}}", "n": "{{order.total}}"}
+    assert render_config(config, CTX, work=INLINE_TEMPLATE_WORK) == render_config(config, CTX)
+
+
+def test_a_smaller_budget_than_the_whole_never_gives_more_work(monkeypatch: pytest.MonkeyPatch) -> None:
+    """MAX_TEMPLATE_WORK set below the inline budget: a render past it fails for good, as
+    it would with the whole budget (no RenderTooHeavy that would render it again)."""
+    from ipaas.templates import INLINE_TEMPLATE_WORK
+
+    monkeypatch.setattr("ipaas.templates.MAX_TEMPLATE_WORK", 50)
+    with pytest.raises(TemplateError, match="more than 50 nodes"):
+        render_config({"text": "{{$..zz}}"}, RenderContext(trigger=_orders(100)), work=INLINE_TEMPLATE_WORK)
+
+
 def test_a_descendant_search_does_not_copy_every_ancestors_key_for_each_node() -> None:
     """python-jsonpath keeps a path string per node, every ancestor's key again: long keys
     above a wide list made 200 MB from a 100 KB payload (gigabytes from 1 MiB)."""
