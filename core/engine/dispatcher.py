@@ -62,7 +62,8 @@ class Dispatcher:
         self._listen_task: asyncio.Task[None] | None = None
         self._database_down = OutageLog(log, "dispatcher.database_unavailable")
         self.processed = 0  # tasks this replica ran to an outcome (a figure for operators)
-        executor.outcomes.refill = Refill(self.owner, lease, self._reserve, self._start)
+        self.rotation = outbox.Rotation()  # fair claims go round the tenants from here
+        executor.outcomes.refill = Refill(self.owner, lease, self._reserve, self._start, self.rotation)
 
     @property
     def inflight(self) -> int:
@@ -87,7 +88,7 @@ class Dispatcher:
             if free > 0:
                 claimed: list[outbox.ClaimedTask] = []
                 try:
-                    claimed = await outbox.claim_due_tasks(self.db, self.owner, free, self.lease)
+                    claimed = await outbox.claim_due_tasks(self.db, self.owner, free, self.lease, self.rotation)
                 except Exception as exc:
                     if not self._database_down(exc):
                         log.exception("dispatcher.claim_failed")

@@ -12,9 +12,12 @@ lease (a crashed replica) makes the task claimable again.
 
 from __future__ import annotations
 
+import bisect
+import json
 import logging
 import os
 import socket
+import time
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -197,24 +200,91 @@ _MARK_RUNNING = (
 )
 
 
-async def claim_due_tasks(db: Database, owner: str, limit: int, lease: timedelta) -> list[ClaimedTask]:
+# Fair claims. Tenants holding tasks are listed by a loose index scan of
+# ix_outbox_tasks_tenant_id_run_at_id (one seek per tenant, however many tasks each holds),
+# then each tenant's due tasks are read by a seek on the same index, in its own order
+# (run_at, id): a backlog, due or deferred, is never scanned.
+_TENANTS = text(
+    """
+    WITH RECURSIVE tenants(tenant_id) AS (
+        SELECT min(tenant_id) FROM outbox_tasks
+        UNION ALL
+        SELECT (SELECT min(o.tenant_id) FROM outbox_tasks o WHERE o.tenant_id > tenants.tenant_id)
+        FROM tenants WHERE tenants.tenant_id IS NOT NULL
+    )
+    SELECT tenant_id FROM tenants WHERE tenant_id IS NOT NULL
+    """
+)
+_DUE = "o.run_at <= :now AND (o.lease_expires_at IS NULL OR o.lease_expires_at < :now)"
+# Up to :q due tasks of each listed tenant. PostgreSQL locks them per tenant with SKIP
+# LOCKED, so replicas still share every tenant's queue; SQLite has no LATERAL, a correlated
+# IN with its own LIMIT is the same per-tenant seek.
+_PICK_PER_TENANT_LOCKED = text(
+    f"""
+    SELECT p.id, p.tenant_id FROM unnest(CAST(:tenants AS VARCHAR[])) AS t(tenant_id)
+    CROSS JOIN LATERAL (
+        SELECT o.id, o.tenant_id, o.run_at FROM outbox_tasks o
+        WHERE o.tenant_id = t.tenant_id AND {_DUE}
+        ORDER BY o.run_at, o.id LIMIT :q FOR UPDATE SKIP LOCKED
+    ) p
+    ORDER BY p.tenant_id, p.run_at, p.id
+    """
+).bindparams(_NOW)
+_PICK_PER_TENANT = text(
+    f"""
+    SELECT p.id, p.tenant_id FROM json_each(:tenants) AS t
+    JOIN outbox_tasks p ON p.id IN (
+        SELECT o.id FROM outbox_tasks o WHERE o.tenant_id = t.value AND {_DUE}
+        ORDER BY o.run_at, o.id LIMIT :q
+    )
+    ORDER BY p.tenant_id, p.run_at, p.id
+    """
+).bindparams(_NOW)
+
+
+# How long a dispatcher that found one tenant's tasks (or none) claims oldest-first without
+# listing the tenants again: a second tenant's work waits at most this long for its turn,
+# and the single-tenant claim costs no extra statement.
+SINGLE_TENANT_RECHECK = 0.25  # seconds
+
+
+@dataclass
+class Rotation:
+    """Where fair claims resume: the tenant served last. One per dispatcher, shared by its
+    loop's claims and its refills, so successive claims go round the tenants."""
+
+    after: str | None = None
+    single_until: float = 0.0  # time.monotonic() until which the queue is taken to hold one tenant
+
+
+async def claim_due_tasks(db: Database, owner: str, limit: int, lease: timedelta, rotation: Rotation | None = None) -> list[ClaimedTask]:
     """Lease up to `limit` due tasks and mark their executions running, in one transaction
     (see claim_in)."""
-    return await db.transaction(lambda conn: claim_in(conn, owner, limit, lease))
+    return await db.transaction(lambda conn: claim_in(conn, owner, limit, lease, rotation))
 
 
-def claim_in(conn: Connection, owner: str, limit: int, lease: timedelta) -> list[ClaimedTask]:
+def claim_in(conn: Connection, owner: str, limit: int, lease: timedelta, rotation: Rotation | None = None) -> list[ClaimedTask]:
     """Within the caller's transaction: lease up to `limit` due tasks and mark their
     executions running.
 
-    Each task comes back with its execution as it was before the claim and the step results
-    stored by earlier attempts, so the executor starts without another round trip. Tasks
-    are locked before executions here and everywhere else (PostgreSQL deadlock order).
+    When several tenants have tasks, the slots are shared among them round-robin, starting
+    after `rotation`'s tenant, so a tenant's backlog does not hold back the others'; within
+    a tenant the order is (run_at, id). Each task comes back with its execution as it was
+    before the claim and the step results stored by earlier attempts, so the executor starts
+    without another round trip. Tasks are locked before executions here and everywhere else
+    (PostgreSQL deadlock order).
     """
     if limit <= 0:
         return []
     now = utcnow()
-    if conn.dialect.name == "postgresql":
+    rotation = rotation if rotation is not None else Rotation()
+    postgres = conn.dialect.name == "postgresql"
+    ids = _pick_fairly(conn, postgres, now, limit, rotation)
+    if ids is not None:
+        leased = conn.execute(_LEASE, {"ids": ids, "owner": owner, "until": now + lease}).all() if ids else []
+        dealt = {task_id: i for i, task_id in enumerate(ids)}
+        leased.sort(key=lambda r: dealt[r.id])  # started in turn, as dealt
+    elif postgres:  # one tenant (the common case): the plain oldest-first claim
         ids = list(conn.execute(_PICK_LOCKED, {"now": now, "limit": limit}).scalars())
         leased = conn.execute(_LEASE, {"ids": ids, "owner": owner, "until": now + lease}).all() if ids else []
     else:
@@ -228,6 +298,60 @@ def claim_in(conn: Connection, owner: str, limit: int, lease: timedelta) -> list
         steps.setdefault(row.execution_id, {})[row.step_index] = row
     conn.execute(_MARK_RUNNING, {"ids": execution_ids, "now": now})
     return [ClaimedTask(r.id, r.execution_id, r.tenant_id, executions.get(r.execution_id), steps.get(r.execution_id, {})) for r in leased]
+
+
+def _pick_fairly(conn: Connection, postgres: bool, now: datetime, limit: int, rotation: Rotation) -> list[int] | None:
+    """The ids of up to `limit` due tasks dealt one per tenant in turn, or None when at most
+    one tenant holds tasks (oldest-first is then fair, and cheaper).
+
+    Each tenant first offers its share of the slots; if some had fewer due tasks, those that
+    filled their share offer the rest in a second read. A claim so reads at most
+    tenants x limit rows, usually limit + tenants; on PostgreSQL rows offered but not chosen
+    stay locked only until this transaction ends."""
+    if rotation.single_until > time.monotonic():
+        return None
+    tenants = list(conn.execute(_TENANTS).scalars())
+    if len(tenants) <= 1:
+        rotation.single_until = time.monotonic() + SINGLE_TENANT_RECHECK
+        return None
+    share = -(-limit // len(tenants))
+    offered = _offers(conn, postgres, tenants, now, share)
+    short = limit - sum(len(ids) for ids in offered.values())
+    filled = [tenant for tenant, ids in offered.items() if len(ids) == share]
+    if short > 0 and filled:
+        offered.update(_offers(conn, postgres, filled, now, share + short))
+    return _deal(offered, limit, rotation)
+
+
+def _offers(conn: Connection, postgres: bool, tenants: list[str], now: datetime, each: int) -> dict[str, list[int]]:
+    """Up to `each` due task ids per tenant, in claim order."""
+    if postgres:
+        rows = conn.execute(_PICK_PER_TENANT_LOCKED, {"tenants": tenants, "now": now, "q": each})
+    else:
+        rows = conn.execute(_PICK_PER_TENANT, {"tenants": json.dumps(tenants), "now": now, "q": each})
+    offered: dict[str, list[int]] = {}
+    for task_id, tenant in rows:
+        offered.setdefault(tenant, []).append(task_id)
+    return offered
+
+
+def _deal(offered: dict[str, list[int]], limit: int, rotation: Rotation) -> list[int]:
+    """Round-robin over the tenants, from the one after the tenant served last."""
+    order = sorted(offered)
+    start = bisect.bisect_right(order, rotation.after) if rotation.after is not None else 0
+    order = order[start:] + order[:start]
+    picked: list[int] = []
+    for turn in range(limit):
+        dealt = False
+        for tenant in order:
+            if turn < len(offered[tenant]):
+                picked.append(offered[tenant][turn])
+                rotation.after, dealt = tenant, True
+                if len(picked) == limit:
+                    return picked
+        if not dealt:
+            break
+    return picked
 
 
 async def extend_leases(db: Database, task_ids: list[int], owner: str, lease: timedelta) -> int:

@@ -19,7 +19,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 
 from ipaas.storage.group_commit import GroupCommit
-from ipaas.engine.outbox import EXECUTIONS, STEPS, TASKS, ClaimedTask, claim_in
+from ipaas.engine.outbox import EXECUTIONS, STEPS, TASKS, ClaimedTask, Rotation, claim_in
 from ipaas.storage.db import Database
 from ipaas.storage.tables import utcnow
 
@@ -78,6 +78,7 @@ class Refill:
     lease: timedelta
     reserve: Callable[[int], int]
     start: Callable[[list[ClaimedTask], int], None]
+    rotation: Rotation | None = None  # the dispatcher's: refills take turns with its loop
 
 
 class OutcomeWriter:
@@ -129,7 +130,7 @@ class OutcomeWriter:
         def write(conn: Connection) -> list[ClaimedTask]:
             # Claimed first: tasks before executions. The finished tasks still hold this
             # owner's lease, so the claim cannot pick them.
-            claimed = claim_in(conn, refill.owner, limit, refill.lease) if refill is not None else []
+            claimed = claim_in(conn, refill.owner, limit, refill.lease, refill.rotation) if refill is not None else []
             conn.execute(DELETE_TASK, deletes)
             if steps:
                 conn.execute(self._upsert, steps)

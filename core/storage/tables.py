@@ -194,6 +194,9 @@ class OutboxTask(Base):
     """Work to do. A row exists while its execution still needs a worker; done rows are deleted."""
 
     __tablename__ = "outbox_tasks"
+    # Fair claims list the tenants holding tasks and read each one's due tasks in order
+    # (outbox.claim_in): both are seeks on this index, whatever the backlog.
+    __table_args__ = (Index("ix_outbox_tasks_tenant_id_run_at_id", "tenant_id", "run_at", "id"),)
     id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True)
     execution_id: Mapped[str] = mapped_column(String(40), unique=True)
     tenant_id: Mapped[str] = mapped_column(String(40))

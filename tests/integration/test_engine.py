@@ -931,3 +931,28 @@ async def test_a_stopped_engine_leaves_no_render_threads(tmp_path) -> None:
     while any(t.is_alive() for t in ours) and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
     assert not any(t.is_alive() for t in ours), "the render threads stopped with the engine"
+
+
+@pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+async def test_a_quiet_tenants_execution_runs_while_a_noisy_ones_backlog_waits(tmp_path, request, backend) -> None:
+    """Claims took the oldest tasks overall: behind another tenant's backlog on a slow
+    upstream, a tenant's one execution waited until the whole backlog had drained (minutes
+    at scale). Claims now share the workers among tenants."""
+    database_url = request.getfixturevalue("postgres_url") if backend == "postgresql" else None
+    async with FakeSlack(delay=0.4) as slack, core_with(tmp_path, database_url, IPAAS_WORKERS="4", **FAST) as core:
+        apis = [Api(core.channel, (await core.new_tenant(name=name)).md) for name in ("noisy", "quiet")]
+        flows = []
+        for api, text in zip(apis, ("backlog", "prompt")):
+            cred = await api.credential("slack", {"webhook_url": slack.url})
+            flows.append((await api.create({"name": text, "trigger": {"type": "manual"}, "steps": [slack_step(cred, text)]})).workflow)
+        backlog = 48  # 12 rounds of 4 workers x 0.4 s: about 5 s to drain
+        noisy = [(await apis[0].run(flows[0].id)).execution.id for _ in range(backlog)]
+        started = time.monotonic()
+        quiet = await apis[1].wait((await apis[1].run(flows[1].id)).execution.id, timeout=30)
+        waited = time.monotonic() - started
+        drained = sum(m["text"] == "backlog" for m in slack.received)
+        assert quiet.status == "succeeded", quiet
+        # Its turn comes within a few of the noisy tenant's calls, not after all of them.
+        assert drained <= backlog // 2 and waited < 3.0, (drained, waited)
+        for execution_id in noisy:
+            assert (await apis[0].wait(execution_id, timeout=30)).status == "succeeded"

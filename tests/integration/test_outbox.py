@@ -149,16 +149,18 @@ async def test_deferred_tasks_wait_until_due(db: Database) -> None:
 
 
 @pytest.mark.postgres
-async def test_concurrent_claims_on_postgres_never_share_a_task(postgres_url: str) -> None:
+@pytest.mark.parametrize("tenants", [1, 3])  # oldest-first claims, and fair ones
+async def test_concurrent_claims_on_postgres_never_share_a_task(postgres_url: str, tenants: int) -> None:
     migrate.upgrade(postgres_url)
     replicas = [Database(postgres_url), Database(postgres_url)]
     try:
-        await outbox.enqueue_many(replicas[0], [item(f"c{i}") for i in range(300)])
+        await outbox.enqueue_many(replicas[0], [item(f"c{i}", tenant=f"tn_{i % tenants}") for i in range(300)])
 
         async def drain(db: Database, owner: str) -> list[str]:
             got: list[str] = []
+            rotation = outbox.Rotation()
             while True:
-                claimed = await outbox.claim_due_tasks(db, owner, 7, timedelta(seconds=60))
+                claimed = await outbox.claim_due_tasks(db, owner, 7, timedelta(seconds=60), rotation)
                 if not claimed:
                     return got
                 got += [t.execution_id for t in claimed]
@@ -254,3 +256,57 @@ async def test_engine_commits_without_fsync_while_the_api_keeps_full(tmp_path) -
             levels.append((await conn.exec_driver_sql("PRAGMA synchronous")).scalar())
         await db.dispose()
     assert levels == [2, 2, 1, 1], "FULL is 2, NORMAL is 1"
+
+
+async def _queue(db: Database, tenant: str, n: int, run_at=None) -> list[str]:  # type: ignore[no-untyped-def]
+    """n executions of one tenant, queued in order (run_at, when given, for every task)."""
+    from sqlalchemy import update
+
+    accepted = await outbox.enqueue_many(db, [item(f"{tenant}-{i}", tenant=tenant) for i in range(n)])
+    ids = [a.execution_id for a in accepted]
+    if run_at is not None:
+        async with db.session() as s, s.begin():
+            await s.execute(update(OutboxTask).where(OutboxTask.execution_id.in_(ids)).values(run_at=run_at))
+    return ids
+
+
+async def test_a_claim_shares_its_slots_among_tenants_before_an_older_backlog(db: Database) -> None:
+    """Claims took the oldest tasks overall: a tenant's backlog held back every other
+    tenant's executions until it drained."""
+    backlog = await _queue(db, "tn_a", 1000)
+    quiet = await _queue(db, "tn_b", 3)
+    rotation = outbox.Rotation()
+    first = await outbox.claim_due_tasks(db, "w", 4, timedelta(seconds=60), rotation)
+    assert [(t.tenant_id, t.execution_id) for t in first] == [("tn_a", backlog[0]), ("tn_b", quiet[0]), ("tn_a", backlog[1]), ("tn_b", quiet[1])]
+    assert all(t.execution.status == "queued" for t in first)
+    second = await outbox.claim_due_tasks(db, "w", 4, timedelta(seconds=60), rotation)
+    assert [(t.tenant_id, t.execution_id) for t in second] == [("tn_a", backlog[2]), ("tn_b", quiet[2]), ("tn_a", backlog[3]), ("tn_a", backlog[4])]
+    # A claim as big as both tenants' turns takes all of the quiet tenant's work at once.
+    await outbox.release_leases(db, "w")
+    everything = await outbox.claim_due_tasks(db, "w", 6, timedelta(seconds=60), outbox.Rotation())
+    assert {t.execution_id for t in everything if t.tenant_id == "tn_b"} == set(quiet)
+
+
+async def test_successive_claims_go_round_the_tenants_in_each_ones_order(db: Database) -> None:
+    queued = {tenant: await _queue(db, tenant, 4) for tenant in ("tn_a", "tn_b", "tn_c")}
+    rotation = outbox.Rotation()
+    got = [await outbox.claim_due_tasks(db, "w", 2, timedelta(seconds=60), rotation) for _ in range(6)]
+    tenants = [t.tenant_id for claim in got for t in claim]
+    assert tenants == ["tn_a", "tn_b", "tn_c"] * 4, "each claim starts after the tenant served last"
+    for tenant, ids in queued.items():
+        assert [t.execution_id for claim in got for t in claim if t.tenant_id == tenant] == ids
+
+
+async def test_fair_claims_leave_deferred_and_leased_tasks_alone(db: Database) -> None:
+    from ipaas.storage.tables import utcnow
+
+    await _queue(db, "tn_a", 50, run_at=utcnow() + timedelta(minutes=5))  # an open breaker's
+    busy = await _queue(db, "tn_b", 4)
+    running = await outbox.claim_due_tasks(db, "w1", 1, timedelta(seconds=60), outbox.Rotation())
+    assert [t.execution_id for t in running] == busy[:1]
+    quiet = await _queue(db, "tn_c", 1)
+    claimed = await outbox.claim_due_tasks(db, "w2", 2, timedelta(seconds=60), outbox.Rotation())
+    assert [t.execution_id for t in claimed] == [busy[1], quiet[0]], "neither the deferred nor the leased task takes a turn"
+    rest = await outbox.claim_due_tasks(db, "w3", 10, timedelta(seconds=60), outbox.Rotation())
+    assert [t.execution_id for t in rest] == busy[2:]
+    assert await outbox.claim_due_tasks(db, "w4", 10, timedelta(seconds=60), outbox.Rotation()) == []
