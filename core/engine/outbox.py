@@ -242,10 +242,11 @@ _PICK_PER_TENANT = text(
 ).bindparams(_NOW)
 
 
-# How long a dispatcher that found one tenant's tasks (or none) claims oldest-first without
-# listing the tenants again: a second tenant's work waits at most this long for its turn,
-# and the single-tenant claim costs no extra statement.
-SINGLE_TENANT_RECHECK = 0.25  # seconds
+# How long a dispatcher keeps the list of tenants holding tasks before listing them again:
+# a tenant new to the queue waits at most this long for its first turn. With one tenant (or
+# none) claims are the plain oldest-first statement meanwhile, so the single-tenant claim
+# costs no extra statement; with several, a claim costs only its tenants' seeks.
+TENANTS_RECHECK = 0.25  # seconds
 
 
 @dataclass
@@ -254,7 +255,8 @@ class Rotation:
     loop's claims and its refills, so successive claims go round the tenants."""
 
     after: str | None = None
-    single_until: float = 0.0  # time.monotonic() until which the queue is taken to hold one tenant
+    tenants: list[str] = field(default_factory=list)  # holding tasks when last listed, sorted
+    listed_until: float = 0.0  # time.monotonic() until which `tenants` is taken as it is
 
 
 async def claim_due_tasks(db: Database, owner: str, limit: int, lease: timedelta, rotation: Rotation | None = None) -> list[ClaimedTask]:
@@ -304,23 +306,46 @@ def _pick_fairly(conn: Connection, postgres: bool, now: datetime, limit: int, ro
     """The ids of up to `limit` due tasks dealt one per tenant in turn, or None when at most
     one tenant holds tasks (oldest-first is then fair, and cheaper).
 
-    Each tenant first offers its share of the slots; if some had fewer due tasks, those that
-    filled their share offer the rest in a second read. A claim so reads at most
-    tenants x limit rows, usually limit + tenants; on PostgreSQL rows offered but not chosen
-    stay locked only until this transaction ends."""
-    if rotation.single_until > time.monotonic():
-        return None
-    tenants = list(conn.execute(_TENANTS).scalars())
+    The next `limit` tenants in turn first offer their share of the slots; if some had fewer
+    due tasks, the tenants after them offer one each, then those that filled their share
+    offer the rest. A claim so reads about limit rows with as many seeks, at most
+    tenants x limit rows; on PostgreSQL rows offered but not chosen stay locked only until
+    this transaction ends."""
+    tenants, listed_now = _tenants(conn, rotation)
     if len(tenants) <= 1:
-        rotation.single_until = time.monotonic() + SINGLE_TENANT_RECHECK
         return None
-    share = -(-limit // len(tenants))
-    offered = _offers(conn, postgres, tenants, now, share)
-    short = limit - sum(len(ids) for ids in offered.values())
+    start = bisect.bisect_right(tenants, rotation.after) if rotation.after is not None else 0
+    order = tenants[start:] + tenants[:start]
+    first, rest = order[:limit], order[limit:]
+    share = -(-limit // len(first))
+    offered = _offers(conn, postgres, first, now, share)
+    if rest and _short(offered, limit):
+        offered.update(_offers(conn, postgres, rest, now, 1))
     filled = [tenant for tenant, ids in offered.items() if len(ids) == share]
-    if short > 0 and filled:
+    if filled and (short := _short(offered, limit)):
         offered.update(_offers(conn, postgres, filled, now, share + short))
+    if not listed_now and (short := _short(offered, limit)):
+        # Slots left over while the list is a little old: a tenant new to the queue since
+        # must not wait for the next listing with workers idle.
+        known = set(tenants)
+        if new := [tenant for tenant in _tenants(conn, rotation, relist=True)[0] if tenant not in known]:
+            offered.update(_offers(conn, postgres, new, now, short))
     return _deal(offered, limit, rotation)
+
+
+def _tenants(conn: Connection, rotation: Rotation, relist: bool = False) -> tuple[list[str], bool]:
+    """The tenants holding tasks, listed again at most every TENANTS_RECHECK (one that has
+    none left since offers nothing), and whether they were listed just now."""
+    if relist or rotation.listed_until <= time.monotonic():
+        rotation.tenants = list(conn.execute(_TENANTS).scalars())
+        rotation.listed_until = time.monotonic() + TENANTS_RECHECK
+        return rotation.tenants, True
+    return rotation.tenants, False
+
+
+def _short(offered: dict[str, list[int]], limit: int) -> int:
+    """Slots no offer has filled yet (none when the offers outnumber them)."""
+    return max(0, limit - sum(len(ids) for ids in offered.values()))
 
 
 def _offers(conn: Connection, postgres: bool, tenants: list[str], now: datetime, each: int) -> dict[str, list[int]]:

@@ -4,6 +4,7 @@ unique constraint, leases, and concurrent claims that never hand a task to two w
 from __future__ import annotations
 
 import asyncio
+import time
 from datetime import timedelta
 
 import pytest
@@ -310,3 +311,17 @@ async def test_fair_claims_leave_deferred_and_leased_tasks_alone(db: Database) -
     rest = await outbox.claim_due_tasks(db, "w3", 10, timedelta(seconds=60), outbox.Rotation())
     assert [t.execution_id for t in rest] == busy[2:]
     assert await outbox.claim_due_tasks(db, "w4", 10, timedelta(seconds=60), outbox.Rotation()) == []
+
+
+async def test_a_tenant_new_to_the_queue_is_claimed_at_once_while_the_tenant_list_is_kept(db: Database) -> None:
+    """A claim reuses its dispatcher's list of tenants for a moment (outbox.TENANTS_RECHECK);
+    slots left over must still go to a tenant that queued work since, not wait for the next
+    listing with workers idle."""
+    a, b = await _queue(db, "tn_a", 1), await _queue(db, "tn_b", 1)
+    rotation = outbox.Rotation()
+    first = await outbox.claim_due_tasks(db, "w", 4, timedelta(seconds=60), rotation)
+    assert {t.execution_id for t in first} == {a[0], b[0]}
+    newcomer = await _queue(db, "tn_c", 2)
+    assert rotation.listed_until > time.monotonic(), "the list is still kept: the case under test"
+    second = await outbox.claim_due_tasks(db, "w", 4, timedelta(seconds=60), rotation)
+    assert [t.execution_id for t in second] == newcomer
