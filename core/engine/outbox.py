@@ -12,7 +12,6 @@ lease (a crashed replica) makes the task claimable again.
 
 from __future__ import annotations
 
-import bisect
 import json
 import logging
 import os
@@ -174,6 +173,9 @@ _PICK = (
     .limit(bindparam("limit"))
 )
 _PICK_LOCKED = _PICK.with_for_update(skip_locked=True)
+# Slots a fair claim's tenants in turn left empty (outbox._oldest).
+_PICK_OTHERS = _PICK.where(TASKS.c.id.not_in(bindparam("picked", expanding=True)))
+_PICK_OTHERS_LOCKED = _PICK_OTHERS.with_for_update(skip_locked=True)
 # SQLite: one writer at a time, so picking and leasing can be one statement (one fewer
 # round trip under the write lock, and no list of ids to render into SQL).
 _PICK_AND_LEASE = (
@@ -200,21 +202,12 @@ _MARK_RUNNING = (
 )
 
 
-# Fair claims. Tenants holding tasks are listed by a loose index scan of
-# ix_outbox_tasks_tenant_id_run_at_id (one seek per tenant, however many tasks each holds),
-# then each tenant's due tasks are read by a seek on the same index, in its own order
-# (run_at, id): a backlog, due or deferred, is never scanned.
-_TENANTS = text(
-    """
-    WITH RECURSIVE tenants(tenant_id) AS (
-        SELECT min(tenant_id) FROM outbox_tasks
-        UNION ALL
-        SELECT (SELECT min(o.tenant_id) FROM outbox_tasks o WHERE o.tenant_id > tenants.tenant_id)
-        FROM tenants WHERE tenants.tenant_id IS NOT NULL
-    )
-    SELECT tenant_id FROM tenants WHERE tenant_id IS NOT NULL
-    """
-)
+# Fair claims. The next tenants holding tasks after the one served last are found by a loose
+# index scan of ix_outbox_tasks_tenant_id_run_at_id that stops after :k seeks (one per
+# tenant, however many tasks each holds), in the database's own order of tenant ids (no
+# comparison is made in Python, whose order a collation may not share). Each one's due tasks
+# are then read by a seek on the same index, in its own order (run_at, id): a backlog, due or
+# deferred, is never scanned, and a claim's cost does not grow with the count of tenants.
 _DUE = "o.run_at <= :now AND (o.lease_expires_at IS NULL OR o.lease_expires_at < :now)"
 # Up to :q due tasks of each listed tenant. PostgreSQL locks them per tenant with SKIP
 # LOCKED, so replicas still share every tenant's queue; SQLite has no LATERAL, a correlated
@@ -240,23 +233,74 @@ _PICK_PER_TENANT = text(
     ORDER BY p.tenant_id, p.run_at, p.id
     """
 ).bindparams(_NOW)
+# The next :k tenants holding tasks after :after (going round to the first ones, :after
+# itself last), each with its oldest due task if it has one: the turn a fair claim deals
+# from, in one statement. Two loose index scans, one after :after and one from the first
+# tenant up to :after, each stopping after :k seeks.
+_TURN_CTE = """
+    WITH RECURSIVE
+    after_it(tenant_id, n) AS (
+        SELECT (SELECT min(o.tenant_id) FROM outbox_tasks o WHERE o.tenant_id > :after), 1
+        UNION ALL
+        SELECT (SELECT min(o.tenant_id) FROM outbox_tasks o WHERE o.tenant_id > after_it.tenant_id), after_it.n + 1
+        FROM after_it WHERE after_it.tenant_id IS NOT NULL AND after_it.n < :k
+    ),
+    from_first(tenant_id, n) AS (
+        SELECT (SELECT min(o.tenant_id) FROM outbox_tasks o), :k + 1
+        UNION ALL
+        SELECT (SELECT min(o.tenant_id) FROM outbox_tasks o WHERE o.tenant_id > from_first.tenant_id), from_first.n + 1
+        FROM from_first WHERE from_first.tenant_id IS NOT NULL AND from_first.tenant_id < :after AND from_first.n < 2 * :k
+    ),
+    turn(tenant_id, n) AS (
+        SELECT tenant_id, n FROM (
+            SELECT tenant_id, n FROM after_it WHERE tenant_id IS NOT NULL
+            UNION ALL
+            SELECT tenant_id, n FROM from_first WHERE tenant_id IS NOT NULL AND tenant_id <= :after
+        ) both_ranges ORDER BY n LIMIT :k
+    )
+"""
+_TURN_LOCKED = text(
+    _TURN_CTE.replace(":k", "CAST(:k AS INTEGER)")
+    + f"""
+    SELECT w.tenant_id, p.id FROM turn w
+    LEFT JOIN LATERAL (
+        SELECT o.id FROM outbox_tasks o WHERE o.tenant_id = w.tenant_id AND {_DUE}
+        ORDER BY o.run_at, o.id LIMIT 1 FOR UPDATE SKIP LOCKED
+    ) p ON true
+    ORDER BY w.n
+    """
+).bindparams(_NOW)
+_TURN = text(
+    _TURN_CTE
+    + f"""
+    SELECT w.tenant_id, p.id FROM turn w
+    LEFT JOIN outbox_tasks p ON p.id IN (
+        SELECT o.id FROM outbox_tasks o WHERE o.tenant_id = w.tenant_id AND {_DUE}
+        ORDER BY o.run_at, o.id LIMIT 1
+    )
+    ORDER BY w.n
+    """
+).bindparams(_NOW)
 
 
-# How long a dispatcher keeps the list of tenants holding tasks before listing them again:
-# a tenant new to the queue waits at most this long for its first turn. With one tenant (or
-# none) claims are the plain oldest-first statement meanwhile, so the single-tenant claim
-# costs no extra statement; with several, a claim costs only its tenants' seeks.
-TENANTS_RECHECK = 0.25  # seconds
+# How long a dispatcher that found one tenant's tasks (or none) claims oldest-first without
+# looking for other tenants: a second tenant's work waits at most this long for its turns
+# (oldest-first still claims it meanwhile), and the single-tenant claim costs no extra
+# statement.
+SINGLE_TENANT_RECHECK = 0.25  # seconds
+# Tenants a claim looks at beyond its slots' count, for when some have nothing due (a
+# breaker's deferred tasks, leased ones): slots none of them fills go oldest-first.
+EXTRA_TENANTS = 4
+_FIRST = ""  # before every tenant id, in any collation
 
 
 @dataclass
 class Rotation:
-    """Where fair claims resume: the tenant served last. One per dispatcher, shared by its
-    loop's claims and its refills, so successive claims go round the tenants."""
+    """Where fair claims resume: after the tenant served last. One per dispatcher, shared by
+    its loop's claims and its refills, so successive claims go round the tenants."""
 
-    after: str | None = None
-    tenants: list[str] = field(default_factory=list)  # holding tasks when last listed, sorted
-    listed_until: float = 0.0  # time.monotonic() until which `tenants` is taken as it is
+    after: str = _FIRST
+    single_until: float = 0.0  # time.monotonic() until which the queue is taken to hold one tenant
 
 
 async def claim_due_tasks(db: Database, owner: str, limit: int, lease: timedelta, rotation: Rotation | None = None) -> list[ClaimedTask]:
@@ -306,41 +350,33 @@ def _pick_fairly(conn: Connection, postgres: bool, now: datetime, limit: int, ro
     """The ids of up to `limit` due tasks dealt one per tenant in turn, or None when at most
     one tenant holds tasks (oldest-first is then fair, and cheaper).
 
-    The next `limit` tenants in turn first offer their share of the slots; if some had fewer
-    due tasks, the tenants after them offer one each, then those that filled their share
-    offer the rest. A claim so reads about limit rows with as many seeks, at most
-    tenants x limit rows; on PostgreSQL rows offered but not chosen stay locked only until
-    this transaction ends."""
-    tenants, listed_now = _tenants(conn, rotation)
-    if len(tenants) <= 1:
+    The next limit + EXTRA_TENANTS tenants in turn offer their oldest due task (one
+    statement); when fewer than `limit` had one, those that did offer their share of the
+    rest, and slots still empty go to the oldest due tasks of any tenant. A claim so makes about
+    2 x (limit + EXTRA_TENANTS) index seeks at most; on PostgreSQL rows offered but not
+    chosen stay locked only until this transaction ends."""
+    if rotation.single_until > time.monotonic():
         return None
-    start = bisect.bisect_right(tenants, rotation.after) if rotation.after is not None else 0
-    order = tenants[start:] + tenants[:start]
-    first, rest = order[:limit], order[limit:]
-    share = -(-limit // len(first))
-    offered = _offers(conn, postgres, first, now, share)
-    if rest and _short(offered, limit):
-        offered.update(_offers(conn, postgres, rest, now, 1))
-    filled = [tenant for tenant, ids in offered.items() if len(ids) == share]
-    if filled and (short := _short(offered, limit)):
-        offered.update(_offers(conn, postgres, filled, now, share + short))
-    if not listed_now and (short := _short(offered, limit)):
-        # Slots left over while the list is a little old: a tenant new to the queue since
-        # must not wait for the next listing with workers idle.
-        known = set(tenants)
-        if new := [tenant for tenant in _tenants(conn, rotation, relist=True)[0] if tenant not in known]:
-            offered.update(_offers(conn, postgres, new, now, short))
-    return _deal(offered, limit, rotation)
+    rows = conn.execute(_TURN_LOCKED if postgres else _TURN, {"after": rotation.after, "k": limit + EXTRA_TENANTS, "now": now}).all()
+    window = [tenant for tenant, _ in rows]
+    if len(window) <= 1:
+        rotation.single_until = time.monotonic() + SINGLE_TENANT_RECHECK
+        return None
+    offered = {tenant: [task_id] for tenant, task_id in rows if task_id is not None}
+    if offered and (short := _short(offered, limit)):
+        # Their fair share of what is left; slots a tenant cannot fill go oldest-first.
+        offered.update(_offers(conn, postgres, list(offered), now, 1 + -(-short // len(offered))))
+    picked = _deal(window, offered, limit, rotation)
+    if short := limit - len(picked):
+        picked += _oldest(conn, postgres, now, short, picked)
+    return picked
 
 
-def _tenants(conn: Connection, rotation: Rotation, relist: bool = False) -> tuple[list[str], bool]:
-    """The tenants holding tasks, listed again at most every TENANTS_RECHECK (one that has
-    none left since offers nothing), and whether they were listed just now."""
-    if relist or rotation.listed_until <= time.monotonic():
-        rotation.tenants = list(conn.execute(_TENANTS).scalars())
-        rotation.listed_until = time.monotonic() + TENANTS_RECHECK
-        return rotation.tenants, True
-    return rotation.tenants, False
+def _oldest(conn: Connection, postgres: bool, now: datetime, n: int, picked: list[int]) -> list[int]:
+    """Up to n due tasks, oldest first, not among `picked`: for slots the tenants in turn
+    left empty, so workers do not idle while others' work is due."""
+    query = _PICK_OTHERS_LOCKED if postgres else _PICK_OTHERS
+    return list(conn.execute(query, {"now": now, "limit": n, "picked": picked}).scalars())
 
 
 def _short(offered: dict[str, list[int]], limit: int) -> int:
@@ -360,12 +396,12 @@ def _offers(conn: Connection, postgres: bool, tenants: list[str], now: datetime,
     return offered
 
 
-def _deal(offered: dict[str, list[int]], limit: int, rotation: Rotation) -> list[int]:
-    """Round-robin over the tenants, from the one after the tenant served last."""
-    order = sorted(offered)
-    start = bisect.bisect_right(order, rotation.after) if rotation.after is not None else 0
-    order = order[start:] + order[:start]
+def _deal(window: list[str], offered: dict[str, list[int]], limit: int, rotation: Rotation) -> list[int]:
+    """Round-robin over the window's tenants (already in turn); the next claim starts after
+    the last one dealt, or after the window when none had anything due."""
+    order = [tenant for tenant in window if offered.get(tenant)]
     picked: list[int] = []
+    rotation.after = window[-1]
     for turn in range(limit):
         dealt = False
         for tenant in order:
