@@ -56,7 +56,7 @@ class CoreCollector(Collector):
         yield finished
         yield CounterMetricFamily("ipaas_core_webhooks_accepted", "Webhooks accepted (202), repeats of an accepted delivery included.", value=core.executions.webhooks_accepted)
         yield CounterMetricFamily("ipaas_core_schedules_fired", "Executions created by schedule fires.", value=core.scheduler.fired_total)
-        yield CounterMetricFamily("ipaas_core_schedules_rate_limited", "Schedule fires skipped (planned on, nothing enqueued) for being over their tenant's tier rate.", value=core.scheduler.rate_limited_total)
+        yield CounterMetricFamily("ipaas_core_schedules_rate_limited", "Schedule fires held back for being over their tenant's tier rate (they keep their plans and wait for a later tick), counted once per tick that holds each back.", value=core.scheduler.rate_limited_total)
         yield GaugeMetricFamily("ipaas_core_outbox_tasks", "Outbox tasks not yet done (waiting, deferred or running), in the whole database.", value=self.backlog)
         yield GaugeMetricFamily("ipaas_core_outbox_max_tasks", "IPAAS_MAX_QUEUE_DEPTH: past this, new triggers are refused (429).", value=core.enqueuer.max_depth)
         breakers = GaugeMetricFamily("ipaas_core_breakers", "Circuit breakers (one per tenant and connector) in a state other than closed, by state and connector.", labels=("state", "connector"))

@@ -23,14 +23,24 @@ tenant out, so its refused fires, the earliest due, cannot fill every batch.
 
 Fires are charged to their tenant's tier rate (IPAAS_RATE_FREE, ...), in a budget of their
 own (not the tenant's API budget): without it a free tenant could save 200 workflows every
-second and start 200 executions a second, 40x its tier. A fire over budget is skipped as a
-missed one is: its plan moves on to its next fire time and nothing is enqueued, so it
-neither piles up nor is tried again every tick (`schedule.rate_limited`, one warning a
-minute per tenant). The budget is spent after the queue and the tenant's share accept the
-fires, so fires that keep their plans for those are not charged; a fire charged and then not
-claimed (another replica's claim came first, a change committed after the read) is charged
-all the same: with replicas ticking at once on one Redis, a tenant may get less than its
-rate, never more. The charge is one limiter call per tenant and batch: 1,500 schedules of
+second and start 200 executions a second, 40x its tier. A fire over budget waits, as a fire
+the full queue or the tenant's share refuses does: it keeps its plan (nothing is written for
+it), the tick's later batches leave its tenant out, and the next tick tries it again,
+earliest due first (`schedule.rate_limited`, one warning a minute per tenant, counts the
+fires held back). A fire that waits past the missed threshold (a minute, or two intervals)
+is then missed like any other: skip mode drops it (a later fire time of the schedule that
+is on time still fires), collapse mode fires the schedule once, at the latest of its fire
+times. So a tenant with far more schedules than its rate gets its rate, never more, and
+holds at most one waiting fire per schedule. Skipping it instead (planning it on) lost fires for good: a
+replica granted no budget moved on plans that another replica, granted the budget for the
+same fires, then failed to claim; and a free tenant's 11th daily 09:00 report never ran,
+though its window had room two seconds later.
+
+The budget is spent after the queue and the tenant's share accept the fires, so fires that
+keep their plans for those are not charged; a fire charged and then not claimed (another
+replica's claim came first, a change committed after the read) is charged all the same:
+with replicas ticking at once on one Redis, a tenant may get less than its rate in that
+window, never more. The charge is one limiter call per tenant and batch: 1,500 schedules of
 1,500 tenants due at once tick in the time they take with limits off with the budget in
 memory (~50 ms of spends), ~0.4 s more with it in Redis (measured; a round trip per tenant,
 16 at a time)."""
@@ -134,6 +144,7 @@ class _Batch:
     fired: int = 0
     queue_full: bool = False
     over_share: set[str] = field(default_factory=set)  # tenants whose share of the queue refused fires
+    over_rate: set[str] = field(default_factory=set)  # tenants whose tier rate held fires back
 
 
 class Scheduler:
@@ -158,10 +169,12 @@ class Scheduler:
         self._last_tick_took = 0.0
         self._queue_full = ThrottledWarning(log, "schedule.queue_full")
         self._tenant_queue_full = ThrottledWarning(log, "schedule.tenant_queue_full")
-        self._rate_limited = ThrottledCounts(log, "schedule.rate_limited", "tenant_id", "skipped")
+        self._rate_limited = ThrottledCounts(log, "schedule.rate_limited", "tenant_id", "held_back")
         self._runner = Periodic("scheduler", self.tick, interval, log)
         self.fired_total = 0  # executions created by fires, committed (ipaas_core_schedules_fired_total)
-        self.rate_limited_total = 0  # fires skipped over their tenant's rate (ipaas_core_schedules_rate_limited_total)
+        # Fires held back over their tenant's rate, once per tick that holds each back
+        # (ipaas_core_schedules_rate_limited_total).
+        self.rate_limited_total = 0
 
     async def tick(self) -> int:
         """Enqueue every due fire; returns how many executions were newly created."""
@@ -169,7 +182,7 @@ class Scheduler:
         started = time.monotonic()
         missed_before = self._missed_before(now)
         fired, due = 0, _due(now)
-        over_share: frozenset[str] = frozenset()
+        left_out: frozenset[str] = frozenset()
         while True:
             rows = await self.db.read(lambda conn: conn.execute(due).all())
             batch = await self._fire(rows, now, missed_before)
@@ -178,11 +191,12 @@ class Scheduler:
             # A full queue refused fires: their plans stay, and the next batch would be them.
             if len(rows) < BATCH or batch.queue_full:
                 break
-            if batch.over_share:
-                # So would the refused fires of tenants over their share: the next batches
-                # leave those tenants out, and the other tenants' schedules still fire.
-                over_share |= batch.over_share
-                due = _due(now, over_share)
+            if batch.over_share or batch.over_rate:
+                # So would the refused fires of tenants over their share, and the held-back
+                # fires of tenants over their rate: the next batches leave those tenants
+                # out, and the other tenants' schedules still fire.
+                left_out |= batch.over_share | batch.over_rate
+                due = _due(now, left_out)
         self._last_tick, self._last_tick_took = now, time.monotonic() - started
         return fired
 
@@ -253,9 +267,9 @@ class Scheduler:
                     tenant_ids=sorted(batch.over_share)[:10],
                 )
             # Last, so that only fires the queue took are charged: those refused above keep
-            # their plans and are tried (and charged) again later. A fire skipped here was
+            # their plans and are tried (and charged) again later. A fire held back here was
             # held in its tenant's share until the block ends, which only errs on the safe side.
-            fires = await self._charge(fires, plans)
+            fires = await self._charge(fires, plans, batch)
             if not plans:
                 return batch
             read = {workflow_id: plan["was"] for workflow_id, plan in plans.items()}
@@ -274,9 +288,10 @@ class Scheduler:
             log.info("schedule.fired", extra={"workflow_id": row.workflow_id, "fire_at": fire_at.isoformat(), "duplicate": result.duplicate})
         return batch
 
-    async def _charge(self, fires: list[tuple[Any, datetime, NewExecution]], plans: dict[str, dict[str, Any]]) -> list[tuple[Any, datetime, NewExecution]]:
-        """The fires their tenants' rates have room for, earliest due first; the others are
-        skipped: planned on to their next fire time, as a missed fire is."""
+    async def _charge(self, fires: list[tuple[Any, datetime, NewExecution]], plans: dict[str, dict[str, Any]], batch: _Batch) -> list[tuple[Any, datetime, NewExecution]]:
+        """The fires their tenants' rates have room for, earliest due first. The others wait:
+        they keep their plans (nothing is written for them), their tenants are left out of
+        the tick's later batches, and the next tick tries them again."""
         if self.limiter is None or not fires:
             return fires
         wanted = Counter(row.tenant_id for row, _, _ in fires)
@@ -286,14 +301,15 @@ class Scheduler:
             if n > granted[tenant]:
                 self.rate_limited_total += n - granted[tenant]
                 self._rate_limited(tenant, n - granted[tenant], tier=tiers[tenant])
+                batch.over_rate.add(tenant)
         kept = []
-        for fire in fires:
+        for fire in fires:  # in the rows' order: earliest due first
             row = fire[0]
             if granted[row.tenant_id] > 0:
                 granted[row.tenant_id] -= 1
                 kept.append(fire)
             else:
-                plans[row.workflow_id]["fired"] = None
+                del plans[row.workflow_id]
         return kept
 
     async def _take(self, wanted: Counter[str], tiers: dict[str, str]) -> dict[str, int]:

@@ -383,11 +383,25 @@ def budget_storage(request: pytest.FixtureRequest) -> dict[str, str]:
     return {"IPAAS_REDIS_URL": request.getfixturevalue("redis_url")} if request.param == "redis" else {}
 
 
+async def _window_passes(core, tenant_id: str) -> None:  # type: ignore[no-untyped-def]
+    """The tenant's schedule budget as it is once its window has passed (the free tier's
+    window is 20 s of real time in these tests): empty again."""
+    limiter = core.server.scheduler.limiter
+    await limiter.limiter.clear(limiter._items["free"], tenant_id)
+
+
+async def _fired_workflows(core, tenant_id: str) -> list[str]:  # type: ignore[no-untyped-def]
+    async with core.server.db.session() as s:
+        return sorted((await s.scalars(select(Execution.workflow_id).where(Execution.tenant_id == tenant_id))).all())
+
+
 async def test_a_free_tenants_schedules_are_held_to_its_tier_rate_and_a_paid_tenants_all_fire(tmp_path, database_url, budget_storage, monkeypatch, caplog) -> None:
     """30 workflows every second: a free tenant (burst 10) started 30 executions a tick for
-    ever, whatever its tier. Now it gets its burst over three ticks; its other fires are
-    skipped and planned on, one warning says so, and its API budget (in Redis: another
-    key prefix) is untouched. A paid tenant's 90 fires are within its burst of 100: all fire."""
+    ever, whatever its tier. Now it gets its burst; its other fires wait, keeping their
+    plans, one warning says so, and its API budget (in Redis: another key prefix) is
+    untouched. Once its window has room the waiting fires go first, earliest due, and never
+    more than the burst at once however long they waited: each schedule holds one waiting
+    fire at most. A paid tenant's 90 fires are within its burst of 100: all fire."""
     async with FakeSlack() as slack, core_with(tmp_path, database_url, **SLOW_FREE_TIER, **budget_storage) as core:
         clock = Clock(datetime(2026, 1, 1, 0, 0, 30, tzinfo=U))
         monkeypatch.setattr("ipaas.workflow_store.utcnow", clock)
@@ -403,12 +417,31 @@ async def test_a_free_tenants_schedules_are_held_to_its_tier_rate_and_a_paid_ten
                 clock.now += timedelta(seconds=1)
         assert fired == [40, 30, 30]
         assert (await _executions_of(core, free.tenant_id), await _executions_of(core, paid.tenant_id)) == (10, 90)
-        assert scheduler.rate_limited_total == 20 + 30 + 30
+        assert scheduler.rate_limited_total == 20 + 30 + 30, "held back at each tick"
         warnings = [r for r in caplog.records if r.name == "ipaas.scheduler" and r.levelno >= logging.WARNING]
-        assert [(r.msg, r.tenant_id, r.skipped, r.tier) for r in warnings] == [("schedule.rate_limited", free.tenant_id, 20, "free")], "one line a minute per tenant"
-        # Skipped like missed fires: planned on to the next second, not left due to be
-        # tried (and counted) again every tick.
-        assert set(await _plans(core, free_ids)) == {datetime(2026, 1, 1, 0, 1, 3, tzinfo=U)}
+        assert [(r.msg, r.tenant_id, r.held_back, r.tier) for r in warnings] == [("schedule.rate_limited", free.tenant_id, 20, "free")], "one line a minute per tenant"
+        # Held back, not skipped: the 20 that never fired still wait with the plan they had
+        # (00:00:31, planned when saved), the 10 that fired with 00:01:01; nothing was
+        # written for either since.
+        first = set(await _fired_workflows(core, free.tenant_id))
+        plans = dict(zip(free_ids, await _plans(core, free_ids)))
+        assert {w: p for w, p in plans.items() if w in first} == dict.fromkeys(first, datetime(2026, 1, 1, 0, 1, 1, tzinfo=U))
+        assert {w: p for w, p in plans.items() if w not in first} == dict.fromkeys(set(free_ids) - first, datetime(2026, 1, 1, 0, 0, 31, tzinfo=U))
+
+        # A minute and a half later the window has room: the burst goes out, no more (not the
+        # ~2,700 fires due meanwhile), the longest waiting first, each as one fire (collapse).
+        clock.now = datetime(2026, 1, 1, 0, 2, 30, 500000, tzinfo=U)
+        await _window_passes(core, free.tenant_id)
+        await scheduler.tick()
+        assert await _executions_of(core, free.tenant_id) == 20
+        second = set(await _fired_workflows(core, free.tenant_id)) - first
+        assert len(second) == 10 and not second & first, "the fires that waited went first"
+        clock.now += timedelta(seconds=1)
+        await _window_passes(core, free.tenant_id)
+        await scheduler.tick()
+        assert set(await _fired_workflows(core, free.tenant_id)) == set(free_ids), "every schedule got its turn"
+        assert await _executions_of(core, free.tenant_id) == 30
+        assert await _scheduled_at(core, sorted(second)[0]) == ["2026-01-01T00:02:30Z"], "one fire, the latest, for all it waited"
         # A budget of its own: the schedules did not spend the tenant's API calls.
         assert (await free_api.run(free_ids[0])).execution.id
 
@@ -434,7 +467,7 @@ async def test_fires_a_full_queue_or_a_tenants_share_defers_are_not_charged_to_i
     """A fire the queue refuses keeps its plan and is tried again each tick: charged each
     time, a tenant whose fires waited out a full queue would find its budget spent on fires
     that never went out. They are charged when they go in: the burst (10) of 12, then the
-    other 2 skipped."""
+    other 2 held back until the window has room."""
     async with FakeSlack() as slack, core_with(tmp_path, database_url, **SLOW_FREE_TIER) as core:
         clock = Clock(datetime(2026, 1, 1, 0, 0, 30, tzinfo=U))
         monkeypatch.setattr("ipaas.workflow_store.utcnow", clock)
@@ -453,7 +486,15 @@ async def test_fires_a_full_queue_or_a_tenants_share_defers_are_not_charged_to_i
         assert await scheduler.tick() == 10
         assert scheduler.rate_limited_total == 2
         assert await _executions_of(core, free.tenant_id) == 10
-        assert set(await _plans(core, ids)) == {clock.now.replace(microsecond=0) + timedelta(seconds=1)}
+        # The other 2 wait, keeping their plans, for the window to have room.
+        fired = set(await _fired_workflows(core, free.tenant_id))
+        plans = dict(zip(ids, await _plans(core, ids)))
+        assert {plans[w] for w in fired} == {clock.now.replace(microsecond=0) + timedelta(seconds=1)}
+        assert [plans[w] for w in ids if w not in fired] == [datetime(2026, 1, 1, 0, 0, 31, tzinfo=U)] * 2
+        clock.now += timedelta(seconds=1)
+        await _window_passes(core, free.tenant_id)
+        assert await scheduler.tick() == 10
+        assert set(await _fired_workflows(core, free.tenant_id)) == set(ids), "the 2 that waited went first"
         await full.close()
 
 
@@ -478,3 +519,149 @@ async def test_schedules_of_many_tenants_due_at_once_fire_in_one_tick_with_limit
         print(f"\n{n} schedules of {n} tenants due at once, limits on: one tick, {took:.2f} s")
         assert scheduler.rate_limited_total == 0
         assert await _scheduled_at(core) == ["2026-01-01T09:00:00Z"] * n
+
+
+async def _daily_free(core, slack, monkeypatch, n: int):  # type: ignore[no-untyped-def]
+    """A free tenant's n workflows on `0 9 * * *`, planned for 09:00 (one saved through the
+    API, the others cloned: n saves would spend its API budget), and the clock just past."""
+    tenant = await core.new_tenant(tier="free", name="daily")
+    api = Api(core.channel, tenant.md)
+    cred = await api.credential("slack", {"webhook_url": slack.url})
+    clock = Clock(datetime(2026, 1, 1, 8, 59, tzinfo=U))
+    monkeypatch.setattr("ipaas.workflow_store.utcnow", clock)
+    first = (await api.create({"name": "daily", "trigger": {"type": "schedule", "cron": "0 9 * * *"}, "steps": [slack_step(cred, "hi")]})).workflow
+    await _clone(core, first.id, n - 1)
+    clock.now = datetime(2026, 1, 1, 9, 0, 0, 500000, tzinfo=U)
+    scheduler = core.server.scheduler
+    scheduler.clock = clock
+    return tenant, clock, scheduler, [first.id, *(f"{first.id}-{i}" for i in range(n - 1))]
+
+
+@pytest.mark.parametrize("catch_up", ["collapse", "skip"])
+async def test_a_free_tenants_eleventh_daily_report_waits_for_room_in_its_window_and_fires(tmp_path, database_url, monkeypatch, catch_up) -> None:
+    """11 workflows on `0 9 * * *`, burst 10: the 11th fire was skipped (planned on to
+    tomorrow) every day, though the window had room seconds later. Now it waits, keeping its
+    plan, and fires at a later tick, as the 09:00 fire, in either catch-up mode."""
+    async with FakeSlack() as slack, core_with(tmp_path, database_url, **SLOW_FREE_TIER) as core:
+        tenant, clock, scheduler, ids = await _daily_free(core, slack, monkeypatch, 11)
+        scheduler.catch_up = catch_up
+        assert await scheduler.tick() == 10
+        clock.now += timedelta(seconds=1)
+        assert await scheduler.tick() == 0, "the window is still spent"
+        assert sorted(await _plans(core, ids)).count(datetime(2026, 1, 1, 9, tzinfo=U)) == 1, "the 11th still waits for 09:00"
+        clock.now += timedelta(seconds=1)
+        await _window_passes(core, tenant.tenant_id)
+        assert await scheduler.tick() == 1
+        assert [await _scheduled_at(core, w) for w in ids] == [["2026-01-01T09:00:00Z"]] * 11
+        assert set(await _plans(core, ids)) == {datetime(2026, 1, 2, 9, tzinfo=U)}
+        assert await scheduler.tick() == 0
+
+
+@pytest.mark.parametrize("catch_up", ["collapse", "skip"])
+async def test_fires_waiting_past_the_missed_threshold_are_dropped_in_skip_mode_and_fire_once_in_collapse_mode(tmp_path, database_url, monkeypatch, catch_up) -> None:
+    """30 daily workflows of a free tenant (burst 10) whose window stays spent: 20 fires wait
+    on time for a minute (DEFAULT_GRACE), then are missed like fires of a downtime. Skip
+    drops them (planned on to tomorrow, nothing enqueued, not charged); collapse fires each
+    once, the burst at a time. Either way the tenant gets at most its rate and no backlog
+    beyond one waiting fire per schedule."""
+    async with FakeSlack() as slack, core_with(tmp_path, database_url, **SLOW_FREE_TIER) as core:
+        tenant, clock, scheduler, ids = await _daily_free(core, slack, monkeypatch, 30)
+        scheduler.catch_up = catch_up
+        nine, tomorrow = datetime(2026, 1, 1, 9, tzinfo=U), datetime(2026, 1, 2, 9, tzinfo=U)
+        assert await scheduler.tick() == 10
+        for clock.now in (datetime(2026, 1, 1, 9, 0, 1, 500000, tzinfo=U), datetime(2026, 1, 1, 9, 0, 59, 500000, tzinfo=U)):
+            assert await scheduler.tick() == 0
+            assert sorted(await _plans(core, ids)) == [nine] * 20 + [tomorrow] * 10, "waiting, on time"
+        clock.now = datetime(2026, 1, 1, 9, 1, 1, 500000, tzinfo=U)  # 09:00 is more than a minute ago
+        await _window_passes(core, tenant.tenant_id)
+        held = scheduler.rate_limited_total
+        if catch_up == "skip":
+            assert await scheduler.tick() == 0
+            assert set(await _plans(core, ids)) == {tomorrow}
+            assert scheduler.rate_limited_total == held, "dropped, not held back"
+            assert await _executions_of(core, tenant.tenant_id) == 10
+        else:
+            fired = []
+            for _ in range(3):
+                fired.append(await scheduler.tick())
+                clock.now += timedelta(seconds=1)
+                await _window_passes(core, tenant.tenant_id)
+            assert fired == [10, 10, 0], "the burst at a time, each schedule once"
+            assert [await _scheduled_at(core, w) for w in ids] == [["2026-01-01T09:00:00Z"]] * 30
+            assert set(await _plans(core, ids)) == {tomorrow}
+
+
+async def test_a_tenant_over_its_rate_is_left_out_of_the_ticks_later_batches(tmp_path, database_url, monkeypatch) -> None:
+    """A free tenant's held-back fires are the earliest due and keep their plans: read again,
+    they would fill every batch of the tick. Its later batches leave it out, as a tenant over
+    its queue share: the tick ends, and the other tenant's schedule fires in it."""
+    monkeypatch.setattr("ipaas.engine.scheduler.BATCH", 2)
+    async with FakeSlack() as slack, core_with(tmp_path, database_url, **SLOW_FREE_TIER) as core:
+        clock = Clock(datetime(2026, 1, 1, 0, 0, 30, tzinfo=U))
+        monkeypatch.setattr("ipaas.workflow_store.utcnow", clock)
+        free, _, free_ids = await _every_second(core, slack, clock, "free", 14)
+        paid, _, (paid_id,) = await _every_second(core, slack, clock, "paid", 1)
+        async with core.server.db.session() as s, s.begin():  # the free tenant's are due first
+            await s.execute(update(Schedule).where(Schedule.workflow_id.in_(free_ids)).values(next_fire_at=datetime(2026, 1, 1, 0, 0, 50, tzinfo=U)))
+        scheduler = core.server.scheduler
+        scheduler.clock = clock
+        reads = 0
+        real_read = core.server.db.read
+
+        async def read(fn):  # type: ignore[no-untyped-def]
+            nonlocal reads
+            reads += 1
+            return await real_read(fn)
+
+        monkeypatch.setattr(core.server.db, "read", read)
+        clock.now = datetime(2026, 1, 1, 0, 1, 0, 500000, tzinfo=U)
+        assert await asyncio.wait_for(scheduler.tick(), 10) == 10 + 1
+        assert reads == 5 + 1 + 1, "five batches of the burst, one held back, then the paid tenant's"
+        held = [w for w, p in zip(free_ids, await _plans(core, free_ids)) if p == datetime(2026, 1, 1, 0, 0, 50, tzinfo=U)]
+        assert len(held) == 4, "held back, their plans kept"
+        reads = 0
+        clock.now += timedelta(seconds=1)
+        assert await asyncio.wait_for(scheduler.tick(), 10) == 1
+        assert reads == 2
+        assert await _scheduled_at(core, paid_id) == ["2026-01-01T00:01:00Z", "2026-01-01T00:01:01Z"]
+
+
+@pytest.mark.redis
+async def test_a_replica_without_budget_leaves_the_fires_another_replica_was_granted_on_postgresql(tmp_path, postgres_url, redis_url, monkeypatch) -> None:
+    """Two replicas share the tenant's budget in Redis and tick at once over 8 fires (burst
+    10): one is granted 8, the other the 2 left. The second skipped the 6 it had no budget
+    for, planning them on; committing first, it moved the plans the first replica then
+    failed to claim: 2 executions, 6 fires lost for good and their budget spent. Now it
+    writes nothing for fires it holds back, and all 8 fire, each once."""
+    async with FakeSlack() as slack, core_with(tmp_path, postgres_url, **SLOW_FREE_TIER, IPAAS_REDIS_URL=redis_url) as core:
+        clock = Clock(datetime(2026, 1, 1, 0, 0, 30, tzinfo=U))
+        monkeypatch.setattr("ipaas.workflow_store.utcnow", clock)
+        free, _, ids = await _every_second(core, slack, clock, "free", 8)
+        limiter = core.server.scheduler.limiter
+        assert limiter is not None
+        other_db = Database(core.server.db.url)
+        other_enqueuer = Enqueuer(other_db)
+        clock.now = datetime(2026, 1, 1, 0, 1, 0, 500000, tzinfo=U)
+        a = Scheduler(core.server.db, core.server.enqueuer, clock=clock, limiter=limiter)
+        b = Scheduler(other_db, other_enqueuer, clock=clock, limiter=limiter)
+        a._last_tick = b._last_tick = clock.now - timedelta(seconds=1)
+        real_take = limiter.take
+        grants = []
+
+        async def take(tenant: str, tier: str, n: int) -> int:
+            got = await real_take(tenant, tier, n)
+            grants.append(got)
+            if got == n:  # the replica granted all its fires answers later (Redis latency, a GC pause)
+                await asyncio.sleep(0.3)
+            return got
+
+        monkeypatch.setattr(limiter, "take", take)
+        try:
+            fired = await asyncio.wait_for(asyncio.gather(a.tick(), b.tick()), 30)
+        finally:
+            await other_enqueuer.close()
+            await other_db.dispose()
+        assert sorted(grants) == [2, 8]
+        assert sorted(fired) == [2, 6], "the replica granted 8 claims the 6 the other held back"
+        assert [await _scheduled_at(core, w) for w in ids] == [["2026-01-01T00:01:00Z"]] * 8
+        assert set(await _plans(core, ids)) == {datetime(2026, 1, 1, 0, 1, 1, tzinfo=U)}

@@ -71,11 +71,11 @@ def test_throttled_counts_log_each_key_once_an_interval_with_what_it_counted_sin
 
     class Capture(logging.Handler):
         def emit(self, record: logging.LogRecord) -> None:
-            lines.append((record.tenant_id, record.skipped))  # type: ignore[attr-defined]
+            lines.append((record.tenant_id, record.held_back))  # type: ignore[attr-defined]
 
     logger = logging.getLogger("test.throttled_counts")
     logger.addHandler(Capture())
-    warn = ThrottledCounts(logger, "schedule.rate_limited", "tenant_id", "skipped", every=60.0)
+    warn = ThrottledCounts(logger, "schedule.rate_limited", "tenant_id", "held_back", every=60.0)
     warn("tn_a", 20)
     warn("tn_a", 30)
     warn("tn_b", 5)
