@@ -30,8 +30,8 @@ FIRST_HEAVY_SECONDS = 0.5
 # A heavy render that cannot start at once waits in process for its turn when that turn is
 # expected within SHORT_WAIT (a few moderate renders of its tenant ahead of it), but never
 # longer than LONGEST_WAIT: past it, it gives its place back and is deferred after all.
-SHORT_WAIT = 0.1
-LONGEST_WAIT = 0.25
+SHORT_WAIT = 0.15
+LONGEST_WAIT = 0.3
 # Renders of one tenant that may wait in process at once (each holds a worker slot).
 MOST_WAITING = 8
 _TENANTS_TIMED = 1024  # tenants whose render time is kept (the least recently timed go)
@@ -85,7 +85,7 @@ class RenderThreads:
         self._longest_wait = longest_wait
         self._most_waiting = most_waiting
         self._under_way = 0  # renders given to the pool (or granted a turn and about to be)
-        self._tenants: set[str] = set()  # tenants with a heavy render under way
+        self._tenants: dict[str, float] = {}  # tenants with a heavy render under way: since when
         # Renders waiting in process for their turn, per tenant in order; the tenants in
         # the order they are served a free thread (round-robin).
         self._waiting: dict[str, deque[asyncio.Future[None]]] = {}
@@ -138,8 +138,10 @@ class RenderThreads:
     def _expected_wait(self, tenant: str) -> float:
         """Until a render of `tenant` asked for now would start: its tenant's renders ahead
         of it, and the thread it needs. A time not measured yet counts as none."""
-        ahead = (tenant in self._tenants) + len(self._waiting.get(tenant, ()))
-        own = ahead * self._timed.get(tenant, 0.0)
+        seconds = self._timed.get(tenant, 0.0)
+        own = len(self._waiting.get(tenant, ())) * seconds
+        if (since := self._tenants.get(tenant)) is not None:  # what is left of the one under way
+            own += max(0.0, seconds - (time.monotonic() - since))
         # A thread frees about every render's time / threads; waiting renders go first.
         releases = self._under_way + sum(len(q) for q in self._waiting.values()) - self._most + 1
         pool = max(0, releases) * (self._seconds or 0.0) / self._threads
@@ -175,7 +177,7 @@ class RenderThreads:
 
     def _take(self, tenant: str) -> None:
         self._under_way += 1
-        self._tenants.add(tenant)
+        self._tenants[tenant] = time.monotonic()
 
     def _wake(self) -> None:
         """Grant turns: each waiting tenant with no render under way its next render, in
@@ -207,7 +209,7 @@ class RenderThreads:
     def _release(self, tenant: str | None, spent: float | None) -> None:
         self._under_way -= 1
         if tenant is not None:
-            self._tenants.discard(tenant)
+            self._tenants.pop(tenant, None)
         if spent is not None:  # rendered (or failed), not cancelled in the pool's queue
             self._seconds = spent if self._seconds is None else 0.8 * self._seconds + 0.2 * spent
             if tenant is not None:
