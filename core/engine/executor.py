@@ -147,8 +147,9 @@ class Executor:
             await self._failed(execution, task, owner, attempt, failure, started, connector)
             return
         except RendersBusy as busy:
-            # Its tenant's heavy render (or too many) under way here: back to the queue
-            # without spending an attempt, rather than holding a worker slot to wait.
+            # Its tenant's heavy renders (or all the render threads) busy here for longer
+            # than is worth waiting in process (RenderThreads): back to the queue without
+            # spending an attempt, rather than holding a worker slot to wait.
             await self._defer(execution, task, owner, busy.wait, str(busy), {"connector": connector})
             return
         except TimeoutError:

@@ -884,8 +884,9 @@ async def test_another_tenants_execution_runs_while_a_heavy_render_goes_on(env, 
 
 
 async def test_a_tenant_has_one_heavy_render_at_a_time_and_the_rest_wait_in_the_queue(env, caplog) -> None:
-    """Three heavy executions at once: one renders, the others are put back in the queue
-    (no attempt spent: max_attempts is 1) instead of holding worker slots, and all succeed."""
+    """Three heavy executions at once (renders of ~0.6 s, past RenderThreads' longest wait
+    in process): one renders, the others are put back in the queue (no attempt spent:
+    max_attempts is 1) instead of holding worker slots, and all succeed."""
     import threading
 
     caplog.set_level(logging.INFO, logger="ipaas.engine")
@@ -903,7 +904,7 @@ async def test_a_tenant_has_one_heavy_render_at_a_time_and_the_rest_wait_in_the_
 
     steps.render = timed
     cred = await api.credential("slack", {"webhook_url": slack.url})
-    text = "{{$..zz}}" * 19 + "{{$.items[-1].a}}"
+    text = "{{$..zz}}" * 30 + "{{$.items[-1].a}}"
     wf = (await api.create({"name": "heavy", "trigger": {"type": "manual"}, "options": {"max_attempts": 1}, "steps": [slack_step(cred, text)]})).workflow
     ids = [(await api.run(wf.id, _scans(2000))).execution.id for _ in range(3)]
     for ex_id in ids:
@@ -914,6 +915,48 @@ async def test_a_tenant_has_one_heavy_render_at_a_time_and_the_rest_wait_in_the_
     assert deferred and all(r.connector == "slack" for r in deferred), "none was put back"
     spans.sort()
     assert len(spans) == 3 and all(a[1] <= b[0] for a, b in zip(spans, spans[1:])), f"two heavy renders of one tenant overlapped: {spans}"
+
+
+async def test_a_tenants_moderately_heavy_renders_at_once_all_run_without_deferral(env, caplog) -> None:
+    """Eight executions at once whose template is past the inline budget but cheap (a filter
+    over 600 items, ~20 ms here): one rendered and seven went back to the queue, 0.5 to 3.5 s
+    each ('heavy template renders busy'). They wait their turn in process now: all succeed
+    at their first attempt, none deferred, one render at a time, within a bounded time."""
+    import threading
+
+    caplog.set_level(logging.INFO, logger="ipaas.engine")
+    core, api, slack, _ = env
+    steps = core.server.dispatcher.executor.steps
+    render, spans = steps.render, []
+
+    def timed(*args, **kwargs):  # type: ignore[no-untyped-def]
+        started = time.monotonic()
+        try:
+            return render(*args, **kwargs)
+        finally:
+            if threading.current_thread() is not threading.main_thread():
+                # ~8 ms of rendering and 10 ms more, so the renders overlap for sure (the
+                # inline attempts, ~5 ms each on the loop, space the executions out).
+                time.sleep(0.01)
+                spans.append((started, time.monotonic()))
+
+    steps.render = timed
+    cred = await api.credential("slack", {"webhook_url": slack.url})
+    wf = (await api.create({"name": "moderate", "trigger": {"type": "manual"}, "options": {"max_attempts": 1}, "steps": [slack_step(cred, "{{$.items[?(@.price > 47)].id}}")]})).workflow
+    payload = {"items": [{"id": i, "price": i % 50} for i in range(600)]}
+    started = time.monotonic()
+    ids = [r.execution.id for r in await asyncio.gather(*(api.run(wf.id, payload) for _ in range(8)))]
+    done = [await api.wait(ex_id, timeout=30) for ex_id in ids]
+    took = time.monotonic() - started
+    assert [(ex.status, ex.attempts) for ex in done] == [("succeeded", 1)] * 8, done
+    assert not [ex for ex in done if ex.error], "an execution shows an error ('heavy template renders busy')"
+    deferred = [r for r in caplog.records if r.getMessage() == "execution.deferred"]
+    assert not deferred, f"{len(deferred)} put back in the queue"
+    spans.sort()
+    assert len(spans) == 8, "each rendered once, in a render thread"
+    assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:])), f"two heavy renders of one tenant overlapped: {spans}"
+    assert took < 3.0, f"eight ~20 ms renders took {took:.2f} s"
+    assert len(slack.received) == 8
 
 
 async def test_a_stopped_engine_leaves_no_render_threads(tmp_path) -> None:
