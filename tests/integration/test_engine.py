@@ -883,15 +883,11 @@ async def test_another_tenants_execution_runs_while_a_heavy_render_goes_on(env, 
         assert [m["text"] for m in slack.received] == ["Order 7 for Ann"]
 
 
-async def test_a_tenant_has_one_heavy_render_at_a_time_and_the_rest_wait_in_the_queue(env, caplog) -> None:
-    """Three heavy executions at once (renders of ~0.6 s, past RenderThreads' longest wait
-    in process): one renders, the others are put back in the queue (no attempt spent:
-    max_attempts is 1) instead of holding worker slots, and all succeed."""
+def _time_thread_renders(steps, extra: float = 0.0) -> list[tuple[float, float]]:  # type: ignore[no-untyped-def]
+    """The (start, end) of every render the engine runs in a render thread, as they end;
+    `extra` seconds are added to each thread render."""
     import threading
 
-    caplog.set_level(logging.INFO, logger="ipaas.engine")
-    core, api, slack, _ = env
-    steps = core.server.dispatcher.executor.steps
     render, spans = steps.render, []
 
     def timed(*args, **kwargs):  # type: ignore[no-untyped-def]
@@ -900,9 +896,21 @@ async def test_a_tenant_has_one_heavy_render_at_a_time_and_the_rest_wait_in_the_
             return render(*args, **kwargs)
         finally:
             if threading.current_thread() is not threading.main_thread():
+                if extra:
+                    time.sleep(extra)
                 spans.append((started, time.monotonic()))
 
     steps.render = timed
+    return spans
+
+
+async def test_a_tenant_has_one_heavy_render_at_a_time_and_the_rest_wait_in_the_queue(env, caplog) -> None:
+    """Three heavy executions at once (renders of ~0.6 s, past RenderThreads' longest wait
+    in process): one renders, the others are put back in the queue (no attempt spent:
+    max_attempts is 1) instead of holding worker slots, and all succeed."""
+    caplog.set_level(logging.INFO, logger="ipaas.engine")
+    core, api, slack, _ = env
+    spans = _time_thread_renders(core.server.dispatcher.executor.steps)
     cred = await api.credential("slack", {"webhook_url": slack.url})
     text = "{{$..zz}}" * 30 + "{{$.items[-1].a}}"
     wf = (await api.create({"name": "heavy", "trigger": {"type": "manual"}, "options": {"max_attempts": 1}, "steps": [slack_step(cred, text)]})).workflow
@@ -922,25 +930,11 @@ async def test_a_tenants_moderately_heavy_renders_at_once_all_run_without_deferr
     over 600 items, ~20 ms here): one rendered and seven went back to the queue, 0.5 to 3.5 s
     each ('heavy template renders busy'). They wait their turn in process now: all succeed
     at their first attempt, none deferred, one render at a time, within a bounded time."""
-    import threading
-
     caplog.set_level(logging.INFO, logger="ipaas.engine")
     core, api, slack, _ = env
-    steps = core.server.dispatcher.executor.steps
-    render, spans = steps.render, []
-
-    def timed(*args, **kwargs):  # type: ignore[no-untyped-def]
-        started = time.monotonic()
-        try:
-            return render(*args, **kwargs)
-        finally:
-            if threading.current_thread() is not threading.main_thread():
-                # ~8 ms of rendering and 10 ms more, so the renders overlap for sure (the
-                # inline attempts, ~5 ms each on the loop, space the executions out).
-                time.sleep(0.01)
-                spans.append((started, time.monotonic()))
-
-    steps.render = timed
+    # ~8 ms of rendering and 10 ms more, so the renders overlap for sure (the inline
+    # attempts, ~5 ms each on the loop, space the executions out).
+    spans = _time_thread_renders(core.server.dispatcher.executor.steps, extra=0.01)
     cred = await api.credential("slack", {"webhook_url": slack.url})
     wf = (await api.create({"name": "moderate", "trigger": {"type": "manual"}, "options": {"max_attempts": 1}, "steps": [slack_step(cred, "{{$.items[?(@.price > 47)].id}}")]})).workflow
     payload = {"items": [{"id": i, "price": i % 50} for i in range(600)]}
